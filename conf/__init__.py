@@ -1,0 +1,1 @@
+"""The Hydra config tree, installed as the package safetransfer.conf (found as pkg://safetransfer.conf)."""

@@ -1,0 +1,3 @@
+"""safetransfer: run, compare and reproduce regularized fine-tuning."""
+
+__version__ = "0.1.0"

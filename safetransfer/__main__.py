@@ -1,0 +1,3 @@
+from safetransfer.train import main
+
+main()

@@ -1,0 +1,87 @@
+"""Checks of a composed config, run before any training: each failure is one line."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from safetransfer.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16")
+PROGRESS = ("auto", "bar", "log")
+
+
+def check_config(cfg: DictConfig) -> None:
+    seeds = cfg.seeds
+    if not isinstance(seeds, (list, ListConfig)) or len(seeds) == 0:
+        raise ConfigError(f"seeds={seeds} must be a non-empty list of integers, e.g. seeds=[0,1,2,3,4]")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seeds={list(seeds)} must hold integers only, e.g. seeds=[0,1,2,3,4]")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds={list(seeds)} repeats a seed; give each seed once")
+
+    rate = cfg.target.sampling_rate
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 100:
+        raise ConfigError(f"target.sampling_rate={rate} is outside (0, 100]; give a percentage such as 15, 30, 50 or 100")
+
+    _positive_int(cfg.train.batch_size, "train.batch_size", "e.g. train.batch_size=48")
+    _positive_int(cfg.train.iterations, "train.iterations", "e.g. train.iterations=8000")
+    _positive_int(cfg.data.crop, "data.crop", "e.g. data.crop=224")
+    _positive_int(cfg.data.resize, "data.resize", "e.g. data.resize=256")
+    if cfg.data.crop > cfg.data.resize:
+        raise ConfigError(f"data.crop={cfg.data.crop} is larger than data.resize={cfg.data.resize}; "
+                          "the crop is taken from the resized image, so set data.crop <= data.resize")
+    if cfg.runtime.log_every < 0:
+        raise ConfigError(f"runtime.log_every={cfg.runtime.log_every} must be >= 0 (0 logs only the last iteration)")
+    if cfg.runtime.num_workers < 0:
+        raise ConfigError(f"runtime.num_workers={cfg.runtime.num_workers} must be >= 0 (0 loads in the main process)")
+    if cfg.train.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision={cfg.train.precision} is not one of {', '.join(PRECISIONS)}")
+    if cfg.runtime.progress not in PROGRESS:
+        raise ConfigError(f"runtime.progress={cfg.runtime.progress} is not one of {', '.join(PROGRESS)}")
+    for milestone in cfg.optim.scheduler.get("milestones", []):
+        if not 0 < milestone <= cfg.train.iterations:
+            raise ConfigError(f"optim.scheduler.milestones={list(cfg.optim.scheduler.milestones)} must lie in "
+                              f"(0, train.iterations={cfg.train.iterations}]; the lr is divided at these iterations")
+    check_device(str(cfg.runtime.device))
+    check_writable(Path(cfg.results.dir), "results.dir")
+
+
+def _positive_int(value, key: str, example: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}={value} must be an integer >= 1 ({example})")
+
+
+def check_device(spec: str) -> None:
+    if spec in ("auto", "cpu"):
+        return
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"runtime.device={spec} but CUDA is not available here; use runtime.device=auto or cpu")
+        index = int(spec.split(":")[1]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"runtime.device={spec} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return
+    raise ConfigError(f"runtime.device={spec} is not one of auto, cpu, cuda, cuda:N")
+
+
+def check_writable(directory: Path, key: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{key}={directory} is not writable ({error.strerror}); "
+                          f"choose a directory you can write to, e.g. {key}={Path.home() / 'safetransfer-results'}") from None
+
+
+def check_training_set(size: int, batch_size: int) -> None:
+    if size < batch_size:
+        raise ConfigError(f"the sampled training set has {size} images, fewer than train.batch_size={batch_size}; "
+                          "lower train.batch_size or raise target.sampling_rate")
+
+
+__all__ = ["ConfigError", "check_config", "check_training_set", "check_writable"]

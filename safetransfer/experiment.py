@@ -1,0 +1,149 @@
+"""One job: a config, its seeds run one after another, one row in the results table.
+
+Factories turn the config into objects (timm style); `run_job` is what the Hydra
+entrypoint calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from safetransfer.backbones import TransferNet
+from safetransfer.checks import check_config, check_training_set
+from safetransfer.directions import Direction
+from safetransfer.engine import evaluate, fit, resolve_device
+from safetransfer.regularizers import Omega
+from safetransfer.results import atomic_write_json, config_key, make_row, write_row
+from safetransfer.targets import Target, Transformed, test_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def create_omega(cfg: DictConfig) -> Omega:
+    return Omega({name: instantiate(term) for name, term in cfg.regularizer.terms.items()})
+
+
+def create_direction(cfg: DictConfig) -> Direction:
+    return instantiate(cfg.direction)
+
+
+def method_name(cfg: DictConfig) -> str:
+    return create_direction(cfg).method_name(str(cfg.regularizer.name))
+
+
+def create_model(cfg: DictConfig, num_classes: int, source_state: dict | None) -> TransferNet:
+    model = TransferNet(cfg.backbone.name, num_classes)
+    if source_state is not None:
+        model.backbone.load_state_dict(source_state)
+    return model
+
+
+def create_optimizer(cfg: DictConfig, model: TransferNet) -> tuple[torch.optim.Optimizer, object]:
+    """SGD over two groups, the new head at head_lr_mult times the backbone's lr; and its schedule."""
+    lr = cfg.optim.optimizer.lr
+    groups = model.parameter_groups()
+    optimizer = instantiate(cfg.optim.optimizer)([
+        {"params": groups["backbone"], "lr": lr},
+        {"params": groups["head"], "lr": lr * cfg.optim.head_lr_mult},
+    ])
+    return optimizer, instantiate(cfg.optim.scheduler)(optimizer)
+
+
+def create_loader(dataset: Dataset, cfg: DictConfig, *, train: bool, seed: int, device: torch.device) -> DataLoader:
+    # the generator fixes the shuffling and, through each worker's base seed, the augmentation
+    workers = cfg.runtime.num_workers
+    return DataLoader(
+        dataset, batch_size=cfg.train.batch_size, shuffle=train, drop_last=train, num_workers=workers,
+        generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda",
+        persistent_workers=train and workers > 0)
+
+
+@dataclass
+class Data:
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    train_indices: np.ndarray
+
+
+def prepare_data(cfg: DictConfig, target: Target) -> Data:
+    indices = target.sampled_train_indices()
+    check_training_set(len(indices), cfg.train.batch_size)
+    geometry = (cfg.data.resize, cfg.data.crop, cfg.data.mean, cfg.data.std)
+    train = Transformed(target.train_set(), indices, train_transform(*geometry))
+    test_set = target.test_set()
+    test = Transformed(test_set, range(len(test_set)), test_transform(*geometry))
+    return Data(train, test, len(target.classes), indices)
+
+
+def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, run_dir: Path) -> dict:
+    """Fine-tune once and evaluate the final weights (never the best test epoch)."""
+    seed_dir = run_dir / f"seed_{seed}"
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(str(cfg.runtime.device))
+    seed_everything(seed)
+    model = create_model(cfg, data.num_classes, source_state).to(device)
+    omega = create_omega(cfg)
+    omega.bind(model)
+    optimizer, scheduler = create_optimizer(cfg, model)
+    start = time.perf_counter()
+    fit(model, create_loader(data.train, cfg, train=True, seed=seed, device=device), omega, create_direction(cfg),
+        optimizer, scheduler, iterations=cfg.train.iterations, device=device, precision=cfg.train.precision,
+        log_every=cfg.runtime.log_every, progress=cfg.runtime.progress, log_path=seed_dir / "log.csv",
+        desc=f"seed {seed}")
+    top1, test_loss = evaluate(model, create_loader(data.test, cfg, train=False, seed=seed, device=device),
+                               device, cfg.train.precision)
+    metrics = {
+        "seed": seed, "top1": top1, "test_loss": test_loss, "iterations": cfg.train.iterations,
+        "wall_time_s": time.perf_counter() - start, "device": str(device),
+        "precision": cfg.train.precision if device.type == "cuda" else "fp32",
+        "train_images": len(data.train), "test_images": len(data.test),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    atomic_write_json(seed_dir / "metrics.json", metrics)
+    log.info("seed %d: top-1 %.2f%%, test loss %.4f (%.0f s)", seed, top1, test_loss, metrics["wall_time_s"])
+    return metrics
+
+
+def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "") -> dict:
+    """Check the config, run every seed, write the row; returns the row."""
+    check_config(cfg)
+    target: Target = instantiate(cfg.target)
+    target.check()
+    method = method_name(cfg)
+    data = prepare_data(cfg, target)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "sampled_train_indices.json",
+                      {"sampling_rate": cfg.target.sampling_rate, "sampling_seed": cfg.target.sampling_seed,
+                       "indices": data.train_indices.tolist()})
+    source_state = instantiate(cfg.source).backbone_state(cfg.backbone.name)
+    log.info("%s | %s -> %s at %g%% (%d training images) | %d seeds", method, cfg.source.name, cfg.target.name,
+             cfg.target.sampling_rate, len(data.train), len(cfg.seeds))
+
+    accuracies = [run_seed(cfg, seed, data, source_state, run_dir)["top1"] for seed in cfg.seeds]
+    row = make_row(backbone=cfg.backbone.name, source=cfg.source.name, target=cfg.target.name,
+                   sampling_rate=cfg.target.sampling_rate, method=method, seeds=list(cfg.seeds),
+                   accuracies=accuracies, overrides=overrides, key=config_key(cfg), run_dir=str(run_dir))
+    write_row(Path(cfg.results.dir), str(cfg.results.table), row)
+    log.info("%s: %.2f ± %.2f over %d seeds -> %s", method, row["mean"], row["std"], row["n_seeds"],
+             Path(cfg.results.dir) / f"{cfg.results.table}.md")
+    return row
+
+
+__all__ = ["run_job"]

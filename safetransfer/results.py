@@ -1,0 +1,161 @@
+"""Results: per-seed metrics, table rows (mean +- sample std over seeds), atomic files.
+
+A table is `<results.dir>/<table>.csv` (the data) plus `<table>.md` (for reading).
+Each job owns one row, keyed by a fingerprint of its config without the seeds and the
+runtime settings: rerunning a config replaces its row, and a file lock serialises the
+read-modify-write so that jobs finishing at once never lose a row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import statistics
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from filelock import FileLock
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+#: config sections that change how a job runs or where it writes, never its numbers
+NOT_IN_KEY = ("seeds", "runtime", "results", "paths", "hydra")
+
+ROW_COLUMNS = ["backbone", "source", "target", "sampling_rate", "method", "mean", "std", "n_seeds",
+               "accuracies", "seeds", "overrides", "key", "run_dir", "updated"]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def config_key(cfg: DictConfig) -> str:
+    """Fingerprint of everything that determines a row's numbers (not seeds, not runtime)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for section in NOT_IN_KEY:
+        container.pop(section, None)
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def summarize(accuracies: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); the std of a single seed is NaN."""
+    mean = statistics.fmean(accuracies)
+    std = statistics.stdev(accuracies) if len(accuracies) > 1 else float("nan")
+    return mean, std
+
+
+def make_row(*, backbone: str, source: str, target: str, sampling_rate: float, method: str,
+             seeds: Sequence[int], accuracies: Sequence[float], overrides: str, key: str, run_dir: str) -> dict:
+    mean, std = summarize(accuracies)
+    return {
+        "backbone": backbone, "source": source, "target": target, "sampling_rate": sampling_rate,
+        "method": method, "mean": mean, "std": std, "n_seeds": len(accuracies),
+        "accuracies": ";".join(f"{a:.2f}" for a in accuracies), "seeds": ";".join(map(str, seeds)),
+        "overrides": overrides, "key": key, "run_dir": run_dir,
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def table_paths(results_dir: Path, table: str) -> tuple[Path, Path]:
+    results_dir = Path(results_dir)
+    return results_dir / f"{table}.csv", results_dir / f"{table}.md"
+
+
+def read_table(results_dir: Path, table: str) -> pd.DataFrame:
+    csv_path, _ = table_paths(results_dir, table)
+    if not csv_path.exists():
+        return pd.DataFrame(columns=ROW_COLUMNS)
+    return pd.read_csv(csv_path, keep_default_na=False, na_values=[""], dtype={"overrides": str, "seeds": str,
+                                                                              "accuracies": str, "key": str})
+
+
+def write_row(results_dir: Path, table: str, row: dict) -> pd.DataFrame:
+    """Insert or replace (same key) `row` in the table, under a lock; returns the new table."""
+    csv_path, md_path = table_paths(results_dir, table)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(csv_path) + ".lock"):
+        frame = read_table(results_dir, table)
+        frame = frame[frame["key"] != row["key"]]
+        frame = pd.concat([frame, pd.DataFrame([row], columns=ROW_COLUMNS)], ignore_index=True)
+        frame = frame.sort_values(["backbone", "source", "target", "sampling_rate", "method", "overrides"],
+                                  kind="stable", ignore_index=True)
+        atomic_write_text(csv_path, frame.to_csv(index=False))
+        atomic_write_text(md_path, to_markdown(frame))
+    return frame
+
+
+def format_cell(mean: float, std: float) -> str:
+    if pd.isna(std):
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """The table for reading: one row per config, accuracy as mean ± std (two decimals)."""
+    shown = pd.DataFrame({
+        "backbone": frame["backbone"],
+        "source": frame["source"],
+        "target": frame["target"],
+        "sampling (%)": frame["sampling_rate"].map(lambda r: f"{float(r):g}"),
+        "method": frame["method"],
+        "top-1 (%)": [format_cell(m, s) for m, s in zip(frame["mean"], frame["std"])],
+        "seeds": frame["n_seeds"],
+        "per seed": frame["accuracies"].str.replace(";", ", "),
+        "overrides": frame["overrides"].fillna(""),
+    })
+    return shown.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+class PrintTable(Callback):
+    """Prints the job's results table when a run or a multirun ends."""
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._print(config)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._print(config)
+
+    @staticmethod
+    def _print(config: DictConfig) -> None:
+        try:
+            _, md_path = table_paths(Path(config.results.dir), str(config.results.table))
+        except Exception:  # a config whose interpolations cannot resolve here: nothing to print
+            return
+        if md_path.exists():
+            print(f"\nResults table {md_path}:\n\n{md_path.read_text()}", flush=True)

@@ -1,0 +1,90 @@
+"""Source checkpoints: where the backbone's initial weights w_S^0 come from.
+
+A source is one class here plus one YAML in conf/source/; it returns a backbone
+state_dict (or None for random initialisation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from torch.utils.data import DataLoader
+
+from safetransfer import demo
+from safetransfer.backbones import TransferNet
+from safetransfer.results import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+
+class Source:
+    def __init__(self, name: str):
+        self.name = name
+
+    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor] | None:
+        """The source weights for `backbone`, or None to keep the random initialisation."""
+        raise NotImplementedError
+
+
+class Scratch(Source):
+    """Random initialisation (seeded by the training seed): the no-transfer baseline."""
+
+    def __init__(self, name: str = "scratch"):
+        super().__init__(name)
+
+    def backbone_state(self, backbone: str) -> None:
+        return None
+
+
+class DemoSource(Source):
+    """The demo's source model: pretrained on the generated source domain on first use, then cached."""
+
+    def __init__(self, cache_dir: str, name: str = "demo", images_per_class: int = 200, image_size: int = 32,
+                 iterations: int = 400, batch_size: int = 64, lr: float = 0.03, seed: int = 0):
+        super().__init__(name)
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.settings = dict(images_per_class=images_per_class, image_size=image_size, iterations=iterations,
+                             batch_size=batch_size, lr=lr, seed=seed, generator=demo.VERSION)
+
+    def cache_path(self, backbone: str) -> Path:
+        key = hashlib.sha256(json.dumps({"backbone": backbone, **self.settings}, sort_keys=True).encode())
+        return self.cache_dir / "demo_source" / f"{backbone}-{key.hexdigest()[:16]}.pt"
+
+    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+        path = self.cache_path(backbone)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):  # concurrent jobs pretrain once
+            if not path.exists():
+                atomic_torch_save(self.pretrain(backbone), path)
+                log.info("demo source model for %s cached at %s", backbone, path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def pretrain(self, backbone: str) -> dict[str, torch.Tensor]:
+        from safetransfer.directions import Sum
+        from safetransfer.engine import fit
+        from safetransfer.regularizers import Omega
+        from safetransfer.regularizers.l2 import L2
+        from safetransfer.targets import IMAGENET_MEAN, IMAGENET_STD, TensorImages, Transformed, train_transform
+
+        s = self.settings
+        log.info("pretraining the demo source model (%s, %d iterations; once, then cached)", backbone, s["iterations"])
+        images, labels, classes = demo.make_domain("source", s["images_per_class"], s["image_size"], s["seed"])
+        size = s["image_size"]
+        dataset = Transformed(TensorImages(images, labels), range(len(labels)),
+                              train_transform(size + size // 8, size, IMAGENET_MEAN, IMAGENET_STD))
+        generator = torch.Generator().manual_seed(s["seed"])
+        loader = DataLoader(dataset, batch_size=s["batch_size"], shuffle=True, drop_last=True, generator=generator)
+        with torch.random.fork_rng():
+            torch.manual_seed(s["seed"])
+            model = TransferNet(backbone, len(classes))
+            optimizer = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=0.9)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, s["iterations"])
+            omega = Omega({"l2": L2(alpha=1e-4)})
+            fit(model, loader, omega, Sum(), optimizer, scheduler, iterations=s["iterations"],
+                device=torch.device("cpu"), log_every=max(1, s["iterations"] // 4), desc="demo source")
+        return model.backbone.state_dict()

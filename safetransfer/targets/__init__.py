@@ -1,0 +1,126 @@
+"""Target datasets, their per-class sampling and the image transforms.
+
+A target is one small module with a `Target` subclass plus one YAML in conf/target/.
+It gives its official train and test splits as datasets of (image, label) pairs, the
+image a PIL image or a uint8 (3, H, W) tensor; sampling and transforms are shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from safetransfer.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Target:
+    """A target dataset with its official split and a sampling rate in percent."""
+
+    def __init__(self, name: str, sampling_rate: float = 100, sampling_seed: int = 0):
+        self.name = name
+        self.sampling_rate = sampling_rate
+        self.sampling_seed = sampling_seed
+
+    def check(self) -> None:
+        """Raise ConfigError when the data is missing or inconsistent, before training."""
+
+    @property
+    def classes(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    def train_set(self) -> Dataset:
+        raise NotImplementedError
+
+    def test_set(self) -> Dataset:
+        raise NotImplementedError
+
+    def train_labels(self) -> np.ndarray:
+        """The label of every training image, in dataset order (for stratified sampling)."""
+        raise NotImplementedError
+
+    def sampled_train_indices(self) -> np.ndarray:
+        return stratified_sample(self.train_labels(), self.sampling_rate, self.sampling_seed)
+
+
+def per_class_count(available: int, rate: float) -> int:
+    """Images kept from a class of `available` images at `rate` percent.
+
+    Rounded half up, and never below one image per class.
+    """
+    return min(available, max(1, int(np.floor(available * rate / 100 + 0.5))))
+
+
+def stratified_sample(labels: np.ndarray, rate: float, seed: int) -> np.ndarray:
+    """Sorted indices of `rate` percent of each class's images, the draw fixed by `seed`."""
+    labels = np.asarray(labels)
+    if rate >= 100:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        chosen.append(rng.choice(members, size=per_class_count(len(members), rate), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+class TensorImages(Dataset):
+    """Images held in memory as one uint8 tensor (N, 3, H, W)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+class Transformed(Dataset):
+    """`dataset` restricted to `indices`, with `transform` applied to each image."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], transform):
+        self.dataset, self.indices, self.transform = dataset, list(map(int, indices)), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[self.indices[index]]
+        return self.transform(image), label
+
+
+def train_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Resize to resize x resize, random crop, random mirror, normalise."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize((resize, resize), antialias=True),
+        v2.RandomCrop(crop),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+    ])
+
+
+def test_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Shorter side to resize, centre crop, normalise."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(resize, antialias=True),
+        v2.CenterCrop(crop),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+    ])
+
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "ConfigError", "Target", "TensorImages", "Transformed", "per_class_count",
+    "stratified_sample", "test_transform", "train_transform",
+]

@@ -1,0 +1,102 @@
+"""`safetransfer-train`: the Hydra entrypoint.
+
+With no arguments it runs the embedded demo (`experiment=demo`). Otherwise it composes
+conf/config.yaml with the command-line overrides, fine-tunes once per seed and writes
+the job's row to the results table.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from safetransfer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CONFIG_PACKAGE = "safetransfer.conf"
+#: keys of a job's overrides that do not change its numbers, left out of the table's overrides column
+RUNTIME_PREFIXES = ("seeds", "runtime.", "results.", "paths.", "hydra.")
+
+
+def group_options(group: str) -> list[str] | None:
+    """The choices of a config group shipped with the package, or None if `group` is not one."""
+    folder = resources.files(CONFIG_PACKAGE).joinpath(group)
+    if not folder.is_dir():
+        return None
+    return sorted(entry.name[: -len(".yaml")] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def check_group_choices(arguments: list[str]) -> None:
+    """Refuse an unknown choice for a config group in one line, before Hydra composes anything."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    if any(a.startswith(("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")) for a in arguments):
+        return  # the user adds config folders of their own: Hydra knows their choices
+    candidates = [a for a in arguments if "=" in a and not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except Exception:
+        return  # a syntax error: Hydra reports it with its own pointer into the override
+    for override in overrides:
+        options = group_options(override.key_or_group)
+        if options is None or override.is_delete():
+            continue
+        value = override.value()
+        if isinstance(value, ChoiceSweep):
+            values = [str(v) for v in value.list]
+        elif isinstance(value, (str, int, float)) and not override.is_sweep_override():
+            values = [str(value)]
+        else:
+            continue
+        for choice in values:
+            if choice not in options and choice != "null":
+                raise ConfigError(f"{override.key_or_group}={choice} is not a known choice; "
+                                  f"allowed: {', '.join(options)}")
+
+
+def job_overrides() -> str:
+    """The job's own command-line overrides that change its numbers, for the table."""
+    if not HydraConfig.initialized():
+        return ""
+    task = HydraConfig.get().overrides.task
+    return " ".join(o for o in task if not o.lstrip("+~").startswith(RUNTIME_PREFIXES))
+
+
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
+def app(cfg: DictConfig) -> float:
+    from safetransfer.experiment import run_job
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        row = run_job(cfg, run_dir, job_overrides())
+    except ConfigError as error:
+        print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return row["mean"]  # what a sweeper optimises
+
+
+def main() -> None:
+    arguments = sys.argv[1:]
+    if not arguments:
+        print("safetransfer-train: no arguments, running the embedded demo (same as `safetransfer-train experiment=demo`)",
+              flush=True)
+        arguments = ["experiment=demo"]
+    try:
+        check_group_choices(arguments)
+    except ConfigError as error:
+        print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    sys.argv = [sys.argv[0], *arguments]
+    app()
+
+
+if __name__ == "__main__":
+    main()
