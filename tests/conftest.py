@@ -1,0 +1,49 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+# Tests never touch the user's cache; the demo source model is rebuilt at tiny scale.
+os.environ.setdefault("SAFETRANSFER_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "safetransfer"))
+
+#: overrides that shrink any config to a few seconds on a CPU
+TINY = [
+    "seeds=[0]",
+    "train.iterations=3",
+    "train.batch_size=8",
+    "optim.scheduler.milestones=[2]",
+    "data.resize=36",
+    "data.crop=32",
+    "runtime.num_workers=0",
+    "runtime.log_every=1",
+    "runtime.device=cpu",
+    "target.train_images_per_class=10",
+    "target.test_images_per_class=4",
+]
+TINY_DEMO_SOURCE = ["source=demo", "source.iterations=4", "source.images_per_class=4", "source.batch_size=8"]
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    """Compose the real config tree with overrides, results going to a temporary directory."""
+
+    def _compose(*overrides: str):
+        with initialize_config_module(config_module="safetransfer.conf", version_base="1.3"):
+            return compose("config", overrides=[f"results.dir={tmp_path / 'results'}", *overrides])
+
+    return _compose
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run the real console entrypoint in a subprocess, in a temporary working directory."""
+    import subprocess
+
+    def _run(*arguments: str, timeout: float = 300):
+        return subprocess.run([sys.executable, "-m", "safetransfer.train", *arguments], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    return _run

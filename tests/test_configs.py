@@ -1,0 +1,75 @@
+"""Every choice of every config group composes, resolves and builds its object."""
+
+from importlib import resources
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from safetransfer.directions import Direction
+from safetransfer.experiment import create_omega, method_name
+from safetransfer.regularizers import Omega
+from safetransfer.sources import Source
+from safetransfer.targets import Target
+from safetransfer.train import group_options
+
+GROUPS = ["backbone", "source", "target", "regularizer", "direction", "optim", "experiment"]
+
+
+def test_every_group_exists_with_options():
+    conf = resources.files("safetransfer.conf")
+    for group in GROUPS:
+        assert conf.joinpath(group).is_dir(), group
+        assert group_options(group), f"group {group} has no options"
+    assert group_options("train") is None  # a plain section, not a group
+    assert set(group_options("backbone")) >= {"resnet18", "resnet50"}
+    assert set(group_options("source")) >= {"scratch", "demo"}
+    assert set(group_options("target")) >= {"demo", "imagefolder"}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in group_options(g)])
+def test_each_option_composes_and_resolves(compose_cfg, group, option):
+    cfg = compose_cfg(f"{group}={option}")
+    container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    if group != "experiment":
+        assert OmegaConf.to_container(cfg[group], resolve=True) == container[group]
+    if group == "backbone":
+        assert cfg.backbone.name == option
+    if group in ("source", "target"):
+        assert cfg[group].name == option
+    if group == "source":
+        assert isinstance(instantiate(cfg.source), Source)
+    if group == "target":
+        target = instantiate(cfg.target, root="/nonexistent") if "root" in cfg.target else instantiate(cfg.target)
+        assert isinstance(target, Target)
+        assert target.sampling_rate == cfg.target.sampling_rate
+    if group == "regularizer":
+        omega = create_omega(cfg)
+        assert isinstance(omega, Omega) and omega.terms
+    if group == "direction":
+        assert isinstance(instantiate(cfg.direction), Direction)
+    if group == "optim":
+        assert cfg.optim.optimizer.weight_decay == 0, "all regularization must be an Omega term"
+
+
+def test_root_config_is_the_papers_protocol(compose_cfg):
+    cfg = compose_cfg()
+    assert cfg.seeds == [0, 1, 2, 3, 4]
+    assert cfg.train.batch_size == 48 and cfg.train.iterations == 8000
+    assert cfg.optim.optimizer.lr == 0.01 and cfg.optim.optimizer.momentum == 0.9
+    assert cfg.optim.head_lr_mult == 10
+    assert list(cfg.optim.scheduler.milestones) == [6000] and cfg.optim.scheduler.gamma == 0.1
+    assert (cfg.data.resize, cfg.data.crop) == (256, 224)
+    assert cfg.runtime.device == "auto"
+    assert method_name(cfg) == "Fine-tuning"
+
+
+def test_demo_experiment_is_a_sweep_over_sources(compose_cfg):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="safetransfer.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=demo"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.hydra.sweeper.params.source == "demo,scratch"
+    assert cfg.source.name == "demo" and cfg.target.name == "demo"
+    assert 0 < cfg.target.sampling_rate < 100

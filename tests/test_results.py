@@ -1,0 +1,94 @@
+"""Result tables: statistics, replace-not-duplicate, concurrent writers, atomic files."""
+
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from safetransfer import results
+from safetransfer.results import atomic_write_text, format_cell, make_row, read_table, summarize, write_row
+
+
+def row(key="k1", method="Fine-tuning", accuracies=(80.0, 82.0, 81.0), source="demo"):
+    return make_row(backbone="resnet18", source=source, target="demo", sampling_rate=30, method=method,
+                    seeds=list(range(len(accuracies))), accuracies=list(accuracies), overrides="", key=key,
+                    run_dir="/tmp/run")
+
+
+def test_summarize_is_mean_and_sample_std():
+    values = [71.3, 69.8, 72.4, 70.1, 70.9]
+    mean, std = summarize(values)
+    assert mean == pytest.approx(np.mean(values))
+    assert std == pytest.approx(np.std(values, ddof=1))
+    assert std != pytest.approx(np.std(values, ddof=0))
+    mean, std = summarize([55.0])
+    assert mean == 55.0 and np.isnan(std)
+
+
+def test_markdown_cell_has_two_decimals():
+    assert format_cell(80.0, 1.0) == "80.00 ± 1.00"
+    assert format_cell(71.256, 0.3149) == "71.26 ± 0.31"
+    assert format_cell(55.0, float("nan")) == "55.00"
+
+
+def test_rerunning_a_config_replaces_its_row(tmp_path):
+    write_row(tmp_path, "t", row("a", accuracies=(50.0, 52.0)))
+    write_row(tmp_path, "t", row("b", source="scratch", accuracies=(30.0, 31.0)))
+    write_row(tmp_path, "t", row("a", accuracies=(60.0, 62.0, 64.0)))
+    frame = read_table(tmp_path, "t")
+    assert sorted(frame["key"]) == ["a", "b"]
+    replaced = frame[frame["key"] == "a"].iloc[0]
+    assert replaced["mean"] == pytest.approx(62.0) and replaced["n_seeds"] == 3
+    assert replaced["accuracies"] == "60.00;62.00;64.00"
+    markdown = (tmp_path / "t.md").read_text()
+    assert "62.00 ± 2.00" in markdown and "51.00" not in markdown
+    assert markdown.count("\n") == 2 + 2  # header, rule and two rows
+
+
+def _write_many(directory: str, worker: int, count: int) -> None:
+    for i in range(count):
+        write_row(Path(directory), "shared", row(f"w{worker}-{i}", accuracies=(float(worker), float(i))))
+
+
+def test_concurrent_jobs_lose_no_row(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_write_many, args=(str(tmp_path), w, 8)) for w in range(4)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(60)
+        assert process.exitcode == 0
+    frame = read_table(tmp_path, "shared")
+    assert sorted(frame["key"]) == sorted(f"w{w}-{i}" for w in range(4) for i in range(8))
+
+
+def test_a_crash_before_the_rename_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "table.csv"
+    atomic_write_text(path, "old,complete\n")
+
+    def crash(*args):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(results.os, "replace", crash)
+    with pytest.raises(OSError):
+        atomic_write_text(path, "new,half")
+    assert path.read_text() == "old,complete\n"
+    assert os.listdir(tmp_path) == ["table.csv"]  # no temporary file left behind
+
+
+def test_config_key_ignores_seeds_and_runtime(compose_cfg):
+    from safetransfer.results import config_key
+
+    base = config_key(compose_cfg())
+    assert config_key(compose_cfg("seeds=[0]", "runtime.num_workers=1", "runtime.device=cpu")) == base
+    assert config_key(compose_cfg("optim.optimizer.lr=0.02")) != base
+    assert config_key(compose_cfg("target.sampling_rate=50")) != base
+
+
+def test_table_columns_round_trip(tmp_path):
+    write_row(tmp_path, "t", row("a"))
+    frame = pd.read_csv(tmp_path / "t.csv")
+    assert list(frame.columns) == results.ROW_COLUMNS
