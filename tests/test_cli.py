@@ -1,0 +1,88 @@
+"""The real console entrypoint in a subprocess: a tiny end-to-end run and every bad-input message."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import TINY, TINY_DEMO_SOURCE
+
+
+def test_end_to_end_multirun_writes_the_table(cli, tmp_path):
+    """The demo experiment, shrunk: a command-line sweep over two sampling rates, two seeds each.
+
+    `source=demo` on the command line replaces the demo's own sweep over sources, so
+    that the tiny source-pretraining overrides apply to every job.
+    """
+    arguments = ["experiment=demo", *[o for o in TINY if not o.startswith("seeds")], "seeds=[0,1]",
+                 *TINY_DEMO_SOURCE, "target.sampling_rate=50,100", "results.dir=res"]
+    result = cli(*arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    frame = pd.read_csv(tmp_path / "res" / "demo.csv")
+    assert sorted(frame["sampling_rate"]) == [50, 100]
+    assert set(frame["n_seeds"]) == {2} and set(frame["method"]) == {"Fine-tuning"}
+    assert set(frame["source"]) == {"demo"}
+    for _, row in frame.iterrows():
+        per_seed = [float(a) for a in row["accuracies"].split(";")]
+        assert row["mean"] == pytest.approx(sum(per_seed) / 2, abs=0.01)
+        seed_dirs = sorted((tmp_path / row["run_dir"]).glob("seed_*/metrics.json"))
+        assert len(seed_dirs) == 2
+        metrics = [json.loads(p.read_text()) for p in seed_dirs]
+        assert [round(m["top1"], 2) for m in metrics] == per_seed
+        assert {m["train_images"] for m in metrics} == {6 * 10 * row["sampling_rate"] // 100}
+    markdown = (tmp_path / "res" / "demo.md").read_text()
+    assert markdown.count(" ± ") == 2 and "Results table" in result.stdout
+
+    # rerunning the same configs replaces their rows instead of adding new ones
+    again = cli(*arguments)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(pd.read_csv(tmp_path / "res" / "demo.csv")) == 2
+
+
+def test_single_run_from_the_command_line(cli, tmp_path):
+    result = cli(*TINY, "seeds=[5]", "backbone=resnet18", "source=scratch", "target=demo", "regularizer=l2",
+                 "direction=sum", "results.dir=out", "results.table=mine")
+    assert result.returncode == 0, result.stderr[-3000:]
+    frame = pd.read_csv(tmp_path / "out" / "mine.csv", dtype={"seeds": str})
+    assert len(frame) == 1 and frame.loc[0, "seeds"] == "5" and frame.loc[0, "source"] == "scratch"
+    assert "seeds=[5]" not in frame.loc[0, "overrides"]  # runtime keys stay out of the overrides column
+
+
+@pytest.mark.parametrize("arguments,expected", [
+    (["regularizer=l3"], "regularizer=l3 is not a known choice; allowed: l2"),
+    (["backbone=resnet34"], "backbone=resnet34 is not a known choice; allowed: resnet18, resnet50"),
+    (["-m", "source=demo,imagenett"], "source=imagenett is not a known choice; allowed: demo, scratch"),
+    (["target.sampling_rate=0"], "target.sampling_rate=0 is outside (0, 100]"),
+    (["target.sampling_rate=150"], "target.sampling_rate=150 is outside (0, 100]"),
+    (["seeds=[]"], "seeds=[] must be a non-empty list of integers"),
+    (["train.batch_size=0"], "train.batch_size=0 must be an integer >= 1"),
+    (["target=imagefolder", "target.root=/no/such/dataset"],
+     "target.root=/no/such/dataset: missing directory /no/such/dataset/train; expected <root>/train/<class>/<image>"),
+    (["train.batch_size=500"], "fewer than train.batch_size=500"),
+    (["runtime.device=tpu"], "runtime.device=tpu is not one of auto, cpu, cuda, cuda:N"),
+    (["results.dir=/proc/forbidden"], "results.dir=/proc/forbidden"),
+])
+def test_bad_input_is_one_clear_line_before_training(cli, tmp_path, arguments, expected):
+    given = {a.split("=")[0] for a in arguments}
+    shrink = [o for o in TINY if o.split("=")[0] not in given
+              and not ("target" in given and o.startswith("target."))]
+    result = cli(*shrink, *arguments)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("safetransfer-train: error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("seed_*")), "training started before the input was checked"
+
+
+def test_no_arguments_means_the_demo(tmp_path):
+    """Without arguments main() composes experiment=demo (checked without training, via --cfg)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from safetransfer import train; sys.argv=['safetransfer-train'];"
+            "train.app = lambda: print('ARGV', sys.argv[1:]); train.main()")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert "ARGV ['experiment=demo']" in result.stdout
+    assert "running the embedded demo" in result.stdout
