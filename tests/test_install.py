@@ -1,0 +1,55 @@
+"""The configs are found from an editable install and from a regular `pip install .`,
+whatever the working directory."""
+
+import os
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+import safetransfer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _show_demo_config(cwd: Path, env: dict) -> str:
+    result = subprocess.run([sys.executable, "-m", "safetransfer.train", "experiment=demo", "--cfg", "job"],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_editable_install_reads_the_repositorys_conf(tmp_path):
+    if Path(safetransfer.__file__).resolve().parent != ROOT / "safetransfer":
+        pytest.skip("the suite runs against a regular install; the other test covers it")
+    assert Path(str(resources.files("safetransfer.conf"))).resolve() == ROOT / "conf"
+    shown = _show_demo_config(tmp_path, dict(os.environ))
+    assert "sampling_rate: 30" in shown and "name: demo" in shown
+
+
+def test_regular_install_ships_the_conf_tree(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / part, source / part)
+    for part in ("conf", "safetransfer"):
+        shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    site = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+         "--target", str(site), str(source)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr
+    assert (site / "safetransfer" / "conf" / "config.yaml").is_file()
+    assert (site / "safetransfer" / "conf" / "experiment" / "demo.yaml").is_file()
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import safetransfer; print(safetransfer.__file__)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert Path(where.stdout.strip()).resolve().is_relative_to(site.resolve())
+    shown = _show_demo_config(elsewhere, env)
+    assert "sampling_rate: 30" in shown and "name: demo" in shown
