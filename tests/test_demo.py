@@ -1,0 +1,50 @@
+"""The embedded demo: generated domains, and (slow) the full no-argument run."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from safetransfer import demo
+
+
+def test_domains_are_deterministic_and_balanced():
+    images, labels, classes = demo.make_domain("target", 5, 32, seed=7)
+    again, _, _ = demo.make_domain("target", 5, 32, seed=7)
+    assert torch.equal(images, again)
+    assert images.shape == (5 * len(classes), 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.bincount(labels).tolist() == [5] * len(classes)
+    assert not torch.equal(images, demo.make_domain("target", 5, 32, seed=8)[0])
+
+
+def test_source_and_target_label_sets_differ():
+    assert set(demo.SOURCE_CLASSES).isdisjoint(demo.TARGET_CLASSES)
+    assert len(demo.SOURCE_CLASSES) == 12 and len(demo.TARGET_CLASSES) == 6
+
+
+def test_shapes_cover_what_their_level_says():
+    """A filled circle of radius r covers about pi r^2 pixels; an outline far fewer."""
+    generator = torch.Generator().manual_seed(0)
+    filled = demo.render(torch.zeros(1, dtype=torch.long), outline=False, grating=None, palette="cool",
+                         size=64, generator=generator)
+    assert filled.shape == (1, 3, 64, 64)
+    coords = torch.arange(8, dtype=torch.float32)
+    level = demo._shape_level("circle", coords.view(1, -1) / 4 - 1, coords.view(-1, 1) / 4 - 1)
+    inside = (level <= 1).sum().item()
+    assert abs(inside - 3.14159 * 16) < 8  # radius 4 pixels on an 8 x 8 grid of pixel corners
+
+
+@pytest.mark.slow
+def test_full_demo_shows_transfer_beyond_the_seeds_spread(tmp_path):
+    env_cache = tmp_path / "cache"
+    result = subprocess.run([sys.executable, "-m", "safetransfer.train"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=900, env={**__import__("os").environ,
+                                                         "SAFETRANSFER_CACHE": str(env_cache)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    frame = pd.read_csv(tmp_path / "results" / "demo.csv").set_index("source")
+    assert set(frame["n_seeds"]) == {5}
+    fine_tuned, scratch = frame.loc["demo"], frame.loc["scratch"]
+    assert fine_tuned["mean"] - fine_tuned["std"] > scratch["mean"] + scratch["std"] + 10
+    assert "Results table" in result.stdout
