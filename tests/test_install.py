@@ -42,8 +42,8 @@ def test_regular_install_ships_the_conf_tree(tmp_path):
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
          "--target", str(site), str(source)], capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr
-    assert (site / "safetransfer" / "conf" / "config.yaml").is_file()
-    assert (site / "safetransfer" / "conf" / "experiment" / "demo.yaml").is_file()
+    shipped = {p.relative_to(site / "safetransfer" / "conf") for p in (site / "safetransfer" / "conf").rglob("*.yaml")}
+    assert shipped == {p.relative_to(ROOT / "conf") for p in (ROOT / "conf").rglob("*.yaml")}
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
