@@ -6,11 +6,15 @@ are the names that appear in the results tables.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, field
+
 import torch
 import torchvision
 from torch import nn
 
 BACKBONES = {"resnet18": 512, "resnet50": 2048}  # name -> dimension of the pooled features
+STAGES = ("layer1", "layer2", "layer3", "layer4")  # the feature maps the feature-space terms compare
 
 
 def create_backbone(name: str) -> nn.Module:
@@ -22,6 +26,25 @@ def create_backbone(name: str) -> nn.Module:
     return backbone
 
 
+@dataclass
+class Features:
+    """What one forward pass saw: the input images, the stage outputs and the pooled features."""
+
+    images: torch.Tensor
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    pooled: torch.Tensor | None = None
+
+
+def forward_features(backbone: nn.Module, images: torch.Tensor) -> Features:
+    """Run a torchvision ResNet stage by stage, keeping each stage's output map."""
+    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
+    maps = {}
+    for stage in STAGES:
+        x = getattr(backbone, stage)(x)
+        maps[stage] = x
+    return Features(images, maps, torch.flatten(backbone.avgpool(x), 1))
+
+
 class TransferNet(nn.Module):
     """The target network: shared backbone (w_S, initialised from the source) and a new head."""
 
@@ -31,13 +54,28 @@ class TransferNet(nn.Module):
         self.backbone = create_backbone(backbone_name)
         self.head = nn.Linear(BACKBONES[backbone_name], num_classes)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and the pooled features the head reads (BSS works on the latter)."""
-        features = self.backbone(images)
-        return self.head(features), features
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Features]:
+        """Logits and the features the regularizers read (stage maps for KnowDist and DELTA,
+        pooled features for BSS)."""
+        features = forward_features(self.backbone, images)
+        return self.head(features.pooled), features
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {
             "backbone": [p for p in self.backbone.parameters() if p.requires_grad],
             "head": [p for p in self.head.parameters() if p.requires_grad],
         }
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Reductions of autocast's half-precision outputs are done in fp32 (fp64 stays fp64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def frozen_copy(backbone: nn.Module) -> nn.Module:
+    """A copy of `backbone` that never changes: eval mode (BatchNorm uses its running
+    statistics) and no gradients. The feature-space terms compare against it."""
+    source = copy.deepcopy(backbone).eval()
+    for p in source.parameters():
+        p.requires_grad_(False)
+    return source

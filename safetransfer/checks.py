@@ -38,6 +38,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"runtime.log_every={cfg.runtime.log_every} must be >= 0 (0 logs only the last iteration)")
     if cfg.runtime.num_workers < 0:
         raise ConfigError(f"runtime.num_workers={cfg.runtime.num_workers} must be >= 0 (0 loads in the main process)")
+    every = cfg.runtime.diagnostics_every
+    if every < 0 or (every and (not cfg.runtime.log_every or every % cfg.runtime.log_every)):
+        raise ConfigError(f"runtime.diagnostics_every={every} must be 0 or a multiple of "
+                          f"runtime.log_every={cfg.runtime.log_every} (angles are written on log rows)")
+    check_bss(cfg)
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={cfg.train.precision} is not one of {', '.join(PRECISIONS)}")
     if cfg.runtime.progress not in PROGRESS:
@@ -48,6 +53,18 @@ def check_config(cfg: DictConfig) -> None:
                               f"(0, train.iterations={cfg.train.iterations}]; the lr is divided at these iterations")
     check_device(str(cfg.runtime.device))
     check_writable(Path(cfg.results.dir), "results.dir")
+
+
+def check_bss(cfg: DictConfig) -> None:
+    from safetransfer.backbones import BACKBONES
+
+    for name, term in cfg.regularizer.terms.items():
+        if str(term.get("_target_", "")).endswith(".BSS"):
+            k, limit = term.get("k", 1), min(cfg.train.batch_size, BACKBONES.get(cfg.backbone.name, 1 << 30))
+            if not isinstance(k, int) or not 1 <= k < limit:
+                raise ConfigError(
+                    f"regularizer.terms.{name}.k={k} must be an integer in [1, {limit - 1}]: fewer than "
+                    f"train.batch_size={cfg.train.batch_size} and the feature dimension (the paper uses k=1)")
 
 
 def _positive_int(value, key: str, example: str) -> None:

@@ -1,13 +1,27 @@
 """Direction strategies: how the empirical-loss gradient g_J and the regularizer
-gradient g_Omega become the step direction d."""
+gradient g_Omega become the step direction d.
+
+Both gradients are lists aligned with the trainable parameters.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 
+def dot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> torch.Tensor:
+    """<x, y> with all tensors of each list seen as one vector."""
+    return per_tensor_dots(x, y).sum()
+
+
+def per_tensor_dots(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([torch.vdot(a.flatten(), b.flatten()) for a, b in zip(x, y)])
+
+
 class Direction:
-    """Turns (g_J, g_Omega), two lists aligned with the trainable parameters, into d."""
+    """Turns (g_J, g_Omega) into d."""
 
     #: False when d depends on g_J and g_Omega only through their sum, which lets the
     #: training step get d from a single backward pass of J + Omega.
@@ -31,3 +45,38 @@ class Sum(Direction):
 
     def method_name(self, regularizer_name: str) -> str:
         return regularizer_name
+
+
+class DTNH(Direction):
+    """DTNH Algorithm 1: when <g_J, g_Omega> < 0, replace g_Omega by its component
+    orthogonal to g_J, g_Omega - (<g_J, g_Omega> / ||g_J||^2) g_J; then d = g_J + g_Omega.
+
+    granularity `global` treats all trainable parameters as one vector (the paper);
+    `tensor` tests and projects each parameter tensor on its own.
+    """
+
+    GRANULARITIES = ("global", "tensor")
+
+    def __init__(self, granularity: str = "global"):
+        if granularity not in self.GRANULARITIES:
+            raise ValueError(f"direction.granularity={granularity!r}; allowed: {', '.join(self.GRANULARITIES)}")
+        self.granularity = granularity
+
+    def __call__(self, g_J: list[torch.Tensor], g_Omega: list[torch.Tensor]) -> list[torch.Tensor]:
+        dots = per_tensor_dots(g_J, g_Omega)
+        squared_norms = torch.stack(torch._foreach_norm(g_J)).square()
+        if self.granularity == "global":
+            dots, squared_norms = dots.sum(), squared_norms.sum()
+        # the projection coefficient, 0 where the angle is not obtuse (or g_J vanishes);
+        # computed on the device, so that no step waits for the host
+        coefficients = torch.where((dots < 0) & (squared_norms > 0),
+                                   dots / squared_norms.clamp_min(torch.finfo(squared_norms.dtype).tiny),
+                                   torch.zeros_like(dots))
+        if self.granularity == "global":
+            removed = torch._foreach_mul(g_J, coefficients)
+        else:
+            removed = [g * c for g, c in zip(g_J, coefficients.unbind())]
+        return torch._foreach_add(torch._foreach_sub(g_Omega, removed), g_J)
+
+    def method_name(self, regularizer_name: str) -> str:
+        return f"DTNH ({regularizer_name})"

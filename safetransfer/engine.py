@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from safetransfer.backbones import TransferNet
-from safetransfer.directions import Direction
+from safetransfer.directions import Direction, dot
 from safetransfer.regularizers import Omega
 
 log = logging.getLogger(__name__)
@@ -39,35 +40,76 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+ANGLE_COLUMNS = ("angle_d_J", "angle_d_Omega", "angle_sum_J", "angle_sum_Omega", "conflict")
+
+
+@dataclass
+class StepResult:
+    loss_J: torch.Tensor                 # detached, on the device
+    correct: torch.Tensor                # number of correct predictions in the batch
+    omega: dict[str, torch.Tensor] | None = None   # each term's value, when recorded
+    angles: dict[str, torch.Tensor] | None = None  # the diagnostics of ANGLE_COLUMNS, when recorded
+
+
 def training_step(model: TransferNet, images: torch.Tensor, labels: torch.Tensor, omega: Omega,
                   direction: Direction, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter],
-                  precision_context) -> tuple[torch.Tensor, torch.Tensor]:
-    """One iteration of Algorithm 1; returns the detached J and the number of correct predictions."""
+                  precision_context=contextlib.nullcontext(), record: bool = False, angles: bool = False) -> StepResult:
+    """One iteration of DTNH Algorithm 1.
+
+    `record` also returns each term's value; `angles` also returns the angles between
+    d, g_J and g_Omega (which makes a `sum` step compute g_J and g_Omega apart too).
+    """
     with precision_context:
         logits, features = model(images)
         loss_J = F.cross_entropy(logits, labels)
-        omega_autograd = omega.autograd_value(model, features)
+        feature_terms = omega.autograd_values(model, features)
+    omega_autograd = torch.stack(list(feature_terms.values())).sum() if feature_terms else None
 
-    # estimate g_J and g_Omega at the same weights, on the same mini-batch
-    if direction.needs_both_gradients:
+    # estimate g_J and g_Omega at the same weights, on the same mini-batch, and choose d
+    if direction.needs_both_gradients or angles:
         g_J = _grad(loss_J, params, retain_graph=omega_autograd is not None)
-        g_Omega = _grad(omega_autograd, params) if omega_autograd is not None else [torch.zeros_like(p) for p in params]
+        g_Omega = _grad(omega_autograd, params) if omega_autograd is not None else torch._foreach_mul(g_J, 0.0)
+        omega.add_closed_form_gradient(params, g_Omega)
         with torch.no_grad():
-            omega.add_closed_form_gradient(params, g_Omega)
             d = direction(g_J, g_Omega)
     else:
         # d = g_J + g_Omega: one backward pass of J + Omega gives the sum directly
-        total = loss_J if omega_autograd is None else loss_J + omega_autograd
-        d = _grad(total, params)
-        with torch.no_grad():
-            omega.add_closed_form_gradient(params, d)
+        d = _grad(loss_J if omega_autograd is None else loss_J + omega_autograd, params)
+        omega.add_closed_form_gradient(params, d)
+
+    result = StepResult(loss_J.detach(), (logits.detach().argmax(dim=1) == labels).sum())
+    if record:  # at the weights the gradients were taken at, before the step
+        values = {name: value.detach() for name, value in feature_terms.items()}
+        values.update(omega.closed_form_values(model))
+        result.omega = {name: values[name] for name in omega.terms}
+    if angles:
+        result.angles = angle_diagnostics(g_J, g_Omega, d)
 
     # step along d
     for p, d_p in zip(params, d):
         p.grad = d_p
     optimizer.step()
-    correct = (logits.detach().argmax(dim=1) == labels).sum()
-    return loss_J.detach(), correct
+    return result
+
+
+@torch.no_grad()
+def angle_diagnostics(g_J: list[torch.Tensor], g_Omega: list[torch.Tensor], d: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The DTNH paper's Angles 1-4 in degrees (all parameters as one vector), and whether
+    g_J and g_Omega conflict (<g_J, g_Omega> < 0)."""
+    JJ, OO, JO = dot(g_J, g_J), dot(g_Omega, g_Omega), dot(g_J, g_Omega)
+    dd, dJ, dO = dot(d, d), dot(d, g_J), dot(d, g_Omega)
+    ss = JJ + 2 * JO + OO  # s = g_J + g_Omega
+
+    def angle(xy, xx, yy):
+        return torch.rad2deg(torch.arccos((xy / torch.sqrt(xx * yy)).clamp(-1, 1)))
+
+    return {
+        "angle_d_J": angle(dJ, dd, JJ),            # Angle 1
+        "angle_d_Omega": angle(dO, dd, OO),        # Angle 2
+        "angle_sum_J": angle(JJ + JO, ss, JJ),     # Angle 3
+        "angle_sum_Omega": angle(JO + OO, ss, OO), # Angle 4
+        "conflict": (JO < 0).float(),
+    }
 
 
 def _grad(value: torch.Tensor, params: Sequence[torch.nn.Parameter], retain_graph: bool = False) -> list[torch.Tensor]:
@@ -92,23 +134,29 @@ def use_bar(progress: str) -> bool:
 
 def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Direction,
         optimizer: torch.optim.Optimizer, scheduler, *, iterations: int, device: torch.device,
-        precision: str = "fp32", log_every: int = 100, progress: str = "auto", log_path: Path | None = None,
-        desc: str = "train") -> list[dict]:
-    """Train for `iterations` steps; every `log_every` steps append a row to log.csv.
+        precision: str = "fp32", log_every: int = 100, diagnostics_every: int = 0, progress: str = "auto",
+        log_path: Path | None = None, desc: str = "train") -> list[dict]:
+    """Train for `iterations` steps; every `log_every` steps (and at the last) append a row to log.csv.
 
     Returns the logged rows. loss_J and train_acc are means over the steps since the
-    previous row; loss_Omega and its terms are the values at the logged step.
+    previous row; lr is the one the row's step used; loss_Omega and its terms are the
+    values at the row's step. Rows at multiples of `diagnostics_every` also carry the
+    angles between d, g_J and g_Omega and the terms' own diagnostics (BSS's singular values).
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     precision_context = autocast(device, precision)
+    columns = ["iteration", "epoch", "lr", "loss_J", "loss_Omega", *(f"Omega_{name}" for name in omega.terms),
+               "train_acc"]
+    if diagnostics_every:
+        columns += [*ANGLE_COLUMNS, *omega.diagnostic_names()]
+    writer = _LogWriter(log_path, [*columns, "elapsed_s"])
     rows: list[dict] = []
     window_loss = torch.zeros((), device=device)
     window_correct = torch.zeros((), device=device, dtype=torch.long)
     window_steps = window_images = 0
     current_epoch = -1
     bar = tqdm(total=iterations, desc=desc, disable=not use_bar(progress), dynamic_ncols=True, leave=False)
-    writer = _LogWriter(log_path)
     start = time.perf_counter()
     batches = endless(loader)
     for iteration in range(1, iterations + 1):
@@ -116,62 +164,60 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
         if epoch != current_epoch:
             current_epoch = epoch
             omega.set_epoch(epoch)
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        loss_J, correct = training_step(model, images, labels, omega, direction, optimizer, params,
-                                        precision_context)
+        logged = (log_every and iteration % log_every == 0) or iteration == iterations
+        diagnosed = logged and bool(diagnostics_every) and iteration % diagnostics_every == 0
+        lr = optimizer.param_groups[0]["lr"]
+        step = training_step(model, images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                             omega, direction, optimizer, params, precision_context, record=logged, angles=diagnosed)
         scheduler.step()
-        window_loss += loss_J
-        window_correct += correct
+        window_loss += step.loss_J
+        window_correct += step.correct
         window_steps += 1
         window_images += len(labels)
         bar.update(1)
-        if (log_every and iteration % log_every == 0) or iteration == iterations:
-            with precision_context:
-                terms = omega.values(model, None)
-            row = {
-                "iteration": iteration,
-                "epoch": epoch,
-                "lr": optimizer.param_groups[0]["lr"],
-                "loss_J": float(window_loss) / window_steps,
-                "loss_Omega": sum(terms.values()),
-                **{f"Omega_{name}": value for name, value in terms.items()},
-                "train_acc": 100.0 * float(window_correct) / window_images,
-                "elapsed_s": time.perf_counter() - start,
-            }
-            if not math.isfinite(row["loss_J"]):
-                raise FloatingPointError(f"{desc}: the empirical loss J is {row['loss_J']} at iteration {iteration}")
-            rows.append(row)
-            writer.write(row)
-            window_loss.zero_()
-            window_correct.zero_()
-            window_steps = window_images = 0
-            message = (f"{desc} | iter {iteration}/{iterations} | lr {row['lr']:.2e} | J {row['loss_J']:.4f} "
-                       f"| Omega {row['loss_Omega']:.4f} | train acc {row['train_acc']:.1f}%")
-            if bar.disable:
-                log.info(message)
-            else:
-                bar.set_postfix(J=f"{row['loss_J']:.3f}", lr=f"{row['lr']:.1e}")
+        if not logged:
+            continue
+        row = {
+            "iteration": iteration, "epoch": epoch, "lr": lr,
+            "loss_J": float(window_loss) / window_steps,
+            "loss_Omega": float(sum(step.omega.values())) if step.omega else 0.0,
+            **{f"Omega_{name}": float(value) for name, value in step.omega.items()},
+            "train_acc": 100.0 * float(window_correct) / window_images,
+        }
+        if diagnosed:
+            row.update({name: float(value) for name, value in step.angles.items()})
+            row.update(omega.diagnostics())
+        row["elapsed_s"] = time.perf_counter() - start
+        if not math.isfinite(row["loss_J"]):
+            raise FloatingPointError(f"{desc}: the empirical loss J is {row['loss_J']} at iteration {iteration}")
+        rows.append(row)
+        writer.write(row)
+        window_loss.zero_()
+        window_correct.zero_()
+        window_steps = window_images = 0
+        if bar.disable:
+            log.info(f"{desc} | iter {iteration}/{iterations} | lr {lr:.2e} | J {row['loss_J']:.4f} "
+                     f"| Omega {row['loss_Omega']:.4f} | train acc {row['train_acc']:.1f}%")
+        else:
+            bar.set_postfix(J=f"{row['loss_J']:.3f}", lr=f"{lr:.1e}")
     bar.close()
     writer.close()
     return rows
 
 
 class _LogWriter:
-    """Appends rows to log.csv, flushing each so that a crashed run keeps its curve."""
+    """Writes rows to log.csv, flushing each so that a crashed run keeps its curve."""
 
-    def __init__(self, path: Path | None):
-        self.path, self.file, self.writer = path, None, None
+    def __init__(self, path: Path | None, columns: list[str]):
+        self.file = open(path, "w", newline="") if path is not None else None
+        if self.file is not None:
+            self.writer = csv.DictWriter(self.file, fieldnames=columns, restval="")
+            self.writer.writeheader()
 
     def write(self, row: dict) -> None:
-        if self.path is None:
-            return
-        if self.writer is None:
-            self.file = open(self.path, "w", newline="")
-            self.writer = csv.DictWriter(self.file, fieldnames=list(row))
-            self.writer.writeheader()
-        self.writer.writerow(row)
-        self.file.flush()
+        if self.file is not None:
+            self.writer.writerow(row)
+            self.file.flush()
 
     def close(self) -> None:
         if self.file is not None:

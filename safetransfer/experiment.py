@@ -22,7 +22,7 @@ from safetransfer.backbones import TransferNet
 from safetransfer.checks import check_config, check_training_set
 from safetransfer.directions import Direction
 from safetransfer.engine import evaluate, fit, resolve_device
-from safetransfer.regularizers import Omega
+from safetransfer.regularizers import BindContext, Omega
 from safetransfer.results import atomic_write_json, config_key, make_row, write_row
 from safetransfer.targets import Target, Transformed, test_transform, train_transform
 
@@ -80,16 +80,28 @@ class Data:
     test: Dataset
     num_classes: int
     train_indices: np.ndarray
+    train_plain: Dataset  # the training images with the test-time transform (for DELTA's attention)
 
 
 def prepare_data(cfg: DictConfig, target: Target) -> Data:
     indices = target.sampled_train_indices()
     check_training_set(len(indices), cfg.train.batch_size)
     geometry = (cfg.data.resize, cfg.data.crop, cfg.data.mean, cfg.data.std)
-    train = Transformed(target.train_set(), indices, train_transform(*geometry))
-    test_set = target.test_set()
-    test = Transformed(test_set, range(len(test_set)), test_transform(*geometry))
-    return Data(train, test, len(target.classes), indices)
+    train_set, test_set = target.train_set(), target.test_set()
+    return Data(
+        train=Transformed(train_set, indices, train_transform(*geometry)),
+        test=Transformed(test_set, range(len(test_set)), test_transform(*geometry)),
+        num_classes=len(target.classes),
+        train_indices=indices,
+        train_plain=Transformed(train_set, indices, test_transform(*geometry)),
+    )
+
+
+def bind_context(cfg: DictConfig, data: Data, device: torch.device) -> BindContext:
+    """What regularizer terms may use before training; `identity` keys their caches."""
+    identity = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("backbone", "source", "target", "data")}
+    return BindContext(device=device, train_data=data.train_plain, batch_size=cfg.train.batch_size,
+                       cache_dir=Path(cfg.paths.cache_dir).expanduser(), identity=identity)
 
 
 def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, run_dir: Path) -> dict:
@@ -100,12 +112,13 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
     seed_everything(seed)
     model = create_model(cfg, data.num_classes, source_state).to(device)
     omega = create_omega(cfg)
-    omega.bind(model)
+    omega.bind(model, bind_context(cfg, data, device))
     optimizer, scheduler = create_optimizer(cfg, model)
     start = time.perf_counter()
     fit(model, create_loader(data.train, cfg, train=True, seed=seed, device=device), omega, create_direction(cfg),
         optimizer, scheduler, iterations=cfg.train.iterations, device=device, precision=cfg.train.precision,
-        log_every=cfg.runtime.log_every, progress=cfg.runtime.progress, log_path=seed_dir / "log.csv",
+        log_every=cfg.runtime.log_every, diagnostics_every=cfg.runtime.diagnostics_every,
+        progress=cfg.runtime.progress, log_path=seed_dir / "log.csv",
         desc=f"seed {seed}")
     top1, test_loss = evaluate(model, create_loader(data.test, cfg, train=False, seed=seed, device=device),
                                device, cfg.train.precision)

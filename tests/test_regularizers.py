@@ -1,72 +1,341 @@
-"""Regularizer terms against independent computations (NumPy, finite differences)."""
+"""Regularizer terms against independent computations: NumPy, finite differences and a
+hand-built two-layer network for the feature-map terms."""
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from safetransfer.regularizers import Omega
-from safetransfer.regularizers.l2 import L2
+from safetransfer.backbones import TransferNet, forward_features
+from safetransfer.errors import ConfigError
+from safetransfer.regularizers import BindContext, Omega
+from safetransfer.regularizers.bss import BSS
+from safetransfer.regularizers.delta import DELTA, attention_from_increases, channel_loss_increase
+from safetransfer.regularizers.knowdist import KnowDist
+from safetransfer.regularizers.l2 import L2, HeadL2
+from safetransfer.regularizers.l2sp import L2SP
 
 
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+def numpy_params(params):
+    return [p.detach().numpy().astype(np.float64) for p in params]
 
 
-def test_l2_value_matches_numpy():
-    model = tiny_model()
-    alpha = 0.37
-    expected = alpha / 2 * sum(np.sum(p.detach().numpy() ** 2) for p in model.parameters())
-    assert float(L2(alpha).value(model, None).detach()) == pytest.approx(expected, rel=1e-12)
+def finite_difference_check(value_fn, tensors, rel=1e-5, abs_=1e-9, stride=3):
+    """Compare autograd/closed-form gradients already in `tensors`' .grad-like pairs."""
+    eps = 1e-6
+    for tensor, grad in tensors:
+        flat, flat_grad = tensor.data.view(-1), grad.reshape(-1)
+        for i in range(0, flat.numel(), stride):
+            original = flat[i].item()
+            flat[i] = original + eps
+            up = float(value_fn().detach())
+            flat[i] = original - eps
+            down = float(value_fn().detach())
+            flat[i] = original
+            assert flat_grad[i].item() == pytest.approx((up - down) / (2 * eps), rel=rel, abs=abs_)
 
 
-def test_l2_ignores_frozen_parameters():
-    model = tiny_model()
-    model[0].weight.requires_grad_(False)
-    expected = 0.5 * sum(np.sum(p.detach().numpy() ** 2) for p in model.parameters() if p.requires_grad)
-    assert float(L2(1.0).value(model, None)) == pytest.approx(expected, rel=1e-12)
-
-
-def test_l2_gradient_matches_finite_differences():
-    model = tiny_model()
-    term = L2(0.25)
-    params = list(model.parameters())
+def closed_form_grads(term, params):
     grads = [torch.zeros_like(p) for p in params]
     with torch.no_grad():
         term.add_gradient(params, grads)
-    eps = 1e-6
-    for p, g in zip(params, grads):
-        flat, flat_grad = p.data.view(-1), g.view(-1)
-        for i in range(0, flat.numel(), 3):
-            original = flat[i].item()
-            flat[i] = original + eps
-            up = float(term.value(model, None))
-            flat[i] = original - eps
-            down = float(term.value(model, None))
-            flat[i] = original
-            assert flat_grad[i].item() == pytest.approx((up - down) / (2 * eps), rel=1e-6, abs=1e-9)
+    return grads
+
+
+class TinyNet(nn.Module):
+    """A stand-in for TransferNet: a two-layer 'backbone' of 1x1 convolutions and a head."""
+
+    def __init__(self, seed=0, with_bn=False):
+        super().__init__()
+        torch.manual_seed(seed)
+        backbone = nn.Module()
+        backbone.conv1 = nn.Identity()
+        backbone.bn1 = nn.BatchNorm2d(2) if with_bn else nn.Identity()
+        backbone.relu = nn.Identity()
+        backbone.maxpool = nn.Identity()
+        backbone.layer1 = nn.Conv2d(2, 3, 1, bias=False)
+        backbone.layer2 = nn.Conv2d(3, 2, 1, bias=False)
+        backbone.layer3 = nn.Identity()
+        backbone.layer4 = nn.Identity()
+        backbone.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.backbone = backbone
+        self.head = nn.Linear(2, 3)
+        self.double()
+
+    def forward(self, images):
+        features = forward_features(self.backbone, images)
+        return self.head(features.pooled), features
+
+
+# ---------------------------------------------------------------- weight-space terms
+
+def test_l2_value_and_gradient():
+    model = TinyNet()
+    alpha = 0.37
+    expected = alpha / 2 * sum(np.sum(p ** 2) for p in numpy_params(model.parameters()))
+    term = L2(alpha)
+    assert float(term.value(model, None).detach()) == pytest.approx(expected, rel=1e-12)
+    params = list(model.parameters())
+    finite_difference_check(lambda: term.value(model, None), zip(params, closed_form_grads(term, params)))
+
+
+def test_l2_ignores_frozen_parameters():
+    model = TinyNet()
+    model.backbone.layer1.weight.requires_grad_(False)
+    expected = 0.5 * sum(np.sum(p.detach().numpy() ** 2) for p in model.parameters() if p.requires_grad)
+    assert float(L2(1.0).value(model, None).detach()) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("bn_affine", [True, False])
+def test_l2sp_value_and_gradient(bn_affine):
+    model = TinyNet(with_bn=True)
+    term = L2SP(alpha=0.3, bn_affine=bn_affine)
+    term.bind(model, BindContext())
+    start = numpy_params(model.backbone.parameters())
+    with torch.no_grad():  # move away from w_S^0
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    now = numpy_params(model.backbone.parameters())
+    names = [n for n, _ in model.backbone.named_parameters()]
+    expected = 0.3 / 2 * sum(np.sum((a - b) ** 2) for n, a, b in zip(names, now, start)
+                             if bn_affine or not n.startswith("bn1"))
+    assert float(term.value(model, None).detach()) == pytest.approx(expected, rel=1e-12)
+
+    params = list(model.parameters())
+    grads = closed_form_grads(term, params)
+    by_name = dict(zip([n for n, _ in model.named_parameters()], grads))
+    assert torch.count_nonzero(by_name["head.weight"]) == 0  # the head is HeadL2's business
+    if not bn_affine:
+        assert torch.count_nonzero(by_name["backbone.bn1.weight"]) == 0
+    finite_difference_check(lambda: term.value(model, None), zip(params, grads))
+
+
+def test_l2sp_is_zero_at_the_source_weights():
+    model = TinyNet()
+    term = L2SP(alpha=1.0)
+    term.bind(model, BindContext())
+    assert float(term.value(model, None).detach()) == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in closed_form_grads(term, list(model.parameters())))
+
+
+def test_head_l2_value_and_gradient():
+    model = TinyNet()
+    term = HeadL2(beta=0.2)
+    term.bind(model, BindContext())
+    expected = 0.1 * sum(np.sum(p ** 2) for p in numpy_params(model.head.parameters()))
+    assert float(term.value(model, None).detach()) == pytest.approx(expected, rel=1e-12)
+    params = list(model.parameters())
+    grads = closed_form_grads(term, params)
+    finite_difference_check(lambda: term.value(model, None), zip(params, grads))
+    assert torch.count_nonzero(grads[0]) == 0  # backbone.layer1.weight
 
 
 def test_gradient_is_added_in_place_to_what_is_there():
-    model = tiny_model()
+    model = TinyNet()
     params = list(model.parameters())
     grads = [torch.ones_like(p) for p in params]
     Omega({"l2": L2(0.5)}).add_closed_form_gradient(params, grads)
     for p, g in zip(params, grads):
-        np.testing.assert_allclose(g.detach().numpy(), 1 + 0.5 * p.detach().numpy())
+        np.testing.assert_allclose(g.numpy(), 1 + 0.5 * p.detach().numpy())
 
 
-def test_coefficient_decays_per_epoch():
+def test_coefficients_decay_per_epoch():
+    model = TinyNet()
     term = L2(0.1, decay=0.5)
     omega = Omega({"l2": term})
-    omega.set_epoch(0)
-    assert term.coefficient == pytest.approx(0.1)
+    base = float(term.value(model, None).detach())
     omega.set_epoch(3)
-    assert term.coefficient == pytest.approx(0.1 * 0.125)
+    assert float(term.value(model, None).detach()) == pytest.approx(base * 0.125)
+    grads = closed_form_grads(term, list(model.parameters()))
+    np.testing.assert_allclose(grads[0].numpy(), 0.1 * 0.125 * model.backbone.layer1.weight.detach().numpy())
     with pytest.raises(ValueError, match="decay"):
         L2(0.1, decay=1.5)
 
 
-def test_closed_form_terms_need_no_autograd():
-    assert Omega({"l2": L2(0.1)}).autograd_value(tiny_model(), None) is None
+# ---------------------------------------------------------------- feature-map terms
+
+def hand_maps(w1, w2, x):
+    """NumPy forward of the two-layer 1x1-conv network: the two stage outputs."""
+    m1 = np.einsum("oc,bchw->bohw", w1, x)
+    return m1, np.einsum("oc,bchw->bohw", w2, m1)
+
+
+def shifted_pair(seed=1):
+    source = TinyNet(seed=0)
+    target = TinyNet(seed=0)
+    with torch.no_grad():
+        for p in target.backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    images = torch.randn(4, 2, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return source, target, images
+
+
+def test_knowdist_matches_a_hand_computation():
+    source, target, images = shifted_pair()
+    term = KnowDist(alpha=0.4, layers=["layer1", "layer2"])
+    term.bind(source, BindContext())
+    x = images.numpy()
+    s1, s2 = hand_maps(source.backbone.layer1.weight.detach().numpy()[:, :, 0, 0],
+                       source.backbone.layer2.weight.detach().numpy()[:, :, 0, 0], x)
+    t1, t2 = hand_maps(target.backbone.layer1.weight.detach().numpy()[:, :, 0, 0],
+                       target.backbone.layer2.weight.detach().numpy()[:, :, 0, 0], x)
+    # per layer: squared distance / (C H W), averaged over the batch
+    expected = 0.4 / 2 * sum(((t - s) ** 2).reshape(len(x), -1).mean(axis=1).mean() for t, s in [(t1, s1), (t2, s2)])
+    _, features = target(images)
+    value = term.value(target, features)
+    assert float(value) == pytest.approx(expected, rel=1e-12)
+
+    weight = target.backbone.layer1.weight
+    (grad,) = torch.autograd.grad(value, [weight])
+    finite_difference_check(lambda: term.value(target, target(images)[1]), [(weight, grad)], stride=1)
+
+
+def test_knowdist_source_copy_is_frozen():
+    source, target, images = shifted_pair()
+    term = KnowDist(alpha=1.0, layers=["layer2"])
+    term.bind(source, BindContext())
+    with torch.no_grad():
+        source.backbone.layer2.weight.add_(1.0)  # the live network moves; the copy does not
+    assert not any(p.requires_grad for p in term.source.parameters())
+    assert not term.source.training
+    assert float(term.value(source, source(images)[1])) > 0
+
+
+def test_delta_matches_a_hand_computation(monkeypatch):
+    from safetransfer.regularizers import delta as delta_module
+
+    source, target, images = shifted_pair()
+    term = DELTA(alpha=0.6, layers=["layer1", "layer2"])
+    attention = {"layer1": torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
+                 "layer2": torch.tensor([0.9, 0.1], dtype=torch.float64)}
+    # a hand-chosen attention instead of the one computed from data (tested below)
+    monkeypatch.setattr(delta_module, "channel_attention", lambda *args, **kwargs: attention)
+    term.bind(source, BindContext())
+    x = images.numpy()
+    s = hand_maps(source.backbone.layer1.weight.detach().numpy()[:, :, 0, 0],
+                  source.backbone.layer2.weight.detach().numpy()[:, :, 0, 0], x)
+    t = hand_maps(target.backbone.layer1.weight.detach().numpy()[:, :, 0, 0],
+                  target.backbone.layer2.weight.detach().numpy()[:, :, 0, 0], x)
+    expected = 0.0
+    for (tm, sm), a in zip(zip(t, s), attention.values()):
+        per_channel = ((tm - sm) ** 2).mean(axis=(2, 3))       # (B, C): / (H W)
+        expected += (per_channel * a.numpy()).sum(axis=1).mean()  # weighted over channels, mean over batch
+    expected *= 0.6 / 2
+    value = term.value(target, target(images)[1])
+    assert float(value) == pytest.approx(expected, rel=1e-12)
+    weight = target.backbone.layer2.weight
+    (grad,) = torch.autograd.grad(value, [weight])
+    finite_difference_check(lambda: term.value(target, target(images)[1]), [(weight, grad)], stride=1)
+
+
+def test_delta_attention_is_softmax_of_standardised_increases():
+    increases = torch.tensor([0.5, 0.1, -0.2, 0.9], dtype=torch.float64)
+    z = (increases.numpy() - increases.numpy().mean()) / increases.numpy().std(ddof=1)
+    for temperature in (0.5, 1.0, 4.0):
+        expected = np.exp(z / temperature) / np.exp(z / temperature).sum()
+        np.testing.assert_allclose(attention_from_increases(increases, temperature).numpy(), expected, rtol=1e-12)
+    flat = attention_from_increases(torch.zeros(3, dtype=torch.float64), 1.0)
+    np.testing.assert_allclose(flat.numpy(), [1 / 3] * 3)
+
+
+def test_batched_channel_ablation_equals_one_channel_at_a_time():
+    source = TinyNet(seed=3)
+    head = nn.Linear(2, 3).double()
+    images = torch.randn(5, 2, 3, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    for stage, channels in (("layer1", 3), ("layer2", 2)):
+        batched = channel_loss_increase(source.backbone, head, stage, images, labels, max_copies=7)
+        with torch.no_grad():
+            baseline = nn.functional.cross_entropy(head(forward_features(source.backbone, images).pooled), labels)
+            for c in range(channels):
+                def zero_channel(module, inputs, output, c=c):
+                    output = output.clone()
+                    output[:, c] = 0
+                    return output
+                handle = getattr(source.backbone, stage).register_forward_hook(zero_channel)
+                ablated = nn.functional.cross_entropy(head(forward_features(source.backbone, images).pooled), labels)
+                handle.remove()
+                assert float(batched[c]) == pytest.approx(float(ablated - baseline), rel=1e-9, abs=1e-12)
+
+
+def test_delta_attention_on_a_resnet_is_cached(tmp_path, monkeypatch):
+    from safetransfer.regularizers import delta as delta_module
+    from safetransfer.targets import TensorImages
+
+    torch.manual_seed(0)
+    model = TransferNet("resnet18", 3)
+    images = torch.randn(12, 3, 32, 32)
+    labels = torch.arange(12) % 3
+    context = BindContext(train_data=TensorImages(images, labels), batch_size=6, cache_dir=tmp_path,
+                          identity={"case": "cached"})
+    term = DELTA(alpha=1.0, layers=["layer3", "layer4"], ablation_images=6, head_iterations=5, max_copies=64)
+    term.bind(model, context)
+    assert term.attention["layer3"].shape == (256,) and term.attention["layer4"].shape == (512,)
+    for weights in term.attention.values():
+        assert float(weights.sum()) == pytest.approx(1.0, rel=1e-5) and bool((weights > 0).all())
+    cached = list(tmp_path.rglob("*.pt"))
+    assert len(cached) == 1
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the cached attention should have been used")
+
+    monkeypatch.setattr(delta_module, "channel_attention", must_not_run)
+    again = DELTA(alpha=1.0, layers=["layer3", "layer4"], ablation_images=6, head_iterations=5, max_copies=64)
+    again.bind(model, context)
+    for layer in ("layer3", "layer4"):
+        assert torch.equal(again.attention[layer], term.attention[layer])
+
+
+# ---------------------------------------------------------------- BSS
+
+def bss_features(matrix):
+    from safetransfer.backbones import Features
+
+    return Features(images=None, maps={}, pooled=matrix)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_bss_value_matches_numpy_svd(k):
+    matrix = torch.randn(6, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+    term = BSS(eta=0.05, k=k)
+    expected = 0.05 * np.sum(np.linalg.svd(matrix.numpy(), compute_uv=False)[-k:] ** 2)
+    assert float(term.value(None, bss_features(matrix))) == pytest.approx(expected, rel=1e-5)
+    singular = np.linalg.svd(matrix.numpy(), compute_uv=False)
+    assert term.diagnostics()["sigma_min"] == pytest.approx(singular[-1], rel=1e-5)
+    assert term.diagnostics()["sigma_max"] == pytest.approx(singular[0], rel=1e-5)
+
+
+def test_bss_gradient_matches_finite_differences():
+    matrix = torch.randn(5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    term = BSS(eta=1.0, k=2)
+    term_fp64 = lambda: 1.0 * torch.from_numpy(  # noqa: E731 an independent NumPy evaluation
+        np.sort(np.linalg.svd(matrix.detach().numpy(), compute_uv=False))[:2]).square().sum()
+    (grad,) = torch.autograd.grad(term.value(None, bss_features(matrix)), [matrix])
+    finite_difference_check(term_fp64, [(matrix, grad)], rel=1e-3, abs_=1e-6, stride=1)
+
+
+@pytest.mark.parametrize("case", ["repeated", "zero"])
+def test_bss_gradient_is_finite_for_repeated_and_zero_singular_values(case):
+    if case == "repeated":  # rows of equal norm, mutually orthogonal: all singular values equal
+        matrix = torch.zeros(4, 6, dtype=torch.float64)
+        matrix[torch.arange(4), torch.arange(4)] = 2.0
+    else:  # rank 1: three singular values are exactly zero
+        matrix = torch.outer(torch.arange(1.0, 5.0, dtype=torch.float64), torch.ones(6, dtype=torch.float64))
+    matrix.requires_grad_()
+    value = BSS(eta=1.0, k=2).value(None, bss_features(matrix))
+    (grad,) = torch.autograd.grad(value, [matrix])
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+
+
+def test_bss_refuses_k_not_below_the_batch():
+    with pytest.raises(ConfigError, match="smaller than the batch size"):
+        BSS(k=4).value(None, bss_features(torch.randn(4, 10)))
+    with pytest.raises(ConfigError, match="k=0"):
+        BSS(k=0)
+
+
+def test_omega_separates_closed_form_and_autograd_terms():
+    omega = Omega({"l2": L2(0.1), "bss": BSS(), "head": HeadL2(0.1)})
+    assert list(omega.closed_form_terms) == ["l2", "head"]
+    assert list(omega.autograd_terms) == ["bss"]
+    assert omega.diagnostic_names() == ["bss_sigma_min", "bss_sigma_max"]

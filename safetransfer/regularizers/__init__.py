@@ -6,6 +6,6 @@ that it costs no backward pass; a term computed on features is differentiated by
 autograd.
 """
 
-from safetransfer.regularizers.base import Omega, Term
+from safetransfer.regularizers.base import BindContext, Omega, Term
 
-__all__ = ["Omega", "Term"]
+__all__ = ["BindContext", "Omega", "Term"]
