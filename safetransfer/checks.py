@@ -11,6 +11,8 @@ from omegaconf import DictConfig, ListConfig
 from safetransfer.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
+GRANULARITIES = ("global", "tensor")
+COEFFICIENTS = ("alpha", "beta", "eta")
 PROGRESS = ("auto", "bar", "log")
 
 
@@ -42,7 +44,10 @@ def check_config(cfg: DictConfig) -> None:
     if every < 0 or (every and (not cfg.runtime.log_every or every % cfg.runtime.log_every)):
         raise ConfigError(f"runtime.diagnostics_every={every} must be 0 or a multiple of "
                           f"runtime.log_every={cfg.runtime.log_every} (angles are written on log rows)")
+    check_regularizer(cfg)
     check_bss(cfg)
+    if "granularity" in cfg.direction and cfg.direction.granularity not in GRANULARITIES:
+        raise ConfigError(f"direction.granularity={cfg.direction.granularity} is not one of {', '.join(GRANULARITIES)}")
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={cfg.train.precision} is not one of {', '.join(PRECISIONS)}")
     if cfg.runtime.progress not in PROGRESS:
@@ -53,6 +58,28 @@ def check_config(cfg: DictConfig) -> None:
                               f"(0, train.iterations={cfg.train.iterations}]; the lr is divided at these iterations")
     check_device(str(cfg.runtime.device))
     check_writable(Path(cfg.results.dir), "results.dir")
+
+
+def check_regularizer(cfg: DictConfig) -> None:
+    from safetransfer.backbones import STAGES
+
+    if not cfg.regularizer.terms:
+        raise ConfigError("regularizer.terms is empty; choose a regularizer, e.g. regularizer=l2")
+    for name, term in cfg.regularizer.terms.items():
+        key = f"regularizer.terms.{name}"
+        for coefficient in COEFFICIENTS:
+            value = term.get(coefficient)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+                raise ConfigError(f"{key}.{coefficient}={value} must be >= 0")
+        decay = term.get("decay", 1.0)
+        if not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
+            raise ConfigError(f"{key}.decay={decay} is outside [0, 1] (lambda_e = lambda * decay^epoch; 1 = no decay)")
+        layers = term.get("layers")
+        if layers is not None and (not layers or any(layer not in STAGES for layer in layers)):
+            raise ConfigError(f"{key}.layers={list(layers)}: choose one or more of {', '.join(STAGES)}")
+        temperature = term.get("temperature")
+        if temperature is not None and not temperature > 0:
+            raise ConfigError(f"{key}.temperature={temperature} must be > 0")
 
 
 def check_bss(cfg: DictConfig) -> None:

@@ -11,10 +11,9 @@ from conftest import TINY, TINY_DEMO_SOURCE
 def test_end_to_end_multirun_writes_the_table(cli, tmp_path):
     """The demo experiment, shrunk: a command-line sweep over two sampling rates, two seeds each.
 
-    `source=demo` on the command line replaces the demo's own sweep over sources, so
-    that the tiny source-pretraining overrides apply to every job.
+    `method=fine_tuning` on the command line replaces the demo's own sweep over methods.
     """
-    arguments = ["experiment=demo", *[o for o in TINY if not o.startswith("seeds")], "seeds=[0,1]",
+    arguments = ["experiment=demo", "method=fine_tuning", *[o for o in TINY if not o.startswith("seeds")], "seeds=[0,1]",
                  *TINY_DEMO_SOURCE, "target.sampling_rate=50,100", "results.dir=res"]
     result = cli(*arguments)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -49,9 +48,13 @@ def test_single_run_from_the_command_line(cli, tmp_path):
 
 
 @pytest.mark.parametrize("arguments,expected", [
-    (["regularizer=l3"], "regularizer=l3 is not a known choice; allowed: l2"),
+    (["regularizer=l3"], "regularizer=l3 is not a known choice; allowed: bss, delta, delta_bss, head, knowdist, "
+                         "knowdist_bss, l2, l2_bss, l2sp, l2sp_bss"),
     (["backbone=resnet34"], "backbone=resnet34 is not a known choice; allowed: resnet18, resnet50"),
     (["-m", "source=demo,imagenett"], "source=imagenett is not a known choice; allowed: demo, scratch"),
+    (["regularizer=l2sp", "regularizer.terms.l2sp.alpha=-1"], "regularizer.terms.l2sp.alpha=-1 must be >= 0"),
+    (["regularizer=l2_bss", "regularizer.terms.bss.k=8"], "regularizer.terms.bss.k=8 must be an integer in [1, 7]"),
+    (["direction=dtnh", "direction.granularity=layer"], "direction.granularity=layer is not one of global, tensor"),
     (["target.sampling_rate=0"], "target.sampling_rate=0 is outside (0, 100]"),
     (["target.sampling_rate=150"], "target.sampling_rate=150 is outside (0, 100]"),
     (["seeds=[]"], "seeds=[] must be a non-empty list of integers"),
@@ -86,3 +89,19 @@ def test_no_arguments_means_the_demo(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert "ARGV ['experiment=demo']" in result.stdout
     assert "running the embedded demo" in result.stdout
+
+
+def test_dtnh_run_never_steps_further_from_g_J_than_the_sum(cli, tmp_path):
+    """On a short real run with direction=dtnh, Angle 1 <= Angle 3 on every logged row."""
+    result = cli(*[o for o in TINY if not o.startswith("train.iterations")], "train.iterations=6",
+                 *TINY_DEMO_SOURCE, "regularizer=l2sp_bss", "direction=dtnh", "results.dir=res")
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = list(tmp_path.rglob("seed_0/log.csv"))
+    assert len(logs) == 1
+    rows = pd.read_csv(logs[0])
+    assert len(rows) == 6 and rows["angle_d_J"].notna().all()
+    assert (rows["angle_d_J"] <= rows["angle_sum_J"] + 1e-6).all()
+    assert (rows["angle_d_J"] <= 90 + 1e-6).all()
+    conflicting = rows[rows["conflict"] == 1]
+    assert (conflicting["angle_d_J"] < conflicting["angle_sum_J"] + 1e-6).all()
+    assert pd.read_csv(tmp_path / "res" / "demo.csv").loc[0, "method"] == "DTNH (L2-SP+BSS)"

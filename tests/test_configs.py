@@ -13,7 +13,7 @@ from safetransfer.sources import Source
 from safetransfer.targets import Target
 from safetransfer.train import group_options
 
-GROUPS = ["backbone", "source", "target", "regularizer", "direction", "optim", "experiment"]
+GROUPS = ["backbone", "source", "target", "regularizer", "direction", "optim", "experiment", "method"]
 
 
 def test_every_group_exists_with_options():
@@ -31,7 +31,7 @@ def test_every_group_exists_with_options():
 def test_each_option_composes_and_resolves(compose_cfg, group, option):
     cfg = compose_cfg(f"{group}={option}")
     container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    if group != "experiment":
+    if group not in ("experiment", "method"):
         assert OmegaConf.to_container(cfg[group], resolve=True) == container[group]
     if group == "backbone":
         assert cfg.backbone.name == option
@@ -64,12 +64,37 @@ def test_root_config_is_the_papers_protocol(compose_cfg):
     assert method_name(cfg) == "Fine-tuning"
 
 
-def test_demo_experiment_is_a_sweep_over_sources(compose_cfg):
+def test_demo_experiment_is_a_sweep_over_methods(compose_cfg):
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="safetransfer.conf", version_base="1.3"):
         cfg = compose("config", overrides=["experiment=demo"], return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    assert cfg.hydra.sweeper.params.source == "demo,scratch"
+    assert cfg.hydra.sweeper.params.method == "fine_tuning,l2sp,dtnh_l2sp,l2sp_bss,from_scratch"
     assert cfg.source.name == "demo" and cfg.target.name == "demo"
     assert 0 < cfg.target.sampling_rate < 100
+
+
+@pytest.mark.parametrize("regularizer,direction,name", [
+    ("l2", "sum", "Fine-tuning"), ("l2sp", "sum", "L2-SP"), ("l2sp", "dtnh", "DTNH (L2-SP)"),
+    ("knowdist", "sum", "KnowDist"), ("knowdist", "dtnh", "DTNH (KnowDist)"), ("l2_bss", "sum", "L2+BSS"),
+    ("l2sp_bss", "sum", "L2-SP+BSS"), ("delta", "sum", "DELTA"), ("delta_bss", "sum", "DELTA+BSS"),
+    ("delta_bss", "dtnh", "DTNH (DELTA+BSS)"), ("knowdist_bss", "sum", "KnowDist+BSS"),
+])
+def test_method_names_follow_regularizer_and_direction(compose_cfg, regularizer, direction, name):
+    assert method_name(compose_cfg(f"regularizer={regularizer}", f"direction={direction}")) == name
+
+
+@pytest.mark.parametrize("regularizer,terms", [
+    ("l2", ["l2"]), ("l2sp", ["head", "l2sp"]), ("knowdist", ["head", "knowdist"]), ("delta", ["head", "delta"]),
+    ("l2_bss", ["l2", "bss"]), ("l2sp_bss", ["head", "l2sp", "bss"]), ("delta_bss", ["head", "delta", "bss"]),
+])
+def test_sums_hold_the_terms_of_their_parts(compose_cfg, regularizer, terms):
+    assert list(compose_cfg(f"regularizer={regularizer}").regularizer.terms) == terms
+
+
+def test_method_presets_win_over_the_experiments_choices(compose_cfg):
+    cfg = compose_cfg("experiment=demo", "method=from_scratch")
+    assert cfg.source.name == "scratch"
+    cfg = compose_cfg("experiment=demo", "method=dtnh_l2sp")
+    assert cfg.source.name == "demo" and method_name(cfg) == "DTNH (L2-SP)"

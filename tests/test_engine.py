@@ -38,7 +38,7 @@ def test_sum_step_with_l2_equals_sgd_with_weight_decay():
         ref_loss = F.cross_entropy(reference(images)[0], labels)
         ref_loss.backward()
         ref_optimizer.step()
-        assert float(step.loss_J) == pytest.approx(float(ref_loss), rel=1e-10)
+        assert float(step.loss_J.detach()) == pytest.approx(ref_loss.item(), rel=1e-10)
     for (name, p), q in zip(ours.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
 
@@ -92,3 +92,100 @@ def test_log_rows_and_metrics(compose_cfg, tmp_path):
     assert metrics["test_images"] == 6 * 4 and metrics["train_images"] == 6 * 5
     assert metrics["config"]["train"]["iterations"] == 5
     assert 0 <= metrics["top1"] <= 100
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _manual_dtnh(g_J, g_Omega):
+    J, O = _flat(g_J), _flat(g_Omega)
+    if J @ O < 0:
+        O = O - (J @ O) / (J @ J) * J
+    return J + O
+
+
+@pytest.mark.parametrize("regularizer", ["l2sp", "knowdist"])
+def test_dtnh_step_matches_a_manual_algorithm_1(regularizer):
+    """One DTNH step from the engine equals g_J and g_Omega taken apart by hand, projected
+    on flat vectors, and one plain SGD step (first momentum step: buffer = d)."""
+    from safetransfer.directions import DTNH
+    from safetransfer.regularizers import BindContext
+    from safetransfer.regularizers.knowdist import KnowDist
+    from safetransfer.regularizers.l2 import HeadL2
+    from safetransfer.regularizers.l2sp import L2SP
+
+    torch.manual_seed(1)
+    model = TransferNet("resnet18", 4).double()
+    images = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    feature_term = regularizer == "knowdist"
+    terms = {"main": KnowDist(alpha=50.0, layers=["layer3", "layer4"]) if feature_term else L2SP(alpha=3.0),
+             "head": HeadL2(beta=0.2)}
+    omega = Omega(terms)
+    omega.bind(model, BindContext())
+    reference = copy.deepcopy(model)
+    # step away from the source weights against g_J, so that g_Omega (pulling back) conflicts with g_J
+    backbone = list(model.backbone.parameters())
+    g_start = torch.autograd.grad(F.cross_entropy(model(images)[0], labels), backbone)
+    norm = float(_flat(g_start).norm())
+    with torch.no_grad():
+        for p, g in zip(backbone, g_start):
+            p.sub_(g * (2.0 / norm))
+        for p, q in zip(model.parameters(), reference.parameters()):
+            q.copy_(p)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref_params = list(reference.parameters())
+    source_params = [p.detach() for p in terms["main"].source.parameters()] if feature_term else terms["main"].anchor
+
+    # by hand, on the reference copy
+    logits, features = reference(images)
+    J = F.cross_entropy(logits, labels)
+    g_J = torch.autograd.grad(J, ref_params, retain_graph=True)
+    if feature_term:
+        omega_value = terms["main"].value(reference, features)
+        g_Omega = [g if g is not None else torch.zeros_like(p)
+                   for g, p in zip(torch.autograd.grad(omega_value, ref_params, allow_unused=True), ref_params)]
+    else:
+        backbone_ids = {id(p) for p in reference.backbone.parameters()}
+        anchors = iter(source_params)
+        g_Omega = [3.0 * (p.detach() - next(anchors)) if id(p) in backbone_ids else torch.zeros_like(p)
+                   for p in ref_params]
+    g_Omega = [g + (0.2 * p.detach() if n.startswith("head.") else 0)
+               for g, (n, p) in zip(g_Omega, reference.named_parameters())]
+    d = _manual_dtnh(g_J, g_Omega)
+    assert float(_flat(g_J) @ _flat(g_Omega)) < 0, "the case must exercise the projection"
+    expected = _flat([p.detach() for p in ref_params]) - 0.1 * d
+
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    step = training_step(model, images, labels, omega, DTNH(), optimizer, params, record=True, angles=True)
+    torch.testing.assert_close(_flat([p.detach() for p in params]), expected, rtol=1e-9, atol=1e-12)
+    assert float(step.angles["conflict"]) == 1.0
+    assert float(step.angles["angle_d_J"]) <= float(step.angles["angle_sum_J"])
+    assert float(step.angles["angle_d_Omega"]) <= 180.0 and float(step.angles["angle_d_J"]) <= 90.0
+
+
+def test_angles_are_the_angles_between_the_vectors():
+    from safetransfer.engine import angle_diagnostics
+
+    g_J = [torch.tensor([1.0, 0.0], dtype=torch.float64)]
+    g_Omega = [torch.tensor([-1.0, 1.0], dtype=torch.float64)]
+    d = [torch.tensor([1.0, 1.0], dtype=torch.float64)]  # DTNH's d for these
+    angles = {k: float(v) for k, v in angle_diagnostics(g_J, g_Omega, d).items()}
+    assert angles["angle_d_J"] == pytest.approx(45.0)
+    assert angles["angle_d_Omega"] == pytest.approx(90.0)
+    assert angles["angle_sum_J"] == pytest.approx(90.0)   # g_J + g_Omega = (0, 1)
+    assert angles["angle_sum_Omega"] == pytest.approx(45.0)
+    assert angles["conflict"] == 1.0
+
+
+def test_sum_direction_logs_equal_angles_1_and_3(compose_cfg, tmp_path):
+    cfg = compose_cfg(*TINY, "train.iterations=3", "runtime.log_every=1", "regularizer=l2sp_bss")
+    _run(cfg, 0, tmp_path)
+    rows = _log(tmp_path, 0)
+    assert len(rows) == 3
+    for row in rows:
+        assert float(row["angle_d_J"]) == pytest.approx(float(row["angle_sum_J"]), abs=1e-3)
+        assert float(row["loss_Omega"]) == pytest.approx(
+            float(row["Omega_head"]) + float(row["Omega_l2sp"]) + float(row["Omega_bss"]), rel=1e-5)
+        assert 0 <= float(row["bss_sigma_min"]) <= float(row["bss_sigma_max"])

@@ -183,7 +183,7 @@ def test_knowdist_matches_a_hand_computation():
     expected = 0.4 / 2 * sum(((t - s) ** 2).reshape(len(x), -1).mean(axis=1).mean() for t, s in [(t1, s1), (t2, s2)])
     _, features = target(images)
     value = term.value(target, features)
-    assert float(value) == pytest.approx(expected, rel=1e-12)
+    assert float(value.detach()) == pytest.approx(expected, rel=1e-12)
 
     weight = target.backbone.layer1.weight
     (grad,) = torch.autograd.grad(value, [weight])
@@ -222,7 +222,7 @@ def test_delta_matches_a_hand_computation(monkeypatch):
         expected += (per_channel * a.numpy()).sum(axis=1).mean()  # weighted over channels, mean over batch
     expected *= 0.6 / 2
     value = term.value(target, target(images)[1])
-    assert float(value) == pytest.approx(expected, rel=1e-12)
+    assert float(value.detach()) == pytest.approx(expected, rel=1e-12)
     weight = target.backbone.layer2.weight
     (grad,) = torch.autograd.grad(value, [weight])
     finite_difference_check(lambda: term.value(target, target(images)[1]), [(weight, grad)], stride=1)

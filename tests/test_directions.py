@@ -1,0 +1,90 @@
+"""Direction strategies: DTNH's projection checked against NumPy arithmetic, with
+hypothesis generating the gradients."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from safetransfer.directions import DTNH, Sum
+
+SHAPES = [(3,), (2, 2), (1,), (4, 1)]
+# zero or of a size whose square does not underflow (a gradient of norm ~1e-190 counts as zero)
+magnitudes = st.floats(min_value=1e-6, max_value=1e3, allow_nan=False, allow_infinity=False, width=64)
+finite = st.one_of(st.just(0.0), magnitudes, magnitudes.map(lambda x: -x))
+gradient_lists = st.tuples(*[arrays(np.float64, shape, elements=finite) for shape in SHAPES])
+
+
+def torch_list(arrays_):
+    return [torch.from_numpy(np.array(a)) for a in arrays_]
+
+
+def flat(arrays_):
+    return np.concatenate([np.asarray(a).ravel() for a in arrays_])
+
+
+@settings(max_examples=300, deadline=None)
+@given(gradient_lists, gradient_lists)
+def test_global_projection(g_J, g_Omega):
+    d = flat([t.numpy() for t in DTNH("global")(torch_list(g_J), torch_list(g_Omega))])
+    J, O = flat(g_J), flat(g_Omega)
+    scale = np.linalg.norm(J) * (np.linalg.norm(J) + np.linalg.norm(O)) + 1e-300
+    # d never points against g_J
+    assert d @ J >= -1e-9 * scale
+    if J @ O >= 0 or not J.any():
+        np.testing.assert_allclose(d, J + O, rtol=1e-12, atol=1e-12)  # acute: d is the plain sum
+    else:
+        removed = (J + O) - d
+        coefficient = (J @ O) / (J @ J)
+        magnitude = np.abs(J).max() + np.abs(O).max()  # rounding of J + O is relative to this
+        np.testing.assert_allclose(removed, coefficient * J, rtol=1e-9, atol=1e-12 * magnitude)
+        assert abs(d @ J - J @ J) <= 1e-9 * scale  # what remains of g_Omega is orthogonal to g_J
+
+
+@settings(max_examples=300, deadline=None)
+@given(gradient_lists, gradient_lists)
+def test_tensor_projection_is_per_tensor_arithmetic(g_J, g_Omega):
+    d = [t.numpy() for t in DTNH("tensor")(torch_list(g_J), torch_list(g_Omega))]
+    for d_t, J, O in zip(d, g_J, g_Omega):
+        J, O = np.asarray(J).ravel(), np.asarray(O).ravel()
+        expected = J + O
+        if J @ O < 0 and J @ J > 0:
+            expected = J + O - (J @ O) / (J @ J) * J
+        magnitude = np.abs(J).max() + np.abs(O).max()
+        np.testing.assert_allclose(d_t.ravel(), expected, rtol=1e-9, atol=1e-12 * magnitude)
+        assert d_t.ravel() @ J >= -1e-9 * (J @ J + np.abs(J).sum() * np.abs(O).sum() + 1e-300)
+
+
+def test_hand_worked_example():
+    g_J = [torch.tensor([1.0, 0.0])]
+    g_Omega = [torch.tensor([-1.0, 1.0])]  # 135 degrees from g_J
+    d = DTNH()(g_J, g_Omega)[0]
+    torch.testing.assert_close(d, torch.tensor([1.0, 1.0]))  # g_Omega loses its (-1, 0) part
+    acute = [torch.tensor([1.0, 2.0])]
+    torch.testing.assert_close(DTNH()(g_J, acute)[0], torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(Sum()(g_J, g_Omega)[0], torch.tensor([0.0, 1.0]))
+
+
+def test_global_and_tensor_modes_differ_when_only_one_tensor_conflicts():
+    g_J = [torch.tensor([1.0]), torch.tensor([1.0])]
+    g_Omega = [torch.tensor([-0.5]), torch.tensor([3.0])]  # globally acute, first tensor obtuse
+    assert [float(t) for t in DTNH("global")(g_J, g_Omega)] == [0.5, 4.0]
+    assert [float(t) for t in DTNH("tensor")(g_J, g_Omega)] == [1.0, 4.0]
+
+
+def test_zero_empirical_gradient_leaves_the_regularizer_alone():
+    g_J = [torch.zeros(3)]
+    g_Omega = [torch.tensor([1.0, -2.0, 3.0])]
+    for granularity in ("global", "tensor"):
+        d = DTNH(granularity)(g_J, g_Omega)[0]
+        assert torch.isfinite(d).all()
+        torch.testing.assert_close(d, g_Omega[0])
+
+
+def test_method_names():
+    assert Sum().method_name("L2-SP") == "L2-SP"
+    assert DTNH().method_name("L2-SP") == "DTNH (L2-SP)"
+    with pytest.raises(ValueError, match="granularity"):
+        DTNH("layer")
