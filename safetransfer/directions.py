@@ -21,7 +21,11 @@ def per_tensor_dots(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> tor
 
 
 class Direction:
-    """Turns (g_J, g_Omega) into d."""
+    """Turns (g_J, g_Omega) into d.
+
+    To spare a copy of the weights' size at every step, d may be written into g_J's
+    storage: a caller that needs g_J afterwards passes a copy.
+    """
 
     #: False when d depends on g_J and g_Omega only through their sum, which lets the
     #: training step get d from a single backward pass of J + Omega.
@@ -41,7 +45,8 @@ class Sum(Direction):
     needs_both_gradients = False
 
     def __call__(self, g_J: list[torch.Tensor], g_Omega: list[torch.Tensor]) -> list[torch.Tensor]:
-        return torch._foreach_add(g_J, g_Omega)
+        torch._foreach_add_(g_J, g_Omega)
+        return g_J
 
     def method_name(self, regularizer_name: str) -> str:
         return regularizer_name
@@ -72,11 +77,14 @@ class DTNH(Direction):
         coefficients = torch.where((dots < 0) & (squared_norms > 0),
                                    dots / squared_norms.clamp_min(torch.finfo(squared_norms.dtype).tiny),
                                    torch.zeros_like(dots))
+        # d = g_J + (g_Omega - c g_J) = (1 - c) g_J + g_Omega, built in g_J's storage
         if self.granularity == "global":
-            removed = torch._foreach_mul(g_J, coefficients)
+            torch._foreach_mul_(g_J, 1 - coefficients)
         else:
-            removed = [g * c for g, c in zip(g_J, coefficients.unbind())]
-        return torch._foreach_add(torch._foreach_sub(g_Omega, removed), g_J)
+            for g, c in zip(g_J, (1 - coefficients).unbind()):
+                g.mul_(c)
+        torch._foreach_add_(g_J, g_Omega)
+        return g_J
 
     def method_name(self, regularizer_name: str) -> str:
         return f"DTNH ({regularizer_name})"

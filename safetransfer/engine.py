@@ -68,10 +68,11 @@ def training_step(model: TransferNet, images: torch.Tensor, labels: torch.Tensor
     # estimate g_J and g_Omega at the same weights, on the same mini-batch, and choose d
     if direction.needs_both_gradients or angles:
         g_J = _grad(loss_J, params, retain_graph=omega_autograd is not None)
-        g_Omega = _grad(omega_autograd, params) if omega_autograd is not None else torch._foreach_mul(g_J, 0.0)
+        g_Omega = _grad(omega_autograd, params) if omega_autograd is not None else [torch.zeros_like(p) for p in params]
         omega.add_closed_form_gradient(params, g_Omega)
         with torch.no_grad():
-            d = direction(g_J, g_Omega)
+            # the direction may build d in g_J's storage: keep a copy when the angles need g_J
+            d = direction([g.clone() for g in g_J] if angles else g_J, g_Omega)
     else:
         # d = g_J + g_Omega: one backward pass of J + Omega gives the sum directly
         d = _grad(loss_J if omega_autograd is None else loss_J + omega_autograd, params)
