@@ -25,6 +25,7 @@ target, sampling and layers.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -117,6 +118,7 @@ def channel_attention(source: nn.Module, context: BindContext, num_classes: int,
     if context.train_data is None:
         raise ValueError("DELTA needs the target training data to compute its channel attention")
     device = context.device
+    start = time.perf_counter()
     loader = DataLoader(context.train_data, batch_size=context.batch_size, shuffle=False)
     features, labels = pooled_features(source, loader, device)
     head = fit_head(features, labels, num_classes, head_iterations)
@@ -130,6 +132,7 @@ def channel_attention(source: nn.Module, context: BindContext, num_classes: int,
             total = increase * len(batch_labels) if total is None else total + increase * len(batch_labels)
         attention[layer] = attention_from_increases(total / count, temperature).cpu()
         log.info("DELTA attention for %s: %d channels, largest weight %.4f", layer, len(total), float(attention[layer].max()))
+    log.info("DELTA attention: %d layers over %d images in %.1f s", len(layers), count, time.perf_counter() - start)
     return attention
 
 
