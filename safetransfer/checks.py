@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from safetransfer.errors import ConfigError
 
@@ -24,6 +24,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"seeds={list(seeds)} must hold integers only, e.g. seeds=[0,1,2,3,4]")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds={list(seeds)} repeats a seed; give each seed once")
+
+    if "path" in cfg.source.keys() and OmegaConf.is_missing(cfg.source, "path"):  # `in` skips missing values
+        raise ConfigError(f"source={cfg.source.name} needs a checkpoint: set source.path=/path/to/checkpoint.pth")
 
     rate = cfg.target.sampling_rate
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 100:

@@ -9,14 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
-from safetransfer import demo
+from safetransfer import checkpoints, demo
 from safetransfer.backbones import TransferNet
+from safetransfer.errors import ConfigError
 from safetransfer.results import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,68 @@ class Scratch(Source):
 
     def backbone_state(self, backbone: str) -> None:
         return None
+
+
+class FileSource(Source):
+    """Any local checkpoint: torchvision, CSAIL Places365 or safetransfer layout, recognised automatically."""
+
+    def __init__(self, path: str, name: str = "file", strict: bool = True):
+        super().__init__(name)
+        self.path, self.strict = Path(path).expanduser(), bool(strict)
+
+    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+        state, layout = checkpoints.backbone_state(checkpoints.read(self.path), origin=f"source.path={self.path}")
+        checkpoints.check_backbone_keys(state, backbone, strict=self.strict, origin=f"source.path={self.path}")
+        log.info("source: %s (%s layout, %d tensors)", self.path, layout, len(state))
+        return state
+
+
+class ImageNetSource(Source):
+    """torchvision's ImageNet weights (`weights`: IMAGENET1K_V1, or IMAGENET1K_V2 for ResNet-50).
+
+    The file lives where torchvision caches it ($TORCH_HOME/hub/checkpoints); a file
+    already there is used without network, after its sha256 is checked against the
+    prefix torchvision writes into the file name (`verify`).
+    """
+
+    def __init__(self, name: str = "imagenet", weights: str = "IMAGENET1K_V1", verify: bool = True):
+        super().__init__(name)
+        self.weights, self.verify = weights, bool(verify)
+
+    def resolve(self, backbone: str):
+        import torchvision
+
+        enum = torchvision.models.get_model_weights(backbone)
+        if self.weights not in enum.__members__:
+            raise ConfigError(f"source.weights={self.weights} does not exist for backbone={backbone}; "
+                              f"allowed: {', '.join(enum.__members__)}")
+        return enum[self.weights]
+
+    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+        url = self.resolve(backbone).url
+        path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+        prefix = re.search(r"-([0-9a-f]{8,})\.", path.name)
+        if not path.exists():
+            fetch(url, path, prefix.group(1) if prefix else None)
+        elif self.verify and prefix:
+            actual = checkpoints.sha256_of(path)
+            if not actual.startswith(prefix.group(1)):
+                raise ConfigError(f"{path}: sha256 {actual} does not start with {prefix.group(1)}, the prefix "
+                                  f"torchvision publishes for {url}; delete the file to download it again")
+        state, _ = checkpoints.backbone_state(checkpoints.read(path, key="source (imagenet)"), origin=str(path))
+        checkpoints.check_backbone_keys(state, backbone, strict=True, origin=str(path))
+        return state
+
+
+def fetch(url: str, path: Path, sha256_prefix: str | None) -> None:
+    """Download `url` to `path` (checked against the hash prefix); offline, say where to put the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=sha256_prefix, progress=True)
+    except Exception as error:  # no network, a proxy, a refused connection, a bad hash
+        path.unlink(missing_ok=True)
+        raise ConfigError(f"could not download {url} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                          f"download it by hand and place it at {path}") from None
 
 
 class DemoSource(Source):

@@ -38,7 +38,8 @@ def test_each_option_composes_and_resolves(compose_cfg, group, option):
     if group in ("source", "target"):
         assert cfg[group].name == option
     if group == "source":
-        assert isinstance(instantiate(cfg.source), Source)
+        extra = {"path": "/some/checkpoint.pth"} if "path" in cfg.source.keys() else {}
+        assert isinstance(instantiate(cfg.source, **extra), Source)
     if group == "target":
         target = instantiate(cfg.target, root="/nonexistent") if "root" in cfg.target else instantiate(cfg.target)
         assert isinstance(target, Target)

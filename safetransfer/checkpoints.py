@@ -1,0 +1,108 @@
+"""Reading source checkpoints safely and turning them into backbone state_dicts.
+
+Every file is read with `torch.load(..., weights_only=True)`: a checkpoint can never
+run code here. Recognised layouts:
+
+- torchvision: a flat state_dict of a ResNet (`conv1.weight`, ..., `fc.weight`);
+- CSAIL Places365: `{"epoch", "arch", "state_dict", "best_prec1"}` whose keys carry
+  DataParallel's `module.` prefix;
+- safetransfer's own source checkpoints: `{"safetransfer_source": metadata, "state_dict": backbone}`.
+
+The classification head of the checkpoint (`fc.*`) is dropped: the target gets a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from safetransfer.backbones import create_backbone
+from safetransfer.errors import ConfigError
+
+CONVERT_COMMAND = "safetransfer-convert-checkpoint"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read(path: Path, key: str = "source.path"):
+    """torch.load with weights_only=True, every failure turned into one line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}={path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"{key}={path} holds objects that only arbitrary unpickling can read, which safetransfer refuses "
+            f"(a checkpoint could run code); if you trust the file, convert it once: "
+            f"{CONVERT_COMMAND} {path} {path.with_suffix('.safe.pt')} ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{key}={path} is truncated or not a PyTorch checkpoint ({first}); "
+                          "download it again or point to another file") from None
+
+
+def backbone_state(checkpoint, *, origin: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
+    """The backbone's tensors from any recognised layout, and the layout's name."""
+    if isinstance(checkpoint, dict) and "safetransfer_source" in checkpoint:
+        state, layout = checkpoint["state_dict"], "safetransfer"
+    elif isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        state, layout = checkpoint["state_dict"], "csail"
+    elif isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        state, layout = checkpoint, "torchvision"
+    else:
+        raise ConfigError(f"{origin}: not a recognised checkpoint layout (a torchvision state_dict, a CSAIL "
+                          "Places365 checkpoint or a safetransfer source checkpoint)")
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}, layout
+
+
+def check_backbone_keys(state: dict[str, torch.Tensor], backbone: str, *, strict: bool, origin: str) -> None:
+    """Refuse a checkpoint whose keys or shapes do not fit `backbone` (beyond the replaced head)."""
+    expected = create_backbone(backbone).state_dict()
+    bottleneck = any(k.endswith("conv3.weight") for k in state)
+    if bottleneck != any(k.endswith("conv3.weight") for k in expected) or any(
+            k in expected and expected[k].shape != v.shape for k, v in state.items()):
+        kind = "a bottleneck ResNet (ResNet-50 or deeper)" if bottleneck else "a basic-block ResNet (ResNet-18/34)"
+        raise ConfigError(f"{origin} holds weights of {kind}, which do not fit backbone={backbone}; "
+                          "choose the matching backbone or another checkpoint")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if strict and (missing or unexpected):
+        raise ConfigError(f"{origin} does not match backbone={backbone}: missing keys {_few(missing)}, "
+                          f"unexpected keys {_few(unexpected)}; set source.strict=false to load what matches")
+
+
+def _few(keys: list[str], shown: int = 6) -> str:
+    if not keys:
+        return "none"
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return "[" + ", ".join(keys[:shown]) + "]" + more
+
+
+def convert_main(argv: list[str] | None = None) -> None:
+    """safetransfer-convert-checkpoint IN OUT: rewrite a trusted checkpoint that needs
+    legacy unpickling as a plain tensor state_dict that weights_only loading accepts."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=CONVERT_COMMAND, description=convert_main.__doc__)
+    parser.add_argument("source", type=Path, help="the checkpoint you trust (it is unpickled in full)")
+    parser.add_argument("target", type=Path, help="where to write the plain state_dict")
+    args = parser.parse_args(argv)
+    from safetransfer.results import atomic_torch_save
+
+    checkpoint = torch.load(args.source, map_location="cpu", weights_only=False)
+    state, layout = backbone_state(checkpoint, origin=str(args.source))
+    atomic_torch_save({k: v.clone() for k, v in state.items()}, args.target)
+    print(f"{args.source} ({layout} layout, {len(state)} tensors) -> {args.target}")

@@ -1,0 +1,161 @@
+"""Source checkpoints: each real layout converted key by key, and every failure's message.
+Nothing downloads: fake checkpoints are written in the official layouts."""
+
+import argparse
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from safetransfer import checkpoints, sources
+from safetransfer.backbones import create_backbone
+from safetransfer.errors import ConfigError
+from safetransfer.sources import FileSource, ImageNetSource
+
+
+def full_resnet_state(name, seed=0):
+    """What torchvision saves for a classification ResNet: backbone keys plus fc.*."""
+    torch.manual_seed(seed)
+    return torchvision.models.get_model(name, weights=None, num_classes=1000).state_dict()
+
+
+def assert_same_backbone(loaded, reference):
+    expected = {k: v for k, v in reference.items() if not k.startswith("fc.")}
+    assert set(loaded) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_torchvision_layout(tmp_path):
+    state = full_resnet_state("resnet18")
+    torch.save(state, tmp_path / "resnet18.pth")
+    loaded = FileSource(str(tmp_path / "resnet18.pth")).backbone_state("resnet18")
+    assert_same_backbone(loaded, state)
+    create_backbone("resnet18").load_state_dict(loaded)  # fits the backbone exactly
+
+
+def test_csail_places365_layout(tmp_path):
+    state = full_resnet_state("resnet18", seed=1)
+    state["fc.weight"] = torch.randn(365, 512)
+    state["fc.bias"] = torch.randn(365)
+    torch.save({"epoch": 90, "arch": "resnet18", "best_prec1": 54.74,
+                "state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "resnet18_places365.pth.tar")
+    loaded = FileSource(str(tmp_path / "resnet18_places365.pth.tar")).backbone_state("resnet18")
+    assert_same_backbone(loaded, state)
+
+
+def test_safetransfer_layout(tmp_path):
+    backbone = create_backbone("resnet18").state_dict()
+    torch.save({"safetransfer_source": {"backbone": "resnet18", "dataset": "demo"}, "state_dict": backbone},
+               tmp_path / "mine.pt")
+    assert_same_backbone(FileSource(str(tmp_path / "mine.pt")).backbone_state("resnet18"), backbone)
+
+
+def test_architecture_mismatch_is_named(tmp_path):
+    torch.save(full_resnet_state("resnet50"), tmp_path / "r50.pth")
+    with pytest.raises(ConfigError, match="bottleneck ResNet .* do not fit backbone=resnet18"):
+        FileSource(str(tmp_path / "r50.pth")).backbone_state("resnet18")
+
+
+def test_missing_and_unexpected_keys(tmp_path):
+    state = full_resnet_state("resnet18")
+    del state["layer4.1.bn2.running_var"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(ConfigError, match=r"missing keys \[layer4.1.bn2.running_var\], unexpected keys \[extra.weight\]"):
+        FileSource(str(tmp_path / "odd.pth")).backbone_state("resnet18")
+    loaded = FileSource(str(tmp_path / "odd.pth"), strict=False).backbone_state("resnet18")
+    assert "layer4.1.bn2.running_var" not in loaded
+
+
+def test_truncated_file(tmp_path):
+    torch.save(full_resnet_state("resnet18"), tmp_path / "whole.pth")
+    data = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match="is truncated or not a PyTorch checkpoint"):
+        FileSource(str(tmp_path / "cut.pth")).backbone_state("resnet18")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        FileSource(str(tmp_path / "nope.pth")).backbone_state("resnet18")
+
+
+def test_pickled_objects_are_refused_and_the_conversion_command_fixes_them(tmp_path, capsys):
+    state = full_resnet_state("resnet18")
+    # an argparse.Namespace, as many training scripts store their arguments: weights_only refuses it
+    torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": state}, tmp_path / "legacy.pth")
+    with pytest.raises(ConfigError, match="safetransfer-convert-checkpoint .*legacy.pth"):
+        FileSource(str(tmp_path / "legacy.pth")).backbone_state("resnet18")
+    checkpoints.convert_main([str(tmp_path / "legacy.pth"), str(tmp_path / "converted.pt")])
+    assert "csail layout" in capsys.readouterr().out
+    assert_same_backbone(FileSource(str(tmp_path / "converted.pt")).backbone_state("resnet18"), state)
+
+
+# ---------------------------------------------------------------- ImageNet (torchvision's weights API)
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.mark.parametrize("backbone,weights,file_name", [
+    ("resnet18", "IMAGENET1K_V1", "resnet18-f37072fd.pth"),
+    ("resnet50", "IMAGENET1K_V1", "resnet50-0676ba61.pth"),
+    ("resnet50", "IMAGENET1K_V2", "resnet50-11ad3fa6.pth"),
+])
+def test_imagenet_uses_the_file_in_torchvisions_cache(torch_home, monkeypatch, backbone, weights, file_name):
+    def no_network(*args, **kwargs):
+        raise AssertionError("a cached file must not be downloaded again")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    torch_home.mkdir(parents=True)
+    state = full_resnet_state(backbone)
+    torch.save(state, torch_home / file_name)
+    # the fake file cannot match torchvision's published hash: checked, it is refused ...
+    with pytest.raises(ConfigError, match=f"does not start with {file_name.split('-')[1][:8]}"):
+        ImageNetSource(weights=weights).backbone_state(backbone)
+    # ... and with the check off its tensors are loaded as they are
+    assert_same_backbone(ImageNetSource(weights=weights, verify=False).backbone_state(backbone), state)
+
+
+def test_imagenet_offline_names_url_and_path(torch_home, monkeypatch):
+    def offline(url, dst, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ConfigError) as error:
+        ImageNetSource().backbone_state("resnet18")
+    message = str(error.value)
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert str(torch_home / "resnet18-f37072fd.pth") in message
+
+
+def test_imagenet_v2_does_not_exist_for_resnet18():
+    with pytest.raises(ConfigError, match="IMAGENET1K_V2 does not exist for backbone=resnet18"):
+        ImageNetSource(weights="IMAGENET1K_V2").backbone_state("resnet18")
+
+
+def test_end_to_end_run_from_a_file_source(cli, tmp_path):
+    from conftest import TINY
+
+    torch.save(full_resnet_state("resnet18", seed=3), tmp_path / "source.pth")
+    result = cli(*TINY, "source=file", f"source.path={tmp_path / 'source.pth'}", "regularizer=l2sp",
+                 "results.dir=res")
+    assert result.returncode == 0, result.stderr[-3000:]
+    import pandas as pd
+
+    row = pd.read_csv(tmp_path / "res" / "demo.csv").iloc[0]
+    assert row["source"] == "file" and row["method"] == "L2-SP"
+
+
+def test_file_source_without_a_path_is_one_line(cli):
+    from conftest import TINY
+
+    result = cli(*TINY, "source=file")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("safetransfer-train: error: source=file needs a checkpoint: "
+                                     "set source.path=/path/to/checkpoint.pth")
