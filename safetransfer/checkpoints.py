@@ -34,6 +34,17 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the sorted keys, dtypes, shapes and bytes of a state_dict's tensors:
+    the same weights give the same digest whatever file format holds them."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def read(path: Path, key: str = "source.path"):
     """torch.load with weights_only=True, every failure turned into one line."""
     path = Path(path).expanduser()

@@ -25,8 +25,10 @@ def check_config(cfg: DictConfig) -> None:
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds={list(seeds)} repeats a seed; give each seed once")
 
-    if "path" in cfg.source.keys() and OmegaConf.is_missing(cfg.source, "path"):  # `in` skips missing values
-        raise ConfigError(f"source={cfg.source.name} needs a checkpoint: set source.path=/path/to/checkpoint.pth")
+    for key in cfg.source.keys():  # `key in cfg` would skip missing values
+        if OmegaConf.is_missing(cfg.source, key):
+            example = "/path/to/checkpoint.pth" if key == "path" else "<value>"
+            raise ConfigError(f"source={cfg.source.name} needs source.{key}: set source.{key}={example}")
 
     rate = cfg.target.sampling_rate
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 100:

@@ -24,6 +24,7 @@ from safetransfer.directions import Direction
 from safetransfer.engine import evaluate, fit, resolve_device
 from safetransfer.regularizers import BindContext, Omega
 from safetransfer.results import atomic_write_json, config_key, make_row, write_row
+from safetransfer.sources import save_source_checkpoint
 from safetransfer.targets import Target, Transformed, test_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,13 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     atomic_write_json(seed_dir / "metrics.json", metrics)
+    if cfg.pretrain.save_to and seed == cfg.seeds[0]:
+        save_to = Path(cfg.pretrain.save_to).expanduser()
+        metadata = save_source_checkpoint(model, save_to, {
+            "dataset": cfg.target.name, "sampling_rate": cfg.target.sampling_rate,
+            "source": OmegaConf.to_container(cfg.source, resolve=True), "iterations": cfg.train.iterations,
+            "seed": seed, "top1": top1, "test_loss": test_loss, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        log.info("source checkpoint written to %s (sha256 of the weights %s)", save_to, metadata["sha256"])
     log.info("seed %d: top-1 %.2f%%, test loss %.4f (%.0f s)", seed, top1, test_loss, metrics["wall_time_s"])
     return metrics
 

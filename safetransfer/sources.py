@@ -57,6 +57,44 @@ class FileSource(Source):
         return state
 
 
+class PretrainedSource(Source):
+    """A source checkpoint this project made with `experiment=pretrain_source` (the DTNH
+    paper's Stanford Dogs model: ImageNet weights fine-tuned on all of Stanford Dogs).
+    Its metadata must name the same backbone and dataset, and its weights must match the
+    digest recorded when it was written."""
+
+    def __init__(self, path: str, dataset: str, name: str = "pretrained"):
+        super().__init__(name)
+        self.path, self.dataset = Path(path).expanduser(), dataset
+
+    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+        command = (f"safetransfer-train experiment=pretrain_source target={self.dataset} backbone={backbone} "
+                   f"pretrain.save_to={self.path}")
+        if not self.path.is_file():
+            raise ConfigError(f"source={self.name}: no source checkpoint at {self.path}; create it with: {command}")
+        checkpoint = checkpoints.read(self.path)
+        meta = checkpoint.get("safetransfer_source") if isinstance(checkpoint, dict) else None
+        if not isinstance(meta, dict):
+            raise ConfigError(f"{self.path} is not a safetransfer source checkpoint; create one with: {command}")
+        if (meta.get("backbone"), meta.get("dataset")) != (backbone, self.dataset):
+            raise ConfigError(f"{self.path} holds a {meta.get('backbone')} trained on {meta.get('dataset')}, "
+                              f"not a {backbone} trained on {self.dataset}; create the right one with: {command}")
+        state, _ = checkpoints.backbone_state(checkpoint, origin=str(self.path))
+        if checkpoints.state_digest(state) != meta.get("sha256"):
+            raise ConfigError(f"{self.path}: the weights do not match the sha256 in their metadata "
+                              f"({meta.get('sha256')}); the file is damaged, create it again with: {command}")
+        checkpoints.check_backbone_keys(state, backbone, strict=True, origin=str(self.path))
+        return state
+
+
+def save_source_checkpoint(model: TransferNet, path: Path, metadata: dict) -> dict:
+    """Write the backbone as a safetransfer source checkpoint; returns the metadata written."""
+    state = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
+    metadata = {**metadata, "backbone": model.backbone_name, "sha256": checkpoints.state_digest(state)}
+    atomic_torch_save({"safetransfer_source": metadata, "state_dict": state}, Path(path).expanduser())
+    return metadata
+
+
 class ImageNetSource(Source):
     """torchvision's ImageNet weights (`weights`: IMAGENET1K_V1, or IMAGENET1K_V2 for ResNet-50).
 

@@ -157,5 +157,55 @@ def test_file_source_without_a_path_is_one_line(cli):
 
     result = cli(*TINY, "source=file")
     assert result.returncode == 2
-    assert result.stderr.strip() == ("safetransfer-train: error: source=file needs a checkpoint: "
+    assert result.stderr.strip() == ("safetransfer-train: error: source=file needs source.path: "
                                      "set source.path=/path/to/checkpoint.pth")
+
+
+# ---------------------------------------------------------------- source pretraining (the Stanford Dogs model)
+
+def test_pretraining_mode_makes_a_source_that_a_following_run_loads(cli, tmp_path):
+    from conftest import TINY
+
+    made = tmp_path / "sources" / "resnet18_demo.pt"
+    result = cli(*TINY, "experiment=pretrain_source", "source=scratch", f"pretrain.save_to={made}",
+                 "results.dir=res")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(made, weights_only=True)
+    meta = checkpoint["safetransfer_source"]
+    assert meta["backbone"] == "resnet18" and meta["dataset"] == "demo" and meta["iterations"] == 3
+    assert meta["source"]["name"] == "scratch" and 0 <= meta["top1"] <= 100
+    assert meta["sha256"] == checkpoints.state_digest(checkpoint["state_dict"])
+    assert set(checkpoint["state_dict"]) == set(create_backbone("resnet18").state_dict())
+
+    loaded = sources.PretrainedSource(str(made), dataset="demo").backbone_state("resnet18")
+    assert_same_backbone(loaded, checkpoint["state_dict"])
+    again = cli(*TINY, "source=pretrained", "source.dataset=demo", f"source.path={made}", "results.dir=res")
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_pretrained_source_failures(tmp_path):
+    missing = sources.PretrainedSource(str(tmp_path / "none.pt"), dataset="stanford_dogs", name="stanford_dogs")
+    with pytest.raises(ConfigError, match="safetransfer-train experiment=pretrain_source target=stanford_dogs "
+                                          "backbone=resnet18"):
+        missing.backbone_state("resnet18")
+
+    state = create_backbone("resnet18").state_dict()
+    meta = {"backbone": "resnet18", "dataset": "demo", "sha256": checkpoints.state_digest(state)}
+    torch.save({"safetransfer_source": meta, "state_dict": state}, tmp_path / "ok.pt")
+    with pytest.raises(ConfigError, match="not a resnet18 trained on stanford_dogs"):
+        sources.PretrainedSource(str(tmp_path / "ok.pt"), dataset="stanford_dogs").backbone_state("resnet18")
+    state["conv1.weight"] = state["conv1.weight"] + 1e-3  # damaged after writing
+    torch.save({"safetransfer_source": meta, "state_dict": state}, tmp_path / "bad.pt")
+    with pytest.raises(ConfigError, match="do not match the sha256"):
+        sources.PretrainedSource(str(tmp_path / "bad.pt"), dataset="demo").backbone_state("resnet18")
+
+
+def test_state_digest_depends_on_every_value():
+    state = {"a": torch.arange(4.0), "b": torch.ones(2, 2)}
+    base = checkpoints.state_digest(state)
+    assert checkpoints.state_digest({"b": torch.ones(2, 2), "a": torch.arange(4.0)}) == base
+    assert checkpoints.state_digest({"a": torch.arange(4.0), "b": torch.ones(4)}) != base       # shape
+    assert checkpoints.state_digest({"a": torch.arange(4.0).double(), "b": torch.ones(2, 2)}) != base  # dtype
+    changed = {"a": torch.arange(4.0), "b": torch.ones(2, 2)}
+    changed["b"][1, 1] = 1.0000001
+    assert checkpoints.state_digest(changed) != base
