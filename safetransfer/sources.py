@@ -132,6 +132,36 @@ class ImageNetSource(Source):
         return state
 
 
+class Places365Source(Source):
+    """The CSAIL Places365 ResNets (`<backbone>_places365.pth.tar` of the places365 model
+    release), cached beside torchvision's files ($TORCH_HOME/hub/checkpoints). The file's
+    sha256 is checked against `sha256[<backbone>]` after download and before every use;
+    the checkpoint's `module.` prefix, dict layout and 365-way head are converted away."""
+
+    URL = "http://places2.csail.mit.edu/models_places365/{backbone}_places365.pth.tar"
+
+    def __init__(self, name: str = "places365", sha256: dict | None = None):
+        super().__init__(name)
+        self.sha256 = dict(sha256 or {})
+
+    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+        url = self.URL.format(backbone=backbone)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+        pinned = self.sha256.get(backbone)
+        if not path.exists():
+            fetch(url, path, None)
+        actual = checkpoints.sha256_of(path)
+        if pinned and actual != pinned:
+            raise ConfigError(f"{path}: sha256 {actual} is not the pinned {pinned} "
+                              f"(source.sha256.{backbone}); delete the file to download it again")
+        if not pinned:
+            log.warning("%s has no pinned sha256 to check against; its sha256 is %s: pin it with "
+                        "source.sha256.%s=%s", path, actual, backbone, actual)
+        state, _ = checkpoints.backbone_state(checkpoints.read(path, key="source (places365)"), origin=str(path))
+        checkpoints.check_backbone_keys(state, backbone, strict=True, origin=str(path))
+        return state
+
+
 def fetch(url: str, path: Path, sha256_prefix: str | None) -> None:
     """Download `url` to `path` (checked against the hash prefix); offline, say where to put the file."""
     path.parent.mkdir(parents=True, exist_ok=True)

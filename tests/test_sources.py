@@ -209,3 +209,63 @@ def test_state_digest_depends_on_every_value():
     changed = {"a": torch.arange(4.0), "b": torch.ones(2, 2)}
     changed["b"][1, 1] = 1.0000001
     assert checkpoints.state_digest(changed) != base
+
+
+# ---------------------------------------------------------------- Places365 (CSAIL checkpoints)
+
+def write_csail(path, backbone="resnet18", seed=2):
+    state = full_resnet_state(backbone, seed=seed)
+    state["fc.weight"] = torch.randn(365, state["fc.weight"].shape[1])
+    state["fc.bias"] = torch.randn(365)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 90, "arch": backbone, "best_prec1": 54.74,
+                "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    return state
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_places365_checks_the_pinned_sha256(torch_home, monkeypatch, backbone):
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("must not download"))
+    path = torch_home / f"{backbone}_places365.pth.tar"
+    state = write_csail(path, backbone)
+    digest = checkpoints.sha256_of(path)
+    assert_same_backbone(sources.Places365Source(sha256={backbone: digest}).backbone_state(backbone), state)
+    with pytest.raises(ConfigError, match=f"is not the pinned {'0' * 64}"):
+        sources.Places365Source(sha256={backbone: "0" * 64}).backbone_state(backbone)
+
+
+def test_places365_unpinned_logs_the_digest(torch_home, caplog):
+    path = torch_home / "resnet18_places365.pth.tar"
+    write_csail(path)
+    with caplog.at_level("WARNING"):
+        sources.Places365Source().backbone_state("resnet18")
+    assert f"source.sha256.resnet18={checkpoints.sha256_of(path)}" in caplog.text
+
+
+def test_places365_offline_names_url_and_path(torch_home, monkeypatch):
+    def offline(url, dst, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ConfigError) as error:
+        sources.Places365Source().backbone_state("resnet50")
+    assert "http://places2.csail.mit.edu/models_places365/resnet50_places365.pth.tar" in str(error.value)
+    assert str(torch_home / "resnet50_places365.pth.tar") in str(error.value)
+    assert not (torch_home / "resnet50_places365.pth.tar").exists()
+
+
+def test_feature_terms_compare_against_the_same_checkpoint(compose_cfg, tmp_path):
+    from safetransfer.experiment import create_model, create_omega
+    from safetransfer.regularizers import BindContext
+
+    state = full_resnet_state("resnet18", seed=5)
+    torch.save(state, tmp_path / "src.pth")
+    cfg = compose_cfg("source=file", f"source.path={tmp_path / 'src.pth'}", "regularizer=knowdist")
+    from hydra.utils import instantiate
+
+    loaded = instantiate(cfg.source).backbone_state("resnet18")
+    model = create_model(cfg, 3, loaded)
+    omega = create_omega(cfg)
+    omega.bind(model, BindContext())
+    frozen = omega.terms["knowdist"].source.state_dict()
+    assert_same_backbone(frozen, state)
