@@ -51,7 +51,8 @@ def test_single_run_from_the_command_line(cli, tmp_path):
     (["regularizer=l3"], "regularizer=l3 is not a known choice; allowed: bss, delta, delta_bss, head, knowdist, "
                          "knowdist_bss, l2, l2_bss, l2sp, l2sp_bss"),
     (["backbone=resnet34"], "backbone=resnet34 is not a known choice; allowed: resnet18, resnet50"),
-    (["-m", "source=demo,imagenett"], "source=imagenett is not a known choice; allowed: demo, scratch"),
+    (["-m", "source=demo,imagenett"], "source=imagenett is not a known choice; allowed: demo, file, imagenet, places365, "
+                                                "pretrained, scratch, stanford_dogs"),
     (["regularizer=l2sp", "regularizer.terms.l2sp.alpha=-1"], "regularizer.terms.l2sp.alpha=-1 must be >= 0"),
     (["regularizer=l2_bss", "regularizer.terms.bss.k=8"], "regularizer.terms.bss.k=8 must be an integer in [1, 7]"),
     (["direction=dtnh", "direction.granularity=layer"], "direction.granularity=layer is not one of global, tensor"),
