@@ -95,6 +95,14 @@ def check_backbone_keys(state: dict[str, torch.Tensor], backbone: str, *, strict
                           f"unexpected keys {_few(unexpected)}; set source.strict=false to load what matches")
 
 
+def load_backbone(path: Path, backbone: str, *, strict: bool = True, key: str = "source.path") -> tuple[dict, str]:
+    """Read `path` safely, convert its layout and check it against `backbone`: (state, layout)."""
+    origin = f"{key}={path}"
+    state, layout = backbone_state(read(path, key=key), origin=origin)
+    check_backbone_keys(state, backbone, strict=strict, origin=origin)
+    return state, layout
+
+
 def _few(keys: list[str], shown: int = 6) -> str:
     if not keys:
         return "none"

@@ -51,8 +51,7 @@ class FileSource(Source):
         self.path, self.strict = Path(path).expanduser(), bool(strict)
 
     def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
-        state, layout = checkpoints.backbone_state(checkpoints.read(self.path), origin=f"source.path={self.path}")
-        checkpoints.check_backbone_keys(state, backbone, strict=self.strict, origin=f"source.path={self.path}")
+        state, layout = checkpoints.load_backbone(self.path, backbone, strict=self.strict)
         log.info("source: %s (%s layout, %d tensors)", self.path, layout, len(state))
         return state
 
@@ -118,18 +117,14 @@ class ImageNetSource(Source):
 
     def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
         url = self.resolve(backbone).url
-        path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
-        prefix = re.search(r"-([0-9a-f]{8,})\.", path.name)
-        if not path.exists():
-            fetch(url, path, prefix.group(1) if prefix else None)
-        elif self.verify and prefix:
+        prefix = re.search(r"-([0-9a-f]{8,})\.", url.rsplit("/", 1)[-1])
+        path, downloaded = published_file(url, prefix.group(1) if prefix else None)
+        if self.verify and prefix and not downloaded:  # a download was checked on the way in
             actual = checkpoints.sha256_of(path)
             if not actual.startswith(prefix.group(1)):
                 raise ConfigError(f"{path}: sha256 {actual} does not start with {prefix.group(1)}, the prefix "
                                   f"torchvision publishes for {url}; delete the file to download it again")
-        state, _ = checkpoints.backbone_state(checkpoints.read(path, key="source (imagenet)"), origin=str(path))
-        checkpoints.check_backbone_keys(state, backbone, strict=True, origin=str(path))
-        return state
+        return checkpoints.load_backbone(path, backbone, key="file")[0]
 
 
 class Places365Source(Source):
@@ -146,10 +141,8 @@ class Places365Source(Source):
 
     def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
         url = self.URL.format(backbone=backbone)
-        path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+        path, _ = published_file(url, None)
         pinned = self.sha256.get(backbone)
-        if not path.exists():
-            fetch(url, path, None)
         actual = checkpoints.sha256_of(path)
         if pinned and actual != pinned:
             raise ConfigError(f"{path}: sha256 {actual} is not the pinned {pinned} "
@@ -157,20 +150,25 @@ class Places365Source(Source):
         if not pinned:
             log.warning("%s has no pinned sha256 to check against; its sha256 is %s: pin it with "
                         "source.sha256.%s=%s", path, actual, backbone, actual)
-        state, _ = checkpoints.backbone_state(checkpoints.read(path, key="source (places365)"), origin=str(path))
-        checkpoints.check_backbone_keys(state, backbone, strict=True, origin=str(path))
-        return state
+        return checkpoints.load_backbone(path, backbone, key="file")[0]
 
 
-def fetch(url: str, path: Path, sha256_prefix: str | None) -> None:
-    """Download `url` to `path` (checked against the hash prefix); offline, say where to put the file."""
+def published_file(url: str, sha256_prefix: str | None) -> tuple[Path, bool]:
+    """The local copy of a published checkpoint in torch's hub cache ($TORCH_HOME/hub/checkpoints),
+    downloaded (and checked against `sha256_prefix`) when missing; and whether it was just downloaded.
+    Offline, the error says where to put the file."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if path.exists():
+        return path, False
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, str(path), hash_prefix=sha256_prefix, progress=True)
     except Exception as error:  # no network, a proxy, a refused connection, a bad hash
         path.unlink(missing_ok=True)
-        raise ConfigError(f"could not download {url} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise ConfigError(f"could not download {url} ({type(error).__name__}: {reason}); "
                           f"download it by hand and place it at {path}") from None
+    return path, True
 
 
 class DemoSource(Source):
