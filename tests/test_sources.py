@@ -269,3 +269,21 @@ def test_feature_terms_compare_against_the_same_checkpoint(compose_cfg, tmp_path
     omega.bind(model, BindContext())
     frozen = omega.terms["knowdist"].source.state_dict()
     assert_same_backbone(frozen, state)
+
+
+def test_stanford_dogs_source_from_the_pretraining_mode(cli, tmp_path):
+    """The DTNH Table IV source, made on a Stanford Dogs fixture and loaded by source=stanford_dogs."""
+    import fixtures
+    from conftest import TINY
+
+    fixtures.make_stanford_dogs(tmp_path / "data", classes=3, train_per_class=4, test_per_class=2)
+    dogs = [f"target.root={tmp_path / 'data'}", "target.expected_classes=3", "target.expected_split=[12,6]"]
+    shrink = [o for o in TINY if not o.startswith("target.")]
+    made = cli(*shrink, "experiment=pretrain_source", "source=scratch", "target=stanford_dogs", *dogs,
+               f"paths.cache_dir={tmp_path / 'cache'}", "results.dir=res")
+    assert made.returncode == 0, made.stderr[-3000:]
+    checkpoint = tmp_path / "cache" / "sources" / "resnet18_stanford_dogs.pt"
+    assert torch.load(checkpoint, weights_only=True)["safetransfer_source"]["dataset"] == "stanford_dogs"
+    used = cli(*TINY, "source=stanford_dogs", f"paths.cache_dir={tmp_path / 'cache'}", "results.dir=res")
+    assert used.returncode == 0, used.stderr[-3000:]
+    assert "stanford_dogs" in (tmp_path / "res" / "demo.md").read_text()

@@ -53,3 +53,61 @@ def test_cub200_end_to_end(cli, tmp_path):
 
     row = pd.read_csv(tmp_path / "res" / "cub200.csv").iloc[0]
     assert row["target"] == "cub200" and row["sampling_rate"] == 50
+
+
+LISTED = {
+    "mit_indoor67": ("safetransfer.targets.mit_indoor67", "MITIndoor67", fixtures.make_mit_indoor67, 67,
+                     (5360, 1340), "indoorCVPR_09.tar"),
+    "stanford_dogs": ("safetransfer.targets.stanford_dogs", "StanfordDogs", fixtures.make_stanford_dogs, 120,
+                      (12000, 8580), "ImageNetDogs/lists.tar"),
+}
+
+
+def listed_target(name, root, **options):
+    import importlib
+
+    module, cls, *_ = LISTED[name]
+    return getattr(importlib.import_module(module), cls)(str(root), **options)
+
+
+@pytest.mark.parametrize("name", sorted(LISTED))
+def test_listed_targets_official_split(tmp_path, name):
+    make = LISTED[name][2]
+    sizes = make(tmp_path, classes=3, train_per_class=4, test_per_class=2)
+    target = listed_target(name, tmp_path, expected_classes=3, expected_split=(sizes["train"], sizes["test"]))
+    target.check()
+    assert list(target.classes) == sizes["classes"]
+    assert (len(target.train_set()), len(target.test_set())) == (12, 6)
+    assert np.bincount(target.train_labels()).tolist() == [4, 4, 4]
+    assert np.bincount(target.test_set().labels).tolist() == [2, 2, 2]
+    for split in (target.train_set(), target.test_set()):  # every listed image exists and sits in its class folder
+        for path, label in zip(split.paths, split.labels):
+            assert path.is_file() and path.parent.name == sizes["classes"][label]
+    assert set(target.train_set().paths).isdisjoint(target.test_set().paths)
+    image, _ = target.train_set()[0]
+    assert image.size == (44, 40)
+
+
+@pytest.mark.parametrize("name", sorted(LISTED))
+def test_listed_targets_check_counts_and_say_what_is_missing(tmp_path, name):
+    _, _, make, classes, split, url_part = LISTED[name]
+    with pytest.raises(ConfigError) as error:
+        listed_target(name, tmp_path / "empty").check()
+    assert url_part in str(error.value) and "target.download=true" in str(error.value)
+    make(tmp_path, classes=3)
+    with pytest.raises(ConfigError, match=f"lists 3 classes, but {name} has {classes}"):
+        listed_target(name, tmp_path).check()
+    with pytest.raises(ConfigError, match=f"the official split has {split[0]} and {split[1]}"):
+        listed_target(name, tmp_path, expected_classes=3).check()
+
+
+@pytest.mark.parametrize("rate", [15, 30, 50, 100])
+def test_sampling_rates_on_a_listed_target(tmp_path, rate):
+    from safetransfer.targets import per_class_count
+
+    fixtures.make_mit_indoor67(tmp_path, classes=3, train_per_class=7, test_per_class=1)
+    target = listed_target("mit_indoor67", tmp_path, expected_classes=3, expected_split=(21, 3),
+                           sampling_rate=rate, sampling_seed=4)
+    chosen = target.sampled_train_indices()
+    counts = np.bincount(target.train_labels()[chosen], minlength=3)
+    assert counts.tolist() == [per_class_count(7, rate)] * 3

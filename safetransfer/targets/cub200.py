@@ -2,69 +2,46 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 
-import numpy as np
-
-from safetransfer.errors import ConfigError
-from safetransfer.targets import Target
-from safetransfer.targets.files import ImageList, check_class_count, fetch_archive, split_sizes
+from safetransfer.targets.files import ListedTarget
 
 URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
 MD5 = "97eceeb196236b17998738112f37df78"
-FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
 
 
-class CUB200(Target):
-    def __init__(self, root: str, name: str = "cub200", download: bool = False, expected_classes: int | None = 200,
-                 expected_split: tuple[int, int] | None = (5994, 5794), **sampling):
-        super().__init__(name, **sampling)
-        self.root = Path(root).expanduser()
-        self.download, self.expected_classes = download, expected_classes
-        self.expected_split = tuple(expected_split) if expected_split else None
+def numbered(path: Path) -> dict[int, str]:
+    """CUB's '<id> <value>' list files."""
+    rows = (line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip())
+    return {int(index): value.strip() for index, value in rows}
 
-    @property
-    def base(self) -> Path:
-        return self.root / "CUB_200_2011"
+
+class CUB200(ListedTarget):
+    title = "CUB-200-2011"
+    folder = "CUB_200_2011"
+    required = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
+    layout = "images/<class>/<image>.jpg"
+    archives = ((URL, MD5),)
+
+    def __init__(self, root: str, name: str = "cub200", expected_classes: int | None = 200,
+                 expected_split=(5994, 5794), **options):
+        super().__init__(root, name, expected_classes=expected_classes, expected_split=expected_split, **options)
 
     def check(self) -> None:
-        if not all((self.base / f).is_file() for f in FILES):
-            if not self.download:
-                raise ConfigError(
-                    f"target.root={self.root}: CUB-200-2011 not found; expected {self.base}/{{{','.join(FILES)}}} and "
-                    f"{self.base}/images/<class>/<image>.jpg: download {URL} (md5 {MD5}) and extract it into "
-                    f"{self.root}, or set target.download=true")
-            fetch_archive(URL, self.root, MD5)
-        check_class_count(self.name, len(self.classes), self.expected_classes, str(self.base / "classes.txt"))
-        split_sizes(self.name, len(self._splits["train"]), len(self._splits["test"]), self.expected_split)
+        # the archive extracts to CUB_200_2011/ itself: download into the root
+        if self.download and not (self.base / "images.txt").exists():
+            from safetransfer.targets.files import fetch_archive
 
-    @staticmethod
-    def _table(path: Path) -> dict[int, str]:
-        rows = (line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip())
-        return {int(index): value.strip() for index, value in rows}
+            fetch_archive(URL, self.root, MD5)
+        super().check()
 
     @property
     def classes(self) -> list[str]:
-        return [name for _, name in sorted(self._table(self.base / "classes.txt").items())]
+        return [name for _, name in sorted(numbered(self.base / "classes.txt").items())]
 
-    @cached_property
-    def _splits(self) -> dict[str, ImageList]:
-        images = self._table(self.base / "images.txt")
-        labels = self._table(self.base / "image_class_labels.txt")
-        is_train = self._table(self.base / "train_test_split.txt")
-        splits = {}
-        for split, flag in (("train", "1"), ("test", "0")):
-            ids = sorted(i for i in images if is_train[i] == flag)
-            splits[split] = ImageList([self.base / "images" / images[i] for i in ids],
-                                      [int(labels[i]) - 1 for i in ids])
-        return splits
-
-    def train_set(self) -> ImageList:
-        return self._splits["train"]
-
-    def test_set(self) -> ImageList:
-        return self._splits["test"]
-
-    def train_labels(self) -> np.ndarray:
-        return self._splits["train"].labels
+    def read_split(self, split: str) -> tuple[list[Path], list[int]]:
+        images = numbered(self.base / "images.txt")
+        labels = numbered(self.base / "image_class_labels.txt")
+        is_train = numbered(self.base / "train_test_split.txt")
+        ids = sorted(i for i in images if is_train[i] == ("1" if split == "train" else "0"))
+        return [self.base / "images" / images[i] for i in ids], [int(labels[i]) - 1 for i in ids]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from safetransfer.errors import ConfigError
+from safetransfer.targets import Target
 
 
 class ImageList(Dataset):
@@ -50,3 +52,58 @@ def split_sizes(name: str, train: int, test: int, expected: Sequence[int] | None
         raise ConfigError(f"target={name}: the split files give {train} training and {test} test images, "
                           f"the official split has {expected[0]} and {expected[1]}; the data under target.root "
                           "is incomplete")
+
+
+class ListedTarget(Target):
+    """A dataset whose official split is given by list files beside its images.
+
+    Subclasses set the dataset's `title`, `folder` (under target.root), the `required`
+    files, the `archives` (url, md5 or None where no checksum is published), the
+    expected class count and split sizes, and implement `read_split`.
+    """
+
+    title = ""
+    folder = ""
+    required: tuple[str, ...] = ()
+    archives: tuple[tuple[str, str | None], ...] = ()
+    layout = ""
+
+    def __init__(self, root: str, name: str, download: bool = False, expected_classes: int | None = None,
+                 expected_split: Sequence[int] | None = None, **sampling):
+        super().__init__(name, **sampling)
+        self.root = Path(root).expanduser()
+        self.download, self.expected_classes = download, expected_classes
+        self.expected_split = tuple(expected_split) if expected_split else None
+
+    @property
+    def base(self) -> Path:
+        return self.root / self.folder
+
+    def check(self) -> None:
+        if not all((self.base / f).exists() for f in self.required):
+            if not self.download:
+                sources = "; ".join(f"{url} (md5 {md5})" if md5 else url for url, md5 in self.archives)
+                raise ConfigError(
+                    f"target.root={self.root}: {self.title} not found; expected {self.base}/{{{','.join(self.required)}}} "
+                    f"and {self.base}/{self.layout}: download {sources} and extract into {self.base}, "
+                    "or set target.download=true")
+            for url, md5 in self.archives:
+                fetch_archive(url, self.base, md5)
+        check_class_count(self.name, len(self.classes), self.expected_classes, str(self.base))
+        split_sizes(self.name, len(self._splits["train"]), len(self._splits["test"]), self.expected_split)
+
+    def read_split(self, split: str) -> tuple[list[Path], list[int]]:
+        raise NotImplementedError
+
+    @cached_property
+    def _splits(self) -> dict[str, ImageList]:
+        return {split: ImageList(*self.read_split(split)) for split in ("train", "test")}
+
+    def train_set(self) -> ImageList:
+        return self._splits["train"]
+
+    def test_set(self) -> ImageList:
+        return self._splits["test"]
+
+    def train_labels(self) -> np.ndarray:
+        return self._splits["train"].labels

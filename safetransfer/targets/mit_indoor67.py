@@ -1,0 +1,38 @@
+"""MIT Indoor-67: 67 indoor scene classes, the official TrainImages.txt / TestImages.txt
+(80 / 20 images per class: 5,360 / 1,340)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetransfer.targets.files import ListedTarget
+
+IMAGES_URL = "http://groups.csail.mit.edu/vision/LabelMe/NewImages/indoorCVPR_09.tar"
+TRAIN_LIST_URL = "http://web.mit.edu/torralba/www/TrainImages.txt"
+TEST_LIST_URL = "http://web.mit.edu/torralba/www/TestImages.txt"
+
+
+class MITIndoor67(ListedTarget):
+    title = "MIT Indoor-67"
+    folder = "mit_indoor67"
+    required = ("Images", "TrainImages.txt", "TestImages.txt")
+    layout = "Images/<class>/<image>.jpg"
+    # the release publishes no checksums, so none is pinned
+    archives = ((IMAGES_URL, None), (TRAIN_LIST_URL, None), (TEST_LIST_URL, None))
+
+    def __init__(self, root: str, name: str = "mit_indoor67", expected_classes: int | None = 67,
+                 expected_split=(5360, 1340), **options):
+        super().__init__(root, name, expected_classes=expected_classes, expected_split=expected_split, **options)
+
+    def _listed(self, split: str) -> list[str]:
+        path = self.base / ("TrainImages.txt" if split == "train" else "TestImages.txt")
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted({entry.split("/")[0] for split in ("train", "test") for entry in self._listed(split)})
+
+    def read_split(self, split: str) -> tuple[list[Path], list[int]]:
+        index = {name: i for i, name in enumerate(self.classes)}
+        entries = self._listed(split)
+        return [self.base / "Images" / e for e in entries], [index[e.split("/")[0]] for e in entries]
