@@ -34,6 +34,11 @@ def check_config(cfg: DictConfig) -> None:
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 100:
         raise ConfigError(f"target.sampling_rate={rate} is outside (0, 100]; give a percentage such as 15, 30, 50 or 100")
 
+    fraction = cfg.target.get("val_fraction", 0.0)
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
+        raise ConfigError(f"target.val_fraction={fraction} is outside [0, 1); e.g. target.val_fraction=0.2 holds out "
+                          "20 % of each class's sampled training images")
+
     _positive_int(cfg.train.batch_size, "train.batch_size", "e.g. train.batch_size=48")
     _positive_int(cfg.train.iterations, "train.iterations", "e.g. train.iterations=8000")
     _positive_int(cfg.data.crop, "data.crop", "e.g. data.crop=224")

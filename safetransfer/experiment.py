@@ -82,10 +82,14 @@ class Data:
     num_classes: int
     train_indices: np.ndarray
     train_plain: Dataset  # the training images with the test-time transform (for DELTA's attention)
+    val: Dataset | None = None
+    val_indices: np.ndarray | None = None
 
 
-def prepare_data(cfg: DictConfig, target: Target) -> Data:
-    indices = target.sampled_train_indices()
+def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Data:
+    """The sampled training set (minus the validation hold-out), validation and test sets;
+    `seed` redraws the sample (target.resample_per_seed)."""
+    indices, val_indices = target.split_train_val(seed)
     check_training_set(len(indices), cfg.train.batch_size)
     geometry = (cfg.data.resize, cfg.data.crop, cfg.data.mean, cfg.data.std)
     train_set, test_set = target.train_set(), target.test_set()
@@ -95,7 +99,15 @@ def prepare_data(cfg: DictConfig, target: Target) -> Data:
         num_classes=len(target.classes),
         train_indices=indices,
         train_plain=Transformed(train_set, indices, test_transform(*geometry)),
+        val=Transformed(train_set, val_indices, test_transform(*geometry)) if len(val_indices) else None,
+        val_indices=val_indices,
     )
+
+
+def save_indices(path: Path, cfg: DictConfig, data: Data) -> None:
+    atomic_write_json(path, {"sampling_rate": cfg.target.sampling_rate, "sampling_seed": cfg.target.sampling_seed,
+                             "val_fraction": cfg.target.val_fraction, "indices": data.train_indices.tolist(),
+                             "val_indices": data.val_indices.tolist()})
 
 
 def bind_context(cfg: DictConfig, data: Data, device: torch.device) -> BindContext:
@@ -123,11 +135,16 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
         desc=f"seed {seed}")
     top1, test_loss = evaluate(model, create_loader(data.test, cfg, train=False, seed=seed, device=device),
                                device, cfg.train.precision)
+    validation = {}
+    if data.val is not None:
+        val_top1, val_loss = evaluate(model, create_loader(data.val, cfg, train=False, seed=seed, device=device),
+                                      device, cfg.train.precision)
+        validation = {"val_top1": val_top1, "val_loss": val_loss, "val_images": len(data.val)}
     metrics = {
         "seed": seed, "top1": top1, "test_loss": test_loss, "iterations": cfg.train.iterations,
         "wall_time_s": time.perf_counter() - start, "device": str(device),
         "precision": cfg.train.precision if device.type == "cuda" else "fp32",
-        "train_images": len(data.train), "test_images": len(data.test),
+        "train_images": len(data.train), "test_images": len(data.test), **validation,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     atomic_write_json(seed_dir / "metrics.json", metrics)
@@ -150,14 +167,17 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "") -> dict:
     method = method_name(cfg)
     data = prepare_data(cfg, target)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "sampled_train_indices.json",
-                      {"sampling_rate": cfg.target.sampling_rate, "sampling_seed": cfg.target.sampling_seed,
-                       "indices": data.train_indices.tolist()})
+    save_indices(run_dir / "sampled_train_indices.json", cfg, data)
     source_state = instantiate(cfg.source).backbone_state(cfg.backbone.name)
     log.info("%s | %s -> %s at %g%% (%d training images) | %d seeds", method, cfg.source.name, cfg.target.name,
              cfg.target.sampling_rate, len(data.train), len(cfg.seeds))
 
-    accuracies = [run_seed(cfg, seed, data, source_state, run_dir)["top1"] for seed in cfg.seeds]
+    accuracies = []
+    for seed in cfg.seeds:
+        if cfg.target.resample_per_seed:
+            data = prepare_data(cfg, target, seed)
+            save_indices(run_dir / f"seed_{seed}" / "sampled_train_indices.json", cfg, data)
+        accuracies.append(run_seed(cfg, seed, data, source_state, run_dir)["top1"])
     row = make_row(backbone=cfg.backbone.name, source=cfg.source.name, target=cfg.target.name,
                    sampling_rate=cfg.target.sampling_rate, method=method, seeds=list(cfg.seeds),
                    accuracies=accuracies, overrides=overrides, key=config_key(cfg), run_dir=str(run_dir))

@@ -106,3 +106,13 @@ def test_dtnh_run_never_steps_further_from_g_J_than_the_sum(cli, tmp_path):
     conflicting = rows[rows["conflict"] == 1]
     assert (conflicting["angle_d_J"] < conflicting["angle_sum_J"] + 1e-6).all()
     assert pd.read_csv(tmp_path / "res" / "demo.csv").loc[0, "method"] == "DTNH (L2-SP+BSS)"
+
+
+def test_resample_per_seed_saves_each_seeds_draw(cli, tmp_path):
+    result = cli(*[o for o in TINY if not o.startswith("seeds")], "seeds=[0,1]", "target.sampling_rate=50",
+                 "target.resample_per_seed=true", "target.val_fraction=0.2", "results.dir=res")
+    assert result.returncode == 0, result.stderr[-3000:]
+    draws = [json.loads(p.read_text()) for p in sorted(tmp_path.rglob("seed_*/sampled_train_indices.json"))]
+    assert len(draws) == 2 and draws[0]["indices"] != draws[1]["indices"]
+    for draw in draws:
+        assert set(draw["indices"]).isdisjoint(draw["val_indices"]) and len(draw["val_indices"]) == 6

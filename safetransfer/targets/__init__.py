@@ -23,10 +23,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Target:
     """A target dataset with its official split and a sampling rate in percent."""
 
-    def __init__(self, name: str, sampling_rate: float = 100, sampling_seed: int = 0):
+    def __init__(self, name: str, sampling_rate: float = 100, sampling_seed: int = 0, val_fraction: float = 0.0,
+                 resample_per_seed: bool = False):
         self.name = name
         self.sampling_rate = sampling_rate
         self.sampling_seed = sampling_seed
+        self.val_fraction = val_fraction
+        self.resample_per_seed = resample_per_seed
 
     def check(self) -> None:
         """Raise ConfigError when the data is missing or inconsistent, before training."""
@@ -45,8 +48,18 @@ class Target:
         """The label of every training image, in dataset order (for stratified sampling)."""
         raise NotImplementedError
 
-    def sampled_train_indices(self) -> np.ndarray:
-        return stratified_sample(self.train_labels(), self.sampling_rate, self.sampling_seed)
+    def sampled_train_indices(self, seed: int | None = None) -> np.ndarray:
+        """The sampled training images (before any validation hold-out), drawn with
+        `sampling_seed`, or with `seed` when given (target.resample_per_seed)."""
+        return stratified_sample(self.train_labels(), self.sampling_rate, self.sampling_seed if seed is None else seed)
+
+    def split_train_val(self, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) indices: `val_fraction` of each class of the sampled set held out."""
+        sampled = self.sampled_train_indices(seed)
+        if not self.val_fraction:
+            return sampled, np.array([], dtype=np.int64)
+        return hold_out(sampled, self.train_labels()[sampled], self.val_fraction,
+                        (self.sampling_seed if seed is None else seed) + 1_000_003)
 
 
 def per_class_count(available: int, rate: float) -> int:
@@ -68,6 +81,20 @@ def stratified_sample(labels: np.ndarray, rate: float, seed: int) -> np.ndarray:
         members = np.flatnonzero(labels == label)
         chosen.append(rng.choice(members, size=per_class_count(len(members), rate), replace=False))
     return np.sort(np.concatenate(chosen))
+
+
+def hold_out(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split `indices` per class: round-half-up(fraction x n_c) go to validation, but at least
+    one image of each class stays for training (none is held out of a one-image class)."""
+    rng = np.random.default_rng(seed)
+    kept, held = [], []
+    for label in np.unique(labels):
+        members = indices[labels == label]
+        count = min(len(members) - 1, int(np.floor(len(members) * fraction + 0.5)))
+        chosen = rng.permutation(len(members))
+        held.append(members[chosen[:count]])
+        kept.append(members[chosen[count:]])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held)).astype(np.int64)
 
 
 class TensorImages(Dataset):
@@ -121,6 +148,6 @@ def test_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[
 
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "ConfigError", "Target", "TensorImages", "Transformed", "per_class_count",
+    "IMAGENET_MEAN", "IMAGENET_STD", "ConfigError", "Target", "hold_out", "TensorImages", "Transformed", "per_class_count",
     "stratified_sample", "test_transform", "train_transform",
 ]
