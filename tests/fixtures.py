@@ -76,3 +76,96 @@ def make_stanford_dogs(root: Path, classes: int = 3, train_per_class: int = 4, t
         savemat(base / f"{split}_list.mat", {"file_list": cells, "annotation_list": annotations,
                                               "labels": np.array(labels, dtype=np.uint8).reshape(-1, 1)})
     return {"classes": folders, "train": classes * train_per_class, "test": classes * test_per_class}
+
+
+def make_cifar10(root: Path, per_class: int = 3, test_per_class: int = 2) -> dict:
+    """<root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} as pickled dicts."""
+    import pickle
+
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+
+    def batch(labels):
+        return {"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), "labels": list(labels)}
+
+    train_labels = np.repeat(np.arange(10), per_class)
+    for i, chunk in enumerate(np.array_split(train_labels, 5), start=1):
+        (base / f"data_batch_{i}").write_bytes(pickle.dumps(batch(chunk.tolist())))
+    (base / "test_batch").write_bytes(pickle.dumps(batch(np.repeat(np.arange(10), test_per_class).tolist())))
+    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class_{c}" for c in range(10)]}))
+    return {"train": 10 * per_class, "test": 10 * test_per_class, "classes": 10}
+
+
+def make_flowers102(root: Path) -> dict:
+    """<root>/flowers-102/{jpg/image_NNNNN.jpg, imagelabels.mat, setid.mat}: all 102 classes,
+    one training, one validation and one test image each."""
+    from scipy.io import savemat
+
+    base = root / "flowers-102"
+    labels, ids = [], {"trnid": [], "valid": [], "tstid": []}
+    image_id = 0
+    for c in range(102):
+        for split in ("trnid", "valid", "tstid"):
+            image_id += 1
+            write_jpeg(base / "jpg" / f"image_{image_id:05d}.jpg", seed=image_id, size=24)
+            labels.append(c + 1)
+            ids[split].append(image_id)
+    savemat(base / "imagelabels.mat", {"labels": np.array([labels])})
+    savemat(base / "setid.mat", {k: np.array([v]) for k, v in ids.items()})
+    return {"train": 102, "test": 102, "classes": 102}
+
+
+def make_oxford_pets(root: Path, breeds=("Abyssinian", "basset_hound", "Bengal"), trainval: int = 3, test: int = 2) -> dict:
+    """<root>/oxford-iiit-pet/{images/<Breed>_<n>.jpg, annotations/{trainval,test}.txt}."""
+    base = root / "oxford-iiit-pet"
+    (base / "annotations").mkdir(parents=True, exist_ok=True)
+    lines = {"trainval": [], "test": []}
+    for c, breed in enumerate(breeds):
+        species = 1 if breed[0].isupper() else 2  # cats are capitalised in the release
+        for n in range(trainval + test):
+            write_jpeg(base / "images" / f"{breed}_{n + 1}.jpg", seed=10 * c + n)
+            lines["trainval" if n < trainval else "test"].append(f"{breed}_{n + 1} {c + 1} {species} {c + 1}")
+    for split, rows in lines.items():
+        (base / "annotations" / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    return {"train": len(breeds) * trainval, "test": len(breeds) * test, "classes": len(breeds)}
+
+
+def make_fgvc_aircraft(root: Path, variants=("707-320", "A300B4", "Cessna 172"), trainval: int = 3, test: int = 2) -> dict:
+    """<root>/fgvc-aircraft-2013b/data/{images/<id>.jpg, variants.txt, images_variant_{trainval,test}.txt}."""
+    data = root / "fgvc-aircraft-2013b" / "data"
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    (data / "variants.txt").write_text("\n".join(variants) + "\n")
+    lines = {"trainval": [], "test": []}
+    image_id = 1000000
+    for c, variant in enumerate(variants):
+        for n in range(trainval + test):
+            image_id += 1
+            write_jpeg(data / "images" / f"{image_id}.jpg", seed=image_id)
+            lines["trainval" if n < trainval else "test"].append(f"{image_id} {variant}")
+    for split, rows in lines.items():
+        (data / f"images_variant_{split}.txt").write_text("\n".join(rows) + "\n")
+    return {"train": len(variants) * trainval, "test": len(variants) * test, "classes": len(variants)}
+
+
+def make_stanford_cars(root: Path, classes: int = 3, train: int = 3, test: int = 2) -> dict:
+    """<root>/stanford_cars/{cars_train/, cars_test/, devkit/cars_meta.mat, devkit/cars_train_annos.mat,
+    cars_test_annos_withlabels.mat}, the annotations as struct arrays with the release's fields."""
+    from scipy.io import savemat
+
+    base = root / "stanford_cars"
+    (base / "devkit").mkdir(parents=True, exist_ok=True)
+    names = np.empty((1, classes), dtype=object)
+    for c in range(classes):
+        names[0, c] = f"Make Model {2000 + c}"
+    savemat(base / "devkit" / "cars_meta.mat", {"class_names": names})
+    fields = [("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"), ("class", "O"), ("fname", "O")]
+    for split, per_class, folder, mat in (("train", train, "cars_train", base / "devkit" / "cars_train_annos.mat"),
+                                          ("test", test, "cars_test", base / "cars_test_annos_withlabels.mat")):
+        annotations = np.zeros((1, classes * per_class), dtype=fields)
+        for i in range(classes * per_class):
+            fname = f"{i + 1:05d}.jpg"
+            write_jpeg(base / folder / fname, seed=i + (0 if split == "train" else 500))
+            annotations[0, i] = (1, 1, 30, 30, i // per_class + 1, fname)
+        savemat(mat, {"annotations": annotations})
+    return {"train": classes * train, "test": classes * test, "classes": classes}
