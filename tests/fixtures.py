@@ -169,3 +169,15 @@ def make_stanford_cars(root: Path, classes: int = 3, train: int = 3, test: int =
             annotations[0, i] = (1, 1, 30, 30, i // per_class + 1, fname)
         savemat(mat, {"annotations": annotations})
     return {"train": classes * train, "test": classes * test, "classes": classes}
+
+
+def make_caltech256(root: Path, classes: int = 3, per_class=(9, 8, 10)) -> dict:
+    """<root>/caltech256/256_ObjectCategories/<NNN.name>/<NNN_XXXX>.jpg, with the clutter class."""
+    base = root / "caltech256" / "256_ObjectCategories"
+    names = [f"{c + 1:03d}.object_{c}" for c in range(classes)] + ["257.clutter"]
+    counts = list(per_class) + [5]
+    for c, (name, count) in enumerate(zip(names, counts)):
+        number = 257 if name == "257.clutter" else c + 1
+        for j in range(count):
+            write_jpeg(base / name / f"{number:03d}_{j + 1:04d}.jpg", seed=50 * c + j, size=24)
+    return {"classes": names[:-1]}

@@ -184,3 +184,27 @@ def test_a_torchvision_target_end_to_end(cli, tmp_path):
     result = cli(*shrink, "target=fgvc_aircraft", f"target.root={tmp_path / 'data'}", "target.expected_classes=3",
                  "target.expected_split=[18,6]", "train.batch_size=4", "results.dir=res")
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_caltech256_protocol(tmp_path):
+    from safetransfer.targets.caltech256 import Caltech256
+
+    sizes = fixtures.make_caltech256(tmp_path, classes=3, per_class=(9, 8, 10))
+    target = Caltech256(str(tmp_path), train_per_class=5, test_per_class=3, split_seed=1, expected_classes=3)
+    target.check()
+    assert target.classes == sizes["classes"]  # clutter excluded
+    train, test = target.train_set(), target.test_set()
+    assert np.bincount(train.labels).tolist() == [5, 5, 5] and np.bincount(test.labels).tolist() == [3, 3, 3]
+    assert set(train.paths).isdisjoint(test.paths)
+    assert all(p.is_file() and p.parent.name == sizes["classes"][label] for p, label in zip(train.paths, train.labels))
+    same = Caltech256(str(tmp_path), train_per_class=5, test_per_class=3, split_seed=1, expected_classes=3)
+    assert same.train_set().paths == train.paths
+    other = Caltech256(str(tmp_path), train_per_class=5, test_per_class=3, split_seed=2, expected_classes=3)
+    assert other.train_set().paths != train.paths
+    assert train[0][0].mode == "RGB"
+    with pytest.raises(ConfigError, match="class 002.object_1 has 8 images, fewer than 6 \\+ 3"):
+        Caltech256(str(tmp_path), train_per_class=6, test_per_class=3, expected_classes=3).check()
+    with pytest.raises(ConfigError, match="lists 3 classes, but caltech256_30 has 256"):
+        Caltech256(str(tmp_path)).check()
+    with pytest.raises(ConfigError, match="256_ObjectCategories.tar"):
+        Caltech256(str(tmp_path / "none")).check()
