@@ -25,7 +25,9 @@ from safetransfer.engine import evaluate, fit, resolve_device
 from safetransfer.regularizers import BindContext, Omega
 from safetransfer.results import atomic_write_json, config_key, make_row, write_row
 from safetransfer.sources import save_source_checkpoint
-from safetransfer.targets import Target, Transformed, test_transform, train_transform
+from safetransfer.targets import (Target, TensorImages, Transformed, augment_transform, normalize_transform,
+                                  test_transform, train_transform)
+from safetransfer.targets.cache import cached_split
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +95,34 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
     check_training_set(len(indices), cfg.train.batch_size)
     geometry = (cfg.data.resize, cfg.data.crop, cfg.data.mean, cfg.data.std)
     train_set, test_set = target.train_set(), target.test_set()
+    if cfg.data.cache and not isinstance(train_set, TensorImages):  # in-memory images need no cache
+        train, test = cached_data(cfg, train_set, test_set, indices)
+    else:
+        train = Transformed(train_set, indices, train_transform(*geometry))
+        test = Transformed(test_set, range(len(test_set)), test_transform(*geometry))
     return Data(
-        train=Transformed(train_set, indices, train_transform(*geometry)),
-        test=Transformed(test_set, range(len(test_set)), test_transform(*geometry)),
+        train=train,
+        test=test,
         num_classes=len(target.classes),
         train_indices=indices,
         train_plain=Transformed(train_set, indices, test_transform(*geometry)),
         val=Transformed(train_set, val_indices, test_transform(*geometry)) if len(val_indices) else None,
         val_indices=val_indices,
     )
+
+
+def cached_data(cfg: DictConfig, train_set: Dataset, test_set: Dataset, indices: np.ndarray) -> tuple[Dataset, Dataset]:
+    """Training and test images read from the decoded-image cache: whole splits are cached
+    once per dataset and size, so every sampling rate and seed shares them."""
+    identity = OmegaConf.to_container(cfg.target, resolve=True)
+    for key in ("sampling_rate", "sampling_seed", "resample_per_seed", "val_fraction"):
+        identity.pop(key, None)
+    common = dict(resize=cfg.data.resize, crop=cfg.data.crop, cache_dir=Path(cfg.paths.cache_dir).expanduser(),
+                  identity=identity, num_workers=cfg.runtime.num_workers)
+    train_all = cached_split(train_set, np.arange(len(train_set)), "train", **common)
+    test_all = cached_split(test_set, np.arange(len(test_set)), "test", **common)
+    return (Transformed(train_all, indices, augment_transform(cfg.data.crop, cfg.data.mean, cfg.data.std)),
+            Transformed(test_all, range(len(test_all)), normalize_transform(cfg.data.mean, cfg.data.std)))
 
 
 def save_indices(path: Path, cfg: DictConfig, data: Data) -> None:

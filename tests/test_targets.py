@@ -208,3 +208,81 @@ def test_caltech256_protocol(tmp_path):
         Caltech256(str(tmp_path)).check()
     with pytest.raises(ConfigError, match="256_ObjectCategories.tar"):
         Caltech256(str(tmp_path / "none")).check()
+
+
+# ---------------------------------------------------------------- the decoded-image cache
+
+def cub_with_cache(tmp_path, resize=48, crop=40):
+    from omegaconf import OmegaConf
+
+    from safetransfer.experiment import cached_data
+
+    fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=5, test_per_class=2)
+    target = CUB200(str(tmp_path / "data"), expected_classes=3, expected_split=(15, 6))
+    cfg = OmegaConf.create({
+        "target": {"name": "cub200", "root": str(tmp_path / "data"), "sampling_rate": 100},
+        "data": {"resize": resize, "crop": crop, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25], "cache": True},
+        "paths": {"cache_dir": str(tmp_path / "cache")}, "runtime": {"num_workers": 0}})
+    return target, cfg, cached_data
+
+
+def test_cache_gives_the_same_pixels_as_the_direct_path(tmp_path):
+    from safetransfer.targets import Transformed, test_transform, train_transform
+
+    target, cfg, cached_data = cub_with_cache(tmp_path)
+    indices = np.array([0, 3, 7, 14])
+    geometry = (48, 40, [0.5, 0.4, 0.3], [0.2, 0.3, 0.25])
+    direct_train = Transformed(target.train_set(), indices, train_transform(*geometry))
+    direct_test = Transformed(target.test_set(), range(6), test_transform(*geometry))
+    cached_train, cached_test = cached_data(cfg, target.train_set(), target.test_set(), indices)
+    for i in range(len(indices)):
+        torch.manual_seed(i)  # the same crop and mirror on both paths
+        expected, label = direct_train[i]
+        torch.manual_seed(i)
+        got, cached_label = cached_train[i]
+        assert torch.equal(expected, got) and label == cached_label
+    for i in range(6):
+        assert torch.equal(direct_test[i][0], cached_test[i][0])
+    files = sorted(p.name for p in (tmp_path / "cache" / "decoded").glob("*.npy"))
+    assert len(files) == 4  # train and test, images and labels
+    assert np.load(next((tmp_path / "cache" / "decoded").glob("*.images.npy")), mmap_mode="r").dtype == np.uint8
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
+    from safetransfer.targets import cache
+
+    target, cfg, cached_data = cub_with_cache(tmp_path)
+    cached_data(cfg, target.train_set(), target.test_set(), np.arange(15))
+    before = set((tmp_path / "cache" / "decoded").glob("*.npy"))
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr(cache, "build", no_rebuild)
+    cfg.target.sampling_rate = 30  # another sampling rate shares the whole-split cache
+    cached_data(cfg, target.train_set(), target.test_set(), np.arange(0, 15, 3))
+    monkeypatch.undo()
+    cfg.data.resize = 44  # another size: new files
+    cached_data(cfg, target.train_set(), target.test_set(), np.arange(15))
+    assert len(set((tmp_path / "cache" / "decoded").glob("*.npy")) - before) == 4
+
+
+def test_a_crash_while_building_leaves_no_file(tmp_path):
+    from safetransfer.targets.cache import cached_split
+
+    target, cfg, _ = cub_with_cache(tmp_path)
+
+    class Breaks:
+        def __len__(self):
+            return 15
+
+        def __getitem__(self, i):
+            if i == 9:
+                raise OSError("disk read error")
+            return target.train_set()[i]
+
+    with pytest.raises(OSError):
+        cached_split(Breaks(), np.arange(15), "train", 48, 40, tmp_path / "cache", {"x": 1})
+    assert not [p for p in (tmp_path / "cache" / "decoded").iterdir() if p.suffix in (".npy", ".tmp")]
+    again = cached_split(target.train_set(), np.arange(15), "train", 48, 40, tmp_path / "cache", {"x": 1})
+    assert len(again) == 15 and again[0][0].shape == (3, 48, 48)

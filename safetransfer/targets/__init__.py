@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from safetransfer.errors import ConfigError
+from safetransfer.targets.cache import decode_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -126,28 +127,24 @@ class Transformed(Dataset):
 
 def train_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """Resize to resize x resize, random crop, random mirror, normalise."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize((resize, resize), antialias=True),
-        v2.RandomCrop(crop),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])
+    return v2.Compose([decode_transform("train", resize, crop), augment_transform(crop, mean, std)])
 
 
 def test_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """Shorter side to resize, centre crop, normalise."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(resize, antialias=True),
-        v2.CenterCrop(crop),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])
+    return v2.Compose([decode_transform("test", resize, crop), normalize_transform(mean, std)])
+
+
+def augment_transform(crop: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """The random part of the training transform, on uint8 images already resized."""
+    return v2.Compose([v2.RandomCrop(crop), v2.RandomHorizontalFlip(), normalize_transform(mean, std)])
+
+
+def normalize_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "ConfigError", "Target", "hold_out", "TensorImages", "Transformed", "per_class_count",
-    "stratified_sample", "test_transform", "train_transform",
+    "stratified_sample", "test_transform", "train_transform", "augment_transform", "normalize_transform",
 ]
