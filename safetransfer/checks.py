@@ -60,6 +60,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"direction.granularity={cfg.direction.granularity} is not one of {', '.join(GRANULARITIES)}")
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={cfg.train.precision} is not one of {', '.join(PRECISIONS)}")
+    if cfg.data.get("augment_on", "auto") not in ("auto", "device", "workers"):
+        raise ConfigError(f"data.augment_on={cfg.data.augment_on} is not one of auto, device, workers")
     if cfg.runtime.progress not in PROGRESS:
         raise ConfigError(f"runtime.progress={cfg.runtime.progress} is not one of {', '.join(PROGRESS)}")
     for milestone in cfg.optim.scheduler.get("milestones", []):

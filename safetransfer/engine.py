@@ -136,13 +136,14 @@ def use_bar(progress: str) -> bool:
 def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Direction,
         optimizer: torch.optim.Optimizer, scheduler, *, iterations: int, device: torch.device,
         precision: str = "fp32", log_every: int = 100, diagnostics_every: int = 0, progress: str = "auto",
-        log_path: Path | None = None, desc: str = "train") -> list[dict]:
+        log_path: Path | None = None, desc: str = "train", batch_transform=None) -> list[dict]:
     """Train for `iterations` steps; every `log_every` steps (and at the last) append a row to log.csv.
 
     Returns the logged rows. loss_J and train_acc are means over the steps since the
     previous row; lr is the one the row's step used; loss_Omega and its terms are the
     values at the row's step. Rows at multiples of `diagnostics_every` also carry the
     angles between d, g_J and g_Omega and the terms' own diagnostics (BSS's singular values).
+    `batch_transform` finishes each batch on the device (DeviceAugment).
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -168,7 +169,10 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
         logged = (log_every and iteration % log_every == 0) or iteration == iterations
         diagnosed = logged and bool(diagnostics_every) and iteration % diagnostics_every == 0
         lr = optimizer.param_groups[0]["lr"]
-        step = training_step(model, images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+        images = images.to(device, non_blocking=True)
+        if batch_transform is not None:
+            images = batch_transform(images)
+        step = training_step(model, images, labels.to(device, non_blocking=True),
                              omega, direction, optimizer, params, precision_context, record=logged, angles=diagnosed)
         scheduler.step()
         window_loss += step.loss_J
@@ -226,7 +230,8 @@ class _LogWriter:
 
 
 @torch.no_grad()
-def evaluate(model: TransferNet, loader: DataLoader, device: torch.device, precision: str = "fp32") -> tuple[float, float]:
+def evaluate(model: TransferNet, loader: DataLoader, device: torch.device, precision: str = "fp32",
+             batch_transform=None) -> tuple[float, float]:
     """Top-1 accuracy (%) and mean cross-entropy over the whole loader."""
     model.eval()
     total_loss = torch.zeros((), device=device, dtype=torch.float64)
@@ -235,6 +240,8 @@ def evaluate(model: TransferNet, loader: DataLoader, device: torch.device, preci
     with autocast(device, precision):
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
+            if batch_transform is not None:
+                images = batch_transform(images)
             labels = labels.to(device, non_blocking=True)
             logits, _ = model(images)
             total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").double()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from safetransfer.backbones import TransferNet
@@ -27,7 +28,7 @@ from safetransfer.results import atomic_write_json, config_key, make_row, write_
 from safetransfer.sources import save_source_checkpoint
 from safetransfer.targets import (Target, TensorImages, Transformed, augment_transform, normalize_transform,
                                   test_transform, train_transform)
-from safetransfer.targets.cache import cached_split
+from safetransfer.targets.cache import DeviceAugment, cached_split
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,15 @@ class Data:
     train_plain: Dataset  # the training images with the test-time transform (for DELTA's attention)
     val: Dataset | None = None
     val_indices: np.ndarray | None = None
+    on_device: bool = False  # train/test hold uint8 images; crop, mirror and normalise happen on the device
+
+
+def augment_on_device(cfg: DictConfig, cached: bool) -> bool:
+    """data.augment_on: auto puts crop and mirror on the GPU when training there from the cache."""
+    choice = cfg.data.augment_on
+    if choice == "auto":
+        return cached and resolve_device(str(cfg.runtime.device)).type == "cuda"
+    return choice == "device" and cached
 
 
 def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Data:
@@ -95,8 +105,10 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
     check_training_set(len(indices), cfg.train.batch_size)
     geometry = (cfg.data.resize, cfg.data.crop, cfg.data.mean, cfg.data.std)
     train_set, test_set = target.train_set(), target.test_set()
-    if cfg.data.cache and not isinstance(train_set, TensorImages):  # in-memory images need no cache
-        train, test = cached_data(cfg, train_set, test_set, indices)
+    cached = bool(cfg.data.cache) and not isinstance(train_set, TensorImages)  # in-memory images need no cache
+    on_device = augment_on_device(cfg, cached)
+    if cached:
+        train, test = cached_data(cfg, train_set, test_set, indices, on_device)
     else:
         train = Transformed(train_set, indices, train_transform(*geometry))
         test = Transformed(test_set, range(len(test_set)), test_transform(*geometry))
@@ -108,12 +120,15 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
         train_plain=Transformed(train_set, indices, test_transform(*geometry)),
         val=Transformed(train_set, val_indices, test_transform(*geometry)) if len(val_indices) else None,
         val_indices=val_indices,
+        on_device=on_device,
     )
 
 
-def cached_data(cfg: DictConfig, train_set: Dataset, test_set: Dataset, indices: np.ndarray) -> tuple[Dataset, Dataset]:
+def cached_data(cfg: DictConfig, train_set: Dataset, test_set: Dataset, indices: np.ndarray,
+                on_device: bool = False) -> tuple[Dataset, Dataset]:
     """Training and test images read from the decoded-image cache: whole splits are cached
-    once per dataset and size, so every sampling rate and seed shares them."""
+    once per dataset and size, so every sampling rate and seed shares them. With
+    `on_device` the loader hands over uint8 images and DeviceAugment does the rest."""
     identity = OmegaConf.to_container(cfg.target, resolve=True)
     for key in ("sampling_rate", "sampling_seed", "resample_per_seed", "val_fraction"):
         identity.pop(key, None)
@@ -121,6 +136,8 @@ def cached_data(cfg: DictConfig, train_set: Dataset, test_set: Dataset, indices:
                   identity=identity, num_workers=cfg.runtime.num_workers)
     train_all = cached_split(train_set, np.arange(len(train_set)), "train", **common)
     test_all = cached_split(test_set, np.arange(len(test_set)), "test", **common)
+    if on_device:
+        return Transformed(train_all, indices, nn.Identity()), test_all
     return (Transformed(train_all, indices, augment_transform(cfg.data.crop, cfg.data.mean, cfg.data.std)),
             Transformed(test_all, range(len(test_all)), normalize_transform(cfg.data.mean, cfg.data.std)))
 
@@ -148,14 +165,18 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
     omega = create_omega(cfg)
     omega.bind(model, bind_context(cfg, data, device))
     optimizer, scheduler = create_optimizer(cfg, model)
+    train_batches = test_batches = None
+    if data.on_device:
+        train_batches = DeviceAugment(cfg.data.crop, cfg.data.mean, cfg.data.std, seed, device)
+        test_batches = DeviceAugment(cfg.data.crop, cfg.data.mean, cfg.data.std, seed, device, train=False)
     start = time.perf_counter()
     fit(model, create_loader(data.train, cfg, train=True, seed=seed, device=device), omega, create_direction(cfg),
         optimizer, scheduler, iterations=cfg.train.iterations, device=device, precision=cfg.train.precision,
         log_every=cfg.runtime.log_every, diagnostics_every=cfg.runtime.diagnostics_every,
         progress=cfg.runtime.progress, log_path=seed_dir / "log.csv",
-        desc=f"seed {seed}")
+        desc=f"seed {seed}", batch_transform=train_batches)
     top1, test_loss = evaluate(model, create_loader(data.test, cfg, train=False, seed=seed, device=device),
-                               device, cfg.train.precision)
+                               device, cfg.train.precision, test_batches)
     validation = {}
     if data.val is not None:
         val_top1, val_loss = evaluate(model, create_loader(data.val, cfg, train=False, seed=seed, device=device),

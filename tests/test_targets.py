@@ -286,3 +286,41 @@ def test_a_crash_while_building_leaves_no_file(tmp_path):
     assert not [p for p in (tmp_path / "cache" / "decoded").iterdir() if p.suffix in (".npy", ".tmp")]
     again = cached_split(target.train_set(), np.arange(15), "train", 48, 40, tmp_path / "cache", {"x": 1})
     assert len(again) == 15 and again[0][0].shape == (3, 48, 48)
+
+
+def test_device_augment_crops_mirrors_and_normalises_each_sample():
+    from safetransfer.targets.cache import DeviceAugment
+
+    images = torch.randint(0, 256, (5, 3, 10, 12), dtype=torch.uint8)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.25]
+    out = DeviceAugment(6, mean, std, seed=3, device=torch.device("cpu"))(images)
+    top, left, flip = DeviceAugment(6, mean, std, seed=3, device=torch.device("cpu")).offsets(5, 10, 12)
+    assert out.shape == (5, 3, 6, 6) and flip.any() and not flip.all()
+    for b in range(5):
+        expected = images[b, :, top[b]:top[b] + 6, left[b]:left[b] + 6].float() / 255
+        if flip[b]:
+            expected = expected.flip(-1)
+        expected = (expected - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+        torch.testing.assert_close(out[b], expected)
+    test_time = DeviceAugment(6, mean, std, seed=3, device=torch.device("cpu"), train=False)(images)
+    torch.testing.assert_close(test_time, (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1))
+                               / torch.tensor(std).view(1, 3, 1, 1))
+
+
+def test_augmenting_on_the_device_trains_and_is_deterministic(compose_cfg, tmp_path):
+    from hydra.utils import instantiate
+
+    from conftest import TINY
+    from safetransfer.experiment import prepare_data, run_seed
+
+    fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=6, test_per_class=2)
+    shrink = [o for o in TINY if not o.startswith("target.")]
+    cfg = compose_cfg(*shrink, "target=cub200", f"target.root={tmp_path / 'data'}", "target.expected_classes=3",
+                      "target.expected_split=[18,6]", "train.batch_size=4", "data.augment_on=device",
+                      f"paths.cache_dir={tmp_path / 'cache'}")
+    data = prepare_data(cfg, instantiate(cfg.target))
+    assert data.on_device and data.train[0][0].dtype == torch.uint8
+    first = run_seed(cfg, 0, data, None, tmp_path / "a")
+    again = run_seed(cfg, 0, data, None, tmp_path / "b")
+    assert first["top1"] == again["top1"] and first["test_loss"] == again["test_loss"]
+    assert first["test_images"] == 6
