@@ -37,7 +37,7 @@ def test_cub200_missing_data_message(tmp_path):
     with pytest.raises(ConfigError) as error:
         CUB200(str(tmp_path / "data")).check()
     message = str(error.value)
-    assert URL in message and MD5 in message and "CUB_200_2011/{images.txt," in message
+    assert URL in message and f"md5:{MD5}" in message and "CUB_200_2011/{images.txt," in message
     assert "target.download=true" in message
 
 
@@ -324,3 +324,23 @@ def test_augmenting_on_the_device_trains_and_is_deterministic(compose_cfg, tmp_p
     again = run_seed(cfg, 0, data, None, tmp_path / "b")
     assert first["top1"] == again["top1"] and first["test_loss"] == again["test_loss"]
     assert first["test_images"] == 6
+
+
+def test_downloads_are_checked_against_their_pinned_digest(tmp_path, monkeypatch):
+    """The download itself is replaced (no network): a file that does not match is refused and removed."""
+    import hashlib
+
+    import torchvision.datasets.utils as tv_utils
+
+    from safetransfer.targets.files import fetch_archive
+
+    def fake_download(url, root, filename=None, **kwargs):
+        (tmp_path / filename).write_bytes(b"not the real list")
+
+    monkeypatch.setattr(tv_utils, "download_url", fake_download)
+    good = hashlib.sha1(b"not the real list").hexdigest()
+    fetch_archive("http://example.org/TrainImages.txt", tmp_path, f"sha1:{good}")
+    assert (tmp_path / "TrainImages.txt").read_bytes() == b"not the real list"
+    with pytest.raises(ConfigError, match="is not the pinned 00000"):
+        fetch_archive("http://example.org/TestImages.txt", tmp_path, "md5:" + "0" * 32)
+    assert not (tmp_path / "TestImages.txt").exists()

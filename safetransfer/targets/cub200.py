@@ -21,7 +21,7 @@ class CUB200(ListedTarget):
     folder = "CUB_200_2011"
     required = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
     layout = "images/<class>/<image>.jpg"
-    archives = ((URL, MD5),)
+    archives = ((URL, f"md5:{MD5}"),)
 
     def __init__(self, root: str, name: str = "cub200", expected_classes: int | None = 200,
                  expected_split=(5994, 5794), **options):
@@ -32,7 +32,7 @@ class CUB200(ListedTarget):
         if self.download and not (self.base / "images.txt").exists():
             from safetransfer.targets.files import fetch_archive
 
-            fetch_archive(URL, self.root, MD5)
+            fetch_archive(URL, self.root, f"md5:{MD5}")
         super().check()
 
     @property

@@ -28,16 +28,33 @@ class ImageList(Dataset):
             return image.convert("RGB"), int(self.labels[index])
 
 
-def fetch_archive(url: str, root: Path, md5: str | None, key: str = "target.root") -> None:
-    """Download and extract an official archive into `root`, checking its md5 where one is pinned."""
-    from torchvision.datasets.utils import download_and_extract_archive
+def fetch_archive(url: str, root: Path, checksum: str | None, key: str = "target.root") -> None:
+    """Download an official file into `root`, check it against `checksum` ("md5:<hex>" or
+    "sha1:<hex>", None where no digest is known) and extract it when it is an archive."""
+    import hashlib
 
+    from torchvision.datasets.utils import download_url, extract_archive
+
+    name = url.rsplit("/", 1)[-1]
+    path = Path(root) / name
     try:
-        download_and_extract_archive(url, download_root=str(root), md5=md5)
-    except Exception as error:  # no network, a moved file, a bad checksum
+        download_url(url, str(root), filename=name)
+    except Exception as error:  # no network, a moved file
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"could not download {url} into {key}={root} ({reason}); download and extract it "
+        raise ConfigError(f"could not download {url} into {key}={root} ({reason}); download it and extract it "
                           "there by hand") from None
+    if checksum:
+        algorithm, expected = checksum.split(":", 1)
+        digest = hashlib.new(algorithm)
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != expected:
+            path.unlink(missing_ok=True)
+            raise ConfigError(f"{url}: {algorithm} {digest.hexdigest()} is not the pinned {expected}; the download "
+                              "is damaged or the file changed upstream")
+    if name.endswith((".tar", ".tgz", ".tar.gz", ".zip")):
+        extract_archive(str(path), str(root))
 
 
 def check_class_count(name: str, found: int, expected: int | None, origin: str) -> None:
@@ -58,7 +75,7 @@ class ListedTarget(Target):
     """A dataset whose official split is given by list files beside its images.
 
     Subclasses set the dataset's `title`, `folder` (under target.root), the `required`
-    files, the `archives` (url, md5 or None where no checksum is published), the
+    files, the `archives` (url, "md5:<hex>" / "sha1:<hex>", or None where no digest is known), the
     expected class count and split sizes, and implement `read_split`.
     """
 
@@ -82,13 +99,13 @@ class ListedTarget(Target):
     def check(self) -> None:
         if not all((self.base / f).exists() for f in self.required):
             if not self.download:
-                sources = "; ".join(f"{url} (md5 {md5})" if md5 else url for url, md5 in self.archives)
+                sources = "; ".join(f"{url} ({checksum})" if checksum else url for url, checksum in self.archives)
                 raise ConfigError(
                     f"target.root={self.root}: {self.title} not found; expected {self.base}/{{{','.join(self.required)}}} "
                     f"and {self.base}/{self.layout}: download {sources} and extract into {self.base}, "
                     "or set target.download=true")
-            for url, md5 in self.archives:
-                fetch_archive(url, self.base, md5)
+            for url, checksum in self.archives:
+                fetch_archive(url, self.base, checksum)
         check_class_count(self.name, len(self.classes), self.expected_classes, str(self.base))
         split_sizes(self.name, len(self._splits["train"]), len(self._splits["test"]), self.expected_split)
 

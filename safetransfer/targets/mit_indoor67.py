@@ -17,8 +17,9 @@ class MITIndoor67(ListedTarget):
     folder = "mit_indoor67"
     required = ("Images", "TrainImages.txt", "TestImages.txt")
     layout = "Images/<class>/<image>.jpg"
-    # the release publishes no checksums, so none is pinned
-    archives = ((IMAGES_URL, None), (TRAIN_LIST_URL, None), (TEST_LIST_URL, None))
+    # the image archive's sha1 as pinned by a public loader (vipy); no digest is known for the two lists
+    archives = ((IMAGES_URL, "sha1:0b252516e746ba428b96af408d2e8162d9b08ac5"), (TRAIN_LIST_URL, None),
+                (TEST_LIST_URL, None))
 
     def __init__(self, root: str, name: str = "mit_indoor67", expected_classes: int | None = 67,
                  expected_split=(5360, 1340), **options):

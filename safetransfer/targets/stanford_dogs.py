@@ -15,8 +15,8 @@ class StanfordDogs(ListedTarget):
     folder = "stanford_dogs"
     required = ("Images", "train_list.mat", "test_list.mat")
     layout = "Images/<wnid>-<breed>/<image>.jpg"
-    # the release publishes no checksums, so none is pinned
-    archives = ((IMAGES_URL, None), (LISTS_URL, None))
+    # md5s as pinned by several public loaders of this release
+    archives = ((IMAGES_URL, "md5:1bb1f2a596ae7057f99d7d75860002ef"), (LISTS_URL, "md5:edbb9f16854ec66506b5f09b583e0656"))
 
     def __init__(self, root: str, name: str = "stanford_dogs", expected_classes: int | None = 120,
                  expected_split=(12000, 8580), **options):
