@@ -13,14 +13,13 @@ import numpy as np
 import torchvision
 
 from safetransfer.errors import ConfigError
-from safetransfer.targets import Target
-from safetransfer.targets.files import ImageList, check_class_count
+from safetransfer.targets.files import ImageList, ImageListTarget, check_class_count
 
 URL = "https://data.caltech.edu/records/nyy15-4j048/files/256_ObjectCategories.tar"
 CLUTTER = "257.clutter"
 
 
-class Caltech256(Target):
+class Caltech256(ImageListTarget):
     def __init__(self, root: str, name: str = "caltech256_30", train_per_class: int = 30, test_per_class: int = 20,
                  split_seed: int = 0, download: bool = False, expected_classes: int | None = 256, **sampling):
         super().__init__(name, **sampling)
@@ -65,12 +64,3 @@ class Caltech256(Target):
     def check(self) -> None:
         check_class_count(self.name, len(self.classes), self.expected_classes, str(self.root / "caltech256"))
         self._splits  # noqa: B018 (draws the split now, so that a short class fails before training)
-
-    def train_set(self) -> ImageList:
-        return self._splits["train"]
-
-    def test_set(self) -> ImageList:
-        return self._splits["test"]
-
-    def train_labels(self) -> np.ndarray:
-        return self._splits["train"].labels

@@ -71,7 +71,22 @@ def split_sizes(name: str, train: int, test: int, expected: Sequence[int] | None
                           "is incomplete")
 
 
-class ListedTarget(Target):
+class ImageListTarget(Target):
+    """A target whose splits are ImageLists held in `_splits` ({"train": ..., "test": ...})."""
+
+    _splits: dict[str, ImageList]
+
+    def train_set(self) -> ImageList:
+        return self._splits["train"]
+
+    def test_set(self) -> ImageList:
+        return self._splits["test"]
+
+    def train_labels(self) -> np.ndarray:
+        return self._splits["train"].labels
+
+
+class ListedTarget(ImageListTarget):
     """A dataset whose official split is given by list files beside its images.
 
     Subclasses set the dataset's `title`, `folder` (under target.root), the `required`
@@ -115,12 +130,3 @@ class ListedTarget(Target):
     @cached_property
     def _splits(self) -> dict[str, ImageList]:
         return {split: ImageList(*self.read_split(split)) for split in ("train", "test")}
-
-    def train_set(self) -> ImageList:
-        return self._splits["train"]
-
-    def test_set(self) -> ImageList:
-        return self._splits["test"]
-
-    def train_labels(self) -> np.ndarray:
-        return self._splits["train"].labels
