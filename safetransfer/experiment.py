@@ -207,10 +207,12 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "") -> dict:
     target: Target = instantiate(cfg.target)
     target.check()
     method = method_name(cfg)
+    check_training_set(len(target.split_train_val()[0]), cfg.train.batch_size)
+    # the source before the data: a missing checkpoint is reported before any cache is built
+    source_state = instantiate(cfg.source).backbone_state(cfg.backbone.name)
     data = prepare_data(cfg, target)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_indices(run_dir / "sampled_train_indices.json", cfg, data)
-    source_state = instantiate(cfg.source).backbone_state(cfg.backbone.name)
     log.info("%s | %s -> %s at %g%% (%d training images) | %d seeds", method, cfg.source.name, cfg.target.name,
              cfg.target.sampling_rate, len(data.train), len(cfg.seeds))
 
