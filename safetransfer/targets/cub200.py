@@ -17,15 +17,14 @@ def numbered(path: Path) -> dict[int, str]:
 
 
 class CUB200(ListedTarget):
+    name = "cub200"
+    official_classes = 200
+    official_split = (5994, 5794)
     title = "CUB-200-2011"
     folder = "CUB_200_2011"
     required = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
     layout = "images/<class>/<image>.jpg"
     archives = ((URL, f"md5:{MD5}"),)
-
-    def __init__(self, root: str, name: str = "cub200", expected_classes: int | None = 200,
-                 expected_split=(5994, 5794), **options):
-        super().__init__(root, name, expected_classes=expected_classes, expected_split=expected_split, **options)
 
     def check(self) -> None:
         # the archive extracts to CUB_200_2011/ itself: download into the root

@@ -89,23 +89,29 @@ class ImageListTarget(Target):
 class ListedTarget(ImageListTarget):
     """A dataset whose official split is given by list files beside its images.
 
-    Subclasses set the dataset's `title`, `folder` (under target.root), the `required`
-    files, the `archives` (url, "md5:<hex>" / "sha1:<hex>", or None where no digest is known), the
-    expected class count and split sizes, and implement `read_split`.
+    Subclasses set the dataset's `name`, `title`, `folder` (under target.root), the
+    `required` files, the `archives` (url, "md5:<hex>" / "sha1:<hex>", or None where no
+    digest is known), the official class count and split sizes, and implement `read_split`.
     """
 
+    name = ""
     title = ""
     folder = ""
+    official_classes: int | None = None
+    official_split: tuple[int, int] | None = None
     required: tuple[str, ...] = ()
     archives: tuple[tuple[str, str | None], ...] = ()
     layout = ""
 
-    def __init__(self, root: str, name: str, download: bool = False, expected_classes: int | None = None,
-                 expected_split: Sequence[int] | None = None, **sampling):
-        super().__init__(name, **sampling)
+    def __init__(self, root: str, name: str | None = None, download: bool = False, expected_classes=...,
+                 expected_split=..., **sampling):
+        """`expected_classes` / `expected_split` default (`...`) to the official counts; None skips the check."""
+        super().__init__(name or type(self).name, **sampling)
         self.root = Path(root).expanduser()
-        self.download, self.expected_classes = download, expected_classes
-        self.expected_split = tuple(expected_split) if expected_split else None
+        self.download = download
+        self.expected_classes = self.official_classes if expected_classes is ... else expected_classes
+        split = self.official_split if expected_split is ... else expected_split
+        self.expected_split = tuple(split) if split else None
 
     @property
     def base(self) -> Path:

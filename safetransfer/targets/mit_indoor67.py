@@ -13,6 +13,9 @@ TEST_LIST_URL = "http://web.mit.edu/torralba/www/TestImages.txt"
 
 
 class MITIndoor67(ListedTarget):
+    name = "mit_indoor67"
+    official_classes = 67
+    official_split = (5360, 1340)
     title = "MIT Indoor-67"
     folder = "mit_indoor67"
     required = ("Images", "TrainImages.txt", "TestImages.txt")
@@ -20,10 +23,6 @@ class MITIndoor67(ListedTarget):
     # the image archive's sha1 as pinned by a public loader (vipy); no digest is known for the two lists
     archives = ((IMAGES_URL, "sha1:0b252516e746ba428b96af408d2e8162d9b08ac5"), (TRAIN_LIST_URL, None),
                 (TEST_LIST_URL, None))
-
-    def __init__(self, root: str, name: str = "mit_indoor67", expected_classes: int | None = 67,
-                 expected_split=(5360, 1340), **options):
-        super().__init__(root, name, expected_classes=expected_classes, expected_split=expected_split, **options)
 
     def _listed(self, split: str) -> list[str]:
         path = self.base / ("TrainImages.txt" if split == "train" else "TestImages.txt")

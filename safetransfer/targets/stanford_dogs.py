@@ -11,16 +11,15 @@ LISTS_URL = "http://vision.stanford.edu/aditya86/ImageNetDogs/lists.tar"
 
 
 class StanfordDogs(ListedTarget):
+    name = "stanford_dogs"
+    official_classes = 120
+    official_split = (12000, 8580)
     title = "Stanford Dogs"
     folder = "stanford_dogs"
     required = ("Images", "train_list.mat", "test_list.mat")
     layout = "Images/<wnid>-<breed>/<image>.jpg"
     # md5s as pinned by several public loaders of this release
     archives = ((IMAGES_URL, "md5:1bb1f2a596ae7057f99d7d75860002ef"), (LISTS_URL, "md5:edbb9f16854ec66506b5f09b583e0656"))
-
-    def __init__(self, root: str, name: str = "stanford_dogs", expected_classes: int | None = 120,
-                 expected_split=(12000, 8580), **options):
-        super().__init__(root, name, expected_classes=expected_classes, expected_split=expected_split, **options)
 
     def _listed(self, split: str) -> tuple[list[str], list[int]]:
         from scipy.io import loadmat
