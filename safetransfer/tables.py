@@ -1,59 +1,196 @@
 """Paper-layout tables assembled from finished seeds: rows = target (x sampling rate),
-columns = method, cells = mean ± std over the seeds found, with the seed count.
+columns = method, cells = mean ± std over the seeds found (with their count), and
+beside each cell the paper's published value and our difference to it.
 
-    safetransfer-tables multirun/2026-11-22/10-00-00-000000 --name dtnh_table2
+    safetransfer-tables multirun/2026-11-22/10-00-00-000000 --name dtnh_table2 --published dtnh_table2
 
 Every `seed_*/metrics.json` under the given directories counts (partial sweeps too);
-the same seed of the same cell found twice counts once (the newest file wins).
-Cells with no finished seed are shown as missing, never dropped, when `--methods` or
-`--targets` name what the table should hold.
+the same seed of the same setting found twice counts once (the newest file wins).
+
+Hyper-parameter search: when a cell holds several settings (a grid over alpha, beta,
+eta, k, ...), the setting with the best mean *validation* accuracy is chosen (runs need
+target.val_fraction > 0) and that setting's test accuracy is reported, with the chosen
+values in the CSV. The test accuracy never takes part in the choice.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Iterable, Sequence
+from importlib import resources
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import DictConfig, OmegaConf
 
+from safetransfer.errors import ConfigError
 from safetransfer.experiment import method_name
-from safetransfer.results import atomic_write_text, summarize
+from safetransfer.results import NOT_IN_KEY, atomic_write_text, config_key, summarize
 
 CELL = ["backbone", "source", "target", "sampling_rate", "method"]
+ROWS = ["target", "sampling_rate"]
+QUANTITIES = ["mean", "std", "seeds", "published", "diff", "val_mean", "settings", "chosen"]
 
 
 def collect(directories: Iterable[Path]) -> pd.DataFrame:
-    """One row per finished seed: the cell it belongs to, its seed and its top-1."""
-    from omegaconf import OmegaConf
-
-    rows = {}
+    """One row per finished seed: its cell, its setting (config key), seed, test and validation top-1."""
+    rows, settings = {}, {}
     for directory in directories:
         for path in sorted(Path(directory).rglob("seed_*/metrics.json"), key=lambda p: p.stat().st_mtime):
             metrics = json.loads(path.read_text())
             cfg = OmegaConf.create(metrics["config"])
+            key = config_key(cfg)
             cell = (cfg.backbone.name, cfg.source.name, cfg.target.name, float(cfg.target.sampling_rate),
                     method_name(cfg))
-            rows[(*cell, metrics["seed"])] = (*cell, metrics["seed"], metrics["top1"])
-    return pd.DataFrame(list(rows.values()), columns=[*CELL, "seed", "top1"])
+            rows[(key, metrics["seed"])] = (*cell, key, metrics["seed"], metrics["top1"],
+                                            metrics.get("val_top1", math.nan))
+            settings[key] = _flat(cfg)
+    frame = pd.DataFrame(list(rows.values()), columns=[*CELL, "key", "seed", "top1", "val_top1"])
+    frame.attrs["settings"] = settings
+    return frame
 
 
-def paper_layout(seeds: pd.DataFrame, methods: Sequence[str] | None = None,
-                 targets: Sequence[str] | None = None) -> pd.DataFrame:
-    """rows = (target, sampling rate), columns = method, cells = 'mean ± std (n)'."""
-    cells = {}
-    for (target, rate, method), group in seeds.groupby(["target", "sampling_rate", "method"]):
-        mean, std = summarize(list(group["top1"]))
-        spread = "" if pd.isna(std) else f" ± {std:.2f}"
-        cells[(target, rate, method)] = f"{mean:.2f}{spread} ({len(group)})"
-    methods = list(methods or sorted(seeds["method"].unique()))
-    rates = sorted(seeds["sampling_rate"].unique()) or [100.0]
-    targets = list(targets or sorted(seeds["target"].unique()))
-    index = [(t, r) for t in targets for r in rates]
-    table = pd.DataFrame([[cells.get((t, r, m), "missing") for m in methods] for t, r in index],
-                         index=pd.MultiIndex.from_tuples(index, names=["target", "sampling (%)"]), columns=methods)
-    return table
+def _flat(cfg: DictConfig) -> dict[str, object]:
+    """The config's values that decide a result, as dotted keys."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for section in NOT_IN_KEY:
+        container.pop(section, None)
+    return {key: json.dumps(value) if isinstance(value, list) else value
+            for key, value in pd.json_normalize(container, sep=".").iloc[0].items()}
+
+
+def _differences(settings: Sequence[dict[str, object]]) -> list[str]:
+    """The keys whose values differ between settings (what a grid search varied)."""
+    keys = sorted(set().union(*settings))
+    return [k for k in keys if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
+
+
+def select(seeds: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell. A cell with several settings keeps the one with the best mean
+    validation top-1 (ties: the first by config key); the test top-1 is never looked at."""
+    settings = seeds.attrs.get("settings", {})
+    cells = []
+    for cell, group in seeds.groupby(CELL, sort=True):
+        by_setting = {key: g for key, g in group.groupby("key", sort=True)}
+        if len(by_setting) > 1:
+            missing = [k for k, g in by_setting.items() if g["val_top1"].isna().any()]
+            if missing:
+                raise ConfigError(
+                    f"{' / '.join(map(str, cell))} has {len(by_setting)} settings but some seeds have no validation "
+                    "accuracy to choose between them; rerun the grid with target.val_fraction=0.2 (the test split "
+                    "is never used to choose)")
+            chosen = max(by_setting, key=lambda k: by_setting[k]["val_top1"].mean())  # the first on a tie
+        else:
+            chosen = next(iter(by_setting))
+        best = by_setting[chosen].sort_values("seed")
+        varied = _differences([settings.get(k, {}) for k in by_setting]) if len(by_setting) > 1 else []
+        mean, std = summarize(list(best["top1"]))
+        cells.append({**dict(zip(CELL, cell)), "mean": mean, "std": std, "seeds": len(best),
+                      "val_mean": best["val_top1"].mean() if best["val_top1"].notna().all() else math.nan,
+                      "settings": len(by_setting), "key": chosen,
+                      "chosen": " ".join(f"{k}={settings[chosen][k]}" for k in varied)})
+    return pd.DataFrame(cells, columns=[*CELL, "mean", "std", "seeds", "val_mean", "settings", "key", "chosen"])
+
+
+def published_values(table: str, path: Path | None = None) -> pd.DataFrame:
+    """The paper's values of `table` (target, sampling_rate, method, top1; NaN where not transcribed)."""
+    if path is None:
+        path = resources.files("safetransfer.data").joinpath("published.csv")
+    with Path(str(path)).open() as handle:
+        frame = pd.read_csv(handle, comment="#", dtype={"table": str, "target": str, "method": str})
+    known = sorted(frame["table"].unique())
+    if table not in known:
+        raise ConfigError(f"results.paper.published={table} is not a published table; known: {', '.join(known)}")
+    frame = frame[frame["table"] == table].assign(sampling_rate=lambda f: f["sampling_rate"].astype(float))
+    return frame[["target", "sampling_rate", "method", "top1"]].reset_index(drop=True)
+
+
+def assemble(cells: pd.DataFrame, published: pd.DataFrame | None = None, methods: Sequence[str] | None = None,
+             targets: Sequence[str] | None = None) -> pd.DataFrame:
+    """The paper layout as numbers: rows = (target, sampling rate), columns = (method, quantity).
+    The rows and columns of the published table are all kept, found or not."""
+    published = published if published is not None else pd.DataFrame(columns=["target", "sampling_rate",
+                                                                              "method", "top1"])
+    methods = list(methods or _ordered(published["method"], cells["method"]))
+    targets = list(targets or _ordered(published["target"], cells["target"]))
+    rates = sorted(set(published["sampling_rate"]) | set(cells["sampling_rate"])) or [100.0]
+    found = {(c.target, c.sampling_rate, c.method): c for c in cells.itertuples()}
+    paper = {(p.target, p.sampling_rate, p.method): p.top1 for p in published.itertuples()}
+    index = [(t, r) for t in targets for r in rates
+             if any((t, r, m) in found or (t, r, m) in paper for m in methods) or not paper]
+    rows = []
+    for target, rate in index:
+        row = {}
+        for method in methods:
+            cell = found.get((target, rate, method))
+            value = paper.get((target, rate, method), math.nan)
+            mean = cell.mean if cell is not None else math.nan
+            row.update({(method, "mean"): mean, (method, "std"): cell.std if cell is not None else math.nan,
+                        (method, "seeds"): cell.seeds if cell is not None else 0,
+                        (method, "published"): value, (method, "diff"): mean - value,
+                        (method, "val_mean"): cell.val_mean if cell is not None else math.nan,
+                        (method, "settings"): cell.settings if cell is not None else 0,
+                        (method, "chosen"): cell.chosen if cell is not None else ""})
+        rows.append(row)
+    columns = pd.MultiIndex.from_tuples([(m, q) for m in methods for q in QUANTITIES], names=["method", "quantity"])
+    return pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["target", "sampling (%)"]),
+                        columns=columns)
+
+
+def _ordered(*columns: pd.Series) -> list[str]:
+    """Values in order of first appearance, the published table's order first."""
+    return list(dict.fromkeys(v for column in columns for v in column))
+
+
+def cell_text(mean: float, std: float, seeds: int, published: float) -> str:
+    """'81.20 ± 0.41 (5) · paper 82.00 · Δ -0.80'; 'missing' when no seed has finished."""
+    if not seeds:
+        ours = "missing"
+    else:
+        ours = f"{mean:.2f}" + ("" if pd.isna(std) else f" ± {std:.2f}") + f" ({seeds})"
+    if pd.isna(published):
+        return ours
+    return ours + f" · paper {published:.2f}" + ("" if not seeds else f" · Δ {mean - published:+.2f}")
+
+
+def paper_layout(table: pd.DataFrame) -> pd.DataFrame:
+    """The table for reading: one text cell per (row, method)."""
+    methods = list(dict.fromkeys(table.columns.get_level_values("method")))
+    return pd.DataFrame({m: [cell_text(r[(m, "mean")], r[(m, "std")], r[(m, "seeds")], r[(m, "published")])
+                             for _, r in table.iterrows()] for m in methods}, index=table.index)
+
+
+def to_markdown(table: pd.DataFrame, published: str | None = None) -> str:
+    text = paper_layout(table).reset_index()
+    text["sampling (%)"] = text["sampling (%)"].map(lambda r: f"{r:g}")
+    lines = [text.to_markdown(index=False, disable_numparse=True), ""]
+    lines.append("Cells: mean ± sample std of the test top-1 (%) over the seeds found (their count in brackets)"
+                 + (f"; `paper`: the value published in {published} (see safetransfer/data/published.csv), "
+                    "Δ = ours - paper; `paper` is left out where the value has not been transcribed"
+                    if published else "") + ".")
+    chosen = [(idx, m, table.loc[idx, (m, "chosen")], table.loc[idx, (m, "settings")])
+              for idx in table.index for m in dict.fromkeys(table.columns.get_level_values("method"))
+              if table.loc[idx, (m, "settings")] > 1]
+    if chosen:
+        lines += ["", "Chosen on the validation split (best mean validation top-1 among the settings tried):", ""]
+        lines += [f"- {t} {r:g}% {m}: {c} (of {n} settings)" for (t, r), m, c, n in chosen]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(directories: Iterable[Path], results_dir: Path, name: str, published: str | None = None,
+                methods: Sequence[str] | None = None, targets: Sequence[str] | None = None,
+                published_file: Path | None = None) -> str:
+    """Collect, select, assemble; writes <results_dir>/<name>.csv and .md and returns the Markdown."""
+    reference = published_values(published, published_file) if published else None
+    table = assemble(select(collect(directories)), reference, methods, targets)
+    flat = table.copy()
+    flat.columns = [f"{m} {q}" for m, q in table.columns]
+    atomic_write_text(Path(results_dir) / f"{name}.csv", flat.to_csv())
+    markdown = to_markdown(table, published)
+    atomic_write_text(Path(results_dir) / f"{name}.md", markdown)
+    return markdown
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,14 +199,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("directories", nargs="+", type=Path, help="run or sweep directories")
     parser.add_argument("--name", default="table", help="writes <results>/<name>.md and .csv")
     parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--published", help="show the paper's values: dtnh_table2 | dtnh_table3 | dtnh_table4 | "
+                                            "bss_table2")
+    parser.add_argument("--published-file", type=Path, help="a CSV like safetransfer/data/published.csv")
     parser.add_argument("--methods", nargs="*", help="the columns, in order (missing ones are shown)")
     parser.add_argument("--targets", nargs="*", help="the rows, in order (missing ones are shown)")
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.directories if not d.is_dir()]
     if missing:
         parser.exit(2, f"safetransfer-tables: error: no such directory: {', '.join(missing)}\n")
-    table = paper_layout(collect(args.directories), args.methods, args.targets)
-    atomic_write_text(args.results / f"{args.name}.csv", table.to_csv())
-    markdown = table.reset_index().to_markdown(index=False, disable_numparse=True) + "\n"
-    atomic_write_text(args.results / f"{args.name}.md", markdown)
+    try:
+        markdown = write_table(args.directories, args.results, args.name, args.published, args.methods,
+                               args.targets, args.published_file)
+    except ConfigError as error:
+        parser.exit(2, f"safetransfer-tables: error: {error}\n")
     print(markdown, end="")

@@ -14,7 +14,8 @@ from safetransfer.targets import Target
 from safetransfer.train import group_options
 
 #: choices with a value the user must give (`???` in their YAML)
-MANDATORY = {("source", "file"): ["source.path=/some/checkpoint.pth"], ("source", "pretrained"): ["source.dataset=demo"]}
+MANDATORY = {("source", "file"): ["source.path=/some/checkpoint.pth"], ("source", "pretrained"): ["source.dataset=demo"],
+             ("experiment", "dtnh_tables"): ["results.paper.name=dtnh_table2"]}
 GROUPS = ["backbone", "source", "target", "regularizer", "direction", "optim", "experiment", "method"]
 
 
@@ -100,3 +101,51 @@ def test_method_presets_win_over_the_experiments_choices(compose_cfg):
     assert cfg.source.name == "scratch"
     cfg = compose_cfg("experiment=demo", "method=dtnh_l2sp")
     assert cfg.source.name == "demo" and method_name(cfg) == "DTNH (L2-SP)"
+
+
+#: the paper tables: preset -> (backbone, source, iterations per target, the paper's methods)
+TABLES = {
+    "dtnh_table2": ("resnet18", "imagenet"), "dtnh_table3": ("resnet18", "places365"),
+    "dtnh_table4": ("resnet18", "stanford_dogs"), "bss_table2": ("resnet50", "imagenet"),
+}
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_every_cell_of_every_paper_table_composes_and_resolves(table):
+    """Each job of the preset's sweep composes and resolves to the paper's protocol, and the
+    cells the sweep makes are exactly the published table's cells."""
+    import itertools
+
+    from hydra import compose, initialize_config_module
+
+    from safetransfer.tables import published_values
+
+    backbone, source = TABLES[table]
+    with initialize_config_module(config_module="safetransfer.conf", version_base="1.3"):
+        preset = compose("config", overrides=[f"experiment={table}"], return_hydra_config=True)
+        assert str(preset.hydra.mode) == "RunMode.MULTIRUN"
+        params = {key: str(value).split(",") for key, value in preset.hydra.sweeper.params.items()}
+        cells = set()
+        for values in itertools.product(*params.values()):
+            overrides = [f"experiment={table}", *(f"{k}={v}" for k, v in zip(params, values))]
+            cfg = OmegaConf.create(OmegaConf.to_container(compose("config", overrides=overrides), resolve=True))
+            assert (cfg.backbone.name, cfg.source.name) == (backbone, source)
+            assert cfg.seeds == [0, 1, 2, 3, 4] and cfg.train.batch_size == 48
+            assert cfg.optim.optimizer.lr == 0.01 and cfg.optim.optimizer.momentum == 0.9
+            assert cfg.optim.head_lr_mult == 10 and cfg.optim.scheduler.gamma == 0.1
+            assert cfg.results.paper.name == table and cfg.results.paper.published == table
+            if table.startswith("dtnh"):
+                long = cfg.target.name == "cifar10"
+                assert cfg.train.iterations == (20000 if long else 8000)
+                assert list(cfg.optim.scheduler.milestones) == [15000 if long else 6000]
+                assert cfg.target.sampling_rate == 100
+            else:
+                assert cfg.train.iterations == 9000 and list(cfg.optim.scheduler.milestones) == [6000]
+                if "bss" in cfg.regularizer.terms:
+                    assert (cfg.regularizer.terms.bss.eta, cfg.regularizer.terms.bss.k) == (0.001, 1)
+                if "l2" in cfg.regularizer.terms:
+                    assert cfg.regularizer.terms.l2.alpha == 5e-4
+            instantiate(cfg.source)
+            cells.add((cfg.target.name, float(cfg.target.sampling_rate), method_name(cfg)))
+    published = published_values(table)
+    assert cells == set(zip(published["target"], published["sampling_rate"], published["method"]))

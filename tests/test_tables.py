@@ -1,19 +1,26 @@
-"""Paper-layout tables from finished seeds, checked against NumPy."""
+"""Paper-layout tables from finished seeds, checked against NumPy; the published values
+beside each cell; the choice of a setting by validation accuracy, never by test."""
 
 import json
 import os
 import time
 
 import numpy as np
+import pandas as pd
+import pytest
 from omegaconf import OmegaConf
 
-from safetransfer.tables import collect, main, paper_layout
+from safetransfer.errors import ConfigError
+from safetransfer.tables import assemble, collect, main, paper_layout, published_values, select
 
 
-def write_seed(directory, cfg, seed, top1, age=0.0):
+def write_seed(directory, cfg, seed, top1, age=0.0, val_top1=None):
     path = directory / f"seed_{seed}" / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"seed": seed, "top1": top1, "config": OmegaConf.to_container(cfg, resolve=True)}))
+    metrics = {"seed": seed, "top1": top1, "config": OmegaConf.to_container(cfg, resolve=True)}
+    if val_top1 is not None:
+        metrics["val_top1"] = val_top1
+    path.write_text(json.dumps(metrics))
     stamp = time.time() - age
     os.utime(path, (stamp, stamp))
 
@@ -31,7 +38,8 @@ def test_cells_are_mean_std_and_count_of_the_seeds_found(compose_cfg, tmp_path):
 
     seeds = collect([tmp_path / "old", tmp_path / "sweep"])
     assert len(seeds) == 6
-    table = paper_layout(seeds, methods=["Fine-tuning", "L2-SP", "DTNH (L2-SP)"], targets=["demo", "cub200"])
+    table = paper_layout(assemble(select(seeds), methods=["Fine-tuning", "L2-SP", "DTNH (L2-SP)"],
+                                  targets=["demo", "cub200"]))
     values = [70.0, 72.5, 71.0]
     assert table.loc[("demo", 30.0), "Fine-tuning"] == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (3)"
     assert table.loc[("demo", 30.0), "DTNH (L2-SP)"] == f"76.00 ± {np.std([75.0, 77.0], ddof=1):.2f} (2)"
@@ -41,10 +49,69 @@ def test_cells_are_mean_std_and_count_of_the_seeds_found(compose_cfg, tmp_path):
     assert list(table.columns) == ["Fine-tuning", "L2-SP", "DTNH (L2-SP)"]
 
 
+def test_published_values_and_differences_beside_each_cell(compose_cfg, tmp_path):
+    published = tmp_path / "published.csv"
+    published.write_text("# a citation\ntable,target,sampling_rate,method,top1\n"
+                         "t,demo,30,Fine-tuning,70.5\nt,demo,30,L2-SP,\nt,demo,60,Fine-tuning,90.25\n"
+                         "other,demo,30,Fine-tuning,1.0\n")
+    for seed, top1 in enumerate([70.0, 73.0]):
+        write_seed(tmp_path / "sweep" / "0", compose_cfg("target.sampling_rate=30"), seed, top1)
+    write_seed(tmp_path / "sweep" / "1", compose_cfg("target.sampling_rate=30", "regularizer=l2sp"), 0, 60.0)
+
+    reference = published_values("t", published)
+    numbers = assemble(select(collect([tmp_path / "sweep"])), reference)
+    assert list(numbers.index) == [("demo", 30.0), ("demo", 60.0)]  # the paper's rows, found or not
+    assert numbers.loc[("demo", 30.0), ("Fine-tuning", "diff")] == pytest.approx(np.mean([70.0, 73.0]) - 70.5)
+    assert np.isnan(numbers.loc[("demo", 30.0), ("L2-SP", "published")])  # not transcribed: no paper value
+    text = paper_layout(numbers)
+    assert text.loc[("demo", 30.0), "Fine-tuning"] == (f"71.50 ± {np.std([70.0, 73.0], ddof=1):.2f} (2) "
+                                                       "· paper 70.50 · Δ +1.00")
+    assert text.loc[("demo", 30.0), "L2-SP"] == "60.00 (1)"
+    assert text.loc[("demo", 60.0), "Fine-tuning"] == "missing · paper 90.25"
+    with pytest.raises(ConfigError, match="known: other, t"):
+        published_values("nope", published)
+
+
+def test_shipped_published_file_has_every_cell_of_the_four_tables():
+    for table, rows in [("dtnh_table2", 25), ("dtnh_table3", 25), ("dtnh_table4", 25), ("bss_table2", 120)]:
+        frame = published_values(table)
+        assert len(frame) == rows and not frame.duplicated(["target", "sampling_rate", "method"]).any()
+        values = frame["top1"].dropna()
+        assert ((values > 0) & (values <= 100)).all()
+
+
+def test_selection_uses_validation_never_test(compose_cfg, tmp_path):
+    # alpha=0.01 wins on test, alpha=0.1 on validation: the table must report alpha=0.1's test accuracy
+    small = compose_cfg("regularizer=l2sp", "regularizer.terms.l2sp.alpha=0.01", "target.val_fraction=0.2")
+    large = compose_cfg("regularizer=l2sp", "regularizer.terms.l2sp.alpha=0.1", "target.val_fraction=0.2")
+    for seed in range(3):
+        write_seed(tmp_path / "grid" / "0", small, seed, top1=90.0 + seed, val_top1=50.0)
+        write_seed(tmp_path / "grid" / "1", large, seed, top1=60.0 + seed, val_top1=55.0 + seed)
+    cells = select(collect([tmp_path / "grid"]))
+    assert len(cells) == 1
+    cell = cells.iloc[0]
+    assert cell["mean"] == pytest.approx(61.0) and cell["val_mean"] == pytest.approx(56.0)
+    assert cell["chosen"] == "regularizer.terms.l2sp.alpha=0.1" and cell["settings"] == 2
+
+    main([str(tmp_path / "grid"), "--name", "grid", "--results", str(tmp_path / "results")])
+    csv = pd.read_csv(tmp_path / "results" / "grid.csv")
+    assert csv["L2-SP chosen"].tolist() == ["regularizer.terms.l2sp.alpha=0.1"]
+    assert csv["L2-SP mean"].tolist() == [pytest.approx(61.0)]
+    assert "regularizer.terms.l2sp.alpha=0.1 (of 2 settings)" in (tmp_path / "results" / "grid.md").read_text()
+
+
+def test_selection_refuses_settings_without_validation(compose_cfg, tmp_path):
+    write_seed(tmp_path / "grid" / "0", compose_cfg("regularizer=l2sp", "regularizer.terms.l2sp.alpha=0.01"), 0, 90.0)
+    write_seed(tmp_path / "grid" / "1", compose_cfg("regularizer=l2sp", "regularizer.terms.l2sp.alpha=0.1"), 0, 60.0)
+    with pytest.raises(ConfigError, match="target.val_fraction"):
+        select(collect([tmp_path / "grid"]))
+
+
 def test_command_writes_markdown_and_csv(compose_cfg, tmp_path, capsys):
     write_seed(tmp_path / "run", compose_cfg(), 0, 66.0)
     main([str(tmp_path / "run"), "--name", "mine", "--results", str(tmp_path / "results")])
     markdown = (tmp_path / "results" / "mine.md").read_text()
     assert "66.00 (1)" in markdown and "Fine-tuning" in markdown
-    assert "66.00 (1)" in (tmp_path / "results" / "mine.csv").read_text()
+    csv = pd.read_csv(tmp_path / "results" / "mine.csv")
+    assert csv["Fine-tuning mean"].tolist() == [66.0] and csv["Fine-tuning seeds"].tolist() == [1]
     assert markdown == capsys.readouterr().out
