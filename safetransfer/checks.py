@@ -114,14 +114,14 @@ def _positive_int(value, key: str, example: str) -> None:
 def check_device(spec: str) -> None:
     if spec in ("auto", "cpu"):
         return
-    if spec == "cuda" or spec.startswith("cuda:"):
+    if spec == "cuda" or spec.startswith("cuda:") or spec == "lease":
         if not torch.cuda.is_available():
             raise ConfigError(f"runtime.device={spec} but CUDA is not available here; use runtime.device=auto or cpu")
-        index = int(spec.split(":")[1]) if ":" in spec else 0
+        index = int(spec.split(":")[1]) if spec.startswith("cuda:") else 0
         if index >= torch.cuda.device_count():
             raise ConfigError(f"runtime.device={spec} but only {torch.cuda.device_count()} CUDA device(s) exist")
         return
-    raise ConfigError(f"runtime.device={spec} is not one of auto, cpu, cuda, cuda:N")
+    raise ConfigError(f"runtime.device={spec} is not one of auto, cpu, cuda, cuda:N, lease (a GPU no other job on this machine holds)")
 
 
 def check_writable(directory: Path, key: str) -> None:

@@ -6,6 +6,8 @@ entrypoint calls.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import random
 import time
@@ -26,6 +28,7 @@ from safetransfer.engine import evaluate, fit, resolve_device
 from safetransfer.regularizers import BindContext, Omega
 from safetransfer.results import atomic_write_json, config_key, make_row, write_row
 from safetransfer.sources import save_source_checkpoint
+from safetransfer.sweeps import lease_device
 from safetransfer.targets import (Target, TensorImages, Transformed, augment_transform, normalize_transform,
                                   test_transform, train_transform)
 from safetransfer.targets.cache import DeviceAugment, cached_split
@@ -201,9 +204,37 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
     return metrics
 
 
+def finished_seed(run_dir: Path, seed: int, key: str) -> dict | None:
+    """The metrics of `seed` if an earlier run of this same config finished it in `run_dir`."""
+    path = run_dir / f"seed_{seed}" / "metrics.json"
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    if config_key(OmegaConf.create(metrics["config"])) != key:
+        log.warning("%s holds seed %d of another config; it is run again and replaced", path.parent, seed)
+        return None
+    return metrics
+
+
+@contextlib.contextmanager
+def job_device(cfg: DictConfig):
+    """runtime.device=lease: hold a GPU of this machine no other job holds, for the whole job."""
+    if cfg.runtime.device != "lease":
+        yield
+        return
+    with lease_device(torch.cuda.device_count()) as device:
+        cfg.runtime.device = device
+        yield
+
+
 def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "") -> dict:
-    """Check the config, run every seed, write the row; returns the row."""
+    """Check the config, run every seed not finished yet, write the row; returns the row."""
     check_config(cfg)
+    with job_device(cfg):
+        return _run_job(cfg, run_dir, overrides)
+
+
+def _run_job(cfg: DictConfig, run_dir: Path, overrides: str) -> dict:
     target: Target = instantiate(cfg.target)
     target.check()
     method = method_name(cfg)
@@ -216,15 +247,20 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "") -> dict:
     log.info("%s | %s -> %s at %g%% (%d training images) | %d seeds", method, cfg.source.name, cfg.target.name,
              cfg.target.sampling_rate, len(data.train), len(cfg.seeds))
 
-    accuracies = []
+    accuracies, key = [], config_key(cfg)
     for seed in cfg.seeds:
+        done = finished_seed(run_dir, seed, key)
+        if done is not None:
+            log.info("seed %d: finished earlier in %s (top-1 %.2f%%), kept", seed, run_dir, done["top1"])
+            accuracies.append(done["top1"])
+            continue
         if cfg.target.resample_per_seed:
             data = prepare_data(cfg, target, seed)
             save_indices(run_dir / f"seed_{seed}" / "sampled_train_indices.json", cfg, data)
         accuracies.append(run_seed(cfg, seed, data, source_state, run_dir)["top1"])
     row = make_row(backbone=cfg.backbone.name, source=cfg.source.name, target=cfg.target.name,
                    sampling_rate=cfg.target.sampling_rate, method=method, seeds=list(cfg.seeds),
-                   accuracies=accuracies, overrides=overrides, key=config_key(cfg), run_dir=str(run_dir))
+                   accuracies=accuracies, overrides=overrides, key=key, run_dir=str(run_dir))
     write_row(Path(cfg.results.dir), str(cfg.results.table), row)
     log.info("%s: %.2f ± %.2f over %d seeds -> %s", method, row["mean"], row["std"], row["n_seeds"],
              Path(cfg.results.dir) / f"{cfg.results.table}.md")

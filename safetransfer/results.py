@@ -23,7 +23,6 @@ from typing import Any
 import pandas as pd
 import torch
 from filelock import FileLock
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -140,22 +139,3 @@ def to_markdown(frame: pd.DataFrame) -> str:
         "overrides": frame["overrides"].fillna(""),
     })
     return shown.to_markdown(index=False, disable_numparse=True) + "\n"
-
-
-class PrintTable(Callback):
-    """Prints the job's results table when a run or a multirun ends."""
-
-    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._print(config)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._print(config)
-
-    @staticmethod
-    def _print(config: DictConfig) -> None:
-        try:
-            _, md_path = table_paths(Path(config.results.dir), str(config.results.table))
-        except Exception:  # a config whose interpolations cannot resolve here: nothing to print
-            return
-        if md_path.exists():
-            print(f"\nResults table {md_path}:\n\n{md_path.read_text()}", flush=True)

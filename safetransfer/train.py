@@ -14,13 +14,24 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 CONFIG_PACKAGE = "safetransfer.conf"
+
+
+def cuda_device_count() -> int:
+    """For launcher=gpus: as many parallel jobs as this machine has visible GPUs (at least one)."""
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+OmegaConf.register_new_resolver("safetransfer.cuda_device_count", cuda_device_count, replace=True)
 #: keys of a job's overrides that do not change its numbers, left out of the table's overrides column
 RUNTIME_PREFIXES = ("seeds", "runtime.", "results.", "paths.", "hydra.")
 
@@ -74,12 +85,25 @@ def job_overrides() -> str:
 def app(cfg: DictConfig) -> float:
     from safetransfer.experiment import run_job
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    from safetransfer.sweeps import JobStatus
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    num = hydra_cfg.job.get("num") if hydra_cfg.mode == RunMode.MULTIRUN else None
+    status = JobStatus(run_dir, list(hydra_cfg.overrides.task), num)
+    status.write("running")
     try:
         row = run_job(cfg, run_dir, job_overrides())
     except ConfigError as error:
+        status.write("failed", error=str(error))
         print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
+        if num is not None:
+            raise  # in a multirun: this job failed, the others go on; the end-of-sweep report lists it
         sys.exit(2)
+    except BaseException as error:
+        status.write("failed", error=f"{type(error).__name__}: {error}")
+        raise
+    status.write("finished", mean=row["mean"], n_seeds=row["n_seeds"])
     return row["mean"]  # what a sweeper optimises
 
 
@@ -95,7 +119,12 @@ def main() -> None:
         print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     sys.argv = [sys.argv[0], *arguments]
-    app()
+    from safetransfer.sweeps import SweepReport
+
+    try:
+        app()
+    finally:  # a multirun stopped by a failed job still gets its table and the list of failures
+        SweepReport.finish()
 
 
 if __name__ == "__main__":

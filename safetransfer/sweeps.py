@@ -1,0 +1,146 @@
+"""Multiruns: each job's status file, the report when a sweep ends (the paper-layout
+table of all its jobs and the jobs that failed, with the command that reruns each),
+and GPU leases that give each of a machine's parallel jobs a device of its own.
+
+Jobs are launched by Hydra's launchers (basic, joblib, submitit); nothing here schedules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shlex
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from safetransfer.errors import ConfigError
+from safetransfer.results import atomic_write_json, table_paths
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "job.json"
+
+
+class JobStatus:
+    """`<job dir>/job.json`: running | finished | failed, the job's overrides and, on failure, the error."""
+
+    def __init__(self, job_dir: Path, overrides: list[str], num: int | None = None):
+        self.path = Path(job_dir) / STATUS_FILE
+        self.record = {"overrides": list(overrides), "num": num, "job_dir": str(job_dir)}
+
+    def write(self, status: str, **details: Any) -> None:
+        self.record.update(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details)
+        atomic_write_json(self.path, self.record)
+
+
+def job_statuses(sweep_dir: Path) -> list[dict]:
+    """The status of every job under a sweep directory, in job order."""
+    records = [json.loads(p.read_text()) for p in Path(sweep_dir).rglob(STATUS_FILE)]
+    return sorted(records, key=lambda r: (r.get("num") is None, r.get("num") or 0, r["job_dir"]))
+
+
+def rerun_command(record: dict) -> str:
+    """One failed job alone, into its own directory: its finished seeds are kept, the rest run."""
+    arguments = [*record["overrides"], "hydra.mode=RUN", f"hydra.run.dir={record['job_dir']}"]
+    return "safetransfer-train " + " ".join(shlex.quote(a) for a in arguments)
+
+
+def failure_report(sweep_dir: Path) -> str:
+    """Lines naming each failed or unfinished job, its overrides, its error and how to rerun it."""
+    records = job_statuses(sweep_dir)
+    failed = [r for r in records if r["status"] != "finished"]
+    if not failed:
+        return f"All {len(records)} jobs of {sweep_dir} finished."
+    lines = [f"{len(failed)} of {len(records)} jobs of {sweep_dir} did not finish:"]
+    for record in failed:
+        reason = record.get("error", "interrupted while running (killed or preempted?)")
+        lines += [f"- job {record.get('num')} [{' '.join(record['overrides'])}]: {record['status']}: {reason}",
+                  f"  rerun it alone: {rerun_command(record)}"]
+    lines.append(f"Or rerun the whole sweep with hydra.sweep.dir={sweep_dir}: finished seeds are kept, not rerun.")
+    return "\n".join(lines)
+
+
+def sweep_report(config: DictConfig, sweep_dir: Path) -> str:
+    """The paper-layout table of everything under `sweep_dir`, then the failed jobs."""
+    from safetransfer.tables import write_table
+
+    parts = []
+    paper = config.results.paper
+    name = str(paper.name)
+    try:
+        markdown = write_table([sweep_dir], Path(config.results.dir), name,
+                               str(paper.published) if paper.published else None)
+        parts.append(f"Paper-layout table {Path(config.results.dir) / (name + '.md')} (all jobs of {sweep_dir}):"
+                     f"\n\n{markdown}")
+    except ConfigError as error:
+        parts.append(f"No paper-layout table: {error}")
+    parts.append(failure_report(sweep_dir))
+    return "\n".join(parts)
+
+
+class SweepReport(Callback):
+    """When a run ends: print its results table. When a multirun ends, normally or with
+    failed jobs (safetransfer.train.main calls `finish` then): assemble and print the
+    paper-layout table of all its jobs and list the jobs that failed."""
+
+    active: tuple[DictConfig, Path] | None = None
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        with contextlib.suppress(Exception):  # interpolations that cannot resolve here: nothing to print
+            _, md_path = table_paths(Path(config.results.dir), str(config.results.table))
+            if md_path.exists():
+                print(f"\nResults table {md_path}:\n\n{md_path.read_text()}", flush=True)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepReport.active = (config, Path(str(config.hydra.sweep.dir)))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepReport.finish()
+
+    @staticmethod
+    def finish() -> None:
+        if SweepReport.active is None:
+            return
+        config, sweep_dir = SweepReport.active
+        SweepReport.active = None
+        if sweep_dir.is_dir():
+            print("\n" + sweep_report(config, sweep_dir), flush=True)
+
+
+def lease_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "safetransfer-gpu-leases"
+
+
+@contextlib.contextmanager
+def lease_device(count: int, directory: Path | None = None, poll_s: float = 2.0) -> Iterator[str]:
+    """Hold one of `count` CUDA devices for this process: the first whose lock file is free.
+    Jobs that run side by side on one machine (the joblib launcher) each get their own
+    GPU; a job finding all taken waits for one."""
+    directory = directory or lease_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        for index in range(count):
+            lock = FileLock(str(directory / f"cuda{index}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue
+            try:
+                log.info("leased cuda:%d", index)
+                yield f"cuda:{index}"
+                return
+            finally:
+                lock.release()
+        if not waited:
+            log.info("all %d GPUs are leased by other jobs; waiting for one", count)
+            waited = True
+        time.sleep(poll_s)

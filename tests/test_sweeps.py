@@ -1,0 +1,117 @@
+"""Multiruns through the real CLI: a grid search giving a paper-layout table chosen on
+validation, a failed job reported with the command that reruns it, finished seeds kept
+on a rerun, GPU leases, and a sweep through submitit's local executor."""
+
+import json
+import shlex
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY, TINY_DEMO_SOURCE
+from safetransfer.sweeps import job_statuses, lease_device
+
+#: the tiny demo: one seed pair, 10 training images per class, 30 % of them held out for validation
+TINY_SWEEP = ["experiment=demo", *[o for o in TINY if not o.startswith("seeds")], "seeds=[0,1]", *TINY_DEMO_SOURCE,
+              "target.sampling_rate=100", "results.dir=res"]
+
+
+def metrics_of(sweep):
+    return [json.loads(p.read_text()) for p in sorted(sweep.glob("*/seed_*/metrics.json"))]
+
+
+#: long enough (20 iterations at lr 0.03) for the settings to part: with DTNH, validation picks
+#: alpha=10 while the test split would have picked alpha=0.01 (torch 2.14, CPU)
+GRID = ["train.iterations=20", "optim.scheduler.milestones=[15]", "optim.optimizer.lr=0.03", "runtime.log_every=10"]
+
+
+def test_grid_search_gives_a_paper_layout_table_chosen_on_validation(cli, tmp_path):
+    replaced = {o.split("=")[0] for o in GRID}
+    arguments = [*[o for o in TINY_SWEEP if o.split("=")[0] not in replaced], *GRID, "target.val_fraction=0.3",
+                 "method=l2sp,dtnh_l2sp", "regularizer.terms.l2sp.alpha=0.01,10.0", "results.paper.name=grid",
+                 "hydra.sweep.dir=sweep"]
+    result = cli(*arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = metrics_of(tmp_path / "sweep")
+    assert len(runs) == 8 and all("val_top1" in m for m in runs)
+
+    # the choice, computed here from the seeds' own files: best mean validation accuracy per method
+    frame = pd.DataFrame([{"method": "DTNH (L2-SP)" if m["config"]["direction"]["_target_"].endswith("DTNH")
+                           else "L2-SP", "alpha": m["config"]["regularizer"]["terms"]["l2sp"]["alpha"],
+                           "val": m["val_top1"], "test": m["top1"]} for m in runs])
+    table = pd.read_csv(tmp_path / "res" / "grid.csv")
+    assert len(table) == 1 and table["target"].tolist() == ["demo"]
+    decided = 0
+    for method, group in frame.groupby("method"):
+        means = group.groupby("alpha")[["val", "test"]].mean()
+        best = means["val"].idxmax()
+        if (means["val"] == means["val"].max()).sum() == 1:  # a clear winner (a tie keeps the first config key)
+            decided += 1
+            assert table[f"{method} chosen"].tolist() == [f"regularizer.terms.l2sp.alpha={best}"]
+            assert table[f"{method} mean"].tolist() == [pytest.approx(means.loc[best, "test"])]
+            assert table[f"{method} val_mean"].tolist() == [pytest.approx(means.loc[best, "val"])]
+        assert table[f"{method} settings"].tolist() == [2] and table[f"{method} seeds"].tolist() == [2]
+    assert decided >= 1, frame  # the choice was exercised, not only ties
+    markdown = (tmp_path / "res" / "grid.md").read_text()
+    assert "(of 2 settings)" in markdown and markdown in result.stdout
+    assert "All 4 jobs of" in result.stdout
+    assert {r["status"] for r in job_statuses(tmp_path / "sweep")} == {"finished"}
+
+    # the same sweep again into the same directory: every seed is kept, none is trained again
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").glob("*/seed_*/metrics.json")}
+    again = cli(*arguments)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again.stderr.count("finished earlier") + again.stdout.count("finished earlier") == 8
+
+
+def test_failed_job_is_reported_with_its_rerun_command(cli, tmp_path):
+    result = cli(*TINY_SWEEP, "method=fine_tuning", "target.sampling_rate=100,150", "hydra.sweep.dir=sweep")
+    assert result.returncode != 0
+    assert "target.sampling_rate=150 is outside (0, 100]" in result.stderr  # the job's own one line
+    statuses = {r["num"]: r for r in job_statuses(tmp_path / "sweep")}
+    assert statuses[0]["status"] == "finished" and statuses[1]["status"] == "failed"
+    assert len(metrics_of(tmp_path / "sweep")) == 2  # the good job's seeds are all there
+    report = result.stdout[result.stdout.index("1 of 2 jobs"):]
+    assert "job 1 [" in report and "target.sampling_rate=150" in report
+    command = next(line for line in report.splitlines() if "rerun it alone:" in line).split("rerun it alone: ")[1]
+    words = shlex.split(command)
+    assert words[0] == "safetransfer-train" and "target.sampling_rate=150" in words and "hydra.mode=RUN" in words
+    assert f"hydra.run.dir={statuses[1]['job_dir']}" in words
+    assert (tmp_path / "res" / "demo_paper.md").exists()  # the table of what finished
+
+
+def test_leases_give_each_holder_its_own_gpu_and_make_the_next_wait(tmp_path):
+    order = []
+    with lease_device(2, tmp_path) as first, lease_device(2, tmp_path) as second:
+        assert {first, second} == {"cuda:0", "cuda:1"}
+
+        def third():
+            with lease_device(2, tmp_path, poll_s=0.05) as device:
+                order.append(("third", device))
+
+        waiting = threading.Thread(target=third)
+        waiting.start()
+        time.sleep(0.5)
+        assert not order  # both devices are held: the third job waits
+        order.append(("released", first))
+    waiting.join(timeout=10)
+    assert order[0][0] == "released" and order[1][0] == "third"
+
+
+def test_two_job_sweep_through_submitit_local_executor(cli, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    result = cli(*TINY_SWEEP, "seeds=[0]", "launcher=submitit_local", "method=fine_tuning,l2sp",
+                 "hydra.sweep.dir=sweep", timeout=600)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    runs = metrics_of(tmp_path / "sweep")
+    assert sorted(m["config"]["regularizer"]["name"] for m in runs) == ["Fine-tuning", "L2-SP"]
+    assert (tmp_path / "sweep" / ".submitit").is_dir()  # the jobs went through submitit
+    table = pd.read_csv(tmp_path / "res" / "demo_paper.csv")
+    for m in runs:
+        column = "Fine-tuning" if m["config"]["regularizer"]["name"] == "Fine-tuning" else "L2-SP"
+        assert table[f"{column} mean"].tolist() == [pytest.approx(m["top1"])]
+    assert np.all(table.filter(like="seeds").to_numpy() == 1)
