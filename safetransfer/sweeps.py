@@ -94,10 +94,7 @@ class SweepReport(Callback):
     active: tuple[DictConfig, Path] | None = None
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        with contextlib.suppress(Exception):  # interpolations that cannot resolve here: nothing to print
-            _, md_path = table_paths(Path(config.results.dir), str(config.results.table))
-            if md_path.exists():
-                print(f"\nResults table {md_path}:\n\n{md_path.read_text()}", flush=True)
+        print_results_table(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SweepReport.active = (config, Path(str(config.hydra.sweep.dir)))
@@ -112,7 +109,16 @@ class SweepReport(Callback):
         config, sweep_dir = SweepReport.active
         SweepReport.active = None
         if sweep_dir.is_dir():
+            print_results_table(config)
             print("\n" + sweep_report(config, sweep_dir), flush=True)
+
+
+def print_results_table(config: DictConfig) -> None:
+    """The job rows of `results.table`, if there are any."""
+    with contextlib.suppress(Exception):  # interpolations that cannot resolve here: nothing to print
+        _, md_path = table_paths(Path(config.results.dir), str(config.results.table))
+        if md_path.exists():
+            print(f"\nResults table {md_path}:\n\n{md_path.read_text()}", flush=True)
 
 
 def lease_dir() -> Path:

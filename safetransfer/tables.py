@@ -91,7 +91,16 @@ def select(seeds: pd.DataFrame) -> pd.DataFrame:
                       "val_mean": best["val_top1"].mean() if best["val_top1"].notna().all() else math.nan,
                       "settings": len(by_setting), "key": chosen,
                       "chosen": " ".join(f"{k}={settings[chosen][k]}" for k in varied)})
-    return pd.DataFrame(cells, columns=[*CELL, "mean", "std", "seeds", "val_mean", "settings", "key", "chosen"])
+    frame = pd.DataFrame(cells, columns=[*CELL, "mean", "std", "seeds", "val_mean", "settings", "key", "chosen"])
+    return frame.assign(method=column_labels(frame))
+
+
+def column_labels(cells: pd.DataFrame) -> list[str]:
+    """The method, with its source (and backbone) in brackets when the table mixes several:
+    `Fine-tuning [scratch]` beside `Fine-tuning [demo]`."""
+    parts = [c for c in ("backbone", "source") if cells[c].nunique() > 1]
+    return [m if not parts else f"{m} [{', '.join(str(row[p]) for p in parts)}]"
+            for m, (_, row) in zip(cells["method"], cells.iterrows())]
 
 
 def published_values(table: str, path: Path | None = None) -> pd.DataFrame:

@@ -115,3 +115,29 @@ def test_two_job_sweep_through_submitit_local_executor(cli, tmp_path):
         column = "Fine-tuning" if m["config"]["regularizer"]["name"] == "Fine-tuning" else "L2-SP"
         assert table[f"{column} mean"].tolist() == [pytest.approx(m["top1"])]
     assert np.all(table.filter(like="seeds").to_numpy() == 1)
+
+
+@pytest.mark.parametrize("table", ["dtnh_table2", "dtnh_table3", "dtnh_table4", "bss_table2"])
+def test_reproduce_script_launches_the_tables_preset(tmp_path, table):
+    """scripts/reproduce.sh with a stand-in safetransfer-train that records its arguments."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "reproduce.sh"
+    fake = tmp_path / "bin" / "safetransfer-train"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "calls"}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(script), table, "paths.data_root=/data"], env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[-1] == f"experiment={table} paths.data_root=/data"
+    if table == "dtnh_table4":  # its source is made first
+        assert calls[0].startswith("experiment=pretrain_source target=stanford_dogs backbone=resnet18")
+    assert len(calls) == (2 if table == "dtnh_table4" else 1)
+
+    wrong = subprocess.run(["bash", str(script), "dtnh_table5"], env=env, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "TABLE is one of: dtnh_table2 dtnh_table3 dtnh_table4 bss_table2" in wrong.stderr

@@ -115,3 +115,11 @@ def test_command_writes_markdown_and_csv(compose_cfg, tmp_path, capsys):
     csv = pd.read_csv(tmp_path / "results" / "mine.csv")
     assert csv["Fine-tuning mean"].tolist() == [66.0] and csv["Fine-tuning seeds"].tolist() == [1]
     assert markdown == capsys.readouterr().out
+
+
+def test_cells_of_several_sources_get_their_own_columns(compose_cfg, tmp_path):
+    write_seed(tmp_path / "sweep" / "0", compose_cfg("source=demo"), 0, 80.0)
+    write_seed(tmp_path / "sweep" / "1", compose_cfg("source=scratch"), 0, 40.0)
+    table = paper_layout(assemble(select(collect([tmp_path / "sweep"]))))
+    assert table.loc[("demo", 100.0), "Fine-tuning [demo]"] == "80.00 (1)"
+    assert table.loc[("demo", 100.0), "Fine-tuning [scratch]"] == "40.00 (1)"
