@@ -141,3 +141,27 @@ def test_reproduce_script_launches_the_tables_preset(tmp_path, table):
 
     wrong = subprocess.run(["bash", str(script), "dtnh_table5"], env=env, capture_output=True, text=True)
     assert wrong.returncode == 2 and "TABLE is one of: dtnh_table2 dtnh_table3 dtnh_table4 bss_table2" in wrong.stderr
+
+
+def test_two_job_sweep_through_the_joblib_launcher(cli, tmp_path):
+    """launcher=gpus on a machine without GPUs: one joblib worker, the device given on the command line."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    result = cli(*TINY_SWEEP, "seeds=[0]", "launcher=gpus", "runtime.device=cpu", "method=fine_tuning,l2sp",
+                 "hydra.sweep.dir=sweep")
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    assert "Joblib.Parallel" in result.stdout + result.stderr  # Hydra's joblib launcher ran the jobs
+    assert {r["status"] for r in job_statuses(tmp_path / "sweep")} == {"finished"}
+    assert len(metrics_of(tmp_path / "sweep")) == 2
+
+
+def test_slurm_preset_sets_the_submitit_slurm_launcher(compose_cfg):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="safetransfer.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=dtnh_table2", "launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
+    assert launcher.timeout_min > 0 and launcher.max_num_timeout > 0
+    assert cfg.runtime.num_workers < launcher.cpus_per_task  # workers + the main process fit the allocation
