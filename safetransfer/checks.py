@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def check_config(cfg: DictConfig) -> None:
                           "the crop is taken from the resized image, so set data.crop <= data.resize")
     if cfg.runtime.log_every < 0:
         raise ConfigError(f"runtime.log_every={cfg.runtime.log_every} must be >= 0 (0 logs only the last iteration)")
+    if cfg.runtime.get("checkpoint_every", 0) < 0:
+        raise ConfigError(f"runtime.checkpoint_every={cfg.runtime.checkpoint_every} must be >= 0 "
+                          "(iterations between checkpoints; 0: none)")
     if cfg.runtime.num_workers < 0:
         raise ConfigError(f"runtime.num_workers={cfg.runtime.num_workers} must be >= 0 (0 loads in the main process)")
     every = cfg.runtime.diagnostics_every
@@ -81,8 +85,9 @@ def check_regularizer(cfg: DictConfig) -> None:
         key = f"regularizer.terms.{name}"
         for coefficient in COEFFICIENTS:
             value = term.get(coefficient)
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
-                raise ConfigError(f"{key}.{coefficient}={value} must be >= 0")
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                      or not math.isfinite(value) or value < 0):
+                raise ConfigError(f"{key}.{coefficient}={value} must be a finite number >= 0")
         decay = term.get("decay", 1.0)
         if not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
             raise ConfigError(f"{key}.decay={decay} is outside [0, 1] (lambda_e = lambda * decay^epoch; 1 = no decay)")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -53,11 +52,13 @@ class StepResult:
 
 def training_step(model: TransferNet, images: torch.Tensor, labels: torch.Tensor, omega: Omega,
                   direction: Direction, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter],
-                  precision_context=contextlib.nullcontext(), record: bool = False, angles: bool = False) -> StepResult:
+                  precision_context=contextlib.nullcontext(), record: bool = False, angles: bool = False,
+                  check_finite: bool = True) -> StepResult:
     """One iteration of DTNH Algorithm 1.
 
     `record` also returns each term's value; `angles` also returns the angles between
     d, g_J and g_Omega (which makes a `sum` step compute g_J and g_Omega apart too).
+    `check_finite` refuses to step when J or d is NaN or infinite (NonFiniteError).
     """
     with precision_context:
         logits, features = model(images)
@@ -78,6 +79,10 @@ def training_step(model: TransferNet, images: torch.Tensor, labels: torch.Tensor
         d = _grad(loss_J if omega_autograd is None else loss_J + omega_autograd, params)
         omega.add_closed_form_gradient(params, d)
 
+    if check_finite and not bool(torch.isfinite(loss_J) & torch.stack(torch._foreach_norm(d)).isfinite().all()):
+        # never step along a non-finite d: say which part is to blame, at these weights
+        raise NonFiniteError(diagnose_nonfinite(model, images, labels, omega, params, precision_context))
+
     result = StepResult(loss_J.detach(), (logits.detach().argmax(dim=1) == labels).sum())
     if record:  # at the weights the gradients were taken at, before the step
         values = {name: value.detach() for name, value in feature_terms.items()}
@@ -91,6 +96,44 @@ def training_step(model: TransferNet, images: torch.Tensor, labels: torch.Tensor
         p.grad = d_p
     optimizer.step()
     return result
+
+
+class NonFiniteError(FloatingPointError):
+    """J, a term of Omega or a gradient is NaN or infinite; the message names which."""
+
+
+def _coefficients(term) -> str:
+    names = [n for n in ("alpha", "beta", "eta", "k") if hasattr(term, n)]
+    return ", ".join([*(f"{n}={getattr(term, n):g}" for n in names), f"decay^epoch={term.scale:g}"])
+
+
+def diagnose_nonfinite(model: TransferNet, images: torch.Tensor, labels: torch.Tensor, omega: Omega,
+                       params: Sequence[torch.nn.Parameter], precision_context=contextlib.nullcontext()) -> str:
+    """Which of J, the terms of Omega and their gradients is not finite, at the current weights."""
+    def finite(tensors) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+    with precision_context:
+        logits, features = model(images)
+        loss_J = F.cross_entropy(logits, labels)
+        values = omega.autograd_values(model, features)
+    values.update(omega.closed_form_values(model))
+    problems = [] if finite([loss_J]) else [f"the empirical loss J is {float(loss_J)}"]
+    problems += [f"Omega term {name} is {float(v.detach())} ({_coefficients(omega.terms[name])})"
+                 for name, v in values.items() if not finite([v])]
+    if problems:
+        return "; ".join(problems)
+    if not finite(_grad(loss_J, params, retain_graph=True)):
+        return "the gradient of the empirical loss J is not finite"
+    for name, term in omega.terms.items():
+        if term.closed_form:
+            grads = [torch.zeros_like(p) for p in params]
+            term.add_gradient(params, grads)
+        else:
+            grads = _grad(values[name], params, retain_graph=True)
+        if not finite(grads):
+            return f"the gradient of Omega term {name} is not finite ({_coefficients(term)})"
+    return "the direction d is not finite although J, Omega and their gradients are"
 
 
 @torch.no_grad()
@@ -118,13 +161,46 @@ def _grad(value: torch.Tensor, params: Sequence[torch.nn.Parameter], retain_grap
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
-def endless(loader: DataLoader) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """(epoch, batch) pairs for as long as asked: training is iteration-based."""
-    epoch = 0
-    while True:
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
+class Batches:
+    """(epoch, batch) pairs for as long as asked: training is iteration-based. Its
+    position (epoch, batches taken in it, and the sampler's generator state when the
+    epoch began) can be saved and restored, which replays the same data order."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.epoch, self.taken = loader, 0, 0
+        self.generator = getattr(loader.sampler, "generator", None) or loader.generator
+        self.epoch_start = None
+        self._batches: Iterator | None = None
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> tuple[int, tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            if self._batches is None:
+                self.epoch_start = self.generator.get_state() if self.generator is not None else None
+                self._batches, self.taken = iter(self.loader), 0
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                self._batches, self.epoch = None, self.epoch + 1
+                continue
+            self.taken += 1
+            return self.epoch, batch
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "taken": self.taken, "epoch_start": self.epoch_start}
+
+    def restore(self, position: dict) -> None:
+        """Continue after the batch the position was taken at (the batches before it are loaded again and dropped)."""
+        self.epoch = position["epoch"]
+        if position["epoch_start"] is not None:
+            self.generator.set_state(position["epoch_start"])
+        self.epoch_start = position["epoch_start"]
+        self._batches = iter(self.loader)
+        for _ in range(position["taken"]):
+            next(self._batches)
+        self.taken = position["taken"]
 
 
 def use_bar(progress: str) -> bool:
@@ -136,15 +212,24 @@ def use_bar(progress: str) -> bool:
 def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Direction,
         optimizer: torch.optim.Optimizer, scheduler, *, iterations: int, device: torch.device,
         precision: str = "fp32", log_every: int = 100, diagnostics_every: int = 0, progress: str = "auto",
-        log_path: Path | None = None, desc: str = "train", batch_transform=None) -> list[dict]:
+        log_path: Path | None = None, desc: str = "train", batch_transform=None,
+        checkpoint_path: Path | None = None, checkpoint_every: int = 0, key: str = "",
+        resume: dict | None = None, check_finite: bool = True) -> list[dict]:
     """Train for `iterations` steps; every `log_every` steps (and at the last) append a row to log.csv.
 
-    Returns the logged rows. loss_J and train_acc are means over the steps since the
-    previous row; lr is the one the row's step used; loss_Omega and its terms are the
-    values at the row's step. Rows at multiples of `diagnostics_every` also carry the
-    angles between d, g_J and g_Omega and the terms' own diagnostics (BSS's singular values).
+    Returns the rows logged by this call. loss_J and train_acc are means over the steps
+    since the previous row; lr is the one the row's step used; loss_Omega and its terms
+    are the values at the row's step. Rows at multiples of `diagnostics_every` also carry
+    the angles between d, g_J and g_Omega and the terms' own diagnostics (BSS's singular values).
     `batch_transform` finishes each batch on the device (DeviceAugment).
+
+    Every `checkpoint_every` steps the whole training state goes to `checkpoint_path`
+    (tagged with the config `key`); `resume`, such a state, continues from it. A stop
+    signal (safetransfer.resume.active) writes a checkpoint after the current step and
+    raises Preempted.
     """
+    from safetransfer import resume as resuming
+
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     precision_context = autocast(device, precision)
@@ -152,16 +237,40 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
                "train_acc"]
     if diagnostics_every:
         columns += [*ANGLE_COLUMNS, *omega.diagnostic_names()]
-    writer = _LogWriter(log_path, [*columns, "elapsed_s"])
     rows: list[dict] = []
     window_loss = torch.zeros((), device=device)
     window_correct = torch.zeros((), device=device, dtype=torch.long)
     window_steps = window_images = 0
-    current_epoch = -1
-    bar = tqdm(total=iterations, desc=desc, disable=not use_bar(progress), dynamic_ncols=True, leave=False)
+    current_epoch, first, elapsed = -1, 1, 0.0
+    batches = Batches(loader)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        batches.restore(resume["position"])
+        if batch_transform is not None and resume.get("augment") is not None:
+            batch_transform.generator.set_state(resume["augment"])
+        window_loss += resume["window"]["loss"].to(device)
+        window_correct += resume["window"]["correct"].to(device)
+        window_steps, window_images = resume["window"]["steps"], resume["window"]["images"]
+        first, elapsed = resume["iteration"] + 1, resume["elapsed_s"]
+        resuming.set_rng_state(resume["rng"])  # after the replayed batches, which drew from it
+        log.info("%s: resumed after iteration %d of %d", desc, resume["iteration"], iterations)
+    writer = _LogWriter(log_path, [*columns, "elapsed_s"], keep_until=first - 1)
+
+    def save(iteration: int) -> None:
+        resuming.save_checkpoint(checkpoint_path, {
+            "key": key, "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "position": batches.position(), "rng": resuming.rng_state(),
+            "augment": batch_transform.generator.get_state() if batch_transform is not None else None,
+            "window": {"loss": window_loss.detach().cpu(), "correct": window_correct.detach().cpu(),
+                       "steps": window_steps, "images": window_images},
+            "elapsed_s": elapsed + time.perf_counter() - start})
+
+    bar = tqdm(total=iterations, initial=first - 1, desc=desc, disable=not use_bar(progress), dynamic_ncols=True,
+               leave=False)
     start = time.perf_counter()
-    batches = endless(loader)
-    for iteration in range(1, iterations + 1):
+    for iteration in range(first, iterations + 1):
         epoch, (images, labels) = next(batches)
         if epoch != current_epoch:
             current_epoch = epoch
@@ -172,52 +281,71 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
         images = images.to(device, non_blocking=True)
         if batch_transform is not None:
             images = batch_transform(images)
-        step = training_step(model, images, labels.to(device, non_blocking=True),
-                             omega, direction, optimizer, params, precision_context, record=logged, angles=diagnosed)
+        try:
+            step = training_step(model, images, labels.to(device, non_blocking=True), omega, direction, optimizer,
+                                 params, precision_context, record=logged, angles=diagnosed,
+                                 check_finite=check_finite)
+        except NonFiniteError as error:
+            raise NonFiniteError(f"{desc}: iteration {iteration} (epoch {epoch}): {error}") from None
         scheduler.step()
         window_loss += step.loss_J
         window_correct += step.correct
         window_steps += 1
         window_images += len(labels)
         bar.update(1)
-        if not logged:
-            continue
-        row = {
-            "iteration": iteration, "epoch": epoch, "lr": lr,
-            "loss_J": float(window_loss) / window_steps,
-            "loss_Omega": float(sum(step.omega.values())) if step.omega else 0.0,
-            **{f"Omega_{name}": float(value) for name, value in step.omega.items()},
-            "train_acc": 100.0 * float(window_correct) / window_images,
-        }
-        if diagnosed:
-            row.update({name: float(value) for name, value in step.angles.items()})
-            row.update(omega.diagnostics())
-        row["elapsed_s"] = time.perf_counter() - start
-        if not math.isfinite(row["loss_J"]):
-            raise FloatingPointError(f"{desc}: the empirical loss J is {row['loss_J']} at iteration {iteration}")
-        rows.append(row)
-        writer.write(row)
-        window_loss.zero_()
-        window_correct.zero_()
-        window_steps = window_images = 0
-        if bar.disable:
-            log.info(f"{desc} | iter {iteration}/{iterations} | lr {lr:.2e} | J {row['loss_J']:.4f} "
-                     f"| Omega {row['loss_Omega']:.4f} | train acc {row['train_acc']:.1f}%")
-        else:
-            bar.set_postfix(J=f"{row['loss_J']:.3f}", lr=f"{lr:.1e}")
+        if logged:
+            row = {
+                "iteration": iteration, "epoch": epoch, "lr": lr,
+                "loss_J": float(window_loss) / window_steps,
+                "loss_Omega": float(sum(step.omega.values())) if step.omega else 0.0,
+                **{f"Omega_{name}": float(value) for name, value in step.omega.items()},
+                "train_acc": 100.0 * float(window_correct) / window_images,
+            }
+            if diagnosed:
+                row.update({name: float(value) for name, value in step.angles.items()})
+                row.update(omega.diagnostics())
+            row["elapsed_s"] = elapsed + time.perf_counter() - start
+            rows.append(row)
+            writer.write(row)
+            window_loss.zero_()
+            window_correct.zero_()
+            window_steps = window_images = 0
+            if bar.disable:
+                log.info(f"{desc} | iter {iteration}/{iterations} | lr {lr:.2e} | J {row['loss_J']:.4f} "
+                         f"| Omega {row['loss_Omega']:.4f} | train acc {row['train_acc']:.1f}%")
+            else:
+                bar.set_postfix(J=f"{row['loss_J']:.3f}", lr=f"{lr:.1e}")
+        stop = resuming.active.requested if resuming.active is not None else None
+        if checkpoint_path is not None and iteration < iterations and (
+                stop is not None or (checkpoint_every and iteration % checkpoint_every == 0)):
+            save(iteration)
+        if stop is not None and iteration < iterations:
+            bar.close()
+            writer.close()
+            raise resuming.Preempted(stop, iteration, checkpoint_path)
     bar.close()
     writer.close()
     return rows
 
 
 class _LogWriter:
-    """Writes rows to log.csv, flushing each so that a crashed run keeps its curve."""
+    """Writes rows to log.csv, flushing each so that a crashed run keeps its curve. A
+    resumed run keeps the rows up to `keep_until` (its checkpoint's iteration) and
+    drops the later ones, which the resumed run writes again."""
 
-    def __init__(self, path: Path | None, columns: list[str]):
-        self.file = open(path, "w", newline="") if path is not None else None
-        if self.file is not None:
-            self.writer = csv.DictWriter(self.file, fieldnames=columns, restval="")
-            self.writer.writeheader()
+    def __init__(self, path: Path | None, columns: list[str], keep_until: int = 0):
+        self.file = None
+        if path is None:
+            return
+        kept = []
+        if keep_until and Path(path).exists():
+            with open(path, newline="") as handle:
+                kept = [row for row in csv.DictReader(handle) if int(row["iteration"]) <= keep_until]
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=columns, restval="")
+        self.writer.writeheader()
+        self.writer.writerows(kept)
+        self.file.flush()
 
     def write(self, row: dict) -> None:
         if self.file is not None:

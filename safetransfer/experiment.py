@@ -19,21 +19,24 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from safetransfer.backbones import TransferNet
 from safetransfer.checks import check_config, check_training_set
 from safetransfer.directions import Direction
-from safetransfer.engine import evaluate, fit, resolve_device
+from safetransfer.engine import NonFiniteError, evaluate, fit, resolve_device
 from safetransfer.regularizers import BindContext, Omega
 from safetransfer.results import atomic_write_json, config_key, make_row, write_row
 from safetransfer.sources import save_source_checkpoint
+from safetransfer.resume import CHECKPOINT, load_checkpoint
 from safetransfer.sweeps import lease_device
 from safetransfer.targets import (Target, TensorImages, Transformed, augment_transform, normalize_transform,
                                   test_transform, train_transform)
 from safetransfer.targets.cache import DeviceAugment, cached_split
 
 log = logging.getLogger(__name__)
+
+FAILED = "failed.json"  # in a seed's directory: it stopped on a NaN or inf, and why
 
 
 def seed_everything(seed: int) -> None:
@@ -74,11 +77,14 @@ def create_optimizer(cfg: DictConfig, model: TransferNet) -> tuple[torch.optim.O
 
 def create_loader(dataset: Dataset, cfg: DictConfig, *, train: bool, seed: int, device: torch.device) -> DataLoader:
     # the generator fixes the shuffling and, through each worker's base seed, the augmentation
+    # with persistent workers the order comes from a generator of its own, so that a resumed
+    # run (a fresh loader) replays it exactly (see safetransfer.resume)
     workers = cfg.runtime.num_workers
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if train and workers else None
     return DataLoader(
-        dataset, batch_size=cfg.train.batch_size, shuffle=train, drop_last=train, num_workers=workers,
-        generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda",
-        persistent_workers=train and workers > 0)
+        dataset, batch_size=cfg.train.batch_size, shuffle=train and sampler is None, sampler=sampler,
+        drop_last=train, num_workers=workers, generator=torch.Generator().manual_seed(seed),
+        pin_memory=device.type == "cuda", persistent_workers=train and workers > 0)
 
 
 @dataclass
@@ -158,8 +164,10 @@ def bind_context(cfg: DictConfig, data: Data, device: torch.device) -> BindConte
                        cache_dir=Path(cfg.paths.cache_dir).expanduser(), identity=identity)
 
 
-def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, run_dir: Path) -> dict:
-    """Fine-tune once and evaluate the final weights (never the best test epoch)."""
+def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, run_dir: Path) -> dict | None:
+    """Fine-tune once and evaluate the final weights (never the best test epoch). Continues
+    from the seed's checkpoint when an earlier run left one. A NaN or inf stops the seed:
+    it is recorded in failed.json and None returned."""
     seed_dir = run_dir / f"seed_{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(str(cfg.runtime.device))
@@ -172,12 +180,20 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
     if data.on_device:
         train_batches = DeviceAugment(cfg.data.crop, cfg.data.mean, cfg.data.std, seed, device)
         test_batches = DeviceAugment(cfg.data.crop, cfg.data.mean, cfg.data.std, seed, device, train=False)
+    key, checkpoint = config_key(cfg), seed_dir / CHECKPOINT
     start = time.perf_counter()
-    fit(model, create_loader(data.train, cfg, train=True, seed=seed, device=device), omega, create_direction(cfg),
-        optimizer, scheduler, iterations=cfg.train.iterations, device=device, precision=cfg.train.precision,
-        log_every=cfg.runtime.log_every, diagnostics_every=cfg.runtime.diagnostics_every,
-        progress=cfg.runtime.progress, log_path=seed_dir / "log.csv",
-        desc=f"seed {seed}", batch_transform=train_batches)
+    try:
+        fit(model, create_loader(data.train, cfg, train=True, seed=seed, device=device), omega,
+            create_direction(cfg), optimizer, scheduler, iterations=cfg.train.iterations, device=device,
+            precision=cfg.train.precision, log_every=cfg.runtime.log_every,
+            diagnostics_every=cfg.runtime.diagnostics_every, progress=cfg.runtime.progress,
+            log_path=seed_dir / "log.csv", desc=f"seed {seed}", batch_transform=train_batches,
+            checkpoint_path=checkpoint, checkpoint_every=cfg.runtime.checkpoint_every, key=key,
+            resume=load_checkpoint(checkpoint, key), check_finite=cfg.runtime.check_finite)
+    except NonFiniteError as error:
+        atomic_write_json(seed_dir / FAILED, {"seed": seed, "key": key, "error": str(error)})
+        log.error("%s: the seed is recorded as failed (%s) and left out of the table", error, seed_dir / FAILED)
+        return None
     top1, test_loss = evaluate(model, create_loader(data.test, cfg, train=False, seed=seed, device=device),
                                device, cfg.train.precision, test_batches)
     validation = {}
@@ -193,6 +209,8 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     atomic_write_json(seed_dir / "metrics.json", metrics)
+    if not cfg.runtime.keep_checkpoints:
+        checkpoint.unlink(missing_ok=True)
     if cfg.pretrain.save_to and seed == cfg.seeds[0]:
         save_to = Path(cfg.pretrain.save_to).expanduser()
         metadata = save_source_checkpoint(model, save_to, {
@@ -214,6 +232,15 @@ def finished_seed(run_dir: Path, seed: int, key: str) -> dict | None:
         log.warning("%s holds seed %d of another config; it is run again and replaced", path.parent, seed)
         return None
     return metrics
+
+
+def failed_seed(run_dir: Path, seed: int, key: str) -> str | None:
+    """Why `seed` failed, if an earlier run of this same config recorded it failed in `run_dir`."""
+    path = run_dir / f"seed_{seed}" / FAILED
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record["error"] if record.get("key") == key else None
 
 
 @contextlib.contextmanager
@@ -247,20 +274,29 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str) -> dict:
     log.info("%s | %s -> %s at %g%% (%d training images) | %d seeds", method, cfg.source.name, cfg.target.name,
              cfg.target.sampling_rate, len(data.train), len(cfg.seeds))
 
-    accuracies, key = [], config_key(cfg)
+    accuracies, finished, failed, key = [], [], [], config_key(cfg)
     for seed in cfg.seeds:
-        done = finished_seed(run_dir, seed, key)
+        done, error = finished_seed(run_dir, seed, key), failed_seed(run_dir, seed, key)
         if done is not None:
             log.info("seed %d: finished earlier in %s (top-1 %.2f%%), kept", seed, run_dir, done["top1"])
+        elif error is not None:
+            log.warning("seed %d failed earlier and is skipped (delete %s to try again): %s", seed,
+                        run_dir / f"seed_{seed}" / FAILED, error)
+        else:
+            if cfg.target.resample_per_seed:
+                data = prepare_data(cfg, target, seed)
+                save_indices(run_dir / f"seed_{seed}" / "sampled_train_indices.json", cfg, data)
+            done = run_seed(cfg, seed, data, source_state, run_dir)
+        if done is None:
+            failed.append(seed)
+        else:
+            finished.append(seed)
             accuracies.append(done["top1"])
-            continue
-        if cfg.target.resample_per_seed:
-            data = prepare_data(cfg, target, seed)
-            save_indices(run_dir / f"seed_{seed}" / "sampled_train_indices.json", cfg, data)
-        accuracies.append(run_seed(cfg, seed, data, source_state, run_dir)["top1"])
+    if not finished:
+        raise NonFiniteError(f"every seed failed ({run_dir}/seed_*/{FAILED} says why); nothing is written to the table")
     row = make_row(backbone=cfg.backbone.name, source=cfg.source.name, target=cfg.target.name,
-                   sampling_rate=cfg.target.sampling_rate, method=method, seeds=list(cfg.seeds),
-                   accuracies=accuracies, overrides=overrides, key=key, run_dir=str(run_dir))
+                   sampling_rate=cfg.target.sampling_rate, method=method, seeds=finished,
+                   accuracies=accuracies, overrides=overrides, key=key, run_dir=str(run_dir), failed=failed)
     write_row(Path(cfg.results.dir), str(cfg.results.table), row)
     log.info("%s: %.2f ± %.2f over %d seeds -> %s", method, row["mean"], row["std"], row["n_seeds"],
              Path(cfg.results.dir) / f"{cfg.results.table}.md")

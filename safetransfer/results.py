@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 NOT_IN_KEY = ("seeds", "runtime", "results", "paths", "hydra")
 
 ROW_COLUMNS = ["backbone", "source", "target", "sampling_rate", "method", "mean", "std", "n_seeds",
-               "accuracies", "seeds", "overrides", "key", "run_dir", "updated"]
+               "accuracies", "seeds", "failed", "overrides", "key", "run_dir", "updated"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -80,12 +80,14 @@ def summarize(accuracies: Sequence[float]) -> tuple[float, float]:
 
 
 def make_row(*, backbone: str, source: str, target: str, sampling_rate: float, method: str,
-             seeds: Sequence[int], accuracies: Sequence[float], overrides: str, key: str, run_dir: str) -> dict:
+             seeds: Sequence[int], accuracies: Sequence[float], overrides: str, key: str, run_dir: str,
+             failed: Sequence[int] = ()) -> dict:
+    """A job's row: mean and sample std over its finished seeds; failed seeds only listed."""
     mean, std = summarize(accuracies)
     return {
         "backbone": backbone, "source": source, "target": target, "sampling_rate": sampling_rate,
         "method": method, "mean": mean, "std": std, "n_seeds": len(accuracies),
-        "accuracies": ";".join(f"{a:.2f}" for a in accuracies), "seeds": ";".join(map(str, seeds)),
+        "accuracies": ";".join(f"{a:.2f}" for a in accuracies), "seeds": ";".join(map(str, seeds)), "failed": ";".join(map(str, failed)),
         "overrides": overrides, "key": key, "run_dir": run_dir,
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -100,8 +102,8 @@ def read_table(results_dir: Path, table: str) -> pd.DataFrame:
     csv_path, _ = table_paths(results_dir, table)
     if not csv_path.exists():
         return pd.DataFrame(columns=ROW_COLUMNS)
-    return pd.read_csv(csv_path, keep_default_na=False, na_values=[""], dtype={"overrides": str, "seeds": str,
-                                                                              "accuracies": str, "key": str})
+    text_columns = ("overrides", "seeds", "failed", "accuracies", "key")
+    return pd.read_csv(csv_path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(text_columns, str))
 
 
 def write_row(results_dir: Path, table: str, row: dict) -> pd.DataFrame:

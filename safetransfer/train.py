@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from safetransfer.errors import ConfigError
+from safetransfer.errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ def job_overrides() -> str:
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
 def app(cfg: DictConfig) -> float:
+    from safetransfer import resume
     from safetransfer.experiment import run_job
-
     from safetransfer.sweeps import JobStatus
 
     hydra_cfg = HydraConfig.get()
@@ -93,16 +93,26 @@ def app(cfg: DictConfig) -> float:
     status = JobStatus(run_dir, list(hydra_cfg.overrides.task), num)
     status.write("running")
     try:
-        row = run_job(cfg, run_dir, job_overrides())
+        with resume.StopSignals() as stop:
+            resume.active = stop
+            row = run_job(cfg, run_dir, job_overrides())
+    except resume.Preempted as preempted:
+        status.write("preempted", error=str(preempted))
+        log.warning("%s", preempted)
+        print(f"safetransfer-train: {preempted}", file=sys.stderr, flush=True)
+        stop.forward(preempted.signum)  # under submitit: its handler requeues the job
+        sys.exit(128 + preempted.signum)
     except ConfigError as error:
-        status.write("failed", error=str(error))
-        print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
+        status.write("failed", error=one_line(error))
+        print(f"safetransfer-train: error: {one_line(error)}", file=sys.stderr, flush=True)
         if num is not None:
             raise  # in a multirun: this job failed, the others go on; the end-of-sweep report lists it
         sys.exit(2)
     except BaseException as error:
         status.write("failed", error=f"{type(error).__name__}: {error}")
         raise
+    finally:
+        resume.active = None
     status.write("finished", mean=row["mean"], n_seeds=row["n_seeds"])
     return row["mean"]  # what a sweeper optimises
 

@@ -53,7 +53,8 @@ def test_single_run_from_the_command_line(cli, tmp_path):
     (["backbone=resnet34"], "backbone=resnet34 is not a known choice; allowed: resnet18, resnet50"),
     (["-m", "source=demo,imagenett"], "source=imagenett is not a known choice; allowed: demo, file, imagenet, places365, "
                                                 "pretrained, scratch, stanford_dogs"),
-    (["regularizer=l2sp", "regularizer.terms.l2sp.alpha=-1"], "regularizer.terms.l2sp.alpha=-1 must be >= 0"),
+    (["regularizer=l2sp", "regularizer.terms.l2sp.alpha=-1"], "regularizer.terms.l2sp.alpha=-1 must be a finite number >= 0"),
+    (["regularizer=l2sp", "regularizer.terms.l2sp.alpha=nan"], "regularizer.terms.l2sp.alpha=nan must be a finite number"),
     (["regularizer=l2_bss", "regularizer.terms.bss.k=8"], "regularizer.terms.bss.k=8 must be an integer in [1, 7]"),
     (["direction=dtnh", "direction.granularity=layer"], "direction.granularity=layer is not one of global, tensor"),
     (["target.sampling_rate=0"], "target.sampling_rate=0 is outside (0, 100]"),

@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 
 from safetransfer.errors import ConfigError
 from safetransfer.targets.cache import decode_transform
+from safetransfer.targets.images import read_item
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -121,8 +122,9 @@ class Transformed(Dataset):
         return len(self.indices)
 
     def __getitem__(self, index: int):
-        image, label = self.dataset[self.indices[index]]
+        image, label = read_item(self.dataset, self.indices[index])
         return self.transform(image), label
+
 
 
 def train_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:

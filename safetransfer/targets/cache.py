@@ -24,6 +24,8 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from safetransfer.targets.images import read_item
+
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +51,7 @@ class _Decoded(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        image, label = self.dataset[self.indices[i]]
+        image, label = read_item(self.dataset, self.indices[i])
         return self.transform(image).as_subclass(torch.Tensor), label
 
 

@@ -1,0 +1,131 @@
+"""Resuming a seed: its training state written every `runtime.checkpoint_every`
+iterations (and when SLURM or submitit ask the job to stop), read back by a rerun.
+
+The state is everything the rest of the run depends on: weights, optimizer and
+scheduler state, every RNG (Python, NumPy, torch CPU and CUDA, the on-device
+augmentation's generator), the iteration, the data order (the sampler's generator as
+it was when the epoch began, and how many batches of the epoch were taken) and the
+log window. A resumed run on the CPU ends with exactly the accuracy of an
+uninterrupted one (loader workers draw their augmentations from RNGs that cannot be
+saved: with runtime.num_workers > 0 only the order is restored exactly).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from safetransfer.errors import ConfigError
+from safetransfer.results import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+#: the signals SLURM and submitit send before a job is preempted or reaches its time limit
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG, as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value):
+    """random.setstate needs tuples where a save may have produced lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a crash or a full disk leaves the previous checkpoint as it was."""
+    try:
+        atomic_torch_save(state, path)
+    except OSError as error:
+        raise ConfigError(f"writing the checkpoint {path} failed ({error.strerror or error}); the previous checkpoint "
+                          "is kept: free space in the run directory and rerun the same command to continue") from None
+
+
+def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
+    """The state saved at `path` by this same config, or None. A file that cannot be read
+    (truncated, damaged) is set aside as `<name>.damaged` and the seed starts over."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, unpickling error, ...
+        damaged = path.with_name(path.name + ".damaged")
+        path.replace(damaged)
+        log.warning("the checkpoint %s cannot be read (%s: %s); moved to %s, the seed starts from iteration 0",
+                    path, type(error).__name__, str(error).splitlines()[0] if str(error) else "", damaged)
+        return None
+    if state.get("key") != key:
+        log.warning("the checkpoint %s belongs to another config; the seed starts from iteration 0", path)
+        return None
+    return state
+
+
+class Preempted(Exception):
+    """The job was asked to stop (SIGTERM / SIGUSR1); a checkpoint was written first."""
+
+    def __init__(self, signum: int, iteration: int, path: Path | None):
+        self.signum, self.iteration, self.path = signum, iteration, path
+        where = f"checkpoint written to {path}" if path else "no checkpoint (runtime.checkpoint_every=0)"
+        super().__init__(f"stopped by {signal.Signals(signum).name} after iteration {iteration}: {where}; "
+                         "rerun the same command (same output directory) to continue")
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGUSR1 only raise a flag; the training loop checks it at
+    each step boundary, writes a checkpoint and raises Preempted. `forward` then hands
+    the signal to whoever handled it before (submitit requeues the job there)."""
+
+    def __init__(self):
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is None:
+            log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
+        self.requested = signum
+
+    def forward(self, signum: int) -> None:
+        """Call the handler that was installed before ours (submitit's checkpoint-and-requeue)."""
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, None)
+
+
+#: the active StopSignals of this process (set by the entrypoint around a job)
+active: StopSignals | None = None

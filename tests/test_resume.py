@@ -1,0 +1,191 @@
+"""Fault injection at tiny scale on the CPU: SIGKILL and SIGTERM mid-seed then a rerun
+(equal to an uninterrupted run), damaged and unwritable checkpoints, NaN injection."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, TINY_DEMO_SOURCE
+from safetransfer.engine import NonFiniteError
+from safetransfer.experiment import run_job
+from safetransfer.regularizers.base import Term
+from safetransfer.resume import load_checkpoint, save_checkpoint
+
+#: one seed of 40 iterations, a log row and a chance to be killed at each, a checkpoint every 5
+LONG = [*[o for o in TINY if not o.startswith(("train.iterations", "optim.scheduler"))], *TINY_DEMO_SOURCE,
+        "train.iterations=40", "optim.scheduler.milestones=[30]", "runtime.checkpoint_every=5",
+        "regularizer=l2sp", "results.dir=res"]
+
+
+def start(tmp_path, run_dir, *extra):
+    return subprocess.Popen([sys.executable, "-m", "safetransfer.train", *LONG, *extra, f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def finish(process, timeout=300):
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def wait_for_iteration(log_path: Path, iteration: int, process, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, finish(process)[2][-3000:]
+        if log_path.exists():
+            rows = log_path.read_text().splitlines()
+            if len(rows) > 1 and rows[-1].split(",")[0].isdigit() and int(rows[-1].split(",")[0]) >= iteration:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{log_path} never reached iteration {iteration}")
+
+
+def curve(run_dir: Path):
+    with open(run_dir / "seed_0" / "log.csv") as handle:
+        return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(handle)]
+
+
+def outcome(run_dir: Path):
+    metrics = json.loads((run_dir / "seed_0" / "metrics.json").read_text())
+    return metrics["top1"], metrics["test_loss"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("reference")
+    code, _, err = finish(start(tmp_path, "reference"))
+    assert code == 0, err[-3000:]
+    assert not (tmp_path / "reference" / "seed_0" / "checkpoint.pt").exists()  # removed once the seed finished
+    return outcome(tmp_path / "reference"), curve(tmp_path / "reference")
+
+
+def test_sigkill_mid_seed_then_rerun_ends_exactly_like_an_uninterrupted_run(tmp_path, uninterrupted):
+    process = start(tmp_path, "run")
+    wait_for_iteration(tmp_path / "run" / "seed_0" / "log.csv", 17, process)
+    process.kill()  # SIGKILL: no chance to write anything
+    process.wait()
+    state = torch.load(tmp_path / "run" / "seed_0" / "checkpoint.pt", weights_only=True)
+    assert state["iteration"] % 5 == 0 and 15 <= state["iteration"] < 40
+
+    code, out, err = finish(start(tmp_path, "run"))
+    assert code == 0, err[-3000:]
+    assert f"resumed after iteration {state['iteration']} of 40" in out + err
+    (top1, test_loss), rows = uninterrupted
+    assert outcome(tmp_path / "run") == (top1, test_loss)  # bit for bit
+    assert curve(tmp_path / "run") == rows  # the whole log, rows before and after the kill
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly_then_the_rerun_continues(tmp_path, uninterrupted):
+    process = start(tmp_path, "run", "runtime.checkpoint_every=0")  # only the signal makes a checkpoint
+    wait_for_iteration(tmp_path / "run" / "seed_0" / "log.csv", 12, process)
+    process.send_signal(signal.SIGTERM)
+    code, out, err = finish(process)
+    assert code == 128 + signal.SIGTERM
+    line = next(x for x in err.splitlines() if x.startswith("safetransfer-train: stopped by SIGTERM"))
+    state = torch.load(tmp_path / "run" / "seed_0" / "checkpoint.pt", weights_only=True)
+    assert f"after iteration {state['iteration']}: checkpoint written to" in line and "rerun the same command" in line
+    assert json.loads((tmp_path / "run" / "job.json").read_text())["status"] == "preempted"
+    assert not (tmp_path / "run" / "seed_0" / "metrics.json").exists()
+
+    code, out, err = finish(start(tmp_path, "run", "runtime.checkpoint_every=0"))
+    assert code == 0, err[-3000:]
+    assert outcome(tmp_path / "run") == uninterrupted[0]
+    assert curve(tmp_path / "run") == uninterrupted[1]
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_seed_starts_over(tmp_path, caplog):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"key": "k", "iteration": 5})
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    assert load_checkpoint(path, "k") is None
+    assert (tmp_path / "checkpoint.pt.damaged").exists() and not path.exists()
+    assert "cannot be read" in caplog.text and "starts from iteration 0" in caplog.text
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    from safetransfer.errors import ConfigError
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"key": "k", "iteration": 5})
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(ConfigError, match="No space left on device.*previous checkpoint is kept"):
+        save_checkpoint(path, {"key": "k", "iteration": 10})
+    monkeypatch.undo()
+    assert load_checkpoint(path, "k")["iteration"] == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
+
+
+class Poison(Term):
+    """A feature term that turns NaN at iteration `at` of seed `seed`."""
+
+    def __init__(self, seed: int, at: int, alpha: float = 0.5):
+        super().__init__()
+        self.poisoned_seed, self.at, self.alpha, self.calls = seed, at, alpha, 0
+
+    def value(self, model, features):
+        self.calls += 1
+        bad = torch.initial_seed() == self.poisoned_seed and self.calls >= self.at
+        return self.alpha * features.pooled.pow(2).mean() * (float("nan") if bad else 1.0)
+
+
+def test_nan_stops_the_seed_names_iteration_and_term_and_stays_out_of_the_table(compose_cfg, tmp_path, monkeypatch):
+    import safetransfer.experiment as experiment
+    from safetransfer.regularizers import Omega
+    from safetransfer.results import read_table
+
+    monkeypatch.setattr(experiment, "create_omega", lambda cfg: Omega({"poison": Poison(seed=1, at=3)}))
+    cfg = compose_cfg(*TINY, "seeds=[0,1,2]", "train.iterations=5", "optim.scheduler.milestones=[4]")
+    row = run_job(cfg, tmp_path / "job")
+    failure = json.loads((tmp_path / "job" / "seed_1" / "failed.json").read_text())
+    assert "iteration 3 " in failure["error"] and "Omega term poison is nan" in failure["error"]
+    assert "alpha=0.5" in failure["error"]
+    assert not (tmp_path / "job" / "seed_1" / "metrics.json").exists()
+    finished = [json.loads((tmp_path / "job" / f"seed_{s}" / "metrics.json").read_text())["top1"] for s in (0, 2)]
+    assert row["n_seeds"] == 2 and row["seeds"] == "0;2" and row["failed"] == "1"
+    assert row["mean"] == pytest.approx(sum(finished) / 2)
+    table = read_table(tmp_path / "results", "demo")
+    assert table.loc[0, "failed"] == "1" and table.loc[0, "n_seeds"] == 2
+
+    # a rerun keeps both finished seeds and does not retry the failed one
+    again = run_job(cfg, tmp_path / "job")
+    assert again["seeds"] == "0;2" and again["failed"] == "1"
+
+
+def test_every_seed_failing_fails_the_job(compose_cfg, tmp_path, monkeypatch):
+    import safetransfer.experiment as experiment
+    from safetransfer.regularizers import Omega
+
+    monkeypatch.setattr(experiment, "create_omega", lambda cfg: Omega({"poison": Poison(seed=0, at=1)}))
+    with pytest.raises(NonFiniteError, match="every seed failed"):
+        run_job(compose_cfg(*TINY, "train.iterations=3", "optim.scheduler.milestones=[2]"), tmp_path / "job")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_that_cannot_be_decoded_is_one_line_naming_it(cli, tmp_path, workers):
+    from fixtures import make_cub200
+
+    make_cub200(tmp_path / "data")
+    broken = sorted((tmp_path / "data" / "CUB_200_2011" / "images").rglob("*.jpg"))[1]
+    broken.write_bytes(broken.read_bytes()[:300])  # truncated mid-file
+    result = cli("seeds=[0]", "train.iterations=2", "optim.scheduler.milestones=[1]", "train.batch_size=4",
+                 "data.resize=36", "data.crop=32",
+                 "runtime.device=cpu", f"runtime.num_workers={workers}", "source=scratch", "target=cub200",
+                 f"target.root={tmp_path / 'data'}", "target.expected_classes=3", "target.expected_split=[12,9]",
+                 f"paths.cache_dir={tmp_path / 'cache'}", "results.dir=res")
+    assert result.returncode == 2
+    lines = [x for x in result.stderr.splitlines() if x.startswith("safetransfer-train: error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert f"{broken} cannot be read as an image (OSError:" in lines[0] and "replace the file" in lines[0]
+    assert not list((tmp_path / "cache").rglob("*.npy"))  # no half-built cache left to trust
