@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 #: the signals SLURM and submitit send before a job is preempted or reaches its time limit
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+#: (SLURM: SIGTERM, or the --signal of the job; submitit: USR2 by default, USR1 in older setups)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def rng_state() -> dict[str, Any]:
@@ -86,7 +87,7 @@ def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
 
 
 class Preempted(Exception):
-    """The job was asked to stop (SIGTERM / SIGUSR1); a checkpoint was written first."""
+    """The job was asked to stop (SIGTERM / SIGUSR1 / SIGUSR2); a checkpoint was written first."""
 
     def __init__(self, signum: int, iteration: int, path: Path | None):
         self.signum, self.iteration, self.path = signum, iteration, path
@@ -96,7 +97,7 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """While active, SIGTERM and SIGUSR1 only raise a flag; the training loop checks it at
+    """While active, SIGTERM, SIGUSR1 and SIGUSR2 only raise a flag; the training loop checks it at
     each step boundary, writes a checkpoint and raises Preempted. `forward` then hands
     the signal to whoever handled it before (submitit requeues the job there)."""
 

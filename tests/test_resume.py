@@ -189,3 +189,37 @@ def test_an_image_that_cannot_be_decoded_is_one_line_naming_it(cli, tmp_path, wo
     assert len(lines) == 1, result.stderr[-3000:]
     assert f"{broken} cannot be read as an image (OSError:" in lines[0] and "replace the file" in lines[0]
     assert not list((tmp_path / "cache").rglob("*.npy"))  # no half-built cache left to trust
+
+
+def _processes_with(fragment: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if fragment in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the job's process through /proc")
+def test_submitit_requeues_a_signalled_job_which_continues_from_its_checkpoint(tmp_path, uninterrupted):
+    """launcher=submitit_local: SIGUSR2 (submitit's preemption signal) to the running job
+    -> checkpoint, submitit requeues it, the requeued job resumes and ends like an uninterrupted run."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    process = subprocess.Popen([sys.executable, "-m", "safetransfer.train", "-m", *LONG, "launcher=submitit_local",
+                                "runtime.checkpoint_every=0", "hydra.sweep.dir=sweep"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wait_for_iteration(tmp_path / "sweep" / "0" / "seed_0" / "log.csv", 12, process)
+    jobs = _processes_with(f"submitit.core._submit {tmp_path / 'sweep'}")
+    assert len(jobs) == 1, jobs
+    os.kill(jobs[0], signal.SIGUSR2)
+    code, out, err = finish(process)
+    assert code == 0, (out[-2000:], err[-3000:])
+    logs = "\n".join(p.read_text() for p in (tmp_path / "sweep").rglob("*") if p.suffix in (".out", ".err", ".log"))
+    assert "stopped by SIGUSR2 after iteration" in logs and "Requeued job" in logs, logs[-3000:]
+    assert "resumed after iteration" in logs
+    assert outcome(tmp_path / "sweep" / "0") == uninterrupted[0]
+    assert json.loads((tmp_path / "sweep" / "0" / "job.json").read_text())["status"] == "finished"

@@ -281,7 +281,7 @@ def test_a_crash_while_building_leaves_no_file(tmp_path):
                 raise OSError("disk read error")
             return target.train_set()[i]
 
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigError, match=r"item 9 of Breaks cannot be read as an image \(OSError: disk read error\)"):
         cached_split(Breaks(), np.arange(15), "train", 48, 40, tmp_path / "cache", {"x": 1})
     assert not [p for p in (tmp_path / "cache" / "decoded").iterdir() if p.suffix in (".npy", ".tmp")]
     again = cached_split(target.train_set(), np.arange(15), "train", 48, 40, tmp_path / "cache", {"x": 1})
