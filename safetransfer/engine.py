@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -301,6 +302,10 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
                 **{f"Omega_{name}": float(value) for name, value in step.omega.items()},
                 "train_acc": 100.0 * float(window_correct) / window_images,
             }
+            bad = [name for name in omega.terms if not math.isfinite(row[f"Omega_{name}"])]
+            if check_finite and bad:  # a term whose value (not only its gradient) overflowed
+                raise NonFiniteError(f"{desc}: iteration {iteration} (epoch {epoch}): " + "; ".join(
+                    f"Omega term {name} is {row[f'Omega_{name}']} ({_coefficients(omega.terms[name])})" for name in bad))
             if diagnosed:
                 row.update({name: float(value) for name, value in step.angles.items()})
                 row.update(omega.diagnostics())

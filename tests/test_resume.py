@@ -223,3 +223,29 @@ def test_submitit_requeues_a_signalled_job_which_continues_from_its_checkpoint(t
     assert "resumed after iteration" in logs
     assert outcome(tmp_path / "sweep" / "0") == uninterrupted[0]
     assert json.loads((tmp_path / "sweep" / "0" / "job.json").read_text())["status"] == "finished"
+
+
+def test_a_term_value_that_overflows_is_caught_on_a_logged_row(compose_cfg, tmp_path, monkeypatch):
+    """An Omega value of inf whose gradient stays finite: found where the values are computed (log rows)."""
+    import safetransfer.experiment as experiment
+    from safetransfer.regularizers import Omega
+
+    class InfValue(Term):
+        closed_form = True
+
+        def __init__(self):
+            super().__init__()
+            self.alpha = 2.0
+
+        def value(self, model, features):
+            return torch.tensor(float("inf"))
+
+        def add_gradient(self, params, grads):
+            pass
+
+    monkeypatch.setattr(experiment, "create_omega", lambda cfg: Omega({"huge": InfValue()}))
+    cfg = compose_cfg(*TINY, "train.iterations=4", "runtime.log_every=2", "optim.scheduler.milestones=[3]")
+    with pytest.raises(NonFiniteError, match="every seed failed"):
+        run_job(cfg, tmp_path / "job")
+    error = json.loads((tmp_path / "job" / "seed_0" / "failed.json").read_text())["error"]
+    assert "iteration 2 (epoch 0): Omega term huge is inf (alpha=2, decay^epoch=1)" in error
