@@ -234,6 +234,8 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     precision_context = autocast(device, precision)
+    channels_last = params[0].dim() == 4 and params[0].is_contiguous(memory_format=torch.channels_last) \
+        and not params[0].is_contiguous()  # the network was converted: feed it NHWC batches
     columns = ["iteration", "epoch", "lr", "loss_J", "loss_Omega", *(f"Omega_{name}" for name in omega.terms),
                "train_acc"]
     if diagnostics_every:
@@ -282,6 +284,8 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
         images = images.to(device, non_blocking=True)
         if batch_transform is not None:
             images = batch_transform(images)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         try:
             step = training_step(model, images, labels.to(device, non_blocking=True), omega, direction, optimizer,
                                  params, precision_context, record=logged, angles=diagnosed,

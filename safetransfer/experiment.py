@@ -173,6 +173,10 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
     device = resolve_device(str(cfg.runtime.device))
     seed_everything(seed)
     model = create_model(cfg, data.num_classes, source_state).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the fastest convolution algorithms for these shapes
+        if cfg.runtime.get("channels_last", True):
+            model = model.to(memory_format=torch.channels_last)  # before bind: frozen source copies follow
     omega = create_omega(cfg)
     omega.bind(model, bind_context(cfg, data, device))
     optimizer, scheduler = create_optimizer(cfg, model)

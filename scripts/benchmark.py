@@ -1,0 +1,474 @@
+"""The performance figures, in one process on the same images, as ratios against a
+reference measured in the same run; printed and written to BENCHMARKS.md.
+
+    python scripts/benchmark.py                      # small defaults on a CPU (64 px, batch 16): a few minutes
+    python scripts/benchmark.py --device cuda        # 224 px, batch 48, ResNet-18 and ResNet-50
+
+1. reference: the loop of common public scripts (torchvision ResNet, ImageFolder with
+   PIL transforms, DataLoader, SGD with momentum and weight decay, fp32) against the
+   project's Fine-tuning step; model-only (a batch already in memory) and end to end;
+2. every regularizer under direction=sum and direction=dtnh, per backbone;
+3. the data pipeline alone, per-image decoding against the decoded-image cache, beside
+   what the model consumes;
+4. peak memory of each measurement (GPU: max allocated; CPU: resident set, sampled);
+and the share of BSS's SVD in a step, five seeds stepped concurrently against one after
+another (CUDA), and the projected wall time of one paper cell (5 seeds x 8,000 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from hydra import compose, initialize_config_module
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from safetransfer.backbones import TransferNet
+from safetransfer.engine import autocast, fit, training_step
+from safetransfer.experiment import create_direction, create_loader, create_omega, create_optimizer, prepare_data
+from safetransfer.regularizers import BindContext
+from safetransfer.targets import TensorImages
+from safetransfer.targets.cache import DeviceAugment
+from safetransfer.targets.imagefolder import ImageFolderTarget
+
+REGULARIZERS = ["l2", "l2sp", "knowdist", "delta", "l2_bss", "l2sp_bss", "delta_bss"]
+PROFILES = {  # what "small defaults on the CPU" and the papers' scale on a GPU mean
+    "cpu": dict(size=64, batch=16, steps=10, warmup=2, images=96, workers=2, backbones=["resnet18", "resnet50"]),
+    "cuda": dict(size=224, batch=48, steps=20, warmup=5, images=960, workers=8, backbones=["resnet18", "resnet50"]),
+}
+CELL_ITERATIONS, CELL_SEEDS = 8000, 5
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Peak:
+    mib: float = 0.0
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """GPU: the most memory allocated during the block; CPU: the largest resident set seen (sampled every 5 ms)."""
+    peak = Peak()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield peak
+        torch.cuda.synchronize(device)
+        peak.mib = torch.cuda.max_memory_allocated(device) / 2**20
+        return
+    page, done = os.sysconf("SC_PAGE_SIZE"), threading.Event()
+
+    def sample():
+        while not done.is_set():
+            with open("/proc/self/statm") as handle:
+                peak.mib = max(peak.mib, int(handle.read().split()[1]) * page / 2**20)
+            done.wait(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
+
+
+@dataclass
+class Result:
+    what: str
+    images_per_s: float
+    ms_per_step: float | None = None
+    peak_mib: float = 0.0
+    notes: dict = field(default_factory=dict)
+
+
+def compare(steps: dict, args, batch: int, device: torch.device, rounds: int = 5) -> list[Result]:
+    """Time several step closures in interleaved rounds (A B A B ...), so that a machine's
+    drift hits all alike; ms/step is the median over rounds, peak memory the largest seen."""
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    per_round = max(1, args.steps // rounds)
+    times: dict[str, list[float]] = {what: [] for what in steps}
+    peaks = dict.fromkeys(steps, 0.0)
+    for _ in range(rounds):
+        for what, step in steps.items():
+            synchronize(device)
+            with peak_memory(device) as peak:
+                start = time.perf_counter()
+                for _ in range(per_round):
+                    step()
+                synchronize(device)
+                times[what].append((time.perf_counter() - start) / per_round)
+            peaks[what] = max(peaks[what], peak.mib)
+    return [Result(what, batch / float(np.median(t)), 1000 * float(np.median(t)), peaks[what])
+            for what, t in times.items()]
+
+
+def timed(step, steps: int, warmup: int, batch: int, device: torch.device, what: str) -> Result:
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    with peak_memory(device) as peak:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    return Result(what, steps * batch / seconds, 1000 * seconds / steps, peak.mib)
+
+
+def config(*overrides: str):
+    with initialize_config_module(config_module="safetransfer.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+# -- the reference: how common public fine-tuning scripts are written -------------------------
+
+def reference_model(backbone: str, classes: int, device: torch.device):
+    model = getattr(torchvision.models, backbone)(weights=None)
+    model.fc = torch.nn.Linear(model.fc.in_features, classes)
+    model = model.to(device).train()
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+
+def reference_step(model, optimizer, images, labels):
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(images), labels)
+    loss.backward()
+    optimizer.step()
+
+
+def reference_transform(resize: int, crop: int):
+    t = torchvision.transforms
+    return t.Compose([t.Resize((resize, resize)), t.RandomCrop(crop), t.RandomHorizontalFlip(), t.ToTensor(),
+                      t.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+
+# -- the project's step -------------------------------------------------------------------------
+
+def project_step(cfg, backbone: str, classes: int, device: torch.device, images, labels):
+    """A closure running the engine's training_step with the config's Omega and direction."""
+    torch.manual_seed(0)
+    model = TransferNet(backbone, classes).to(device)
+    if cfg.runtime.channels_last and device.type == "cuda":  # as run_seed and fit do
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    omega = create_omega(cfg)
+    for term in omega.terms.values():  # DELTA's attention: from the batch itself (a one-time cost, not timed)
+        if hasattr(term, "settings"):
+            term.settings["ablation_images"] = min(term.settings["ablation_images"], len(images))
+    omega.bind(model, BindContext(device=device, train_data=TensorImages(images.cpu(), labels.cpu()),
+                                  batch_size=len(images), cache_dir=None, identity={}))
+    optimizer, scheduler = create_optimizer(cfg, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    direction, precision = create_direction(cfg), autocast(device, cfg.train.precision)
+
+    def step():
+        training_step(model, images, labels, omega, direction, optimizer, params, precision)
+        scheduler.step()
+
+    return step
+
+
+# -- images on disk ------------------------------------------------------------------------------
+
+def write_photos(root: Path, count: int, classes: int, width: int = 500, height: int = 375) -> None:
+    """Smooth random photos (JPEG sizes like real ones) in ImageFolder's layout, train/ and test/."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        small = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+        split = "test" if i % 8 == 7 else "train"
+        path = root / split / f"class_{i % classes:02d}" / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(small).resize((width, height), Image.BILINEAR).save(path, quality=90)
+
+
+def loader_rate(loader: DataLoader, device: torch.device, batches: int, transform=None) -> float:
+    """Images per second the loader delivers to the device (after one warm-up batch)."""
+    iterator = iter(loader)
+    next(iterator)
+    count, start = 0, time.perf_counter()
+    for _ in range(batches):
+        try:
+            images, _ = next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            images, _ = next(iterator)
+        images = images.to(device, non_blocking=True)
+        if transform is not None:
+            images = transform(images)
+        count += len(images)
+    synchronize(device)
+    return count / (time.perf_counter() - start)
+
+
+# -- the measurements ----------------------------------------------------------------------------
+
+def model_only(args, device, backbone: str) -> list[Result]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.size, args.size, generator=generator).to(device)
+    labels = torch.randint(0, args.classes, (args.batch,), generator=generator).to(device)
+
+    def ours(regularizer: str, direction: str, precision: str):
+        cfg = config(f"backbone={backbone}", f"regularizer={regularizer}", f"direction={direction}",
+                     f"train.precision={precision}")
+        return project_step(cfg, backbone, args.classes, device, images, labels)
+
+    model, optimizer = reference_model(backbone, args.classes, device)
+    steps = {f"{backbone} reference step (fp32)": lambda: reference_step(model, optimizer, images, labels),
+             f"{backbone} Fine-tuning step (fp32)": ours("l2", "sum", "fp32")}
+    if device.type == "cuda":
+        steps[f"{backbone} Fine-tuning step (bf16)"] = ours("l2", "sum", "bf16")
+    results = compare(steps, args, args.batch, device)
+    del steps  # the reference model and its optimizer go with their closure
+    for regularizer in args.regularizers:  # sum and dtnh of a regularizer timed in alternation
+        results += compare({f"{backbone} {regularizer} {direction}": ours(regularizer, direction, args.precision)
+                            for direction in ("sum", "dtnh")}, args, args.batch, device)
+    features = torch.randn(args.batch, 2048 if backbone == "resnet50" else 512, device=device)
+    results.append(timed(lambda: torch.linalg.svdvals(features), args.steps * 5, args.warmup, args.batch, device,
+                         f"{backbone} BSS svdvals alone"))
+    return results
+
+
+def end_to_end(args, device, backbone: str, root: Path) -> list[Result]:
+    resize = args.size * 8 // 7  # 256 -> 224
+    reference_data = torchvision.datasets.ImageFolder(str(root / "train"), reference_transform(resize, args.size))
+    loader = DataLoader(reference_data, batch_size=args.batch, shuffle=True, drop_last=True,
+                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.workers > 0)
+    model, optimizer = reference_model(backbone, args.classes, device)
+    batches = iter(loader)
+
+    def step():
+        nonlocal batches
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            images, labels = next(batches)
+        reference_step(model, optimizer, images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+
+    results = [timed(step, args.steps, args.warmup, args.batch, device, f"{backbone} reference loop, end to end")]
+
+    cfg = config(f"backbone={backbone}", "target=imagefolder", f"target.root={root}", "regularizer=l2",
+                 "direction=sum", f"data.resize={resize}", f"data.crop={args.size}", f"train.batch_size={args.batch}",
+                 f"runtime.num_workers={args.workers}", f"runtime.device={device}", "runtime.log_every=0",
+                 "runtime.checkpoint_every=0", f"paths.cache_dir={root / 'cache'}", "runtime.progress=log",
+                 f"train.precision={args.precision}")
+    target = ImageFolderTarget(str(root))
+    start = time.perf_counter()
+    data = prepare_data(cfg, target)  # builds the decoded-image cache once
+    build_s = time.perf_counter() - start
+    model = TransferNet(backbone, len(target.classes)).to(device)
+    optimizer, scheduler = create_optimizer(cfg, model)
+    omega, direction = create_omega(cfg), create_direction(cfg)
+    omega.bind(model)
+    train_loader = create_loader(data.train, cfg, train=True, seed=0, device=device)
+    augment = DeviceAugment(args.size, cfg.data.mean, cfg.data.std, 0, device) if data.on_device else None
+
+    def run(iterations):
+        fit(model, train_loader, omega, direction, optimizer, scheduler, iterations=iterations, device=device,
+            precision=cfg.train.precision, log_every=0, progress="log", batch_transform=augment)
+
+    run(args.warmup)  # workers up, autotuning done
+    synchronize(device)
+    with peak_memory(device) as peak:
+        start = time.perf_counter()
+        run(args.steps)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    results.append(Result(f"{backbone} safetransfer, end to end ({'cached, augment on device' if augment else 'cached'})",
+                          args.steps * args.batch / seconds, 1000 * seconds / args.steps, peak.mib,
+                          {"cache build (one-time)": f"{build_s:.1f} s"}))
+    return results
+
+
+def pipeline(args, device, root: Path) -> list[Result]:
+    resize = args.size * 8 // 7
+    direct = DataLoader(torchvision.datasets.ImageFolder(str(root / "train"), reference_transform(resize, args.size)),
+                        batch_size=args.batch, shuffle=True, num_workers=args.workers,
+                        persistent_workers=args.workers > 0)
+    cfg = config("target=imagefolder", f"target.root={root}", f"data.resize={resize}", f"data.crop={args.size}",
+                 f"train.batch_size={args.batch}", f"runtime.num_workers={args.workers}", f"runtime.device={device}",
+                 f"paths.cache_dir={root / 'cache'}")
+    data = prepare_data(cfg, ImageFolderTarget(str(root)))
+    cached = create_loader(data.train, cfg, train=True, seed=0, device=device)
+    augment = DeviceAugment(args.size, cfg.data.mean, cfg.data.std, 0, device) if data.on_device else None
+    batches = max(args.steps, 2 * args.images // args.batch)
+    results = []
+    for what, loader, transform in (("per-image PIL decoding (reference)", direct, None),
+                                    ("decoded-image cache", cached, augment)):
+        with peak_memory(device) as peak:
+            rate = loader_rate(loader, device, batches, transform)
+        results.append(Result(f"data pipeline: {what}", rate, None, peak.mib))
+    return results
+
+
+def concurrent_seeds(args, device, backbone: str = "resnet18") -> list[Result]:
+    """Five models stepped round-robin on five CUDA streams, against the same five one after another."""
+    if device.type != "cuda":
+        return []
+    cfg = config(f"backbone={backbone}", "regularizer=l2", "direction=sum", f"train.precision={args.precision}")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.size, args.size, generator=generator).to(device)
+    labels = torch.randint(0, args.classes, (args.batch,), generator=generator).to(device)
+    steps = [project_step(cfg, backbone, args.classes, device, images, labels) for _ in range(CELL_SEEDS)]
+    streams = [torch.cuda.Stream(device) for _ in steps]
+
+    def sequential():
+        for step in steps:
+            step()
+
+    def concurrent():
+        for stream, step in zip(streams, steps):
+            with torch.cuda.stream(stream):
+                step()
+
+    return [timed(sequential, args.steps, args.warmup, args.batch * CELL_SEEDS, device,
+                  f"{backbone} five seeds, one after another"),
+            timed(concurrent, args.steps, args.warmup, args.batch * CELL_SEEDS, device,
+                  f"{backbone} five seeds, concurrent (CUDA streams)")]
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = found.group(1).strip() if found else cpu
+    text = f"{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"
+    if device.type == "cuda":
+        text = f"{torch.cuda.get_device_name(device)}; host {text}"
+    return f"{text}; torch {torch.__version__}, torchvision {torchvision.__version__}"
+
+
+def find(results: list[Result], what: str) -> Result:
+    return next(r for r in results if r.what == what)
+
+
+def report(args, device, results: list[Result]) -> str:
+    lines = [f"Machine: {machine(device)}.",
+             f"Settings: {args.size} px, batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up, "
+             f"{args.workers} loader workers, {args.images} JPEGs of 500x375, precision {args.precision}.",
+             "Command: `python scripts/benchmark.py " + " ".join(args.argv) + "`", "",
+             "| measurement | images/s | ms/step | peak memory (MiB) | notes |", "|---|---:|---:|---:|---|"]
+    for r in results:
+        step = f"{r.ms_per_step:.1f}" if r.ms_per_step is not None else ""
+        notes = "; ".join(f"{k}: {v}" for k, v in r.notes.items())
+        lines.append(f"| {r.what} | {r.images_per_s:.1f} | {step} | {r.peak_mib:.0f} | {notes} |")
+    lines += ["", "Ratios (same run):", ""]
+    for backbone in args.backbones:
+        ref, ours = find(results, f"{backbone} reference step (fp32)"), find(results, f"{backbone} Fine-tuning step (fp32)")
+        lines.append(f"- {backbone} Fine-tuning model-only step / reference step: "
+                     f"{ours.images_per_s / ref.images_per_s:.3f}x (target >= 0.97)")
+        e2e = [r for r in results if r.what.startswith(f"{backbone} safetransfer, end to end")]
+        if e2e:
+            reference = find(results, f"{backbone} reference loop, end to end")
+            lines.append(f"- {backbone} end to end / reference loop: {e2e[0].images_per_s / reference.images_per_s:.2f}x"
+                         " (target on a GPU >= 2)")
+        for regularizer in args.regularizers:
+            s, d = find(results, f"{backbone} {regularizer} sum"), find(results, f"{backbone} {regularizer} dtnh")
+            lines.append(f"- {backbone} DTNH / sum step time, {regularizer}: {d.ms_per_step / s.ms_per_step:.3f}")
+        if "l2sp" in args.regularizers and "l2" in args.regularizers:
+            l2sp, dtnh = find(results, f"{backbone} l2sp sum"), find(results, f"{backbone} l2sp dtnh")
+            lines.append(f"- {backbone} DTNH (L2-SP) / L2-SP: {dtnh.ms_per_step / l2sp.ms_per_step:.3f} (target <= 1.05)")
+        if "l2_bss" in args.regularizers:
+            svd, bss = find(results, f"{backbone} BSS svdvals alone"), find(results, f"{backbone} l2_bss sum")
+            lines.append(f"- {backbone} BSS svdvals / L2+BSS step: {100 * svd.ms_per_step / bss.ms_per_step:.1f} % "
+                         "(target on a GPU <= 5 %)")
+        step = find(results, f"{backbone} Fine-tuning step (fp32)").ms_per_step / 1000
+        lines.append(f"- {backbone} projected wall time of one cell ({CELL_SEEDS} seeds x {CELL_ITERATIONS} steps, "
+                     f"model-only Fine-tuning at these settings): {CELL_SEEDS * CELL_ITERATIONS * step / 3600:.2f} h")
+    pipeline_rows = [r for r in results if r.what.startswith("data pipeline")]
+    if pipeline_rows:
+        direct, cached = pipeline_rows
+        model = find(results, f"{args.backbones[-1]} Fine-tuning step (fp32)")
+        lines.append(f"- data pipeline: cache / per-image decoding {cached.images_per_s / direct.images_per_s:.2f}x; "
+                     f"per-image decoding / {args.backbones[-1]} model {direct.images_per_s / model.images_per_s:.2f}x, "
+                     f"cache / model {cached.images_per_s / model.images_per_s:.2f}x")
+    seeds = [r for r in results if r.what.startswith("resnet18 five seeds")]
+    if seeds:
+        lines.append(f"- five seeds concurrent / one after another: {seeds[1].images_per_s / seeds[0].images_per_s:.2f}x")
+    else:
+        lines.append("- five seeds concurrently: measured on CUDA only (not on this machine)")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, kind: str, text: str) -> None:
+    """Replace this device kind's section of BENCHMARKS.md, keeping the others."""
+    begin, end = f"<!-- {kind} -->", f"<!-- /{kind} -->"
+    old = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `python scripts/benchmark.py`.\n"
+    block = f"{begin}\n## {kind.upper()}\n\n{text}{end}"
+    if begin in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for key, kind in (("size", int), ("batch", int), ("steps", int), ("warmup", int), ("images", int),
+                      ("workers", int)):
+        parser.add_argument(f"--{key}", type=kind, default=None, help="default: by device (see PROFILES)")
+    parser.add_argument("--backbones", nargs="*", default=None)
+    parser.add_argument("--regularizers", nargs="*", default=REGULARIZERS)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["end_to_end", "pipeline", "regularizers"])
+    import sys
+
+    args = parser.parse_args()
+    args.argv = sys.argv[1:]
+    device = torch.device(args.device)
+    profile = PROFILES[device.type]
+    for key, value in profile.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if "regularizers" in args.skip:
+        args.regularizers = []
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        write_photos(root, args.images, args.classes)
+        for backbone in args.backbones:
+            results += model_only(args, device, backbone)
+            if "end_to_end" not in args.skip:
+                results += end_to_end(args, device, backbone, root)
+            print(f"{backbone}: done", flush=True)
+        if "pipeline" not in args.skip:
+            results += pipeline(args, device, root)
+        results += concurrent_seeds(args, device)
+    text = report(args, device, results)
+    print(text)
+    write_section(args.out, device.type, text)
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
