@@ -265,6 +265,36 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "") -> dict:
         return _run_job(cfg, run_dir, overrides)
 
 
+def run_seeds_concurrently(cfg: DictConfig, seeds: list[int], run_dir: Path) -> dict[int, dict | None]:
+    """runtime.concurrent_seeds: each seed in a process of its own, all at once (on one GPU,
+    they share it). Each process loads the source and the cached data itself."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    context = torch.multiprocessing.get_context("spawn")
+    log.info("seeds %s run concurrently, a process each", seeds)
+    with ProcessPoolExecutor(max_workers=len(seeds), mp_context=context) as pool:
+        futures = {seed: pool.submit(_seed_process, container, seed, str(run_dir), torch.get_num_threads())
+                   for seed in seeds}
+        return {seed: future.result() for seed, future in futures.items()}
+
+
+def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dict | None:
+    from safetransfer import resume
+
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][seed {seed}][%(name)s][%(levelname)s] - %(message)s")
+    torch.set_num_threads(threads)
+    cfg = OmegaConf.create(container)
+    target: Target = instantiate(cfg.target)
+    source_state = instantiate(cfg.source).backbone_state(cfg.backbone.name)
+    data = prepare_data(cfg, target, seed if cfg.target.resample_per_seed else None)
+    if cfg.target.resample_per_seed:
+        save_indices(Path(run_dir) / f"seed_{seed}" / "sampled_train_indices.json", cfg, data)
+    with resume.StopSignals() as stop:
+        resume.active = stop
+        return run_seed(cfg, seed, data, source_state, Path(run_dir))
+
+
 def _run_job(cfg: DictConfig, run_dir: Path, overrides: str) -> dict:
     target: Target = instantiate(cfg.target)
     target.check()
@@ -278,24 +308,30 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str) -> dict:
     log.info("%s | %s -> %s at %g%% (%d training images) | %d seeds", method, cfg.source.name, cfg.target.name,
              cfg.target.sampling_rate, len(data.train), len(cfg.seeds))
 
-    accuracies, finished, failed, key = [], [], [], config_key(cfg)
+    key = config_key(cfg)
+    outcomes: dict[int, dict | None] = {}
     for seed in cfg.seeds:
         done, error = finished_seed(run_dir, seed, key), failed_seed(run_dir, seed, key)
         if done is not None:
             log.info("seed %d: finished earlier in %s (top-1 %.2f%%), kept", seed, run_dir, done["top1"])
+            outcomes[seed] = done
         elif error is not None:
             log.warning("seed %d failed earlier and is skipped (delete %s to try again): %s", seed,
                         run_dir / f"seed_{seed}" / FAILED, error)
-        else:
-            if cfg.target.resample_per_seed:
-                data = prepare_data(cfg, target, seed)
-                save_indices(run_dir / f"seed_{seed}" / "sampled_train_indices.json", cfg, data)
-            done = run_seed(cfg, seed, data, source_state, run_dir)
-        if done is None:
-            failed.append(seed)
-        else:
-            finished.append(seed)
-            accuracies.append(done["top1"])
+            outcomes[seed] = None
+    pending = [seed for seed in cfg.seeds if seed not in outcomes]
+    if cfg.runtime.get("concurrent_seeds", False) and len(pending) > 1:
+        outcomes.update(run_seeds_concurrently(cfg, pending, run_dir))
+    for seed in pending:
+        if seed in outcomes:
+            continue
+        if cfg.target.resample_per_seed:
+            data = prepare_data(cfg, target, seed)
+            save_indices(run_dir / f"seed_{seed}" / "sampled_train_indices.json", cfg, data)
+        outcomes[seed] = run_seed(cfg, seed, data, source_state, run_dir)
+    finished = [seed for seed in cfg.seeds if outcomes[seed] is not None]
+    failed = [seed for seed in cfg.seeds if outcomes[seed] is None]
+    accuracies = [outcomes[seed]["top1"] for seed in finished]
     if not finished:
         raise NonFiniteError(f"every seed failed ({run_dir}/seed_*/{FAILED} says why); nothing is written to the table")
     row = make_row(backbone=cfg.backbone.name, source=cfg.source.name, target=cfg.target.name,

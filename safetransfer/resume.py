@@ -95,6 +95,9 @@ class Preempted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name} after iteration {iteration}: {where}; "
                          "rerun the same command (same output directory) to continue")
 
+    def __reduce__(self):  # crosses process boundaries (runtime.concurrent_seeds)
+        return Preempted, (self.signum, self.iteration, self.path)
+
 
 class StopSignals:
     """While active, SIGTERM, SIGUSR1 and SIGUSR2 only raise a flag; the training loop checks it at

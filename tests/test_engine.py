@@ -189,3 +189,20 @@ def test_sum_direction_logs_equal_angles_1_and_3(compose_cfg, tmp_path):
         assert float(row["loss_Omega"]) == pytest.approx(
             float(row["Omega_head"]) + float(row["Omega_l2sp"]) + float(row["Omega_bss"]), rel=1e-5)
         assert 0 <= float(row["bss_sigma_min"]) <= float(row["bss_sigma_max"])
+
+
+def test_concurrent_seeds_give_each_seed_the_result_it_gets_alone(compose_cfg, tmp_path):
+    """runtime.concurrent_seeds: the seeds in processes of their own, at once; per seed the same numbers."""
+    import json
+
+    from safetransfer.experiment import run_job
+
+    overrides = [*TINY, "seeds=[0,1]", "train.iterations=4", "optim.scheduler.milestones=[3]"]
+    alone = run_job(compose_cfg(*overrides), tmp_path / "alone")
+    together = run_job(compose_cfg(*overrides, "runtime.concurrent_seeds=true"), tmp_path / "together")
+    for seed in (0, 1):
+        a, b = (json.loads((tmp_path / d / f"seed_{seed}" / "metrics.json").read_text()) for d in ("alone", "together"))
+        assert (a["top1"], a["test_loss"]) == (b["top1"], b["test_loss"])
+        assert _log(tmp_path / "alone", seed) != [] and \
+            [r["loss_J"] for r in _log(tmp_path / "alone", seed)] == [r["loss_J"] for r in _log(tmp_path / "together", seed)]
+    assert alone["accuracies"] == together["accuracies"] and together["seeds"] == "0;1"
