@@ -123,16 +123,8 @@ def compare(steps: dict, args, batch: int, device: torch.device, rounds: int = 5
 
 
 def timed(step, steps: int, warmup: int, batch: int, device: torch.device, what: str) -> Result:
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    with peak_memory(device) as peak:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        seconds = time.perf_counter() - start
-    return Result(what, steps * batch / seconds, 1000 * seconds / steps, peak.mib)
+    """One closure, `steps` timed steps in one round."""
+    return compare({what: step}, argparse.Namespace(steps=steps, warmup=warmup), batch, device, rounds=1)[0]
 
 
 def config(*overrides: str):
