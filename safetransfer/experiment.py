@@ -179,6 +179,8 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
             model = model.to(memory_format=torch.channels_last)  # before bind: frozen source copies follow
     omega = create_omega(cfg)
     omega.bind(model, bind_context(cfg, data, device))
+    if cfg.runtime.get("compile", False):
+        model.compile()  # in place (state_dict keys unchanged); after bind, so the frozen copies stay eager
     optimizer, scheduler = create_optimizer(cfg, model)
     train_batches = test_batches = None
     if data.on_device:

@@ -206,3 +206,14 @@ def test_concurrent_seeds_give_each_seed_the_result_it_gets_alone(compose_cfg, t
         assert _log(tmp_path / "alone", seed) != [] and \
             [r["loss_J"] for r in _log(tmp_path / "alone", seed)] == [r["loss_J"] for r in _log(tmp_path / "together", seed)]
     assert alone["accuracies"] == together["accuracies"] and together["seeds"] == "0;1"
+
+
+@pytest.mark.slow
+def test_compiled_network_trains_and_keeps_its_checkpoint_keys(compose_cfg, tmp_path):
+    """runtime.compile=true: torch.compile in place; checkpoints keep the eager state_dict keys (resume works)."""
+    cfg = compose_cfg(*TINY, "train.iterations=3", "optim.scheduler.milestones=[2]", "runtime.compile=true",
+                      "runtime.checkpoint_every=1", "runtime.keep_checkpoints=true")
+    metrics = _run(cfg, 0, tmp_path)
+    assert 0 <= metrics["top1"] <= 100 and torch.isfinite(torch.tensor(metrics["test_loss"]))
+    state = torch.load(tmp_path / "seed_0" / "checkpoint.pt", weights_only=True)
+    assert state["iteration"] == 2 and not any("_orig_mod" in k for k in state["model"])
