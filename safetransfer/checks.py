@@ -58,6 +58,10 @@ def check_config(cfg: DictConfig) -> None:
     if every < 0 or (every and (not cfg.runtime.log_every or every % cfg.runtime.log_every)):
         raise ConfigError(f"runtime.diagnostics_every={every} must be 0 or a multiple of "
                           f"runtime.log_every={cfg.runtime.log_every} (angles are written on log rows)")
+    evaluation = cfg.runtime.get("eval_every", 0)
+    if evaluation < 0 or (evaluation and (not cfg.runtime.log_every or evaluation % cfg.runtime.log_every)):
+        raise ConfigError(f"runtime.eval_every={evaluation} must be 0 or a multiple of "
+                          f"runtime.log_every={cfg.runtime.log_every} (the evaluation is written on log rows)")
     check_regularizer(cfg)
     check_bss(cfg)
     if "granularity" in cfg.direction and cfg.direction.granularity not in GRANULARITIES:

@@ -215,7 +215,8 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
         precision: str = "fp32", log_every: int = 100, diagnostics_every: int = 0, progress: str = "auto",
         log_path: Path | None = None, desc: str = "train", batch_transform=None,
         checkpoint_path: Path | None = None, checkpoint_every: int = 0, key: str = "",
-        resume: dict | None = None, check_finite: bool = True) -> list[dict]:
+        resume: dict | None = None, check_finite: bool = True, eval_every: int = 0,
+        evaluator: Evaluator | None = None) -> list[dict]:
     """Train for `iterations` steps; every `log_every` steps (and at the last) append a row to log.csv.
 
     Returns the rows logged by this call. loss_J and train_acc are means over the steps
@@ -223,6 +224,9 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
     are the values at the row's step. Rows at multiples of `diagnostics_every` also carry
     the angles between d, g_J and g_Omega and the terms' own diagnostics (BSS's singular values).
     `batch_transform` finishes each batch on the device (DeviceAugment).
+
+    Rows at multiples of `eval_every` also carry `<split>_loss` and `<split>_acc` from
+    `evaluator` (the validation split when there is one, else the test split).
 
     Every `checkpoint_every` steps the whole training state goes to `checkpoint_path`
     (tagged with the config `key`); `resume`, such a state, continues from it. A stop
@@ -240,6 +244,8 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
                "train_acc"]
     if diagnostics_every:
         columns += [*ANGLE_COLUMNS, *omega.diagnostic_names()]
+    if eval_every and evaluator is not None:
+        columns += [f"{evaluator.split}_loss", f"{evaluator.split}_acc"]
     rows: list[dict] = []
     window_loss = torch.zeros((), device=device)
     window_correct = torch.zeros((), device=device, dtype=torch.long)
@@ -313,6 +319,9 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
             if diagnosed:
                 row.update({name: float(value) for name, value in step.angles.items()})
                 row.update(omega.diagnostics())
+            if evaluator is not None and eval_every and iteration % eval_every == 0:
+                accuracy, loss = evaluator()
+                row.update({f"{evaluator.split}_loss": loss, f"{evaluator.split}_acc": accuracy})
             row["elapsed_s"] = elapsed + time.perf_counter() - start
             rows.append(row)
             writer.write(row)
@@ -364,6 +373,21 @@ class _LogWriter:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+@dataclass
+class Evaluator:
+    """Top-1 and loss of the model on one split, during training (runtime.eval_every)."""
+
+    split: str                    # "test" or "val": the log.csv columns are <split>_loss, <split>_acc
+    model: TransferNet
+    loader: DataLoader
+    device: torch.device
+    precision: str = "fp32"
+    batch_transform: object = None
+
+    def __call__(self) -> tuple[float, float]:
+        return evaluate(self.model, self.loader, self.device, self.precision, self.batch_transform)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from safetransfer.backbones import TransferNet
 from safetransfer.checks import check_config, check_training_set
 from safetransfer.directions import Direction
-from safetransfer.engine import NonFiniteError, evaluate, fit, resolve_device
+from safetransfer.engine import Evaluator, NonFiniteError, evaluate, fit, resolve_device
 from safetransfer.regularizers import BindContext, Omega
 from safetransfer.results import atomic_write_json, config_key, make_row, write_row
 from safetransfer.sources import save_source_checkpoint
@@ -164,6 +164,27 @@ def bind_context(cfg: DictConfig, data: Data, device: torch.device) -> BindConte
                        cache_dir=Path(cfg.paths.cache_dir).expanduser(), identity=identity)
 
 
+@torch.no_grad()
+def save_spectrum(path: Path, model: TransferNet, loader: DataLoader, device: torch.device, batches: int,
+                  batch_transform=None) -> None:
+    """The singular values (descending) of the pooled feature matrix of each of the first
+    `batches` test batches (fixed: the test loader is not shuffled), as in the BSS paper's analysis."""
+    if batches <= 0:
+        return
+    model.eval()
+    spectra = []
+    for index, (images, _) in enumerate(loader):
+        if index == batches:
+            break
+        images = images.to(device, non_blocking=True)
+        if batch_transform is not None:
+            images = batch_transform(images)
+        pooled = model(images)[1].pooled.double()
+        spectra.append(torch.linalg.svdvals(pooled).cpu().tolist())
+    model.train()
+    atomic_write_json(path, {"batch_size": loader.batch_size, "split": "test", "singular_values": spectra})
+
+
 def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, run_dir: Path) -> dict | None:
     """Fine-tune once and evaluate the final weights (never the best test epoch). Continues
     from the seed's checkpoint when an earlier run left one. A NaN or inf stops the seed:
@@ -187,6 +208,11 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
         train_batches = DeviceAugment(cfg.data.crop, cfg.data.mean, cfg.data.std, seed, device)
         test_batches = DeviceAugment(cfg.data.crop, cfg.data.mean, cfg.data.std, seed, device, train=False)
     key, checkpoint = config_key(cfg), seed_dir / CHECKPOINT
+    test_loader = create_loader(data.test, cfg, train=False, seed=seed, device=device)
+    # during training: the validation split when there is one (never choose on test), else the test split
+    evaluator = Evaluator("test", model, test_loader, device, cfg.train.precision, test_batches) if data.val is None \
+        else Evaluator("val", model, create_loader(data.val, cfg, train=False, seed=seed, device=device), device,
+                       cfg.train.precision)
     start = time.perf_counter()
     try:
         fit(model, create_loader(data.train, cfg, train=True, seed=seed, device=device), omega,
@@ -195,13 +221,15 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
             diagnostics_every=cfg.runtime.diagnostics_every, progress=cfg.runtime.progress,
             log_path=seed_dir / "log.csv", desc=f"seed {seed}", batch_transform=train_batches,
             checkpoint_path=checkpoint, checkpoint_every=cfg.runtime.checkpoint_every, key=key,
-            resume=load_checkpoint(checkpoint, key), check_finite=cfg.runtime.check_finite)
+            resume=load_checkpoint(checkpoint, key), check_finite=cfg.runtime.check_finite,
+            eval_every=cfg.runtime.get("eval_every", 0), evaluator=evaluator)
     except NonFiniteError as error:
         atomic_write_json(seed_dir / FAILED, {"seed": seed, "key": key, "error": str(error)})
         log.error("%s: the seed is recorded as failed (%s) and left out of the table", error, seed_dir / FAILED)
         return None
-    top1, test_loss = evaluate(model, create_loader(data.test, cfg, train=False, seed=seed, device=device),
-                               device, cfg.train.precision, test_batches)
+    top1, test_loss = evaluate(model, test_loader, device, cfg.train.precision, test_batches)
+    save_spectrum(seed_dir / "spectrum.json", model, test_loader, device, cfg.runtime.get("spectrum_batches", 4),
+                  test_batches)
     validation = {}
     if data.val is not None:
         val_top1, val_loss = evaluate(model, create_loader(data.val, cfg, train=False, seed=seed, device=device),

@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import json
 
 import pytest
 import torch
@@ -57,8 +58,8 @@ def test_head_learns_ten_times_faster(compose_cfg):
     assert backbone_group["lr"] == pytest.approx(0.001) and head_group["lr"] == pytest.approx(0.01)
 
 
-def _run(cfg, seed, directory):
-    target = DemoTarget(train_images_per_class=10, test_images_per_class=4, sampling_rate=50)
+def _run(cfg, seed, directory, val_fraction=0.0):
+    target = DemoTarget(train_images_per_class=10, test_images_per_class=4, sampling_rate=50, val_fraction=val_fraction)
     data = prepare_data(cfg, target)
     return run_seed(cfg, seed, data, None, directory)
 
@@ -217,3 +218,30 @@ def test_compiled_network_trains_and_keeps_its_checkpoint_keys(compose_cfg, tmp_
     assert 0 <= metrics["top1"] <= 100 and torch.isfinite(torch.tensor(metrics["test_loss"]))
     state = torch.load(tmp_path / "seed_0" / "checkpoint.pt", weights_only=True)
     assert state["iteration"] == 2 and not any("_orig_mod" in k for k in state["model"])
+
+
+@pytest.mark.parametrize("val_fraction,split", [(0.0, "test"), (0.3, "val")])
+def test_eval_every_writes_the_split_columns_on_the_right_rows(compose_cfg, tmp_path, val_fraction, split):
+    import numpy as np
+
+    cfg = compose_cfg(*TINY, "train.iterations=6", "runtime.log_every=1", "runtime.eval_every=2",
+                      "optim.scheduler.milestones=[5]", "train.batch_size=4")
+    metrics = _run(cfg, 0, tmp_path, val_fraction)
+    rows = _log(tmp_path, 0)
+    evaluated = [int(r["iteration"]) for r in rows if r[f"{split}_acc"] != ""]
+    assert evaluated == [2, 4, 6] and f"{'val' if split == 'test' else 'test'}_acc" not in rows[0]
+    last = rows[-1]
+    if split == "test":  # the last row's evaluation is the final one, the same as metrics.json's
+        assert float(last["test_acc"]) == pytest.approx(metrics["top1"])
+        assert float(last["test_loss"]) == pytest.approx(metrics["test_loss"])
+    else:
+        assert float(last["val_acc"]) == pytest.approx(metrics["val_top1"])
+    # the evaluation does not disturb training: the loss curve is the one of a run without it
+    plain = _run(compose_cfg(*TINY, "train.iterations=6", "runtime.log_every=1", "optim.scheduler.milestones=[5]",
+                             "train.batch_size=4"), 0, tmp_path / "plain", val_fraction)
+    assert [r["loss_J"] for r in _log(tmp_path / "plain", 0)] == [r["loss_J"] for r in rows]
+    assert plain["top1"] == metrics["top1"]
+    spectrum = json.loads((tmp_path / "seed_0" / "spectrum.json").read_text())
+    values = spectrum["singular_values"]
+    assert len(values) == min(4, -(-metrics["test_images"] // 4)) and all(len(v) <= 4 for v in values)
+    assert all(np.all(np.diff(v) <= 0) and min(v) >= 0 for v in values)  # descending, non-negative
