@@ -1,0 +1,240 @@
+"""Figures from run and sweep directories, as PNG files (matplotlib, no display needed):
+
+    safetransfer-plot multirun/2026-11-22/10-00-00-000000 [--out results/figures] [--published dtnh_table2]
+
+1. losses.png: the empirical loss J and the held-out loss (runtime.eval_every) against
+   the iteration, one line per method, mean over seeds with a +-1 std band (DTNH Fig. 3);
+2. angles.png: Angle 1 against Angle 3 and Angle 2 against Angle 4 (DTNH Figs. 4 and 5);
+3. spectra.png: the singular values of the pooled test-batch features in descending
+   order, all and the smaller half, one line per method and sampling rate (BSS Figs. 1c/d, 3b/c);
+4. table.png: the results table as grouped bars with error bars (methods x targets),
+   published values marked where known.
+The numbers each figure draws come from the functions below, so they can be checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from safetransfer.experiment import method_name
+
+DPI = 100
+SIZE = (11, 4.5)  # inches: 1100 x 450 pixels
+
+
+@dataclass
+class Run:
+    """One finished or running seed: what it is and what it logged."""
+
+    method: str
+    target: str
+    sampling_rate: float
+    seed: int
+    log: pd.DataFrame
+    spectrum: list[list[float]] | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}, {self.target} {self.sampling_rate:g}%"
+
+
+def load_runs(directories: Iterable[Path]) -> list[Run]:
+    """Every seed directory (with metrics.json or a log.csv and the job's .hydra/config.yaml) under `directories`."""
+    from omegaconf import OmegaConf
+
+    runs = []
+    for directory in directories:
+        for log_path in sorted(Path(directory).rglob("seed_*/log.csv")):
+            seed_dir = log_path.parent
+            if (seed_dir / "metrics.json").exists():
+                config = json.loads((seed_dir / "metrics.json").read_text())["config"]
+                cfg = OmegaConf.create(config)
+            elif (seed_dir.parent / ".hydra" / "config.yaml").exists():
+                cfg = OmegaConf.load(seed_dir.parent / ".hydra" / "config.yaml")
+            else:
+                continue
+            spectrum_path = seed_dir / "spectrum.json"
+            spectrum = json.loads(spectrum_path.read_text())["singular_values"] if spectrum_path.exists() else None
+            runs.append(Run(method_name(cfg), str(cfg.target.name), float(cfg.target.sampling_rate),
+                            int(seed_dir.name.split("_")[1]), pd.read_csv(log_path), spectrum))
+    return runs
+
+
+def _labels(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs grouped per line: by method, or by method and target/rate when the runs mix several."""
+    mixed = len({(r.target, r.sampling_rate) for r in runs}) > 1
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.label if mixed else run.method, []).append(run)
+    return groups
+
+
+def curve_band(runs: Sequence[Run], column: str) -> pd.DataFrame:
+    """Mean and sample std over the seeds at each iteration where `column` was logged."""
+    frames = [r.log[["iteration", column]].dropna() for r in runs if column in r.log]
+    if not frames:
+        return pd.DataFrame(columns=["iteration", "mean", "std", "n"])
+    stacked = pd.concat(frames)
+    grouped = stacked.groupby("iteration")[column]
+    return pd.DataFrame({"mean": grouped.mean(), "std": grouped.std(ddof=1).fillna(0.0),
+                         "n": grouped.count()}).reset_index()
+
+
+def spectrum_curve(runs: Sequence[Run]) -> np.ndarray:
+    """The singular values in descending order, averaged over the saved batches and the seeds."""
+    spectra = [np.sort(np.asarray(batch))[::-1] for r in runs if r.spectrum for batch in r.spectrum]
+    if not spectra:
+        return np.array([])
+    length = min(len(s) for s in spectra)
+    return np.mean([s[:length] for s in spectra], axis=0)
+
+
+def _figure(columns: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, columns, figsize=SIZE, dpi=DPI, squeeze=False)
+    return plt, figure, list(axes[0])
+
+
+def _save(plt, figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return path
+
+
+def _band(axis, band: pd.DataFrame, label: str, color, style: str = "-") -> None:
+    axis.plot(band["iteration"], band["mean"], style, color=color, label=label)
+    axis.fill_between(band["iteration"], band["mean"] - band["std"], band["mean"] + band["std"], color=color,
+                      alpha=0.2, linewidth=0)
+
+
+def plot_losses(runs: Sequence[Run], path: Path) -> Path | None:
+    held_out = next((c for c in ("val_loss", "test_loss") if any(c in r.log for r in runs)), None)
+    plt, figure, (axis,) = _figure(1)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, group) in enumerate(_labels(runs).items()):
+        color = colors[index % len(colors)]
+        _band(axis, curve_band(group, "loss_J"), f"{label}: empirical loss J (train)", color)
+        if held_out:
+            band = curve_band(group, held_out)
+            if len(band):
+                _band(axis, band, f"{label}: {held_out.split('_')[0]} loss", color, "--")
+    axis.set(title="Empirical loss J and held-out loss (mean ± std over seeds; DTNH Fig. 3)",
+             xlabel="iteration", ylabel="cross-entropy (nats)")
+    axis.legend(fontsize=8)
+    return _save(plt, figure, path)
+
+
+ANGLE_PAIRS = (("angle_d_J", "angle_sum_J", "Angle 1: d vs g_J", "Angle 3: g_J+g_Ω vs g_J"),
+               ("angle_d_Omega", "angle_sum_Omega", "Angle 2: d vs g_Ω", "Angle 4: g_J+g_Ω vs g_Ω"))
+
+
+def plot_angles(runs: Sequence[Run], path: Path) -> Path | None:
+    runs = [r for r in runs if "angle_d_J" in r.log and r.log["angle_d_J"].notna().any()]
+    if not runs:
+        return None
+    plt, figure, axes = _figure(2)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for axis, (first, second, first_name, second_name) in zip(axes, ANGLE_PAIRS):
+        for index, (label, group) in enumerate(_labels(runs).items()):
+            color = colors[index % len(colors)]
+            _band(axis, curve_band(group, first), f"{label}: {first_name}", color)
+            _band(axis, curve_band(group, second), f"{label}: {second_name}", color, ":")
+        axis.set(title=f"{first_name.split(':')[0]} and {second_name.split(':')[0]} (DTNH Fig. {4 if first == 'angle_d_J' else 5})",
+                 xlabel="iteration", ylabel="angle (degrees)")
+        axis.legend(fontsize=7)
+    return _save(plt, figure, path)
+
+
+def plot_spectra(runs: Sequence[Run], path: Path) -> Path | None:
+    runs = [r for r in runs if r.spectrum]
+    if not runs:
+        return None
+    plt, figure, axes = _figure(2)
+    for label, group in sorted(_labels_by_rate(runs).items()):
+        curve = spectrum_curve(group)
+        index = np.arange(1, len(curve) + 1)
+        axes[0].plot(index, curve, marker=".", label=label)
+        half = len(curve) // 2
+        axes[1].plot(index[half:], curve[half:], marker=".", label=label)
+    axes[0].set(title="Singular values of the batch features (BSS Figs. 1c, 3b)", xlabel="index (descending order)",
+                ylabel="singular value")
+    axes[1].set(title="The smaller half (BSS Figs. 1d, 3c)", xlabel="index (descending order)",
+                ylabel="singular value")
+    for axis in axes:
+        axis.legend(fontsize=8)
+    return _save(plt, figure, path)
+
+
+def _labels_by_rate(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(f"{run.method}, {run.sampling_rate:g}%", []).append(run)
+    return groups
+
+
+def plot_table(numbers: pd.DataFrame, path: Path) -> Path | None:
+    """Grouped bars from tables.assemble's numbers: one group per (target, rate), one bar per method."""
+    if numbers.empty:
+        return None
+    methods = list(dict.fromkeys(numbers.columns.get_level_values("method")))
+    rows = [f"{t} {r:g}%" for t, r in numbers.index]
+    plt, figure, (axis,) = _figure(1)
+    width = 0.8 / max(len(methods), 1)
+    x = np.arange(len(rows))
+    for index, method in enumerate(methods):
+        means = numbers[(method, "mean")].to_numpy(dtype=float)
+        stds = np.nan_to_num(numbers[(method, "std")].to_numpy(dtype=float))
+        positions = x - 0.4 + width * (index + 0.5)
+        axis.bar(positions, np.nan_to_num(means), width, yerr=stds, capsize=3, label=method)
+        published = numbers[(method, "published")].to_numpy(dtype=float)
+        known = ~np.isnan(published)
+        if known.any():
+            axis.scatter(positions[known], published[known], marker="_", s=300, color="black", zorder=3,
+                         label="published" if index == 0 else None)
+    axis.set_xticks(x, rows, rotation=20, ha="right")
+    axis.set(title="Top-1 accuracy, mean ± std over seeds (black bars: published values)", xlabel="target",
+             ylabel="top-1 accuracy (%)")
+    axis.legend(fontsize=8)
+    return _save(plt, figure, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from safetransfer.errors import ConfigError
+    from safetransfer.tables import assemble, collect, published_values, select
+
+    parser = argparse.ArgumentParser(prog="safetransfer-plot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directories", nargs="+", type=Path, help="run or sweep directories")
+    parser.add_argument("--out", type=Path, default=Path("results") / "figures")
+    parser.add_argument("--published", help="mark the paper's values: dtnh_table2 | dtnh_table3 | dtnh_table4 | bss_table2")
+    args = parser.parse_args(argv)
+    missing = [str(d) for d in args.directories if not d.is_dir()]
+    if missing:
+        parser.exit(2, f"safetransfer-plot: error: no such directory: {', '.join(missing)}\n")
+    runs = load_runs(args.directories)
+    if not runs:
+        parser.exit(2, "safetransfer-plot: error: no seed_*/log.csv under the given directories\n")
+    written = [plot_losses(runs, args.out / "losses.png"), plot_angles(runs, args.out / "angles.png"),
+               plot_spectra(runs, args.out / "spectra.png")]
+    try:
+        numbers = assemble(select(collect(args.directories)),
+                           published_values(args.published) if args.published else None)
+        written.append(plot_table(numbers, args.out / "table.png"))
+    except ConfigError as error:
+        print(f"safetransfer-plot: no table figure: {error}")
+    for path in written:
+        if path is not None:
+            print(path)

@@ -1,0 +1,73 @@
+"""Figures from synthetic logs: the numbers each one draws checked against NumPy, and the
+PNG files decoded (expected size, not blank)."""
+
+import json
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from safetransfer.plots import DPI, SIZE, curve_band, load_runs, main, spectrum_curve
+
+RNG = np.random.default_rng(0)
+
+
+def write_seed(directory, cfg, seed, iterations=(10, 20, 30), angles=True, spectrum_size=6):
+    seed_dir = directory / f"seed_{seed}"
+    seed_dir.mkdir(parents=True)
+    rows = []
+    for i in iterations:
+        row = {"iteration": i, "loss_J": 2.0 / i + 0.1 * seed, "test_loss": 2.5 / i + 0.05 * seed}
+        if angles:
+            row.update(angle_d_J=30 + seed, angle_d_Omega=80 - seed, angle_sum_J=40 + i / 10, angle_sum_Omega=95.0)
+        rows.append(row)
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(seed_dir / "log.csv", index=False)
+    spectra = [sorted(RNG.uniform(0, 10, spectrum_size).tolist(), reverse=True) for _ in range(2)]
+    (seed_dir / "spectrum.json").write_text(json.dumps({"singular_values": spectra, "batch_size": spectrum_size}))
+    (seed_dir / "metrics.json").write_text(json.dumps({"seed": seed, "top1": 70.0 + seed, "config":
+                                                       OmegaConf.to_container(cfg, resolve=True)}))
+    return rows, spectra
+
+
+def assert_png(path):
+    image = np.asarray(Image.open(path).convert("L"), dtype=float)
+    assert image.shape == (SIZE[1] * DPI, SIZE[0] * DPI)
+    assert image.std() > 10  # not blank
+
+
+def test_curves_and_spectra_are_the_seed_means(compose_cfg, tmp_path):
+    cfg = compose_cfg("regularizer=l2sp", "direction=dtnh")
+    logs, spectra = zip(*(write_seed(tmp_path / "run", cfg, seed) for seed in range(3)))
+    runs = load_runs([tmp_path / "run"])
+    assert {r.method for r in runs} == {"DTNH (L2-SP)"} and len(runs) == 3
+    band = curve_band(runs, "loss_J")
+    values = np.array([[row["loss_J"] for row in log] for log in logs])  # seeds x iterations
+    np.testing.assert_allclose(band["mean"], values.mean(axis=0))
+    np.testing.assert_allclose(band["std"], values.std(axis=0, ddof=1))
+    assert list(band["iteration"]) == [10, 20, 30] and set(band["n"]) == {3}
+    expected = np.mean([np.sort(b)[::-1] for s in spectra for b in s], axis=0)
+    np.testing.assert_allclose(spectrum_curve(runs), expected)
+    assert np.all(np.diff(spectrum_curve(runs)) <= 0)
+
+
+def test_plot_command_draws_the_four_figures(compose_cfg, tmp_path, capsys):
+    for seed in range(2):
+        write_seed(tmp_path / "sweep" / "0", compose_cfg("regularizer=l2sp", "direction=dtnh"), seed)
+        write_seed(tmp_path / "sweep" / "1", compose_cfg("regularizer=l2sp"), seed, angles=False)
+        write_seed(tmp_path / "sweep" / "2", compose_cfg("regularizer=l2sp", "target.sampling_rate=30"), seed,
+                   angles=False)
+    main([str(tmp_path / "sweep"), "--out", str(tmp_path / "figures")])
+    printed = capsys.readouterr().out.split()
+    for name in ("losses", "angles", "spectra", "table"):
+        path = tmp_path / "figures" / f"{name}.png"
+        assert str(path) in printed
+        assert_png(path)
+
+
+def test_plot_command_refuses_an_empty_directory(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path)])
+    assert stop.value.code == 2
