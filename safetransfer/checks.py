@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import tempfile
 from pathlib import Path
@@ -58,6 +59,12 @@ def check_config(cfg: DictConfig) -> None:
     if every < 0 or (every and (not cfg.runtime.log_every or every % cfg.runtime.log_every)):
         raise ConfigError(f"runtime.diagnostics_every={every} must be 0 or a multiple of "
                           f"runtime.log_every={cfg.runtime.log_every} (angles are written on log rows)")
+    logger = cfg.get("logger", "csv")
+    if logger not in ("csv", "tensorboard"):
+        raise ConfigError(f"logger={logger} is not one of csv, tensorboard")
+    if logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard "
+                          "(or use logger=csv)")
     evaluation = cfg.runtime.get("eval_every", 0)
     if evaluation < 0 or (evaluation and (not cfg.runtime.log_every or evaluation % cfg.runtime.log_every)):
         raise ConfigError(f"runtime.eval_every={evaluation} must be 0 or a multiple of "

@@ -216,7 +216,7 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
         log_path: Path | None = None, desc: str = "train", batch_transform=None,
         checkpoint_path: Path | None = None, checkpoint_every: int = 0, key: str = "",
         resume: dict | None = None, check_finite: bool = True, eval_every: int = 0,
-        evaluator: Evaluator | None = None) -> list[dict]:
+        evaluator: Evaluator | None = None, tensorboard: Path | None = None) -> list[dict]:
     """Train for `iterations` steps; every `log_every` steps (and at the last) append a row to log.csv.
 
     Returns the rows logged by this call. loss_J and train_acc are means over the steps
@@ -265,7 +265,7 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
         first, elapsed = resume["iteration"] + 1, resume["elapsed_s"]
         resuming.set_rng_state(resume["rng"])  # after the replayed batches, which drew from it
         log.info("%s: resumed after iteration %d of %d", desc, resume["iteration"], iterations)
-    writer = _LogWriter(log_path, [*columns, "elapsed_s"], keep_until=first - 1)
+    writer = _LogWriter(log_path, [*columns, "elapsed_s"], keep_until=first - 1, tensorboard=tensorboard)
 
     def save(iteration: int) -> None:
         resuming.save_checkpoint(checkpoint_path, {
@@ -349,10 +349,15 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
 class _LogWriter:
     """Writes rows to log.csv, flushing each so that a crashed run keeps its curve. A
     resumed run keeps the rows up to `keep_until` (its checkpoint's iteration) and
-    drops the later ones, which the resumed run writes again."""
+    drops the later ones, which the resumed run writes again. With `tensorboard` (a
+    folder) the same scalars also go to TensorBoard event files there."""
 
-    def __init__(self, path: Path | None, columns: list[str], keep_until: int = 0):
-        self.file = None
+    def __init__(self, path: Path | None, columns: list[str], keep_until: int = 0, tensorboard: Path | None = None):
+        self.file = self.board = None
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(log_dir=str(tensorboard), purge_step=keep_until + 1 if keep_until else None)
         if path is None:
             return
         kept = []
@@ -369,10 +374,17 @@ class _LogWriter:
         if self.file is not None:
             self.writer.writerow(row)
             self.file.flush()
+        if self.board is not None:
+            for name, value in row.items():
+                if name not in ("iteration", "epoch") and isinstance(value, (int, float)):
+                    self.board.add_scalar(name, value, row["iteration"])
+            self.board.flush()
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+        if self.board is not None:
+            self.board.close()
 
 
 @dataclass

@@ -222,7 +222,8 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
             log_path=seed_dir / "log.csv", desc=f"seed {seed}", batch_transform=train_batches,
             checkpoint_path=checkpoint, checkpoint_every=cfg.runtime.checkpoint_every, key=key,
             resume=load_checkpoint(checkpoint, key), check_finite=cfg.runtime.check_finite,
-            eval_every=cfg.runtime.get("eval_every", 0), evaluator=evaluator)
+            eval_every=cfg.runtime.get("eval_every", 0), evaluator=evaluator,
+            tensorboard=seed_dir / "tensorboard" if cfg.get("logger", "csv") == "tensorboard" else None)
     except NonFiniteError as error:
         atomic_write_json(seed_dir / FAILED, {"seed": seed, "key": key, "error": str(error)})
         log.error("%s: the seed is recorded as failed (%s) and left out of the table", error, seed_dir / FAILED)

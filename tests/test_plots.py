@@ -71,3 +71,39 @@ def test_plot_command_refuses_an_empty_directory(tmp_path):
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path)])
     assert stop.value.code == 2
+
+
+def test_tensorboard_logger_writes_the_log_scalars(compose_cfg, tmp_path):
+    pytest.importorskip("tensorboard")
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import TINY
+    from safetransfer.experiment import prepare_data, run_seed
+    from safetransfer.targets.demo import DemoTarget
+
+    cfg = compose_cfg(*TINY, "train.iterations=4", "optim.scheduler.milestones=[3]", "logger=tensorboard",
+                      "runtime.log_every=2", "runtime.eval_every=2")
+    target = DemoTarget(train_images_per_class=10, test_images_per_class=4, sampling_rate=50)
+    run_seed(cfg, 0, prepare_data(cfg, target), None, tmp_path)
+    events = EventAccumulator(str(tmp_path / "seed_0" / "tensorboard"))
+    events.Reload()
+    with open(tmp_path / "seed_0" / "log.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for column in ("loss_J", "train_acc", "test_loss", "angle_d_J"):
+        scalars = events.Scalars(column)
+        assert [s.step for s in scalars] == [int(r["iteration"]) for r in rows]
+        assert [s.value for s in scalars] == pytest.approx([float(r[column]) for r in rows], rel=1e-6)
+
+
+def test_tensorboard_logger_missing_is_one_clear_line(compose_cfg, monkeypatch):
+    import importlib.util
+
+    from safetransfer.checks import check_config
+    from safetransfer.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match="logger=tensorboard needs the tensorboard package: pip install tensorboard"):
+        check_config(compose_cfg("logger=tensorboard"))
