@@ -34,15 +34,12 @@ class Run:
     """One finished or running seed: what it is and what it logged."""
 
     method: str
+    source: str
     target: str
     sampling_rate: float
     seed: int
     log: pd.DataFrame
     spectrum: list[list[float]] | None
-
-    @property
-    def label(self) -> str:
-        return f"{self.method}, {self.target} {self.sampling_rate:g}%"
 
 
 def load_runs(directories: Iterable[Path]) -> list[Run]:
@@ -62,17 +59,25 @@ def load_runs(directories: Iterable[Path]) -> list[Run]:
                 continue
             spectrum_path = seed_dir / "spectrum.json"
             spectrum = json.loads(spectrum_path.read_text())["singular_values"] if spectrum_path.exists() else None
-            runs.append(Run(method_name(cfg), str(cfg.target.name), float(cfg.target.sampling_rate),
+            runs.append(Run(method_name(cfg), str(cfg.source.name), str(cfg.target.name), float(cfg.target.sampling_rate),
                             int(seed_dir.name.split("_")[1]), pd.read_csv(log_path), spectrum))
     return runs
 
 
-def _labels(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Runs grouped per line: by method, or by method and target/rate when the runs mix several."""
-    mixed = len({(r.target, r.sampling_rate) for r in runs}) > 1
+def _labels(runs: Sequence[Run], by_rate: bool = False) -> dict[str, list[Run]]:
+    """Runs grouped per line: by method, with the source in brackets when the runs mix
+    sources (the demo's scratch row), and the target and rate when they mix those
+    (`by_rate`: always the rate, for the spectra)."""
+    sources = len({r.source for r in runs}) > 1
+    cells = len({(r.target, r.sampling_rate) for r in runs}) > 1
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(run.label if mixed else run.method, []).append(run)
+        label = run.method + (f" [{run.source}]" if sources else "")
+        if cells and not by_rate:
+            label += f", {run.target} {run.sampling_rate:g}%"
+        elif by_rate:
+            label += f", {run.sampling_rate:g}%" + (f" ({run.target})" if len({r.target for r in runs}) > 1 else "")
+        groups.setdefault(label, []).append(run)
     return groups
 
 
@@ -114,10 +119,13 @@ def _save(plt, figure, path: Path) -> Path:
     return path
 
 
-def _band(axis, band: pd.DataFrame, label: str, color, style: str = "-") -> None:
+def _band(axis, band: pd.DataFrame, label: str, color, style: str = "-", floor: float | None = None) -> None:
+    """The mean as a line, mean ± std as a shaded band (cut at `floor` on a log axis)."""
+    lower = band["mean"] - band["std"]
+    if floor is not None:
+        lower = lower.clip(lower=floor)
     axis.plot(band["iteration"], band["mean"], style, color=color, label=label)
-    axis.fill_between(band["iteration"], band["mean"] - band["std"], band["mean"] + band["std"], color=color,
-                      alpha=0.2, linewidth=0)
+    axis.fill_between(band["iteration"], lower, band["mean"] + band["std"], color=color, alpha=0.2, linewidth=0)
 
 
 def plot_losses(runs: Sequence[Run], path: Path) -> Path | None:
@@ -126,13 +134,14 @@ def plot_losses(runs: Sequence[Run], path: Path) -> Path | None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, (label, group) in enumerate(_labels(runs).items()):
         color = colors[index % len(colors)]
-        _band(axis, curve_band(group, "loss_J"), f"{label}: empirical loss J (train)", color)
+        _band(axis, curve_band(group, "loss_J"), f"{label}: empirical loss J (train)", color, floor=1e-3)
         if held_out:
             band = curve_band(group, held_out)
             if len(band):
-                _band(axis, band, f"{label}: {held_out.split('_')[0]} loss", color, "--")
+                _band(axis, band, f"{label}: {held_out.split('_')[0]} loss", color, "--", floor=1e-3)
+    axis.set_yscale("log")  # methods whose losses differ by orders of magnitude stay readable
     axis.set(title="Empirical loss J and held-out loss (mean ± std over seeds; DTNH Fig. 3)",
-             xlabel="iteration", ylabel="cross-entropy (nats)")
+             xlabel="iteration", ylabel="cross-entropy (nats, log scale)")
     axis.legend(fontsize=8)
     return _save(plt, figure, path)
 
@@ -163,7 +172,7 @@ def plot_spectra(runs: Sequence[Run], path: Path) -> Path | None:
     if not runs:
         return None
     plt, figure, axes = _figure(2)
-    for label, group in sorted(_labels_by_rate(runs).items()):
+    for label, group in sorted(_labels(runs, by_rate=True).items()):
         curve = spectrum_curve(group)
         index = np.arange(1, len(curve) + 1)
         axes[0].plot(index, curve, marker=".", label=label)
@@ -176,13 +185,6 @@ def plot_spectra(runs: Sequence[Run], path: Path) -> Path | None:
     for axis in axes:
         axis.legend(fontsize=8)
     return _save(plt, figure, path)
-
-
-def _labels_by_rate(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(f"{run.method}, {run.sampling_rate:g}%", []).append(run)
-    return groups
 
 
 def plot_table(numbers: pd.DataFrame, path: Path) -> Path | None:
@@ -205,8 +207,9 @@ def plot_table(numbers: pd.DataFrame, path: Path) -> Path | None:
             axis.scatter(positions[known], published[known], marker="_", s=300, color="black", zorder=3,
                          label="published" if index == 0 else None)
     axis.set_xticks(x, rows, rotation=20, ha="right")
-    axis.set(title="Top-1 accuracy, mean ± std over seeds (black bars: published values)", xlabel="target",
-             ylabel="top-1 accuracy (%)")
+    marked = numbers.xs("published", axis=1, level="quantity").notna().to_numpy().any()
+    axis.set(title="Top-1 accuracy, mean ± std over seeds" + (" (black marks: published values)" if marked else ""),
+             xlabel="target and sampling rate", ylabel="top-1 accuracy (%)")
     axis.legend(fontsize=8)
     return _save(plt, figure, path)
 
