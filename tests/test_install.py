@@ -44,6 +44,8 @@ def test_regular_install_ships_the_conf_tree(tmp_path):
     assert install.returncode == 0, install.stderr
     shipped = {p.relative_to(site / "safetransfer" / "conf") for p in (site / "safetransfer" / "conf").rglob("*.yaml")}
     assert shipped == {p.relative_to(ROOT / "conf") for p in (ROOT / "conf").rglob("*.yaml")}
+    published = site / "safetransfer" / "data" / "published.csv"  # the papers' values travel with the package
+    assert published.read_text() == (ROOT / "safetransfer" / "data" / "published.csv").read_text()
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
