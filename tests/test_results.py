@@ -84,6 +84,7 @@ def test_config_key_ignores_seeds_and_runtime(compose_cfg):
 
     base = config_key(compose_cfg())
     assert config_key(compose_cfg("seeds=[0]", "runtime.num_workers=1", "runtime.device=cpu")) == base
+    assert config_key(compose_cfg("logger=tensorboard", "runtime.checkpoint_every=7", "launcher=gpus")) == base
     assert config_key(compose_cfg("optim.optimizer.lr=0.02")) != base
     assert config_key(compose_cfg("target.sampling_rate=50")) != base
 
