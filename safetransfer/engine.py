@@ -103,9 +103,12 @@ class NonFiniteError(FloatingPointError):
     """J, a term of Omega or a gradient is NaN or infinite; the message names which."""
 
 
-def _coefficients(term) -> str:
+def term_problem(omega: Omega, name: str, value: float) -> str:
+    """`Omega term l2sp is inf (alpha=0.1, decay^epoch=1)`: the term, its value and its coefficients."""
+    term = omega.terms[name]
     names = [n for n in ("alpha", "beta", "eta", "k") if hasattr(term, n)]
-    return ", ".join([*(f"{n}={getattr(term, n):g}" for n in names), f"decay^epoch={term.scale:g}"])
+    coefficients = ", ".join([*(f"{n}={getattr(term, n):g}" for n in names), f"decay^epoch={term.scale:g}"])
+    return f"Omega term {name} is {value} ({coefficients})"
 
 
 def diagnose_nonfinite(model: TransferNet, images: torch.Tensor, labels: torch.Tensor, omega: Omega,
@@ -120,8 +123,7 @@ def diagnose_nonfinite(model: TransferNet, images: torch.Tensor, labels: torch.T
         values = omega.autograd_values(model, features)
     values.update(omega.closed_form_values(model))
     problems = [] if finite([loss_J]) else [f"the empirical loss J is {float(loss_J)}"]
-    problems += [f"Omega term {name} is {float(v.detach())} ({_coefficients(omega.terms[name])})"
-                 for name, v in values.items() if not finite([v])]
+    problems += [term_problem(omega, name, float(v.detach())) for name, v in values.items() if not finite([v])]
     if problems:
         return "; ".join(problems)
     if not finite(_grad(loss_J, params, retain_graph=True)):
@@ -133,7 +135,7 @@ def diagnose_nonfinite(model: TransferNet, images: torch.Tensor, labels: torch.T
         else:
             grads = _grad(values[name], params, retain_graph=True)
         if not finite(grads):
-            return f"the gradient of Omega term {name} is not finite ({_coefficients(term)})"
+            return f"the gradient of {term_problem(omega, name, 'not finite')}"
     return "the direction d is not finite although J, Omega and their gradients are"
 
 
@@ -315,7 +317,7 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
             bad = [name for name in omega.terms if not math.isfinite(row[f"Omega_{name}"])]
             if check_finite and bad:  # a term whose value (not only its gradient) overflowed
                 raise NonFiniteError(f"{desc}: iteration {iteration} (epoch {epoch}): " + "; ".join(
-                    f"Omega term {name} is {row[f'Omega_{name}']} ({_coefficients(omega.terms[name])})" for name in bad))
+                    term_problem(omega, name, row[f"Omega_{name}"]) for name in bad))
             if diagnosed:
                 row.update({name: float(value) for name, value in step.angles.items()})
                 row.update(omega.diagnostics())

@@ -296,6 +296,16 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "") -> dict:
         return _run_job(cfg, run_dir, overrides)
 
 
+def seed_data(cfg: DictConfig, target: Target, seed: int, run_dir: Path, data: Data | None) -> Data:
+    """The job's data for `seed`, or its own draw (saved beside it) with target.resample_per_seed."""
+    if not cfg.target.resample_per_seed and data is not None:
+        return data
+    data = prepare_data(cfg, target, seed if cfg.target.resample_per_seed else None)
+    if cfg.target.resample_per_seed:
+        save_indices(run_dir / f"seed_{seed}" / "sampled_train_indices.json", cfg, data)
+    return data
+
+
 def run_seeds_concurrently(cfg: DictConfig, seeds: list[int], run_dir: Path) -> dict[int, dict | None]:
     """runtime.concurrent_seeds: each seed in a process of its own, all at once (on one GPU,
     they share it). Each process loads the source and the cached data itself."""
@@ -318,9 +328,7 @@ def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dic
     cfg = OmegaConf.create(container)
     target: Target = instantiate(cfg.target)
     source_state = instantiate(cfg.source).backbone_state(cfg.backbone.name)
-    data = prepare_data(cfg, target, seed if cfg.target.resample_per_seed else None)
-    if cfg.target.resample_per_seed:
-        save_indices(Path(run_dir) / f"seed_{seed}" / "sampled_train_indices.json", cfg, data)
+    data = seed_data(cfg, target, seed, Path(run_dir), None)
     with resume.StopSignals() as stop:
         resume.active = stop
         return run_seed(cfg, seed, data, source_state, Path(run_dir))
@@ -356,10 +364,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str) -> dict:
     for seed in pending:
         if seed in outcomes:
             continue
-        if cfg.target.resample_per_seed:
-            data = prepare_data(cfg, target, seed)
-            save_indices(run_dir / f"seed_{seed}" / "sampled_train_indices.json", cfg, data)
-        outcomes[seed] = run_seed(cfg, seed, data, source_state, run_dir)
+        outcomes[seed] = run_seed(cfg, seed, seed_data(cfg, target, seed, run_dir, data), source_state, run_dir)
     finished = [seed for seed in cfg.seeds if outcomes[seed] is not None]
     failed = [seed for seed in cfg.seeds if outcomes[seed] is None]
     accuracies = [outcomes[seed]["top1"] for seed in finished]
