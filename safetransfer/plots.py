@@ -204,8 +204,9 @@ def plot_table(numbers: pd.DataFrame, path: Path) -> Path | None:
         published = numbers[(method, "published")].to_numpy(dtype=float)
         known = ~np.isnan(published)
         if known.any():
-            axis.scatter(positions[known], published[known], marker="_", s=300, color="black", zorder=3,
-                         label="published" if index == 0 else None)
+            published_std = np.nan_to_num(numbers[(method, "published_std")].to_numpy(dtype=float))
+            axis.errorbar(positions[known], published[known], yerr=published_std[known], fmt="_", markersize=14,
+                          color="black", capsize=2, zorder=3, label="published ± std" if index == 0 else None)
     axis.set_xticks(x, rows, rotation=20, ha="right")
     marked = numbers.xs("published", axis=1, level="quantity").notna().to_numpy().any()
     axis.set(title="Top-1 accuracy, mean ± std over seeds" + (" (black marks: published values)" if marked else ""),

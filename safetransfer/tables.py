@@ -31,7 +31,14 @@ from safetransfer.results import NOT_IN_KEY, atomic_write_text, config_key, summ
 
 CELL = ["backbone", "source", "target", "sampling_rate", "method"]
 ROWS = ["target", "sampling_rate"]
-QUANTITIES = ["mean", "std", "seeds", "published", "diff", "val_mean", "settings", "chosen"]
+QUANTITIES = ["mean", "std", "seeds", "published", "published_std", "diff", "within", "val_mean", "settings",
+              "chosen"]
+#: A row of a paper's table that stands for several of our rows. The DTNH tables print one
+#: "Caltech 256" row although the paper trains on 30 or 60 images per class and does not say
+#: which its table shows: its value is shown beside both, with a footnote.
+SHARED_PAPER_ROWS = {"caltech256": ("caltech256_30", "caltech256_60")}
+SHARED_ROW_NOTE = ("† The paper's table has one Caltech 256 row and does not say whether it is the 30 or the "
+                   "60 images per class split; its value is shown beside both.")
 
 
 def collect(directories: Iterable[Path]) -> pd.DataFrame:
@@ -104,7 +111,9 @@ def column_labels(cells: pd.DataFrame) -> list[str]:
 
 
 def published_values(table: str, path: Path | None = None) -> pd.DataFrame:
-    """The paper's values of `table` (target, sampling_rate, method, top1; NaN where not transcribed)."""
+    """The paper's values of `table`: target, sampling_rate, method, top1, std and paper_row
+    (the paper's own row name; it differs from target where one paper row stands for
+    several of ours, see SHARED_PAPER_ROWS). NaN where a value is not known."""
     if path is None:
         path = resources.files("safetransfer.data").joinpath("published.csv")
     with Path(str(path)).open() as handle:
@@ -113,20 +122,33 @@ def published_values(table: str, path: Path | None = None) -> pd.DataFrame:
     if table not in known:
         raise ConfigError(f"results.paper.published={table} is not a published table; known: {', '.join(known)}")
     frame = frame[frame["table"] == table].assign(sampling_rate=lambda f: f["sampling_rate"].astype(float))
-    return frame[["target", "sampling_rate", "method", "top1"]].reset_index(drop=True)
+    if "std" not in frame:
+        frame = frame.assign(std=math.nan)
+    frame = frame.assign(paper_row=frame["target"],
+                         target=frame["target"].map(lambda t: list(SHARED_PAPER_ROWS.get(t, (t,)))))
+    frame = frame.explode("target")
+    return frame[["target", "sampling_rate", "method", "top1", "std", "paper_row"]].reset_index(drop=True)
+
+
+def within_spread(diff: float, std: float, published_std: float) -> bool | None:
+    """Whether |ours - paper| <= sqrt(std_ours^2 + std_paper^2), the spread of a difference
+    of two independent means each as spread as its seeds; None when a spread is unknown."""
+    if any(pd.isna(v) for v in (diff, std, published_std)):
+        return None
+    return bool(abs(diff) <= math.hypot(std, published_std))
 
 
 def assemble(cells: pd.DataFrame, published: pd.DataFrame | None = None, methods: Sequence[str] | None = None,
              targets: Sequence[str] | None = None) -> pd.DataFrame:
     """The paper layout as numbers: rows = (target, sampling rate), columns = (method, quantity).
     The rows and columns of the published table are all kept, found or not."""
-    published = published if published is not None else pd.DataFrame(columns=["target", "sampling_rate",
-                                                                              "method", "top1"])
+    published = published if published is not None else pd.DataFrame(
+        columns=["target", "sampling_rate", "method", "top1", "std", "paper_row"])
     methods = list(methods or _ordered(published["method"], cells["method"]))
     targets = list(targets or _ordered(published["target"], cells["target"]))
     rates = sorted(set(published["sampling_rate"]) | set(cells["sampling_rate"])) or [100.0]
     found = {(c.target, c.sampling_rate, c.method): c for c in cells.itertuples()}
-    paper = {(p.target, p.sampling_rate, p.method): p.top1 for p in published.itertuples()}
+    paper = {(p.target, p.sampling_rate, p.method): (p.top1, p.std) for p in published.itertuples()}
     index = [(t, r) for t in targets for r in rates
              if any((t, r, m) in found or (t, r, m) in paper for m in methods) or not paper]
     rows = []
@@ -134,18 +156,23 @@ def assemble(cells: pd.DataFrame, published: pd.DataFrame | None = None, methods
         row = {}
         for method in methods:
             cell = found.get((target, rate, method))
-            value = paper.get((target, rate, method), math.nan)
+            value, value_std = paper.get((target, rate, method), (math.nan, math.nan))
             mean = cell.mean if cell is not None else math.nan
-            row.update({(method, "mean"): mean, (method, "std"): cell.std if cell is not None else math.nan,
+            std = cell.std if cell is not None else math.nan
+            row.update({(method, "mean"): mean, (method, "std"): std,
                         (method, "seeds"): cell.seeds if cell is not None else 0,
-                        (method, "published"): value, (method, "diff"): mean - value,
+                        (method, "published"): value, (method, "published_std"): value_std,
+                        (method, "diff"): mean - value,
+                        (method, "within"): within_spread(mean - value, std, value_std),
                         (method, "val_mean"): cell.val_mean if cell is not None else math.nan,
                         (method, "settings"): cell.settings if cell is not None else 0,
                         (method, "chosen"): cell.chosen if cell is not None else ""})
         rows.append(row)
     columns = pd.MultiIndex.from_tuples([(m, q) for m in methods for q in QUANTITIES], names=["method", "quantity"])
-    return pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["target", "sampling (%)"]),
-                        columns=columns)
+    table = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["target", "sampling (%)"]),
+                         columns=columns)
+    table.attrs["shared_rows"] = sorted({p.target for p in published.itertuples() if p.paper_row != p.target})
+    return table
 
 
 def _ordered(*columns: pd.Series) -> list[str]:
@@ -153,32 +180,42 @@ def _ordered(*columns: pd.Series) -> list[str]:
     return list(dict.fromkeys(v for column in columns for v in column))
 
 
-def cell_text(mean: float, std: float, seeds: int, published: float) -> str:
-    """'81.20 ± 0.41 (5) · paper 82.00 · Δ -0.80'; 'missing' when no seed has finished."""
+def cell_text(mean: float, std: float, seeds: int, published: float, published_std: float = math.nan) -> str:
+    """'81.20 ± 0.41 (5) · paper 82.00 ± 0.20 · Δ -0.80 ✗'; 'missing' when no seed has finished.
+    ✓ / ✗: the difference is inside / outside the two spreads combined (within_spread)."""
     if not seeds:
         ours = "missing"
     else:
         ours = f"{mean:.2f}" + ("" if pd.isna(std) else f" ± {std:.2f}") + f" ({seeds})"
     if pd.isna(published):
         return ours
-    return ours + f" · paper {published:.2f}" + ("" if not seeds else f" · Δ {mean - published:+.2f}")
+    text = ours + f" · paper {published:.2f}" + ("" if pd.isna(published_std) else f" ± {published_std:.2f}")
+    if seeds:
+        within = within_spread(mean - published, std, published_std)
+        text += f" · Δ {mean - published:+.2f}" + {True: " ✓", False: " ✗", None: ""}[within]
+    return text
 
 
 def paper_layout(table: pd.DataFrame) -> pd.DataFrame:
     """The table for reading: one text cell per (row, method)."""
     methods = list(dict.fromkeys(table.columns.get_level_values("method")))
-    return pd.DataFrame({m: [cell_text(r[(m, "mean")], r[(m, "std")], r[(m, "seeds")], r[(m, "published")])
+    return pd.DataFrame({m: [cell_text(r[(m, "mean")], r[(m, "std")], r[(m, "seeds")], r[(m, "published")],
+                                       r[(m, "published_std")])
                              for _, r in table.iterrows()] for m in methods}, index=table.index)
 
 
 def to_markdown(table: pd.DataFrame, published: str | None = None) -> str:
     text = paper_layout(table).reset_index()
     text["sampling (%)"] = text["sampling (%)"].map(lambda r: f"{r:g}")
+    shared = set(table.attrs.get("shared_rows", ()))
+    text["target"] = text["target"].map(lambda t: f"{t} †" if t in shared else t)
     lines = [text.to_markdown(index=False, disable_numparse=True), ""]
     lines.append("Cells: mean ± sample std of the test top-1 (%) over the seeds found (their count in brackets)"
-                 + (f"; `paper`: the value published in {published} (see safetransfer/data/published.csv), "
-                    "Δ = ours - paper; `paper` is left out where the value has not been transcribed"
-                    if published else "") + ".")
+                 + (f"; `paper`: mean ± std published in {published} (safetransfer/data/published.csv); "
+                    "Δ = ours - paper, ✓ when |Δ| ≤ √(std_ours² + std_paper²), ✗ when outside (no mark: a "
+                    "spread is unknown, e.g. one seed)" if published else "") + ".")
+    if shared:
+        lines += ["", SHARED_ROW_NOTE]
     chosen = [(idx, m, table.loc[idx, (m, "chosen")], table.loc[idx, (m, "settings")])
               for idx in table.index for m in dict.fromkeys(table.columns.get_level_values("method"))
               if table.loc[idx, (m, "settings")] > 1]

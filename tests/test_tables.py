@@ -73,11 +73,64 @@ def test_published_values_and_differences_beside_each_cell(compose_cfg, tmp_path
 
 
 def test_shipped_published_file_has_every_cell_of_the_four_tables():
+    # the papers' tables: DTNH II-IV 4 paper rows x 5 methods (Caltech 256 shown as our two Caltech rows),
+    # BSS Table 2: 5 targets x 4 rates x 6 methods
     for table, rows in [("dtnh_table2", 25), ("dtnh_table3", 25), ("dtnh_table4", 25), ("bss_table2", 120)]:
         frame = published_values(table)
         assert len(frame) == rows and not frame.duplicated(["target", "sampling_rate", "method"]).any()
-        values = frame["top1"].dropna()
-        assert ((values > 0) & (values <= 100)).all()
+        assert frame["top1"].notna().all() and frame["std"].notna().all()
+        assert ((frame["top1"] > 0) & (frame["top1"] <= 100)).all() and ((frame["std"] > 0) & (frame["std"] < 1)).all()
+    assert sorted(published_values("bss_table2")["sampling_rate"].unique()) == [15.0, 30.0, 50.0, 100.0]
+
+
+@pytest.mark.parametrize("table, target, rate, method, top1, std", [
+    # typed from the papers' tables
+    ("dtnh_table2", "mit_indoor67", 100, "DTNH (L2-SP)", 77.46, 0.29),   # Table II
+    ("dtnh_table3", "caltech256_30", 100, "L2-SP", 66.99, 0.20),         # Table III, Caltech 256
+    ("dtnh_table3", "caltech256_60", 100, "L2-SP", 66.99, 0.20),         # the same paper row
+    ("dtnh_table3", "cifar10", 100, "KnowDist", 94.96, 0.05),
+    ("dtnh_table4", "flowers102", 100, "DTNH (KnowDist)", 90.29, 0.34),  # Table IV
+    ("bss_table2", "stanford_dogs", 15, "L2", 81.05, 0.18),              # Table 2, first cell
+    ("bss_table2", "cub200", 30, "L2+BSS", 63.38, 0.29),
+    ("bss_table2", "stanford_cars", 50, "DELTA+BSS", 77.58, 0.33),
+    ("bss_table2", "oxford_pets", 100, "L2-SP+BSS", 92.41, 0.18),
+    ("bss_table2", "fgvc_aircraft", 100, "DELTA+BSS", 80.85, 0.17),      # Table 2, last cell
+])
+def test_shipped_published_values_match_the_papers(table, target, rate, method, top1, std):
+    frame = published_values(table).set_index(["target", "sampling_rate", "method"])
+    assert frame.loc[(target, float(rate), method), "top1"] == pytest.approx(top1, abs=1e-9)
+    assert frame.loc[(target, float(rate), method), "std"] == pytest.approx(std, abs=1e-9)
+
+
+def test_difference_is_marked_inside_or_outside_the_combined_spread(compose_cfg, tmp_path):
+    published = tmp_path / "published.csv"
+    published.write_text("table,target,sampling_rate,method,top1,std\n"
+                         "t,demo,100,Fine-tuning,70.00,0.30\nt,demo,100,L2-SP,60.00,0.30\n"
+                         "t,demo2,100,Fine-tuning,50.00,0.30\n")
+    for seed, top1 in enumerate([70.0, 70.8]):  # mean 70.4, sample std 0.5657: sqrt(0.32 + 0.09) = 0.640 >= 0.4
+        write_seed(tmp_path / "sweep" / "0", compose_cfg(), seed, top1)
+    for seed, top1 in enumerate([61.0, 61.4]):  # mean 61.2 - 60 = 1.2 > sqrt(0.08 + 0.09) = 0.412
+        write_seed(tmp_path / "sweep" / "1", compose_cfg("regularizer=l2sp"), seed, top1)
+    numbers = assemble(select(collect([tmp_path / "sweep"])), published_values("t", published))
+    assert numbers.loc[("demo", 100.0), ("Fine-tuning", "within")] is True
+    assert numbers.loc[("demo", 100.0), ("L2-SP", "within")] is False
+    text = paper_layout(numbers)
+    assert text.loc[("demo", 100.0), "Fine-tuning"] == "70.40 ± 0.57 (2) · paper 70.00 ± 0.30 · Δ +0.40 ✓"
+    assert text.loc[("demo", 100.0), "L2-SP"] == "61.20 ± 0.28 (2) · paper 60.00 ± 0.30 · Δ +1.20 ✗"
+    assert text.loc[("demo2", 100.0), "Fine-tuning"] == "missing · paper 50.00 ± 0.30"
+
+
+def test_one_paper_row_for_both_caltech_splits_is_footnoted(compose_cfg, tmp_path):
+    write_seed(tmp_path / "sweep" / "0", compose_cfg("source=imagenet", "target=caltech256_30"), 0, 80.0)
+    main([str(tmp_path / "sweep"), "--name", "t2", "--results", str(tmp_path / "results"), "--published",
+          "dtnh_table2", "--methods", "Fine-tuning"])
+    markdown = (tmp_path / "results" / "t2.md").read_text()
+    assert "| caltech256_30 † |" in markdown and "| caltech256_60 † |" in markdown
+    assert "80.00 (1) · paper 82.68 ± 0.20 · Δ -2.68" in markdown
+    assert "missing · paper 82.68 ± 0.20" in markdown  # the same paper value beside the 60-image row
+    assert "does not say whether it is the 30 or the 60 images per class split" in markdown
+    csv = pd.read_csv(tmp_path / "results" / "t2.csv")
+    assert csv["Fine-tuning published_std"].tolist()[:2] == [0.2, 0.2]
 
 
 def test_selection_uses_validation_never_test(compose_cfg, tmp_path):
