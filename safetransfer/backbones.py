@@ -7,6 +7,7 @@ are the names that appear in the results tables.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -35,13 +36,29 @@ class Features:
     pooled: torch.Tensor | None = None
 
 
-def forward_features(backbone: nn.Module, images: torch.Tensor) -> Features:
-    """Run a torchvision ResNet stage by stage, keeping each stage's output map."""
-    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
+def last_conv(stage: str, backbone: nn.Module) -> str:
+    """The name of a stage's last convolution (`layer4.1.conv2` in ResNet-18, `layer4.2.conv3`
+    in ResNet-50): the map the DELTA authors' released code regularizes, before its BatchNorm
+    and the residual sum."""
+    block = getattr(backbone, stage)[-1]
+    conv = "conv3" if hasattr(block, "conv3") else "conv2"
+    return f"{stage}.{len(getattr(backbone, stage)) - 1}.{conv}"
+
+
+def forward_features(backbone: nn.Module, images: torch.Tensor, taps: Iterable[str] = ()) -> Features:
+    """Run a torchvision ResNet stage by stage, keeping each stage's output map, and the
+    outputs of the modules named in `taps` (e.g. `layer4.1.conv2`) under their names."""
     maps = {}
-    for stage in STAGES:
-        x = getattr(backbone, stage)(x)
-        maps[stage] = x
+    handles = [backbone.get_submodule(name).register_forward_hook(
+        lambda module, inputs, output, name=name: maps.__setitem__(name, output)) for name in taps]
+    try:
+        x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
+        for stage in STAGES:
+            x = getattr(backbone, stage)(x)
+            maps[stage] = x
+    finally:
+        for handle in handles:
+            handle.remove()
     return Features(images, maps, torch.flatten(backbone.avgpool(x), 1))
 
 
@@ -53,11 +70,13 @@ class TransferNet(nn.Module):
         self.backbone_name = backbone_name
         self.backbone = create_backbone(backbone_name)
         self.head = nn.Linear(BACKBONES[backbone_name], num_classes)
+        #: inner maps (module names of the backbone) that a term reads besides the stage outputs
+        self.taps: set[str] = set()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Features]:
-        """Logits and the features the regularizers read (stage maps for KnowDist and DELTA,
-        pooled features for BSS)."""
-        features = forward_features(self.backbone, images)
+        """Logits and the features the regularizers read (stage maps and taps for KnowDist
+        and DELTA, pooled features for BSS)."""
+        features = forward_features(self.backbone, images, sorted(self.taps))
         return self.head(features.pooled), features
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

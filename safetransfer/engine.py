@@ -142,21 +142,31 @@ def diagnose_nonfinite(model: TransferNet, images: torch.Tensor, labels: torch.T
 @torch.no_grad()
 def angle_diagnostics(g_J: list[torch.Tensor], g_Omega: list[torch.Tensor], d: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The DTNH paper's Angles 1-4 in degrees (all parameters as one vector), and whether
-    g_J and g_Omega conflict (<g_J, g_Omega> < 0)."""
-    JJ, OO, JO = dot(g_J, g_J), dot(g_Omega, g_Omega), dot(g_J, g_Omega)
-    dd, dJ, dO = dot(d, d), dot(d, g_J), dot(d, g_Omega)
-    ss = JJ + 2 * JO + OO  # s = g_J + g_Omega
+    g_J and g_Omega conflict (<g_J, g_Omega> < 0).
 
-    def angle(xy, xx, yy):
-        return torch.rad2deg(torch.arccos((xy / torch.sqrt(xx * yy)).clamp(-1, 1)))
-
+    In float64, and as 2 atan2(|u - v|, |u + v|) of the unit vectors u, v: arccos of the
+    cosine loses all precision near 0 degrees (float32 arccos put Angle 1 above Angle 3 at
+    0.1-0.5 degrees, although they are the same angle when nothing conflicts)."""
+    s = [a + b for a, b in zip(g_J, g_Omega)]  # the plain sum, whose angles DTNH's d is compared with
     return {
-        "angle_d_J": angle(dJ, dd, JJ),            # Angle 1
-        "angle_d_Omega": angle(dO, dd, OO),        # Angle 2
-        "angle_sum_J": angle(JJ + JO, ss, JJ),     # Angle 3
-        "angle_sum_Omega": angle(JO + OO, ss, OO), # Angle 4
-        "conflict": (JO < 0).float(),
+        "angle_d_J": vector_angle(d, g_J),            # Angle 1
+        "angle_d_Omega": vector_angle(d, g_Omega),    # Angle 2
+        "angle_sum_J": vector_angle(s, g_J),          # Angle 3
+        "angle_sum_Omega": vector_angle(s, g_Omega),  # Angle 4
+        "conflict": (dot([g.double() for g in g_J], [g.double() for g in g_Omega]) < 0).double(),
     }
+
+
+def vector_angle(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The angle between x and y (lists of tensors seen as one vector) in degrees, float64;
+    0 where either vanishes."""
+    norm_x = torch.stack([a.double().square().sum() for a in x]).sum().sqrt()
+    norm_y = torch.stack([b.double().square().sum() for b in y]).sum().sqrt()
+    safe_x, safe_y = norm_x.clamp_min(torch.finfo(torch.float64).tiny), norm_y.clamp_min(torch.finfo(torch.float64).tiny)
+    apart = torch.stack([(a.double() / safe_x - b.double() / safe_y).square().sum() for a, b in zip(x, y)]).sum()
+    along = torch.stack([(a.double() / safe_x + b.double() / safe_y).square().sum() for a, b in zip(x, y)]).sum()
+    angle = torch.rad2deg(2 * torch.atan2(apart.sqrt(), along.sqrt()))
+    return torch.where((norm_x > 0) & (norm_y > 0), angle, torch.zeros_like(angle))
 
 
 def _grad(value: torch.Tensor, params: Sequence[torch.nn.Parameter], retain_graph: bool = False) -> list[torch.Tensor]:
@@ -404,6 +414,18 @@ class Evaluator:
         return evaluate(self.model, self.loader, self.device, self.precision, self.batch_transform)
 
 
+def test_forward(model: TransferNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and pooled features of a test batch; a batch of several views per image
+    (B, views, 3, H, W), as data.test_crops=10 gives, is scored by the views' mean logits
+    (the BSS authors' code sums them: the same prediction) and mean pooled features."""
+    if images.dim() == 4:
+        logits, features = model(images)
+        return logits, features.pooled
+    batch, views = images.shape[:2]
+    logits, features = model(images.flatten(0, 1))
+    return logits.view(batch, views, -1).mean(1), features.pooled.view(batch, views, -1).mean(1)
+
+
 @torch.no_grad()
 def evaluate(model: TransferNet, loader: DataLoader, device: torch.device, precision: str = "fp32",
              batch_transform=None) -> tuple[float, float]:
@@ -418,7 +440,7 @@ def evaluate(model: TransferNet, loader: DataLoader, device: torch.device, preci
             if batch_transform is not None:
                 images = batch_transform(images)
             labels = labels.to(device, non_blocking=True)
-            logits, _ = model(images)
+            logits, _ = test_forward(model, images)
             total_loss += F.cross_entropy(logits.float(), labels, reduction="sum").double()
             correct += (logits.argmax(dim=1) == labels).sum()
             count += len(labels)

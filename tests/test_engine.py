@@ -4,6 +4,7 @@ import copy
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,6 +179,55 @@ def test_angles_are_the_angles_between_the_vectors():
     assert angles["angle_sum_J"] == pytest.approx(90.0)   # g_J + g_Omega = (0, 1)
     assert angles["angle_sum_Omega"] == pytest.approx(45.0)
     assert angles["conflict"] == 1.0
+
+
+@pytest.mark.parametrize("degrees", [0.01, 0.05, 0.1, 0.5])
+def test_small_angles_match_a_float64_reference(degrees):
+    """float32 gradients at 0.01-0.5 degrees apart: the angles agree with NumPy in float64
+    (arctan2 of the components along and across), and Angle 1 equals Angle 3 when nothing
+    conflicts, to far below the angles' own size."""
+    from safetransfer.engine import angle_diagnostics
+    from safetransfer.directions import DTNH
+
+    rng = np.random.default_rng(int(degrees * 1000))
+    shapes = [(64, 3, 3, 3), (1000,), (10, 64)]
+    n = sum(int(np.prod(s)) for s in shapes)
+    e1 = rng.standard_normal(n)
+    e1 /= np.linalg.norm(e1)
+    e2 = rng.standard_normal(n)
+    e2 -= e2 @ e1 * e1
+    e2 /= np.linalg.norm(e2)
+    theta = np.deg2rad(degrees)
+    j = 3.0 * e1
+    o = 0.02 * (np.cos(theta) * e1 + np.sin(theta) * e2)  # g_Omega nearly along g_J: no conflict
+
+    def split(v):
+        parts, start = [], 0
+        for shape in shapes:
+            size = int(np.prod(shape))
+            parts.append(torch.tensor(v[start:start + size], dtype=torch.float32).reshape(shape))
+            start += size
+        return parts
+
+    g_J, g_Omega = split(j), split(o)
+    d = DTNH()([g.clone() for g in g_J], g_Omega)
+    angles = {k: float(v) for k, v in angle_diagnostics(g_J, g_Omega, d).items()}
+
+    def reference(x, y):  # float64, from the float32 vectors actually used
+        x = np.concatenate([t.double().numpy().ravel() for t in x])
+        y = np.concatenate([t.double().numpy().ravel() for t in y])
+        along = x @ y / np.linalg.norm(x)
+        across = np.linalg.norm(y - along * x / np.linalg.norm(x))
+        return np.rad2deg(np.arctan2(across, along))
+
+    s = [a + b for a, b in zip(g_J, g_Omega)]
+    assert angles["conflict"] == 0.0
+    assert angles["angle_sum_Omega"] == pytest.approx(reference(s, g_Omega), abs=1e-6)
+    assert angles["angle_d_Omega"] == pytest.approx(reference(d, g_Omega), abs=1e-6)
+    assert angles["angle_d_J"] == pytest.approx(reference(d, g_J), abs=1e-6)
+    assert angles["angle_sum_J"] == pytest.approx(reference(s, g_J), abs=1e-6)
+    assert abs(angles["angle_d_J"] - angles["angle_sum_J"]) < 1e-6
+    assert angles["angle_sum_Omega"] == pytest.approx(degrees, rel=0.02)  # s is nearly g_J
 
 
 def test_sum_direction_logs_equal_angles_1_and_3(compose_cfg, tmp_path):

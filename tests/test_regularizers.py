@@ -179,8 +179,8 @@ def test_knowdist_matches_a_hand_computation():
                        source.backbone.layer2.weight.detach().numpy()[:, :, 0, 0], x)
     t1, t2 = hand_maps(target.backbone.layer1.weight.detach().numpy()[:, :, 0, 0],
                        target.backbone.layer2.weight.detach().numpy()[:, :, 0, 0], x)
-    # per layer: squared distance / (C H W), averaged over the batch
-    expected = 0.4 / 2 * sum(((t - s) ** 2).reshape(len(x), -1).mean(axis=1).mean() for t, s in [(t1, s1), (t2, s2)])
+    # DTNH Eq. 3: per image, the squared distance summed over filters and positions of each layer; mean over images
+    expected = 0.4 * sum(((t - s) ** 2).reshape(len(x), -1).sum(axis=1) for t, s in [(t1, s1), (t2, s2)]).mean()
     _, features = target(images)
     value = term.value(target, features)
     assert float(value.detach()) == pytest.approx(expected, rel=1e-12)
@@ -205,7 +205,7 @@ def test_delta_matches_a_hand_computation(monkeypatch):
     from safetransfer.regularizers import delta as delta_module
 
     source, target, images = shifted_pair()
-    term = DELTA(alpha=0.6, layers=["layer1", "layer2"])
+    term = DELTA(alpha=0.6, layers=["layer1", "layer2"], at="stage")
     attention = {"layer1": torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
                  "layer2": torch.tensor([0.9, 0.1], dtype=torch.float64)}
     # a hand-chosen attention instead of the one computed from data (tested below)
@@ -218,9 +218,9 @@ def test_delta_matches_a_hand_computation(monkeypatch):
                   target.backbone.layer2.weight.detach().numpy()[:, :, 0, 0], x)
     expected = 0.0
     for (tm, sm), a in zip(zip(t, s), attention.values()):
-        per_channel = ((tm - sm) ** 2).mean(axis=(2, 3))       # (B, C): / (H W)
-        expected += (per_channel * a.numpy()).sum(axis=1).mean()  # weighted over channels, mean over batch
-    expected *= 0.6 / 2
+        per_channel = ((tm - sm) ** 2).sum(axis=(2, 3))           # (B, C): squared L2 distance over positions
+        expected += (per_channel * a.numpy()).sum(axis=1).mean()  # weighted sum over channels, mean over images
+    expected *= 0.6
     value = term.value(target, target(images)[1])
     assert float(value.detach()) == pytest.approx(expected, rel=1e-12)
     weight = target.backbone.layer2.weight
@@ -230,7 +230,7 @@ def test_delta_matches_a_hand_computation(monkeypatch):
 
 def test_delta_attention_is_softmax_of_standardised_increases():
     increases = torch.tensor([0.5, 0.1, -0.2, 0.9], dtype=torch.float64)
-    z = (increases.numpy() - increases.numpy().mean()) / increases.numpy().std(ddof=1)
+    z = (increases.numpy() - increases.numpy().mean()) / increases.numpy().std()  # population std, as np.std
     for temperature in (0.5, 1.0, 4.0):
         expected = np.exp(z / temperature) / np.exp(z / temperature).sum()
         np.testing.assert_allclose(attention_from_increases(increases, temperature).numpy(), expected, rtol=1e-12)
@@ -244,7 +244,7 @@ def test_batched_channel_ablation_equals_one_channel_at_a_time():
     images = torch.randn(5, 2, 3, 3, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 0, 1])
     for stage, channels in (("layer1", 3), ("layer2", 2)):
-        batched = channel_loss_increase(source.backbone, head, stage, images, labels, max_copies=7)
+        batched = channel_loss_increase(source.backbone, head, stage, images, labels, max_copies=7, at="stage")
         with torch.no_grad():
             baseline = nn.functional.cross_entropy(head(forward_features(source.backbone, images).pooled), labels)
             for c in range(channels):
@@ -256,6 +256,111 @@ def test_batched_channel_ablation_equals_one_channel_at_a_time():
                 ablated = nn.functional.cross_entropy(head(forward_features(source.backbone, images).pooled), labels)
                 handle.remove()
                 assert float(batched[c]) == pytest.approx(float(ablated - baseline), rel=1e-9, abs=1e-12)
+
+
+class PassThrough(nn.Module):
+    """A 'backbone' whose layer1 map is its input: the source's maps are the images given."""
+
+    def __init__(self):
+        super().__init__()
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, name, nn.Identity())
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+
+
+# two images, two channels, 2x2 maps: target map T = source map S + D, with D per image and channel
+HAND_S = torch.full((2, 2, 2, 2), 0.5, dtype=torch.float64)
+HAND_D = torch.tensor([[[[1, 0], [2, 1]], [[0, 1], [1, 0]]],     # image 1: ||D||^2 = 6 (channel 1), 2 (channel 2)
+                       [[[1, 1], [1, 1]], [[3, 0], [0, 0]]]],    # image 2: ||D||^2 = 4, 9
+                      dtype=torch.float64)
+
+
+def hand_value(term):
+    from safetransfer.backbones import Features
+
+    term.source = PassThrough()
+    return float(term.value(None, Features(images=HAND_S, maps={"layer1": HAND_S + HAND_D})))
+
+
+def test_knowdist_hand_worked_from_dtnh_equation_3():
+    # Omega = alpha * 1/n sum_i sum_j ||F_j(w, x_i) - F_j(w_s, x_i)||^2 = 0.1 * ((6 + 2) + (4 + 9)) / 2
+    assert hand_value(KnowDist(alpha=0.1, layers=["layer1"])) == pytest.approx(1.05, rel=1e-12)
+    # the released codes' form: alpha * 1/2 * sum over images; equal here since n = 2 ...
+    assert hand_value(KnowDist(alpha=0.1, layers=["layer1"], convention="released_code")) == pytest.approx(1.05)
+
+
+def test_knowdist_released_code_convention_is_half_the_batch_sum():
+    # ... and B/2 times the paper's value for a batch of B = 4 (TLlib: 0.5 * ||F - F_s||^2 summed over all)
+    source, target, images = shifted_pair()
+    paper, code = KnowDist(alpha=0.3), KnowDist(alpha=0.3, convention="released_code")
+    for term in (paper, code):
+        term.bind(source, BindContext())
+    features = target(images)[1]
+    reference = {k: v.detach().numpy() for k, v in forward_features(source.backbone, images).maps.items()}
+    tllib = 0.3 * sum(0.5 * np.sum((features.maps[k].detach().numpy() - reference[k]) ** 2) for k in reference)
+    assert float(code.value(target, features)) == pytest.approx(tllib, rel=1e-12)
+    assert float(paper.value(target, features)) == pytest.approx(tllib * 2 / len(images), rel=1e-12)
+    with pytest.raises(ValueError, match="convention"):
+        KnowDist(alpha=1.0, convention="tllib")
+
+
+def test_delta_hand_worked_from_the_delta_paper(monkeypatch):
+    from safetransfer.regularizers import delta as delta_module
+
+    monkeypatch.setattr(delta_module, "channel_attention",
+                        lambda *args, **kwargs: {"layer1": torch.tensor([0.75, 0.25], dtype=torch.float64)})
+    # per image: sum_c a_c ||D_c||^2 = 0.75 * 6 + 0.25 * 2 = 5 and 0.75 * 4 + 0.25 * 9 = 5.25
+    for convention, expected in [("paper", 0.1 * (5 + 5.25) / 2),                    # mean over the images
+                                 ("released_code", 0.1 * 0.5 * 2 / 4 * (5 + 5.25))]:  # 1/2 sum_b C/(HW) ...
+        term = DELTA(alpha=0.1, layers=["layer1"], at="stage", convention=convention)
+        term.bind(TinyNet(), BindContext())
+        assert hand_value(term) == pytest.approx(expected, rel=1e-12)
+
+
+def test_delta_last_conv_ablation_equals_zeroing_the_filter():
+    """The authors' code zeroes filter j of each stage's last convolution; the batched masks must
+    give the same loss increases."""
+    torch.manual_seed(0)
+    backbone = TransferNet("resnet18", 3).backbone.double().eval()
+    head = nn.Linear(512, 3).double()
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2])
+    batched = channel_loss_increase(backbone, head, "layer2", images, labels, max_copies=40, at="last_conv")
+    conv = backbone.layer2[1].conv2
+    with torch.no_grad():
+        baseline = nn.functional.cross_entropy(head(backbone(images)), labels)
+        for c in (0, 5, 127):
+            kept = conv.weight[c].clone()
+            conv.weight[c] = 0
+            ablated = nn.functional.cross_entropy(head(backbone(images)), labels)
+            conv.weight[c] = kept
+            assert float(batched[c]) == pytest.approx(float(ablated - baseline), rel=1e-9, abs=1e-12)
+    assert batched.shape == (128,)
+
+
+def test_delta_regularizes_the_last_convolution_of_each_stage(monkeypatch):
+    from safetransfer.regularizers import delta as delta_module
+
+    torch.manual_seed(0)
+    source = TransferNet("resnet50", 3).double().eval()
+    target = TransferNet("resnet50", 3).double().eval()
+    with torch.no_grad():
+        for p in target.backbone.layer4.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    attention = {"layer4": torch.full((2048,), 1 / 2048, dtype=torch.float64)}
+    monkeypatch.setattr(delta_module, "channel_attention", lambda *args, **kwargs: attention)
+    term = DELTA(alpha=1.0, layers=["layer4"])
+    term.bind(source, BindContext())
+    target.taps = source.taps
+    assert source.taps == {"layer4.2.conv3"}
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    captured = {}
+    for name, net in (("s", source), ("t", target)):
+        handle = net.backbone.layer4[2].conv3.register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o))
+        net.backbone(images)
+        handle.remove()
+    expected = ((captured["t"] - captured["s"]) ** 2).sum(dim=(2, 3)).mean(dim=1).mean()  # uniform a = 1/C
+    assert float(term.value(target, target(images)[1])) == pytest.approx(float(expected), rel=1e-9)
 
 
 def test_delta_attention_on_a_resnet_is_cached(tmp_path, monkeypatch):

@@ -1,25 +1,35 @@
-"""DELTA (Li et al., ICLR 2019): feature-map distance to the source network, weighted per
-channel by how much the source model's target predictions rely on that channel.
+"""DELTA (Li et al., "DELTA: DEep Learning Transfer using Feature Map with Attention for
+Convolutional Networks", ICLR 2019): feature-map distance to the source network, weighted
+per channel by how much the source model's target predictions rely on that channel.
 
-    alpha/2 * sum_l 1/B sum_b sum_c a_{l,c} ||FM_{l,c}(x_b; w) - FM_{l,c}(x_b; w^0)||^2 / (H_l W_l)
+As the paper writes it: the attention-weighted sum over channels of the squared L2
+distance over positions, averaged over the batch's images,
+
+    Omega(w) = alpha * 1/B sum_b sum_l sum_c a_{l,c} ||FM_{l,c}(x_b; w) - FM_{l,c}(x_b; w^0)||^2
 
 (the regularizer `delta` adds beta/2 ||w_head||^2 as a HeadL2 term).
+`convention: released_code` computes the authors' released code's form instead
+(lixingjian/DELTA train.py, reg_att_fea_map; TLlib's AttentionBehavioralRegularization):
+alpha * 1/2 sum_b sum_l C_l/(H_l W_l) sum_c a_{l,c} ||...||^2, so that an alpha from that
+code means the same here.
 
-The attention a_l of layer l is computed once, from the source network on the target's
-training images (test-time transform):
+Where the paper is silent, the authors' released code is followed:
+- which maps: `at: last_conv` regularizes the output of each stage's last convolution
+  (before its BatchNorm and the residual sum: layer1.2.conv3 ... in ResNet-50), as their
+  code does; `at: stage` the stage outputs.
+- the attention is computed once, over the target's training images, not per image (the
+  paper's W_j(x_i, y_i) is per image; their code averages the loss increases over 4
+  batches): a new head is fitted on the frozen source network's pooled features
+  (multinomial logistic regression, L-BFGS; their code trains it by SGD); each channel c is
+  zeroed in turn (their code zeroes the convolution's filter, which is the same as zeroing
+  its output channel) and the increase of the cross-entropy over `ablation_images`
+  training images is measured, all channels of a layer in batches of zeroed copies;
+- a_l = softmax(z_l / temperature), z_l the increases standardised over the layer's
+  channels with the population std, temperature 5 (their code: (x - mean) / np.std(x),
+  softmax(x / 5)).
 
-1. a new head is fitted on the frozen source network's pooled features (multinomial
-   logistic regression, L-BFGS);
-2. each channel c of FM_l is zeroed in turn and the increase of the cross-entropy over
-   `ablation_images` training images is measured; all channels of a layer are ablated
-   in batches (many zeroed copies of the same maps through the rest of the network
-   in one forward pass);
-3. a_l = softmax(z_l / temperature), z_l the increases standardised over the layer's
-   channels.
-
-The a_l sum to one per layer, so with uniform attention (temperature -> infinity) the
-feature part equals KnowDist's. Attention is cached on disk per backbone, source,
-target, sampling and layers.
+The a_l sum to one per layer. Attention is cached on disk per backbone, source, target,
+sampling and settings.
 """
 
 from __future__ import annotations
@@ -34,9 +44,9 @@ from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from safetransfer.backbones import STAGES, Features, TransferNet, at_least_fp32, frozen_copy
+from safetransfer.backbones import STAGES, Features, TransferNet, at_least_fp32, frozen_copy, last_conv
 from safetransfer.regularizers.base import BindContext, Term
-from safetransfer.regularizers.knowdist import check_layers, source_maps
+from safetransfer.regularizers.knowdist import batch_reduction, check_convention, check_layers, source_maps
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +58,39 @@ def forward_from(backbone: nn.Module, stage: str, x: torch.Tensor) -> torch.Tens
     return torch.flatten(backbone.avgpool(x), 1)
 
 
-def forward_to(backbone: nn.Module, stage: str, images: torch.Tensor) -> torch.Tensor:
+def forward_to(backbone: nn.Module, stage: str, images: torch.Tensor, last_block: bool = True) -> torch.Tensor:
+    """The output of `stage`; with last_block=False, the input of its last block."""
     x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
-    for earlier in STAGES[: STAGES.index(stage) + 1]:
+    for earlier in STAGES[: STAGES.index(stage)]:
         x = getattr(backbone, earlier)(x)
-    return x
+    blocks = getattr(backbone, stage)
+    return blocks(x) if last_block else blocks[:-1](x)
+
+
+def ablation(backbone: nn.Module, stage: str, at: str, images: torch.Tensor):
+    """(run, channels): run(mask) gives the pooled features of the images once per row of
+    `mask` (copies, channels), with the regularized map's channels multiplied by that row."""
+    if at == "stage":
+        maps = forward_to(backbone, stage, images)
+
+        def run(mask: torch.Tensor) -> torch.Tensor:
+            return forward_from(backbone, stage, (maps.unsqueeze(0) * mask[:, None, :, None, None]).flatten(0, 1))
+
+        return run, maps.shape[1]
+    block_input = forward_to(backbone, stage, images, last_block=False)
+    block = getattr(backbone, stage)[-1]
+    conv = backbone.get_submodule(last_conv(stage, backbone))
+
+    def run(mask: torch.Tensor) -> torch.Tensor:
+        copies = block_input.unsqueeze(0).expand(len(mask), *block_input.shape).flatten(0, 1)
+        per_copy = mask.repeat_interleave(len(block_input), dim=0)[:, :, None, None]
+        handle = conv.register_forward_hook(lambda module, inputs, output: output * per_copy)
+        try:
+            return forward_from(backbone, stage, block(copies))
+        finally:
+            handle.remove()
+
+    return run, conv.out_channels
 
 
 @torch.no_grad()
@@ -86,34 +124,37 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ite
 
 @torch.no_grad()
 def channel_loss_increase(backbone: nn.Module, head: nn.Module, stage: str, images: torch.Tensor,
-                          labels: torch.Tensor, max_copies: int = 512) -> torch.Tensor:
-    """For each channel c of the output of `stage`: mean cross-entropy over `images` with
-    channel c zeroed, minus the mean cross-entropy with nothing zeroed. Shape (C,)."""
-    maps = forward_to(backbone, stage, images)
-    batch, channels = maps.shape[:2]
-    baseline = F.cross_entropy(head(forward_from(backbone, stage, maps)), labels)
+                          labels: torch.Tensor, max_copies: int = 512, at: str = "last_conv") -> torch.Tensor:
+    """For each channel c of the regularized map of `stage` (see `ablation`): mean
+    cross-entropy over `images` with channel c zeroed, minus the mean cross-entropy with
+    nothing zeroed. Shape (C,)."""
+    run, channels = ablation(backbone, stage, at, images)
+    batch = len(images)
+    keep = torch.ones(1, channels, device=images.device)
+    baseline = F.cross_entropy(head(run(keep)), labels)
     per_chunk = max(1, max_copies // batch)
-    increases = torch.empty(channels, device=maps.device, dtype=baseline.dtype)
+    increases = torch.empty(channels, device=images.device, dtype=baseline.dtype)
     for start in range(0, channels, per_chunk):
-        chunk = torch.arange(start, min(start + per_chunk, channels), device=maps.device)
-        copies = maps.unsqueeze(0).repeat(len(chunk), 1, 1, 1, 1)  # (chunk, batch, C, H, W)
-        copies[torch.arange(len(chunk), device=maps.device), :, chunk] = 0  # copy j loses channel chunk[j]
-        logits = head(forward_from(backbone, stage, copies.flatten(0, 1)))
+        chunk = torch.arange(start, min(start + per_chunk, channels), device=images.device)
+        mask = keep.repeat(len(chunk), 1)
+        mask[torch.arange(len(chunk), device=images.device), chunk] = 0  # copy j loses channel chunk[j]
+        logits = head(run(mask))
         losses = F.cross_entropy(logits, labels.repeat(len(chunk)), reduction="none").view(len(chunk), batch)
         increases[chunk] = losses.mean(dim=1) - baseline
     return increases
 
 
 def attention_from_increases(increases: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax over channels of the standardised loss increases, divided by the temperature."""
-    spread = increases.std()
+    """softmax over channels of the standardised loss increases (population std, as the
+    authors' code's np.std), divided by the temperature."""
+    spread = increases.std(correction=0)
     standardised = (increases - increases.mean()) / spread if spread > 0 else torch.zeros_like(increases)
     return torch.softmax(standardised / temperature, dim=0)
 
 
 def channel_attention(source: nn.Module, context: BindContext, num_classes: int, layers: Sequence[str],
                       temperature: float, ablation_images: int, head_iterations: int,
-                      max_copies: int) -> dict[str, torch.Tensor]:
+                      max_copies: int, at: str = "last_conv") -> dict[str, torch.Tensor]:
     """DELTA's per-channel attention for each layer, from the source network on target data."""
     if context.train_data is None:
         raise ValueError("DELTA needs the target training data to compute its channel attention")
@@ -128,7 +169,8 @@ def channel_attention(source: nn.Module, context: BindContext, num_classes: int,
     for layer in layers:
         total = None
         for images, batch_labels in DataLoader(Subset(context.train_data, chosen.tolist()), batch_size=context.batch_size):
-            increase = channel_loss_increase(source, head, layer, images.to(device), batch_labels.to(device), max_copies)
+            increase = channel_loss_increase(source, head, layer, images.to(device), batch_labels.to(device),
+                                             max_copies, at)
             total = increase * len(batch_labels) if total is None else total + increase * len(batch_labels)
         attention[layer] = attention_from_increases(total / count, temperature).cpu()
         log.info("DELTA attention for %s: %d channels, largest weight %.4f", layer, len(total), float(attention[layer].max()))
@@ -136,23 +178,38 @@ def channel_attention(source: nn.Module, context: BindContext, num_classes: int,
     return attention
 
 
+RECIPE = "population-std"  # change when channel_attention computes something else for the same settings
+
+
 class DELTA(Term):
-    def __init__(self, alpha: float, layers: Sequence[str] = STAGES, temperature: float = 1.0,
-                 ablation_images: int = 256, head_iterations: int = 100, max_copies: int = 512, decay: float = 1.0):
+    PLACES = ("last_conv", "stage")
+
+    def __init__(self, alpha: float, layers: Sequence[str] = STAGES, at: str = "last_conv", temperature: float = 5.0,
+                 convention: str = "paper", ablation_images: int = 256, head_iterations: int = 100,
+                 max_copies: int = 512, decay: float = 1.0):
         super().__init__(decay)
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0")
+        if at not in self.PLACES:
+            raise ValueError(f"at={at!r}; allowed: {', '.join(self.PLACES)}")
         self.alpha = float(alpha)
         self.layers = check_layers(layers)
-        self.settings = dict(layers=self.layers, temperature=float(temperature), ablation_images=int(ablation_images),
-                             head_iterations=int(head_iterations))
+        self.convention = check_convention(convention)
+        self.settings = dict(layers=self.layers, at=at, temperature=float(temperature),
+                             ablation_images=int(ablation_images), head_iterations=int(head_iterations))
         self.max_copies = int(max_copies)
 
     def bind(self, model: TransferNet, context: BindContext) -> None:
         from safetransfer.results import atomic_torch_save
 
         self.source = frozen_copy(model.backbone)
-        path = context.cache_path("delta_attention", self.settings)
+        self.maps = {layer: last_conv(layer, model.backbone) if self.settings["at"] == "last_conv" else layer
+                     for layer in self.layers}
+        self.taps = [name for name in self.maps.values() if name not in STAGES]
+        if self.taps:
+            model.taps.update(self.taps)
+        # the recipe's name is part of the cache key: attention cached by an earlier recipe is recomputed
+        path = context.cache_path("delta_attention", {**self.settings, "recipe": RECIPE})
         compute = lambda: channel_attention(  # noqa: E731
             self.source, context, model.head.out_features, max_copies=self.max_copies, **self.settings)
         if path is None:
@@ -167,9 +224,13 @@ class DELTA(Term):
         self.attention = {layer: attention[layer].to(device) for layer in self.layers}
 
     def value(self, model: TransferNet, features: Features) -> torch.Tensor:
-        reference = source_maps(self.source, features)
-        distance = sum(
-            (at_least_fp32(features.maps[layer] - reference[layer]).square().mean(dim=(2, 3)) * self.attention[layer])
-            .sum(dim=1).mean()
-            for layer in self.layers)
-        return self.alpha * self.scale / 2 * distance
+        reference = source_maps(self.source, features, self.taps)
+        per_image = 0
+        for layer, name in self.maps.items():
+            squared = at_least_fp32(features.maps[name] - reference[name]).square().sum(dim=(2, 3))  # (B, C)
+            weighted = (squared * self.attention[layer]).sum(dim=1)
+            if self.convention == "released_code":
+                channels, height, width = features.maps[name].shape[1:]
+                weighted = weighted * (channels / (height * width))
+            per_image = per_image + weighted
+        return self.alpha * self.scale * batch_reduction(per_image, self.convention)
