@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from safetransfer.errors import ConfigError
+from safetransfer.targets import TEST_CROPS, TRAIN_CROPS
 
 PRECISIONS = ("fp32", "bf16")
 GRANULARITIES = ("global", "tensor")
@@ -48,6 +49,15 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.data.crop > cfg.data.resize:
         raise ConfigError(f"data.crop={cfg.data.crop} is larger than data.resize={cfg.data.resize}; "
                           "the crop is taken from the resized image, so set data.crop <= data.resize")
+    train_crop, test_crops = cfg.data.get("train_crop", "random_crop"), cfg.data.get("test_crops", 1)
+    if train_crop not in TRAIN_CROPS:
+        raise ConfigError(f"data.train_crop={train_crop} is not a known choice; allowed: {', '.join(TRAIN_CROPS)}")
+    if test_crops not in TEST_CROPS:
+        raise ConfigError(f"data.test_crops={test_crops} is not a known choice; allowed: "
+                          f"{', '.join(map(str, TEST_CROPS))}")
+    if cfg.data.get("augment_on") == "device" and (train_crop, test_crops) != ("random_crop", 1):
+        raise ConfigError(f"data.augment_on=device does plain random crops and one test crop only; with "
+                          f"data.train_crop={train_crop} data.test_crops={test_crops} set data.augment_on=workers")
     if cfg.runtime.log_every < 0:
         raise ConfigError(f"runtime.log_every={cfg.runtime.log_every} must be >= 0 (0 logs only the last iteration)")
     if cfg.runtime.get("checkpoint_every", 0) < 0:

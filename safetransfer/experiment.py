@@ -24,14 +24,14 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from safetransfer.backbones import TransferNet
 from safetransfer.checks import check_config, check_training_set
 from safetransfer.directions import Direction
-from safetransfer.engine import Evaluator, NonFiniteError, evaluate, fit, resolve_device
+from safetransfer.engine import Evaluator, NonFiniteError, evaluate, fit, resolve_device, test_forward
 from safetransfer.regularizers import BindContext, Omega
 from safetransfer.results import atomic_write_json, config_key, make_row, write_row
 from safetransfer.sources import save_source_checkpoint
 from safetransfer.resume import CHECKPOINT, load_checkpoint
 from safetransfer.sweeps import lease_device
-from safetransfer.targets import (Target, TensorImages, Transformed, augment_transform, normalize_transform,
-                                  test_transform, train_transform)
+from safetransfer.targets import (Target, TensorImages, Transformed, augment_transform, test_transform,
+                                  train_transform, views_transform)
 from safetransfer.targets.cache import DeviceAugment, cached_split
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,10 @@ class Data:
 
 
 def augment_on_device(cfg: DictConfig, cached: bool) -> bool:
-    """data.augment_on: auto puts crop and mirror on the GPU when training there from the cache."""
+    """data.augment_on: auto puts crop and mirror on the GPU when training there from the cache.
+    The device path implements the plain random crop and one centre test crop only."""
+    if cfg.data.get("train_crop", "random_crop") != "random_crop" or cfg.data.get("test_crops", 1) != 1:
+        return False
     choice = cfg.data.augment_on
     if choice == "auto":
         return cached and resolve_device(str(cfg.runtime.device)).type == "cuda"
@@ -113,21 +116,22 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
     indices, val_indices = target.split_train_val(seed)
     check_training_set(len(indices), cfg.train.batch_size)
     geometry = (cfg.data.resize, cfg.data.crop, cfg.data.mean, cfg.data.std)
+    train_crop, test_crops = cfg.data.get("train_crop", "random_crop"), cfg.data.get("test_crops", 1)
     train_set, test_set = target.train_set(), target.test_set()
     cached = bool(cfg.data.cache) and not isinstance(train_set, TensorImages)  # in-memory images need no cache
     on_device = augment_on_device(cfg, cached)
     if cached:
         train, test = cached_data(cfg, train_set, test_set, indices, on_device)
     else:
-        train = Transformed(train_set, indices, train_transform(*geometry))
-        test = Transformed(test_set, range(len(test_set)), test_transform(*geometry))
+        train = Transformed(train_set, indices, train_transform(*geometry, train_crop))
+        test = Transformed(test_set, range(len(test_set)), test_transform(*geometry, test_crops))
     return Data(
         train=train,
         test=test,
         num_classes=len(target.classes),
         train_indices=indices,
         train_plain=Transformed(train_set, indices, test_transform(*geometry)),
-        val=Transformed(train_set, val_indices, test_transform(*geometry)) if len(val_indices) else None,
+        val=Transformed(train_set, val_indices, test_transform(*geometry, test_crops)) if len(val_indices) else None,
         val_indices=val_indices,
         on_device=on_device,
     )
@@ -143,12 +147,14 @@ def cached_data(cfg: DictConfig, train_set: Dataset, test_set: Dataset, indices:
         identity.pop(key, None)
     common = dict(resize=cfg.data.resize, crop=cfg.data.crop, cache_dir=Path(cfg.paths.cache_dir).expanduser(),
                   identity=identity, num_workers=cfg.runtime.num_workers)
+    test_crops = cfg.data.get("test_crops", 1)
     train_all = cached_split(train_set, np.arange(len(train_set)), "train", **common)
-    test_all = cached_split(test_set, np.arange(len(test_set)), "test", **common)
+    test_all = cached_split(test_set, np.arange(len(test_set)), "test", **common, test_crops=test_crops)
     if on_device:
         return Transformed(train_all, indices, nn.Identity()), test_all
-    return (Transformed(train_all, indices, augment_transform(cfg.data.crop, cfg.data.mean, cfg.data.std)),
-            Transformed(test_all, range(len(test_all)), normalize_transform(cfg.data.mean, cfg.data.std)))
+    crop, mean, std = cfg.data.crop, cfg.data.mean, cfg.data.std
+    return (Transformed(train_all, indices, augment_transform(crop, mean, std, cfg.data.get("train_crop", "random_crop"))),
+            Transformed(test_all, range(len(test_all)), views_transform(crop, mean, std, test_crops)))
 
 
 def save_indices(path: Path, cfg: DictConfig, data: Data) -> None:
@@ -179,7 +185,7 @@ def save_spectrum(path: Path, model: TransferNet, loader: DataLoader, device: to
         images = images.to(device, non_blocking=True)
         if batch_transform is not None:
             images = batch_transform(images)
-        pooled = model(images)[1].pooled.double()
+        pooled = test_forward(model, images)[1].double()
         spectra.append(torch.linalg.svdvals(pooled).cpu().tolist())
     model.train()
     atomic_write_json(path, {"batch_size": loader.batch_size, "split": "test", "singular_values": spectra})

@@ -127,19 +127,43 @@ class Transformed(Dataset):
 
 
 
-def train_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Resize to resize x resize, random crop, random mirror, normalise."""
-    return v2.Compose([decode_transform("train", resize, crop), augment_transform(crop, mean, std)])
+TRAIN_CROPS = ("random_crop", "random_resized_crop")
+TEST_CROPS = (1, 10)
 
 
-def test_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Shorter side to resize, centre crop, normalise."""
-    return v2.Compose([decode_transform("test", resize, crop), normalize_transform(mean, std)])
+def train_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float],
+                    train_crop: str = "random_crop") -> v2.Compose:
+    """Resize to resize x resize, random crop (or random resized crop), random mirror, normalise."""
+    return v2.Compose([decode_transform("train", resize, crop), augment_transform(crop, mean, std, train_crop)])
 
 
-def augment_transform(crop: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """The random part of the training transform, on uint8 images already resized."""
-    return v2.Compose([v2.RandomCrop(crop), v2.RandomHorizontalFlip(), normalize_transform(mean, std)])
+def test_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float],
+                   test_crops: int = 1) -> v2.Compose:
+    """1 crop: shorter side to resize, centre crop, normalise. 10 crops: resize x resize, the
+    four corners and the centre, each also mirrored, stacked as (10, 3, crop, crop)."""
+    return v2.Compose([decode_transform("test", resize, crop, test_crops), views_transform(crop, mean, std, test_crops)])
+
+
+def augment_transform(crop: int, mean: Sequence[float], std: Sequence[float],
+                      train_crop: str = "random_crop") -> v2.Compose:
+    """The random part of the training transform, on uint8 images already resized to a square.
+    random_crop: a crop x crop window (the DTNH protocol); random_resized_crop: torchvision's
+    RandomResizedCrop(crop), scale (0.08, 1) and aspect ratio (3/4, 4/3) of that square, as the
+    BSS authors' released code (ResizeImage(256) then RandomResizedCrop(224))."""
+    window = v2.RandomResizedCrop(crop, antialias=True) if train_crop == "random_resized_crop" else v2.RandomCrop(crop)
+    return v2.Compose([window, v2.RandomHorizontalFlip(), normalize_transform(mean, std)])
+
+
+def views_transform(crop: int, mean: Sequence[float], std: Sequence[float], test_crops: int = 1):
+    """The test-time views of an image already resized (and centre-cropped for one view)."""
+    if test_crops == 1:
+        return normalize_transform(mean, std)
+    return v2.Compose([v2.TenCrop(crop), stack_views, normalize_transform(mean, std)])
+
+
+def stack_views(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """TenCrop's tuple of views as one (views, 3, H, W) tensor."""
+    return torch.stack([v.as_subclass(torch.Tensor) for v in views])
 
 
 def normalize_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
@@ -149,4 +173,5 @@ def normalize_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compo
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "ConfigError", "Target", "hold_out", "TensorImages", "Transformed", "per_class_count",
     "stratified_sample", "test_transform", "train_transform", "augment_transform", "normalize_transform",
+    "views_transform", "TRAIN_CROPS", "TEST_CROPS",
 ]

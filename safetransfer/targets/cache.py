@@ -36,9 +36,10 @@ def cache_key(identity: dict, split: str, indices: np.ndarray, geometry: dict) -
     return digest.hexdigest()[:24]
 
 
-def decode_transform(split: str, resize: int, crop: int) -> v2.Compose:
-    """The deterministic part of each split's transform, ending in uint8 pixels."""
-    if split == "train":
+def decode_transform(split: str, resize: int, crop: int, test_crops: int = 1) -> v2.Compose:
+    """The deterministic part of each split's transform, ending in uint8 pixels. Ten test
+    crops are taken from the image resized to resize x resize (the BSS authors' code)."""
+    if split == "train" or test_crops != 1:
         return v2.Compose([v2.ToImage(), v2.Resize((resize, resize), antialias=True)])
     return v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])
 
@@ -70,16 +71,19 @@ class CachedImages(Dataset):
 
 
 def cached_split(dataset: Dataset, indices: np.ndarray, split: str, resize: int, crop: int, cache_dir: Path,
-                 identity: dict, num_workers: int = 0) -> CachedImages:
+                 identity: dict, num_workers: int = 0, test_crops: int = 1) -> CachedImages:
     """The images `indices` of `dataset`, decoded once into the cache (built on first use)."""
     geometry = {"resize": resize, "crop": crop}
+    if split != "train" and test_crops != 1:
+        geometry["test_crops"] = test_crops
     key = cache_key(identity, split, indices, geometry)
     folder = Path(cache_dir) / "decoded"
     images_path, labels_path = folder / f"{key}.images.npy", folder / f"{key}.labels.npy"
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / f"{key}.lock")):
         if not (images_path.exists() and labels_path.exists()):
-            build(dataset, indices, decode_transform(split, resize, crop), images_path, labels_path, num_workers)
+            build(dataset, indices, decode_transform(split, resize, crop, test_crops), images_path, labels_path,
+                  num_workers)
     return CachedImages(images_path, np.load(labels_path))
 
 
