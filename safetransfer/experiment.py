@@ -143,7 +143,7 @@ def cached_data(cfg: DictConfig, train_set: Dataset, test_set: Dataset, indices:
     once per dataset and size, so every sampling rate and seed shares them. With
     `on_device` the loader hands over uint8 images and DeviceAugment does the rest."""
     identity = OmegaConf.to_container(cfg.target, resolve=True)
-    for key in ("sampling_rate", "sampling_seed", "resample_per_seed", "val_fraction"):
+    for key in ("sampling_rate", "sampling_seed", "resample_per_seed", "val_fraction", "sample_list", "sample_list_dir"):
         identity.pop(key, None)
     common = dict(resize=cfg.data.resize, crop=cfg.data.crop, cache_dir=Path(cfg.paths.cache_dir).expanduser(),
                   identity=identity, num_workers=cfg.runtime.num_workers)

@@ -69,6 +69,7 @@ def config_key(cfg: DictConfig) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
     for section in NOT_IN_KEY:
         container.pop(section, None)
+    container.get("target", {}).pop("sample_list_dir", None)  # where a list is kept, not which list
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -8,6 +8,7 @@ image a PIL image or a uint8 (3, H, W) tensor; sampling and transforms are share
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,12 +27,14 @@ class Target:
     """A target dataset with its official split and a sampling rate in percent."""
 
     def __init__(self, name: str, sampling_rate: float = 100, sampling_seed: int = 0, val_fraction: float = 0.0,
-                 resample_per_seed: bool = False):
+                 resample_per_seed: bool = False, sample_list: str | None = None, sample_list_dir: str | None = None):
         self.name = name
         self.sampling_rate = sampling_rate
         self.sampling_seed = sampling_seed
         self.val_fraction = val_fraction
         self.resample_per_seed = resample_per_seed
+        self.sample_list = sample_list  # None | "bss" | a path (see targets/sample_lists.py)
+        self.sample_list_dir = sample_list_dir
 
     def check(self) -> None:
         """Raise ConfigError when the data is missing or inconsistent, before training."""
@@ -50,9 +53,28 @@ class Target:
         """The label of every training image, in dataset order (for stratified sampling)."""
         raise NotImplementedError
 
+    def train_files(self) -> Sequence[str]:
+        """The file of every training image, in dataset order (to match a sample list)."""
+        raise ConfigError(f"target={self.name} has no image files to match a list against; "
+                          "set target.sample_list=null")
+
+    def listed_train_indices(self) -> np.ndarray:
+        """The training images named by target.sample_list."""
+        from safetransfer.targets import sample_lists
+
+        if self.sample_list == "bss":
+            path = sample_lists.bss_list(self.name, self.sampling_rate, Path(self.sample_list_dir or "."))
+        else:
+            path = Path(str(self.sample_list)).expanduser()
+        return sample_lists.listed_indices(sample_lists.read_list(path), self.train_files(), self.train_labels(),
+                                           f"target.sample_list={path}")
+
     def sampled_train_indices(self, seed: int | None = None) -> np.ndarray:
         """The sampled training images (before any validation hold-out), drawn with
-        `sampling_seed`, or with `seed` when given (target.resample_per_seed)."""
+        `sampling_seed`, or with `seed` when given (target.resample_per_seed); the images of
+        target.sample_list when one is given."""
+        if self.sample_list:
+            return self.listed_train_indices()
         return stratified_sample(self.train_labels(), self.sampling_rate, self.sampling_seed if seed is None else seed)
 
     def split_train_val(self, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -85,6 +85,9 @@ class ImageListTarget(Target):
     def train_labels(self) -> np.ndarray:
         return self._splits["train"].labels
 
+    def train_files(self) -> list[str]:
+        return [str(path) for path in self._splits["train"].paths]
+
 
 class ListedTarget(ImageListTarget):
     """A dataset whose official split is given by list files beside its images.

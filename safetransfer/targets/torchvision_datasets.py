@@ -43,6 +43,16 @@ def dataset_labels(dataset) -> np.ndarray:
     return np.asarray([label for _, label in dataset._samples], dtype=np.int64)
 
 
+def dataset_files(dataset, name: str) -> list[str]:
+    """The image files torchvision's classes keep, in dataset order."""
+    for attribute in ("_image_files", "_images"):
+        if hasattr(dataset, attribute):
+            return [str(path) for path in getattr(dataset, attribute)]
+    if hasattr(dataset, "_samples"):
+        return [str(path) for path, _ in dataset._samples]
+    raise ConfigError(f"target={name} keeps no image files to match a list against; set target.sample_list=null")
+
+
 class TorchvisionTarget(Target):
     def __init__(self, name: str, dataset: str, root: str, train: Mapping, test: Mapping, download: bool = False,
                  expected_classes: int | None = None, expected_split: Sequence[int] | None = None, **sampling):
@@ -89,3 +99,6 @@ class TorchvisionTarget(Target):
 
     def train_labels(self) -> np.ndarray:
         return dataset_labels(self._splits["train"])
+
+    def train_files(self) -> list[str]:
+        return dataset_files(self._splits["train"], self.name)
