@@ -27,6 +27,7 @@ from safetransfer.directions import Direction
 from safetransfer.engine import Evaluator, NonFiniteError, evaluate, fit, resolve_device, test_forward
 from safetransfer.regularizers import BindContext, Omega
 from safetransfer.results import atomic_write_json, config_key, make_row, write_row
+from safetransfer.search import apply_chosen
 from safetransfer.sources import save_source_checkpoint
 from safetransfer.resume import CHECKPOINT, load_checkpoint
 from safetransfer.sweeps import lease_device
@@ -297,6 +298,7 @@ def job_device(cfg: DictConfig):
 
 def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "") -> dict:
     """Check the config, run every seed not finished yet, write the row; returns the row."""
+    apply_chosen(cfg, method_name(cfg))  # stage 2 of a table's search: the cell's chosen values first
     check_config(cfg)
     with job_device(cfg):
         return _run_job(cfg, run_dir, overrides)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 #: config sections that change how a job runs or where it writes, never its numbers
-NOT_IN_KEY = ("seeds", "runtime", "results", "paths", "hydra", "logger")
+NOT_IN_KEY = ("seeds", "runtime", "results", "paths", "hydra", "logger", "search")  # search: its chosen values are in the config
 
 ROW_COLUMNS = ["backbone", "source", "target", "sampling_rate", "method", "mean", "std", "n_seeds",
                "accuracies", "seeds", "failed", "overrides", "key", "run_dir", "updated"]

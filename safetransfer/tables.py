@@ -204,7 +204,7 @@ def paper_layout(table: pd.DataFrame) -> pd.DataFrame:
                              for _, r in table.iterrows()] for m in methods}, index=table.index)
 
 
-def to_markdown(table: pd.DataFrame, published: str | None = None) -> str:
+def to_markdown(table: pd.DataFrame, published: str | None = None, notes: Sequence[str] = ()) -> str:
     text = paper_layout(table).reset_index()
     text["sampling (%)"] = text["sampling (%)"].map(lambda r: f"{r:g}")
     shared = set(table.attrs.get("shared_rows", ()))
@@ -222,19 +222,30 @@ def to_markdown(table: pd.DataFrame, published: str | None = None) -> str:
     if chosen:
         lines += ["", "Chosen on the validation split (best mean validation top-1 among the settings tried):", ""]
         lines += [f"- {t} {r:g}% {m}: {c} (of {n} settings)" for (t, r), m, c, n in chosen]
+    views = table.attrs.get("test_crops")
+    if views:
+        lines += ["", "Test-time views: " + ", ".join(
+            "the centre crop" if v == 1 else f"{v} crops (corners and centre, each mirrored; mean logits)"
+            for v in views) + " (data.test_crops)."]
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"
 
 
 def write_table(directories: Iterable[Path], results_dir: Path, name: str, published: str | None = None,
                 methods: Sequence[str] | None = None, targets: Sequence[str] | None = None,
-                published_file: Path | None = None) -> str:
+                published_file: Path | None = None, notes: Sequence[str] = ()) -> str:
     """Collect, select, assemble; writes <results_dir>/<name>.csv and .md and returns the Markdown."""
     reference = published_values(published, published_file) if published else None
-    table = assemble(select(collect(directories)), reference, methods, targets)
+    seeds = collect(directories)
+    cells = select(seeds)
+    table = assemble(cells, reference, methods, targets)
+    settings = seeds.attrs.get("settings", {})
+    table.attrs["test_crops"] = sorted({int(settings[k].get("data.test_crops", 1)) for k in cells["key"]})
     flat = table.copy()
     flat.columns = [f"{m} {q}" for m, q in table.columns]
     atomic_write_text(Path(results_dir) / f"{name}.csv", flat.to_csv())
-    markdown = to_markdown(table, published)
+    markdown = to_markdown(table, published, notes)
     atomic_write_text(Path(results_dir) / f"{name}.md", markdown)
     return markdown
 

@@ -33,7 +33,7 @@ def cuda_device_count() -> int:
 
 OmegaConf.register_new_resolver("safetransfer.cuda_device_count", cuda_device_count, replace=True)
 #: keys of a job's overrides that do not change its numbers, left out of the table's overrides column
-RUNTIME_PREFIXES = ("seeds", "runtime.", "results.", "paths.", "hydra.", "logger", "launcher")
+RUNTIME_PREFIXES = ("seeds", "runtime.", "results.", "paths.", "hydra.", "logger", "launcher", "search.")
 
 
 def group_options(group: str) -> list[str] | None:

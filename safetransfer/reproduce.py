@@ -1,0 +1,237 @@
+"""`safetransfer-reproduce TABLE [--plan] [--dir DIR] [overrides...]`: one of the papers'
+tables as its paper made it, in two stages (safetransfer/search.py):
+
+1. search: for each method with a grid (`search.grids`), every setting of the grid on
+   every cell, trained on the training images minus a validation hold-out
+   (`search.val_fraction`) with `search.seeds`; per cell the setting with the best mean
+   validation top-1 goes into <DIR>/chosen.json;
+2. final: every cell with its chosen setting on its whole training split, the table's
+   seeds, scored on the test split; then <results.dir>/<TABLE>.md in the paper's layout
+   with the published values and the chosen settings listed.
+
+Each stage is a Hydra multirun of `safetransfer-train` (any launcher: launcher=slurm ...)
+into a fixed directory under DIR (default multirun/<TABLE>): rerunning the same command
+keeps every finished seed and trains only what is missing. `--plan` prints every job of
+both stages and the projected GPU hours, without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from safetransfer.errors import ConfigError
+from safetransfer.search import choose, chosen_notes, write_chosen
+
+CONFIG_MODULE = "safetransfer.conf"
+TABLES = ("dtnh_table2", "dtnh_table3", "dtnh_table4", "bss_table2")
+
+
+def compose_job(table: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose("config", overrides=[f"experiment={table}", *overrides], return_hydra_config=True)
+
+
+def split_overrides(overrides: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """(sweeps: key -> values, the other overrides) of command-line overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    sweeps, plain = {}, []
+    for text, override in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        value = override.value()
+        if isinstance(value, ChoiceSweep):
+            sweeps[override.key_or_group] = [str(v) for v in value.list]
+        else:
+            plain.append(text)
+    return sweeps, plain
+
+
+def sweep_axes(cfg: DictConfig, sweeps: dict[str, list[str]], plain: list[str]) -> dict[str, list[str]]:
+    """The table's cells as sweep axes: the preset's sweeper params, with the command line's
+    sweeps and single values of the same keys taking their place."""
+    axes = {k: [v.strip() for v in str(values).split(",")] for k, values in cfg.hydra.sweeper.params.items()}
+    for text in plain:
+        key, _, value = text.partition("=")
+        if key in axes:
+            axes[key] = [value]
+    axes.update(sweeps)
+    return axes
+
+
+@dataclass
+class Job:
+    stage: str                  # "search" or "final"
+    cell: dict[str, str]        # the sweep axes' values
+    setting: dict[str, str]     # the grid's values (search) or {} (final: the chosen values)
+    seeds: int
+    iterations: int
+    backbone: str
+    regularizer: str
+    direction: str
+    crop: int
+    batch: int
+
+
+def plan(table: str, overrides: list[str]) -> tuple[list[Job], DictConfig]:
+    sweeps, plain = split_overrides(overrides)
+    base = compose_job(table, plain)
+    axes = sweep_axes(base, sweeps, plain)
+    grids = {m: list(g) for m, g in base.search.grids.items()}
+    jobs = []
+    for values in itertools.product(*axes.values()):
+        cell = dict(zip(axes, values))
+        cfg = compose_job(table, [*plain, *(f"{k}={v}" for k, v in cell.items())])
+        choices = cfg.hydra.runtime.choices
+        common = dict(iterations=int(cfg.train.iterations), backbone=cfg.backbone.name,
+                      regularizer=choices.regularizer, direction=choices.direction, crop=int(cfg.data.crop),
+                      batch=int(cfg.train.batch_size))
+        grid = grids.get(choices.get("method") or "", [])
+        if grid:
+            grid_axes = {k: v.split(",") for k, v in (o.split("=", 1) for o in grid)}
+            for setting in itertools.product(*grid_axes.values()):
+                jobs.append(Job("search", cell, dict(zip(grid_axes, setting)), len(cfg.search.seeds), **common))
+        jobs.append(Job("final", cell, {}, len(cfg.seeds), **common))
+    return jobs, base
+
+
+def benchmark_figures(path: Path) -> tuple[str, dict[str, float], float, int] | None:
+    """(device kind, ms per step by 'backbone regularizer direction', px, batch) of the
+    measured section of BENCHMARKS.md, the CUDA one when there is one."""
+    if not path.exists():
+        return None
+    text = path.read_text()
+    sections = re.split(r"<!-- (\w+) -->", text)[1:]
+    found = dict(zip(sections[::2], sections[1::2]))
+    for kind in ("cuda", "cpu"):
+        if kind in found:
+            body = found[kind]
+            settings = re.search(r"Settings: (\d+) px, batch (\d+)", body)
+            rows = {m.group(1).strip(): float(m.group(2)) for m in
+                    re.finditer(r"^\| (resnet\d+ \w+ \w+) \| [\d.]+ \| ([\d.]+) \|", body, re.MULTILINE)}
+            if settings and rows:
+                return kind, rows, float(settings.group(1)), int(settings.group(2))
+    return None
+
+
+def job_hours(job: Job, figures) -> float | None:
+    kind, rows, px, batch = figures
+    ms = rows.get(f"{job.backbone} {job.regularizer} {job.direction}")
+    if ms is None:
+        return None
+    scale = (job.crop / px) ** 2 * (job.batch / batch)  # pixels and images per step
+    return ms * scale * job.iterations * job.seeds / 3.6e6
+
+
+def print_plan(table: str, jobs: list[Job], figures) -> None:
+    hours = {"search": 0.0, "final": 0.0}
+    unknown = 0
+    print(f"{table}: every job of both stages (cells x settings; seeds x iterations each)")
+    for job in jobs:
+        h = job_hours(job, figures) if figures else None
+        if h is None:
+            unknown += 1
+        else:
+            hours[job.stage] += h
+        cell = " ".join(f"{k}={v}" for k, v in job.cell.items())
+        setting = " ".join(f"{k}={v}" for k, v in job.setting.items()) or ("chosen on validation"
+                                                                           if job.stage == "final" else "")
+        print(f"  {job.stage:6} {cell} | {setting} | {job.seeds} x {job.iterations} it"
+              + (f" | {h:.2f} h" if h is not None else ""))
+    counts = {stage: sum(j.stage == stage for j in jobs) for stage in hours}
+    print(f"{counts['search']} search jobs, {counts['final']} final jobs, {len(jobs)} in all")
+    if figures:
+        kind, _, px, batch = figures
+        source = ("measured on a GPU" if kind == "cuda" else
+                  f"a CPU projection: BENCHMARKS.md has no GPU figures yet, so its CPU step times ({px:g} px, batch "
+                  f"{batch}) are scaled by pixels and batch size; a GPU is far faster")
+        print(f"projected hours: search {hours['search']:.1f} h, final {hours['final']:.1f} h, "
+              f"total {sum(hours.values()):.1f} h ({source}; model steps only)"
+              + (f"; {unknown} jobs have no figure" if unknown else ""))
+    else:
+        print("projected hours: no BENCHMARKS.md found (run python scripts/benchmark.py)")
+
+
+def run_stage(arguments: list[str]) -> None:
+    command = [sys.executable, "-m", "safetransfer.train", "-m", *arguments]
+    print("+ safetransfer-train " + " ".join(command[3:]), flush=True)
+    result = subprocess.run(command)
+    if result.returncode != 0:
+        raise SystemExit(f"safetransfer-reproduce: a stage ended with failed jobs (listed above); fix them and rerun "
+                         f"the same command: finished seeds are kept")
+
+
+def reproduce(table: str, overrides: list[str], root: Path) -> Path:
+    from safetransfer.tables import collect, write_table
+
+    sweeps, plain = split_overrides(overrides)
+    base = compose_job(table, plain)
+    grids = {m: list(g) for m, g in base.search.grids.items()}
+    searched_dirs = []
+    methods = sweep_axes(base, sweeps, plain).get("method", [])
+    for method in methods:
+        grid = grids.get(method)
+        if not grid:
+            continue
+        directory = root / "search" / method
+        searched_dirs.append(directory)
+        run_stage([f"experiment={table}", *overrides, f"method={method}", *grid,
+                   f"target.val_fraction={base.search.val_fraction}",
+                   f"seeds=[{','.join(map(str, base.search.seeds))}]", f"hydra.sweep.dir={directory}",
+                   f"results.table={table}_search", f"results.paper.name={table}_search_{method}",
+                   "results.paper.published=null"])
+    chosen_path = root / "chosen.json"
+    if searched_dirs:
+        seeds = collect(searched_dirs)
+        cells = choose(seeds, grids)
+        chosen = write_chosen(chosen_path, table, cells, sorted(set(seeds["method"])))
+    else:
+        chosen = write_chosen(chosen_path, table, {}, [])
+    run_stage([f"experiment={table}", *overrides, f"search.chosen={chosen_path.resolve()}", "target.val_fraction=0",
+               f"hydra.sweep.dir={root / 'final'}"])
+    final = compose_job(table, plain)
+    notes = ["Chosen on the validation split in stage 1 (the test split never took part):", "",
+             *chosen_notes(chosen)] if chosen["cells"] else []
+    markdown = write_table([root / "final"], Path(final.results.dir), str(final.results.paper.name),
+                           final.results.paper.published or None, notes=notes)
+    print(markdown, end="")
+    return Path(final.results.dir) / f"{final.results.paper.name}.md"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="safetransfer-reproduce", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", help=f"an experiment preset with a search: {', '.join(TABLES)}")
+    parser.add_argument("overrides", nargs="*", help="safetransfer-train overrides for both stages")
+    parser.add_argument("--plan", action="store_true", help="print every job and the projected hours; train nothing")
+    parser.add_argument("--dir", type=Path, help="where both stages run (default multirun/<table>)")
+    parser.add_argument("--benchmarks", type=Path, help="the step times the plan projects from (default: the "
+                                                          "repository's BENCHMARKS.md, else ./BENCHMARKS.md)")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        if args.plan:
+            jobs, _ = plan(args.table, args.overrides)
+            candidates = [args.benchmarks] if args.benchmarks else [
+                Path(__file__).resolve().parents[1] / "BENCHMARKS.md", Path("BENCHMARKS.md")]
+            figures = next((f for f in map(benchmark_figures, candidates) if f), None)
+            print_plan(args.table, jobs, figures)
+            return
+        reproduce(args.table, args.overrides, args.dir or Path("multirun") / args.table)
+    except ConfigError as error:
+        parser.exit(2, f"safetransfer-reproduce: error: {error}\n")
+    except Exception as error:  # a bad override or preset name: Hydra's message, one line
+        if type(error).__module__.startswith(("hydra", "omegaconf")):
+            parser.exit(2, f"safetransfer-reproduce: error: {'; '.join(filter(None, str(error).splitlines()[:2]))}\n")
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The table command: presets against the papers' protocols, the plan, and the two
+stages (search on validation, then the chosen setting with five seeds) end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY
+from safetransfer.errors import ConfigError
+from safetransfer.reproduce import benchmark_figures, plan
+from safetransfer.search import apply_chosen
+
+
+def test_dtnh_presets_follow_the_papers_protocol(compose_cfg):
+    for table, source in [("dtnh_table2", "imagenet"), ("dtnh_table3", "places365"), ("dtnh_table4", "stanford_dogs")]:
+        for target, iterations in [("caltech256_30", 8000), ("mit_indoor67", 8000), ("cifar10", 20000)]:
+            cfg = compose_cfg(f"experiment={table}", f"target={target}", "method=dtnh_l2sp")
+            assert (cfg.backbone.name, cfg.source.name) == ("resnet18", source)
+            assert cfg.train.batch_size == 48 and cfg.train.iterations == iterations
+            assert cfg.optim.optimizer.lr == 0.01 and cfg.optim.optimizer.momentum == 0.9
+            assert list(cfg.optim.scheduler.milestones) == [6000]  # "divided by 10 after 6000 iterations"
+            assert (cfg.data.resize, cfg.data.crop, cfg.data.train_crop, cfg.data.test_crops) == \
+                (256, 224, "random_crop", 1)
+            assert cfg.search.val_fraction == 0.2 and cfg.seeds == [0, 1, 2, 3, 4]
+        grids = cfg.search.grids
+        assert sorted(grids) == ["dtnh_knowdist", "dtnh_l2sp", "knowdist", "l2sp"]
+        assert list(grids.l2sp) == ["regularizer.terms.l2sp.alpha=0.001,0.01,0.1,1",
+                                    "regularizer.terms.l2sp.decay=0.5,0.9,1.0"]
+    override = compose_cfg("experiment=dtnh_table2", "target=cifar10", "schedule.cifar10.lr_drop=15000")
+    assert list(override.optim.scheduler.milestones) == [15000]
+
+
+def test_bss_preset_follows_the_papers_protocol(compose_cfg):
+    cfg = compose_cfg("experiment=bss_table2", "target=cub200", "target.sampling_rate=15", "method=l2_bss")
+    assert (cfg.backbone.name, cfg.source.name) == ("resnet50", "imagenet")
+    assert cfg.train.batch_size == 48 and cfg.train.iterations == 9000 and list(cfg.optim.scheduler.milestones) == [6000]
+    lr, head = cfg.optim.optimizer.lr, cfg.optim.optimizer.lr * cfg.optim.head_lr_mult
+    assert (lr, head) == (0.001, 0.01) and cfg.optim.optimizer.momentum == 0.95
+    assert (cfg.data.train_crop, cfg.data.test_crops, cfg.data.resize, cfg.data.crop) == \
+        ("random_resized_crop", 10, 256, 224)
+    assert cfg.regularizer.terms.bss.eta == 0.001 and cfg.regularizer.terms.bss.k == 1
+    assert cfg.regularizer.terms.l2.alpha == 5e-4
+    assert cfg.target.sample_list == "bss"
+    assert compose_cfg("experiment=bss_table2", "target=stanford_cars").target.sample_list is None
+    assert list(cfg.search.grids.l2_bss) == ["optim.optimizer.lr=0.001,0.0001"]  # head 0.01 or 0.001
+    assert sorted(cfg.search.grids) == ["delta", "delta_bss", "l2", "l2_bss", "l2sp", "l2sp_bss"]
+
+
+def test_plan_lists_every_job_of_both_stages(tmp_path):
+    jobs, _ = plan("dtnh_table2", [])
+    search = [j for j in jobs if j.stage == "search"]
+    final = [j for j in jobs if j.stage == "final"]
+    assert len(final) == 25 and len(search) == 4 * 5 * 12  # 4 searched methods x 5 targets x 12 settings
+    assert {j.iterations for j in final if j.cell["target"] == "cifar10"} == {20000}
+    assert all(j.seeds == 1 for j in search) and all(j.seeds == 5 for j in final)
+    only = plan("dtnh_table2", ["target=flowers102", "method=l2sp,fine_tuning"])[0]
+    assert sum(j.stage == "final" for j in only) == 2 and sum(j.stage == "search" for j in only) == 12
+
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text("<!-- cpu -->\n## CPU\nSettings: 64 px, batch 16, ...\n\n| measurement | images/s | ms/step |\n"
+                          "|---|---:|---:|\n| resnet18 l2sp sum | 90.0 | 100.0 | 1 |  |\n")
+    from safetransfer.reproduce import job_hours
+
+    figures = benchmark_figures(benchmarks)
+    assert figures[0] == "cpu" and figures[1] == {"resnet18 l2sp sum": 100.0}
+    job = next(j for j in only if j.stage == "final" and j.cell["method"] == "l2sp")
+    # 100 ms at 64 px, batch 16 -> x (224/64)^2 x 3 at 224 px, batch 48; 5 seeds x 8000 iterations
+    assert job_hours(job, figures) == pytest.approx(0.1 * (224 / 64) ** 2 * 3 * 8000 * 5 / 3600)
+
+
+def test_plan_command_names_a_cpu_projection():
+    result = subprocess.run([sys.executable, "-m", "safetransfer.reproduce", "bss_table2", "--plan"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "240 search jobs, 120 final jobs, 360 in all" in result.stdout
+    assert "CPU projection" in result.stdout or "measured on a GPU" in result.stdout
+
+
+def test_a_stage_two_job_without_its_cell_refuses(compose_cfg, tmp_path):
+    chosen = tmp_path / "chosen.json"
+    chosen.write_text(json.dumps({"table": "t", "searched": ["L2-SP"], "cells": {
+        "resnet18|scratch|demo|100|L2-SP": {"values": {"regularizer.terms.l2sp.alpha": 0.5}}}}))
+    cfg = compose_cfg("regularizer=l2sp", f"search.chosen={chosen}")
+    apply_chosen(cfg, "L2-SP")
+    assert cfg.regularizer.terms.l2sp.alpha == 0.5
+    other = compose_cfg("regularizer=l2sp", f"search.chosen={chosen}", "target.sampling_rate=30")
+    with pytest.raises(ConfigError, match="has no setting for resnet18\\|scratch\\|demo\\|30\\|L2-SP"):
+        apply_chosen(other, "L2-SP")
+    plain = compose_cfg(f"search.chosen={chosen}")
+    apply_chosen(plain, "Fine-tuning")  # a method that was not searched keeps its values
+    assert plain.regularizer.terms.l2.alpha == 1e-4
+
+
+def test_two_stages_end_to_end_and_a_rerun_trains_nothing(tmp_path):
+    tiny = [o for o in TINY if not o.startswith("seeds")]
+    arguments = [sys.executable, "-m", "safetransfer.reproduce", "demo", "--dir", "tables", *tiny,
+                 "source=scratch", "method=l2sp", "target.sampling_rate=100", "seeds=[0,1,2,3,4]",
+                 "search.val_fraction=0.5", "search.seeds=[0,1]", '+search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.001,3"]']
+    first = subprocess.run(arguments, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    # the choice, recomputed here from the search's own files: best mean validation top-1
+    val = {}
+    for path in (tmp_path / "tables" / "search").rglob("seed_*/metrics.json"):
+        metrics = json.loads(path.read_text())
+        assert metrics["config"]["target"]["val_fraction"] == 0.5 and "val_top1" in metrics
+        alpha = metrics["config"]["regularizer"]["terms"]["l2sp"]["alpha"]
+        val.setdefault(alpha, []).append(metrics["val_top1"])
+    assert sorted(val) == [0.001, 3] and all(len(v) == 2 for v in val.values())
+    top = max(sum(v) / 2 for v in val.values())
+    best_ones = [a for a in val if sum(val[a]) / 2 == top]  # a tie (tiny runs) may leave two
+    chosen = json.loads((tmp_path / "tables" / "chosen.json").read_text())
+    assert chosen["searched"] == ["L2-SP"]
+    entry = chosen["cells"]["resnet18|scratch|demo|100|L2-SP"]
+    best = entry["values"]["regularizer.terms.l2sp.alpha"]
+    assert best in best_ones and entry["val_top1"] == pytest.approx(top) and entry["settings_tried"] == 2
+
+    finals = [json.loads(p.read_text()) for p in (tmp_path / "tables" / "final").rglob("seed_*/metrics.json")]
+    assert len(finals) == 5  # five seeds, on the whole training split
+    assert all(m["config"]["target"]["val_fraction"] == 0 and "val_top1" not in m for m in finals)
+    assert {m["config"]["regularizer"]["terms"]["l2sp"]["alpha"] for m in finals} == {best}
+    table = (tmp_path / "results" / "demo_paper.md").read_text()
+    assert "(5)" in table and f"regularizer.terms.l2sp.alpha={best}" in table and "the centre crop" in table
+
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "tables").rglob("seed_*/metrics.json")}
+    again = subprocess.run(arguments, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "tables").rglob("seed_*/metrics.json")} == stamps
+    assert "finished earlier" in again.stderr + again.stdout
