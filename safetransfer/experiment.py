@@ -298,8 +298,9 @@ def job_device(cfg: DictConfig):
 
 def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "") -> dict:
     """Check the config, run every seed not finished yet, write the row; returns the row."""
-    apply_chosen(cfg, method_name(cfg))  # stage 2 of a table's search: the cell's chosen values first
     check_config(cfg)
+    if apply_chosen(cfg, method_name(cfg)):  # stage 2 of a table's search: the cell's chosen values
+        check_config(cfg)
     with job_device(cfg):
         return _run_job(cfg, run_dir, overrides)
 

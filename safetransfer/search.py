@@ -31,11 +31,11 @@ def grid_keys(grid: list[str]) -> list[str]:
     return [override.split("=", 1)[0].lstrip("+") for override in grid]
 
 
-def apply_chosen(cfg: DictConfig, method: str) -> None:
-    """Stage 2: set this job's cell's chosen values (search.chosen); nothing without one."""
+def apply_chosen(cfg: DictConfig, method: str) -> bool:
+    """Stage 2: set this job's cell's chosen values (search.chosen); whether any were set."""
     path = cfg.get("search", {}).get("chosen")
     if not path:
-        return
+        return False
     try:
         chosen = json.loads(Path(path).read_text())
         cells, searched = chosen["cells"], chosen["searched"]
