@@ -10,8 +10,9 @@ fc, a DataLoader with torchvision transforms, SGD with momentum and weight_decay
 final weights scored in eval mode); it shares no training code with the project. Both
 train from a random initialisation (from scratch; no source), every layer at the same lr
 (optim.head_lr_mult=1), with weight decay 1e-4 (the project's L2 term, alpha/2 ||w||^2,
-has the same gradient as SGD's weight_decay), no lr drop (the milestone at the last iteration never acts), the same random crop + mirror of
-the same 36 x 36 resized images and the same centre crop at test time.
+has the same gradient as SGD's weight_decay), no lr drop (the project's milestone sits at
+the last iteration, where it no longer acts), the same random crop + mirror of the same
+36 x 36 resized images and the same centre crop at test time.
 """
 
 from __future__ import annotations

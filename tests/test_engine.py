@@ -184,8 +184,8 @@ def test_angles_are_the_angles_between_the_vectors():
 @pytest.mark.parametrize("degrees", [0.01, 0.05, 0.1, 0.5])
 def test_small_angles_match_a_float64_reference(degrees):
     """float32 gradients at 0.01-0.5 degrees apart: the angles agree with NumPy in float64
-    (arctan2 of the components along and across), and Angle 1 equals Angle 3 when nothing
-    conflicts, to far below the angles' own size."""
+    (arctan2 of the components along and across) to 2e-5 degrees (float32 arccos was off by
+    up to 0.02), and Angle 1 equals Angle 3 when nothing conflicts."""
     from safetransfer.engine import angle_diagnostics
     from safetransfer.directions import DTNH
 
@@ -222,11 +222,11 @@ def test_small_angles_match_a_float64_reference(degrees):
 
     s = [a + b for a, b in zip(g_J, g_Omega)]
     assert angles["conflict"] == 0.0
-    assert angles["angle_sum_Omega"] == pytest.approx(reference(s, g_Omega), abs=1e-6)
-    assert angles["angle_d_Omega"] == pytest.approx(reference(d, g_Omega), abs=1e-6)
-    assert angles["angle_d_J"] == pytest.approx(reference(d, g_J), abs=1e-6)
-    assert angles["angle_sum_J"] == pytest.approx(reference(s, g_J), abs=1e-6)
-    assert abs(angles["angle_d_J"] - angles["angle_sum_J"]) < 1e-6
+    assert angles["angle_sum_Omega"] == pytest.approx(reference(s, g_Omega), abs=2e-5)
+    assert angles["angle_d_Omega"] == pytest.approx(reference(d, g_Omega), abs=2e-5)
+    assert angles["angle_d_J"] == pytest.approx(reference(d, g_J), abs=2e-5)
+    assert angles["angle_sum_J"] == pytest.approx(reference(s, g_J), abs=2e-5)
+    assert angles["angle_d_J"] == angles["angle_sum_J"]
     assert angles["angle_sum_Omega"] == pytest.approx(degrees, rel=0.02)  # s is nearly g_J
 
 

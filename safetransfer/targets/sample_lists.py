@@ -14,12 +14,12 @@ found once, and all names under one class folder of the list must carry one labe
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from safetransfer.checkpoints import sha256_of
 from safetransfer.errors import ConfigError
 
 BSS_URL = "https://raw.githubusercontent.com/thuml/Batch-Spectral-Shrinkage/master/ft-datalist/{file}"
@@ -52,14 +52,6 @@ BSS_SHA256 = {
 }
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def bss_list_file(target: str, rate: float) -> str:
     if target not in BSS_PREFIXES:
         raise ConfigError(f"target.sample_list=bss: the BSS authors released lists for {', '.join(BSS_PREFIXES)}, "
@@ -85,7 +77,7 @@ def bss_list(target: str, rate: float, directory: Path) -> Path:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ConfigError(f"could not download {url} into target.sample_list_dir={path.parent} ({reason}); "
                               f"put the file there by hand") from None
-    found = sha256(path)
+    found = sha256_of(path)
     if found != BSS_SHA256[name]:
         path.unlink(missing_ok=True)
         raise ConfigError(f"{path}: sha256 {found} is not the pinned {BSS_SHA256[name]} of the BSS authors' "
