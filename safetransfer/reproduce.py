@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,12 +160,23 @@ def print_plan(table: str, jobs: list[Job], figures) -> None:
 
 
 def run_stage(arguments: list[str]) -> None:
-    command = [sys.executable, "-m", "safetransfer.train", "-m", *arguments]
-    print("+ safetransfer-train " + " ".join(command[3:]), flush=True)
-    result = subprocess.run(command)
-    if result.returncode != 0:
-        raise SystemExit(f"safetransfer-reproduce: a stage ended with failed jobs (listed above); fix them and rerun "
-                         f"the same command: finished seeds are kept")
+    """One stage: `safetransfer-train -m ARGUMENTS`, in this process (Hydra's multirun and
+    its launcher, the end-of-sweep report included)."""
+    from safetransfer import train
+
+    print("+ safetransfer-train -m " + " ".join(arguments), flush=True)
+    saved = sys.argv
+    sys.argv = ["safetransfer-train", "-m", *arguments]
+    try:
+        train.main()
+        code = 0
+    except SystemExit as stop:  # Hydra exits non-zero when a job failed
+        code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = saved
+    if code:
+        raise SystemExit("safetransfer-reproduce: a stage ended with failed jobs (listed above); fix them and rerun "
+                         "the same command: finished seeds are kept")
 
 
 def reproduce(table: str, overrides: list[str], root: Path) -> Path:

@@ -1,6 +1,8 @@
 """The BSS authors' data options: RandomResizedCrop training crops and ten test crops,
 checked against hand-indexed NumPy crops and a by-hand average of the views' logits."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -93,9 +95,21 @@ def test_cached_ten_crops_equal_the_direct_path(tmp_path):
         assert torch.equal(direct[i][0], cached_test[i][0])
 
 
-def test_a_run_with_the_bss_data_options_scores_ten_crops(cli):
+def test_a_run_with_the_bss_data_options_scores_ten_crops(cli, tmp_path):
     result = cli("experiment=demo", "hydra.mode=RUN", "method=fine_tuning", *TINY, "source=scratch",
                  "data.train_crop=random_resized_crop", "data.test_crops=10", "hydra.run.dir=run")
     assert result.returncode == 0, result.stderr[-2000:]
-    bad = cli("experiment=demo", "hydra.mode=RUN", *TINY, "data.test_crops=5", "hydra.run.dir=bad")
-    assert bad.returncode != 0 and "data.test_crops=5 is not a known choice; allowed: 1, 10" in bad.stderr
+    metrics = json.loads((tmp_path / "run" / "seed_0" / "metrics.json").read_text())
+    assert metrics["config"]["data"]["test_crops"] == 10 and metrics["test_images"] > 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.test_crops=5", "data.test_crops=5 is not a known choice; allowed: 1, 10"),
+    ("data.train_crop=center", "data.train_crop=center is not a known choice; allowed: random_crop, random_resized_crop"),
+])
+def test_bad_crop_options_are_one_line(compose_cfg, override, message):
+    from safetransfer.checks import check_config
+    from safetransfer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose_cfg(override))

@@ -119,25 +119,31 @@ def test_two_job_sweep_through_submitit_local_executor(cli, tmp_path):
 
 @pytest.mark.parametrize("table", ["dtnh_table2", "dtnh_table3", "dtnh_table4", "bss_table2"])
 def test_reproduce_script_launches_the_tables_preset(tmp_path, table):
-    """scripts/reproduce.sh with a stand-in safetransfer-train that records its arguments."""
+    """scripts/reproduce.sh with stand-ins for safetransfer-train and safetransfer-reproduce
+    that record their arguments."""
     import os
     import subprocess
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "reproduce.sh"
-    fake = tmp_path / "bin" / "safetransfer-train"
-    fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "calls"}\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    for command in ("safetransfer-train", "safetransfer-reproduce"):
+        fake = tmp_path / "bin" / command
+        fake.parent.mkdir(exist_ok=True)
+        fake.write_text(f'#!/bin/sh\necho "{command} $*" >> {tmp_path / "calls"}\n')
+        fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
     result = subprocess.run(["bash", str(script), table, "paths.data_root=/data"], env=env, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls[-1] == f"experiment={table} paths.data_root=/data"
+    assert calls[-1] == f"safetransfer-reproduce {table} paths.data_root=/data"
     if table == "dtnh_table4":  # its source is made first
-        assert calls[0].startswith("experiment=pretrain_source target=stanford_dogs backbone=resnet18")
+        assert calls[0].startswith("safetransfer-train experiment=pretrain_source target=stanford_dogs backbone=resnet18")
+        assert calls[0].endswith("paths.data_root=/data")
     assert len(calls) == (2 if table == "dtnh_table4" else 1)
+    (tmp_path / "calls").unlink()
+    subprocess.run(["bash", str(script), table, "--plan"], env=env, check=True)
+    assert (tmp_path / "calls").read_text().splitlines() == [f"safetransfer-reproduce {table} --plan"]  # no training
 
     wrong = subprocess.run(["bash", str(script), "dtnh_table5"], env=env, capture_output=True, text=True)
     assert wrong.returncode == 2 and "TABLE is one of: dtnh_table2 dtnh_table3 dtnh_table4 bss_table2" in wrong.stderr
