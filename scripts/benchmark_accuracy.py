@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -110,6 +112,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--train-per-class", type=int, default=20, help="few images: accuracy away from 100 %%")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "BENCHMARKS.md"),
+                        help="the section 'accuracy' of this file is replaced (--out '' prints only)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
@@ -119,22 +123,30 @@ def main() -> None:
         # shown to size what that one difference does
         default_head = project(args.seeds, args, Path(directory), head_lr_mult=10)
     theirs = [plain(seed, args) for seed in args.seeds]
-    print(f"{len(args.seeds)} seeds each, {args.iterations} iterations, batch {args.batch}, lr {args.lr} (all layers), "
-          f"weight decay {args.weight_decay}, ResNet-18 from scratch, the demo's 6 generated classes at 32 px "
-          f"({time.perf_counter() - start:.0f} s)")
-    print("| loop | top-1 (%) | test loss | per seed top-1 |")
-    print("|---|---:|---:|---|")
+    lines = [f"{len(args.seeds)} seeds each, {args.iterations} iterations, batch {args.batch}, lr {args.lr} (all "
+             f"layers), weight decay {args.weight_decay}, ResNet-18 from scratch, the demo's 6 generated classes at "
+             f"32 px, {args.train_per_class} training images per class ({time.perf_counter() - start:.0f} s on "
+             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads).",
+             f"Command: `python scripts/benchmark_accuracy.py {' '.join(sys.argv[1:])}`", "",
+             "| loop | top-1 (%) | test loss | per seed top-1 |", "|---|---:|---:|---|"]
     for name, runs in (("safetransfer Fine-tuning", ours), ("plain PyTorch loop", theirs),
                        ("safetransfer Fine-tuning, head lr x10 (its default)", default_head)):
         top1 = [r["top1"] for r in runs]
-        print(f"| {name} | {spread(top1)} | {spread([r['test_loss'] for r in runs])} | "
-              f"{', '.join(f'{v:.1f}' for v in top1)} |")
+        lines.append(f"| {name} | {spread(top1)} | {spread([r['test_loss'] for r in runs])} | "
+                     f"{', '.join(f'{v:.1f}' for v in top1)} |")
+    lines.append("")
     for label, runs in (("safetransfer - plain", ours), ("head x10 - plain", default_head)):
         for quantity in ("top1", "test_loss"):
             a, b = [r[quantity] for r in runs], [r[quantity] for r in theirs]
             t = stats.ttest_ind(a, b, equal_var=False)
-            print(f"{label}, {quantity}: difference of means {np.mean(a) - np.mean(b):+.3f}, "
-                  f"Welch's t-test p = {t.pvalue:.2f}")
+            lines.append(f"- {label}, {quantity}: difference of means {np.mean(a) - np.mean(b):+.3f}, "
+                         f"Welch's t-test p = {t.pvalue:.2f}")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out:
+        from benchmark import write_section  # scripts/benchmark.py, beside this file
+
+        write_section(Path(args.out), "accuracy", text)
 
 
 if __name__ == "__main__":
