@@ -399,6 +399,16 @@ def bss_features(matrix):
     return Features(images=None, maps={}, pooled=matrix)
 
 
+def test_bss_hand_worked_from_equation_8():
+    # two images, two pooled features: F = [[1, 2], [2, 1]], F^T F = [[5, 4], [4, 5]] with eigenvalues
+    # 9 and 1, so the singular values are 3 and 1; BSS (k = 1) = eta * 1^2
+    features = bss_features(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64))
+    assert float(BSS(eta=0.001, k=1).value(None, features)) == pytest.approx(0.001, rel=1e-12)
+    # scaling the features by 2 scales every singular value by 2: eta * 2^2
+    features = bss_features(torch.tensor([[2.0, 4.0], [4.0, 2.0]], dtype=torch.float64))
+    assert float(BSS(eta=0.001, k=1).value(None, features)) == pytest.approx(0.004, rel=1e-12)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_bss_value_matches_numpy_svd(k):
     matrix = torch.randn(6, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
