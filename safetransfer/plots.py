@@ -193,7 +193,9 @@ def plot_table(numbers: pd.DataFrame, path: Path) -> Path | None:
         return None
     methods = list(dict.fromkeys(numbers.columns.get_level_values("method")))
     rows = [f"{t} {r:g}%" for t, r in numbers.index]
-    plt, figure, (axis,) = _figure(1)
+    compared = [m for m in methods if (numbers[(m, "paired_n")] >= 2).any()]
+    plt, figure, axes = _figure(2 if compared else 1)
+    axis = axes[0]
     width = 0.8 / max(len(methods), 1)
     x = np.arange(len(rows))
     for index, method in enumerate(methods):
@@ -212,6 +214,21 @@ def plot_table(numbers: pd.DataFrame, path: Path) -> Path | None:
     axis.set(title="Top-1 accuracy, mean ± std over seeds" + (" (black marks: published values)" if marked else ""),
              xlabel="target and sampling rate", ylabel="top-1 accuracy (%)")
     axis.legend(fontsize=8)
+    if compared:  # each column against its reference column, seed by seed: mean and 95 % t interval
+        paired_axis, step = axes[1], 0.8 / len(compared)
+        for index, method in enumerate(compared):
+            difference = numbers[(method, "paired_diff")].to_numpy(dtype=float)
+            low, high = (numbers[(method, q)].to_numpy(dtype=float) for q in ("paired_low", "paired_high"))
+            known = ~np.isnan(difference)
+            positions = x - 0.4 + step * (index + 0.5)
+            paired_axis.errorbar(positions[known], difference[known],
+                                 yerr=[difference[known] - low[known], high[known] - difference[known]], fmt="o",
+                                 capsize=3, label=f"{method} − {next(r for r in numbers[(method, 'reference')] if r)}")
+        paired_axis.axhline(0, color="black", linewidth=0.8)
+        paired_axis.set_xticks(x, rows, rotation=20, ha="right")
+        paired_axis.set(title="Paired differences: mean, 95 % t interval",
+                        xlabel="target and sampling rate", ylabel="top-1 difference (points)")
+        paired_axis.legend(fontsize=8)
     return _save(plt, figure, path)
 
 

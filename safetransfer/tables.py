@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -32,7 +33,7 @@ from safetransfer.results import NOT_IN_KEY, atomic_write_text, config_key, summ
 CELL = ["backbone", "source", "target", "sampling_rate", "method"]
 ROWS = ["target", "sampling_rate"]
 QUANTITIES = ["mean", "std", "seeds", "published", "published_std", "diff", "within", "val_mean", "settings",
-              "chosen"]
+              "chosen", "reference", "paired_n", "paired_diff", "paired_low", "paired_high"]
 #: A row of a paper's table that stands for several of our rows. The DTNH tables print one
 #: "Caltech 256" row although the paper trains on 30 or 60 images per class and does not say
 #: which its table shows: its value is shown beside both, with a footnote.
@@ -97,8 +98,10 @@ def select(seeds: pd.DataFrame) -> pd.DataFrame:
         cells.append({**dict(zip(CELL, cell)), "mean": mean, "std": std, "seeds": len(best),
                       "val_mean": best["val_top1"].mean() if best["val_top1"].notna().all() else math.nan,
                       "settings": len(by_setting), "key": chosen,
+                      "per_seed": dict(zip(best["seed"].astype(int), best["top1"].astype(float))),
                       "chosen": " ".join(f"{k}={settings[chosen][k]}" for k in varied)})
-    frame = pd.DataFrame(cells, columns=[*CELL, "mean", "std", "seeds", "val_mean", "settings", "key", "chosen"])
+    frame = pd.DataFrame(cells, columns=[*CELL, "mean", "std", "seeds", "val_mean", "settings", "key", "chosen",
+                                         "per_seed"])
     return frame.assign(method=column_labels(frame))
 
 
@@ -138,6 +141,34 @@ def within_spread(diff: float, std: float, published_std: float) -> bool | None:
     return bool(abs(diff) <= math.hypot(std, published_std))
 
 
+def reference_column(method: str, methods: Sequence[str]) -> str | None:
+    """The column a method is compared with, seed by seed: the regularizer without DTNH for
+    a DTNH column, the method without BSS for a +BSS column, Fine-tuning (the BSS paper's
+    L2) for the rest; a `[source]` suffix is kept."""
+    base, bracket, suffix = method.partition(" [")
+    suffix = bracket + suffix
+    if base.startswith("DTNH (") and base.endswith(")"):
+        candidates = [base[len("DTNH ("):-1]]
+    elif base.endswith("+BSS"):
+        candidates = [base[:-len("+BSS")]]
+    else:
+        candidates = ["Fine-tuning", "L2"]
+    return next((c + suffix for c in candidates if c + suffix in methods and c + suffix != method), None)
+
+
+def paired(ours: dict[int, float], reference: dict[int, float]) -> tuple[int, float, float, float]:
+    """(common seeds, mean of ours - reference over them, its 95 % t interval); NaN below two seeds."""
+    from scipy import stats
+
+    common = sorted(set(ours) & set(reference))
+    if len(common) < 2:
+        return len(common), math.nan, math.nan, math.nan
+    differences = [ours[s] - reference[s] for s in common]
+    mean = statistics.fmean(differences)
+    half = stats.t.ppf(0.975, len(common) - 1) * statistics.stdev(differences) / math.sqrt(len(common))
+    return len(common), mean, mean - half, mean + half
+
+
 def assemble(cells: pd.DataFrame, published: pd.DataFrame | None = None, methods: Sequence[str] | None = None,
              targets: Sequence[str] | None = None) -> pd.DataFrame:
     """The paper layout as numbers: rows = (target, sampling rate), columns = (method, quantity).
@@ -167,6 +198,13 @@ def assemble(cells: pd.DataFrame, published: pd.DataFrame | None = None, methods
                         (method, "val_mean"): cell.val_mean if cell is not None else math.nan,
                         (method, "settings"): cell.settings if cell is not None else 0,
                         (method, "chosen"): cell.chosen if cell is not None else ""})
+            reference = reference_column(method, methods)
+            other = found.get((target, rate, reference)) if reference else None
+            n, difference, low, high = paired(cell.per_seed, other.per_seed) if cell is not None and other is not None \
+                else (0, math.nan, math.nan, math.nan)
+            row.update({(method, "reference"): reference or "", (method, "paired_n"): n,
+                        (method, "paired_diff"): difference, (method, "paired_low"): low,
+                        (method, "paired_high"): high})
         rows.append(row)
     columns = pd.MultiIndex.from_tuples([(m, q) for m in methods for q in QUANTITIES], names=["method", "quantity"])
     table = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["target", "sampling (%)"]),
@@ -222,6 +260,7 @@ def to_markdown(table: pd.DataFrame, published: str | None = None, notes: Sequen
     if chosen:
         lines += ["", "Chosen on the validation split (best mean validation top-1 among the settings tried):", ""]
         lines += [f"- {t} {r:g}% {m}: {c} (of {n} settings)" for (t, r), m, c, n in chosen]
+    lines += paired_markdown(table)
     views = table.attrs.get("test_crops")
     if views:
         lines += ["", "Test-time views: " + ", ".join(
@@ -230,6 +269,30 @@ def to_markdown(table: pd.DataFrame, published: str | None = None, notes: Sequen
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
+
+
+def paired_text(n: int, difference: float, low: float, high: float) -> str:
+    """'+1.20 [+0.35, +2.05] (5) *': * when the 95 % interval excludes zero."""
+    if n < 2:
+        return f"{n} common seed{'s' if n != 1 else ''}: no interval"
+    mark = " *" if low > 0 or high < 0 else ""
+    return f"{difference:+.2f} [{low:+.2f}, {high:+.2f}] ({n}){mark}"
+
+
+def paired_markdown(table: pd.DataFrame) -> list[str]:
+    """A second table: each column against its reference column, seed by seed."""
+    methods = [m for m in dict.fromkeys(table.columns.get_level_values("method"))
+               if (table[(m, "reference")] != "").any()]
+    if not methods:
+        return []
+    frame = pd.DataFrame({f"{m} − {next(r for r in table[(m, 'reference')] if r)}": [
+        paired_text(r[(m, "paired_n")], r[(m, "paired_diff")], r[(m, "paired_low")], r[(m, "paired_high")])
+        if r[(m, "reference")] and r[(m, "seeds")] else "" for _, r in table.iterrows()] for m in methods},
+        index=table.index).reset_index()
+    frame["sampling (%)"] = frame["sampling (%)"].map(lambda r: f"{r:g}")
+    return ["", "Paired differences (seeds are shared across methods: same seed, sampled subset and data order): "
+            "mean of ours − the reference column over the common seeds, its 95 % t interval and the number of "
+            "seeds; * when the interval excludes zero.", "", frame.to_markdown(index=False, disable_numparse=True)]
 
 
 def write_table(directories: Iterable[Path], results_dir: Path, name: str, published: str | None = None,

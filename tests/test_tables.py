@@ -176,3 +176,41 @@ def test_cells_of_several_sources_get_their_own_columns(compose_cfg, tmp_path):
     table = paper_layout(assemble(select(collect([tmp_path / "sweep"]))))
     assert table.loc[("demo", 100.0), "Fine-tuning [demo]"] == "80.00 (1)"
     assert table.loc[("demo", 100.0), "Fine-tuning [scratch]"] == "40.00 (1)"
+
+
+def test_paired_differences_against_the_reference_column(compose_cfg, tmp_path):
+    """Each column against its reference seed by seed, checked against scipy's paired t-test,
+    with unequal seed sets (only the common seeds count)."""
+    from scipy import stats
+
+    from safetransfer.tables import reference_column
+
+    l2sp = {0: 70.0, 1: 72.0, 2: 71.0, 3: 73.5, 4: 69.0}
+    dtnh = {0: 71.0, 1: 72.9, 2: 72.4, 3: 74.0}  # seed 4 missing: four common seeds
+    fine = {7: 60.0}                             # no seed in common with L2-SP
+    for seed, top1 in l2sp.items():
+        write_seed(tmp_path / "sweep" / "0", compose_cfg("regularizer=l2sp"), seed, top1)
+    for seed, top1 in dtnh.items():
+        write_seed(tmp_path / "sweep" / "1", compose_cfg("regularizer=l2sp", "direction=dtnh"), seed, top1)
+    for seed, top1 in fine.items():
+        write_seed(tmp_path / "sweep" / "2", compose_cfg(), seed, top1)
+    numbers = assemble(select(collect([tmp_path / "sweep"])))
+    row = numbers.loc[("demo", 100.0)]
+    common = [0, 1, 2, 3]
+    expected = stats.ttest_rel([dtnh[s] for s in common], [l2sp[s] for s in common]).confidence_interval(0.95)
+    assert row[("DTNH (L2-SP)", "reference")] == "L2-SP" and row[("DTNH (L2-SP)", "paired_n")] == 4
+    assert row[("DTNH (L2-SP)", "paired_diff")] == pytest.approx(np.mean([dtnh[s] - l2sp[s] for s in common]))
+    assert row[("DTNH (L2-SP)", "paired_low")] == pytest.approx(expected.low)
+    assert row[("DTNH (L2-SP)", "paired_high")] == pytest.approx(expected.high)
+    assert row[("L2-SP", "reference")] == "Fine-tuning" and row[("L2-SP", "paired_n")] == 0
+    from safetransfer.tables import to_markdown
+
+    markdown = to_markdown(numbers)
+    assert "0 common seeds: no interval" in markdown
+    low, high = expected.low, expected.high
+    mark = " *" if low > 0 or high < 0 else ""
+    assert f"+{np.mean([1.0, 0.9, 1.4, 0.5]):.2f} [{low:+.2f}, {high:+.2f}] (4){mark}" in markdown
+    assert reference_column("L2-SP+BSS", ["L2-SP", "L2-SP+BSS"]) == "L2-SP"
+    assert reference_column("DELTA", ["L2", "DELTA"]) == "L2"  # the BSS table's Fine-tuning column
+    assert reference_column("DTNH (KnowDist) [demo]", ["KnowDist [demo]", "DTNH (KnowDist) [demo]"]) == "KnowDist [demo]"
+    assert reference_column("Fine-tuning", ["Fine-tuning"]) is None
