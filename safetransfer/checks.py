@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from safetransfer.errors import ConfigError
-from safetransfer.targets import TEST_CROPS, TRAIN_CROPS
+from safetransfer.targets import TEST_CROPS, TRAIN_CROPS, crop_options
 
 PRECISIONS = ("fp32", "bf16")
 GRANULARITIES = ("global", "tensor")
@@ -49,7 +49,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.data.crop > cfg.data.resize:
         raise ConfigError(f"data.crop={cfg.data.crop} is larger than data.resize={cfg.data.resize}; "
                           "the crop is taken from the resized image, so set data.crop <= data.resize")
-    train_crop, test_crops = cfg.data.get("train_crop", "random_crop"), cfg.data.get("test_crops", 1)
+    train_crop, test_crops = crop_options(cfg.data)
     if train_crop not in TRAIN_CROPS:
         raise ConfigError(f"data.train_crop={train_crop} is not a known choice; allowed: {', '.join(TRAIN_CROPS)}")
     if test_crops not in TEST_CROPS:

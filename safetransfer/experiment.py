@@ -31,8 +31,8 @@ from safetransfer.search import apply_chosen
 from safetransfer.sources import save_source_checkpoint
 from safetransfer.resume import CHECKPOINT, load_checkpoint
 from safetransfer.sweeps import lease_device
-from safetransfer.targets import (Target, TensorImages, Transformed, augment_transform, test_transform,
-                                  train_transform, views_transform)
+from safetransfer.targets import (Target, TensorImages, Transformed, augment_transform, crop_options,
+                                  test_transform, train_transform, views_transform)
 from safetransfer.targets.cache import DeviceAugment, cached_split
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class Data:
 def augment_on_device(cfg: DictConfig, cached: bool) -> bool:
     """data.augment_on: auto puts crop and mirror on the GPU when training there from the cache.
     The device path implements the plain random crop and one centre test crop only."""
-    if cfg.data.get("train_crop", "random_crop") != "random_crop" or cfg.data.get("test_crops", 1) != 1:
+    if crop_options(cfg.data) != ("random_crop", 1):
         return False
     choice = cfg.data.augment_on
     if choice == "auto":
@@ -117,7 +117,7 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
     indices, val_indices = target.split_train_val(seed)
     check_training_set(len(indices), cfg.train.batch_size)
     geometry = (cfg.data.resize, cfg.data.crop, cfg.data.mean, cfg.data.std)
-    train_crop, test_crops = cfg.data.get("train_crop", "random_crop"), cfg.data.get("test_crops", 1)
+    train_crop, test_crops = crop_options(cfg.data)
     train_set, test_set = target.train_set(), target.test_set()
     cached = bool(cfg.data.cache) and not isinstance(train_set, TensorImages)  # in-memory images need no cache
     on_device = augment_on_device(cfg, cached)
@@ -148,13 +148,13 @@ def cached_data(cfg: DictConfig, train_set: Dataset, test_set: Dataset, indices:
         identity.pop(key, None)
     common = dict(resize=cfg.data.resize, crop=cfg.data.crop, cache_dir=Path(cfg.paths.cache_dir).expanduser(),
                   identity=identity, num_workers=cfg.runtime.num_workers)
-    test_crops = cfg.data.get("test_crops", 1)
+    train_crop, test_crops = crop_options(cfg.data)
     train_all = cached_split(train_set, np.arange(len(train_set)), "train", **common)
     test_all = cached_split(test_set, np.arange(len(test_set)), "test", **common, test_crops=test_crops)
     if on_device:
         return Transformed(train_all, indices, nn.Identity()), test_all
     crop, mean, std = cfg.data.crop, cfg.data.mean, cfg.data.std
-    return (Transformed(train_all, indices, augment_transform(crop, mean, std, cfg.data.get("train_crop", "random_crop"))),
+    return (Transformed(train_all, indices, augment_transform(crop, mean, std, train_crop)),
             Transformed(test_all, range(len(test_all)), views_transform(crop, mean, std, test_crops)))
 
 

@@ -207,13 +207,12 @@ def reproduce(table: str, overrides: list[str], root: Path) -> Path:
         chosen = write_chosen(chosen_path, table, {}, [])
     run_stage([f"experiment={table}", *overrides, f"search.chosen={chosen_path.resolve()}", "target.val_fraction=0",
                f"hydra.sweep.dir={root / 'final'}"])
-    final = compose_job(table, plain)
     notes = ["Chosen on the validation split in stage 1 (the test split never took part):", "",
              *chosen_notes(chosen)] if chosen["cells"] else []
-    markdown = write_table([root / "final"], Path(final.results.dir), str(final.results.paper.name),
-                           final.results.paper.published or None, notes=notes)
+    markdown = write_table([root / "final"], Path(base.results.dir), str(base.results.paper.name),
+                           base.results.paper.published or None, notes=notes)
     print(markdown, end="")
-    return Path(final.results.dir) / f"{final.results.paper.name}.md"
+    return Path(base.results.dir) / f"{base.results.paper.name}.md"
 
 
 def main(argv: list[str] | None = None) -> None:

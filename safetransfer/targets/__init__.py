@@ -153,6 +153,11 @@ TRAIN_CROPS = ("random_crop", "random_resized_crop")
 TEST_CROPS = (1, 10)
 
 
+def crop_options(data) -> tuple[str, int]:
+    """(data.train_crop, data.test_crops), their defaults where a config has neither."""
+    return data.get("train_crop", TRAIN_CROPS[0]), data.get("test_crops", TEST_CROPS[0])
+
+
 def train_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float],
                     train_crop: str = "random_crop") -> v2.Compose:
     """Resize to resize x resize, random crop (or random resized crop), random mirror, normalise."""
@@ -195,5 +200,5 @@ def normalize_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compo
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "ConfigError", "Target", "hold_out", "TensorImages", "Transformed", "per_class_count",
     "stratified_sample", "test_transform", "train_transform", "augment_transform", "normalize_transform",
-    "views_transform", "TRAIN_CROPS", "TEST_CROPS",
+    "views_transform", "TRAIN_CROPS", "TEST_CROPS", "crop_options",
 ]

@@ -29,8 +29,9 @@ class ImageList(Dataset):
 
 
 def fetch_archive(url: str, root: Path, checksum: str | None, key: str = "target.root") -> None:
-    """Download an official file into `root`, check it against `checksum` ("md5:<hex>" or
-    "sha1:<hex>", None where no digest is known) and extract it when it is an archive."""
+    """Download an official file into `root` (unless it is there), check it against `checksum`
+    ("md5:<hex>", "sha1:<hex>" or "sha256:<hex>", None where no digest is known; a file that
+    does not match is removed) and extract it when it is an archive."""
     import hashlib
 
     from torchvision.datasets.utils import download_url, extract_archive
@@ -38,7 +39,8 @@ def fetch_archive(url: str, root: Path, checksum: str | None, key: str = "target
     name = url.rsplit("/", 1)[-1]
     path = Path(root) / name
     try:
-        download_url(url, str(root), filename=name)
+        if not path.exists():  # a copy already there is checked below, not fetched again
+            download_url(url, str(root), filename=name)
     except Exception as error:  # no network, a moved file
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(f"could not download {url} into {key}={root} ({reason}); download it and extract it "

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from safetransfer.checkpoints import sha256_of
 from safetransfer.errors import ConfigError
+from safetransfer.targets.files import fetch_archive
 
 BSS_URL = "https://raw.githubusercontent.com/thuml/Batch-Spectral-Shrinkage/master/ft-datalist/{file}"
 #: our target name -> the prefix of the authors' list files
@@ -66,23 +66,9 @@ def bss_list(target: str, rate: float, directory: Path) -> Path:
     """The authors' list for `target` at `rate`, downloaded into `directory` on first use and
     checked against its pinned sha256 (a damaged copy is removed)."""
     name = bss_list_file(target, rate)
-    path = Path(directory).expanduser() / name
-    if not path.exists():
-        from torchvision.datasets.utils import download_url
-
-        url = BSS_URL.format(file=name)
-        try:
-            download_url(url, str(path.parent), filename=name)
-        except Exception as error:  # no network, a moved file
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ConfigError(f"could not download {url} into target.sample_list_dir={path.parent} ({reason}); "
-                              f"put the file there by hand") from None
-    found = sha256_of(path)
-    if found != BSS_SHA256[name]:
-        path.unlink(missing_ok=True)
-        raise ConfigError(f"{path}: sha256 {found} is not the pinned {BSS_SHA256[name]} of the BSS authors' "
-                          f"{name}; the copy was removed, rerun to download it again")
-    return path
+    directory = Path(directory).expanduser()
+    fetch_archive(BSS_URL.format(file=name), directory, f"sha256:{BSS_SHA256[name]}", key="target.sample_list_dir")
+    return directory / name
 
 
 def read_list(path: Path) -> list[str]:
