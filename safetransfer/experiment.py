@@ -192,6 +192,16 @@ def save_spectrum(path: Path, model: TransferNet, loader: DataLoader, device: to
     atomic_write_json(path, {"batch_size": loader.batch_size, "split": "test", "singular_values": spectra})
 
 
+def compile_network(model: TransferNet) -> None:
+    """runtime.compile: torch.compile in place (state_dict keys unchanged). The compiled
+    backward keeps its buffers (no donation): DTNH and the angle diagnostics take two backward
+    passes through one graph (retain_graph), which donated buffers refuse."""
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
+    model.compile()
+
+
 def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, run_dir: Path) -> dict | None:
     """Fine-tune once and evaluate the final weights (never the best test epoch). Continues
     from the seed's checkpoint when an earlier run left one. A NaN or inf stops the seed:
@@ -208,7 +218,7 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
     omega = create_omega(cfg)
     omega.bind(model, bind_context(cfg, data, device))
     if cfg.runtime.get("compile", False):
-        model.compile()  # in place (state_dict keys unchanged); after bind, so the frozen copies stay eager
+        compile_network(model)  # after bind, so the frozen copies stay eager
     optimizer, scheduler = create_optimizer(cfg, model)
     train_batches = test_batches = None
     if data.on_device:

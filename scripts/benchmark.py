@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader
 
 from safetransfer.backbones import TransferNet
 from safetransfer.engine import autocast, fit, training_step
-from safetransfer.experiment import create_direction, create_loader, create_omega, create_optimizer, prepare_data
+from safetransfer.experiment import (compile_network, create_direction, create_loader, create_omega, create_optimizer,
+                                     prepare_data)
 from safetransfer.regularizers import BindContext
 from safetransfer.targets import TensorImages
 from safetransfer.targets.cache import DeviceAugment
@@ -46,8 +47,10 @@ from safetransfer.targets.imagefolder import ImageFolderTarget
 
 REGULARIZERS = ["l2", "l2sp", "knowdist", "delta", "l2_bss", "l2sp_bss", "delta_bss"]
 PROFILES = {  # what "small defaults on the CPU" and the papers' scale on a GPU mean
-    "cpu": dict(size=64, batch=16, steps=10, warmup=2, images=96, workers=2, backbones=["resnet18", "resnet50"]),
-    "cuda": dict(size=224, batch=48, steps=20, warmup=5, images=960, workers=8, backbones=["resnet18", "resnet50"]),
+    "cpu": dict(size=64, batch=16, steps=10, warmup=2, images=96, workers=2, attention_images=8,
+                backbones=["resnet18", "resnet50"]),
+    "cuda": dict(size=224, batch=48, steps=50, warmup=10, images=960, workers=8, attention_images=256,
+                 backbones=["resnet18", "resnet50"]),
 }
 CELL_ITERATIONS, CELL_SEEDS = 8000, 5
 
@@ -156,8 +159,21 @@ def reference_transform(resize: int, crop: int):
 
 # -- the project's step -------------------------------------------------------------------------
 
-def project_step(cfg, backbone: str, classes: int, device: torch.device, images, labels):
-    """A closure running the engine's training_step with the config's Omega and direction."""
+@dataclass
+class Pieces:
+    """What the engine's training_step takes, built as run_seed builds it."""
+    model: TransferNet
+    images: torch.Tensor
+    labels: torch.Tensor
+    omega: object
+    direction: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: list
+    precision: object
+
+
+def project_pieces(cfg, backbone: str, classes: int, device: torch.device, images, labels) -> Pieces:
     torch.manual_seed(0)
     model = TransferNet(backbone, classes).to(device)
     if cfg.runtime.channels_last and device.type == "cuda":  # as run_seed and fit do
@@ -170,26 +186,34 @@ def project_step(cfg, backbone: str, classes: int, device: torch.device, images,
     omega.bind(model, BindContext(device=device, train_data=TensorImages(images.cpu(), labels.cpu()),
                                   batch_size=len(images), cache_dir=None, identity={}))
     if cfg.runtime.compile:  # as run_seed does
-        model.compile()
+        compile_network(model)
     optimizer, scheduler = create_optimizer(cfg, model)
     params = [p for p in model.parameters() if p.requires_grad]
-    direction, precision = create_direction(cfg), autocast(device, cfg.train.precision)
+    return Pieces(model, images, labels, omega, create_direction(cfg), optimizer, scheduler, params,
+                  autocast(device, cfg.train.precision))
+
+
+def project_step(cfg, backbone: str, classes: int, device: torch.device, images, labels):
+    """A closure running the engine's training_step with the config's Omega and direction."""
+    p = project_pieces(cfg, backbone, classes, device, images, labels)
 
     def step():
-        training_step(model, images, labels, omega, direction, optimizer, params, precision)
-        scheduler.step()
+        training_step(p.model, p.images, p.labels, p.omega, p.direction, p.optimizer, p.params, p.precision)
+        p.scheduler.step()
 
     return step
 
 
 # -- images on disk ------------------------------------------------------------------------------
 
-def write_photos(root: Path, count: int, classes: int, width: int = 500, height: int = 375) -> None:
-    """Smooth random photos (JPEG sizes like real ones) in ImageFolder's layout, train/ and test/."""
+def write_photos(root: Path, count: int, classes: int, width: int = 500, height: int = 375,
+                 test_every: int = 8) -> None:
+    """Smooth random photos (JPEG sizes like real ones) in ImageFolder's layout, train/ and
+    test/ (every `test_every`-th photo of each class)."""
     rng = np.random.default_rng(0)
     for i in range(count):
         small = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
-        split = "test" if i % 8 == 7 else "train"
+        split = "test" if (i // classes) % test_every == test_every - 1 else "train"
         path = root / split / f"class_{i % classes:02d}" / f"{i:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(small).resize((width, height), Image.BILINEAR).save(path, quality=90)
@@ -242,6 +266,93 @@ def model_only(args, device, backbone: str) -> list[Result]:
     results.append(timed(lambda: torch.linalg.svdvals(features), args.steps * 5, args.warmup, args.batch, device,
                          f"{backbone} BSS svdvals alone"))
     return results
+
+
+FEATURE_TERMS = ("knowdist", "delta")  # the terms whose gradient needs a backward pass of its own
+
+
+def backward_passes(args, device, backbone: str) -> list[Result]:
+    """DTNH on a feature term against the least it can cost: it needs g_J and g_Omega apart,
+    so forward + two backward passes (g_J keeping the graph, then g_Omega) and an SGD step is
+    its bound; beside it forward + one backward (the sum's step) and one batched backward of
+    both at once (autograd.grad with is_grads_batched, a vmap over the backward pass)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.size, args.size, generator=generator).to(device)
+    labels = torch.randint(0, args.classes, (args.batch,), generator=generator).to(device)
+    results = []
+    for regularizer in [r for r in FEATURE_TERMS if r in args.regularizers]:
+        cfg = config(f"backbone={backbone}", f"regularizer={regularizer}", "direction=dtnh",
+                     f"train.precision={args.precision}")
+        p = project_pieces(cfg, backbone, args.classes, device, images, labels)
+
+        def forward():
+            with p.precision:
+                logits, features = p.model(p.images)
+                loss_J = F.cross_entropy(logits, p.labels)
+                values = p.omega.autograd_values(p.model, features)
+            return loss_J, torch.stack(list(values.values())).sum()
+
+        def step_along(g_J, g_Omega):
+            p.omega.add_closed_form_gradient(p.params, g_Omega)
+            for param, a, b in zip(p.params, g_J, g_Omega):
+                param.grad = a + b
+            p.optimizer.step()
+
+        def one_backward():
+            loss_J, omega = forward()
+            grads = torch.autograd.grad(loss_J + omega, p.params)
+            step_along(grads, [torch.zeros_like(g) for g in grads])
+
+        def two_backwards():
+            loss_J, omega = forward()
+            g_J = torch.autograd.grad(loss_J, p.params, retain_graph=True)
+            step_along(g_J, torch.autograd.grad(omega, p.params, allow_unused=True, materialize_grads=True))
+
+        def batched_backward():
+            loss_J, omega = forward()
+            both = torch.autograd.grad(torch.stack([loss_J, omega]), p.params,
+                                       grad_outputs=torch.eye(2, device=device), is_grads_batched=True,
+                                       allow_unused=True, materialize_grads=True)
+            step_along([g[0] for g in both], [g[1] for g in both])
+
+        def dtnh():
+            training_step(p.model, p.images, p.labels, p.omega, p.direction, p.optimizer, p.params, p.precision)
+
+        steps = {f"{backbone} {regularizer}: forward + one backward": one_backward,
+                 f"{backbone} {regularizer}: forward + two backwards (bound)": two_backwards,
+                 f"{backbone} {regularizer}: DTNH step (engine)": dtnh}
+        try:
+            batched_backward()
+            steps[f"{backbone} {regularizer}: forward + one batched backward (is_grads_batched)"] = batched_backward
+        except Exception as error:  # noqa: BLE001 (a vmap rule missing for an operator: reported, not timed)
+            results.append(Result(f"{backbone} {regularizer}: forward + one batched backward (is_grads_batched)",
+                                  0.0, None, 0.0, {"failed": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}))
+        results += compare(steps, args, args.batch, device)
+    return results
+
+
+def attention_time(args, device, backbone: str) -> list[Result]:
+    """DELTA's one-time channel attention (source head fit and every channel's ablation over
+    the training images), from a fresh network on random images; cached per cell after."""
+    cfg = config(f"backbone={backbone}", "regularizer=delta")
+    generator = torch.Generator().manual_seed(0)
+    count = args.attention_images
+    images = torch.randn(count, 3, args.size, args.size, generator=generator)
+    labels = torch.arange(count) % args.classes
+    torch.manual_seed(0)
+    model = TransferNet(backbone, args.classes).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    omega = create_omega(cfg)
+    omega.terms["delta"].settings["ablation_images"] = count
+    with peak_memory(device) as peak:
+        start = time.perf_counter()
+        omega.bind(model, BindContext(device=device, train_data=TensorImages(images, labels), batch_size=args.batch,
+                                      cache_dir=None, identity={}))
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    return [Result(f"{backbone} DELTA attention (one-time, {count} images)", count / seconds, None, peak.mib,
+                   {"seconds": f"{seconds:.1f}"})]
 
 
 def end_to_end(args, device, backbone: str, root: Path) -> list[Result]:
@@ -396,6 +507,22 @@ def report(args, device, results: list[Result]) -> str:
             svd, bss = find(results, f"{backbone} BSS svdvals alone"), find(results, f"{backbone} l2_bss sum")
             lines.append(f"- {backbone} BSS svdvals / L2+BSS step: {100 * svd.ms_per_step / bss.ms_per_step:.1f} % "
                          "(target on a GPU <= 5 %)")
+        for regularizer in [r for r in FEATURE_TERMS if r in args.regularizers]:
+            if not any(r.what.startswith(f"{backbone} {regularizer}: ") for r in results):
+                continue
+            one, two, engine = (find(results, f"{backbone} {regularizer}: {what}") for what in (
+                "forward + one backward", "forward + two backwards (bound)", "DTNH step (engine)"))
+            lines.append(f"- {backbone} {regularizer}: DTNH step / two-backward bound: "
+                         f"{engine.ms_per_step / two.ms_per_step:.3f} (target <= 1.10); two backwards / one: "
+                         f"{two.ms_per_step / one.ms_per_step:.3f}")
+            batched = find(results, f"{backbone} {regularizer}: forward + one batched backward (is_grads_batched)")
+            lines.append(f"- {backbone} {regularizer}: one batched backward (is_grads_batched) / two backwards: " + (
+                f"{batched.ms_per_step / two.ms_per_step:.3f}" if batched.ms_per_step else
+                f"not measured, it failed ({batched.notes['failed']})"))
+        attention = [r for r in results if r.what.startswith(f"{backbone} DELTA attention")]
+        if attention:
+            lines.append(f"- {backbone} DELTA attention, one-time per cell: {attention[0].notes['seconds']} s "
+                         f"({args.attention_images} images at {args.size} px)")
         step = find(results, f"{backbone} Fine-tuning step (fp32)").ms_per_step / 1000
         lines.append(f"- {backbone} projected wall time of one cell ({CELL_SEEDS} seeds x {CELL_ITERATIONS} steps, "
                      f"model-only Fine-tuning at these settings): {CELL_SEEDS * CELL_ITERATIONS * step / 3600:.2f} h")
@@ -430,14 +557,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for key, kind in (("size", int), ("batch", int), ("steps", int), ("warmup", int), ("images", int),
-                      ("workers", int)):
-        parser.add_argument(f"--{key}", type=kind, default=None, help="default: by device (see PROFILES)")
+                      ("workers", int), ("attention_images", int)):
+        parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None, help="default: by device (see PROFILES)")
     parser.add_argument("--backbones", nargs="*", default=None)
     parser.add_argument("--regularizers", nargs="*", default=REGULARIZERS)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["end_to_end", "pipeline", "regularizers"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["end_to_end", "pipeline", "regularizers", "backward", "attention"])
     parser.add_argument("--compile", action="store_true", help="also time the Fine-tuning step under torch.compile")
     import sys
 
@@ -458,14 +585,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         write_photos(root, args.images, args.classes)
+        def add(found: list[Result]) -> None:  # printed as measured: a run cut short keeps what it saw
+            results.extend(found)
+            for r in found:
+                print(f"{r.what}: {r.images_per_s:.1f} images/s, {r.ms_per_step or 0:.1f} ms/step, "
+                      f"{r.peak_mib:.0f} MiB {r.notes or ''}", flush=True)
+
         for backbone in args.backbones:
-            results += model_only(args, device, backbone)
+            add(model_only(args, device, backbone))
+            if "backward" not in args.skip:
+                add(backward_passes(args, device, backbone))
+            if "attention" not in args.skip and "delta" in args.regularizers:
+                add(attention_time(args, device, backbone))
             if "end_to_end" not in args.skip:
-                results += end_to_end(args, device, backbone, root)
-            print(f"{backbone}: done", flush=True)
+                add(end_to_end(args, device, backbone, root))
         if "pipeline" not in args.skip:
-            results += pipeline(args, device, root)
-        results += concurrent_seeds(args, device)
+            add(pipeline(args, device, root))
+        add(concurrent_seeds(args, device))
     text = report(args, device, results)
     print(text)
     write_section(args.out, device.type, text)

@@ -46,3 +46,101 @@ def test_the_gpu_lease_hands_out_a_real_device(tmp_path):
 
     with lease_device(torch.cuda.device_count(), tmp_path) as device:
         assert torch.zeros(1, device=device).device.type == "cuda"
+
+
+@pytest.fixture
+def no_tf32():
+    """Full fp32 on CUDA (cuDNN uses TF32 for convolutions by default), so that a CUDA step can be
+    compared with the CPU's to float32 rounding."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def one_step(cfg, device: torch.device, precision: str = "fp32", compile: bool = False):
+    """One DTNH step of a ResNet-18 on a fixed batch of 32 px images, from fixed weights: the
+    change of each weight, J, each term's value and the angles between d, g_J and g_Omega."""
+    from safetransfer.backbones import TransferNet
+    from safetransfer.engine import autocast, training_step
+    from safetransfer.experiment import compile_network, create_direction, create_omega, create_optimizer
+    from safetransfer.regularizers import BindContext
+    from safetransfer.targets import TensorImages
+
+    generator = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(6, 3, 32, 32, generator=generator), torch.tensor([0, 1, 2, 0, 1, 2])
+    torch.manual_seed(0)
+    model = TransferNet("resnet18", 3).to(device)
+    with torch.no_grad():  # move the weights off the source, so that L2-SP and the feature terms are not zero
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=generator).to(device))
+    omega = create_omega(cfg)
+    omega.bind(model, BindContext(device=device, train_data=TensorImages(images, labels), batch_size=6))
+    with torch.no_grad():  # bind copied the source: now step away from it
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=generator).to(device))
+    if compile:  # as run_seed does: after bind, so that the frozen source copies stay eager
+        compile_network(model)
+    optimizer, _ = create_optimizer(cfg, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    result = training_step(model, images.to(device), labels.to(device), omega, create_direction(cfg), optimizer,
+                           params, autocast(device, precision), record=True, angles=True)
+    return ([(p.detach() - b).cpu() for p, b in zip(params, before)], float(result.loss_J),
+            {k: float(v) for k, v in result.omega.items()}, {k: float(v) for k, v in result.angles.items()})
+
+
+SMALL_DELTA = ["regularizer.terms.delta.ablation_images=4", "regularizer.terms.delta.head_iterations=5"]
+
+
+@pytest.mark.parametrize("regularizer", ["l2sp", "knowdist", "delta", "l2sp_bss"])
+def test_a_dtnh_step_on_cuda_equals_the_same_step_on_the_cpu(compose_cfg, no_tf32, regularizer):
+    cfg = compose_cfg(f"regularizer={regularizer}", "direction=dtnh", *(SMALL_DELTA if regularizer == "delta" else []))
+    cpu, cuda = one_step(cfg, torch.device("cpu")), one_step(cfg, torch.device("cuda"))
+    for on_cpu, on_cuda in zip(cpu[0], cuda[0]):  # the weights' changes: lr times d, plus momentum's first step
+        torch.testing.assert_close(on_cuda, on_cpu, rtol=1e-3, atol=1e-7)
+    assert cuda[1] == pytest.approx(cpu[1], rel=1e-4)
+    assert cuda[2] == pytest.approx(cpu[2], rel=1e-3, abs=1e-6)
+    for name, angle in cpu[3].items():  # degrees (the conflict flag is 0 or 1)
+        assert cuda[3][name] == pytest.approx(angle, abs=0.05), name
+
+
+@pytest.mark.parametrize("regularizer", ["l2sp", "knowdist", "l2sp_bss"])
+def test_a_bf16_step_stays_close_to_fp32(compose_cfg, regularizer):
+    cfg = compose_cfg(f"regularizer={regularizer}", "direction=dtnh")
+    fp32, bf16 = one_step(cfg, torch.device("cuda")), one_step(cfg, torch.device("cuda"), "bf16")
+    assert bf16[1] == pytest.approx(fp32[1], rel=0.02)   # bf16 keeps 8 bits of mantissa: about 0.4 % per product
+    assert bf16[2] == pytest.approx(fp32[2], rel=0.05, abs=1e-5)
+    a, b = torch.cat([u.flatten() for u in fp32[0]]), torch.cat([u.flatten() for u in bf16[0]])
+    assert torch.isfinite(b).all()
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.98   # the same direction d
+    assert float(b.norm() / a.norm()) == pytest.approx(1.0, abs=0.05)
+
+
+def test_concurrent_seeds_share_the_gpu_and_each_writes_its_metrics(cli, tmp_path):
+    fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=6, test_per_class=2)
+    shrink = [o for o in TINY if not o.startswith(("target.", "runtime.device", "seeds"))]
+    result = cli(*shrink, "runtime.device=cuda", "seeds=[0,1,2]", "runtime.concurrent_seeds=true", "source=scratch",
+                 "target=cub200", f"target.root={tmp_path / 'data'}", "target.expected_classes=3",
+                 "target.expected_split=[18,6]", "train.batch_size=4", "regularizer=l2sp", "direction=dtnh",
+                 f"paths.cache_dir={tmp_path / 'cache'}", "results.dir=res", "hydra.run.dir=run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for seed in (0, 1, 2):
+        metrics = json.loads((tmp_path / "run" / f"seed_{seed}" / "metrics.json").read_text())
+        assert metrics["seed"] == seed and metrics["device"].startswith("cuda")
+    import csv
+
+    with open(tmp_path / "res" / "cub200.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert int(row["n_seeds"]) == 3
+
+
+@pytest.mark.parametrize("regularizer", ["l2sp", "knowdist"])
+def test_a_compiled_network_takes_the_same_dtnh_step(compose_cfg, no_tf32, regularizer):
+    """runtime.compile: DTNH's two backward passes through one graph (retain_graph) work on a
+    compiled network and change the weights as the eager step does."""
+    cfg = compose_cfg(f"regularizer={regularizer}", "direction=dtnh")
+    eager, compiled = one_step(cfg, torch.device("cuda")), one_step(cfg, torch.device("cuda"), compile=True)
+    for a, b in zip(eager[0], compiled[0]):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-7)
+    assert compiled[1] == pytest.approx(eager[1], rel=1e-4)
