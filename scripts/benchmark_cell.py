@@ -103,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cells", nargs="*", default=list(CELLS), choices=list(CELLS))
-    parser.add_argument("--probe", type=int, default=250, help="iterations per seed of each variant's job")
+    parser.add_argument("--probe", type=int, default=200, help="iterations per seed of each variant's job")
     parser.add_argument("--precisions", nargs="*", default=["bf16", "fp32"])
     parser.add_argument("--compile", action="store_true", help="also the fastest eager variant with runtime.compile=true")
     parser.add_argument("--full", action="store_true", help="also each cell at its full length, fastest variant")

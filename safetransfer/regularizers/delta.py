@@ -106,9 +106,9 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ite
              weight_decay: float = 1e-4) -> nn.Linear:
     """Multinomial logistic regression on fixed features (full batch, L-BFGS, deterministic)."""
     generator = torch.Generator().manual_seed(0)
-    head = nn.Linear(features.shape[1], num_classes).to(features.device)
+    head = nn.Linear(features.shape[1], num_classes).to(features.device, features.dtype)
     with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=generator).to(features.device) * 0.01)
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
         head.bias.zero_()
     optimizer = torch.optim.LBFGS(head.parameters(), max_iter=iterations, line_search_fn="strong_wolfe")
 
