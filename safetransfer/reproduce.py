@@ -102,13 +102,20 @@ def plan(table: str, overrides: list[str]) -> tuple[list[Job], DictConfig]:
     return jobs, base
 
 
-def benchmark_figures(path: Path) -> tuple[str, dict[str, float], float, int] | None:
-    """(device kind, ms per step by 'backbone regularizer direction', px, batch) of the
-    measured section of BENCHMARKS.md, the CUDA one when there is one."""
+#: the method each cell of scripts/benchmark_cell.py trains (BENCHMARKS.md, section cuda-cell)
+CELL_METHODS = {"dtnh": "resnet18 l2sp dtnh", "bss": "resnet50 l2_bss sum"}
+
+
+def benchmark_figures(path: Path) -> tuple[str, dict[str, float], float, int, dict] | None:
+    """(device kind, ms per step by 'backbone regularizer direction', px, batch, cell factors)
+    of the measured section of BENCHMARKS.md, the CUDA one when there is one. The cell factors,
+    {(backbone, concurrent seeds): factor}, come from the cuda-cell section: a whole job's
+    seconds per seed and iteration, end to end (start, data, evaluation, and the seeds one after
+    another or concurrently), over the model-only step time of the same method."""
     if not path.exists():
         return None
     text = path.read_text()
-    sections = re.split(r"<!-- (\w+) -->", text)[1:]
+    sections = re.split(r"<!-- ([\w-]+) -->", text)[1:]
     found = dict(zip(sections[::2], sections[1::2]))
     for kind in ("cuda", "cpu"):
         if kind in found:
@@ -117,25 +124,38 @@ def benchmark_figures(path: Path) -> tuple[str, dict[str, float], float, int] | 
             rows = {m.group(1).strip(): float(m.group(2)) for m in
                     re.finditer(r"^\| (resnet\d+ \w+ \w+) \| [\d.]+ \| ([\d.]+) \|", body, re.MULTILINE)}
             if settings and rows:
-                return kind, rows, float(settings.group(1)), int(settings.group(2))
+                factors = {}
+                for m in re.finditer(r"^- (\w+), (seeds one after another|concurrent seeds): .*cell-seconds per "
+                                     r"iteration ([\d.]+)", found.get(f"{kind}-cell", ""), re.MULTILINE):
+                    method = CELL_METHODS.get(m.group(1))
+                    if method in rows:
+                        factors[(method.split()[0], m.group(2) == "concurrent seeds")] = \
+                            1000 * float(m.group(3)) / rows[method]
+                return kind, rows, float(settings.group(1)), int(settings.group(2)), factors
     return None
 
 
-def job_hours(job: Job, figures) -> float | None:
-    kind, rows, px, batch = figures
+def job_hours(job: Job, figures, concurrent: bool = False) -> float | None:
+    """Model-only step time scaled to the job's pixels and batch, times the measured cell's
+    end-to-end factor for the job's backbone and way of running seeds, when there is one."""
+    kind, rows, px, batch = figures[:4]
     ms = rows.get(f"{job.backbone} {job.regularizer} {job.direction}")
     if ms is None:
         return None
     scale = (job.crop / px) ** 2 * (job.batch / batch)  # pixels and images per step
-    return ms * scale * job.iterations * job.seeds / 3.6e6
+    concurrent = concurrent and job.seeds > 1  # a single seed runs alone (runtime.concurrent_seeds)
+    factors = figures[4] if len(figures) > 4 else {}
+    # no measured cell for concurrent seeds: the sequential one (the slower), else model steps only
+    factor = factors.get((job.backbone, concurrent), factors.get((job.backbone, False), 1.0))
+    return ms * scale * factor * job.iterations * job.seeds / 3.6e6
 
 
-def print_plan(table: str, jobs: list[Job], figures) -> None:
+def print_plan(table: str, jobs: list[Job], figures, concurrent: bool = False) -> None:
     hours = {"search": 0.0, "final": 0.0}
     unknown = 0
     print(f"{table}: every job of both stages (cells x settings; seeds x iterations each)")
     for job in jobs:
-        h = job_hours(job, figures) if figures else None
+        h = job_hours(job, figures, concurrent) if figures else None
         if h is None:
             unknown += 1
         else:
@@ -148,13 +168,20 @@ def print_plan(table: str, jobs: list[Job], figures) -> None:
     counts = {stage: sum(j.stage == stage for j in jobs) for stage in hours}
     print(f"{counts['search']} search jobs, {counts['final']} final jobs, {len(jobs)} in all")
     if figures:
-        kind, _, px, batch = figures
-        source = ("measured on a GPU" if kind == "cuda" else
-                  f"a CPU projection: BENCHMARKS.md has no GPU figures yet, so its CPU step times ({px:g} px, batch "
-                  f"{batch}) are scaled by pixels and batch size; a GPU is far faster")
+        kind, _, px, batch, factors = figures
+        mode = "concurrent seeds" if concurrent else "seeds one after another"
+        used = {b: (f, m) for (b, c), f in factors.items() for m in [mode if c else "seeds one after another"]
+                if c == concurrent or (b, concurrent) not in factors}
+        if kind == "cuda" and used:
+            source = ("measured on a GPU: model-only step times x the end-to-end factor of a measured cell, " +
+                      ", ".join(f"{b} {f:.2f} ({m})" for b, (f, m) in sorted(used.items())) + "; BENCHMARKS.md")
+        elif kind == "cuda":
+            source = f"measured on a GPU; model steps only (no measured cell for {mode})"
+        else:
+            source = (f"a CPU projection: BENCHMARKS.md has no GPU figures yet, so its CPU step times ({px:g} px, "
+                      f"batch {batch}) are scaled by pixels and batch size; a GPU is far faster; model steps only")
         print(f"projected hours: search {hours['search']:.1f} h, final {hours['final']:.1f} h, "
-              f"total {sum(hours.values()):.1f} h ({source}; model steps only)"
-              + (f"; {unknown} jobs have no figure" if unknown else ""))
+              f"total {sum(hours.values()):.1f} h ({source})" + (f"; {unknown} jobs have no figure" if unknown else ""))
     else:
         print("projected hours: no BENCHMARKS.md found (run python scripts/benchmark.py)")
 
@@ -227,11 +254,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)
     try:
         if args.plan:
-            jobs, _ = plan(args.table, args.overrides)
+            jobs, base = plan(args.table, args.overrides)
             candidates = [args.benchmarks] if args.benchmarks else [
                 Path(__file__).resolve().parents[1] / "BENCHMARKS.md", Path("BENCHMARKS.md")]
             figures = next((f for f in map(benchmark_figures, candidates) if f), None)
-            print_plan(args.table, jobs, figures)
+            print_plan(args.table, jobs, figures, bool(base.runtime.concurrent_seeds))
             return
         reproduce(args.table, args.overrides, args.dir or Path("multirun") / args.table)
     except ConfigError as error:

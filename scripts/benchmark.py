@@ -541,11 +541,11 @@ def report(args, device, results: list[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, kind: str, text: str) -> None:
+def write_section(path: Path, kind: str, text: str, title: str | None = None) -> None:
     """Replace this device kind's section of BENCHMARKS.md, keeping the others."""
     begin, end = f"<!-- {kind} -->", f"<!-- /{kind} -->"
     old = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `python scripts/benchmark.py`.\n"
-    block = f"{begin}\n## {kind.upper()}\n\n{text}{end}"
+    block = f"{begin}\n## {title or kind.upper()}\n\n{text}{end}"
     if begin in old:
         new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
     else:

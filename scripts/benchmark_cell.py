@@ -99,12 +99,47 @@ def projected(result: dict, variant: Variant, length: int) -> float:
     return result["wall_s"] + more * (slopes.max() if variant.concurrent else slopes.sum())
 
 
+def parse_variant(text: str) -> Variant:
+    """'bf16:s' (seeds one after another), 'fp32:c' (concurrent), 'bf16:c:compiled'."""
+    precision, mode, *rest = text.split(":")
+    return Variant(precision, mode == "c", rest == ["compiled"])
+
+
+def record(cell: str, variant: Variant, result: dict, full: bool = False) -> dict:
+    length = CELLS[cell]["iterations"]
+    return {"cell": cell, "variant": variant.name, "precision": variant.precision, "concurrent": variant.concurrent,
+            "compiled": variant.compiled, **result, "length": length, "full": full,
+            "projected_s": result["wall_s"] if full else projected(result, variant, length)}
+
+
+def report(records: list[dict], header: list[str]) -> str:
+    lines = [*header, "", "| cell | variant | iterations per seed (run) | job wall time (s) | ms per iteration (per seed) "
+             "| projected 5-seed cell (min) |", "|---|---|---:|---:|---|---:|"]
+    for r in records:
+        label = {"dtnh": "DTNH: ResNet-18, DTNH (L2-SP), 8,000 it", "bss": "BSS: ResNet-50, L2+BSS, 9,000 it"}[r["cell"]]
+        slopes = ", ".join(f"{s:.1f}" for s in r["ms_per_iteration"])
+        projection = f"{r['projected_s'] / 60:.1f}" + (" (measured, full length)" if r.get("full") else "")
+        lines.append(f"| {label} | {r['variant']} | {r['iterations']} | {r['wall_s']:.0f} | {slopes} | {projection} |")
+    lines += ["", "Fastest per cell and way of running the seeds (projected; cell-seconds per iteration = projected "
+                  "wall time / (seeds x length), which `safetransfer-reproduce --plan` reads):", ""]
+    for cell in CELLS:
+        for concurrent, mode in ((False, "seeds one after another"), (True, "concurrent seeds")):
+            mine = [r for r in records if r["cell"] == cell and not r.get("full") and r["concurrent"] == concurrent]
+            if mine:
+                best = min(mine, key=lambda r: r["projected_s"])
+                fastest = best["precision"] + (", compiled" if best["compiled"] else "")
+                lines.append(f"- {cell}, {mode}: fastest {fastest}: {best['projected_s'] / 60:.1f} min; "
+                             f"cell-seconds per iteration {best['projected_s'] / (SEEDS * best['length']):.4f}")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cells", nargs="*", default=list(CELLS), choices=list(CELLS))
     parser.add_argument("--probe", type=int, default=200, help="iterations per seed of each variant's job")
-    parser.add_argument("--precisions", nargs="*", default=["bf16", "fp32"])
+    parser.add_argument("--variants", nargs="*", default=["bf16:s", "bf16:c", "fp32:s", "fp32:c"],
+                        help="precision:s (seeds one after another) or precision:c (concurrent), :compiled to compile")
     parser.add_argument("--compile", action="store_true", help="also the fastest eager variant with runtime.compile=true")
     parser.add_argument("--full", action="store_true", help="also each cell at its full length, fastest variant")
     parser.add_argument("--classes", type=int, default=50)
@@ -114,11 +149,33 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=50, help="log.csv rows (angles every second row)")
     parser.add_argument("--size", type=int, default=224, help="the crop (resize: 8/7 of it)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
-    parser.add_argument("--json", type=Path, help="also write every measurement here")
+    parser.add_argument("--json", type=Path, help="write every measurement here as it is made")
+    parser.add_argument("--report", nargs="*", type=Path, help="only write the section from these --json files "
+                                                              "(runs split over several sessions), the first one's machine")
     args = parser.parse_args()
     device = torch.device(args.device)
+    data = (f"Data: generated photos (500x375 JPEG), {args.classes} classes x {args.train_per_class} training and "
+            f"{args.test_per_class} test images, decoded once into the cache before timing; crop {args.size} px, "
+            f"batch 48, {SEEDS} seeds, {args.workers} loader workers per process.")
+    command = "python scripts/benchmark_cell.py " + " ".join(sys.argv[1:])
+    if args.report:  # the machine and command of each file; the data settings are the defaults above
+        files = [json.loads(path.read_text()) for path in args.report]
+        header = [files[0]["machine"], data, *(f"Command: `{f['command']}`" for f in files)]
+        text = report([r for f in files for r in f["records"]], header)
+        print(text)
+        write_section(args.out, "cuda-cell" if "NVIDIA" in files[0]["machine"] else "cpu-cell", text,
+                      "One paper cell, end to end (CUDA)")
+        return
+    header = [f"Machine: {machine(device)}.", data, f"Command: `{command}`"]
 
-    lines, records = [], []
+    records = []
+
+    def keep(entry: dict) -> None:
+        records.append(entry)
+        print(entry, flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"machine": header[0], "command": command, "records": records}, indent=1))
+
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "photos"
         per_class = args.train_per_class + args.test_per_class
@@ -130,54 +187,21 @@ def main() -> None:
             start = time.perf_counter()  # the decoded-image cache, once (a real sweep's first job builds it)
             job(cell, Variant("fp32", False), 1, root, Path(folder) / "warm", args, seeds=1)
             print(f"{cell}: cache and first start {time.perf_counter() - start:.0f} s", flush=True)
-            length = CELLS[cell]["iterations"]
-            variants = [Variant(p, c) for p in args.precisions for c in (False, True)]
-            results = {}
+            variants = [parse_variant(v) for v in args.variants]
             for variant in variants:
-                results[variant.name] = job(cell, variant, args.probe, root, Path(folder) / "runs", args)
-                print(f"{cell} {variant.name}: {results[variant.name]}", flush=True)
-            fastest = min(variants, key=lambda v: projected(results[v.name], v, length))
+                keep(record(cell, variant, job(cell, variant, args.probe, root, Path(folder) / "runs", args)))
+            mine = [r for r in records if r["cell"] == cell]
+            fastest = min(variants, key=lambda v: next(r["projected_s"] for r in mine if r["variant"] == v.name))
             if args.compile:
                 variant = Variant(fastest.precision, fastest.concurrent, compiled=True)
-                variants.append(variant)
-                results[variant.name] = job(cell, variant, args.probe, root, Path(folder) / "runs", args)
-                print(f"{cell} {variant.name}: {results[variant.name]}", flush=True)
-            for variant in variants:
-                r = results[variant.name]
-                records.append({"cell": cell, "variant": variant.name, "precision": variant.precision,
-                                "concurrent": variant.concurrent, "compiled": variant.compiled, **r,
-                                "projected_s": projected(r, variant, length), "length": length})
+                keep(record(cell, variant, job(cell, variant, args.probe, root, Path(folder) / "runs", args)))
             if args.full:
-                r = job(cell, fastest, length, root, Path(folder) / "full", args)
-                print(f"{cell} full length, {fastest.name}: {r}", flush=True)
-                records.append({"cell": cell, "variant": fastest.name, "precision": fastest.precision,
-                                "concurrent": fastest.concurrent, "compiled": False, **r, "projected_s": r["wall_s"],
-                                "length": length, "full": True})
+                length = CELLS[cell]["iterations"]
+                keep(record(cell, fastest, job(cell, fastest, length, root, Path(folder) / "full", args), full=True))
 
-    lines = [f"Machine: {machine(device)}.",
-             f"Data: generated photos (500x375 JPEG), {args.classes} classes x {args.train_per_class} training and "
-             f"{args.test_per_class} test images, decoded once into the cache before timing; crop {args.size} px, "
-             f"batch 48, {SEEDS} seeds, {args.workers} loader workers per process.",
-             "Command: `python scripts/benchmark_cell.py " + " ".join(sys.argv[1:]) + "`", "",
-             "| cell | variant | iterations per seed (run) | job wall time (s) | ms per iteration (per seed) "
-             "| projected 5-seed cell (min) |", "|---|---|---:|---:|---|---:|"]
-    for r in records:
-        label = {"dtnh": "DTNH: ResNet-18, DTNH (L2-SP), 8,000 it", "bss": "BSS: ResNet-50, L2+BSS, 9,000 it"}[r["cell"]]
-        slopes = ", ".join(f"{s:.1f}" for s in r["ms_per_iteration"])
-        projection = f"{r['projected_s'] / 60:.1f}" + (" (measured, full length)" if r.get("full") else "")
-        lines.append(f"| {label} | {r['variant']} | {r['iterations']} | {r['wall_s']:.0f} | {slopes} | {projection} |")
-    lines += ["", "Fastest per cell (projected; cell-seconds per iteration = projected wall / (seeds x length), "
-                  "which `safetransfer-reproduce --plan` reads):", ""]
-    for cell in args.cells:
-        mine = [r for r in records if r["cell"] == cell and not r.get("full")]
-        best = min(mine, key=lambda r: r["projected_s"])
-        lines.append(f"- {cell}: {best['variant']}: {best['projected_s'] / 60:.1f} min; "
-                     f"cell-seconds per iteration {best['projected_s'] / (SEEDS * best['length']):.4f}")
-    text = "\n".join(lines) + "\n"
+    text = report(records, header)
     print(text)
-    write_section(args.out, f"{device.type}-cell", text)
-    if args.json:
-        args.json.write_text(json.dumps(records, indent=1))
+    write_section(args.out, f"{device.type}-cell", text, f"One paper cell, end to end ({device.type.upper()})")
     print(f"written to {args.out}")
 
 

@@ -69,6 +69,21 @@ def test_plan_lists_every_job_of_both_stages(tmp_path):
     # 100 ms at 64 px, batch 16 -> x (224/64)^2 x 3 at 224 px, batch 48; 5 seeds x 8000 iterations
     assert job_hours(job, figures) == pytest.approx(0.1 * (224 / 64) ** 2 * 3 * 8000 * 5 / 3600)
 
+    # a measured cell (scripts/benchmark_cell.py): its end-to-end seconds per seed and iteration over the
+    # model-only step of its method scale every job of that backbone, by the way the seeds run
+    benchmarks.write_text("<!-- cuda -->\n## CUDA\nSettings: 224 px, batch 48, ...\n\n| measurement | images/s | ms/step |\n"
+                          "|---|---:|---:|\n| resnet18 l2sp sum | 90.0 | 10.0 | 1 |  |\n"
+                          "| resnet18 l2sp dtnh | 90.0 | 12.5 | 1 |  |\n<!-- /cuda -->\n<!-- cuda-cell -->\n"
+                          "- dtnh, seeds one after another: fastest bf16: 12.3 min; cell-seconds per iteration 0.0250\n"
+                          "- dtnh, concurrent seeds: fastest bf16: 5.4 min; cell-seconds per iteration 0.0100\n"
+                          "<!-- /cuda-cell -->\n")
+    figures = benchmark_figures(benchmarks)
+    assert figures[4] == {("resnet18", False): pytest.approx(2.0), ("resnet18", True): pytest.approx(0.8)}
+    assert job_hours(job, figures) == pytest.approx(0.010 * 2.0 * 8000 * 5 / 3600)
+    assert job_hours(job, figures, concurrent=True) == pytest.approx(0.010 * 0.8 * 8000 * 5 / 3600)
+    searched = next(j for j in only if j.stage == "search")  # one seed: it runs alone even when seeds run concurrently
+    assert job_hours(searched, figures, concurrent=True) == job_hours(searched, figures)
+
 
 def test_plan_command_names_a_cpu_projection(capsys):
     from safetransfer.reproduce import main
