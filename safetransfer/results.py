@@ -25,6 +25,8 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+from safetransfer.paired import paired, paired_text, reference_column
+
 log = logging.getLogger(__name__)
 
 #: config sections that change how a job runs or where it writes, never its numbers
@@ -32,6 +34,8 @@ NOT_IN_KEY = ("seeds", "runtime", "results", "paths", "hydra", "logger", "search
 
 ROW_COLUMNS = ["backbone", "source", "target", "sampling_rate", "method", "mean", "std", "n_seeds",
                "accuracies", "seeds", "failed", "overrides", "key", "run_dir", "updated"]
+#: derived from the rows each time the table is written: each row against its reference row
+PAIRED_COLUMNS = ["reference", "paired_n", "paired_diff", "paired_low", "paired_high"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -117,8 +121,46 @@ def write_row(results_dir: Path, table: str, row: dict) -> pd.DataFrame:
         frame = pd.concat([frame, pd.DataFrame([row], columns=ROW_COLUMNS)], ignore_index=True)
         frame = frame.sort_values(["backbone", "source", "target", "sampling_rate", "method", "overrides"],
                                   kind="stable", ignore_index=True)
+        frame = with_paired(frame[ROW_COLUMNS])
         atomic_write_text(csv_path, frame.to_csv(index=False))
         atomic_write_text(md_path, to_markdown(frame))
+    return frame
+
+
+def per_seed(row) -> dict[int, float]:
+    """{seed: top-1} of a row (its `seeds` and `accuracies`, both ';'-separated)."""
+    if not isinstance(row["seeds"], str) or not row["seeds"]:
+        return {}
+    return dict(zip(map(int, row["seeds"].split(";")), map(float, str(row["accuracies"]).split(";"))))
+
+
+def _other_settings(row) -> str:
+    """The row's overrides without the method and the regularizer/direction/source it sets."""
+    keys = ("method=", "regularizer=", "direction=", "source=")
+    return " ".join(o for o in str(row["overrides"] or "").split() if not o.startswith(keys))
+
+
+def with_paired(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each row against its reference row (tables' rule: L2-SP for DTNH (L2-SP), L2-SP for
+    L2-SP+BSS, Fine-tuning for the rest) with the same backbone, target, sampling rate and
+    other settings: the mean difference of top-1 over the common seeds and its 95 % t
+    interval. No reference, or more than one, leaves the columns empty."""
+    frame = frame.copy()
+    values = {c: [] for c in PAIRED_COLUMNS}
+    for _, row in frame.iterrows():
+        group = frame[(frame["backbone"] == row["backbone"]) & (frame["target"] == row["target"])
+                      & (frame["sampling_rate"] == row["sampling_rate"])]
+        group = group[[_other_settings(r) == _other_settings(row) for _, r in group.iterrows()]]
+        reference = reference_column(row["method"], list(group["method"]))
+        candidates = group[group["method"] == reference] if reference else group.iloc[0:0]
+        if len(candidates) == 1:
+            n, diff, low, high = paired(per_seed(row), per_seed(candidates.iloc[0]))
+        else:
+            reference, (n, diff, low, high) = "", (0, float("nan"), float("nan"), float("nan"))
+        for column, value in zip(PAIRED_COLUMNS, (reference, n, diff, low, high)):
+            values[column].append(value)
+    for column, value in values.items():
+        frame[column] = value
     return frame
 
 
@@ -141,4 +183,17 @@ def to_markdown(frame: pd.DataFrame) -> str:
         "per seed": frame["accuracies"].str.replace(";", ", "),
         "overrides": frame["overrides"].fillna(""),
     })
-    return shown.to_markdown(index=False, disable_numparse=True) + "\n"
+    text = shown.to_markdown(index=False, disable_numparse=True) + "\n"
+    compared = frame[frame["reference"].fillna("") != ""] if "reference" in frame else frame.iloc[0:0]
+    if len(compared):
+        second = pd.DataFrame({
+            "target": compared["target"], "sampling (%)": compared["sampling_rate"].map(lambda r: f"{float(r):g}"),
+            "method": compared["method"], "reference": compared["reference"],
+            "ours − reference, 95 % interval (seeds)": [paired_text(int(r.paired_n), r.paired_diff, r.paired_low,
+                                                                     r.paired_high) for r in compared.itertuples()],
+        })
+        text += ("\nPaired differences (seeds are shared across methods: same seed, sampled subset and data order): "
+                 "mean of the row − its reference row over the common seeds, its 95 % t interval and the number of "
+                 "seeds; * when the interval excludes zero.\n\n" + second.to_markdown(index=False, disable_numparse=True)
+                 + "\n")
+    return text

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -28,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.errors import ConfigError
 from safetransfer.experiment import method_name
+from safetransfer.paired import paired, paired_text, reference_column
 from safetransfer.results import NOT_IN_KEY, atomic_write_text, config_key, summarize
 
 CELL = ["backbone", "source", "target", "sampling_rate", "method"]
@@ -141,34 +141,6 @@ def within_spread(diff: float, std: float, published_std: float) -> bool | None:
     return bool(abs(diff) <= math.hypot(std, published_std))
 
 
-def reference_column(method: str, methods: Sequence[str]) -> str | None:
-    """The column a method is compared with, seed by seed: the regularizer without DTNH for
-    a DTNH column, the method without BSS for a +BSS column, Fine-tuning (the BSS paper's
-    L2) for the rest; a `[source]` suffix is kept."""
-    base, bracket, suffix = method.partition(" [")
-    suffix = bracket + suffix
-    if base.startswith("DTNH (") and base.endswith(")"):
-        candidates = [base[len("DTNH ("):-1]]
-    elif base.endswith("+BSS"):
-        candidates = [base[:-len("+BSS")]]
-    else:
-        candidates = ["Fine-tuning", "L2"]
-    return next((c + suffix for c in candidates if c + suffix in methods and c + suffix != method), None)
-
-
-def paired(ours: dict[int, float], reference: dict[int, float]) -> tuple[int, float, float, float]:
-    """(common seeds, mean of ours - reference over them, its 95 % t interval); NaN below two seeds."""
-    from scipy import stats
-
-    common = sorted(set(ours) & set(reference))
-    if len(common) < 2:
-        return len(common), math.nan, math.nan, math.nan
-    differences = [ours[s] - reference[s] for s in common]
-    mean = statistics.fmean(differences)
-    half = stats.t.ppf(0.975, len(common) - 1) * statistics.stdev(differences) / math.sqrt(len(common))
-    return len(common), mean, mean - half, mean + half
-
-
 def assemble(cells: pd.DataFrame, published: pd.DataFrame | None = None, methods: Sequence[str] | None = None,
              targets: Sequence[str] | None = None) -> pd.DataFrame:
     """The paper layout as numbers: rows = (target, sampling rate), columns = (method, quantity).
@@ -269,14 +241,6 @@ def to_markdown(table: pd.DataFrame, published: str | None = None, notes: Sequen
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
-
-
-def paired_text(n: int, difference: float, low: float, high: float) -> str:
-    """'+1.20 [+0.35, +2.05] (5) *': * when the 95 % interval excludes zero."""
-    if n < 2:
-        return f"{n} common seed{'s' if n != 1 else ''}: no interval"
-    mark = " *" if low > 0 or high < 0 else ""
-    return f"{difference:+.2f} [{low:+.2f}, {high:+.2f}] ({n}){mark}"
 
 
 def paired_markdown(table: pd.DataFrame) -> list[str]:

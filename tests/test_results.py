@@ -92,4 +92,48 @@ def test_config_key_ignores_seeds_and_runtime(compose_cfg):
 def test_table_columns_round_trip(tmp_path):
     write_row(tmp_path, "t", row("a"))
     frame = pd.read_csv(tmp_path / "t.csv")
-    assert list(frame.columns) == results.ROW_COLUMNS
+    assert list(frame.columns) == results.ROW_COLUMNS + results.PAIRED_COLUMNS
+
+
+def test_each_job_row_is_compared_with_its_reference_row_seed_by_seed(tmp_path):
+    """The per-job table: DTNH (L2-SP) against L2-SP and L2-SP against Fine-tuning over the
+    seeds both have (unequal seed sets), checked against scipy's paired t-test; a row of
+    another sampling rate is not a reference; one common seed gives no interval."""
+    from scipy import stats
+
+    def job(key, method, seeds, accuracies, rate=30, overrides=""):
+        return make_row(backbone="resnet18", source="demo", target="demo", sampling_rate=rate, method=method,
+                        seeds=seeds, accuracies=accuracies, overrides=overrides, key=key, run_dir="/tmp/run")
+
+    write_row(tmp_path, "t", job("a", "Fine-tuning", [0, 1, 2, 3, 4], [80.0, 82.5, 79.0, 81.0, 80.5],
+                                 overrides="method=fine_tuning"))
+    write_row(tmp_path, "t", job("b", "L2-SP", [0, 1, 2, 3], [76.0, 79.5, 77.0, 76.5], overrides="method=l2sp"))
+    write_row(tmp_path, "t", job("c", "DTNH (L2-SP)", [1, 2, 3, 4, 5], [81.0, 80.0, 79.5, 82.0, 70.0],
+                                 overrides="method=dtnh_l2sp"))
+    write_row(tmp_path, "t", job("d", "L2-SP", [0, 1], [60.0, 61.0], rate=100, overrides="method=l2sp"))
+    write_row(tmp_path, "t", job("e", "DTNH (L2-SP)", [1, 7], [62.0, 63.0], rate=100, overrides="method=dtnh_l2sp"))
+    frame = read_table(tmp_path, "t").set_index("key")
+
+    def expect(ours, reference):
+        common = sorted(set(ours) & set(reference))
+        d = np.array([ours[s] - reference[s] for s in common])
+        test = stats.ttest_rel([ours[s] for s in common], [reference[s] for s in common])
+        low, high = test.confidence_interval(0.95)
+        return len(common), d.mean(), low, high
+
+    fine, l2sp, dtnh = ({s: a for s, a in zip(seeds, accs)} for seeds, accs in (
+        ([0, 1, 2, 3, 4], [80.0, 82.5, 79.0, 81.0, 80.5]), ([0, 1, 2, 3], [76.0, 79.5, 77.0, 76.5]),
+        ([1, 2, 3, 4, 5], [81.0, 80.0, 79.5, 82.0, 70.0])))
+    for key, reference, ours, theirs in (("b", "Fine-tuning", l2sp, fine), ("c", "L2-SP", dtnh, l2sp)):
+        n, mean, low, high = expect(ours, theirs)
+        row = frame.loc[key]
+        assert row["reference"] == reference and row["paired_n"] == n
+        assert row["paired_diff"] == pytest.approx(mean) and row["paired_low"] == pytest.approx(low)
+        assert row["paired_high"] == pytest.approx(high)
+    assert frame.loc["a", "reference"] == "" or pd.isna(frame.loc["a", "reference"])   # Fine-tuning: no reference
+    assert frame.loc["e", "reference"] == "L2-SP" and frame.loc["e", "paired_n"] == 1  # the rate-100 L2-SP only
+    assert np.isnan(frame.loc["e", "paired_diff"])
+    markdown = (tmp_path / "t.md").read_text()
+    assert "1 common seed: no interval" in markdown
+    n, mean, low, high = expect(l2sp, fine)
+    assert f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] ({n}) *" in markdown   # L2-SP is below Fine-tuning on every seed

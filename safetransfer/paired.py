@@ -1,0 +1,45 @@
+"""Paired comparisons of methods: seeds are shared across methods (same seed, same sampled
+subset, same data order), so a method is compared with its reference seed by seed.
+Used by the per-job tables (results.py) and the paper-layout tables (tables.py)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+
+def reference_column(method: str, methods: Sequence[str]) -> str | None:
+    """The column a method is compared with, seed by seed: the regularizer without DTNH for
+    a DTNH column, the method without BSS for a +BSS column, Fine-tuning (the BSS paper's
+    L2) for the rest; a `[source]` suffix is kept."""
+    base, bracket, suffix = method.partition(" [")
+    suffix = bracket + suffix
+    if base.startswith("DTNH (") and base.endswith(")"):
+        candidates = [base[len("DTNH ("):-1]]
+    elif base.endswith("+BSS"):
+        candidates = [base[:-len("+BSS")]]
+    else:
+        candidates = ["Fine-tuning", "L2"]
+    return next((c + suffix for c in candidates if c + suffix in methods and c + suffix != method), None)
+
+
+def paired(ours: dict[int, float], reference: dict[int, float]) -> tuple[int, float, float, float]:
+    """(common seeds, mean of ours - reference over them, its 95 % t interval); NaN below two seeds."""
+    from scipy import stats
+
+    common = sorted(set(ours) & set(reference))
+    if len(common) < 2:
+        return len(common), math.nan, math.nan, math.nan
+    differences = [ours[s] - reference[s] for s in common]
+    mean = statistics.fmean(differences)
+    half = stats.t.ppf(0.975, len(common) - 1) * statistics.stdev(differences) / math.sqrt(len(common))
+    return len(common), mean, mean - half, mean + half
+
+
+def paired_text(n: int, difference: float, low: float, high: float) -> str:
+    """'+1.20 [+0.35, +2.05] (5) *': * when the 95 % interval excludes zero."""
+    if n < 2:
+        return f"{n} common seed{'s' if n != 1 else ''}: no interval"
+    mark = " *" if low > 0 or high < 0 else ""
+    return f"{difference:+.2f} [{low:+.2f}, {high:+.2f}] ({n}){mark}"
