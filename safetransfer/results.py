@@ -38,12 +38,22 @@ ROW_COLUMNS = ["backbone", "source", "target", "sampling_rate", "method", "mean"
 PAIRED_COLUMNS = ["reference", "paired_n", "paired_diff", "paired_low", "paired_high"]
 
 
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    """Write to a temporary file beside `path`, then rename: readers never see half a file.
+    The file gets the mode a plain open() gives (0666 less the umask), not mkstemp's 0600,
+    so that results on a shared disk are readable by whoever the umask lets read them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -137,3 +137,24 @@ def test_each_job_row_is_compared_with_its_reference_row_seed_by_seed(tmp_path):
     assert "1 common seed: no interval" in markdown
     n, mean, low, high = expect(l2sp, fine)
     assert f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] ({n}) *" in markdown   # L2-SP is below Fine-tuning on every seed
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
+    """mkstemp creates 0600 whatever the umask; results on a shared disk must be readable as
+    the umask allows (metrics.json, tables, job.json and checkpoints go through this)."""
+    from safetransfer.results import atomic_torch_save, atomic_write_json
+
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as handle:
+            handle.write("x")
+        atomic_write_json(tmp_path / "metrics.json", {"top1": 1.0})
+        atomic_torch_save({"w": 1}, tmp_path / "checkpoint.pt")
+        write_row(tmp_path, "t", row("a"))
+    finally:
+        os.umask(old)
+    expected = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for name in ("metrics.json", "checkpoint.pt", "t.csv", "t.md"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
