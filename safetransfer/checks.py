@@ -160,10 +160,17 @@ def check_writable(directory: Path, key: str) -> None:
                           f"choose a directory you can write to, e.g. {key}={Path.home() / 'safetransfer-results'}") from None
 
 
+def check_classes(target: str, count: int) -> None:
+    """A classifier needs two classes: with one, every prediction is right whatever was learnt."""
+    if count < 2:
+        raise ConfigError(f"target={target} has {count} class{'' if count == 1 else 'es'}; a classifier needs at least 2 "
+                          "(with one, top-1 is 100 % whatever it learns): give the dataset two or more classes")
+
+
 def check_training_set(size: int, batch_size: int) -> None:
     if size < batch_size:
         raise ConfigError(f"the sampled training set has {size} images, fewer than train.batch_size={batch_size}; "
                           "lower train.batch_size or raise target.sampling_rate")
 
 
-__all__ = ["ConfigError", "check_config", "check_training_set", "check_writable"]
+__all__ = ["ConfigError", "check_classes", "check_config", "check_training_set", "check_writable"]

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from safetransfer.backbones import TransferNet
-from safetransfer.checks import check_config, check_training_set
+from safetransfer.checks import check_classes, check_config, check_training_set
 from safetransfer.directions import Direction
 from safetransfer.engine import Evaluator, NonFiniteError, evaluate, fit, resolve_device, test_forward
 from safetransfer.regularizers import BindContext, Omega
@@ -356,6 +356,7 @@ def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dic
 def _run_job(cfg: DictConfig, run_dir: Path, overrides: str) -> dict:
     target: Target = instantiate(cfg.target)
     target.check()
+    check_classes(cfg.target.name, len(target.classes))
     method = method_name(cfg)
     check_training_set(len(target.split_train_val()[0]), cfg.train.batch_size)
     # the source before the data: a missing checkpoint is reported before any cache is built

@@ -117,3 +117,21 @@ def test_resample_per_seed_saves_each_seeds_draw(cli, tmp_path):
     assert len(draws) == 2 and draws[0]["indices"] != draws[1]["indices"]
     for draw in draws:
         assert set(draw["indices"]).isdisjoint(draw["val_indices"]) and len(draw["val_indices"]) == 6
+
+
+def test_a_dataset_of_one_class_is_refused_in_one_line(cli, tmp_path):
+    """With one class every prediction is right: top-1 100 % whatever was learnt."""
+    import numpy as np
+    from PIL import Image
+
+    for split, count in (("train", 10), ("test", 3)):
+        folder = tmp_path / "one" / split / "only_class"
+        folder.mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((40, 40, 3), 20 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    shrink = [o for o in TINY if not o.startswith("target.")]
+    result = cli(*shrink, "source=scratch", "target=imagefolder", f"target.root={tmp_path / 'one'}", "train.batch_size=4")
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "target=imagefolder has 1 class; a classifier needs at least 2" in lines[0], result.stderr
+    assert not list(tmp_path.rglob("seed_*"))
