@@ -89,6 +89,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.augment_on={cfg.data.augment_on} is not one of auto, device, workers")
     if cfg.runtime.progress not in PROGRESS:
         raise ConfigError(f"runtime.progress={cfg.runtime.progress} is not one of {', '.join(PROGRESS)}")
+    check_optimizer(cfg.optim)
     for milestone in cfg.optim.scheduler.get("milestones", []):
         if not 0 < milestone <= cfg.train.iterations:
             raise ConfigError(f"optim.scheduler.milestones={list(cfg.optim.scheduler.milestones)} must lie in "
@@ -132,6 +133,22 @@ def check_bss(cfg: DictConfig) -> None:
                     f"train.batch_size={cfg.train.batch_size} and the feature dimension (the paper uses k=1)")
 
 
+def check_optimizer(optim: DictConfig) -> None:
+    """The SGD settings: lr and head_lr_mult finite and > 0, momentum and weight_decay finite in range."""
+    ranges = {"optimizer.lr": (0, math.inf, "> 0", "e.g. optim.optimizer.lr=0.01"),
+              "head_lr_mult": (0, math.inf, "> 0", "e.g. optim.head_lr_mult=10"),
+              "optimizer.momentum": (0, 1, "in [0, 1)", "e.g. optim.optimizer.momentum=0.9"),
+              "optimizer.weight_decay": (0, math.inf, ">= 0", "e.g. optim.optimizer.weight_decay=0")}
+    for key, (low, high, allowed, example) in ranges.items():
+        value = OmegaConf.select(optim, key)
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        inside = number and (low < value < high if allowed == "> 0" else low <= value < high)
+        if not inside:
+            raise ConfigError(f"optim.{key}={value} must be a finite number {allowed} ({example})")
+
+
 def _positive_int(value, key: str, example: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{key}={value} must be an integer >= 1 ({example})")
@@ -173,4 +190,4 @@ def check_training_set(size: int, batch_size: int) -> None:
                           "lower train.batch_size or raise target.sampling_rate")
 
 
-__all__ = ["ConfigError", "check_classes", "check_config", "check_training_set", "check_writable"]
+__all__ = ["ConfigError", "check_classes", "check_config", "check_optimizer", "check_training_set", "check_writable"]
