@@ -7,7 +7,6 @@ entrypoint calls.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 import time
@@ -26,7 +25,7 @@ from safetransfer.checks import check_classes, check_config, check_training_set
 from safetransfer.directions import Direction
 from safetransfer.engine import Evaluator, NonFiniteError, evaluate, fit, resolve_device, test_forward
 from safetransfer.regularizers import BindContext, Omega
-from safetransfer.results import atomic_write_json, config_key, make_row, write_row
+from safetransfer.results import atomic_write_json, config_key, make_row, read_json, write_row
 from safetransfer.search import apply_chosen
 from safetransfer.sources import save_source_checkpoint
 from safetransfer.resume import CHECKPOINT, load_checkpoint
@@ -279,7 +278,9 @@ def finished_seed(run_dir: Path, seed: int, key: str) -> dict | None:
     path = run_dir / f"seed_{seed}" / "metrics.json"
     if not path.exists():
         return None
-    metrics = json.loads(path.read_text())
+    metrics = read_json(path, needs=("config", "top1"))
+    if metrics is None:  # a damaged file (read_json said which): the seed is trained again
+        return None
     if config_key(OmegaConf.create(metrics["config"])) != key:
         log.warning("%s holds seed %d of another config; it is run again and replaced", path.parent, seed)
         return None
@@ -291,8 +292,8 @@ def failed_seed(run_dir: Path, seed: int, key: str) -> str | None:
     path = run_dir / f"seed_{seed}" / FAILED
     if not path.exists():
         return None
-    record = json.loads(path.read_text())
-    return record["error"] if record.get("key") == key else None
+    record = read_json(path, needs=("key", "error"))  # damaged: the seed is tried again
+    return record["error"] if record is not None and record["key"] == key else None
 
 
 @contextlib.contextmanager

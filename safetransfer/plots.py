@@ -15,7 +15,7 @@ The numbers each figure draws come from the functions below, so they can be chec
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,9 @@ import numpy as np
 import pandas as pd
 
 from safetransfer.experiment import method_name
+from safetransfer.results import read_json
+
+log = logging.getLogger(__name__)
 
 DPI = 100
 SIZE = (11, 4.5)  # inches: 1100 x 450 pixels
@@ -51,16 +54,23 @@ def load_runs(directories: Iterable[Path]) -> list[Run]:
         for log_path in sorted(Path(directory).rglob("seed_*/log.csv")):
             seed_dir = log_path.parent
             if (seed_dir / "metrics.json").exists():
-                config = json.loads((seed_dir / "metrics.json").read_text())["config"]
-                cfg = OmegaConf.create(config)
+                metrics = read_json(seed_dir / "metrics.json", needs=("config",))
+                if metrics is None:
+                    continue
+                cfg = OmegaConf.create(metrics["config"])
             elif (seed_dir.parent / ".hydra" / "config.yaml").exists():
                 cfg = OmegaConf.load(seed_dir.parent / ".hydra" / "config.yaml")
             else:
                 continue
+            try:
+                curve = pd.read_csv(log_path)
+            except (ValueError, UnicodeDecodeError) as error:  # pandas' ParserError and EmptyDataError are ValueErrors
+                log.warning("%s is unreadable (%s: %s); skipped", log_path, type(error).__name__, error)
+                continue
             spectrum_path = seed_dir / "spectrum.json"
-            spectrum = json.loads(spectrum_path.read_text())["singular_values"] if spectrum_path.exists() else None
+            found = read_json(spectrum_path, needs=("singular_values",)) if spectrum_path.exists() else None
             runs.append(Run(method_name(cfg), str(cfg.source.name), str(cfg.target.name), float(cfg.target.sampling_rate),
-                            int(seed_dir.name.split("_")[1]), pd.read_csv(log_path), spectrum))
+                            int(seed_dir.name.split("_")[1]), curve, found["singular_values"] if found else None))
     return runs
 
 

@@ -78,6 +78,21 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def read_json(path: Path, needs: Sequence[str] = ()) -> dict | None:
+    """A JSON file written by a run (metrics.json, spectrum.json), or None with a warning that
+    names it when it is truncated, malformed or lacks a key of `needs` (a crash or a full disk
+    can leave such a file; the caller skips it, or trains that seed again)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        missing = [key for key in needs if key not in data]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        return data
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        log.warning("%s is unreadable (%s: %s); skipped", path, type(error).__name__, error)
+        return None
+
+
 def config_key(cfg: DictConfig) -> str:
     """Fingerprint of everything that determines a row's numbers (not seeds, not runtime)."""
     container = OmegaConf.to_container(cfg, resolve=True)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetransfer.errors import ConfigError
 from safetransfer.experiment import method_name
 from safetransfer.paired import paired, paired_text, reference_column
-from safetransfer.results import NOT_IN_KEY, atomic_write_text, config_key, summarize
+from safetransfer.results import NOT_IN_KEY, atomic_write_text, config_key, read_json, summarize
 
 CELL = ["backbone", "source", "target", "sampling_rate", "method"]
 ROWS = ["target", "sampling_rate"]
@@ -47,7 +47,9 @@ def collect(directories: Iterable[Path]) -> pd.DataFrame:
     rows, settings = {}, {}
     for directory in directories:
         for path in sorted(Path(directory).rglob("seed_*/metrics.json"), key=lambda p: p.stat().st_mtime):
-            metrics = json.loads(path.read_text())
+            metrics = read_json(path, needs=("config", "seed", "top1"))
+            if metrics is None:
+                continue
             cfg = OmegaConf.create(metrics["config"])
             key = config_key(cfg)
             cell = (cfg.backbone.name, cfg.source.name, cfg.target.name, float(cfg.target.sampling_rate),
@@ -292,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(d) for d in args.directories if not d.is_dir()]
     if missing:
         parser.exit(2, f"safetransfer-tables: error: no such directory: {', '.join(missing)}\n")
+    if collect(args.directories).empty:
+        parser.exit(2, f"safetransfer-tables: error: no finished seed (seed_*/metrics.json) under "
+                       f"{', '.join(map(str, args.directories))}; nothing written\n")
     try:
         markdown = write_table(args.directories, args.results, args.name, args.published, args.methods,
                                args.targets, args.published_file)

@@ -107,3 +107,16 @@ def test_tensorboard_logger_missing_is_one_clear_line(compose_cfg, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(ConfigError, match="logger=tensorboard needs the tensorboard package: pip install tensorboard"):
         check_config(compose_cfg("logger=tensorboard"))
+
+
+def test_a_damaged_log_or_metrics_file_is_named_and_skipped(compose_cfg, tmp_path, caplog):
+    cfg = compose_cfg("target.sampling_rate=30")
+    for seed in (0, 1, 2):
+        write_seed(tmp_path / "run", cfg, seed)
+    (tmp_path / "run" / "seed_1" / "metrics.json").write_text('{"seed": 1, "config": {')
+    (tmp_path / "run" / "seed_2" / "log.csv").write_text("")
+    (tmp_path / "run" / "seed_0" / "spectrum.json").write_text("[")
+    runs = load_runs([tmp_path / "run"])
+    assert [r.seed for r in runs] == [0] and runs[0].spectrum is None
+    for name in ("seed_1/metrics.json", "seed_2/log.csv", "seed_0/spectrum.json"):
+        assert str(tmp_path / "run" / name) in caplog.text

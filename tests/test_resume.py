@@ -249,3 +249,18 @@ def test_a_term_value_that_overflows_is_caught_on_a_logged_row(compose_cfg, tmp_
         run_job(cfg, tmp_path / "job")
     error = json.loads((tmp_path / "job" / "seed_0" / "failed.json").read_text())["error"]
     assert "iteration 2 (epoch 0): Omega term huge is inf (alpha=2, decay^epoch=1)" in error
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "failed.json"])
+def test_a_damaged_record_of_a_seed_makes_the_rerun_train_it_again(compose_cfg, tmp_path, caplog, name):
+    """A truncated metrics.json (or failed.json) left by a crash: the rerun names the file and
+    treats the seed as unfinished (it stopped with a JSONDecodeError that named nothing)."""
+    from safetransfer.experiment import failed_seed, finished_seed
+    from safetransfer.results import config_key
+
+    key = config_key(compose_cfg())
+    path = tmp_path / "seed_0" / name
+    path.parent.mkdir(parents=True)
+    path.write_text('{"seed": 0, "top1": 7')
+    assert finished_seed(tmp_path, 0, key) is None and failed_seed(tmp_path, 0, key) is None
+    assert str(path) in caplog.text

@@ -214,3 +214,28 @@ def test_paired_differences_against_the_reference_column(compose_cfg, tmp_path):
     assert reference_column("DELTA", ["L2", "DELTA"]) == "L2"  # the BSS table's Fine-tuning column
     assert reference_column("DTNH (KnowDist) [demo]", ["KnowDist [demo]", "DTNH (KnowDist) [demo]"]) == "KnowDist [demo]"
     assert reference_column("Fine-tuning", ["Fine-tuning"]) is None
+
+
+@pytest.mark.parametrize("damage", ['{"seed": 1, "top1": 7', "", '{"seed": 1}', "\x00\xff"])
+def test_a_damaged_metrics_file_is_named_and_skipped(compose_cfg, tmp_path, capsys, caplog, damage):
+    """A truncated, empty, incomplete or binary metrics.json: the table is made from the others
+    and the warning names the file (it was a JSONDecodeError naming nothing, for the whole table)."""
+    cfg = compose_cfg("target.sampling_rate=30")
+    write_seed(tmp_path / "run", cfg, 0, 70.0)
+    write_seed(tmp_path / "run", cfg, 2, 74.0)
+    bad = tmp_path / "run" / "seed_1" / "metrics.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(damage.encode("latin-1"))
+    main([str(tmp_path / "run"), "--results", str(tmp_path / "results"), "--name", "t"])
+    assert "72.00 ± 2.83 (2)" in (tmp_path / "results" / "t.md").read_text()
+    assert str(bad) in caplog.text and "skipped" in caplog.text
+
+
+def test_tables_of_a_directory_without_a_finished_seed_is_one_line_and_nothing_written(tmp_path, capsys):
+    (tmp_path / "run" / "seed_0").mkdir(parents=True)
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "run"), "--results", str(tmp_path / "results")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("safetransfer-tables: error: no finished seed")
+    assert not (tmp_path / "results").exists()
