@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 #: the signals SLURM and submitit send before a job is preempted or reaches its time limit
 #: (SLURM: SIGTERM, or the --signal of the job; submitit: USR2 by default, USR1 in older setups)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # SIGINT: Ctrl-C
 
 
 def rng_state() -> dict[str, Any]:
@@ -87,7 +87,7 @@ def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
 
 
 class Preempted(Exception):
-    """The job was asked to stop (SIGTERM / SIGUSR1 / SIGUSR2); a checkpoint was written first."""
+    """The job was asked to stop (SIGTERM / SIGINT / SIGUSR1 / SIGUSR2); a checkpoint was written first."""
 
     def __init__(self, signum: int, iteration: int, path: Path | None):
         self.signum, self.iteration, self.path = signum, iteration, path
@@ -100,8 +100,9 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """While active, SIGTERM, SIGUSR1 and SIGUSR2 only raise a flag; the training loop checks it at
-    each step boundary, writes a checkpoint and raises Preempted. `forward` then hands
+    """While active, SIGTERM, SIGINT (Ctrl-C), SIGUSR1 and SIGUSR2 only raise a flag; the training
+    loop checks it at each step boundary, writes a checkpoint and raises Preempted (a second
+    Ctrl-C stops at once). `forward` then hands
     the signal to whoever handled it before (submitit requeues the job there)."""
 
     def __init__(self):
@@ -120,6 +121,8 @@ class StopSignals:
             signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.requested is not None:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the checkpoint
         if self.requested is None:
             log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
         self.requested = signum
@@ -127,7 +130,7 @@ class StopSignals:
     def forward(self, signum: int) -> None:
         """Call the handler that was installed before ours (submitit's checkpoint-and-requeue)."""
         previous = self._previous.get(signum)
-        if callable(previous):
+        if callable(previous) and signum != signal.SIGINT:  # Python's SIGINT handler would raise KeyboardInterrupt
             previous(signum, None)
 
 

@@ -8,6 +8,7 @@ the job's row to the results table.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -97,7 +98,7 @@ def app(cfg: DictConfig) -> float:
             resume.active = stop
             row = run_job(cfg, run_dir, job_overrides())
     except resume.Preempted as preempted:
-        status.write("preempted", error=str(preempted))
+        status.write("interrupted" if preempted.signum == signal.SIGINT else "preempted", error=str(preempted))
         log.warning("%s", preempted)
         print(f"safetransfer-train: {preempted}", file=sys.stderr, flush=True)
         stop.forward(preempted.signum)  # under submitit: its handler requeues the job

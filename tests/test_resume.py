@@ -101,6 +101,20 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly_then_the_rerun_continues(
     assert curve(tmp_path / "run") == uninterrupted[1]
 
 
+def test_ctrl_c_is_a_stop_like_sigterm_one_line_and_status_interrupted(tmp_path):
+    """SIGINT (Ctrl-C) was a 53-line KeyboardInterrupt traceback and job.json "failed"."""
+    process = start(tmp_path, "run", "runtime.checkpoint_every=0")
+    wait_for_iteration(tmp_path / "run" / "seed_0" / "log.csv", 12, process)
+    process.send_signal(signal.SIGINT)
+    code, out, err = finish(process)
+    assert code == 128 + signal.SIGINT
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    line = next(x for x in err.splitlines() if x.startswith("safetransfer-train: stopped by SIGINT"))
+    assert "checkpoint written to" in line and "rerun the same command" in line
+    assert (tmp_path / "run" / "seed_0" / "checkpoint.pt").exists()
+    assert json.loads((tmp_path / "run" / "job.json").read_text())["status"] == "interrupted"
+
+
 def test_a_damaged_checkpoint_is_set_aside_and_the_seed_starts_over(tmp_path, caplog):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"key": "k", "iteration": 5})
