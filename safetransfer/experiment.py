@@ -207,6 +207,9 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
     it is recorded in failed.json and None returned."""
     seed_dir = run_dir / f"seed_{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
+    for stale in seed_dir.glob(".*.tmp"):  # an atomic write cut short (SIGKILL mid-checkpoint): only this seed writes here
+        stale.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted write", stale)
     device = resolve_device(str(cfg.runtime.device))
     seed_everything(seed)
     model = create_model(cfg, data.num_classes, source_state).to(device)
