@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -58,7 +57,7 @@ def read(path: Path, key: str = "source.path"):
             f"{key}={path} holds objects that only arbitrary unpickling can read, which safetransfer refuses "
             f"(a checkpoint could run code); if you trust the file, convert it once: "
             f"{CONVERT_COMMAND} {path} {path.with_suffix('.safe.pt')} ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+    except Exception as error:  # noqa: BLE001 (a text file gives a KeyError from the legacy loader, ...)
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"{key}={path} is truncated or not a PyTorch checkpoint ({first}); "
                           "download it again or point to another file") from None
@@ -112,16 +111,34 @@ def _few(keys: list[str], shown: int = 6) -> str:
 
 def convert_main(argv: list[str] | None = None) -> None:
     """safetransfer-convert-checkpoint IN OUT: rewrite a trusted checkpoint that needs
-    legacy unpickling as a plain tensor state_dict that weights_only loading accepts."""
+    legacy unpickling (objects beside the tensors, or a whole pickled model saved with
+    torch.save(model)) as a plain tensor state_dict that weights_only loading accepts.
+    IN is unpickled in full, which can run code: convert only files you trust."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=CONVERT_COMMAND, description=convert_main.__doc__)
-    parser.add_argument("source", type=Path, help="the checkpoint you trust (it is unpickled in full)")
+    parser.add_argument("source", type=Path, help="the checkpoint you trust (it is unpickled in full: it can run code)")
     parser.add_argument("target", type=Path, help="where to write the plain state_dict")
     args = parser.parse_args(argv)
     from safetransfer.results import atomic_torch_save
 
-    checkpoint = torch.load(args.source, map_location="cpu", weights_only=False)
-    state, layout = backbone_state(checkpoint, origin=str(args.source))
-    atomic_torch_save({k: v.clone() for k, v in state.items()}, args.target)
-    print(f"{args.source} ({layout} layout, {len(state)} tensors) -> {args.target}")
+    def fail(message: str):
+        parser.exit(2, f"{CONVERT_COMMAND}: error: {message}\n")
+
+    if not args.source.is_file():
+        fail(f"{args.source}: no such file")
+    try:
+        checkpoint = torch.load(args.source, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 (whatever unpickling a foreign file raises)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        fail(f"{args.source} is not a PyTorch checkpoint ({type(error).__name__}: {first})")
+    if isinstance(checkpoint, torch.nn.Module):  # torch.save(model): the model's own state_dict
+        checkpoint = checkpoint.state_dict()
+    try:
+        state, layout = backbone_state(checkpoint, origin=str(args.source))
+        atomic_torch_save({k: v.clone() for k, v in state.items()}, args.target)
+    except ConfigError as error:
+        fail(str(error))
+    except OSError as error:
+        fail(f"writing {args.target} failed ({error.strerror or error})")
+    print(f"{args.source} ({layout} layout, {len(state)} tensors; unpickled in full, as trusted) -> {args.target}")

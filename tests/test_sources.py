@@ -93,6 +93,37 @@ def test_pickled_objects_are_refused_and_the_conversion_command_fixes_them(tmp_p
     assert_same_backbone(FileSource(str(tmp_path / "converted.pt")).backbone_state("resnet18"), state)
 
 
+def test_a_text_file_as_source_path_is_one_line(tmp_path):
+    """It was a `KeyError: 101` traceback from the legacy unpickler."""
+    (tmp_path / "notes.txt").write_text("experiment notes, not weights\n")
+    with pytest.raises(ConfigError, match="notes.txt is truncated or not a PyTorch checkpoint"):
+        FileSource(str(tmp_path / "notes.txt")).backbone_state("resnet18")
+
+
+def test_the_converter_takes_a_whole_pickled_model(tmp_path, capsys):
+    """torch.save(model): weights_only loading refuses it and points to the converter, which
+    takes the model's state_dict (it failed on a pickled nn.Module)."""
+    model = torchvision.models.resnet18(weights=None)
+    torch.save(model, tmp_path / "whole.pth")
+    with pytest.raises(ConfigError, match="safetransfer-convert-checkpoint"):
+        FileSource(str(tmp_path / "whole.pth")).backbone_state("resnet18")
+    checkpoints.convert_main([str(tmp_path / "whole.pth"), str(tmp_path / "plain.pt")])
+    assert "torchvision layout" in capsys.readouterr().out
+    assert_same_backbone(FileSource(str(tmp_path / "plain.pt")).backbone_state("resnet18"), model.state_dict())
+
+
+@pytest.mark.parametrize("what,expected", [("missing", "no such file"), ("text", "is not a PyTorch checkpoint")])
+def test_the_converter_refuses_what_is_not_a_checkpoint_in_one_line(tmp_path, capsys, what, expected):
+    source = tmp_path / "in.pth"
+    if what == "text":
+        source.write_text("hello\n")
+    with pytest.raises(SystemExit) as stop:
+        checkpoints.convert_main([str(source), str(tmp_path / "out.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("safetransfer-convert-checkpoint: error: ")
+    assert expected in err[0] and not (tmp_path / "out.pt").exists()
+
+
 # ---------------------------------------------------------------- ImageNet (torchvision's weights API)
 
 @pytest.fixture
