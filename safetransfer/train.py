@@ -74,6 +74,77 @@ def check_group_choices(arguments: list[str]) -> None:
                                   f"allowed: {', '.join(options)}")
 
 
+#: maps meant to take new keys with `+`, e.g. +search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.1,1"]
+OPEN_MAPS = ("search.grids",)
+
+
+def _dotted_keys(node, prefix: str = "") -> set[str]:
+    keys = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            keys.add(name)
+            keys |= _dotted_keys(value, name + ".")
+    return keys
+
+
+def check_keys(arguments: list[str]) -> None:
+    """Refuse an override of a key the config does not have, in one line naming the closest
+    known keys, before Hydra composes anything. Hydra's own message suggests `+key=value`,
+    which adds a key nothing reads: a `+` key is refused too, except under OPEN_MAPS."""
+    import difflib
+    import itertools
+
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    if any(a.startswith(("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")) for a in arguments):
+        return  # config folders of the user's own: Hydra knows their keys
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in arguments if "=" in a and not a.startswith("-")])
+    except Exception:
+        return  # a syntax error: Hydra reports it with its own pointer into the override
+    choices, keyed = {}, []
+    for override in overrides:
+        key = override.key_or_group
+        if key == "hydra" or key.startswith("hydra.") or override.is_delete():
+            continue
+        if group_options(key) is None:
+            keyed.append(override)
+        elif isinstance(override.value(), ChoiceSweep):
+            choices[key] = [str(v) for v in override.value().list]
+        elif override.is_sweep_override():
+            return  # range() or glob() over a group: left to Hydra
+        else:
+            choices[key] = [str(override.value())]
+    if not keyed:
+        return
+    missing = object()
+    configs = []
+    with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
+        # the first combination of the swept groups, then more only while a key is not found
+        for combination in itertools.islice(itertools.product(*choices.values()), 32):
+            try:
+                configs.append(compose("config", overrides=[f"{g}={v}" for g, v in zip(choices, combination)]))
+            except Exception:
+                return  # Hydra reports what is wrong with the composition itself
+            keyed = [o for o in keyed if OmegaConf.select(configs[-1], o.key_or_group, default=missing,
+                                                          throw_on_resolution_failure=False) is missing]
+            if not keyed:
+                return
+    for override in keyed:
+        key, added = override.key_or_group, override.is_add() or override.is_force_add()
+        if added and key.rpartition(".")[0] in OPEN_MAPS:
+            continue
+        known = sorted(set().union(*(_dotted_keys(OmegaConf.to_container(c, resolve=False)) for c in configs)))
+        scores = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in known}
+        best = max(scores.values(), default=0)
+        close = sorted((k for k, r in scores.items() if r >= max(0.6, best - 0.03)), key=lambda k: -scores[k])[:3]
+        hint = f"did you mean {' or '.join(close)}?" if close else "`safetransfer-train --cfg job` prints every key"
+        raise ConfigError(f"{key} is not a key{' (a + would add a key nothing reads)' if added else ''}; {hint}")
+
+
 def job_overrides() -> str:
     """The job's own command-line overrides that change its numbers, for the table."""
     if not HydraConfig.initialized():
@@ -126,6 +197,7 @@ def main() -> None:
         arguments = ["experiment=demo"]
     try:
         check_group_choices(arguments)
+        check_keys(arguments)
     except ConfigError as error:
         print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)

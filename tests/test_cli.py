@@ -61,6 +61,9 @@ def test_single_run_from_the_command_line(cli, tmp_path):
     (["target.sampling_rate=150"], "target.sampling_rate=150 is outside (0, 100]"),
     (["seeds=[]"], "seeds=[] must be a non-empty list of integers"),
     (["train.batch_size=0"], "train.batch_size=0 must be an integer >= 1"),
+    (["train.iteratons=10"], "train.iteratons is not a key; did you mean train.iterations?"),
+    (["+train.iteratons=10"], "train.iteratons is not a key (a + would add a key nothing reads); did you mean "
+                              "train.iterations?"),
     (["optim.optimizer.lr=-1"], "optim.optimizer.lr=-1 must be a finite number > 0"),
     (["optim.optimizer.lr=nan"], "optim.optimizer.lr=nan must be a finite number > 0"),
     (["optim.optimizer.momentum=1.5"], "optim.optimizer.momentum=1.5 must be a finite number in [0, 1)"),
@@ -139,3 +142,17 @@ def test_a_dataset_of_one_class_is_refused_in_one_line(cli, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "target=imagefolder has 1 class; a classifier needs at least 2" in lines[0], result.stderr
     assert not list(tmp_path.rglob("seed_*"))
+
+
+@pytest.mark.parametrize("arguments", [
+    ["regularizer=l2sp", "regularizer.terms.l2sp.alpha=1"],                 # a key its group choice brings
+    ["-m", "regularizer=l2,l2sp", "regularizer.terms.l2sp.alpha=1"],        # ... in one of the swept choices
+    ["method=dtnh_l2sp", "regularizer.terms.l2sp.decay=0.9"],               # a method preset's regularizer
+    ["experiment=dtnh_tables", "schedule.cifar10.iterations=5"],            # a key the preset adds
+    ['+search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.1,1"]'],           # a map meant to take new keys
+    ["++train.iterations=5", "hydra.job.chdir=true"],                      # forced, existing; Hydra's own keys
+])
+def test_known_keys_pass_the_key_check(arguments):
+    from safetransfer.train import check_keys
+
+    check_keys(arguments)
