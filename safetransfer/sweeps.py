@@ -53,19 +53,33 @@ def rerun_command(record: dict) -> str:
     return "safetransfer-train " + " ".join(shlex.quote(a) for a in arguments)
 
 
+def duplicate_report(records: list[dict]) -> list[str]:
+    """Lines naming finished jobs that resolved to the same config (one key): the table holds
+    one row for them, the last to finish."""
+    by_key: dict[str, list[dict]] = {}
+    for record in records:
+        if record["status"] == "finished" and record.get("key"):
+            by_key.setdefault(record["key"], []).append(record)
+    return [f"Jobs {', '.join(str(r.get('num')) for r in same)} resolve to the same config (key {key}): the table "
+            f"holds one row for them; their overrides: " + " | ".join(' '.join(r["overrides"]) for r in same)
+            for key, same in by_key.items() if len(same) > 1]
+
+
 def failure_report(sweep_dir: Path) -> str:
-    """Lines naming each failed or unfinished job, its overrides, its error and how to rerun it."""
+    """Lines naming each failed or unfinished job, its overrides, its error and how to rerun it,
+    and jobs that resolved to the same config."""
     records = job_statuses(sweep_dir)
     failed = [r for r in records if r["status"] != "finished"]
+    duplicates = duplicate_report(records)
     if not failed:
-        return f"All {len(records)} jobs of {sweep_dir} finished."
+        return "\n".join([f"All {len(records)} jobs of {sweep_dir} finished.", *duplicates])
     lines = [f"{len(failed)} of {len(records)} jobs of {sweep_dir} did not finish:"]
     for record in failed:
         reason = record.get("error", "interrupted while running (killed or preempted?)")
         lines += [f"- job {record.get('num')} [{' '.join(record['overrides'])}]: {record['status']}: {reason}",
                   f"  rerun it alone: {rerun_command(record)}"]
     lines.append(f"Or rerun the whole sweep with hydra.sweep.dir={sweep_dir}: finished seeds are kept, not rerun.")
-    return "\n".join(lines)
+    return "\n".join([*lines, *duplicates])
 
 
 def sweep_report(config: DictConfig, sweep_dir: Path) -> str:

@@ -145,6 +145,23 @@ def check_keys(arguments: list[str]) -> None:
         raise ConfigError(f"{key} is not a key{' (a + would add a key nothing reads)' if added else ''}; {hint}")
 
 
+def check_method_choices(choices) -> None:
+    """A method preset fixes groups (method=from_scratch: source=scratch, regularizer=l2, ...); a
+    choice given on the command line wins over it and would make the job another method under
+    the method's name. Refuse that in one line."""
+    method = choices.get("method")
+    if not method:
+        return
+    preset = OmegaConf.load(str(resources.files(CONFIG_PACKAGE).joinpath("method", f"{method}.yaml")))
+    for entry in preset.get("defaults", []):
+        for key, value in (entry.items() if isinstance(entry, DictConfig) else []):
+            group = str(key).removeprefix("override /")
+            if str(key).startswith("override /") and choices.get(group) != value:
+                raise ConfigError(f"method={method} sets {group}={value}, but {group}={choices.get(group)} is given too "
+                                  f"and would win, training another method under this one's name: drop {group}=... "
+                                  f"or choose a method without it")
+
+
 def job_overrides() -> str:
     """The job's own command-line overrides that change its numbers, for the table."""
     if not HydraConfig.initialized():
@@ -167,6 +184,7 @@ def app(cfg: DictConfig) -> float:
     try:
         with resume.StopSignals() as stop:
             resume.active = stop
+            check_method_choices(hydra_cfg.runtime.choices)
             row = run_job(cfg, run_dir, job_overrides())
     except resume.Preempted as preempted:
         status.write("interrupted" if preempted.signum == signal.SIGINT else "preempted", error=str(preempted))
@@ -185,7 +203,7 @@ def app(cfg: DictConfig) -> float:
         raise
     finally:
         resume.active = None
-    status.write("finished", mean=row["mean"], n_seeds=row["n_seeds"])
+    status.write("finished", mean=row["mean"], n_seeds=row["n_seeds"], key=row["key"])
     return row["mean"]  # what a sweeper optimises
 
 

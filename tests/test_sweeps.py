@@ -171,3 +171,30 @@ def test_slurm_preset_sets_the_submitit_slurm_launcher(compose_cfg):
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
     assert launcher.timeout_min > 0 and launcher.max_num_timeout > 0
     assert cfg.runtime.num_workers < launcher.cpus_per_task  # workers + the main process fit the allocation
+
+
+def test_a_method_that_fixes_the_source_refuses_an_explicit_other_source(cli, tmp_path):
+    """method=from_scratch with source=demo on the command line trained the scratch column from the
+    demo source (the explicit choice won): that job now fails in one line, the other runs."""
+    result = cli(*[o for o in TINY_SWEEP if o != "seeds=[0,1]"], "seeds=[0]", "method=fine_tuning,from_scratch",
+                 "hydra.sweep.dir=sweep")
+    assert "source=demo" in TINY_SWEEP
+    assert result.returncode != 0
+    assert ("method=from_scratch sets source=scratch, but source=demo is given too and would win" in result.stderr)
+    statuses = {r["num"]: r["status"] for r in job_statuses(tmp_path / "sweep")}
+    assert statuses == {0: "finished", 1: "failed"}
+    assert not list((tmp_path / "sweep" / "1").glob("seed_*"))
+
+
+def test_jobs_of_one_sweep_that_resolve_to_one_config_are_reported(tmp_path):
+    from safetransfer.sweeps import failure_report
+
+    for num, (overrides, key) in enumerate([(["method=l2sp"], "abc"), (["regularizer=l2sp"], "abc"),
+                                            (["method=fine_tuning"], "def")]):
+        (tmp_path / str(num)).mkdir()
+        (tmp_path / str(num) / "job.json").write_text(json.dumps(
+            {"num": num, "overrides": overrides, "job_dir": str(tmp_path / str(num)), "status": "finished", "key": key}))
+    report = failure_report(tmp_path)
+    assert "All 3 jobs" in report
+    assert "Jobs 0, 1 resolve to the same config (key abc): the table holds one row for them; their overrides: " \
+           "method=l2sp | regularizer=l2sp" in report and "key def" not in report
