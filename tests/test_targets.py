@@ -288,6 +288,23 @@ def test_a_crash_while_building_leaves_no_file(tmp_path):
     assert len(again) == 15 and again[0][0].shape == (3, 48, 48)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "text"])
+def test_a_damaged_cache_file_is_rebuilt(tmp_path, caplog, damage):
+    """A truncated cached .npy ("mmap length is greater than file size") stopped every run
+    that used it: it is decoded again, with a warning naming it."""
+    from safetransfer.targets.cache import cached_split
+
+    target, cfg, _ = cub_with_cache(tmp_path)
+    first = cached_split(target.train_set(), np.arange(15), "train", 48, 40, tmp_path / "cache", {"x": 1})
+    expected = [first[i][0].clone() for i in range(15)]
+    (images,) = list((tmp_path / "cache" / "decoded").glob("*.images.npy"))
+    data = images.read_bytes()
+    images.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not an array\n")
+    again = cached_split(target.train_set(), np.arange(15), "train", 48, 40, tmp_path / "cache", {"x": 1})
+    assert len(again) == 15 and all(torch.equal(again[i][0], expected[i]) for i in range(15))
+    assert str(images) in caplog.text and "decoded again" in caplog.text
+
+
 def test_device_augment_crops_mirrors_and_normalises_each_sample():
     from safetransfer.targets.cache import DeviceAugment
 

@@ -81,10 +81,29 @@ def cached_split(dataset: Dataset, indices: np.ndarray, split: str, resize: int,
     images_path, labels_path = folder / f"{key}.images.npy", folder / f"{key}.labels.npy"
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / f"{key}.lock")):
-        if not (images_path.exists() and labels_path.exists()):
+        cached = open_cached(images_path, labels_path, len(indices))
+        if cached is None:
             build(dataset, indices, decode_transform(split, resize, crop, test_crops), images_path, labels_path,
                   num_workers)
-    return CachedImages(images_path, np.load(labels_path))
+            cached = CachedImages(images_path, np.load(labels_path))
+    return cached
+
+
+def open_cached(images_path: Path, labels_path: Path, count: int) -> CachedImages | None:
+    """The cached split, or None when it is not there or damaged (truncated, not a .npy, the
+    wrong length: a full disk or a copy cut short); a damaged one is removed, to be rebuilt."""
+    if not (images_path.exists() and labels_path.exists()):
+        return None
+    try:
+        cached = CachedImages(images_path, np.load(labels_path))
+        if len(cached.images) != count or len(cached.labels) != count:
+            raise ValueError(f"{len(cached.images)} images and {len(cached.labels)} labels, expected {count}")
+        return cached
+    except (ValueError, OSError, EOFError) as error:
+        log.warning("the cached images %s are damaged (%s); they are decoded again", images_path, error)
+        images_path.unlink(missing_ok=True)
+        labels_path.unlink(missing_ok=True)
+        return None
 
 
 def build(dataset: Dataset, indices, transform, images_path: Path, labels_path: Path, num_workers: int) -> None:
