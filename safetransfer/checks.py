@@ -96,6 +96,7 @@ def check_config(cfg: DictConfig) -> None:
                               f"(0, train.iterations={cfg.train.iterations}]; the lr is divided at these iterations")
     check_device(str(cfg.runtime.device))
     check_writable(Path(cfg.results.dir), "results.dir")
+    check_writable(Path(str(cfg.paths.cache_dir)).expanduser(), "paths.cache_dir", ".cache/safetransfer")
 
 
 def check_regularizer(cfg: DictConfig) -> None:
@@ -167,14 +168,18 @@ def check_device(spec: str) -> None:
     raise ConfigError(f"runtime.device={spec} is not one of auto, cpu, cuda, cuda:N, lease (a GPU no other job on this machine holds)")
 
 
-def check_writable(directory: Path, key: str) -> None:
+def check_writable(directory: Path, key: str, example: str = "safetransfer-results") -> None:
+    """`directory` exists (made if need be), is a directory and takes a file; else one line.
+    `key` names the setting: `results.dir`, or a command's option such as `--out`."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
             pass
     except OSError as error:
-        raise ConfigError(f"{key}={directory} is not writable ({error.strerror}); "
-                          f"choose a directory you can write to, e.g. {key}={Path.home() / 'safetransfer-results'}") from None
+        given = f"{key} {directory}" if key.startswith("-") else f"{key}={directory}"
+        better = f"{key} {Path.home() / example}" if key.startswith("-") else f"{key}={Path.home() / example}"
+        raise ConfigError(f"{given} is not a writable directory ({error.strerror or error}); "
+                          f"choose one you can write to, e.g. {better}") from None
 
 
 def check_classes(target: str, count: int) -> None:

@@ -243,6 +243,7 @@ def plot_table(numbers: pd.DataFrame, path: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from safetransfer.checks import check_writable
     from safetransfer.errors import ConfigError
     from safetransfer.tables import assemble, collect, published_values, select
 
@@ -255,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(d) for d in args.directories if not d.is_dir()]
     if missing:
         parser.exit(2, f"safetransfer-plot: error: no such directory: {', '.join(missing)}\n")
+    try:
+        check_writable(args.out, "--out")
+    except ConfigError as error:
+        parser.exit(2, f"safetransfer-plot: error: {error}\n")
     runs = load_runs(args.directories)
     if not runs:
         parser.exit(2, "safetransfer-plot: error: no seed_*/log.csv under the given directories\n")

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from safetransfer.checks import check_writable
 from safetransfer.errors import ConfigError
 from safetransfer.experiment import method_name
 from safetransfer.paired import paired, paired_text, reference_column
@@ -294,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(d) for d in args.directories if not d.is_dir()]
     if missing:
         parser.exit(2, f"safetransfer-tables: error: no such directory: {', '.join(missing)}\n")
+    try:
+        check_writable(args.results, "--results")
+    except ConfigError as error:
+        parser.exit(2, f"safetransfer-tables: error: {error}\n")
     if collect(args.directories).empty:
         parser.exit(2, f"safetransfer-tables: error: no finished seed (seed_*/metrics.json) under "
                        f"{', '.join(map(str, args.directories))}; nothing written\n")

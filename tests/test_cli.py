@@ -156,3 +156,13 @@ def test_known_keys_pass_the_key_check(arguments):
     from safetransfer.train import check_keys
 
     check_keys(arguments)
+
+
+def test_a_cache_dir_that_cannot_be_a_directory_is_one_line_before_training(cli, tmp_path):
+    """A path below a regular file (root ignores chmod, so this is how a test makes one unwritable)."""
+    (tmp_path / "afile").write_text("x")
+    result = cli(*TINY, "paths.cache_dir=afile/cache")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("safetransfer-train: error: paths.cache_dir=afile/cache is not a writable directory")
+    assert not list(tmp_path.rglob("seed_*"))

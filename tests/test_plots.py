@@ -120,3 +120,13 @@ def test_a_damaged_log_or_metrics_file_is_named_and_skipped(compose_cfg, tmp_pat
     assert [r.seed for r in runs] == [0] and runs[0].spectrum is None
     for name in ("seed_1/metrics.json", "seed_2/log.csv", "seed_0/spectrum.json"):
         assert str(tmp_path / "run" / name) in caplog.text
+
+
+def test_an_unwritable_out_folder_is_one_line(compose_cfg, tmp_path, capsys):
+    write_seed(tmp_path / "run", compose_cfg(), 0)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "run"), "--out", str(tmp_path / "afile" / "figures")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert err[0].startswith(f"safetransfer-plot: error: --out {tmp_path / 'afile' / 'figures'} is not a writable")

@@ -239,3 +239,13 @@ def test_tables_of_a_directory_without_a_finished_seed_is_one_line_and_nothing_w
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("safetransfer-tables: error: no finished seed")
     assert not (tmp_path / "results").exists()
+
+
+def test_an_unwritable_results_folder_is_one_line(compose_cfg, tmp_path, capsys):
+    write_seed(tmp_path / "run", compose_cfg(), 0, 70.0)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "run"), "--results", str(tmp_path / "afile" / "results")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert err[0].startswith(f"safetransfer-tables: error: --results {tmp_path / 'afile' / 'results'} is not a writable")
