@@ -382,8 +382,13 @@ class _LogWriter:
             return
         kept = []
         if keep_until and Path(path).exists():
-            with open(path, newline="") as handle:
-                kept = [row for row in csv.DictReader(handle) if int(row["iteration"]) <= keep_until]
+            try:
+                with open(path, newline="") as handle:
+                    kept = [row for row in csv.DictReader(handle) if int(row["iteration"]) <= keep_until]
+            except (ValueError, KeyError, TypeError, csv.Error, UnicodeDecodeError) as error:  # damaged by a crash
+                log.warning("%s is unreadable (%s: %s); its rows before the checkpoint are lost, the rest is "
+                            "written again", path, type(error).__name__, error)
+                kept = []
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=columns, restval="")
         self.writer.writeheader()

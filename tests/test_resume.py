@@ -289,3 +289,15 @@ def test_a_temporary_file_left_by_a_killed_write_is_removed_when_the_seed_starts
     run_job(compose_cfg(*TINY, "train.iterations=2", "optim.scheduler.milestones=[1]"), tmp_path / "job")
     assert not stale.exists() and (tmp_path / "job" / "seed_0" / "metrics.json").exists()
     assert not list((tmp_path / "job").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["iteration,loss_J\n5,0.1\nx", "\x00\xff\x00", "loss_J\n0.3\n"])
+def test_a_damaged_log_csv_does_not_stop_a_resumed_seed(tmp_path, caplog, damage):
+    from safetransfer.engine import _LogWriter
+
+    path = tmp_path / "log.csv"
+    path.write_bytes(damage.encode("latin-1"))
+    writer = _LogWriter(path, ["iteration", "loss_J"], keep_until=5)
+    writer.write({"iteration": 6, "loss_J": 0.5})
+    writer.close()
+    assert path.read_text().splitlines()[-1] == "6,0.5" and str(path) in caplog.text
