@@ -295,13 +295,13 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(d) for d in args.directories if not d.is_dir()]
     if missing:
         parser.exit(2, f"safetransfer-tables: error: no such directory: {', '.join(missing)}\n")
+    if collect(args.directories).empty:
+        parser.exit(2, f"safetransfer-tables: error: no finished seed (seed_*/metrics.json) under "
+                       f"{', '.join(map(str, args.directories))}; nothing written\n")
     try:
         check_writable(args.results, "--results")
     except ConfigError as error:
         parser.exit(2, f"safetransfer-tables: error: {error}\n")
-    if collect(args.directories).empty:
-        parser.exit(2, f"safetransfer-tables: error: no finished seed (seed_*/metrics.json) under "
-                       f"{', '.join(map(str, args.directories))}; nothing written\n")
     try:
         markdown = write_table(args.directories, args.results, args.name, args.published, args.methods,
                                args.targets, args.published_file)

@@ -88,6 +88,13 @@ def _dotted_keys(node, prefix: str = "") -> set[str]:
     return keys
 
 
+def _has_key(cfg: DictConfig, dotted: str) -> bool:
+    """Whether `dotted` names a node of `cfg`, a missing value (???) included."""
+    parent_key, _, leaf = dotted.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, default=None, throw_on_resolution_failure=False) if parent_key else cfg
+    return isinstance(parent, DictConfig) and leaf in list(parent.keys())
+
+
 def check_keys(arguments: list[str]) -> None:
     """Refuse an override of a key the config does not have, in one line naming the closest
     known keys, before Hydra composes anything. Hydra's own message suggests `+key=value`,
@@ -120,7 +127,6 @@ def check_keys(arguments: list[str]) -> None:
             choices[key] = [str(override.value())]
     if not keyed:
         return
-    missing = object()
     configs = []
     with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
         # the first combination of the swept groups, then more only while a key is not found
@@ -129,8 +135,7 @@ def check_keys(arguments: list[str]) -> None:
                 configs.append(compose("config", overrides=[f"{g}={v}" for g, v in zip(choices, combination)]))
             except Exception:
                 return  # Hydra reports what is wrong with the composition itself
-            keyed = [o for o in keyed if OmegaConf.select(configs[-1], o.key_or_group, default=missing,
-                                                          throw_on_resolution_failure=False) is missing]
+            keyed = [o for o in keyed if not _has_key(configs[-1], o.key_or_group)]
             if not keyed:
                 return
     for override in keyed:
