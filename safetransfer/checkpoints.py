@@ -44,6 +44,12 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def read(path: Path, key: str = "source.path"):
     """torch.load with weights_only=True, every failure turned into one line."""
     path = Path(path).expanduser()
@@ -52,13 +58,13 @@ def read(path: Path, key: str = "source.path"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = _first_line(error)
         raise ConfigError(
             f"{key}={path} holds objects that only arbitrary unpickling can read, which safetransfer refuses "
             f"(a checkpoint could run code); if you trust the file, convert it once: "
             f"{CONVERT_COMMAND} {path} {path.with_suffix('.safe.pt')} ({first})") from None
     except Exception as error:  # noqa: BLE001 (a text file gives a KeyError from the legacy loader, ...)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = _first_line(error)
         raise ConfigError(f"{key}={path} is truncated or not a PyTorch checkpoint ({first}); "
                           "download it again or point to another file") from None
 
@@ -130,7 +136,7 @@ def convert_main(argv: list[str] | None = None) -> None:
     try:
         checkpoint = torch.load(args.source, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 (whatever unpickling a foreign file raises)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = _first_line(error)
         fail(f"{args.source} is not a PyTorch checkpoint ({type(error).__name__}: {first})")
     if isinstance(checkpoint, torch.nn.Module):  # torch.save(model): the model's own state_dict
         checkpoint = checkpoint.state_dict()

@@ -176,10 +176,9 @@ def check_writable(directory: Path, key: str, example: str = "safetransfer-resul
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
             pass
     except OSError as error:
-        given = f"{key} {directory}" if key.startswith("-") else f"{key}={directory}"
-        better = f"{key} {Path.home() / example}" if key.startswith("-") else f"{key}={Path.home() / example}"
-        raise ConfigError(f"{given} is not a writable directory ({error.strerror or error}); "
-                          f"choose one you can write to, e.g. {better}") from None
+        join = " " if key.startswith("-") else "="  # a command's option, or a config key
+        raise ConfigError(f"{key}{join}{directory} is not a writable directory ({error.strerror or error}); "
+                          f"choose one you can write to, e.g. {key}{join}{Path.home() / example}") from None
 
 
 def check_classes(target: str, count: int) -> None:

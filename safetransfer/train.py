@@ -45,30 +45,39 @@ def group_options(group: str) -> list[str] | None:
     return sorted(entry.name[: -len(".yaml")] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
 
 
-def check_group_choices(arguments: list[str]) -> None:
-    """Refuse an unknown choice for a config group in one line, before Hydra composes anything."""
+def parse_overrides(arguments: list[str]) -> list | None:
+    """The command line's overrides as Hydra parses them, or None when Hydra should judge
+    them itself: config folders of the user's own (Hydra knows their groups and keys), or a
+    syntax error (Hydra reports it with its own pointer into the override)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ChoiceSweep
 
     if any(a.startswith(("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")) for a in arguments):
-        return  # the user adds config folders of their own: Hydra knows their choices
-    candidates = [a for a in arguments if "=" in a and not a.startswith("-")]
+        return None
     try:
-        overrides = OverridesParser.create().parse_overrides(candidates)
+        return OverridesParser.create().parse_overrides([a for a in arguments if "=" in a and not a.startswith("-")])
     except Exception:
-        return  # a syntax error: Hydra reports it with its own pointer into the override
-    for override in overrides:
+        return None
+
+
+def group_values(override) -> list[str] | None:
+    """The choices a group override names (one, or a comma sweep); None for range() or glob()."""
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        return [str(v) for v in value.list]
+    if isinstance(value, (str, int, float)) and not override.is_sweep_override():
+        return [str(value)]
+    return None
+
+
+def check_group_choices(arguments: list[str]) -> None:
+    """Refuse an unknown choice for a config group in one line, before Hydra composes anything."""
+    for override in parse_overrides(arguments) or []:
         options = group_options(override.key_or_group)
         if options is None or override.is_delete():
             continue
-        value = override.value()
-        if isinstance(value, ChoiceSweep):
-            values = [str(v) for v in value.list]
-        elif isinstance(value, (str, int, float)) and not override.is_sweep_override():
-            values = [str(value)]
-        else:
-            continue
-        for choice in values:
+        for choice in group_values(override) or []:
             if choice not in options and choice != "null":
                 raise ConfigError(f"{override.key_or_group}={choice} is not a known choice; "
                                   f"allowed: {', '.join(options)}")
@@ -103,15 +112,10 @@ def check_keys(arguments: list[str]) -> None:
     import itertools
 
     from hydra import compose, initialize_config_module
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ChoiceSweep
 
-    if any(a.startswith(("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")) for a in arguments):
-        return  # config folders of the user's own: Hydra knows their keys
-    try:
-        overrides = OverridesParser.create().parse_overrides([a for a in arguments if "=" in a and not a.startswith("-")])
-    except Exception:
-        return  # a syntax error: Hydra reports it with its own pointer into the override
+    overrides = parse_overrides(arguments)
+    if overrides is None:
+        return
     choices, keyed = {}, []
     for override in overrides:
         key = override.key_or_group
@@ -119,12 +123,11 @@ def check_keys(arguments: list[str]) -> None:
             continue
         if group_options(key) is None:
             keyed.append(override)
-        elif isinstance(override.value(), ChoiceSweep):
-            choices[key] = [str(v) for v in override.value().list]
-        elif override.is_sweep_override():
+            continue
+        values = group_values(override)
+        if values is None:
             return  # range() or glob() over a group: left to Hydra
-        else:
-            choices[key] = [str(override.value())]
+        choices[key] = values
     if not keyed:
         return
     configs = []
