@@ -126,7 +126,7 @@ def convert_main(argv: list[str] | None = None) -> None:
     parser.add_argument("source", type=Path, help="the checkpoint you trust (it is unpickled in full: it can run code)")
     parser.add_argument("target", type=Path, help="where to write the plain state_dict")
     args = parser.parse_args(argv)
-    from safetransfer.results import atomic_torch_save
+    from safetransfer.atomic import atomic_torch_save
 
     def fail(message: str):
         parser.exit(2, f"{CONVERT_COMMAND}: error: {message}\n")

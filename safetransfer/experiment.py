@@ -25,7 +25,8 @@ from safetransfer.checks import check_classes, check_config, check_training_set
 from safetransfer.directions import Direction
 from safetransfer.engine import Evaluator, NonFiniteError, evaluate, fit, resolve_device, test_forward
 from safetransfer.regularizers import BindContext, Omega
-from safetransfer.results import atomic_write_json, config_key, make_row, read_json, write_row
+from safetransfer.atomic import atomic_write_json, read_json
+from safetransfer.results import config_key, make_row, write_row
 from safetransfer.search import apply_chosen
 from safetransfer.sources import save_source_checkpoint
 from safetransfer.resume import CHECKPOINT, load_checkpoint

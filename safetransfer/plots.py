@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from safetransfer.experiment import method_name
-from safetransfer.results import read_json
+from safetransfer.atomic import read_json
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Results: per-seed metrics, table rows (mean +- sample std over seeds), atomic files.
+"""Results: per-seed metrics and table rows (mean +- sample std over seeds).
 
 A table is `<results.dir>/<table>.csv` (the data) plus `<table>.md` (for reading).
 Each job owns one row, keyed by a fingerprint of its config without the seeds and the
@@ -9,25 +9,18 @@ read-modify-write so that jobs finishing at once never lose a row.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import logging
-import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
-import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+from safetransfer.atomic import atomic_write_text
 from safetransfer.paired import paired, paired_text, reference_column
-
-log = logging.getLogger(__name__)
 
 #: config sections that change how a job runs or where it writes, never its numbers
 NOT_IN_KEY = ("seeds", "runtime", "results", "paths", "hydra", "logger", "search")  # search: its chosen values are in the config
@@ -36,61 +29,6 @@ ROW_COLUMNS = ["backbone", "source", "target", "sampling_rate", "method", "mean"
                "accuracies", "seeds", "failed", "overrides", "key", "run_dir", "updated"]
 #: derived from the rows each time the table is written: each row against its reference row
 PAIRED_COLUMNS = ["reference", "paired_n", "paired_diff", "paired_low", "paired_high"]
-
-
-def _umask() -> int:
-    """The process's umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file.
-    The file gets the mode a plain open() gives (0666 less the umask), not mkstemp's 0600,
-    so that results on a shared disk are readable by whoever the umask lets read them."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def read_json(path: Path, needs: Sequence[str] = ()) -> dict | None:
-    """A JSON file written by a run (metrics.json, spectrum.json), or None with a warning that
-    names it when it is truncated, malformed or lacks a key of `needs` (a crash or a full disk
-    can leave such a file; the caller skips it, or trains that seed again)."""
-    try:
-        data = json.loads(Path(path).read_text())
-        missing = [key for key in needs if key not in data]
-        if missing:
-            raise KeyError(f"no {', '.join(missing)}")
-        return data
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
-        log.warning("%s is unreadable (%s: %s); skipped", path, type(error).__name__, error)
-        return None
 
 
 def config_key(cfg: DictConfig) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from safetransfer.errors import ConfigError
-from safetransfer.results import atomic_torch_save
+from safetransfer.atomic import atomic_torch_save
 
 log = logging.getLogger(__name__)
 

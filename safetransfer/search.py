@@ -19,7 +19,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.errors import ConfigError
-from safetransfer.results import atomic_write_json
+from safetransfer.atomic import atomic_write_json
 
 
 def cell_id(cfg: DictConfig, method: str) -> str:

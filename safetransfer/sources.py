@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from safetransfer import checkpoints, demo
 from safetransfer.backbones import TransferNet
 from safetransfer.errors import ConfigError
-from safetransfer.results import atomic_torch_save
+from safetransfer.atomic import atomic_torch_save
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from safetransfer.errors import ConfigError
-from safetransfer.results import atomic_write_json, table_paths
+from safetransfer.atomic import atomic_write_json
+from safetransfer.results import table_paths
 
 log = logging.getLogger(__name__)
 

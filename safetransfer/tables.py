@@ -29,7 +29,8 @@ from safetransfer.checks import check_writable
 from safetransfer.errors import ConfigError
 from safetransfer.experiment import method_name
 from safetransfer.paired import paired, paired_text, reference_column
-from safetransfer.results import NOT_IN_KEY, atomic_write_text, config_key, read_json, summarize
+from safetransfer.atomic import atomic_write_text, read_json
+from safetransfer.results import NOT_IN_KEY, config_key, summarize
 
 CELL = ["backbone", "source", "target", "sampling_rate", "method"]
 ROWS = ["target", "sampling_rate"]

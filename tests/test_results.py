@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from safetransfer import results
-from safetransfer.results import atomic_write_text, format_cell, make_row, read_table, summarize, write_row
+from safetransfer import atomic, results
+from safetransfer.atomic import atomic_write_text
+from safetransfer.results import format_cell, make_row, read_table, summarize, write_row
 
 
 def row(key="k1", method="Fine-tuning", accuracies=(80.0, 82.0, 81.0), source="demo"):
@@ -72,7 +73,7 @@ def test_a_crash_before_the_rename_keeps_the_old_file(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(results.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError):
         atomic_write_text(path, "new,half")
     assert path.read_text() == "old,complete\n"
@@ -143,7 +144,7 @@ def test_each_job_row_is_compared_with_its_reference_row_seed_by_seed(tmp_path):
 def test_atomic_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
     """mkstemp creates 0600 whatever the umask; results on a shared disk must be readable as
     the umask allows (metrics.json, tables, job.json and checkpoints go through this)."""
-    from safetransfer.results import atomic_torch_save, atomic_write_json
+    from safetransfer.atomic import atomic_torch_save, atomic_write_json
 
     old = os.umask(umask)
     try:

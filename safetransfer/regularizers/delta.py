@@ -200,7 +200,7 @@ class DELTA(Term):
         self.max_copies = int(max_copies)
 
     def bind(self, model: TransferNet, context: BindContext) -> None:
-        from safetransfer.results import atomic_torch_save
+        from safetransfer.atomic import atomic_torch_save
 
         self.source = frozen_copy(model.backbone)
         self.maps = {layer: last_conv(layer, model.backbone) if self.settings["at"] == "last_conv" else layer

@@ -1,0 +1,75 @@
+"""Files written whole or not at all, and JSON files read back without trusting them.
+
+Every result, checkpoint and cache file of a run goes through here: a crash, a kill or a
+full disk leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file.
+    The file gets the mode a plain open() gives (0666 less the umask), not mkstemp's 0600,
+    so that results on a shared disk are readable by whoever the umask lets read them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_json(path: Path, needs: Sequence[str] = ()) -> dict | None:
+    """A JSON file written by a run (metrics.json, spectrum.json), or None with a warning that
+    names it when it is truncated, malformed or lacks a key of `needs` (a crash or a full disk
+    can leave such a file; the caller skips it, or trains that seed again)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        missing = [key for key in needs if key not in data]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        return data
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        log.warning("%s is unreadable (%s: %s); skipped", path, type(error).__name__, error)
+        return None
