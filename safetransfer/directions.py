@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from safetransfer.methods import method_label
+
 
 def dot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> torch.Tensor:
     """<x, y> with all tensors of each list seen as one vector: each list laid end to end
@@ -37,8 +39,8 @@ class Direction:
         raise NotImplementedError
 
     def method_name(self, regularizer_name: str) -> str:
-        """The method's name in results tables, e.g. 'L2-SP' or 'DTNH (L2-SP)'."""
-        raise NotImplementedError
+        """The method's name in results tables, e.g. 'L2-SP' or 'DTNH (L2-SP)' (safetransfer.methods)."""
+        return method_label(regularizer_name, type(self).__name__)
 
 
 class Sum(Direction):
@@ -49,9 +51,6 @@ class Sum(Direction):
     def __call__(self, g_J: list[torch.Tensor], g_Omega: list[torch.Tensor]) -> list[torch.Tensor]:
         torch._foreach_add_(g_J, g_Omega)
         return g_J
-
-    def method_name(self, regularizer_name: str) -> str:
-        return regularizer_name
 
 
 class DTNH(Direction):
@@ -88,6 +87,3 @@ class DTNH(Direction):
                 g.mul_(c)
         torch._foreach_add_(g_J, g_Omega)
         return g_J
-
-    def method_name(self, regularizer_name: str) -> str:
-        return f"DTNH ({regularizer_name})"

@@ -21,16 +21,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from safetransfer.backbones import TransferNet
-from safetransfer.directions import Direction, dot
+from safetransfer.directions import Direction
 from safetransfer.regularizers import Omega
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
 
 
 def autocast(device: torch.device, precision: str):

@@ -6,7 +6,6 @@ entrypoint calls.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time
@@ -23,14 +22,15 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from safetransfer.backbones import TransferNet
 from safetransfer.checks import check_classes, check_config, check_training_set
 from safetransfer.directions import Direction
-from safetransfer.engine import Evaluator, NonFiniteError, evaluate, fit, resolve_device, test_forward
+from safetransfer.methods import method_name
+from safetransfer.engine import Evaluator, NonFiniteError, evaluate, fit, test_forward
 from safetransfer.regularizers import BindContext, Omega
 from safetransfer.atomic import atomic_write_json, read_json
 from safetransfer.results import config_key, make_row, write_row
 from safetransfer.search import apply_chosen
 from safetransfer.sources import save_source_checkpoint
 from safetransfer.resume import CHECKPOINT, load_checkpoint
-from safetransfer.sweeps import lease_device
+from safetransfer.runtime import job_device, resolve_device
 from safetransfer.targets import (Target, TensorImages, Transformed, augment_transform, crop_options,
                                   test_transform, train_transform, views_transform)
 from safetransfer.targets.cache import DeviceAugment, cached_split
@@ -52,10 +52,6 @@ def create_omega(cfg: DictConfig) -> Omega:
 
 def create_direction(cfg: DictConfig) -> Direction:
     return instantiate(cfg.direction)
-
-
-def method_name(cfg: DictConfig) -> str:
-    return create_direction(cfg).method_name(str(cfg.regularizer.name))
 
 
 def create_model(cfg: DictConfig, num_classes: int, source_state: dict | None) -> TransferNet:
@@ -257,7 +253,8 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
                                       device, cfg.train.precision)
         validation = {"val_top1": val_top1, "val_loss": val_loss, "val_images": len(data.val)}
     metrics = {
-        "seed": seed, "top1": top1, "test_loss": test_loss, "iterations": cfg.train.iterations,
+        "seed": seed, "method": method_name(cfg), "top1": top1, "test_loss": test_loss,
+        "iterations": cfg.train.iterations,
         "wall_time_s": time.perf_counter() - start, "device": str(device),
         "precision": cfg.train.precision if device.type == "cuda" else "fp32",
         "train_images": len(data.train), "test_images": len(data.test), **validation,
@@ -298,17 +295,6 @@ def failed_seed(run_dir: Path, seed: int, key: str) -> str | None:
         return None
     record = read_json(path, needs=("key", "error"))  # damaged: the seed is tried again
     return record["error"] if record is not None and record["key"] == key else None
-
-
-@contextlib.contextmanager
-def job_device(cfg: DictConfig):
-    """runtime.device=lease: hold a GPU of this machine no other job holds, for the whole job."""
-    if cfg.runtime.device != "lease":
-        yield
-        return
-    with lease_device(torch.cuda.device_count()) as device:
-        cfg.runtime.device = device
-        yield
 
 
 def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "") -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from safetransfer.experiment import method_name
+from safetransfer.methods import method_name
 from safetransfer.atomic import read_json
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,9 @@ def load_runs(directories: Iterable[Path]) -> list[Run]:
                 metrics = read_json(seed_dir / "metrics.json", needs=("config",))
                 if metrics is None:
                     continue
-                cfg = OmegaConf.create(metrics["config"])
+                cfg, method = OmegaConf.create(metrics["config"]), metrics.get("method")
             elif (seed_dir.parent / ".hydra" / "config.yaml").exists():
-                cfg = OmegaConf.load(seed_dir.parent / ".hydra" / "config.yaml")
+                cfg, method = OmegaConf.load(seed_dir.parent / ".hydra" / "config.yaml"), None  # a seed in progress
             else:
                 continue
             try:
@@ -69,7 +69,7 @@ def load_runs(directories: Iterable[Path]) -> list[Run]:
                 continue
             spectrum_path = seed_dir / "spectrum.json"
             found = read_json(spectrum_path, needs=("singular_values",)) if spectrum_path.exists() else None
-            runs.append(Run(method_name(cfg), str(cfg.source.name), str(cfg.target.name), float(cfg.target.sampling_rate),
+            runs.append(Run(method or method_name(cfg), str(cfg.source.name), str(cfg.target.name), float(cfg.target.sampling_rate),
                             int(seed_dir.name.split("_")[1]), curve, found["singular_values"] if found else None))
     return runs
 

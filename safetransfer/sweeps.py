@@ -1,6 +1,5 @@
-"""Multiruns: each job's status file, the report when a sweep ends (the paper-layout
-table of all its jobs and the jobs that failed, with the command that reruns each),
-and GPU leases that give each of a machine's parallel jobs a device of its own.
+"""Multiruns: each job's status file and the report when a sweep ends (the paper-layout
+table of all its jobs and the jobs that failed, with the command that reruns each).
 
 Jobs are launched by Hydra's launchers (basic, joblib, submitit); nothing here schedules.
 """
@@ -11,13 +10,10 @@ import contextlib
 import json
 import logging
 import shlex
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -134,34 +130,3 @@ def print_results_table(config: DictConfig) -> None:
         _, md_path = table_paths(Path(config.results.dir), str(config.results.table))
         if md_path.exists():
             print(f"\nResults table {md_path}:\n\n{md_path.read_text()}", flush=True)
-
-
-def lease_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "safetransfer-gpu-leases"
-
-
-@contextlib.contextmanager
-def lease_device(count: int, directory: Path | None = None, poll_s: float = 2.0) -> Iterator[str]:
-    """Hold one of `count` CUDA devices for this process: the first whose lock file is free.
-    Jobs that run side by side on one machine (the joblib launcher) each get their own
-    GPU; a job finding all taken waits for one."""
-    directory = directory or lease_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    waited = False
-    while True:
-        for index in range(count):
-            lock = FileLock(str(directory / f"cuda{index}.lock"))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                continue
-            try:
-                log.info("leased cuda:%d", index)
-                yield f"cuda:{index}"
-                return
-            finally:
-                lock.release()
-        if not waited:
-            log.info("all %d GPUs are leased by other jobs; waiting for one", count)
-            waited = True
-        time.sleep(poll_s)

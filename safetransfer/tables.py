@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.checks import check_writable
 from safetransfer.errors import ConfigError
-from safetransfer.experiment import method_name
+from safetransfer.methods import method_name
 from safetransfer.paired import paired, paired_text, reference_column
 from safetransfer.atomic import atomic_write_text, read_json
 from safetransfer.results import NOT_IN_KEY, config_key, summarize
@@ -55,7 +55,7 @@ def collect(directories: Iterable[Path]) -> pd.DataFrame:
             cfg = OmegaConf.create(metrics["config"])
             key = config_key(cfg)
             cell = (cfg.backbone.name, cfg.source.name, cfg.target.name, float(cfg.target.sampling_rate),
-                    method_name(cfg))
+                    metrics.get("method") or method_name(cfg))  # runs before the name was saved: from the config
             rows[(key, metrics["seed"])] = (*cell, key, metrics["seed"], metrics["top1"],
                                             metrics.get("val_top1", math.nan))
             settings[key] = _flat(cfg)

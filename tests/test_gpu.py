@@ -42,7 +42,7 @@ def test_a_job_on_cuda_trains_from_the_cache_with_augmentation_on_the_device(cli
 
 
 def test_the_gpu_lease_hands_out_a_real_device(tmp_path):
-    from safetransfer.sweeps import lease_device
+    from safetransfer.runtime import lease_device
 
     with lease_device(torch.cuda.device_count(), tmp_path) as device:
         assert torch.zeros(1, device=device).device.type == "cuda"

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from conftest import TINY, TINY_DEMO_SOURCE
-from safetransfer.sweeps import job_statuses, lease_device
+from safetransfer.runtime import lease_device
+from safetransfer.sweeps import job_statuses
 
 #: the tiny demo: one seed pair, 10 training images per class, 30 % of them held out for validation
 TINY_SWEEP = ["experiment=demo", *[o for o in TINY if not o.startswith("seeds")], "seeds=[0,1]", *TINY_DEMO_SOURCE,
