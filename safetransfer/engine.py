@@ -230,7 +230,7 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
         log_path: Path | None = None, desc: str = "train", batch_transform=None,
         checkpoint_path: Path | None = None, checkpoint_every: int = 0, key: str = "",
         resume: dict | None = None, check_finite: bool = True, eval_every: int = 0,
-        evaluator: Evaluator | None = None, tensorboard: Path | None = None) -> list[dict]:
+        evaluator: Evaluator | None = None, tensorboard: Path | None = None, stop=None) -> list[dict]:
     """Train for `iterations` steps; every `log_every` steps (and at the last) append a row to log.csv.
 
     Returns the rows logged by this call. loss_J and train_acc are means over the steps
@@ -244,8 +244,8 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
 
     Every `checkpoint_every` steps the whole training state goes to `checkpoint_path`
     (tagged with the config `key`); `resume`, such a state, continues from it. A stop
-    signal (safetransfer.resume.active) writes a checkpoint after the current step and
-    raises Preempted.
+    request (`stop`, safetransfer.resume.StopSignals) writes a checkpoint after the current
+    step and raises Preempted.
     """
     from safetransfer import resume as resuming
 
@@ -347,14 +347,14 @@ def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Directi
                          f"| Omega {row['loss_Omega']:.4f} | train acc {row['train_acc']:.1f}%")
             else:
                 bar.set_postfix(J=f"{row['loss_J']:.3f}", lr=f"{lr:.1e}")
-        stop = resuming.active.requested if resuming.active is not None else None
+        signum = stop.requested if stop is not None else None
         if checkpoint_path is not None and iteration < iterations and (
-                stop is not None or (checkpoint_every and iteration % checkpoint_every == 0)):
+                signum is not None or (checkpoint_every and iteration % checkpoint_every == 0)):
             save(iteration)
-        if stop is not None and iteration < iterations:
+        if signum is not None and iteration < iterations:
             bar.close()
             writer.close()
-            raise resuming.Preempted(stop, iteration, checkpoint_path)
+            raise resuming.Preempted(signum, iteration, checkpoint_path)
     bar.close()
     writer.close()
     return rows

@@ -29,7 +29,7 @@ from safetransfer.atomic import atomic_write_json, read_json
 from safetransfer.results import config_key, make_row, write_row
 from safetransfer.search import apply_chosen
 from safetransfer.sources import save_source_checkpoint
-from safetransfer.resume import CHECKPOINT, load_checkpoint
+from safetransfer.resume import CHECKPOINT, StopSignals, load_checkpoint
 from safetransfer.runtime import job_device, resolve_device
 from safetransfer.targets import (Target, TensorImages, Transformed, augment_transform, crop_options,
                                   test_transform, train_transform, views_transform)
@@ -198,10 +198,12 @@ def compile_network(model: TransferNet) -> None:
     model.compile()
 
 
-def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, run_dir: Path) -> dict | None:
+def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, run_dir: Path,
+             stop: StopSignals | None = None) -> dict | None:
     """Fine-tune once and evaluate the final weights (never the best test epoch). Continues
     from the seed's checkpoint when an earlier run left one. A NaN or inf stops the seed:
-    it is recorded in failed.json and None returned."""
+    it is recorded in failed.json and None returned. A stop request (`stop`, a signal)
+    checkpoints and raises resume.Preempted."""
     seed_dir = run_dir / f"seed_{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
     for stale in seed_dir.glob(".*.tmp"):  # an atomic write cut short (SIGKILL mid-checkpoint): only this seed writes here
@@ -239,7 +241,7 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
             checkpoint_path=checkpoint, checkpoint_every=cfg.runtime.checkpoint_every, key=key,
             resume=load_checkpoint(checkpoint, key), check_finite=cfg.runtime.check_finite,
             eval_every=cfg.runtime.get("eval_every", 0), evaluator=evaluator,
-            tensorboard=seed_dir / "tensorboard" if cfg.get("logger", "csv") == "tensorboard" else None)
+            tensorboard=seed_dir / "tensorboard" if cfg.get("logger", "csv") == "tensorboard" else None, stop=stop)
     except NonFiniteError as error:
         atomic_write_json(seed_dir / FAILED, {"seed": seed, "key": key, "error": str(error)})
         log.error("%s: the seed is recorded as failed (%s) and left out of the table", error, seed_dir / FAILED)
@@ -297,13 +299,14 @@ def failed_seed(run_dir: Path, seed: int, key: str) -> str | None:
     return record["error"] if record is not None and record["key"] == key else None
 
 
-def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "") -> dict:
-    """Check the config, run every seed not finished yet, write the row; returns the row."""
+def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "", stop: StopSignals | None = None) -> dict:
+    """Check the config, run every seed not finished yet, write the row; returns the row.
+    `stop` (safetransfer.resume.StopSignals) asks the running seed to checkpoint and stop."""
     check_config(cfg)
     if apply_chosen(cfg, method_name(cfg)):  # stage 2 of a table's search: the cell's chosen values
         check_config(cfg)
     with job_device(cfg):
-        return _run_job(cfg, run_dir, overrides)
+        return _run_job(cfg, run_dir, overrides, stop)
 
 
 def seed_data(cfg: DictConfig, target: Target, seed: int, run_dir: Path, data: Data | None) -> Data:
@@ -331,20 +334,17 @@ def run_seeds_concurrently(cfg: DictConfig, seeds: list[int], run_dir: Path) -> 
 
 
 def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dict | None:
-    from safetransfer import resume
-
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][seed {seed}][%(name)s][%(levelname)s] - %(message)s")
     torch.set_num_threads(threads)
     cfg = OmegaConf.create(container)
     target: Target = instantiate(cfg.target)
     source_state = instantiate(cfg.source).backbone_state(cfg.backbone.name)
     data = seed_data(cfg, target, seed, Path(run_dir), None)
-    with resume.StopSignals() as stop:
-        resume.active = stop
-        return run_seed(cfg, seed, data, source_state, Path(run_dir))
+    with StopSignals() as stop:
+        return run_seed(cfg, seed, data, source_state, Path(run_dir), stop)
 
 
-def _run_job(cfg: DictConfig, run_dir: Path, overrides: str) -> dict:
+def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals | None) -> dict:
     target: Target = instantiate(cfg.target)
     target.check()
     check_classes(cfg.target.name, len(target.classes))
@@ -375,7 +375,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str) -> dict:
     for seed in pending:
         if seed in outcomes:
             continue
-        outcomes[seed] = run_seed(cfg, seed, seed_data(cfg, target, seed, run_dir, data), source_state, run_dir)
+        outcomes[seed] = run_seed(cfg, seed, seed_data(cfg, target, seed, run_dir, data), source_state, run_dir, stop)
     finished = [seed for seed in cfg.seeds if outcomes[seed] is not None]
     failed = [seed for seed in cfg.seeds if outcomes[seed] is None]
     accuracies = [outcomes[seed]["top1"] for seed in finished]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import statistics
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -22,8 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from safetransfer.atomic import atomic_write_text
 from safetransfer.paired import paired, paired_text, reference_column
 
-#: config sections that change how a job runs or where it writes, never its numbers
-NOT_IN_KEY = ("seeds", "runtime", "results", "paths", "hydra", "logger", "search")  # search: its chosen values are in the config
+#: config sections (and the launcher group, which only sets hydra.launcher) that change how a
+#: job runs or where it writes, never its numbers; search: its chosen values are in the config
+NOT_IN_KEY = ("seeds", "runtime", "results", "paths", "hydra", "logger", "search", "launcher")
+
+
+def runtime_only(override: str) -> bool:
+    """Whether a command-line override (`runtime.device=cuda`, `+search.seeds=[0]`) sets a key
+    of NOT_IN_KEY, and so is left out of a row's overrides."""
+    return re.split(r"[./=]", override.lstrip("+~"), maxsplit=1)[0] in NOT_IN_KEY  # hydra/launcher=... too
 
 ROW_COLUMNS = ["backbone", "source", "target", "sampling_rate", "method", "mean", "std", "n_seeds",
                "accuracies", "seeds", "failed", "overrides", "key", "run_dir", "updated"]

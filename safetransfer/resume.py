@@ -132,7 +132,3 @@ class StopSignals:
         previous = self._previous.get(signum)
         if callable(previous) and signum != signal.SIGINT:  # Python's SIGINT handler would raise KeyboardInterrupt
             previous(signum, None)
-
-
-#: the active StopSignals of this process (set by the entrypoint around a job)
-active: StopSignals | None = None

@@ -34,9 +34,6 @@ def cuda_device_count() -> int:
 
 OmegaConf.register_new_resolver("safetransfer.cuda_device_count", cuda_device_count, replace=True)
 #: keys of a job's overrides that do not change its numbers, left out of the table's overrides column
-RUNTIME_PREFIXES = ("seeds", "runtime.", "results.", "paths.", "hydra.", "logger", "launcher", "search.")
-
-
 def group_options(group: str) -> list[str] | None:
     """The choices of a config group shipped with the package, or None if `group` is not one."""
     folder = resources.files(CONFIG_PACKAGE).joinpath(group)
@@ -174,8 +171,9 @@ def job_overrides() -> str:
     """The job's own command-line overrides that change its numbers, for the table."""
     if not HydraConfig.initialized():
         return ""
-    task = HydraConfig.get().overrides.task
-    return " ".join(o for o in task if not o.lstrip("+~").startswith(RUNTIME_PREFIXES))
+    from safetransfer.results import runtime_only
+
+    return " ".join(o for o in HydraConfig.get().overrides.task if not runtime_only(o))
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
@@ -191,9 +189,8 @@ def app(cfg: DictConfig) -> float:
     status.write("running")
     try:
         with resume.StopSignals() as stop:
-            resume.active = stop
             check_method_choices(hydra_cfg.runtime.choices)
-            row = run_job(cfg, run_dir, job_overrides())
+            row = run_job(cfg, run_dir, job_overrides(), stop=stop)
     except resume.Preempted as preempted:
         status.write("interrupted" if preempted.signum == signal.SIGINT else "preempted", error=str(preempted))
         log.warning("%s", preempted)
@@ -209,8 +206,6 @@ def app(cfg: DictConfig) -> float:
     except BaseException as error:
         status.write("failed", error=f"{type(error).__name__}: {error}")
         raise
-    finally:
-        resume.active = None
     status.write("finished", mean=row["mean"], n_seeds=row["n_seeds"], key=row["key"])
     return row["mean"]  # what a sweeper optimises
 

@@ -159,3 +159,13 @@ def test_atomic_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
     assert expected == 0o666 & ~umask
     for name in ("metrics.json", "checkpoint.pt", "t.csv", "t.md"):
         assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
+@pytest.mark.parametrize("override, left_out", [
+    ("runtime.device=cuda", True), ("+search.seeds=[0]", True), ("seeds=[0,1]", True), ("launcher=gpus", True),
+    ("hydra/launcher=joblib", True), ("~logger", True), ("method=l2sp", False), ("target.sampling_rate=15", False),
+    ("regularizer.terms.l2sp.alpha=0.01", False), ("seedsx=1", False)])
+def test_a_row_leaves_out_the_overrides_of_keys_outside_its_key(override, left_out):
+    from safetransfer.results import runtime_only
+
+    assert runtime_only(override) is left_out
