@@ -10,12 +10,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from safetransfer.errors import ConfigError
+from safetransfer.errors import ConfigError, one_line
 from safetransfer.targets import TEST_CROPS, TRAIN_CROPS, crop_options
 
 PRECISIONS = ("fp32", "bf16")
 GRANULARITIES = ("global", "tensor")
-COEFFICIENTS = ("alpha", "beta", "eta")
 PROGRESS = ("auto", "bar", "log")
 
 
@@ -79,8 +78,8 @@ def check_config(cfg: DictConfig) -> None:
     if evaluation < 0 or (evaluation and (not cfg.runtime.log_every or evaluation % cfg.runtime.log_every)):
         raise ConfigError(f"runtime.eval_every={evaluation} must be 0 or a multiple of "
                           f"runtime.log_every={cfg.runtime.log_every} (the evaluation is written on log rows)")
-    check_regularizer(cfg)
     check_bss(cfg)
+    check_regularizer(cfg)
     if "granularity" in cfg.direction and cfg.direction.granularity not in GRANULARITIES:
         raise ConfigError(f"direction.granularity={cfg.direction.granularity} is not one of {', '.join(GRANULARITIES)}")
     if cfg.train.precision not in PRECISIONS:
@@ -100,33 +99,32 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_regularizer(cfg: DictConfig) -> None:
-    from safetransfer.backbones import STAGES
+    """Each term of Omega built from its config: the term checks its own coefficients and
+    settings; a failure is reported under the term's key."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
 
     if not cfg.regularizer.terms:
         raise ConfigError("regularizer.terms is empty; choose a regularizer, e.g. regularizer=l2")
     for name, term in cfg.regularizer.terms.items():
-        key = f"regularizer.terms.{name}"
-        for coefficient in COEFFICIENTS:
-            value = term.get(coefficient)
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                                      or not math.isfinite(value) or value < 0):
-                raise ConfigError(f"{key}.{coefficient}={value} must be a finite number >= 0")
-        decay = term.get("decay", 1.0)
-        if not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
-            raise ConfigError(f"{key}.decay={decay} is outside [0, 1] (lambda_e = lambda * decay^epoch; 1 = no decay)")
-        layers = term.get("layers")
-        if layers is not None and (not layers or any(layer not in STAGES for layer in layers)):
-            raise ConfigError(f"{key}.layers={list(layers)}: choose one or more of {', '.join(STAGES)}")
-        temperature = term.get("temperature")
-        if temperature is not None and not temperature > 0:
-            raise ConfigError(f"{key}.temperature={temperature} must be > 0")
+        try:
+            instantiate(term)
+        except InstantiationException as error:
+            cause = error.__cause__ or error
+            if isinstance(cause, ValueError):  # "alpha=-1 must be ...": the term names its own setting
+                raise ConfigError(f"regularizer.terms.{name}.{cause}") from None
+            raise ConfigError(f"regularizer.terms.{name}: {one_line(cause)}") from None
 
 
 def check_bss(cfg: DictConfig) -> None:
+    """BSS's k counts singular values of a batch x features matrix: fewer than both sizes."""
+    from hydra.utils import get_class
+
     from safetransfer.backbones import BACKBONES
+    from safetransfer.regularizers.bss import BSS
 
     for name, term in cfg.regularizer.terms.items():
-        if str(term.get("_target_", "")).endswith(".BSS"):
+        if "_target_" in term and issubclass(get_class(term._target_), BSS):
             k, limit = term.get("k", 1), min(cfg.train.batch_size, BACKBONES.get(cfg.backbone.name, 1 << 30))
             if not isinstance(k, int) or not 1 <= k < limit:
                 raise ConfigError(

@@ -1,28 +1,28 @@
 """The training engine: one step of DTNH Algorithm 1, the iteration loop, evaluation.
 
-Nothing here knows about Hydra; experiment.py builds the pieces from a config.
+Nothing here knows about Hydra: safetransfer.build makes the Parts from a config. The loop
+hands its rows to a logs.TrainLog and its state to a resume.Checkpointer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import math
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from safetransfer.backbones import TransferNet
 from safetransfer.directions import Direction
+from safetransfer.logs import TrainLog
 from safetransfer.regularizers import Omega
+from safetransfer.resume import Checkpointer, Preempted, StopSignals, TrainingState, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +34,12 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-ANGLE_COLUMNS = ("angle_d_J", "angle_d_Omega", "angle_sum_J", "angle_sum_Omega", "conflict")
-
-
 @dataclass
 class StepResult:
     loss_J: torch.Tensor                 # detached, on the device
     correct: torch.Tensor                # number of correct predictions in the batch
     omega: dict[str, torch.Tensor] | None = None   # each term's value, when recorded
-    angles: dict[str, torch.Tensor] | None = None  # the diagnostics of ANGLE_COLUMNS, when recorded
+    angles: dict[str, torch.Tensor] | None = None  # logs.ANGLE_COLUMNS, when recorded
 
 
 def training_step(model: TransferNet, images: torch.Tensor, labels: torch.Tensor, omega: Omega,
@@ -100,8 +97,8 @@ class NonFiniteError(FloatingPointError):
 def term_problem(omega: Omega, name: str, value: float) -> str:
     """`Omega term l2sp is inf (alpha=0.1, decay^epoch=1)`: the term, its value and its coefficients."""
     term = omega.terms[name]
-    names = [n for n in ("alpha", "beta", "eta", "k") if hasattr(term, n)]
-    coefficients = ", ".join([*(f"{n}={getattr(term, n):g}" for n in names), f"decay^epoch={term.scale:g}"])
+    coefficients = ", ".join([*(f"{n}={v:g}" for n, v in term.coefficient_values().items()),
+                              f"decay^epoch={term.scale:g}"])
     return f"Omega term {name} is {value} ({coefficients})"
 
 
@@ -218,192 +215,123 @@ class Batches:
         self.taken = position["taken"]
 
 
-def use_bar(progress: str) -> bool:
-    if progress not in ("auto", "bar", "log"):
-        raise ValueError(f"runtime.progress={progress!r}; allowed: auto, bar, log")
-    return progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+@dataclass
+class Parts:
+    """What the loop steps: built from a config by safetransfer.build (or by hand)."""
+
+    model: TransferNet
+    omega: Omega
+    direction: Direction
+    optimizer: torch.optim.Optimizer
+    scheduler: Any                   # stepped once per iteration
+    loader: DataLoader               # the training batches
+    device: torch.device
+    batch_transform: Any = None      # finishes each batch on the device (DeviceAugment), or None
 
 
-def fit(model: TransferNet, loader: DataLoader, omega: Omega, direction: Direction,
-        optimizer: torch.optim.Optimizer, scheduler, *, iterations: int, device: torch.device,
-        precision: str = "fp32", log_every: int = 100, diagnostics_every: int = 0, progress: str = "auto",
-        log_path: Path | None = None, desc: str = "train", batch_transform=None,
-        checkpoint_path: Path | None = None, checkpoint_every: int = 0, key: str = "",
-        resume: dict | None = None, check_finite: bool = True, eval_every: int = 0,
-        evaluator: Evaluator | None = None, tensorboard: Path | None = None, stop=None) -> list[dict]:
-    """Train for `iterations` steps; every `log_every` steps (and at the last) append a row to log.csv.
+@dataclass
+class Loop:
+    """How long the loop runs and what it records. Rows of log.csv come every `log_every`
+    iterations and at the last; rows at multiples of `diagnostics_every` also carry the
+    angles between d, g_J and g_Omega and the terms' own diagnostics (BSS's singular values);
+    rows at multiples of `eval_every` also carry `<split>_loss` and `<split>_acc`."""
 
-    Returns the rows logged by this call. loss_J and train_acc are means over the steps
-    since the previous row; lr is the one the row's step used; loss_Omega and its terms
-    are the values at the row's step. Rows at multiples of `diagnostics_every` also carry
-    the angles between d, g_J and g_Omega and the terms' own diagnostics (BSS's singular values).
-    `batch_transform` finishes each batch on the device (DeviceAugment).
+    iterations: int
+    precision: str = "fp32"
+    log_every: int = 100
+    diagnostics_every: int = 0
+    eval_every: int = 0
+    check_finite: bool = True
 
-    Rows at multiples of `eval_every` also carry `<split>_loss` and `<split>_acc` from
-    `evaluator` (the validation split when there is one, else the test split).
 
-    Every `checkpoint_every` steps the whole training state goes to `checkpoint_path`
-    (tagged with the config `key`); `resume`, such a state, continues from it. A stop
-    request (`stop`, safetransfer.resume.StopSignals) writes a checkpoint after the current
-    step and raises Preempted.
+def fit(parts: Parts, loop: Loop, logger: TrainLog | None = None, checkpointer: Checkpointer | None = None,
+        evaluator: Evaluator | None = None, stop: StopSignals | None = None) -> list[dict]:
+    """Train for `loop.iterations` steps of DTNH Algorithm 1; returns the rows logged by this call.
+
+    loss_J and train_acc of a row are means over the steps since the previous row; lr is the
+    one the row's step used; loss_Omega and its terms are the values at the row's step.
+    `logger` (logs.TrainLog) writes the rows (none are written without it); `evaluator` (the
+    validation split when there is one, else the test split) gives the evaluation columns.
+    `checkpointer` (resume.Checkpointer) saves the training state at its interval and, when
+    it holds the state of an interrupted run, the loop continues from it. A stop request
+    (`stop`, resume.StopSignals) saves the state after the current step and raises Preempted.
     """
-    from safetransfer import resume as resuming
-
+    model, omega, optimizer, scheduler = parts.model, parts.omega, parts.optimizer, parts.scheduler
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    precision_context = autocast(device, precision)
+    precision_context = autocast(parts.device, loop.precision)
     channels_last = params[0].dim() == 4 and params[0].is_contiguous(memory_format=torch.channels_last) \
         and not params[0].is_contiguous()  # the network was converted: feed it NHWC batches
-    columns = ["iteration", "epoch", "lr", "loss_J", "loss_Omega", *(f"Omega_{name}" for name in omega.terms),
-               "train_acc"]
-    if diagnostics_every:
-        columns += [*ANGLE_COLUMNS, *omega.diagnostic_names()]
-    if eval_every and evaluator is not None:
-        columns += [f"{evaluator.split}_loss", f"{evaluator.split}_acc"]
+    eval_split = evaluator.split if evaluator is not None and loop.eval_every else None
+    logger = logger or TrainLog(None, [], parts.device, total=loop.iterations, progress="log")
     rows: list[dict] = []
-    window_loss = torch.zeros((), device=device)
-    window_correct = torch.zeros((), device=device, dtype=torch.long)
-    window_steps = window_images = 0
-    current_epoch, first, elapsed = -1, 1, 0.0
-    batches = Batches(loader)
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        batches.restore(resume["position"])
-        if batch_transform is not None and resume.get("augment") is not None:
-            batch_transform.generator.set_state(resume["augment"])
-        window_loss += resume["window"]["loss"].to(device)
-        window_correct += resume["window"]["correct"].to(device)
-        window_steps, window_images = resume["window"]["steps"], resume["window"]["images"]
-        first, elapsed = resume["iteration"] + 1, resume["elapsed_s"]
-        resuming.set_rng_state(resume["rng"])  # after the replayed batches, which drew from it
-        log.info("%s: resumed after iteration %d of %d", desc, resume["iteration"], iterations)
-    writer = _LogWriter(log_path, [*columns, "elapsed_s"], keep_until=first - 1, tensorboard=tensorboard)
+    current_epoch, done, elapsed = -1, 0, 0.0
+    batches = Batches(parts.loader)
+    state = checkpointer.load() if checkpointer is not None else None
+    if state is not None:
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        batches.restore(state.position)
+        if parts.batch_transform is not None and state.augment is not None:
+            parts.batch_transform.generator.set_state(state.augment)
+        logger.restore_window(state.window)
+        done, elapsed = state.iteration, state.elapsed_s
+        set_rng_state(state.rng)  # after the replayed batches, which drew from it
+        log.info("%s: resumed after iteration %d of %d", logger.desc, done, loop.iterations)
+    logger.open(done)
+    start = time.perf_counter()
 
     def save(iteration: int) -> None:
-        resuming.save_checkpoint(checkpoint_path, {
-            "key": key, "iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "position": batches.position(), "rng": resuming.rng_state(),
-            "augment": batch_transform.generator.get_state() if batch_transform is not None else None,
-            "window": {"loss": window_loss.detach().cpu(), "correct": window_correct.detach().cpu(),
-                       "steps": window_steps, "images": window_images},
-            "elapsed_s": elapsed + time.perf_counter() - start})
+        checkpointer.save(TrainingState(
+            key=checkpointer.key, iteration=iteration, model=model.state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), position=batches.position(), rng=rng_state(),
+            augment=parts.batch_transform.generator.get_state() if parts.batch_transform is not None else None,
+            window=logger.window(), elapsed_s=elapsed + time.perf_counter() - start))
 
-    bar = tqdm(total=iterations, initial=first - 1, desc=desc, disable=not use_bar(progress), dynamic_ncols=True,
-               leave=False)
-    start = time.perf_counter()
-    for iteration in range(first, iterations + 1):
-        epoch, (images, labels) = next(batches)
-        if epoch != current_epoch:
-            current_epoch = epoch
-            omega.set_epoch(epoch)
-        logged = (log_every and iteration % log_every == 0) or iteration == iterations
-        diagnosed = logged and bool(diagnostics_every) and iteration % diagnostics_every == 0
-        lr = optimizer.param_groups[0]["lr"]
-        images = images.to(device, non_blocking=True)
-        if batch_transform is not None:
-            images = batch_transform(images)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        try:
-            step = training_step(model, images, labels.to(device, non_blocking=True), omega, direction, optimizer,
-                                 params, precision_context, record=logged, angles=diagnosed,
-                                 check_finite=check_finite)
-        except NonFiniteError as error:
-            raise NonFiniteError(f"{desc}: iteration {iteration} (epoch {epoch}): {error}") from None
-        scheduler.step()
-        window_loss += step.loss_J
-        window_correct += step.correct
-        window_steps += 1
-        window_images += len(labels)
-        bar.update(1)
-        if logged:
-            row = {
-                "iteration": iteration, "epoch": epoch, "lr": lr,
-                "loss_J": float(window_loss) / window_steps,
-                "loss_Omega": float(sum(step.omega.values())) if step.omega else 0.0,
-                **{f"Omega_{name}": float(value) for name, value in step.omega.items()},
-                "train_acc": 100.0 * float(window_correct) / window_images,
-            }
-            bad = [name for name in omega.terms if not math.isfinite(row[f"Omega_{name}"])]
-            if check_finite and bad:  # a term whose value (not only its gradient) overflowed
-                raise NonFiniteError(f"{desc}: iteration {iteration} (epoch {epoch}): " + "; ".join(
-                    term_problem(omega, name, row[f"Omega_{name}"]) for name in bad))
-            if diagnosed:
-                row.update({name: float(value) for name, value in step.angles.items()})
-                row.update(omega.diagnostics())
-            if evaluator is not None and eval_every and iteration % eval_every == 0:
-                accuracy, loss = evaluator()
-                row.update({f"{evaluator.split}_loss": loss, f"{evaluator.split}_acc": accuracy})
-            row["elapsed_s"] = elapsed + time.perf_counter() - start
-            rows.append(row)
-            writer.write(row)
-            window_loss.zero_()
-            window_correct.zero_()
-            window_steps = window_images = 0
-            if bar.disable:
-                log.info(f"{desc} | iter {iteration}/{iterations} | lr {lr:.2e} | J {row['loss_J']:.4f} "
-                         f"| Omega {row['loss_Omega']:.4f} | train acc {row['train_acc']:.1f}%")
-            else:
-                bar.set_postfix(J=f"{row['loss_J']:.3f}", lr=f"{lr:.1e}")
-        signum = stop.requested if stop is not None else None
-        if checkpoint_path is not None and iteration < iterations and (
-                signum is not None or (checkpoint_every and iteration % checkpoint_every == 0)):
-            save(iteration)
-        if signum is not None and iteration < iterations:
-            bar.close()
-            writer.close()
-            raise resuming.Preempted(signum, iteration, checkpoint_path)
-    bar.close()
-    writer.close()
-    return rows
-
-
-class _LogWriter:
-    """Writes rows to log.csv, flushing each so that a crashed run keeps its curve. A
-    resumed run keeps the rows up to `keep_until` (its checkpoint's iteration) and
-    drops the later ones, which the resumed run writes again. With `tensorboard` (a
-    folder) the same scalars also go to TensorBoard event files there."""
-
-    def __init__(self, path: Path | None, columns: list[str], keep_until: int = 0, tensorboard: Path | None = None):
-        self.file = self.board = None
-        if tensorboard is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.board = SummaryWriter(log_dir=str(tensorboard), purge_step=keep_until + 1 if keep_until else None)
-        if path is None:
-            return
-        kept = []
-        if keep_until and Path(path).exists():
+    try:
+        for iteration in range(done + 1, loop.iterations + 1):
+            epoch, (images, labels) = next(batches)
+            if epoch != current_epoch:
+                current_epoch = epoch
+                omega.set_epoch(epoch)
+            logged = (loop.log_every and iteration % loop.log_every == 0) or iteration == loop.iterations
+            diagnosed = logged and bool(loop.diagnostics_every) and iteration % loop.diagnostics_every == 0
+            lr = optimizer.param_groups[0]["lr"]
+            images = images.to(parts.device, non_blocking=True)
+            if parts.batch_transform is not None:
+                images = parts.batch_transform(images)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             try:
-                with open(path, newline="") as handle:
-                    kept = [row for row in csv.DictReader(handle) if int(row["iteration"]) <= keep_until]
-            except (ValueError, KeyError, TypeError, csv.Error, UnicodeDecodeError) as error:  # damaged by a crash
-                log.warning("%s is unreadable (%s: %s); its rows before the checkpoint are lost, the rest is "
-                            "written again", path, type(error).__name__, error)
-                kept = []
-        self.file = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=columns, restval="")
-        self.writer.writeheader()
-        self.writer.writerows(kept)
-        self.file.flush()
-
-    def write(self, row: dict) -> None:
-        if self.file is not None:
-            self.writer.writerow(row)
-            self.file.flush()
-        if self.board is not None:
-            for name, value in row.items():
-                if name not in ("iteration", "epoch") and isinstance(value, (int, float)):
-                    self.board.add_scalar(name, value, row["iteration"])
-            self.board.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.board is not None:
-            self.board.close()
+                step = training_step(model, images, labels.to(parts.device, non_blocking=True), omega,
+                                     parts.direction, optimizer, params, precision_context, record=logged,
+                                     angles=diagnosed, check_finite=loop.check_finite)
+            except NonFiniteError as error:
+                raise NonFiniteError(f"{logger.desc}: iteration {iteration} (epoch {epoch}): {error}") from None
+            scheduler.step()
+            logger.step(step.loss_J, step.correct, len(labels))
+            if logged:
+                values = {name: float(value) for name, value in (step.omega or {}).items()}
+                bad = [name for name in omega.terms if not math.isfinite(values[name])]
+                if loop.check_finite and bad:  # a term whose value (not only its gradient) overflowed
+                    raise NonFiniteError(f"{logger.desc}: iteration {iteration} (epoch {epoch}): " + "; ".join(
+                        term_problem(omega, name, values[name]) for name in bad))
+                evaluation = None
+                if eval_split is not None and iteration % loop.eval_every == 0:
+                    evaluation = (eval_split, *evaluator())
+                rows.append(logger.record(
+                    iteration, epoch, lr, step.omega, elapsed + time.perf_counter() - start,
+                    angles={name: float(value) for name, value in step.angles.items()} if diagnosed else None,
+                    diagnostics=omega.diagnostics() if diagnosed else None, evaluation=evaluation))
+            signum = stop.requested if stop is not None else None
+            if checkpointer is not None and iteration < loop.iterations and checkpointer.due(iteration, signum is not None):
+                save(iteration)
+            if signum is not None and iteration < loop.iterations:
+                raise Preempted(signum, iteration, checkpointer.path if checkpointer is not None else None)
+    finally:
+        logger.close()
+    return rows
 
 
 @dataclass

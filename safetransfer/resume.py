@@ -16,6 +16,7 @@ import logging
 import random
 import signal
 import threading
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,52 @@ def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
         log.warning("the checkpoint %s belongs to another config; the seed starts from iteration 0", path)
         return None
     return state
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds: all a seed needs to go on exactly where it stopped."""
+
+    key: str                      # the config's key: a checkpoint of another config is not resumed
+    iteration: int                # the last iteration done
+    model: dict                   # state_dicts
+    optimizer: dict
+    scheduler: dict
+    position: dict                # the data order (engine.Batches.position)
+    rng: dict                     # every global RNG (rng_state)
+    augment: torch.Tensor | None  # the on-device augmentation's generator state
+    window: dict                  # the log row being accumulated (logs.TrainLog.window)
+    elapsed_s: float              # training time so far
+
+    def as_dict(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+class Checkpointer:
+    """Saves a seed's TrainingState to `path` every `every` iterations (0: only when asked to
+    stop), and loads it back for a rerun of the same config (`key`)."""
+
+    def __init__(self, path: Path, key: str, every: int = 0):
+        self.path, self.key, self.every = Path(path), key, every
+
+    def load(self) -> TrainingState | None:
+        state = load_checkpoint(self.path, self.key)
+        if state is None:
+            return None
+        try:
+            return TrainingState(**state)
+        except TypeError:  # other fields: written by another version of safetransfer
+            log.warning("the checkpoint %s was written by another version; the seed starts from iteration 0", self.path)
+            return None
+
+    def due(self, iteration: int, stopping: bool) -> bool:
+        return stopping or bool(self.every and iteration % self.every == 0)
+
+    def save(self, state: TrainingState) -> None:
+        save_checkpoint(self.path, state.as_dict())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 class Preempted(Exception):

@@ -196,7 +196,8 @@ class DemoSource(Source):
 
     def pretrain(self, backbone: str) -> dict[str, torch.Tensor]:
         from safetransfer.directions import Sum
-        from safetransfer.engine import fit
+        from safetransfer.engine import Loop, Parts, fit
+        from safetransfer.logs import TrainLog
         from safetransfer.regularizers import Omega
         from safetransfer.regularizers.l2 import L2
         from safetransfer.targets import IMAGENET_MEAN, IMAGENET_STD, TensorImages, Transformed, train_transform
@@ -215,6 +216,8 @@ class DemoSource(Source):
             optimizer = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=0.9)
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, s["iterations"])
             omega = Omega({"l2": L2(alpha=1e-4)})
-            fit(model, loader, omega, Sum(), optimizer, scheduler, iterations=s["iterations"],
-                device=torch.device("cpu"), log_every=max(1, s["iterations"] // 4), desc="demo source")
+            cpu = torch.device("cpu")
+            fit(Parts(model, omega, Sum(), optimizer, scheduler, loader, cpu),
+                Loop(s["iterations"], log_every=max(1, s["iterations"] // 4)),
+                TrainLog(None, [], cpu, total=s["iterations"], desc="demo source"))
         return model.backbone.state_dict()

@@ -37,12 +37,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from safetransfer.backbones import TransferNet
-from safetransfer.engine import autocast, fit, training_step
-from safetransfer.experiment import (compile_network, create_direction, create_loader, create_omega, create_optimizer,
-                                     prepare_data)
-from safetransfer.regularizers import BindContext
-from safetransfer.targets import TensorImages
-from safetransfer.targets.cache import DeviceAugment
+from safetransfer.build import build_seed, create_loader
+from safetransfer.engine import Loop, autocast, fit, training_step
+from safetransfer.preparation import Data, prepare_data
+from safetransfer.targets.augment import DeviceAugment
 from safetransfer.targets.imagefolder import ImageFolderTarget
 
 REGULARIZERS = ["l2", "l2sp", "knowdist", "delta", "l2_bss", "l2sp_bss", "delta_bss"]
@@ -135,6 +133,17 @@ def config(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
+def seed_config(args, device: torch.device, *overrides: str):
+    """A config for build_seed on one fixed batch: this device, no loader workers, DELTA's
+    attention over the batch itself, cached in the run's temporary folder."""
+    cfg = config(*overrides, f"runtime.device={device}", f"train.batch_size={args.batch}", "runtime.num_workers=0",
+                 f"paths.cache_dir={args.cache}")
+    for term in cfg.regularizer.terms.values():
+        if "ablation_images" in term:
+            term.ablation_images = min(term.ablation_images, args.batch)
+    return cfg
+
+
 # -- the reference: how common public fine-tuning scripts are written -------------------------
 
 def reference_model(backbone: str, classes: int, device: torch.device):
@@ -161,7 +170,7 @@ def reference_transform(resize: int, crop: int):
 
 @dataclass
 class Pieces:
-    """What the engine's training_step takes, built as run_seed builds it."""
+    """What the engine's training_step takes, built by safetransfer.build as run_seed builds it."""
     model: TransferNet
     images: torch.Tensor
     labels: torch.Tensor
@@ -174,22 +183,13 @@ class Pieces:
 
 
 def project_pieces(cfg, backbone: str, classes: int, device: torch.device, images, labels) -> Pieces:
-    torch.manual_seed(0)
-    model = TransferNet(backbone, classes).to(device)
-    if cfg.runtime.channels_last and device.type == "cuda":  # as run_seed and fit do
-        model = model.to(memory_format=torch.channels_last)
+    """The seed's pieces from build_seed, on one fixed batch (DELTA's attention comes from the
+    batch itself: a one-time cost, not timed)."""
+    p = build_seed(cfg, 0, Data.from_tensors(images, labels, classes), None).parts
+    if cfg.runtime.channels_last and device.type == "cuda":  # the layout fit feeds a channels-last network
         images = images.contiguous(memory_format=torch.channels_last)
-    omega = create_omega(cfg)
-    for term in omega.terms.values():  # DELTA's attention: from the batch itself (a one-time cost, not timed)
-        if hasattr(term, "settings"):
-            term.settings["ablation_images"] = min(term.settings["ablation_images"], len(images))
-    omega.bind(model, BindContext(device=device, train_data=TensorImages(images.cpu(), labels.cpu()),
-                                  batch_size=len(images), cache_dir=None, identity={}))
-    if cfg.runtime.compile:  # as run_seed does
-        compile_network(model)
-    optimizer, scheduler = create_optimizer(cfg, model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return Pieces(model, images, labels, omega, create_direction(cfg), optimizer, scheduler, params,
+    params = [q for q in p.model.parameters() if q.requires_grad]
+    return Pieces(p.model, images, labels, p.omega, p.direction, p.optimizer, p.scheduler, params,
                   autocast(device, cfg.train.precision))
 
 
@@ -246,8 +246,8 @@ def model_only(args, device, backbone: str) -> list[Result]:
     labels = torch.randint(0, args.classes, (args.batch,), generator=generator).to(device)
 
     def ours(regularizer: str, direction: str, precision: str, compiled: bool = False):
-        cfg = config(f"backbone={backbone}", f"regularizer={regularizer}", f"direction={direction}",
-                     f"train.precision={precision}", f"runtime.compile={compiled}")
+        cfg = seed_config(args, device, f"backbone={backbone}", f"regularizer={regularizer}",
+                          f"direction={direction}", f"train.precision={precision}", f"runtime.compile={compiled}")
         return project_step(cfg, backbone, args.classes, device, images, labels)
 
     model, optimizer = reference_model(backbone, args.classes, device)
@@ -281,8 +281,8 @@ def backward_passes(args, device, backbone: str) -> list[Result]:
     labels = torch.randint(0, args.classes, (args.batch,), generator=generator).to(device)
     results = []
     for regularizer in [r for r in FEATURE_TERMS if r in args.regularizers]:
-        cfg = config(f"backbone={backbone}", f"regularizer={regularizer}", "direction=dtnh",
-                     f"train.precision={args.precision}")
+        cfg = seed_config(args, device, f"backbone={backbone}", f"regularizer={regularizer}", "direction=dtnh",
+                          f"train.precision={args.precision}")
         p = project_pieces(cfg, backbone, args.classes, device, images, labels)
 
         def forward():
@@ -333,24 +333,22 @@ def backward_passes(args, device, backbone: str) -> list[Result]:
 
 def attention_time(args, device, backbone: str) -> list[Result]:
     """DELTA's one-time channel attention (source head fit and every channel's ablation over
-    the training images), from a fresh network on random images; cached per cell after."""
-    cfg = config(f"backbone={backbone}", "regularizer=delta")
-    generator = torch.Generator().manual_seed(0)
+    the training images) on random images: the time build_seed takes with DELTA (its attention,
+    computed in the bind, is almost all of it), with a cache folder of its own (no cached
+    attention to find)."""
     count = args.attention_images
+    generator = torch.Generator().manual_seed(0)
     images = torch.randn(count, 3, args.size, args.size, generator=generator)
     labels = torch.arange(count) % args.classes
-    torch.manual_seed(0)
-    model = TransferNet(backbone, args.classes).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    omega = create_omega(cfg)
-    omega.terms["delta"].settings["ablation_images"] = count
-    with peak_memory(device) as peak:
-        start = time.perf_counter()
-        omega.bind(model, BindContext(device=device, train_data=TensorImages(images, labels), batch_size=args.batch,
-                                      cache_dir=None, identity={}))
-        synchronize(device)
-        seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as cache:
+        cfg = config(f"backbone={backbone}", "regularizer=delta", f"regularizer.terms.delta.ablation_images={count}",
+                     f"runtime.device={device}", f"train.batch_size={args.batch}", "runtime.num_workers=0",
+                     f"paths.cache_dir={cache}")
+        with peak_memory(device) as peak:
+            start = time.perf_counter()
+            build_seed(cfg, 0, Data.from_tensors(images, labels, args.classes), None)
+            synchronize(device)
+            seconds = time.perf_counter() - start
     return [Result(f"{backbone} DELTA attention (one-time, {count} images)", count / seconds, None, peak.mib,
                    {"seconds": f"{seconds:.1f}"})]
 
@@ -380,20 +378,14 @@ def end_to_end(args, device, backbone: str, root: Path) -> list[Result]:
                  f"runtime.num_workers={args.workers}", f"runtime.device={device}", "runtime.log_every=0",
                  "runtime.checkpoint_every=0", f"paths.cache_dir={root / 'cache'}", "runtime.progress=log",
                  f"train.precision={args.precision}")
-    target = ImageFolderTarget(str(root))
     start = time.perf_counter()
-    data = prepare_data(cfg, target)  # builds the decoded-image cache once
+    data = prepare_data(cfg, ImageFolderTarget(str(root)))  # builds the decoded-image cache once
     build_s = time.perf_counter() - start
-    model = TransferNet(backbone, len(target.classes)).to(device)
-    optimizer, scheduler = create_optimizer(cfg, model)
-    omega, direction = create_omega(cfg), create_direction(cfg)
-    omega.bind(model)
-    train_loader = create_loader(data.train, cfg, train=True, seed=0, device=device)
-    augment = DeviceAugment(args.size, cfg.data.mean, cfg.data.std, 0, device) if data.on_device else None
+    parts = build_seed(cfg, 0, data, None).parts  # as run_seed builds a seed
+    augment = parts.batch_transform
 
     def run(iterations):
-        fit(model, train_loader, omega, direction, optimizer, scheduler, iterations=iterations, device=device,
-            precision=cfg.train.precision, log_every=0, progress="log", batch_transform=augment)
+        fit(parts, Loop(iterations, precision=cfg.train.precision, log_every=0))
 
     run(args.warmup)  # workers up, autotuning done
     synchronize(device)
@@ -433,7 +425,8 @@ def concurrent_seeds(args, device, backbone: str = "resnet18") -> list[Result]:
     """Five models stepped round-robin on five CUDA streams, against the same five one after another."""
     if device.type != "cuda":
         return []
-    cfg = config(f"backbone={backbone}", "regularizer=l2", "direction=sum", f"train.precision={args.precision}")
+    cfg = seed_config(args, device, f"backbone={backbone}", "regularizer=l2", "direction=sum",
+                      f"train.precision={args.precision}")
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, args.size, args.size, generator=generator).to(device)
     labels = torch.randint(0, args.classes, (args.batch,), generator=generator).to(device)
@@ -584,6 +577,7 @@ def main() -> None:
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
+        args.cache = root / "cache"  # DELTA's attention of the fixed batches, and the decoded images
         write_photos(root, args.images, args.classes)
         def add(found: list[Result]) -> None:  # printed as measured: a run cut short keeps what it saw
             results.extend(found)

@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_module
 
-from safetransfer.backbones import TransferNet
-from safetransfer.engine import Batches, training_step
-from safetransfer.experiment import create_direction, create_omega, create_optimizer
-from safetransfer.regularizers import BindContext
-from safetransfer.resume import rng_state, save_checkpoint
+from safetransfer.build import build_seed
+from safetransfer.engine import Loop, fit
+from safetransfer.preparation import Data
+from safetransfer.resume import Checkpointer
 
 
 def synchronize(device: torch.device) -> None:
@@ -39,59 +38,46 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps")
-    parser.add_argument("--saves", type=int, default=5, help="timed checkpoint writes")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (each run; at least 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary directory)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    steps = max(2, args.steps)
 
-    with initialize_config_module(config_module="safetransfer.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"backbone={args.backbone}", f"regularizer={args.regularizer}"])
-    every = cfg.runtime.checkpoint_every
-    torch.manual_seed(0)
-    model = TransferNet(args.backbone, args.classes).to(device)
-    omega = create_omega(cfg)
-    omega.bind(model, BindContext(device=device))
-    optimizer, scheduler = create_optimizer(cfg, model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    labels = torch.randint(0, args.classes, (args.batch,), device=device)
-    direction = create_direction(cfg)
-
-    def step():
-        training_step(model, images, labels, omega, direction, optimizer, params)
-        scheduler.step()
-
-    step()  # warm-up, and the momentum buffers exist from here on
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    synchronize(device)
-    step_s = (time.perf_counter() - start) / args.steps
-
-    loader = torch.utils.data.DataLoader(list(range(args.batch * 2)), batch_size=args.batch, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
-    batches = Batches(loader)
-    next(batches)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch * 2, 3, args.size, args.size, generator=generator)
+    labels = torch.randint(0, args.classes, (args.batch * 2,), generator=generator)
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        with initialize_config_module(config_module="safetransfer.conf", version_base="1.3"):
+            cfg = compose("config", overrides=[f"backbone={args.backbone}", f"regularizer={args.regularizer}",
+                                               f"runtime.device={device}", f"train.batch_size={args.batch}",
+                                               "runtime.num_workers=0", f"paths.cache_dir={folder}"])
+        every = cfg.runtime.checkpoint_every
+        parts = build_seed(cfg, 0, Data.from_tensors(images, labels, args.classes), None).parts  # as run_seed builds
         path = Path(folder) / "checkpoint.pt"
-        start = time.perf_counter()
-        for i in range(args.saves):
-            save_checkpoint(path, {"key": "benchmark", "iteration": i, "model": model.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "position": batches.position(), "rng": rng_state(), "augment": None,
-                                   "window": {"loss": torch.zeros(()), "correct": torch.zeros((), dtype=torch.long),
-                                              "steps": 0, "images": 0}, "elapsed_s": 0.0})
-        save_s = (time.perf_counter() - start) / args.saves
+
+        def run(checkpointer: Checkpointer | None) -> float:
+            """Seconds for `steps` steps of the training loop; with `checkpointer`, a checkpoint after each but the last."""
+            synchronize(device)
+            start = time.perf_counter()
+            fit(parts, Loop(steps, log_every=0), checkpointer=checkpointer)
+            synchronize(device)
+            return time.perf_counter() - start
+
+        run(None)  # warm-up, and the momentum buffers exist from here on
+        plain = run(None)
+        saving = run(Checkpointer(path, "benchmark", every=1))
         size_mb = path.stat().st_size / 2**20
+    step_s = plain / steps
+    save_s = max(0.0, saving - plain) / (steps - 1)
 
     share = save_s / (every * step_s + save_s)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     print(f"{args.backbone}, {args.regularizer}, batch {args.batch} at {args.size} px")
-    print(f"checkpoint: {save_s * 1e3:.1f} ms per write ({size_mb:.1f} MiB)")
+    print(f"checkpoint: {save_s * 1e3:.1f} ms per write ({size_mb:.1f} MiB), from {steps} steps of the loop with and "
+          "without a checkpoint after each")
     print(f"training step: {step_s * 1e3:.1f} ms")
     print(f"share of training time at runtime.checkpoint_every={every}: {100 * share:.3f} %")
 

@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from safetransfer.directions import Direction
-from safetransfer.experiment import create_omega
+from safetransfer.build import create_omega
 from safetransfer.methods import method_name
 from safetransfer.regularizers import Omega
 from safetransfer.sources import Source

@@ -79,7 +79,7 @@ def test_evaluation_averages_the_logits_of_the_views():
 
 
 def test_cached_ten_crops_equal_the_direct_path(tmp_path):
-    from safetransfer.experiment import cached_data
+    from safetransfer.preparation import cached_data
 
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=5, test_per_class=2)
     target = CUB200(str(tmp_path / "data"), expected_classes=3, expected_split=(15, 6))

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from safetransfer.backbones import TransferNet
 from safetransfer.directions import Sum
 from safetransfer.engine import training_step
-from safetransfer.experiment import create_optimizer, prepare_data, run_seed
+from safetransfer.build import create_optimizer
+from safetransfer.experiment import run_seed
+from safetransfer.preparation import prepare_data
 from safetransfer.regularizers import Omega
 from safetransfer.regularizers.l2 import L2
 from safetransfer.targets.demo import DemoTarget

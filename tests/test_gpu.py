@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_device_augment_on_cuda_crops_mirrors_and_normalises_each_sample():
-    from safetransfer.targets.cache import DeviceAugment
+    from safetransfer.targets.augment import DeviceAugment
 
     device = torch.device("cuda")
     images = torch.randint(0, 256, (5, 3, 10, 12), dtype=torch.uint8, device=device)
@@ -64,7 +64,7 @@ def one_step(cfg, device: torch.device, precision: str = "fp32", compile: bool =
     change of each weight, J, each term's value and the angles between d, g_J and g_Omega."""
     from safetransfer.backbones import TransferNet
     from safetransfer.engine import autocast, training_step
-    from safetransfer.experiment import compile_network, create_direction, create_omega, create_optimizer
+    from safetransfer.build import compile_network, create_direction, create_omega, create_optimizer
     from safetransfer.regularizers import BindContext
     from safetransfer.targets import TensorImages
 

@@ -80,7 +80,8 @@ def test_tensorboard_logger_writes_the_log_scalars(compose_cfg, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from conftest import TINY
-    from safetransfer.experiment import prepare_data, run_seed
+    from safetransfer.experiment import run_seed
+    from safetransfer.preparation import prepare_data
     from safetransfer.targets.demo import DemoTarget
 
     cfg = compose_cfg(*TINY, "train.iterations=4", "optim.scheduler.milestones=[3]", "logger=tensorboard",

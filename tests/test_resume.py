@@ -155,7 +155,7 @@ class Poison(Term):
 
 
 def test_nan_stops_the_seed_names_iteration_and_term_and_stays_out_of_the_table(compose_cfg, tmp_path, monkeypatch):
-    import safetransfer.experiment as experiment
+    import safetransfer.build as experiment
     from safetransfer.regularizers import Omega
     from safetransfer.results import read_table
 
@@ -178,7 +178,7 @@ def test_nan_stops_the_seed_names_iteration_and_term_and_stays_out_of_the_table(
 
 
 def test_every_seed_failing_fails_the_job(compose_cfg, tmp_path, monkeypatch):
-    import safetransfer.experiment as experiment
+    import safetransfer.build as experiment
     from safetransfer.regularizers import Omega
 
     monkeypatch.setattr(experiment, "create_omega", lambda cfg: Omega({"poison": Poison(seed=0, at=1)}))
@@ -241,7 +241,7 @@ def test_submitit_requeues_a_signalled_job_which_continues_from_its_checkpoint(t
 
 def test_a_term_value_that_overflows_is_caught_on_a_logged_row(compose_cfg, tmp_path, monkeypatch):
     """An Omega value of inf whose gradient stays finite: found where the values are computed (log rows)."""
-    import safetransfer.experiment as experiment
+    import safetransfer.build as experiment
     from safetransfer.regularizers import Omega
 
     class InfValue(Term):
@@ -293,7 +293,7 @@ def test_a_temporary_file_left_by_a_killed_write_is_removed_when_the_seed_starts
 
 @pytest.mark.parametrize("damage", ["iteration,loss_J\n5,0.1\nx", "\x00\xff\x00", "loss_J\n0.3\n"])
 def test_a_damaged_log_csv_does_not_stop_a_resumed_seed(tmp_path, caplog, damage):
-    from safetransfer.engine import _LogWriter
+    from safetransfer.logs import _LogWriter
 
     path = tmp_path / "log.csv"
     path.write_bytes(damage.encode("latin-1"))

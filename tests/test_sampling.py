@@ -55,7 +55,7 @@ def test_validation_hold_out_is_per_class_and_disjoint():
 def test_splits_are_disjoint_and_stable_across_training_seeds(compose_cfg):
     from hydra.utils import instantiate
 
-    from safetransfer.experiment import prepare_data
+    from safetransfer.preparation import prepare_data
 
     cfg = compose_cfg("target.sampling_rate=50", "target.val_fraction=0.2", "target.train_images_per_class=20",
                       "target.test_images_per_class=5", "train.batch_size=8")
@@ -76,7 +76,8 @@ def test_validation_metrics_are_written(compose_cfg, tmp_path):
     from hydra.utils import instantiate
 
     from conftest import TINY
-    from safetransfer.experiment import prepare_data, run_seed
+    from safetransfer.experiment import run_seed
+    from safetransfer.preparation import prepare_data
 
     cfg = compose_cfg(*TINY, "target.val_fraction=0.3")
     data = prepare_data(cfg, instantiate(cfg.target))

@@ -286,7 +286,7 @@ def test_places365_offline_names_url_and_path(torch_home, monkeypatch):
 
 
 def test_feature_terms_compare_against_the_same_checkpoint(compose_cfg, tmp_path):
-    from safetransfer.experiment import create_model, create_omega
+    from safetransfer.build import create_model, create_omega
     from safetransfer.regularizers import BindContext
 
     state = full_resnet_state("resnet18", seed=5)

@@ -215,7 +215,7 @@ def test_caltech256_protocol(tmp_path):
 def cub_with_cache(tmp_path, resize=48, crop=40):
     from omegaconf import OmegaConf
 
-    from safetransfer.experiment import cached_data
+    from safetransfer.preparation import cached_data
 
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=5, test_per_class=2)
     target = CUB200(str(tmp_path / "data"), expected_classes=3, expected_split=(15, 6))
@@ -306,7 +306,7 @@ def test_a_damaged_cache_file_is_rebuilt(tmp_path, caplog, damage):
 
 
 def test_device_augment_crops_mirrors_and_normalises_each_sample():
-    from safetransfer.targets.cache import DeviceAugment
+    from safetransfer.targets.augment import DeviceAugment
 
     images = torch.randint(0, 256, (5, 3, 10, 12), dtype=torch.uint8)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.25]
@@ -328,7 +328,8 @@ def test_augmenting_on_the_device_trains_and_is_deterministic(compose_cfg, tmp_p
     from hydra.utils import instantiate
 
     from conftest import TINY
-    from safetransfer.experiment import prepare_data, run_seed
+    from safetransfer.experiment import run_seed
+    from safetransfer.preparation import prepare_data
 
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=6, test_per_class=2)
     shrink = [o for o in TINY if not o.startswith("target.")]

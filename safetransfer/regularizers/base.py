@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from safetransfer.backbones import Features, TransferNet
+from safetransfer.errors import ConfigError
 
 
 @dataclass
@@ -47,14 +49,29 @@ class Term:
 
     #: True when `add_gradient` is a closed form and `value` need not be differentiated.
     closed_form = False
+    #: the names of the coefficients this term multiplies by decay**epoch, each set with `coefficient`
+    coefficients: tuple[str, ...] = ()
     #: extra columns this term adds to log.csv (see `diagnostics`)
     diagnostic_names: tuple[str, ...] = ()
 
     def __init__(self, decay: float = 1.0):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay={decay} is outside [0, 1]; lambda_e = lambda * decay**epoch")
+        if not _number(decay) or not 0.0 <= decay <= 1.0:
+            raise ConfigError(f"decay={decay} is outside [0, 1] (lambda_e = lambda * decay^epoch; 1 = no decay)")
         self.decay = float(decay)
         self.scale = 1.0
+
+    @staticmethod
+    def coefficient(name: str, value) -> float:
+        """A coefficient's value, checked: a finite number >= 0 (a ConfigError naming it otherwise)."""
+        if not _number(value) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{name}={value} must be a finite number >= 0")
+        return float(value)
+
+    def coefficient_values(self) -> dict[str, float]:
+        """The coefficients by name: those the class declares, else its float attributes."""
+        names = self.coefficients or [name for name, value in vars(self).items()
+                                      if isinstance(value, float) and name not in ("decay", "scale")]
+        return {name: getattr(self, name) for name in names}
 
     def set_epoch(self, epoch: int) -> None:
         self.scale = self.decay**epoch
@@ -73,6 +90,10 @@ class Term:
     def diagnostics(self) -> dict[str, float]:
         """Values for the `diagnostic_names` columns, from the last `value` call."""
         return {}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Selection:

@@ -21,11 +21,13 @@ from safetransfer.regularizers.base import Term
 class BSS(Term):
     diagnostic_names = ("sigma_min", "sigma_max")
 
+    coefficients = ("eta",)
+
     def __init__(self, eta: float = 0.001, k: int = 1, decay: float = 1.0):
         super().__init__(decay)
-        if not isinstance(k, int) or k < 1:
-            raise ConfigError(f"regularizer.terms.bss.k={k} must be an integer >= 1 (the paper uses k=1)")
-        self.eta, self.k = float(eta), k
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"k={k} must be an integer >= 1 (the paper uses k=1)")
+        self.eta, self.k = self.coefficient("eta", eta), k
         self.singular_values = None
 
     def value(self, model: TransferNet, features: Features) -> torch.Tensor:

@@ -183,16 +183,17 @@ RECIPE = "population-std"  # change when channel_attention computes something el
 
 class DELTA(Term):
     PLACES = ("last_conv", "stage")
+    coefficients = ("alpha",)
 
     def __init__(self, alpha: float, layers: Sequence[str] = STAGES, at: str = "last_conv", temperature: float = 5.0,
                  convention: str = "paper", ablation_images: int = 256, head_iterations: int = 100,
                  max_copies: int = 512, decay: float = 1.0):
         super().__init__(decay)
-        if temperature <= 0:
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature={temperature} must be > 0")
         if at not in self.PLACES:
             raise ValueError(f"at={at!r}; allowed: {', '.join(self.PLACES)}")
-        self.alpha = float(alpha)
+        self.alpha = self.coefficient("alpha", alpha)
         self.layers = check_layers(layers)
         self.convention = check_convention(convention)
         self.settings = dict(layers=self.layers, at=at, temperature=float(temperature),

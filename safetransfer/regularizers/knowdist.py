@@ -52,9 +52,11 @@ def batch_reduction(per_image: torch.Tensor, convention: str) -> torch.Tensor:
 
 
 class KnowDist(Term):
+    coefficients = ("alpha",)
+
     def __init__(self, alpha: float, layers: Sequence[str] = STAGES, convention: str = "paper", decay: float = 1.0):
         super().__init__(decay)
-        self.alpha = float(alpha)
+        self.alpha = self.coefficient("alpha", alpha)
         self.layers = check_layers(layers)
         self.convention = check_convention(convention)
 

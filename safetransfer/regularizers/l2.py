@@ -24,10 +24,11 @@ def squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 class L2(Term):
     closed_form = True
+    coefficients = ("alpha",)
 
     def __init__(self, alpha: float, decay: float = 1.0):
         super().__init__(decay)
-        self.alpha = float(alpha)
+        self.alpha = self.coefficient("alpha", alpha)
 
     def value(self, model: TransferNet, features) -> torch.Tensor:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -40,10 +41,11 @@ class L2(Term):
 
 class HeadL2(Term):
     closed_form = True
+    coefficients = ("beta",)
 
     def __init__(self, beta: float, decay: float = 1.0):
         super().__init__(decay)
-        self.beta = float(beta)
+        self.beta = self.coefficient("beta", beta)
 
     def bind(self, model: TransferNet, context: BindContext) -> None:
         self.head = Selection([p for p in model.head.parameters() if p.requires_grad])

@@ -31,10 +31,11 @@ def backbone_parameters(backbone: nn.Module, bn_affine: bool) -> list[nn.Paramet
 
 class L2SP(Term):
     closed_form = True
+    coefficients = ("alpha",)
 
     def __init__(self, alpha: float, bn_affine: bool = True, decay: float = 1.0):
         super().__init__(decay)
-        self.alpha, self.bn_affine = float(alpha), bool(bn_affine)
+        self.alpha, self.bn_affine = self.coefficient("alpha", alpha), bool(bn_affine)
 
     def bind(self, model: TransferNet, context: BindContext) -> None:
         self.shared = Selection(backbone_parameters(model.backbone, self.bn_affine))
