@@ -36,7 +36,7 @@ def check_config(cfg: DictConfig) -> None:
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 100:
         raise ConfigError(f"target.sampling_rate={rate} is outside (0, 100]; give a percentage such as 15, 30, 50 or 100")
 
-    fraction = cfg.target.get("val_fraction", 0.0)
+    fraction = cfg.target.val_fraction
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
         raise ConfigError(f"target.val_fraction={fraction} is outside [0, 1); e.g. target.val_fraction=0.2 holds out "
                           "20 % of each class's sampled training images")
@@ -54,12 +54,12 @@ def check_config(cfg: DictConfig) -> None:
     if test_crops not in TEST_CROPS:
         raise ConfigError(f"data.test_crops={test_crops} is not a known choice; allowed: "
                           f"{', '.join(map(str, TEST_CROPS))}")
-    if cfg.data.get("augment_on") == "device" and (train_crop, test_crops) != ("random_crop", 1):
+    if cfg.data.augment_on == "device" and (train_crop, test_crops) != ("random_crop", 1):
         raise ConfigError(f"data.augment_on=device does plain random crops and one test crop only; with "
                           f"data.train_crop={train_crop} data.test_crops={test_crops} set data.augment_on=workers")
     if cfg.runtime.log_every < 0:
         raise ConfigError(f"runtime.log_every={cfg.runtime.log_every} must be >= 0 (0 logs only the last iteration)")
-    if cfg.runtime.get("checkpoint_every", 0) < 0:
+    if cfg.runtime.checkpoint_every < 0:
         raise ConfigError(f"runtime.checkpoint_every={cfg.runtime.checkpoint_every} must be >= 0 "
                           "(iterations between checkpoints; 0: none)")
     if cfg.runtime.num_workers < 0:
@@ -68,13 +68,13 @@ def check_config(cfg: DictConfig) -> None:
     if every < 0 or (every and (not cfg.runtime.log_every or every % cfg.runtime.log_every)):
         raise ConfigError(f"runtime.diagnostics_every={every} must be 0 or a multiple of "
                           f"runtime.log_every={cfg.runtime.log_every} (angles are written on log rows)")
-    logger = cfg.get("logger", "csv")
+    logger = cfg.logger
     if logger not in ("csv", "tensorboard"):
         raise ConfigError(f"logger={logger} is not one of csv, tensorboard")
     if logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard "
                           "(or use logger=csv)")
-    evaluation = cfg.runtime.get("eval_every", 0)
+    evaluation = cfg.runtime.eval_every
     if evaluation < 0 or (evaluation and (not cfg.runtime.log_every or evaluation % cfg.runtime.log_every)):
         raise ConfigError(f"runtime.eval_every={evaluation} must be 0 or a multiple of "
                           f"runtime.log_every={cfg.runtime.log_every} (the evaluation is written on log rows)")
@@ -84,12 +84,12 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"direction.granularity={cfg.direction.granularity} is not one of {', '.join(GRANULARITIES)}")
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={cfg.train.precision} is not one of {', '.join(PRECISIONS)}")
-    if cfg.data.get("augment_on", "auto") not in ("auto", "device", "workers"):
+    if cfg.data.augment_on not in ("auto", "device", "workers"):
         raise ConfigError(f"data.augment_on={cfg.data.augment_on} is not one of auto, device, workers")
     if cfg.runtime.progress not in PROGRESS:
         raise ConfigError(f"runtime.progress={cfg.runtime.progress} is not one of {', '.join(PROGRESS)}")
     check_optimizer(cfg.optim)
-    for milestone in cfg.optim.scheduler.get("milestones", []):
+    for milestone in cfg.optim.scheduler.get("milestones", []):  # a scheduler without milestones has none
         if not 0 < milestone <= cfg.train.iterations:
             raise ConfigError(f"optim.scheduler.milestones={list(cfg.optim.scheduler.milestones)} must lie in "
                               f"(0, train.iterations={cfg.train.iterations}]; the lr is divided at these iterations")

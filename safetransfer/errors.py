@@ -1,8 +1,21 @@
-"""The one exception type for bad input: its message is the single line the user sees."""
+"""The kinds of failure reported as one line that says what is wrong and how to fix it
+(never a traceback): bad input, a file that cannot be written, a download that failed."""
 
 
-class ConfigError(ValueError):
-    """Bad input, reported as one line that says what is wrong and how to fix it."""
+class SafetransferError(Exception):
+    """A failure the user fixes: its message is the single line they see."""
+
+
+class ConfigError(SafetransferError, ValueError):
+    """Bad input: a config value or option, or a file the config names that is missing or malformed."""
+
+
+class StorageError(SafetransferError):
+    """A file could not be written (a full disk, a folder without write permission)."""
+
+
+class DownloadError(SafetransferError):
+    """A download failed, or what it fetched does not match its pinned checksum."""
 
 
 def one_line(error: BaseException) -> str:

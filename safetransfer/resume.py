@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from safetransfer.errors import ConfigError
+from safetransfer.errors import StorageError
 from safetransfer.atomic import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     try:
         atomic_torch_save(state, path)
     except OSError as error:
-        raise ConfigError(f"writing the checkpoint {path} failed ({error.strerror or error}); the previous checkpoint "
+        raise StorageError(f"writing the checkpoint {path} failed ({error.strerror or error}); the previous checkpoint "
                           "is kept: free space in the run directory and rerun the same command to continue") from None
 
 

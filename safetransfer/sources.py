@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from safetransfer import checkpoints, demo
 from safetransfer.backbones import TransferNet
-from safetransfer.errors import ConfigError
+from safetransfer.errors import ConfigError, DownloadError
 from safetransfer.atomic import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class ImageNetSource(Source):
         if self.verify and prefix and not downloaded:  # a download was checked on the way in
             actual = checkpoints.sha256_of(path)
             if not actual.startswith(prefix.group(1)):
-                raise ConfigError(f"{path}: sha256 {actual} does not start with {prefix.group(1)}, the prefix "
+                raise DownloadError(f"{path}: sha256 {actual} does not start with {prefix.group(1)}, the prefix "
                                   f"torchvision publishes for {url}; delete the file to download it again")
         return checkpoints.load_backbone(path, backbone, key="file")[0]
 
@@ -145,7 +145,7 @@ class Places365Source(Source):
         pinned = self.sha256.get(backbone)
         actual = checkpoints.sha256_of(path)
         if pinned and actual != pinned:
-            raise ConfigError(f"{path}: sha256 {actual} is not the pinned {pinned} "
+            raise DownloadError(f"{path}: sha256 {actual} is not the pinned {pinned} "
                               f"(source.sha256.{backbone}); delete the file to download it again")
         if not pinned:
             log.warning("%s has no pinned sha256 to check against; its sha256 is %s: pin it with "
@@ -166,7 +166,7 @@ def published_file(url: str, sha256_prefix: str | None) -> tuple[Path, bool]:
     except Exception as error:  # no network, a proxy, a refused connection, a bad hash
         path.unlink(missing_ok=True)
         reason = str(error).splitlines()[0] if str(error) else ""
-        raise ConfigError(f"could not download {url} ({type(error).__name__}: {reason}); "
+        raise DownloadError(f"could not download {url} ({type(error).__name__}: {reason}); "
                           f"download it by hand and place it at {path}") from None
     return path, True
 

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from safetransfer.errors import ConfigError, one_line
+from safetransfer.errors import ConfigError, SafetransferError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def app(cfg: DictConfig) -> float:
         print(f"safetransfer-train: {preempted}", file=sys.stderr, flush=True)
         stop.forward(preempted.signum)  # under submitit: its handler requeues the job
         sys.exit(128 + preempted.signum)
-    except ConfigError as error:
+    except SafetransferError as error:  # bad input, a full disk, a failed download: one line
         status.write("failed", error=one_line(error))
         print(f"safetransfer-train: error: {one_line(error)}", file=sys.stderr, flush=True)
         if num is not None:

@@ -125,7 +125,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_seed_starts_over(tmp_path, ca
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    from safetransfer.errors import ConfigError
+    from safetransfer.errors import StorageError
 
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"key": "k", "iteration": 5})
@@ -134,7 +134,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(ConfigError, match="No space left on device.*previous checkpoint is kept"):
+    with pytest.raises(StorageError, match="No space left on device.*previous checkpoint is kept"):
         save_checkpoint(path, {"key": "k", "iteration": 10})
     monkeypatch.undo()
     assert load_checkpoint(path, "k")["iteration"] == 5

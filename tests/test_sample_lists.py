@@ -8,7 +8,7 @@ import pytest
 
 import fixtures
 from conftest import TINY
-from safetransfer.errors import ConfigError
+from safetransfer.errors import ConfigError, DownloadError
 from safetransfer.targets import sample_lists
 from safetransfer.targets.cub200 import CUB200
 from safetransfer.targets.torchvision_datasets import TorchvisionTarget
@@ -80,7 +80,7 @@ def test_the_bss_list_is_downloaded_once_and_checked_against_its_pin(tmp_path, m
     assert len(requested) == 1  # found on disk the second time
 
     (tmp_path / "lists" / "cub200_15_train.txt").write_bytes(content + b"train/x/Bird_2_0000.jpg\n")  # changed
-    with pytest.raises(ConfigError, match="sha256 .* is not the pinned"):
+    with pytest.raises(DownloadError, match="sha256 .* is not the pinned"):
         target.sampled_train_indices()
     assert not (tmp_path / "lists" / "cub200_15_train.txt").exists()
 

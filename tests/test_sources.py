@@ -10,7 +10,7 @@ import torchvision
 
 from safetransfer import checkpoints, sources
 from safetransfer.backbones import create_backbone
-from safetransfer.errors import ConfigError
+from safetransfer.errors import ConfigError, DownloadError
 from safetransfer.sources import FileSource, ImageNetSource
 
 
@@ -147,7 +147,7 @@ def test_imagenet_uses_the_file_in_torchvisions_cache(torch_home, monkeypatch, b
     state = full_resnet_state(backbone)
     torch.save(state, torch_home / file_name)
     # the fake file cannot match torchvision's published hash: checked, it is refused ...
-    with pytest.raises(ConfigError, match=f"does not start with {file_name.split('-')[1][:8]}"):
+    with pytest.raises(DownloadError, match=f"does not start with {file_name.split('-')[1][:8]}"):
         ImageNetSource(weights=weights).backbone_state(backbone)
     # ... and with the check off its tensors are loaded as they are
     assert_same_backbone(ImageNetSource(weights=weights, verify=False).backbone_state(backbone), state)
@@ -158,7 +158,7 @@ def test_imagenet_offline_names_url_and_path(torch_home, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(DownloadError) as error:
         ImageNetSource().backbone_state("resnet18")
     message = str(error.value)
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
@@ -261,7 +261,7 @@ def test_places365_checks_the_pinned_sha256(torch_home, monkeypatch, backbone):
     state = write_csail(path, backbone)
     digest = checkpoints.sha256_of(path)
     assert_same_backbone(sources.Places365Source(sha256={backbone: digest}).backbone_state(backbone), state)
-    with pytest.raises(ConfigError, match=f"is not the pinned {'0' * 64}"):
+    with pytest.raises(DownloadError, match=f"is not the pinned {'0' * 64}"):
         sources.Places365Source(sha256={backbone: "0" * 64}).backbone_state(backbone)
 
 
@@ -278,7 +278,7 @@ def test_places365_offline_names_url_and_path(torch_home, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(DownloadError) as error:
         sources.Places365Source().backbone_state("resnet50")
     assert "http://places2.csail.mit.edu/models_places365/resnet50_places365.pth.tar" in str(error.value)
     assert str(torch_home / "resnet50_places365.pth.tar") in str(error.value)

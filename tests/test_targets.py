@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from safetransfer.errors import ConfigError
+from safetransfer.errors import ConfigError, DownloadError
 from safetransfer.targets.cub200 import CUB200, MD5, URL
 
 import fixtures
@@ -359,6 +359,6 @@ def test_downloads_are_checked_against_their_pinned_digest(tmp_path, monkeypatch
     good = hashlib.sha1(b"not the real list").hexdigest()
     fetch_archive("http://example.org/TrainImages.txt", tmp_path, f"sha1:{good}")
     assert (tmp_path / "TrainImages.txt").read_bytes() == b"not the real list"
-    with pytest.raises(ConfigError, match="is not the pinned 00000"):
+    with pytest.raises(DownloadError, match="is not the pinned 00000"):
         fetch_archive("http://example.org/TestImages.txt", tmp_path, "md5:" + "0" * 32)
     assert not (tmp_path / "TestImages.txt").exists()

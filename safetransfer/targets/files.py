@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from safetransfer.errors import ConfigError
+from safetransfer.errors import ConfigError, DownloadError
 from safetransfer.targets import Target
 
 
@@ -43,7 +43,7 @@ def fetch_archive(url: str, root: Path, checksum: str | None, key: str = "target
             download_url(url, str(root), filename=name)
     except Exception as error:  # no network, a moved file
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"could not download {url} into {key}={root} ({reason}); download it and extract it "
+        raise DownloadError(f"could not download {url} into {key}={root} ({reason}); download it and extract it "
                           "there by hand") from None
     if checksum:
         algorithm, expected = checksum.split(":", 1)
@@ -53,7 +53,7 @@ def fetch_archive(url: str, root: Path, checksum: str | None, key: str = "target
                 digest.update(block)
         if digest.hexdigest() != expected:
             path.unlink(missing_ok=True)
-            raise ConfigError(f"{url}: {algorithm} {digest.hexdigest()} is not the pinned {expected}; the download "
+            raise DownloadError(f"{url}: {algorithm} {digest.hexdigest()} is not the pinned {expected}; the download "
                               "is damaged or the file changed upstream")
     if name.endswith((".tar", ".tgz", ".tar.gz", ".zip")):
         extract_archive(str(path), str(root))
