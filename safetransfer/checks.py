@@ -11,11 +11,10 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from safetransfer.errors import ConfigError, one_line
+from safetransfer.logs import PROGRESS
 from safetransfer.targets import TEST_CROPS, TRAIN_CROPS, crop_options
 
 PRECISIONS = ("fp32", "bf16")
-GRANULARITIES = ("global", "tensor")
-PROGRESS = ("auto", "bar", "log")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -80,13 +79,12 @@ def check_config(cfg: DictConfig) -> None:
                           f"runtime.log_every={cfg.runtime.log_every} (the evaluation is written on log rows)")
     check_bss(cfg)
     check_regularizer(cfg)
-    if "granularity" in cfg.direction and cfg.direction.granularity not in GRANULARITIES:
-        raise ConfigError(f"direction.granularity={cfg.direction.granularity} is not one of {', '.join(GRANULARITIES)}")
+    build_checked(cfg.direction, "direction")
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={cfg.train.precision} is not one of {', '.join(PRECISIONS)}")
     if cfg.data.augment_on not in ("auto", "device", "workers"):
         raise ConfigError(f"data.augment_on={cfg.data.augment_on} is not one of auto, device, workers")
-    if cfg.runtime.progress not in PROGRESS:
+    if cfg.runtime.progress not in PROGRESS:  # the loop's own check would come only once training starts
         raise ConfigError(f"runtime.progress={cfg.runtime.progress} is not one of {', '.join(PROGRESS)}")
     check_optimizer(cfg.optim)
     for milestone in cfg.optim.scheduler.get("milestones", []):  # a scheduler without milestones has none
@@ -98,22 +96,27 @@ def check_config(cfg: DictConfig) -> None:
     check_writable(Path(str(cfg.paths.cache_dir)).expanduser(), "paths.cache_dir", ".cache/safetransfer")
 
 
-def check_regularizer(cfg: DictConfig) -> None:
-    """Each term of Omega built from its config: the term checks its own coefficients and
-    settings; a failure is reported under the term's key."""
+def build_checked(node: DictConfig, key: str) -> object:
+    """Build a config node's object, which checks its own settings; its complaint ("alpha=-1
+    must be ...") is reported under the node's key (regularizer.terms.l2sp.alpha=-1 ...)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    try:
+        return instantiate(node)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        if isinstance(cause, ValueError):
+            raise ConfigError(f"{key}.{cause}") from None
+        raise ConfigError(f"{key}: {one_line(cause)}") from None
+
+
+def check_regularizer(cfg: DictConfig) -> None:
+    """Each term of Omega built from its config: the term checks its own coefficients and settings."""
     if not cfg.regularizer.terms:
         raise ConfigError("regularizer.terms is empty; choose a regularizer, e.g. regularizer=l2")
     for name, term in cfg.regularizer.terms.items():
-        try:
-            instantiate(term)
-        except InstantiationException as error:
-            cause = error.__cause__ or error
-            if isinstance(cause, ValueError):  # "alpha=-1 must be ...": the term names its own setting
-                raise ConfigError(f"regularizer.terms.{name}.{cause}") from None
-            raise ConfigError(f"regularizer.terms.{name}: {one_line(cause)}") from None
+        build_checked(term, f"regularizer.terms.{name}")
 
 
 def check_bss(cfg: DictConfig) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from safetransfer.errors import ConfigError
 from safetransfer.methods import method_label
 
 
@@ -65,7 +66,7 @@ class DTNH(Direction):
 
     def __init__(self, granularity: str = "global"):
         if granularity not in self.GRANULARITIES:
-            raise ValueError(f"direction.granularity={granularity!r}; allowed: {', '.join(self.GRANULARITIES)}")
+            raise ConfigError(f"granularity={granularity} is not one of {', '.join(self.GRANULARITIES)}")
         self.granularity = granularity
 
     def __call__(self, g_J: list[torch.Tensor], g_Omega: list[torch.Tensor]) -> list[torch.Tensor]:

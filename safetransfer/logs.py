@@ -36,9 +36,13 @@ def log_columns(term_names: Sequence[str], diagnostic_names: Sequence[str] = (),
     return [*columns, "elapsed_s"]
 
 
+#: runtime.progress: a tqdm bar on a terminal (auto), always (bar), or log lines (log)
+PROGRESS = ("auto", "bar", "log")
+
+
 def use_bar(progress: str) -> bool:
-    if progress not in ("auto", "bar", "log"):
-        raise ValueError(f"runtime.progress={progress!r}; allowed: auto, bar, log")
+    if progress not in PROGRESS:
+        raise ValueError(f"runtime.progress={progress!r}; allowed: {', '.join(PROGRESS)}")
     return progress == "bar" or (progress == "auto" and sys.stderr.isatty())
 
 
