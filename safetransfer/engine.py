@@ -250,7 +250,7 @@ def fit(parts: Parts, loop: Loop, logger: TrainLog | None = None, checkpointer: 
 
     loss_J and train_acc of a row are means over the steps since the previous row; lr is the
     one the row's step used; loss_Omega and its terms are the values at the row's step.
-    `logger` (logs.TrainLog) writes the rows (none are written without it); `evaluator` (the
+    `logger` (logs.TrainLog) writes the rows (without it they are only returned and logged); `evaluator` (the
     validation split when there is one, else the test split) gives the evaluation columns.
     `checkpointer` (resume.Checkpointer) saves the training state at its interval and, when
     it holds the state of an interrupted run, the loop continues from it. A stop request
