@@ -33,7 +33,7 @@ def grid_keys(grid: list[str]) -> list[str]:
 
 def apply_chosen(cfg: DictConfig, method: str) -> bool:
     """Stage 2: set this job's cell's chosen values (search.chosen); whether any were set."""
-    path = cfg.get("search", {}).get("chosen")
+    path = cfg.search.chosen
     if not path:
         return False
     try:
@@ -47,9 +47,10 @@ def apply_chosen(cfg: DictConfig, method: str) -> bool:
         if method in searched:
             raise ConfigError(f"search.chosen={path} has no setting for {cell_id(cfg, method)}: its search did not "
                               "finish; rerun the table command (finished search jobs are kept)")
-        return  # a method without a grid keeps its preset values
+        return False  # a method without a grid keeps its preset values
     for key, value in entry["values"].items():
         OmegaConf.update(cfg, key, value, merge=False)
+    return True
 
 
 def choose(seeds: pd.DataFrame, grids: dict[str, list[str]]) -> dict:

@@ -146,3 +146,18 @@ def test_two_stages_end_to_end_and_a_rerun_trains_nothing(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "tables").rglob("seed_*/metrics.json")} == stamps
     assert "finished earlier" in again.stderr + again.stdout
+
+
+def test_a_chosen_value_is_checked_like_one_from_the_command_line(compose_cfg, tmp_path):
+    """run_job checks the config again when stage 2 set chosen values (apply_chosen says it did)."""
+    from safetransfer.experiment import run_job
+
+    chosen = tmp_path / "chosen.json"
+    chosen.write_text(json.dumps({"table": "t", "searched": ["L2-SP"], "cells": {
+        "resnet18|scratch|demo|100|L2-SP": {"values": {"regularizer.terms.l2sp.alpha": -1}}}}))
+    assert apply_chosen(compose_cfg(f"search.chosen={chosen}"), "Fine-tuning") is False
+    assert apply_chosen(compose_cfg("regularizer=l2sp", f"search.chosen={chosen}"), "L2-SP") is True
+    cfg = compose_cfg("regularizer=l2sp", f"search.chosen={chosen}", f"results.dir={tmp_path / 'results'}")
+    with pytest.raises(ConfigError, match="regularizer.terms.l2sp.alpha=-1 must be a finite number >= 0"):
+        run_job(cfg, tmp_path / "job")
+    assert not (tmp_path / "job").exists()  # refused before any training
