@@ -33,17 +33,21 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
 
+
 def create_omega(cfg: DictConfig) -> Omega:
     return Omega({name: instantiate(term) for name, term in cfg.regularizer.terms.items()})
 
+
 def create_direction(cfg: DictConfig) -> Direction:
     return instantiate(cfg.direction)
+
 
 def create_model(cfg: DictConfig, num_classes: int, source_state: dict | None) -> TransferNet:
     model = TransferNet(cfg.backbone.name, num_classes)
     if source_state is not None:
         model.backbone.load_state_dict(source_state)
     return model
+
 
 def create_optimizer(cfg: DictConfig, model: TransferNet) -> tuple[torch.optim.Optimizer, object]:
     """SGD over two groups, the new head at head_lr_mult times the backbone's lr; and its schedule."""
@@ -54,6 +58,7 @@ def create_optimizer(cfg: DictConfig, model: TransferNet) -> tuple[torch.optim.O
         {"params": groups["head"], "lr": lr * cfg.optim.head_lr_mult},
     ])
     return optimizer, instantiate(cfg.optim.scheduler)(optimizer)
+
 
 def create_loader(dataset: Dataset, cfg: DictConfig, *, train: bool, seed: int, device: torch.device) -> DataLoader:
     # the generator fixes the shuffling and, through each worker's base seed, the augmentation
@@ -66,11 +71,13 @@ def create_loader(dataset: Dataset, cfg: DictConfig, *, train: bool, seed: int, 
         drop_last=train, num_workers=workers, generator=torch.Generator().manual_seed(seed),
         pin_memory=device.type == "cuda", persistent_workers=train and workers > 0)
 
+
 def bind_context(cfg: DictConfig, data: Data, device: torch.device) -> BindContext:
     """What regularizer terms may use before training; `identity` keys their caches."""
     identity = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("backbone", "source", "target", "data")}
     return BindContext(device=device, train_data=data.train_plain, batch_size=cfg.train.batch_size,
                        cache_dir=Path(cfg.paths.cache_dir).expanduser(), identity=identity)
+
 
 def compile_network(model: TransferNet) -> None:
     """runtime.compile: torch.compile in place (state_dict keys unchanged). The compiled

@@ -124,6 +124,7 @@ def finished_seed(run_dir: Path, seed: int, key: str) -> dict | None:
         return None
     return metrics
 
+
 def failed_seed(run_dir: Path, seed: int, key: str) -> str | None:
     """Why `seed` failed, if an earlier run of this same config recorded it failed in `run_dir`."""
     path = run_dir / f"seed_{seed}" / FAILED
@@ -131,6 +132,7 @@ def failed_seed(run_dir: Path, seed: int, key: str) -> str | None:
         return None
     record = read_json(path, needs=("key", "error"))  # damaged: the seed is tried again
     return record["error"] if record is not None and record["key"] == key else None
+
 
 def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "", stop: StopSignals | None = None) -> dict:
     """Check the config, run every seed not finished yet, write the row; returns the row.
@@ -140,6 +142,7 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "", stop: StopSigna
         check_config(cfg)
     with job_device(cfg):
         return _run_job(cfg, run_dir, overrides, stop)
+
 
 def run_seeds_concurrently(cfg: DictConfig, seeds: list[int], run_dir: Path) -> dict[int, dict | None]:
     """runtime.concurrent_seeds: each seed in a process of its own, all at once (on one GPU,
@@ -154,6 +157,7 @@ def run_seeds_concurrently(cfg: DictConfig, seeds: list[int], run_dir: Path) -> 
                    for seed in seeds}
         return {seed: future.result() for seed, future in futures.items()}
 
+
 def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dict | None:
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][seed {seed}][%(name)s][%(levelname)s] - %(message)s")
     torch.set_num_threads(threads)
@@ -163,6 +167,7 @@ def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dic
     data = seed_data(cfg, target, seed, Path(run_dir), None)
     with StopSignals() as stop:
         return run_seed(cfg, seed, data, source_state, Path(run_dir), stop)
+
 
 def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals | None) -> dict:
     target: Target = instantiate(cfg.target)

@@ -50,6 +50,7 @@ def augment_on_device(cfg: DictConfig, cached: bool) -> bool:
         return cached and resolve_device(str(cfg.runtime.device)).type == "cuda"
     return choice == "device" and cached
 
+
 def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Data:
     """The sampled training set (minus the validation hold-out), validation and test sets;
     `seed` redraws the sample (target.resample_per_seed)."""
@@ -76,6 +77,7 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
         on_device=on_device,
     )
 
+
 def cached_data(cfg: DictConfig, train_set: Dataset, test_set: Dataset, indices: np.ndarray,
                 on_device: bool = False) -> tuple[Dataset, Dataset]:
     """Training and test images read from the decoded-image cache: whole splits are cached
@@ -95,10 +97,12 @@ def cached_data(cfg: DictConfig, train_set: Dataset, test_set: Dataset, indices:
     return (Transformed(train_all, indices, augment_transform(crop, mean, std, train_crop)),
             Transformed(test_all, range(len(test_all)), views_transform(crop, mean, std, test_crops)))
 
+
 def save_indices(path: Path, cfg: DictConfig, data: Data) -> None:
     atomic_write_json(path, {"sampling_rate": cfg.target.sampling_rate, "sampling_seed": cfg.target.sampling_seed,
                              "val_fraction": cfg.target.val_fraction, "indices": data.train_indices.tolist(),
                              "val_indices": data.val_indices.tolist()})
+
 
 def seed_data(cfg: DictConfig, target: Target, seed: int, run_dir: Path, data: Data | None) -> Data:
     """The job's data for `seed`, or its own draw (saved beside it) with target.resample_per_seed."""

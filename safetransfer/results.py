@@ -33,6 +33,7 @@ def runtime_only(override: str) -> bool:
     of NOT_IN_KEY, and so is left out of a row's overrides."""
     return re.split(r"[./=]", override.lstrip("+~"), maxsplit=1)[0] in NOT_IN_KEY  # hydra/launcher=... too
 
+
 ROW_COLUMNS = ["backbone", "source", "target", "sampling_rate", "method", "mean", "std", "n_seeds",
                "accuracies", "seeds", "failed", "overrides", "key", "run_dir", "updated"]
 #: derived from the rows each time the table is written: each row against its reference row

@@ -64,7 +64,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         atomic_torch_save(state, path)
     except OSError as error:
         raise StorageError(f"writing the checkpoint {path} failed ({error.strerror or error}); the previous checkpoint "
-                          "is kept: free space in the run directory and rerun the same command to continue") from None
+                           "is kept: free space in the run directory and rerun the same command to continue") from None
 
 
 def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:

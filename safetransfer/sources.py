@@ -123,7 +123,7 @@ class ImageNetSource(Source):
             actual = checkpoints.sha256_of(path)
             if not actual.startswith(prefix.group(1)):
                 raise DownloadError(f"{path}: sha256 {actual} does not start with {prefix.group(1)}, the prefix "
-                                  f"torchvision publishes for {url}; delete the file to download it again")
+                                    f"torchvision publishes for {url}; delete the file to download it again")
         return checkpoints.load_backbone(path, backbone, key="file")[0]
 
 
@@ -146,7 +146,7 @@ class Places365Source(Source):
         actual = checkpoints.sha256_of(path)
         if pinned and actual != pinned:
             raise DownloadError(f"{path}: sha256 {actual} is not the pinned {pinned} "
-                              f"(source.sha256.{backbone}); delete the file to download it again")
+                                f"(source.sha256.{backbone}); delete the file to download it again")
         if not pinned:
             log.warning("%s has no pinned sha256 to check against; its sha256 is %s: pin it with "
                         "source.sha256.%s=%s", path, actual, backbone, actual)
@@ -167,7 +167,7 @@ def published_file(url: str, sha256_prefix: str | None) -> tuple[Path, bool]:
         path.unlink(missing_ok=True)
         reason = str(error).splitlines()[0] if str(error) else ""
         raise DownloadError(f"could not download {url} ({type(error).__name__}: {reason}); "
-                          f"download it by hand and place it at {path}") from None
+                            f"download it by hand and place it at {path}") from None
     return path, True
 
 

@@ -33,7 +33,8 @@ def cuda_device_count() -> int:
 
 
 OmegaConf.register_new_resolver("safetransfer.cuda_device_count", cuda_device_count, replace=True)
-#: keys of a job's overrides that do not change its numbers, left out of the table's overrides column
+
+
 def group_options(group: str) -> list[str] | None:
     """The choices of a config group shipped with the package, or None if `group` is not one."""
     folder = resources.files(CONFIG_PACKAGE).joinpath(group)

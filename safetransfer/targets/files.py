@@ -44,7 +44,7 @@ def fetch_archive(url: str, root: Path, checksum: str | None, key: str = "target
     except Exception as error:  # no network, a moved file
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DownloadError(f"could not download {url} into {key}={root} ({reason}); download it and extract it "
-                          "there by hand") from None
+                            "there by hand") from None
     if checksum:
         algorithm, expected = checksum.split(":", 1)
         digest = hashlib.new(algorithm)
@@ -54,7 +54,7 @@ def fetch_archive(url: str, root: Path, checksum: str | None, key: str = "target
         if digest.hexdigest() != expected:
             path.unlink(missing_ok=True)
             raise DownloadError(f"{url}: {algorithm} {digest.hexdigest()} is not the pinned {expected}; the download "
-                              "is damaged or the file changed upstream")
+                                "is damaged or the file changed upstream")
     if name.endswith((".tar", ".tgz", ".tar.gz", ".zip")):
         extract_archive(str(path), str(root))
 
