@@ -77,7 +77,6 @@ def check_config(cfg: DictConfig) -> None:
     if evaluation < 0 or (evaluation and (not cfg.runtime.log_every or evaluation % cfg.runtime.log_every)):
         raise ConfigError(f"runtime.eval_every={evaluation} must be 0 or a multiple of "
                           f"runtime.log_every={cfg.runtime.log_every} (the evaluation is written on log rows)")
-    check_bss(cfg)
     check_regularizer(cfg)
     build_checked(cfg.direction, "direction")
     if cfg.train.precision not in PRECISIONS:
@@ -112,27 +111,21 @@ def build_checked(node: DictConfig, key: str) -> object:
 
 
 def check_regularizer(cfg: DictConfig) -> None:
-    """Each term of Omega built from its config: the term checks its own coefficients and settings."""
-    if not cfg.regularizer.terms:
-        raise ConfigError("regularizer.terms is empty; choose a regularizer, e.g. regularizer=l2")
-    for name, term in cfg.regularizer.terms.items():
-        build_checked(term, f"regularizer.terms.{name}")
-
-
-def check_bss(cfg: DictConfig) -> None:
-    """BSS's k counts singular values of a batch x features matrix: fewer than both sizes."""
-    from hydra.utils import get_class
-
+    """Each term of Omega built from its config (the term checks its own coefficients and
+    settings); then what depends on the rest of the config: BSS's k counts singular values of
+    a batch x features matrix, so it must be fewer than both sizes."""
     from safetransfer.backbones import BACKBONES
     from safetransfer.regularizers.bss import BSS
 
-    for name, term in cfg.regularizer.terms.items():
-        if "_target_" in term and issubclass(get_class(term._target_), BSS):
-            k, limit = term.get("k", 1), min(cfg.train.batch_size, BACKBONES.get(cfg.backbone.name, 1 << 30))
-            if not isinstance(k, int) or not 1 <= k < limit:
-                raise ConfigError(
-                    f"regularizer.terms.{name}.k={k} must be an integer in [1, {limit - 1}]: fewer than "
-                    f"train.batch_size={cfg.train.batch_size} and the feature dimension (the paper uses k=1)")
+    if not cfg.regularizer.terms:
+        raise ConfigError("regularizer.terms is empty; choose a regularizer, e.g. regularizer=l2")
+    for name, node in cfg.regularizer.terms.items():
+        term = build_checked(node, f"regularizer.terms.{name}")
+        limit = min(cfg.train.batch_size, BACKBONES.get(cfg.backbone.name, 1 << 30))
+        if isinstance(term, BSS) and not term.k < limit:
+            raise ConfigError(
+                f"regularizer.terms.{name}.k={term.k} must be an integer in [1, {limit - 1}]: fewer than "
+                f"train.batch_size={cfg.train.batch_size} and the feature dimension (the paper uses k=1)")
 
 
 def check_optimizer(optim: DictConfig) -> None:
