@@ -267,8 +267,15 @@ def write_table(directories: Iterable[Path], results_dir: Path, name: str, publi
                 methods: Sequence[str] | None = None, targets: Sequence[str] | None = None,
                 published_file: Path | None = None, notes: Sequence[str] = ()) -> str:
     """Collect, select, assemble; writes <results_dir>/<name>.csv and .md and returns the Markdown."""
+    return write_seeds_table(collect(directories), results_dir, name, published, methods, targets, published_file,
+                             notes)
+
+
+def write_seeds_table(seeds: pd.DataFrame, results_dir: Path, name: str, published: str | None = None,
+                      methods: Sequence[str] | None = None, targets: Sequence[str] | None = None,
+                      published_file: Path | None = None, notes: Sequence[str] = ()) -> str:
+    """write_table from seeds already collected."""
     reference = published_values(published, published_file) if published else None
-    seeds = collect(directories)
     cells = select(seeds)
     table = assemble(cells, reference, methods, targets)
     settings = seeds.attrs.get("settings", {})
@@ -296,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(d) for d in args.directories if not d.is_dir()]
     if missing:
         parser.exit(2, f"safetransfer-tables: error: no such directory: {', '.join(missing)}\n")
-    if collect(args.directories).empty:
+    seeds = collect(args.directories)  # read once: the check below and the table use the same seeds
+    if seeds.empty:
         parser.exit(2, f"safetransfer-tables: error: no finished seed (seed_*/metrics.json) under "
                        f"{', '.join(map(str, args.directories))}; nothing written\n")
     try:
@@ -304,8 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         parser.exit(2, f"safetransfer-tables: error: {error}\n")
     try:
-        markdown = write_table(args.directories, args.results, args.name, args.published, args.methods,
-                               args.targets, args.published_file)
+        markdown = write_seeds_table(seeds, args.results, args.name, args.published, args.methods, args.targets,
+                                     args.published_file)
     except ConfigError as error:
         parser.exit(2, f"safetransfer-tables: error: {error}\n")
     print(markdown, end="")
