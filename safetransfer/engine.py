@@ -132,8 +132,9 @@ def diagnose_nonfinite(model: TransferNet, images: torch.Tensor, labels: torch.T
 
 @torch.no_grad()
 def angle_diagnostics(g_J: list[torch.Tensor], g_Omega: list[torch.Tensor], d: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The DTNH paper's Angles 1-4 in degrees (all parameters as one vector), and whether
-    g_J and g_Omega conflict (<g_J, g_Omega> < 0).
+    """The DTNH paper's Angles 1-4 in degrees (all parameters as one vector), the angle
+    between g_J and g_Omega, and whether they conflict (<g_J, g_Omega> < 0). When they do,
+    DTNH removes the part of g_Omega along g_J: cos^2 of that angle of ||g_Omega||^2.
 
     Each angle is 2 atan2(|u - v|, |u + v|) of the unit vectors u, v, with every sum (dot
     products, norms) accumulated in float64: arccos of the cosine loses all precision near
@@ -144,7 +145,8 @@ def angle_diagnostics(g_J: list[torch.Tensor], g_Omega: list[torch.Tensor], d: l
     vectors = {"J": g_J, "O": g_Omega, "D": d, "S": [a + b for a, b in zip(g_J, g_Omega)]}  # S: the plain sum
     norms = {name: sum64(t.square() for t in v).sqrt() for name, v in vectors.items()}
     pairs = {"angle_d_J": ("D", "J"), "angle_d_Omega": ("D", "O"),          # Angles 1 and 2
-             "angle_sum_J": ("S", "J"), "angle_sum_Omega": ("S", "O")}    # Angles 3 and 4
+             "angle_sum_J": ("S", "J"), "angle_sum_Omega": ("S", "O"),    # Angles 3 and 4
+             "angle_J_Omega": ("J", "O")}
     angles = {}
     for column, (a, b) in pairs.items():
         na, nb = (norms[n].to(g_J[0].dtype).clamp_min(torch.finfo(g_J[0].dtype).tiny) for n in (a, b))

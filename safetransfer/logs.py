@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-#: the DTNH paper's Angles 1-4 (degrees) and whether g_J and g_Omega conflict, on diagnostics rows
-ANGLE_COLUMNS = ("angle_d_J", "angle_d_Omega", "angle_sum_J", "angle_sum_Omega", "conflict")
+#: the DTNH paper's Angles 1-4 and the angle between g_J and g_Omega (degrees), and whether
+#: g_J and g_Omega conflict, on diagnostics rows
+ANGLE_COLUMNS = ("angle_d_J", "angle_d_Omega", "angle_sum_J", "angle_sum_Omega", "angle_J_Omega", "conflict")
 
 
 def log_columns(term_names: Sequence[str], diagnostic_names: Sequence[str] = (), eval_split: str | None = None,

@@ -180,6 +180,7 @@ def test_angles_are_the_angles_between_the_vectors():
     assert angles["angle_d_Omega"] == pytest.approx(90.0)
     assert angles["angle_sum_J"] == pytest.approx(90.0)   # g_J + g_Omega = (0, 1)
     assert angles["angle_sum_Omega"] == pytest.approx(45.0)
+    assert angles["angle_J_Omega"] == pytest.approx(135.0)
     assert angles["conflict"] == 1.0
 
 
@@ -228,6 +229,8 @@ def test_small_angles_match_a_float64_reference(degrees):
     assert angles["angle_d_Omega"] == pytest.approx(reference(d, g_Omega), abs=2e-5)
     assert angles["angle_d_J"] == pytest.approx(reference(d, g_J), abs=2e-5)
     assert angles["angle_sum_J"] == pytest.approx(reference(s, g_J), abs=2e-5)
+    assert angles["angle_J_Omega"] == pytest.approx(reference(g_J, g_Omega), abs=2e-5)
+    assert angles["angle_J_Omega"] == pytest.approx(degrees, abs=1e-4)
     assert angles["angle_d_J"] == angles["angle_sum_J"]
     assert angles["angle_sum_Omega"] == pytest.approx(degrees, rel=0.02)  # s is nearly g_J
 
