@@ -152,3 +152,18 @@ def test_every_cell_of_every_paper_table_composes_and_resolves(table):
             cells.add((cfg.target.name, float(cfg.target.sampling_rate), method_name(cfg)))
     published = published_values(table)
     assert cells == set(zip(published["target"], published["sampling_rate"], published["method"]))
+
+
+def test_a_term_setting_beside_a_method_sweep_takes_force_add(compose_cfg):
+    """README: `-m method=l2sp,dtnh_l2sp ++regularizer.terms.l2sp.alpha=10`. Hydra composes
+    the sweep's first config without the swept method, where the plain override has no key
+    to set; `++` adds it there and sets it in every job."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="l2sp"):
+        compose_cfg("regularizer.terms.l2sp.alpha=10")  # the sweep's first config: regularizer l2
+    compose_cfg("++regularizer.terms.l2sp.alpha=10")
+    for method in ("l2sp", "dtnh_l2sp"):
+        cfg = compose_cfg(f"method={method}", "++regularizer.terms.l2sp.alpha=10")
+        assert cfg.regularizer.terms.l2sp.alpha == 10
+        assert cfg.regularizer.terms.l2sp._target_.endswith("L2SP")
