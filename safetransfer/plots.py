@@ -160,19 +160,35 @@ ANGLE_PAIRS = (("angle_d_J", "angle_sum_J", "Angle 1: d vs g_J", "Angle 3: g_J+g
                ("angle_d_Omega", "angle_sum_Omega", "Angle 2: d vs g_Ω", "Angle 4: g_J+g_Ω vs g_Ω"))
 
 
+def logged(runs: Sequence[Run], column: str) -> list[Run]:
+    return [r for r in runs if column in r.log and r.log[column].notna().any()]
+
+
 def plot_angles(runs: Sequence[Run], path: Path) -> Path | None:
-    runs = [r for r in runs if "angle_d_J" in r.log and r.log["angle_d_J"].notna().any()]
+    """The DTNH paper's Angles 1-4 (its Figs. 4 and 5) and, where logged, the angle between
+    g_J and g_Omega: above 90 degrees DTNH removes cos^2 of it of the pull's squared length."""
+    runs = logged(runs, "angle_d_J")
     if not runs:
         return None
-    plt, figure, axes = _figure(2)
+    between = bool(logged(runs, "angle_J_Omega"))  # logs written before it was recorded have none
+    plt, figure, axes = _figure(3 if between else 2)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups = _labels(runs)
     for axis, (first, second, first_name, second_name) in zip(axes, ANGLE_PAIRS):
-        for index, (label, group) in enumerate(_labels(runs).items()):
+        for index, (label, group) in enumerate(groups.items()):
             color = colors[index % len(colors)]
             _band(axis, curve_band(group, first), f"{label}: {first_name}", color)
             _band(axis, curve_band(group, second), f"{label}: {second_name}", color, ":")
         axis.set(title=f"{first_name.split(':')[0]} and {second_name.split(':')[0]} (DTNH Fig. {4 if first == 'angle_d_J' else 5})",
                  xlabel="iteration", ylabel="angle (degrees)")
+        axis.legend(fontsize=7)
+    if between:
+        axis = axes[2]
+        for index, (label, group) in enumerate(groups.items()):
+            _band(axis, curve_band(group, "angle_J_Omega"), label, colors[index % len(colors)])
+        axis.axhline(90.0, color="grey", linestyle="--", linewidth=0.8)
+        axis.set(title="g_J vs g_Ω (above 90°: DTNH removes cos² of the pull)", xlabel="iteration",
+                 ylabel="angle (degrees)")
         axis.legend(fontsize=7)
     return _save(plt, figure, path)
 

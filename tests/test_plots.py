@@ -20,7 +20,8 @@ def write_seed(directory, cfg, seed, iterations=(10, 20, 30), angles=True, spect
     for i in iterations:
         row = {"iteration": i, "loss_J": 2.0 / i + 0.1 * seed, "test_loss": 2.5 / i + 0.05 * seed}
         if angles:
-            row.update(angle_d_J=30 + seed, angle_d_Omega=80 - seed, angle_sum_J=40 + i / 10, angle_sum_Omega=95.0)
+            row.update(angle_d_J=30 + seed, angle_d_Omega=80 - seed, angle_sum_J=40 + i / 10, angle_sum_Omega=95.0,
+                       angle_J_Omega=95 + 2 * seed + i / 10)
         rows.append(row)
     import pandas as pd
 
@@ -65,6 +66,31 @@ def test_plot_command_draws_the_four_figures(compose_cfg, tmp_path, capsys):
         path = tmp_path / "figures" / f"{name}.png"
         assert str(path) in printed
         assert_png(path)
+
+
+def test_angle_figure_adds_the_angle_between_g_J_and_g_Omega(compose_cfg, tmp_path, monkeypatch):
+    """A third panel with the seeds' mean of angle_J_Omega; logs written before that column
+    existed get the paper's two panels."""
+    import pandas as pd
+
+    from safetransfer import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda plt, figure, path: figures.append(figure) or path)
+    cfg = compose_cfg("regularizer=l2sp", "direction=dtnh")
+    logs = [write_seed(tmp_path / "run", cfg, seed)[0] for seed in range(3)]
+    plots.plot_angles(load_runs([tmp_path / "run"]), tmp_path / "angles.png")
+    axes = figures[-1].axes
+    assert len(axes) == 3
+    expected = np.array([[row["angle_J_Omega"] for row in log] for log in logs]).mean(axis=0)
+    np.testing.assert_allclose(axes[2].lines[0].get_ydata(), expected)
+    assert [line.get_ydata()[0] for line in axes[2].lines[1:]] == [90.0]  # the line DTNH acts above
+
+    for seed in range(3):
+        log = tmp_path / "run" / f"seed_{seed}" / "log.csv"
+        pd.read_csv(log).drop(columns="angle_J_Omega").to_csv(log, index=False)
+    plots.plot_angles(load_runs([tmp_path / "run"]), tmp_path / "angles.png")
+    assert len(figures[-1].axes) == 2
 
 
 def test_plot_command_refuses_an_empty_directory(tmp_path):
