@@ -179,16 +179,17 @@ def plot_angles(runs: Sequence[Run], path: Path) -> Path | None:
             color = colors[index % len(colors)]
             _band(axis, curve_band(group, first), f"{label}: {first_name}", color)
             _band(axis, curve_band(group, second), f"{label}: {second_name}", color, ":")
-        axis.set(title=f"{first_name.split(':')[0]} and {second_name.split(':')[0]} (DTNH Fig. {4 if first == 'angle_d_J' else 5})",
-                 xlabel="iteration", ylabel="angle (degrees)")
+        axis.set_title(f"{first_name.split(':')[0]} and {second_name.split(':')[0]} (DTNH Fig. {4 if first == 'angle_d_J' else 5})",
+                       fontsize=10)
+        axis.set(xlabel="iteration", ylabel="angle (degrees)")
         axis.legend(fontsize=7)
     if between:
         axis = axes[2]
         for index, (label, group) in enumerate(groups.items()):
             _band(axis, curve_band(group, "angle_J_Omega"), label, colors[index % len(colors)])
         axis.axhline(90.0, color="grey", linestyle="--", linewidth=0.8)
-        axis.set(title="g_J vs g_Ω (above 90°: DTNH removes cos² of the pull)", xlabel="iteration",
-                 ylabel="angle (degrees)")
+        axis.set_title("g_J vs g_Ω (conflict above 90°)", fontsize=10)
+        axis.set(xlabel="iteration", ylabel="angle (degrees)")
         axis.legend(fontsize=7)
     return _save(plt, figure, path)
 
