@@ -179,7 +179,8 @@ def plot_angles(runs: Sequence[Run], path: Path) -> Path | None:
             color = colors[index % len(colors)]
             _band(axis, curve_band(group, first), f"{label}: {first_name}", color)
             _band(axis, curve_band(group, second), f"{label}: {second_name}", color, ":")
-        axis.set_title(f"{first_name.split(':')[0]} and {second_name.split(':')[0]} (DTNH Fig. {4 if first == 'angle_d_J' else 5})",
+        figure_number = 4 if first == "angle_d_J" else 5
+        axis.set_title(f"{first_name.split(':')[0]} and {second_name.split(':')[0]} (DTNH Fig. {figure_number})",
                        fontsize=10)
         axis.set(xlabel="iteration", ylabel="angle (degrees)")
         axis.legend(fontsize=7)

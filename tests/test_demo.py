@@ -1,5 +1,6 @@
 """The embedded demo: generated domains, and (slow) the full no-argument run."""
 
+import os
 import subprocess
 import sys
 
@@ -40,7 +41,7 @@ def test_shapes_cover_what_their_level_says():
 def test_full_demo_shows_transfer_beyond_the_seeds_spread(tmp_path):
     env_cache = tmp_path / "cache"
     result = subprocess.run([sys.executable, "-m", "safetransfer.train"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=900, env={**__import__("os").environ,
+                            text=True, timeout=900, env={**os.environ,
                                                          "SAFETRANSFER_CACHE": str(env_cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     check_demo_table(pd.read_csv(tmp_path / "results" / "demo.csv"))
@@ -57,7 +58,7 @@ def check_demo_table(frame):
 
 
 def _train(tmp_path, *overrides):
-    env = {**__import__("os").environ, "SAFETRANSFER_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "SAFETRANSFER_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-m", "safetransfer.train", "-m", "experiment=demo", *overrides],
                             cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
