@@ -151,10 +151,11 @@ def run_seeds_concurrently(cfg: DictConfig, seeds: list[int], run_dir: Path) -> 
 
     container = OmegaConf.to_container(cfg, resolve=True)
     context = torch.multiprocessing.get_context("spawn")
-    log.info("seeds %s run concurrently, a process each", seeds)
+    # the job's CPU threads shared out: each process with all of them oversubscribes the cores
+    threads = max(1, torch.get_num_threads() // len(seeds))
+    log.info("seeds %s run concurrently, a process each; CPU threads per process: %d", seeds, threads)
     with ProcessPoolExecutor(max_workers=len(seeds), mp_context=context) as pool:
-        futures = {seed: pool.submit(_seed_process, container, seed, str(run_dir), torch.get_num_threads())
-                   for seed in seeds}
+        futures = {seed: pool.submit(_seed_process, container, seed, str(run_dir), threads) for seed in seeds}
         return {seed: future.result() for seed, future in futures.items()}
 
 

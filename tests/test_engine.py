@@ -248,13 +248,20 @@ def test_sum_direction_logs_equal_angles_1_and_3(compose_cfg, tmp_path):
 
 
 def test_concurrent_seeds_give_each_seed_the_result_it_gets_alone(compose_cfg, tmp_path):
-    """runtime.concurrent_seeds: the seeds in processes of their own, at once; per seed the same numbers."""
+    """runtime.concurrent_seeds: the seeds in processes of their own, at once, sharing out the
+    job's CPU threads (2 seeds: half each); per seed the same numbers as alone with that many
+    threads (the thread count changes how the CPU sums, so it has to match)."""
     import json
 
     from safetransfer.experiment import run_job
 
     overrides = [*TINY, "seeds=[0,1]", "train.iterations=4", "optim.scheduler.milestones=[3]"]
-    alone = run_job(compose_cfg(*overrides), tmp_path / "alone")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // 2))
+    try:
+        alone = run_job(compose_cfg(*overrides), tmp_path / "alone")
+    finally:
+        torch.set_num_threads(threads)
     together = run_job(compose_cfg(*overrides, "runtime.concurrent_seeds=true"), tmp_path / "together")
     for seed in (0, 1):
         a, b = (json.loads((tmp_path / d / f"seed_{seed}" / "metrics.json").read_text()) for d in ("alone", "together"))
