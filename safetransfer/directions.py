@@ -9,16 +9,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from safetransfer.errors import ConfigError
 from safetransfer.methods import method_label
 
 
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors laid end to end in one new vector, by one C++ call (a Python loop over
+    a ResNet's 62-161 parameter tensors costs more host time than the GPU's work here)."""
+    return _flatten_dense_tensors(list(tensors))
+
+
 def dot(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> torch.Tensor:
-    """<x, y> with all tensors of each list seen as one vector: each list laid end to end
-    (one concatenation) and one dot product, a handful of kernels instead of one per tensor
-    (on a GPU, a step's time goes largely to launching kernels)."""
-    return torch.dot(torch.cat([a.reshape(-1) for a in x]), torch.cat([b.reshape(-1) for b in y]))
+    """<x, y> with all tensors of each list seen as one vector."""
+    return torch.dot(flatten(x), flatten(y))
 
 
 def per_tensor_dots(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -70,21 +75,30 @@ class DTNH(Direction):
         self.granularity = granularity
 
     def __call__(self, g_J: list[torch.Tensor], g_Omega: list[torch.Tensor]) -> list[torch.Tensor]:
-        squared_norms = torch.stack(torch._foreach_norm(g_J)).square()
         if self.granularity == "global":
-            dots, squared_norms = dot(g_J, g_Omega), squared_norms.sum()
-        else:
-            dots = per_tensor_dots(g_J, g_Omega)
-        # the projection coefficient, 0 where the angle is not obtuse (or g_J vanishes);
-        # computed on the device, so that no step waits for the host
-        coefficients = torch.where((dots < 0) & (squared_norms > 0),
-                                   dots / squared_norms.clamp_min(torch.finfo(squared_norms.dtype).tiny),
-                                   torch.zeros_like(dots))
+            return self.global_direction(g_J, g_Omega)
+        dots, squared_norms = per_tensor_dots(g_J, g_Omega), torch.stack(torch._foreach_norm(g_J)).square()
         # d = g_J + (g_Omega - c g_J) = (1 - c) g_J + g_Omega, built in g_J's storage
-        if self.granularity == "global":
-            torch._foreach_mul_(g_J, 1 - coefficients)
-        else:
-            for g, c in zip(g_J, (1 - coefficients).unbind()):
-                g.mul_(c)
+        for g, c in zip(g_J, (1 - projection_coefficient(dots, squared_norms)).unbind()):
+            g.mul_(c)
         torch._foreach_add_(g_J, g_Omega)
         return g_J
+
+    @staticmethod
+    def global_direction(g_J: list[torch.Tensor], g_Omega: list[torch.Tensor]) -> list[torch.Tensor]:
+        """All parameters as one vector, each gradient flattened once: two dot products,
+        one scaling and one addition, a fixed handful of kernels and host calls whatever
+        the number of parameter tensors (a step on a GPU is largely bound by launching
+        them). d is returned as views of one new buffer, shaped like g_J."""
+        flat_J, flat_Omega = flatten(g_J), flatten(g_Omega)
+        c = projection_coefficient(torch.dot(flat_J, flat_Omega), torch.dot(flat_J, flat_J))
+        flat_J.mul_(1 - c).add_(flat_Omega)  # d = (1 - c) g_J + g_Omega
+        return list(_unflatten_dense_tensors(flat_J, g_J))
+
+
+def projection_coefficient(dots: torch.Tensor, squared_norms: torch.Tensor) -> torch.Tensor:
+    """<g_J, g_Omega> / ||g_J||^2 where the angle is obtuse, 0 where it is not (or g_J
+    vanishes); computed on the device, so that no step waits for the host."""
+    return torch.where((dots < 0) & (squared_norms > 0),
+                       dots / squared_norms.clamp_min(torch.finfo(squared_norms.dtype).tiny),
+                       torch.zeros_like(dots))

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._utils import _unflatten_dense_tensors
 from torch.utils.data import DataLoader
 
 from safetransfer.backbones import TransferNet
@@ -163,11 +164,12 @@ def sum64(terms) -> torch.Tensor:
 
 
 def zeros_like_all(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Zeros shaped like each of `params`: views of one buffer (one allocation, one kernel)."""
+    """Zeros shaped like each of `params`: views of one buffer (one allocation, one kernel,
+    the views made by one C++ call)."""
     if len({(p.dtype, p.device) for p in params}) != 1:
         return [torch.zeros_like(p) for p in params]
     flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-    return [view.view(p.shape) for view, p in zip(flat.split([p.numel() for p in params]), params)]
+    return list(_unflatten_dense_tensors(flat, params))
 
 
 def _grad(value: torch.Tensor, params: Sequence[torch.nn.Parameter], retain_graph: bool = False) -> list[torch.Tensor]:

@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader
 
 from safetransfer.backbones import TransferNet
 from safetransfer.build import build_seed, create_loader
-from safetransfer.engine import Loop, autocast, fit, training_step
+from safetransfer.directions import DTNH, Sum
+from safetransfer.engine import Loop, autocast, fit, training_step, zeros_like_all
 from safetransfer.preparation import Data, prepare_data
 from safetransfer.targets.augment import DeviceAugment
 from safetransfer.targets.imagefolder import ImageFolderTarget
@@ -265,6 +266,26 @@ def model_only(args, device, backbone: str) -> list[Result]:
     features = torch.randn(args.batch, 2048 if backbone == "resnet50" else 512, device=device)
     results.append(timed(lambda: torch.linalg.svdvals(features), args.steps * 5, args.warmup, args.batch, device,
                          f"{backbone} BSS svdvals alone"))
+    return results
+
+
+def host_overhead(args, device, backbone: str) -> list[Result]:
+    """What DTNH adds to a closed-form term's step (L2-SP's), apart from the arithmetic:
+    the zero g_Omega the term's gradient is added into, and the direction, on one-element
+    tensors, one per trainable parameter tensor of the network (a sum step gets d from its
+    one backward pass and calls neither). On a GPU whose step is bound by launching kernels
+    from Python, this fixed cost is what shows. Beside it, one foreach addition over the same
+    tensors (the Sum direction) as a floor."""
+    shapes = [p.shape for p in TransferNet(backbone, args.classes).parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(0)
+    g_J, g_Omega = ([torch.randn(1, generator=generator).to(device) for _ in shapes] for _ in range(2))
+    sum_, dtnh = Sum(), DTNH()
+    steps = {f"{backbone} host: Sum direction ({len(shapes)} one-element tensors)": lambda: sum_(g_J, g_Omega),
+             f"{backbone} host: zero g_Omega + DTNH direction ({len(shapes)} one-element tensors)":
+                 lambda: dtnh(g_J, zeros_like_all(g_J))}
+    results = compare(steps, argparse.Namespace(steps=max(args.steps, 10) * 50, warmup=args.warmup * 10), 1, device)
+    for r in results:
+        r.notes["us per step"] = f"{1000 * r.ms_per_step:.0f}"
     return results
 
 
@@ -496,6 +517,10 @@ def report(args, device, results: list[Result]) -> str:
         if "l2sp" in args.regularizers and "l2" in args.regularizers:
             l2sp, dtnh = find(results, f"{backbone} l2sp sum"), find(results, f"{backbone} l2sp dtnh")
             lines.append(f"- {backbone} DTNH (L2-SP) / L2-SP: {dtnh.ms_per_step / l2sp.ms_per_step:.3f} (target <= 1.05)")
+        host = [r for r in results if r.what.startswith(f"{backbone} host: ")]
+        if host:
+            lines.append(f"- {backbone} host time per step of the direction (one-element tensors): Sum "
+                         f"{host[0].notes['us per step']} us, zero g_Omega + DTNH {host[1].notes['us per step']} us")
         if "l2_bss" in args.regularizers:
             svd, bss = find(results, f"{backbone} BSS svdvals alone"), find(results, f"{backbone} l2_bss sum")
             lines.append(f"- {backbone} BSS svdvals / L2+BSS step: {100 * svd.ms_per_step / bss.ms_per_step:.1f} % "
@@ -557,7 +582,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["end_to_end", "pipeline", "regularizers", "backward", "attention"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["end_to_end", "pipeline", "regularizers", "backward", "attention", "host"])
     parser.add_argument("--compile", action="store_true", help="also time the Fine-tuning step under torch.compile")
     import sys
 
@@ -587,6 +612,8 @@ def main() -> None:
 
         for backbone in args.backbones:
             add(model_only(args, device, backbone))
+            if "host" not in args.skip:
+                add(host_overhead(args, device, backbone))
             if "backward" not in args.skip:
                 add(backward_passes(args, device, backbone))
             if "attention" not in args.skip and "delta" in args.regularizers:

@@ -28,7 +28,9 @@ def flat(arrays_):
 @settings(max_examples=300, deadline=None)
 @given(gradient_lists, gradient_lists)
 def test_global_projection(g_J, g_Omega):
-    d = flat([t.numpy() for t in DTNH("global")(torch_list(g_J), torch_list(g_Omega))])
+    d_tensors = DTNH("global")(torch_list(g_J), torch_list(g_Omega))
+    assert [tuple(t.shape) for t in d_tensors] == SHAPES  # one d per parameter tensor, shaped like it
+    d = flat([t.numpy() for t in d_tensors])
     J, O = flat(g_J), flat(g_Omega)
     scale = np.linalg.norm(J) * (np.linalg.norm(J) + np.linalg.norm(O)) + 1e-300
     # d never points against g_J

@@ -171,3 +171,36 @@ def test_a_compiled_network_takes_the_same_dtnh_step(compose_cfg, no_tf32, regul
           f"compiled {relative_error(compiled, exact):.2e}")
     assert relative_error(compiled, exact) <= max(3 * relative_error(eager, exact), 1e-5)
     assert compiled[1] == pytest.approx(eager[1], rel=1e-4)
+
+
+@pytest.mark.parametrize("regularizer", ["l2sp", "knowdist"])
+def test_a_dtnh_step_never_waits_for_the_gpu(compose_cfg, regularizer):
+    """Apart from the finiteness check (one deliberate wait per step), a DTNH step launches its
+    work without reading anything back from the GPU: the projection's coefficient stays on the
+    device. (BSS is left out: torch.linalg.svdvals waits for the GPU on CUDA, as its
+    documentation says.)"""
+    from safetransfer.backbones import TransferNet
+    from safetransfer.build import create_direction, create_omega, create_optimizer
+    from safetransfer.engine import training_step
+    from safetransfer.regularizers import BindContext
+    from safetransfer.targets import TensorImages
+
+    cfg = compose_cfg(f"regularizer={regularizer}", "direction=dtnh")
+    device = torch.device("cuda")
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    model = TransferNet("resnet18", 3).to(device)
+    omega = create_omega(cfg)
+    omega.bind(model, BindContext(device=device, train_data=TensorImages(images, labels), batch_size=6))
+    optimizer, _ = create_optimizer(cfg, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    images, labels = images.to(device), labels.to(device)
+    direction = create_direction(cfg)
+    step = lambda: training_step(model, images, labels, omega, direction, optimizer, params,  # noqa: E731
+                                 check_finite=False)
+    step()  # the first step allocates (cuDNN's plans, the optimizer's momentum)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
