@@ -409,9 +409,10 @@ def test_bss_hand_worked_from_equation_8():
     assert float(BSS(eta=0.001, k=1).value(None, features)) == pytest.approx(0.004, rel=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(6, 9), (9, 6)])  # F F^T is the smaller Gram matrix, then F^T F
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_bss_value_matches_numpy_svd(k):
-    matrix = torch.randn(6, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+def test_bss_value_matches_numpy_svd(k, shape):
+    matrix = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
     term = BSS(eta=0.05, k=k)
     expected = 0.05 * np.sum(np.linalg.svd(matrix.numpy(), compute_uv=False)[-k:] ** 2)
     assert float(term.value(None, bss_features(matrix))) == pytest.approx(expected, rel=1e-5)
@@ -420,13 +421,34 @@ def test_bss_value_matches_numpy_svd(k):
     assert term.diagnostics()["sigma_max"] == pytest.approx(singular[0], rel=1e-5)
 
 
-def test_bss_gradient_matches_finite_differences():
-    matrix = torch.randn(5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+@pytest.mark.parametrize("shape", [(5, 7), (7, 5)])
+def test_bss_gradient_matches_finite_differences(shape):
+    matrix = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
     term = BSS(eta=1.0, k=2)
     term_fp64 = lambda: 1.0 * torch.from_numpy(  # noqa: E731 an independent NumPy evaluation
         np.sort(np.linalg.svd(matrix.detach().numpy(), compute_uv=False))[:2]).square().sum()
     (grad,) = torch.autograd.grad(term.value(None, bss_features(matrix)), [matrix])
     finite_difference_check(term_fp64, [(matrix, grad)], rel=1e-3, abs_=1e-6, stride=1)
+
+
+def test_bss_in_float32_at_the_papers_batch_matches_a_float64_svd():
+    """48 images x 512 features (ResNet-18's pooled features at batch 48), singular values
+    spread over three decades: the float32 term and its gradient against NumPy's float64 SVD
+    (the gradient of sigma_min^2 is 2 sigma_min u v^T)."""
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.standard_normal((48, 48)))
+    v, _ = np.linalg.qr(rng.standard_normal((512, 48)))
+    sigma = np.logspace(1, -2, 48)
+    exact = (u * sigma) @ v.T
+    matrix = torch.tensor(exact, dtype=torch.float32, requires_grad=True)
+    term = BSS(eta=1.0, k=1)
+    value = term.value(None, bss_features(matrix))
+    (grad,) = torch.autograd.grad(value, [matrix])
+    assert value.dtype == torch.float32
+    U, S, Vt = np.linalg.svd(matrix.detach().double().numpy(), full_matrices=False)
+    assert float(value.detach()) == pytest.approx(S[-1] ** 2, rel=1e-4)
+    np.testing.assert_allclose(grad.double().numpy(), 2 * S[-1] * np.outer(U[:, -1], Vt[-1]), atol=1e-6 * S[-1])
+    assert term.diagnostics()["sigma_max"] == pytest.approx(S[0], rel=1e-6)
 
 
 @pytest.mark.parametrize("case", ["repeated", "zero"])
