@@ -25,6 +25,7 @@ from safetransfer.logs import TrainLog, log_columns
 from safetransfer.preparation import Data
 from safetransfer.regularizers import BindContext, Omega
 from safetransfer.runtime import resolve_device
+from safetransfer.targets import crop_options
 from safetransfer.targets.augment import DeviceAugment
 
 
@@ -117,8 +118,10 @@ def build_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None
     optimizer, scheduler = create_optimizer(cfg, model)
     train_batches = test_batches = None
     if data.on_device:
-        train_batches = DeviceAugment(cfg.data.crop, cfg.data.mean, cfg.data.std, seed, device)
-        test_batches = DeviceAugment(cfg.data.crop, cfg.data.mean, cfg.data.std, seed, device, train=False)
+        train_crop, test_crops = crop_options(cfg.data)
+        geometry = (cfg.data.crop, cfg.data.mean, cfg.data.std, seed, device)
+        train_batches = DeviceAugment(*geometry, train_crop=train_crop)
+        test_batches = DeviceAugment(*geometry, train=False, test_crops=test_crops)
     parts = Parts(model, omega, create_direction(cfg), optimizer, scheduler,
                   create_loader(data.train, cfg, train=True, seed=seed, device=device), device, train_batches)
     loop = Loop(iterations=cfg.train.iterations, precision=cfg.train.precision, log_every=cfg.runtime.log_every,

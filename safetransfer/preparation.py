@@ -41,10 +41,8 @@ class Data:
 
 
 def augment_on_device(cfg: DictConfig, cached: bool) -> bool:
-    """data.augment_on: auto puts crop and mirror on the GPU when training there from the cache.
-    The device path implements the plain random crop and one centre test crop only."""
-    if crop_options(cfg.data) != ("random_crop", 1):
-        return False
+    """data.augment_on: auto puts the random window, the mirror and the test views on the GPU
+    when training there from the cache (targets.augment.DeviceAugment)."""
     choice = cfg.data.augment_on
     if choice == "auto":
         return cached and resolve_device(str(cfg.runtime.device)).type == "cuda"

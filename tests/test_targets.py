@@ -324,7 +324,74 @@ def test_device_augment_crops_mirrors_and_normalises_each_sample():
                                / torch.tensor(std).view(1, 3, 1, 1))
 
 
-def test_augmenting_on_the_device_trains_and_is_deterministic(compose_cfg, tmp_path):
+def normalised(images, mean, std):
+    return (images.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def test_device_random_resized_crop_is_each_window_resized_and_mirrored():
+    """Against F.interpolate (bilinear, align_corners=False) of each sample's window: the
+    device's one grid_sample over the batch reads the same coordinates."""
+    from safetransfer.targets.augment import DeviceAugment
+
+    images = torch.randint(0, 256, (6, 3, 20, 24), dtype=torch.uint8)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.25]
+    make = lambda: DeviceAugment(12, mean, std, seed=5, device=torch.device("cpu"),  # noqa: E731
+                                 train_crop="random_resized_crop")
+    out = make()(images)
+    top, left, h, w, flip = make().boxes(6, 20, 24)
+    assert out.shape == (6, 3, 12, 12) and flip.any() and not flip.all()
+    assert (h > 12).any() and (h < 12).any()  # windows that shrink and windows that grow
+    for b in range(6):
+        window = images[b:b + 1, :, top[b]:top[b] + h[b], left[b]:left[b] + w[b]].float()
+        expected = torch.nn.functional.interpolate(window, size=(12, 12), mode="bilinear", align_corners=False)[0]
+        if flip[b]:
+            expected = expected.flip(-1)
+        torch.testing.assert_close(out[b], normalised(expected, mean, std), atol=1e-4, rtol=0)
+
+
+def test_device_random_resized_crop_draws_torchvision_windows():
+    """The windows' distribution against torchvision's RandomResizedCrop.get_params (two-sample
+    Kolmogorov-Smirnov tests over 3,000 draws each): on a square image, and on a narrow one
+    where most tries do not fit and the centre crop is the fallback."""
+    from scipy.stats import ks_2samp
+    from torchvision.transforms import v2
+
+    from safetransfer.targets.augment import DeviceAugment
+
+    torch.manual_seed(0)
+    for height, width in ((64, 64), (60, 12)):
+        augment = DeviceAugment(8, [0.5] * 3, [0.2] * 3, seed=1, device=torch.device("cpu"),
+                                train_crop="random_resized_crop")
+        top, left, h, w, _ = (t.numpy() for t in augment.boxes(3000, height, width))
+        image = torch.zeros(3, height, width)
+        reference = np.array([v2.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3])
+                              for _ in range(3000)])
+        assert (h >= 1).all() and (h + top <= height).all() and (w >= 1).all() and (w + left <= width).all()
+        for ours, theirs in ((h, reference[:, 2]), (w, reference[:, 3]), (top, reference[:, 0]),
+                             (left, reference[:, 1]), (h * w, reference[:, 2] * reference[:, 3])):
+            assert ks_2samp(ours, theirs).pvalue > 1e-3
+        if width == 12:  # the narrow image's fallback: the whole width, height 12 / (3/4) = 16, centred
+            fallback = (w == 12) & (h == 16) & (top == 22)
+            assert 0.1 < fallback.mean() and abs(fallback.mean() - ((reference[:, 2:] == [16, 12]).all(1)
+                                                                     & (reference[:, 0] == 22)).mean()) < 0.05
+
+
+def test_device_ten_crops_are_torchvisions_ten_crops():
+    from torchvision.transforms import v2
+
+    from safetransfer.targets.augment import DeviceAugment
+
+    images = torch.randint(0, 256, (3, 3, 11, 13), dtype=torch.uint8)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.25]
+    out = DeviceAugment(6, mean, std, seed=0, device=torch.device("cpu"), train=False, test_crops=10)(images)
+    assert out.shape == (3, 10, 3, 6, 6)
+    for b in range(3):
+        expected = torch.stack([normalised(view, mean, std) for view in v2.TenCrop(6)(images[b])])
+        torch.testing.assert_close(out[b], expected)
+
+
+@pytest.mark.parametrize("crops", [(), ("data.train_crop=random_resized_crop", "data.test_crops=10")])
+def test_augmenting_on_the_device_trains_and_is_deterministic(compose_cfg, tmp_path, crops):
     from hydra.utils import instantiate
 
     from conftest import TINY
@@ -335,9 +402,11 @@ def test_augmenting_on_the_device_trains_and_is_deterministic(compose_cfg, tmp_p
     shrink = [o for o in TINY if not o.startswith("target.")]
     cfg = compose_cfg(*shrink, "target=cub200", f"target.root={tmp_path / 'data'}", "target.expected_classes=3",
                       "target.expected_split=[18,6]", "train.batch_size=4", "data.augment_on=device",
-                      f"paths.cache_dir={tmp_path / 'cache'}")
+                      f"paths.cache_dir={tmp_path / 'cache'}", *crops)
     data = prepare_data(cfg, instantiate(cfg.target))
     assert data.on_device and data.train[0][0].dtype == torch.uint8
+    # the test split is cached as its views' source: the centre crop, or the resize x resize square for ten crops
+    assert data.test[0][0].shape[-1] == (cfg.data.resize if crops else cfg.data.crop)
     first = run_seed(cfg, 0, data, None, tmp_path / "a")
     again = run_seed(cfg, 0, data, None, tmp_path / "b")
     assert first["top1"] == again["top1"] and first["test_loss"] == again["test_loss"]
