@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch._utils import _unflatten_dense_tensors
 from torch.utils.data import DataLoader
 
 from safetransfer.backbones import TransferNet
@@ -62,7 +61,7 @@ def training_step(model: TransferNet, images: torch.Tensor, labels: torch.Tensor
     # estimate g_J and g_Omega at the same weights, on the same mini-batch, and choose d
     if direction.needs_both_gradients or angles:
         g_J = _grad(loss_J, params, retain_graph=omega_autograd is not None)
-        g_Omega = _grad(omega_autograd, params) if omega_autograd is not None else zeros_like_all(params)
+        g_Omega = _grad(omega_autograd, params) if omega_autograd is not None else direction.zero_gradient(params)
         omega.add_closed_form_gradient(params, g_Omega)
         with torch.no_grad():
             # the direction may build d in g_J's storage: keep a copy when the angles need g_J
@@ -161,15 +160,6 @@ def angle_diagnostics(g_J: list[torch.Tensor], g_Omega: list[torch.Tensor], d: l
 def sum64(terms) -> torch.Tensor:
     """The sum of all elements of all the tensors, accumulated in float64."""
     return torch.stack([t.sum(dtype=torch.float64) for t in terms]).sum()
-
-
-def zeros_like_all(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Zeros shaped like each of `params`: views of one buffer (one allocation, one kernel,
-    the views made by one C++ call)."""
-    if len({(p.dtype, p.device) for p in params}) != 1:
-        return [torch.zeros_like(p) for p in params]
-    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-    return list(_unflatten_dense_tensors(flat, params))
 
 
 def _grad(value: torch.Tensor, params: Sequence[torch.nn.Parameter], retain_graph: bool = False) -> list[torch.Tensor]:

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from safetransfer.backbones import Features, TransferNet
 from safetransfer.build import build_seed, create_loader
 from safetransfer.directions import DTNH, Sum
-from safetransfer.engine import Loop, autocast, fit, training_step, zeros_like_all
+from safetransfer.engine import Loop, autocast, fit, training_step
 from safetransfer.preparation import Data, prepare_data
 from safetransfer.regularizers.bss import BSS
 from safetransfer.targets.augment import DeviceAugment
@@ -288,7 +288,7 @@ def host_overhead(args, device, backbone: str) -> list[Result]:
     sum_, dtnh = Sum(), DTNH()
     steps = {f"{backbone} host: Sum direction ({len(shapes)} one-element tensors)": lambda: sum_(g_J, g_Omega),
              f"{backbone} host: zero g_Omega + DTNH direction ({len(shapes)} one-element tensors)":
-                 lambda: dtnh(g_J, zeros_like_all(g_J))}
+                 lambda: dtnh(g_J, dtnh.zero_gradient(g_J))}
     results = compare(steps, argparse.Namespace(steps=max(args.steps, 10) * 50, warmup=args.warmup * 10), 1, device)
     for r in results:
         r.notes["us per step"] = f"{1000 * r.ms_per_step:.0f}"

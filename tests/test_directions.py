@@ -59,6 +59,29 @@ def test_tensor_projection_is_per_tensor_arithmetic(g_J, g_Omega):
         assert d_t.ravel() @ J >= -1e-9 * (J @ J + np.abs(J).sum() * np.abs(O).sum() + 1e-300)
 
 
+def test_one_dtnh_gives_each_step_its_own_direction():
+    """DTNH keeps its buffers (the zero g_Omega, d) from step to step: each step's zero
+    g_Omega is zero again, and each d is that step's projection (NumPy), whether g_Omega is
+    the kept buffer or a list of its own."""
+    rng = np.random.default_rng(0)
+    dtnh = DTNH()
+    for step in range(4):
+        J = [rng.standard_normal(shape) for shape in SHAPES]
+        O = [-0.7 * j + 0.3 * rng.standard_normal(j.shape) for j in J]  # obtuse: the projection acts
+        if step % 2 == 0:
+            g_Omega = dtnh.zero_gradient(torch_list(J))
+            assert all(not g.any() for g in g_Omega)
+            torch._foreach_add_(g_Omega, torch_list(O))
+        else:
+            g_Omega = torch_list(O)
+        d = dtnh(torch_list(J), g_Omega)
+        flat_J, flat_O = flat(J), flat(O)
+        assert flat_J @ flat_O < 0
+        expected = flat_J + flat_O - (flat_J @ flat_O) / (flat_J @ flat_J) * flat_J
+        assert [tuple(t.shape) for t in d] == SHAPES
+        np.testing.assert_allclose(flat([t.numpy() for t in d]), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_hand_worked_example():
     def g_J():
         return [torch.tensor([1.0, 0.0])]
