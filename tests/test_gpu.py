@@ -27,6 +27,28 @@ def test_device_augment_on_cuda_crops_mirrors_and_normalises_each_sample():
         torch.testing.assert_close(out[b], expected)
 
 
+def test_device_random_resized_crop_and_ten_crops_on_cuda():
+    """The BSS protocol's augmentation on CUDA: each window against F.interpolate of the same
+    window on the CPU, and the ten test views equal to the CPU's."""
+    from safetransfer.targets.augment import DeviceAugment
+
+    device, cpu = torch.device("cuda"), torch.device("cpu")
+    images = torch.randint(0, 256, (6, 3, 20, 24), dtype=torch.uint8)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.25]
+    make = lambda: DeviceAugment(12, mean, std, seed=5, device=device, train_crop="random_resized_crop")  # noqa: E731
+    out = make()(images.to(device)).cpu()
+    top, left, h, w, flip = (t.cpu() for t in make().boxes(6, 20, 24))
+    for b in range(6):
+        window = images[b:b + 1, :, top[b]:top[b] + h[b], left[b]:left[b] + w[b]].float()
+        expected = torch.nn.functional.interpolate(window, size=(12, 12), mode="bilinear", align_corners=False)[0]
+        expected = (expected.flip(-1) if flip[b] else expected) / 255
+        expected = (expected - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+        torch.testing.assert_close(out[b], expected, atol=1e-4, rtol=0)
+    views = [DeviceAugment(6, mean, std, seed=0, device=d, train=False, test_crops=10)(images.to(d)).cpu()
+             for d in (device, cpu)]
+    torch.testing.assert_close(views[0], views[1])
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_job_on_cuda_trains_from_the_cache_with_augmentation_on_the_device(cli, tmp_path, precision):
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=6, test_per_class=2)
@@ -177,8 +199,8 @@ def test_a_compiled_network_takes_the_same_dtnh_step(compose_cfg, no_tf32, regul
 def test_a_dtnh_step_never_waits_for_the_gpu(compose_cfg, regularizer):
     """Apart from the finiteness check (one deliberate wait per step), a DTNH step launches its
     work without reading anything back from the GPU: the projection's coefficient stays on the
-    device. (BSS is left out: torch.linalg.svdvals waits for the GPU on CUDA, as its
-    documentation says.)"""
+    device. (BSS is left out: it reads its 48 x 48 Gram matrix back to solve it on the host,
+    as any CUDA SVD or eigensolver waits for the GPU.)"""
     from safetransfer.backbones import TransferNet
     from safetransfer.build import create_direction, create_omega, create_optimizer
     from safetransfer.engine import training_step
