@@ -29,20 +29,33 @@ def per_tensor_dots(x: Sequence[torch.Tensor], y: Sequence[torch.Tensor]) -> tor
 
 
 class FlatBuffer:
-    """One vector laid out like a list of tensors (views of it shaped like each), kept from
-    step to step and made again only when the shapes change. A new parameter-sized buffer
-    at every step costs page faults on a CPU (glibc maps blocks over 32 MB afresh: about
-    12 ms for ResNet-18's 45 MB on this machine) and launches on a GPU; one kept buffer
-    costs neither."""
+    """One vector laid out like a list of tensors: views of it shaped, and strided (a
+    channels-last weight's gradient stays channels-last, which keeps the optimizer's
+    multi-tensor kernels on their fast path), like each. Kept from step to step and made
+    again only when the layout changes; the same list object passed again is taken to have
+    the same layout. A new parameter-sized buffer at every step costs page faults on a CPU
+    (glibc maps blocks over 32 MB afresh: about 12 ms for ResNet-18's 45 MB on one machine)
+    and allocations and launches on a GPU; one kept buffer costs neither."""
 
     def __init__(self):
-        self.key, self.flat, self.views = None, None, []
+        self.key, self.source, self.flat, self.views = None, None, None, []
 
     def like(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        key = (tuple(t.shape for t in tensors), tensors[0].dtype, tensors[0].device)
+        if tensors is self.source or tensors is self.views:
+            return self.views
+        key = [(t.shape, t.stride(), t.dtype, t.device) for t in tensors]
         if key != self.key:
-            self.flat = torch.empty(sum(t.numel() for t in tensors), dtype=key[1], device=key[2])
-            self.views, self.key = list(_unflatten_dense_tensors(self.flat, tensors)), key
+            if len({(t.dtype, t.device) for t in tensors}) != 1:
+                raise ValueError("DTNH's global direction needs every gradient in one dtype on one device, got "
+                                 + ", ".join(sorted({f"{t.dtype} on {t.device}" for t in tensors})))
+            self.flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
+            self.views, offset = [], 0
+            for t in tensors:  # a dense layout (contiguous, channels-last) is kept; any other becomes contiguous
+                strides = torch.empty_like(t, device="meta").stride()
+                self.views.append(self.flat[offset:offset + t.numel()].as_strided(t.shape, strides))
+                offset += t.numel()
+            self.key = key
+        self.source = tensors
         return self.views
 
 
@@ -96,7 +109,10 @@ class DTNH(Direction):
         self.omega_buffer, self.d_buffer = FlatBuffer(), FlatBuffer()  # kept from step to step
 
     def zero_gradient(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """g_Omega's kept buffer, zeroed (one kernel): valid until the next step's."""
+        """g_Omega's kept buffer, zeroed (one kernel), laid out like the parameters: valid
+        until the next step's."""
+        if len({(p.dtype, p.device) for p in params}) != 1:
+            return zeros_like_all(params)
         views = self.omega_buffer.like(params)
         self.omega_buffer.flat.zero_()
         return views
@@ -112,21 +128,21 @@ class DTNH(Direction):
         return g_J
 
     def global_direction(self, g_J: list[torch.Tensor], g_Omega: list[torch.Tensor]) -> list[torch.Tensor]:
-        """All parameters as one vector: g_J copied into a kept buffer (one multi-tensor copy),
-        g_Omega too unless it is already the kept zero_gradient buffer, then two dot products,
-        one scaling and one addition: a fixed handful of kernels and host calls whatever the
+        """All parameters as one vector: g_Omega in its kept buffer (already there when it is
+        the zero_gradient buffer), g_J copied into a second one laid out the same way (so
+        that the two flat vectors align element by element), then two dot products, one
+        scaling and one addition: a fixed handful of kernels and host calls whatever the
         number of parameter tensors (a step on a GPU is largely bound by launching them).
         d is returned as views of the kept buffer: valid until the next step's."""
-        flat_J, flat_Omega = self.flattened(self.d_buffer, g_J), self.flattened(self.omega_buffer, g_Omega)
+        omega_views = self.omega_buffer.like(g_Omega)
+        if g_Omega is not omega_views:
+            torch._foreach_copy_(omega_views, g_Omega)
+        d = self.d_buffer.like(omega_views)
+        torch._foreach_copy_(d, g_J)
+        flat_J, flat_Omega = self.d_buffer.flat, self.omega_buffer.flat
         c = projection_coefficient(torch.dot(flat_J, flat_Omega), torch.dot(flat_J, flat_J))
         flat_J.mul_(1 - c).add_(flat_Omega)  # d = (1 - c) g_J + g_Omega
-        return self.d_buffer.views
-
-    @staticmethod
-    def flattened(buffer: FlatBuffer, tensors: list[torch.Tensor]) -> torch.Tensor:
-        if tensors is not buffer.views:
-            torch._foreach_copy_(buffer.like(tensors), tensors)
-        return buffer.flat
+        return d
 
 
 def projection_coefficient(dots: torch.Tensor, squared_norms: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,27 @@ def test_one_dtnh_gives_each_step_its_own_direction():
         np.testing.assert_allclose(flat([t.numpy() for t in d]), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_dtnh_aligns_gradients_of_different_layouts_and_keeps_the_parameters_layout():
+    """A channels-last weight: its zero g_Omega and d are channels-last like it (the
+    optimizer's fast path), and a g_J laid out otherwise is still added element by element
+    to the right entries of g_Omega (NumPy on the logical arrays)."""
+    rng = np.random.default_rng(1)
+    weight = torch.zeros(4, 3, 2, 2).to(memory_format=torch.channels_last)
+    params = [weight, torch.zeros(5, dtype=torch.float64).float()]
+    J = [rng.standard_normal((4, 3, 2, 2)), rng.standard_normal(5)]
+    O = [-0.5 * J[0] + rng.standard_normal((4, 3, 2, 2)), rng.standard_normal(5)]
+    dtnh = DTNH()
+    g_Omega = dtnh.zero_gradient(params)
+    assert g_Omega[0].is_contiguous(memory_format=torch.channels_last) and not g_Omega[0].is_contiguous()
+    torch._foreach_add_(g_Omega, [torch.tensor(o, dtype=torch.float32) for o in O])
+    g_J = [torch.tensor(j, dtype=torch.float32) for j in J]  # contiguous, unlike the weight
+    d = dtnh(g_J, g_Omega)
+    assert d[0].stride() == weight.stride()
+    flat_J, flat_O = flat(J), flat(O)
+    expected = flat_J + flat_O - min(flat_J @ flat_O, 0) / (flat_J @ flat_J) * flat_J
+    np.testing.assert_allclose(flat([t.numpy() for t in d]), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_hand_worked_example():
     def g_J():
         return [torch.tensor([1.0, 0.0])]

@@ -1,6 +1,8 @@
 """Regularizer terms against independent computations: NumPy, finite differences and a
 hand-built two-layer network for the feature-map terms."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -462,6 +464,16 @@ def test_bss_gradient_is_finite_for_repeated_and_zero_singular_values(case):
     value = BSS(eta=1.0, k=2).value(None, bss_features(matrix))
     (grad,) = torch.autograd.grad(value, [matrix])
     assert torch.isfinite(value) and torch.isfinite(grad).all()
+
+
+def test_bss_of_non_finite_features_is_nan_not_an_error():
+    """Diverged features make the term NaN (the training step then stops with a message that
+    names it) instead of an eigensolver error."""
+    matrix = torch.randn(4, 6)
+    matrix[1, 2] = float("inf")
+    term = BSS(eta=1.0, k=1)
+    assert math.isnan(float(term.value(None, bss_features(matrix))))
+    assert term.diagnostics() == {}
 
 
 def test_bss_refuses_k_not_below_the_batch():

@@ -21,6 +21,8 @@ cuSOLVER's fixed costs made `svdvals` 1.4-1.8 ms of a 13-21 ms step on an H100.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from safetransfer.backbones import Features, TransferNet, at_least_fp32
@@ -48,8 +50,12 @@ class BSS(Term):
                 f"dimension (batch features are {tuple(matrix.shape)}); lower k or raise train.batch_size")
         wide = matrix.shape[0] <= matrix.shape[1]
         exact = matrix.double()
-        gram = exact @ exact.T if wide else exact.T @ exact
-        eigenvalues, eigenvectors = torch.linalg.eigh(gram.detach().cpu())  # ascending
+        with torch.no_grad():
+            gram = (exact @ exact.T if wide else exact.T @ exact).cpu()
+        if not torch.isfinite(gram).all():  # eigh would raise: let the step's finiteness check name the term
+            self.singular_values = None
+            return exact.sum() * math.nan
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
         self.singular_values = eigenvalues.clamp_min(0).sqrt().flip(0)  # descending, on the host
         smallest = eigenvectors[:, :self.k].to(matrix.device)  # U_k, a constant
         projected = smallest.T @ exact if wide else exact @ smallest
