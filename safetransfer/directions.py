@@ -111,7 +111,7 @@ class DTNH(Direction):
     def zero_gradient(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """g_Omega's kept buffer, zeroed (one kernel), laid out like the parameters: valid
         until the next step's."""
-        if len({(p.dtype, p.device) for p in params}) != 1:
+        if params is not self.omega_buffer.source and len({(p.dtype, p.device) for p in params}) != 1:
             return zeros_like_all(params)
         views = self.omega_buffer.like(params)
         self.omega_buffer.flat.zero_()

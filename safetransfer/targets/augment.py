@@ -24,8 +24,8 @@ class DeviceAugment:
     the centre), resized by bilinear interpolation without antialiasing (torchvision
     antialiases when it shrinks: at the BSS protocol's 256 px images a window shrinks by at
     most 256/224; on smooth photos the two differ by under half a grey level on average).
-    test_crops 10: the four corners
-    and the centre, each also mirrored (torchvision's TenCrop), as (B, 10, 3, crop, crop)."""
+    test_crops 10: the four corners and the centre, each also mirrored (torchvision's
+    TenCrop), as (B, 10, 3, crop, crop)."""
 
     def __init__(self, crop: int, mean, std, seed: int, device: torch.device, train: bool = True,
                  train_crop: str = "random_crop", test_crops: int = 1):
