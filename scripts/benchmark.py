@@ -11,8 +11,8 @@ reference measured in the same run; printed and written to BENCHMARKS.md.
 3. the data pipeline alone, per-image decoding against the decoded-image cache, beside
    what the model consumes;
 4. peak memory of each measurement (GPU: max allocated; CPU: resident set, sampled);
-and the share of BSS's spectrum in a step (the term's value, beside torch.linalg.svdvals), what DTNH's
-direction costs the host, five seeds stepped concurrently against one after
+and the share of BSS's spectrum in a step (the term's value, beside torch.linalg.svdvals),
+what DTNH's direction costs the host, five seeds stepped concurrently against one after
 another (CUDA), and the projected wall time of one paper cell (5 seeds x 8,000 steps).
 """
 
@@ -54,6 +54,8 @@ PROFILES = {  # what "small defaults on the CPU" and the papers' scale on a GPU 
                  backbones=["resnet18", "resnet50"]),
 }
 CELL_ITERATIONS, CELL_SEEDS = 8000, 5
+SPECTRUM_ROWS = ("torch.linalg.svdvals (reference)",  # BSS's spectrum: the reference, then the term's own
+                 "the term's value (Gram matrix, float64 eigh on the host)")
 
 
 def synchronize(device: torch.device) -> None:
@@ -267,10 +269,8 @@ def model_only(args, device, backbone: str) -> list[Result]:
                             for direction in ("sum", "dtnh")}, args, args.batch, device)
     features = Features(None, {}, torch.randn(args.batch, 2048 if backbone == "resnet50" else 512, device=device))
     bss = BSS()
-    results += compare({f"{backbone} BSS spectrum: torch.linalg.svdvals (reference)":
-                            lambda: torch.linalg.svdvals(features.pooled),
-                        f"{backbone} BSS spectrum: the term's value (Gram matrix, float64 eigh on the host)":
-                            lambda: bss.value(None, features)},
+    spectra = (lambda: torch.linalg.svdvals(features.pooled), lambda: bss.value(None, features))
+    results += compare({f"{backbone} BSS spectrum: {what}": run for what, run in zip(SPECTRUM_ROWS, spectra)},
                        argparse.Namespace(steps=args.steps * 5, warmup=args.warmup), args.batch, device)
     return results
 
@@ -528,8 +528,7 @@ def report(args, device, results: list[Result]) -> str:
             lines.append(f"- {backbone} host time per step of the direction (one-element tensors): Sum "
                          f"{host[0].notes['us per step']} us, zero g_Omega + DTNH {host[1].notes['us per step']} us")
         if "l2_bss" in args.regularizers:
-            svd, term = (find(results, f"{backbone} BSS spectrum: {what}") for what in (
-                "torch.linalg.svdvals (reference)", "the term's value (Gram matrix, float64 eigh on the host)"))
+            svd, term = (find(results, f"{backbone} BSS spectrum: {what}") for what in SPECTRUM_ROWS)
             bss = find(results, f"{backbone} l2_bss sum")
             lines.append(f"- {backbone} BSS's spectrum / L2+BSS step: {100 * term.ms_per_step / bss.ms_per_step:.1f} % "
                          f"(target on a GPU <= 5 %); with torch.linalg.svdvals it would be "
