@@ -39,11 +39,7 @@ def test_shapes_cover_what_their_level_says():
 
 @pytest.mark.slow
 def test_full_demo_shows_transfer_beyond_the_seeds_spread(tmp_path):
-    env_cache = tmp_path / "cache"
-    result = subprocess.run([sys.executable, "-m", "safetransfer.train"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=900, env={**os.environ,
-                                                         "SAFETRANSFER_CACHE": str(env_cache)})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _train(tmp_path)
     check_demo_table(pd.read_csv(tmp_path / "results" / "demo.csv"))
     assert "Results table" in result.stdout
 
@@ -57,11 +53,13 @@ def check_demo_table(frame):
     assert ((transferred["mean"] - transferred["std"]) > scratch["mean"] + scratch["std"] + 10).all()
 
 
-def _train(tmp_path, *overrides):
+def _train(tmp_path, *arguments) -> subprocess.CompletedProcess:
+    """`safetransfer-train *arguments` in tmp_path, with a cache of its own there."""
     env = {**os.environ, "SAFETRANSFER_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-m", "safetransfer.train", "-m", "experiment=demo", *overrides],
+    result = subprocess.run([sys.executable, "-m", "safetransfer.train", *arguments],
                             cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.slow
@@ -75,9 +73,9 @@ def test_a_strong_pull_hurts_and_dtnh_removes_little_of_it(tmp_path):
 
     from scipy import stats
 
-    _train(tmp_path, "method=fine_tuning", "runtime.eval_every=0")
-    _train(tmp_path, "method=l2sp,dtnh_l2sp", "++regularizer.terms.l2sp.alpha=10", "runtime.eval_every=0",
-           "runtime.log_every=10")
+    _train(tmp_path, "-m", "experiment=demo", "method=fine_tuning", "runtime.eval_every=0")
+    _train(tmp_path, "-m", "experiment=demo", "method=l2sp,dtnh_l2sp", "++regularizer.terms.l2sp.alpha=10",
+           "runtime.eval_every=0", "runtime.log_every=10")
     frame = pd.read_csv(tmp_path / "results" / "demo.csv").set_index("method")
     seeds = {m: dict(zip(str(frame.loc[m, "seeds"]).split(";"), map(float, str(frame.loc[m, "accuracies"]).split(";"))))
              for m in frame.index}
