@@ -20,17 +20,10 @@ from pathlib import Path
 import torch
 
 from safetransfer.backbones import create_backbone
-from safetransfer.errors import ConfigError
+from safetransfer.downloads import is_html
+from safetransfer.errors import ConfigError, MissingData
 
 CONVERT_COMMAND = "safetransfer-convert-checkpoint"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -54,7 +47,10 @@ def read(path: Path, key: str = "source.path"):
     """torch.load with weights_only=True, every failure turned into one line."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"{key}={path}: no such file")
+        raise MissingData(f"{key}={path}: no such file")
+    if is_html(path):
+        raise ConfigError(f"{key}={path} is an HTML page, not a checkpoint (a server's error page saved in its "
+                          "place?); download the checkpoint again")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -84,8 +80,19 @@ def backbone_state(checkpoint, *, origin: str = "checkpoint") -> tuple[dict[str,
     return {k: v for k, v in state.items() if not k.startswith("fc.")}, layout
 
 
-def check_backbone_keys(state: dict[str, torch.Tensor], backbone: str, *, strict: bool, origin: str) -> None:
-    """Refuse a checkpoint whose keys or shapes do not fit `backbone` (beyond the replaced head)."""
+#: the buffer BatchNorm layers gained in PyTorch 0.4.1; checkpoints older than that (torchvision's
+#: IMAGENET1K_V1 ResNets, CSAIL's Places365 ResNets) do not have it
+BATCH_COUNTER = "num_batches_tracked"
+
+
+def match_backbone(state: dict[str, torch.Tensor], backbone: str, *, strict: bool, origin: str,
+                   hint: str = "set source.strict=false to load what matches") -> dict[str, torch.Tensor]:
+    """`state` checked against `backbone`'s keys and shapes (beyond the replaced head).
+
+    Missing BatchNorm `num_batches_tracked` counters are filled with 0, as torch's BatchNorm
+    fills them when it loads a state_dict without version metadata (they only count steps
+    and are not used with a momentum). Anything else missing or unexpected is refused when
+    `strict`, the message ending in `hint` (the fix a source offers, or none)."""
     expected = create_backbone(backbone).state_dict()
     bottleneck = any(k.endswith("conv3.weight") for k in state)
     if bottleneck != any(k.endswith("conv3.weight") for k in expected) or any(
@@ -93,19 +100,23 @@ def check_backbone_keys(state: dict[str, torch.Tensor], backbone: str, *, strict
         kind = "a bottleneck ResNet (ResNet-50 or deeper)" if bottleneck else "a basic-block ResNet (ResNet-18/34)"
         raise ConfigError(f"{origin} holds weights of {kind}, which do not fit backbone={backbone}; "
                           "choose the matching backbone or another checkpoint")
+    counters = {k: torch.zeros_like(expected[k]) for k in expected
+                if k not in state and k.rsplit(".", 1)[-1] == BATCH_COUNTER and k.rsplit(".", 1)[0] + ".running_mean" in state}
+    state = {**state, **counters}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if strict and (missing or unexpected):
         raise ConfigError(f"{origin} does not match backbone={backbone}: missing keys {_few(missing)}, "
-                          f"unexpected keys {_few(unexpected)}; set source.strict=false to load what matches")
+                          f"unexpected keys {_few(unexpected)}" + (f"; {hint}" if hint else ""))
+    return state
 
 
-def load_backbone(path: Path, backbone: str, *, strict: bool = True, key: str = "source.path") -> tuple[dict, str]:
-    """Read `path` safely, convert its layout and check it against `backbone`: (state, layout)."""
+def load_backbone(path: Path, backbone: str, *, strict: bool = True, key: str = "source.path",
+                  hint: str = "set source.strict=false to load what matches") -> tuple[dict, str]:
+    """Read `path` safely, convert its layout and match it to `backbone`: (state, layout)."""
     origin = f"{key}={path}"
     state, layout = backbone_state(read(path, key=key), origin=origin)
-    check_backbone_keys(state, backbone, strict=strict, origin=origin)
-    return state, layout
+    return match_backbone(state, backbone, strict=strict, origin=origin, hint=hint), layout
 
 
 def _few(keys: list[str], shown: int = 6) -> str:

@@ -10,6 +10,12 @@ class ConfigError(SafetransferError, ValueError):
     """Bad input: a config value or option, or a file the config names that is missing or malformed."""
 
 
+class MissingData(ConfigError):
+    """Data or a checkpoint that is not there and that safetransfer cannot download (a dataset
+    whose official download is gone, the user's own files, a source made by a pretraining
+    run): the message says how to get it and where to put it."""
+
+
 class StorageError(SafetransferError):
     """A file could not be written (a full disk, a folder without write permission)."""
 

@@ -18,6 +18,7 @@ from safetransfer.atomic import atomic_write_json, read_json
 from safetransfer.backbones import TransferNet
 from safetransfer.build import build_seed, train_log
 from safetransfer.checks import check_classes, check_config, check_training_set
+from safetransfer.downloads import mirrored
 from safetransfer.engine import NonFiniteError, evaluate, fit, test_forward
 from safetransfer.methods import method_name
 from safetransfer.preparation import Data, prepare_data, save_indices, seed_data
@@ -140,7 +141,7 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "", stop: StopSigna
     check_config(cfg)
     if apply_chosen(cfg, method_name(cfg)):  # stage 2 of a table's search: the cell's chosen values
         check_config(cfg)
-    with job_device(cfg):
+    with job_device(cfg), mirrored(cfg.paths.get("mirror")):
         return _run_job(cfg, run_dir, overrides, stop)
 
 
@@ -164,7 +165,8 @@ def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dic
     torch.set_num_threads(threads)
     cfg = OmegaConf.create(container)
     target: Target = instantiate(cfg.target)
-    source_state = instantiate(cfg.source).backbone_state(cfg.backbone.name)
+    with mirrored(cfg.paths.get("mirror")):
+        source_state = instantiate(cfg.source).backbone_state(cfg.backbone.name)
     data = seed_data(cfg, target, seed, Path(run_dir), None)
     with StopSignals() as stop:
         return run_seed(cfg, seed, data, source_state, Path(run_dir), stop)

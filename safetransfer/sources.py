@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from safetransfer import checkpoints, demo
 from safetransfer.backbones import TransferNet
-from safetransfer.errors import ConfigError, DownloadError
+from safetransfer.downloads import download, file_digest
+from safetransfer.errors import ConfigError, MissingData
 from safetransfer.atomic import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,16 @@ class Source:
     def __init__(self, name: str):
         self.name = name
 
+    #: whether a missing checkpoint is downloaded (from its publisher) on first use
+    downloadable = False
+
     def backbone_state(self, backbone: str) -> dict[str, torch.Tensor] | None:
         """The source weights for `backbone`, or None to keep the random initialisation."""
         raise NotImplementedError
+
+    def local_file(self, backbone: str) -> Path | None:
+        """The checkpoint file `backbone_state` reads (None: it reads none, or makes its own)."""
+        return None
 
 
 class Scratch(Source):
@@ -50,6 +58,9 @@ class FileSource(Source):
         super().__init__(name)
         self.path, self.strict = Path(path).expanduser(), bool(strict)
 
+    def local_file(self, backbone: str) -> Path:
+        return self.path
+
     def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
         state, layout = checkpoints.load_backbone(self.path, backbone, strict=self.strict)
         log.info("source: %s (%s layout, %d tensors)", self.path, layout, len(state))
@@ -66,11 +77,14 @@ class PretrainedSource(Source):
         super().__init__(name)
         self.path, self.dataset = Path(path).expanduser(), dataset
 
+    def local_file(self, backbone: str) -> Path:
+        return self.path
+
     def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
         command = (f"safetransfer-train experiment=pretrain_source target={self.dataset} backbone={backbone} "
                    f"pretrain.save_to={self.path}")
         if not self.path.is_file():
-            raise ConfigError(f"source={self.name}: no source checkpoint at {self.path}; create it with: {command}")
+            raise MissingData(f"source={self.name}: no source checkpoint at {self.path}; create it with: {command}")
         checkpoint = checkpoints.read(self.path)
         meta = checkpoint.get("safetransfer_source") if isinstance(checkpoint, dict) else None
         if not isinstance(meta, dict):
@@ -82,8 +96,7 @@ class PretrainedSource(Source):
         if checkpoints.state_digest(state) != meta.get("sha256"):
             raise ConfigError(f"{self.path}: the weights do not match the sha256 in their metadata "
                               f"({meta.get('sha256')}); the file is damaged, create it again with: {command}")
-        checkpoints.check_backbone_keys(state, backbone, strict=True, origin=str(self.path))
-        return state
+        return checkpoints.match_backbone(state, backbone, strict=True, origin=str(self.path), hint="")
 
 
 def save_source_checkpoint(model: TransferNet, path: Path, metadata: dict) -> dict:
@@ -97,14 +110,16 @@ def save_source_checkpoint(model: TransferNet, path: Path, metadata: dict) -> di
 class ImageNetSource(Source):
     """torchvision's ImageNet weights (`weights`: IMAGENET1K_V1, or IMAGENET1K_V2 for ResNet-50).
 
-    The file lives where torchvision caches it ($TORCH_HOME/hub/checkpoints); a file
-    already there is used without network, after its sha256 is checked against the
-    prefix torchvision writes into the file name (`verify`).
+    The file lives where torchvision caches it ($TORCH_HOME/hub/checkpoints) under
+    torchvision's file name; a file already there is used without network. `verify` checks
+    its sha256 against the prefix torchvision writes into the file name, or against
+    `sha256` when one is given (a site's own build of the weights, a test's fixture).
     """
 
-    def __init__(self, name: str = "imagenet", weights: str = "IMAGENET1K_V1", verify: bool = True):
+    def __init__(self, name: str = "imagenet", weights: str = "IMAGENET1K_V1", verify: bool = True,
+                 sha256: str | None = None):
         super().__init__(name)
-        self.weights, self.verify = weights, bool(verify)
+        self.weights, self.verify, self.sha256 = weights, bool(verify), sha256
 
     def resolve(self, backbone: str):
         import torchvision
@@ -115,16 +130,22 @@ class ImageNetSource(Source):
                               f"allowed: {', '.join(enum.__members__)}")
         return enum[self.weights]
 
-    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+    downloadable = True
+
+    def local_file(self, backbone: str) -> Path:
+        return self.published(backbone)[1]
+
+    def published(self, backbone: str) -> tuple[str, Path, str | None]:
+        """(URL, local path, "sha256:<digest or prefix>" to check, or None)."""
         url = self.resolve(backbone).url
         prefix = re.search(r"-([0-9a-f]{8,})\.", url.rsplit("/", 1)[-1])
-        path, downloaded = published_file(url, prefix.group(1) if prefix else None)
-        if self.verify and prefix and not downloaded:  # a download was checked on the way in
-            actual = checkpoints.sha256_of(path)
-            if not actual.startswith(prefix.group(1)):
-                raise DownloadError(f"{path}: sha256 {actual} does not start with {prefix.group(1)}, the prefix "
-                                    f"torchvision publishes for {url}; delete the file to download it again")
-        return checkpoints.load_backbone(path, backbone, key="file")[0]
+        expected = self.sha256 or (prefix.group(1) if prefix else None)
+        return url, hub_path(url), f"sha256:{expected}" if self.verify and expected else None
+
+    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+        url, path, checksum = self.published(backbone)
+        download(url, path, checksum)
+        return checkpoints.load_backbone(path, backbone, key="file", hint=not_published(path))[0]
 
 
 class Places365Source(Source):
@@ -139,36 +160,33 @@ class Places365Source(Source):
         super().__init__(name)
         self.sha256 = dict(sha256 or {})
 
-    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+    downloadable = True
+
+    def local_file(self, backbone: str) -> Path:
+        return self.published(backbone)[1]
+
+    def published(self, backbone: str) -> tuple[str, Path, str | None]:
         url = self.URL.format(backbone=backbone)
-        path, _ = published_file(url, None)
         pinned = self.sha256.get(backbone)
-        actual = checkpoints.sha256_of(path)
-        if pinned and actual != pinned:
-            raise DownloadError(f"{path}: sha256 {actual} is not the pinned {pinned} "
-                                f"(source.sha256.{backbone}); delete the file to download it again")
-        if not pinned:
+        return url, hub_path(url), f"sha256:{pinned}" if pinned else None
+
+    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+        url, path, checksum = self.published(backbone)
+        download(url, path, checksum)
+        if checksum is None:
+            actual = file_digest(path)
             log.warning("%s has no pinned sha256 to check against; its sha256 is %s: pin it with "
                         "source.sha256.%s=%s", path, actual, backbone, actual)
-        return checkpoints.load_backbone(path, backbone, key="file")[0]
+        return checkpoints.load_backbone(path, backbone, key="file", hint=not_published(path))[0]
 
 
-def published_file(url: str, sha256_prefix: str | None) -> tuple[Path, bool]:
-    """The local copy of a published checkpoint in torch's hub cache ($TORCH_HOME/hub/checkpoints),
-    downloaded (and checked against `sha256_prefix`) when missing; and whether it was just downloaded.
-    Offline, the error says where to put the file."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
-    if path.exists():
-        return path, False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, str(path), hash_prefix=sha256_prefix, progress=True)
-    except Exception as error:  # no network, a proxy, a refused connection, a bad hash
-        path.unlink(missing_ok=True)
-        reason = str(error).splitlines()[0] if str(error) else ""
-        raise DownloadError(f"could not download {url} ({type(error).__name__}: {reason}); "
-                            f"download it by hand and place it at {path}") from None
-    return path, True
+def not_published(path: Path) -> str:
+    return f"it is not the published file: delete {path} to download it again"
+
+
+def hub_path(url: str) -> Path:
+    """Where torch.hub keeps the published file of `url` ($TORCH_HOME/hub/checkpoints/<file name>)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
 class DemoSource(Source):

@@ -47,3 +47,25 @@ def cli(tmp_path):
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     return _run
+
+
+@pytest.fixture
+def train_in_process(tmp_path, monkeypatch, capsys):
+    """Run `safetransfer-train ARGUMENTS` through its entry function in this process (no
+    interpreter start-up), in a temporary working directory: (exit code, stdout, stderr)."""
+    from safetransfer import train
+
+    monkeypatch.chdir(tmp_path)
+
+    def _run(*arguments: str):
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["safetransfer-train", *arguments])
+        try:
+            train.main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run

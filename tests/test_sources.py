@@ -10,6 +10,7 @@ import torchvision
 
 from safetransfer import checkpoints, sources
 from safetransfer.backbones import create_backbone
+from safetransfer.downloads import file_digest
 from safetransfer.errors import ConfigError, DownloadError
 from safetransfer.sources import FileSource, ImageNetSource
 
@@ -147,7 +148,7 @@ def test_imagenet_uses_the_file_in_torchvisions_cache(torch_home, monkeypatch, b
     state = full_resnet_state(backbone)
     torch.save(state, torch_home / file_name)
     # the fake file cannot match torchvision's published hash: checked, it is refused ...
-    with pytest.raises(DownloadError, match=f"does not start with {file_name.split('-')[1][:8]}"):
+    with pytest.raises(DownloadError, match=f"does not match the published {file_name.split('-')[1][:8]}"):
         ImageNetSource(weights=weights).backbone_state(backbone)
     # ... and with the check off its tensors are loaded as they are
     assert_same_backbone(ImageNetSource(weights=weights, verify=False).backbone_state(backbone), state)
@@ -259,9 +260,9 @@ def test_places365_checks_the_pinned_sha256(torch_home, monkeypatch, backbone):
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("must not download"))
     path = torch_home / f"{backbone}_places365.pth.tar"
     state = write_csail(path, backbone)
-    digest = checkpoints.sha256_of(path)
+    digest = file_digest(path)
     assert_same_backbone(sources.Places365Source(sha256={backbone: digest}).backbone_state(backbone), state)
-    with pytest.raises(DownloadError, match=f"is not the pinned {'0' * 64}"):
+    with pytest.raises(DownloadError, match=f"does not match the published {'0' * 64}"):
         sources.Places365Source(sha256={backbone: "0" * 64}).backbone_state(backbone)
 
 
@@ -270,7 +271,7 @@ def test_places365_unpinned_logs_the_digest(torch_home, caplog):
     write_csail(path)
     with caplog.at_level("WARNING"):
         sources.Places365Source().backbone_state("resnet18")
-    assert f"source.sha256.resnet18={checkpoints.sha256_of(path)}" in caplog.text
+    assert f"source.sha256.resnet18={file_digest(path)}" in caplog.text
 
 
 def test_places365_offline_names_url_and_path(torch_home, monkeypatch):

@@ -1,6 +1,8 @@
 """Target datasets parsed from fixtures in their official layouts: class counts, split
 sizes, sampling, and the missing-data messages."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -121,7 +123,6 @@ TORCHVISION = {
     "oxford_pets": ("OxfordIIITPet", {"split": "trainval"}, {"split": "test"}, fixtures.make_oxford_pets),
     "fgvc_aircraft": ("FGVCAircraft", {"split": "trainval", "annotation_level": "variant"},
                       {"split": "test", "annotation_level": "variant"}, fixtures.make_fgvc_aircraft),
-    "stanford_cars": ("StanfordCars", {"split": "train"}, {"split": "test"}, fixtures.make_stanford_cars),
 }
 
 
@@ -166,14 +167,6 @@ def test_torchvision_targets_missing_data_message(tmp_path, name):
         TorchvisionTarget(name, dataset, str(tmp_path), train, test).check()
     url, layout = ORIGINS[dataset]
     assert str(tmp_path / layout.split("/")[0]) in str(error.value) and url in str(error.value)
-
-
-def test_stanford_cars_cannot_be_downloaded(tmp_path):
-    from safetransfer.targets.torchvision_datasets import TorchvisionTarget
-
-    with pytest.raises(ConfigError, match="no official download any more"):
-        TorchvisionTarget("stanford_cars", "StanfordCars", str(tmp_path), {"split": "train"}, {"split": "test"},
-                          download=True).check()
 
 
 def test_a_torchvision_target_end_to_end(cli, tmp_path):
@@ -417,17 +410,18 @@ def test_downloads_are_checked_against_their_pinned_digest(tmp_path, monkeypatch
     """The download itself is replaced (no network): a file that does not match is refused and removed."""
     import hashlib
 
-    import torchvision.datasets.utils as tv_utils
+    import torch
 
     from safetransfer.targets.files import fetch_archive
 
-    def fake_download(url, root, filename=None, **kwargs):
-        (tmp_path / filename).write_bytes(b"not the real list")
+    def fake_download(url, dst, **kwargs):
+        Path(dst).write_bytes(b"not the real list")
 
-    monkeypatch.setattr(tv_utils, "download_url", fake_download)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
     good = hashlib.sha1(b"not the real list").hexdigest()
-    fetch_archive("http://example.org/TrainImages.txt", tmp_path, f"sha1:{good}")
+    assert fetch_archive("http://example.org/TrainImages.txt", tmp_path, f"sha1:{good}")
     assert (tmp_path / "TrainImages.txt").read_bytes() == b"not the real list"
-    with pytest.raises(DownloadError, match="is not the pinned 00000"):
+    assert not fetch_archive("http://example.org/TrainImages.txt", tmp_path, f"sha1:{good}")  # present: kept
+    with pytest.raises(DownloadError, match="does not match the published 00000"):
         fetch_archive("http://example.org/TestImages.txt", tmp_path, "md5:" + "0" * 32)
     assert not (tmp_path / "TestImages.txt").exists()

@@ -36,8 +36,18 @@ class Target:
         self.sample_list = sample_list  # None | "bss" | a path (see targets/sample_lists.py)
         self.sample_list_dir = sample_list_dir
 
+    #: whether the target reads files at all (the demo's are generated: nothing to fetch)
+    reads_files = True
+
     def check(self) -> None:
         """Raise ConfigError when the data is missing or inconsistent, before training."""
+
+    def fetch(self) -> bool:
+        """Make sure the data is present and complete, downloading (and verifying) what is missing
+        where the target can; returns whether anything was downloaded. Raises MissingData for data
+        that cannot be downloaded, DownloadError or ConfigError for the rest."""
+        self.check()
+        return False
 
     @property
     def classes(self) -> Sequence[str]:

@@ -61,6 +61,19 @@ class Caltech256(ImageListTarget):
     def classes(self) -> list[str]:
         return [c for c in self._files.categories if c != CLUTTER]
 
+    def fetch(self) -> bool:
+        try:
+            self.check()
+            return False
+        except ConfigError:
+            if self.download:
+                raise
+        self.download = True  # torchvision's own download from CaltechDATA, its md5 checked
+        for cached in ("_files", "_splits"):
+            self.__dict__.pop(cached, None)
+        self.check()
+        return True
+
     def check(self) -> None:
         check_class_count(self.name, len(self.classes), self.expected_classes, str(self.root / "caltech256"))
         self._splits  # noqa: B018 (draws the split now, so that a short class fails before training)

@@ -25,14 +25,7 @@ class CUB200(ListedTarget):
     required = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
     layout = "images/<class>/<image>.jpg"
     archives = ((URL, f"md5:{MD5}"),)
-
-    def check(self) -> None:
-        # the archive extracts to CUB_200_2011/ itself: download into the root
-        if self.download and not (self.base / "images.txt").exists():
-            from safetransfer.targets.files import fetch_archive
-
-            fetch_archive(URL, self.root, f"md5:{MD5}")
-        super().check()
+    archives_hold_folder = True
 
     @property
     def classes(self) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tarfile
+import zipfile
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -10,6 +12,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from safetransfer.downloads import download
 from safetransfer.errors import ConfigError, DownloadError
 from safetransfer.targets import Target
 
@@ -28,35 +31,23 @@ class ImageList(Dataset):
             return image.convert("RGB"), int(self.labels[index])
 
 
-def fetch_archive(url: str, root: Path, checksum: str | None, key: str = "target.root") -> None:
-    """Download an official file into `root` (unless it is there), check it against `checksum`
-    ("md5:<hex>", "sha1:<hex>" or "sha256:<hex>", None where no digest is known; a file that
-    does not match is removed) and extract it when it is an archive."""
-    import hashlib
+def fetch_archive(url: str, root: Path, checksum: str | None, key: str = "target.root") -> bool:
+    """Make sure `root` holds the official file at `url` (downloaded when missing), checked
+    against `checksum` ("md5:<hex>", "sha1:<hex>" or "sha256:<hex>", None where no digest is
+    known; see safetransfer.downloads), and extract it when it is an archive. Returns whether
+    it was downloaded now."""
+    from torchvision.datasets.utils import extract_archive
 
-    from torchvision.datasets.utils import download_url, extract_archive
-
-    name = url.rsplit("/", 1)[-1]
-    path = Path(root) / name
-    try:
-        if not path.exists():  # a copy already there is checked below, not fetched again
-            download_url(url, str(root), filename=name)
-    except Exception as error:  # no network, a moved file
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DownloadError(f"could not download {url} into {key}={root} ({reason}); download it and extract it "
-                            "there by hand") from None
-    if checksum:
-        algorithm, expected = checksum.split(":", 1)
-        digest = hashlib.new(algorithm)
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != expected:
-            path.unlink(missing_ok=True)
-            raise DownloadError(f"{url}: {algorithm} {digest.hexdigest()} is not the pinned {expected}; the download "
-                                "is damaged or the file changed upstream")
-    if name.endswith((".tar", ".tgz", ".tar.gz", ".zip")):
-        extract_archive(str(path), str(root))
+    path = Path(root) / url.rsplit("/", 1)[-1]
+    downloaded = download(url, path, checksum, key=key)
+    if path.name.endswith((".tar", ".tgz", ".tar.gz", ".zip")):
+        try:
+            extract_archive(str(path), str(root))
+        except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile) as error:
+            path.unlink()
+            raise DownloadError(f"{path} cannot be extracted ({type(error).__name__}: {error}); the archive is "
+                                f"truncated or damaged and was deleted: run again to download it anew") from None
+    return downloaded
 
 
 def check_class_count(name: str, found: int, expected: int | None, origin: str) -> None:
@@ -122,18 +113,37 @@ class ListedTarget(ImageListTarget):
     def base(self) -> Path:
         return self.root / self.folder
 
+    #: the archives hold `folder` itself (CUB_200_2011.tgz holds CUB_200_2011/): extracted into the root
+    archives_hold_folder = False
+
+    @property
+    def destination(self) -> Path:
+        """Where the official files are downloaded and extracted."""
+        return self.root if self.archives_hold_folder else self.base
+
+    def _present(self) -> bool:
+        return all((self.base / f).exists() for f in self.required)
+
+    def _download(self) -> bool:
+        return any([fetch_archive(url, self.destination, checksum) for url, checksum in self.archives])
+
     def check(self) -> None:
-        if not all((self.base / f).exists() for f in self.required):
+        if not self._present():
             if not self.download:
                 sources = "; ".join(f"{url} ({checksum})" if checksum else url for url, checksum in self.archives)
+                inside = f" (the archive holds {self.folder}/ itself)" if self.archives_hold_folder else ""
                 raise ConfigError(
                     f"target.root={self.root}: {self.title} not found; expected {self.base}/{{{','.join(self.required)}}} "
-                    f"and {self.base}/{self.layout}: download {sources} and extract into {self.base}, "
+                    f"and {self.base}/{self.layout}: download {sources} and extract into {self.destination}{inside}, "
                     "or set target.download=true")
-            for url, checksum in self.archives:
-                fetch_archive(url, self.base, checksum)
+            self._download()
         check_class_count(self.name, len(self.classes), self.expected_classes, str(self.base))
         split_sizes(self.name, len(self._splits["train"]), len(self._splits["test"]), self.expected_split)
+
+    def fetch(self) -> bool:
+        downloaded = False if self._present() else self._download()
+        self.check()
+        return downloaded
 
     def read_split(self, split: str) -> tuple[list[Path], list[int]]:
         raise NotImplementedError

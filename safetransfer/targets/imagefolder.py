@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from torchvision.datasets import ImageFolder
 
-from safetransfer.errors import ConfigError
+from safetransfer.errors import ConfigError, MissingData
 from safetransfer.targets import Target
 
 LAYOUT = "<root>/train/<class>/<image> and <root>/test/<class>/<image>"
@@ -22,7 +22,7 @@ class ImageFolderTarget(Target):
     def check(self) -> None:
         for split in ("train", "test"):
             if not (self.root / split).is_dir():
-                raise ConfigError(
+                raise MissingData(
                     f"target.root={self.root}: missing directory {self.root / split}; "
                     f"expected {LAYOUT} (set target.root=/path/to/your/dataset)")
         train_classes, test_classes = self._train.classes, self._split("test").classes

@@ -1,5 +1,7 @@
 """MIT Indoor-67: 67 indoor scene classes, the official TrainImages.txt / TestImages.txt
-(80 / 20 images per class: 5,360 / 1,340)."""
+(77-83 / 17-23 images per class: 5,360 / 1,340). File names repeat across class folders
+(25 pairs in TrainImages.txt, e.g. bathroom/indoor_0323.jpg and bedroom/indoor_0323.jpg;
+url.jpg in three folders of TestImages.txt): images are always named with their folder."""
 
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ local list in the same format (one `<split>/<class folder>/<file name>` per line
 digest check).
 
 A list names images by its authors' folder layout; they are matched to the dataset's own
-training files by file name. Every listed name must be a training file of the dataset,
-found once, and all names under one class folder of the list must carry one label.
+training files by file name, and by as much more of the path as it takes where two files
+share a name. Every listed name must be a training file of the dataset, found once, and all
+names under one class folder of the list must carry one label.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def bss_list_file(target: str, rate: float) -> str:
 
 def bss_list(target: str, rate: float, directory: Path) -> Path:
     """The authors' list for `target` at `rate`, downloaded into `directory` on first use and
-    checked against its pinned sha256 (a damaged copy is removed)."""
+    checked against its pinned sha256 (a damaged download is removed, a damaged copy
+    already there is named)."""
     name = bss_list_file(target, rate)
     directory = Path(directory).expanduser()
     fetch_archive(BSS_URL.format(file=name), directory, f"sha256:{BSS_SHA256[name]}", key="target.sample_list_dir")
@@ -81,20 +83,34 @@ def read_list(path: Path) -> list[str]:
 
 
 def listed_indices(entries: Sequence[str], files: Sequence[str], labels: np.ndarray, origin: str) -> np.ndarray:
-    """Sorted indices of the training files named by `entries` (matched by file name)."""
-    position: dict[str, int] = {}
-    for index, name in enumerate(Path(f).name for f in files):
-        if name in position:
-            raise ConfigError(f"{origin}: the dataset has two training files named {name}; a list cannot name one "
-                              "of them by file name")
-        position[name] = index
+    """Sorted indices of the training files named by `entries`.
+
+    An entry is matched by its file name; where training files share that name (MIT Indoor
+    67 has 25 such pairs, e.g. bathroom/indoor_0323.jpg and bedroom/indoor_0323.jpg), by its
+    class folder and file name, then by more of its path, until one file is left. An entry
+    that names no training file, or stays ambiguous, is refused, naming it."""
+    paths = [Path(f).parts for f in files]
+    by_name: dict[str, list[int]] = {}
+    for index, parts in enumerate(paths):
+        by_name.setdefault(parts[-1], []).append(index)
     chosen, folder_label, seen = [], {}, {}
     for entry in entries:
-        name = Path(entry).name
-        if name not in position:
+        parts = Path(entry).parts
+        candidates = by_name.get(parts[-1], [])
+        if not candidates:
             raise ConfigError(f"{origin}: {entry} is not a training image of this dataset (no training file "
-                              f"named {name}); the list is for another dataset or split")
-        index = position[name]
+                              f"named {parts[-1]}); the list is for another dataset or split")
+        depth = 1
+        while len(candidates) > 1 and depth < len(parts):
+            narrowed = [i for i in candidates if paths[i][-(depth + 1):] == parts[-(depth + 1):]]
+            if not narrowed:
+                break
+            candidates, depth = narrowed, depth + 1
+        if len(candidates) > 1:
+            shown = ", ".join(str(files[i]) for i in candidates[:3])
+            raise ConfigError(f"{origin}: {entry} is ambiguous: {len(candidates)} training files end in "
+                              f"{'/'.join(parts[-depth:])} ({shown}); name its class folder as the dataset does")
+        index = candidates[0]
         if index in seen:
             raise ConfigError(f"{origin}: {entry} is listed more than once (also as {seen[index]})")
         seen[index] = entry

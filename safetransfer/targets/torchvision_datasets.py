@@ -1,5 +1,6 @@
 """Targets read by torchvision's own dataset classes (their download and checksum code
-included): CIFAR-10, Flowers-102, Oxford-IIIT Pet, FGVC-Aircraft, Stanford Cars.
+included): CIFAR-10, Flowers-102, Oxford-IIIT Pet, FGVC-Aircraft. (Stanford Cars, whose
+downloads are gone, has a module of its own: targets/stanford_cars.py.)
 
 Each YAML names the torchvision class and the split arguments of its official train
 and test splits; the expected class count and split sizes are checked.
@@ -29,9 +30,6 @@ ORIGINS = {
     "FGVCAircraft": ("https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
                      "fgvc-aircraft-2013b/data/{images/<id>.jpg,variants.txt,images_variant_trainval.txt,"
                      "images_variant_test.txt}"),
-    "StanfordCars": ("no official download any more (the original site is gone): place a copy by hand",
-                     "stanford_cars/{cars_train/,cars_test/,devkit/cars_meta.mat,devkit/cars_train_annos.mat,"
-                     "cars_test_annos_withlabels.mat}"),
 }
 
 
@@ -77,6 +75,18 @@ class TorchvisionTarget(Target):
     @cached_property
     def _splits(self) -> dict:
         return {split: self._open(split) for split in ("train", "test")}
+
+    def fetch(self) -> bool:
+        try:
+            self.check()
+            return False
+        except ConfigError:
+            if self.download:
+                raise
+        self.download = True  # torchvision's own download, its md5s checked
+        self.__dict__.pop("_splits", None)
+        self.check()
+        return True
 
     def check(self) -> None:
         train, test = self._splits["train"], self._splits["test"]
