@@ -82,7 +82,7 @@ def check_group_choices(arguments: list[str]) -> None:
 
 
 #: maps meant to take new keys with `+`, e.g. +search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.1,1"]
-OPEN_MAPS = ("search.grids",)
+OPEN_MAPS = ("search.grids", "bss_lists")
 
 
 def _dotted_keys(node, prefix: str = "") -> set[str]:

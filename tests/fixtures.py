@@ -37,13 +37,17 @@ def make_cub200(root: Path, classes: int = 3, train_per_class: int = 4, test_per
 
 
 def make_mit_indoor67(root: Path, classes: int = 3, train_per_class: int = 4, test_per_class: int = 2) -> dict:
-    """<root>/mit_indoor67/{Images/<class>/<image>.jpg, TrainImages.txt, TestImages.txt}."""
+    """<root>/mit_indoor67/{Images/<class>/<image>.jpg, TrainImages.txt, TestImages.txt}, with the
+    real lists' quirk: file names repeat across class folders (TrainImages.txt has 25 such pairs,
+    e.g. bathroom/indoor_0323.jpg and bedroom/indoor_0323.jpg; TestImages.txt has url.jpg in three
+    folders). Here every class's first training image is indoor_0323.jpg and its last test image url.jpg."""
     base = root / "mit_indoor67"
     names = [f"scene_{chr(ord('a') + c)}" for c in range(classes)]
     lists = {"train": [], "test": []}
     for c, name in enumerate(names):
         for j in range(train_per_class + test_per_class):
-            relative = f"{name}/img_{j:03d}.jpg"
+            file = {0: "indoor_0323.jpg", train_per_class + test_per_class - 1: "url.jpg"}.get(j, f"img_{j:03d}.jpg")
+            relative = f"{name}/{file}"
             write_jpeg(base / "Images" / relative, seed=100 * c + j)
             lists["train" if j < train_per_class else "test"].append(relative)
     (base / "TrainImages.txt").write_text("\n".join(lists["train"]) + "\n")
@@ -168,6 +172,33 @@ def make_stanford_cars(root: Path, classes: int = 3, train: int = 3, test: int =
             write_jpeg(base / folder / fname, seed=i + (0 if split == "train" else 500))
             annotations[0, i] = (1, 1, 30, 30, i // per_class + 1, fname)
         savemat(mat, {"annotations": annotations})
+    return {"train": classes * train, "test": classes * test, "classes": classes}
+
+
+def make_stanford_cars_all_images(root: Path, classes: int = 3, train: int = 3, test: int = 2) -> dict:
+    """The all-images release of Stanford Cars (car_ims.tgz and cars_annos.mat):
+    <root>/stanford_cars/{car_ims/NNNNNN.jpg, cars_annos.mat}. cars_annos.mat holds `annotations`,
+    a 1 x N struct array with the fields relative_im_path ('car_ims/000001.jpg'), bbox_x1,
+    bbox_y1, bbox_x2, bbox_y2, class (from 1) and test (0 / 1), and `class_names`, a 1 x 196 cell
+    (fields as public readers of the file index them). Images are numbered class by class, with
+    training and test images mixed as in the release."""
+    from scipy.io import savemat
+
+    base = root / "stanford_cars"
+    names = np.empty((1, classes), dtype=object)
+    for c in range(classes):
+        names[0, c] = f"Make Model {2000 + c}"
+    fields = [("relative_im_path", "O"), ("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"),
+              ("class", "O"), ("test", "O")]
+    annotations = np.zeros((1, classes * (train + test)), dtype=fields)
+    for i in range(classes * (train + test)):
+        c, j = divmod(i, train + test)
+        relative = f"car_ims/{i + 1:06d}.jpg"
+        write_jpeg(base / relative, seed=700 + i)
+        number = lambda v: np.array([[v]], dtype=np.uint8)  # noqa: E731
+        annotations[0, i] = (np.array([relative]), number(1), number(1), number(30), number(30), number(c + 1),
+                             number(int(j % 2 == 1 and j < 2 * test)))
+    savemat(base / "cars_annos.mat", {"annotations": annotations, "class_names": names})
     return {"train": classes * train, "test": classes * test, "classes": classes}
 
 

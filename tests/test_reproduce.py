@@ -43,7 +43,9 @@ def test_bss_preset_follows_the_papers_protocol(compose_cfg):
     assert cfg.regularizer.terms.bss.eta == 0.001 and cfg.regularizer.terms.bss.k == 1
     assert cfg.regularizer.terms.l2.alpha == 5e-4
     assert cfg.target.sample_list == "bss"
-    assert compose_cfg("experiment=bss_table2", "target=stanford_cars").target.sample_list is None
+    assert compose_cfg("experiment=bss_table2", "target=stanford_cars").target.sample_list == "bss"
+    assert compose_cfg("experiment=bss_table2", "target=stanford_cars",
+                       "+bss_lists.stanford_cars=null").target.sample_list is None
     assert list(cfg.search.grids.l2_bss) == ["optim.optimizer.lr=0.001,0.0001"]  # head 0.01 or 0.001
     assert sorted(cfg.search.grids) == ["delta", "delta_bss", "l2", "l2_bss", "l2sp", "l2sp_bss"]
 

@@ -101,3 +101,25 @@ def test_a_missing_list_stops_the_run_before_training(cli, tmp_path):
                  "target.expected_split=[15,6]", f"target.sample_list={tmp_path / 'none.txt'}")
     assert result.returncode != 0
     assert "none.txt: cannot read it" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_mit_indoor_lists_name_files_by_their_class_folder_where_names_repeat(tmp_path):
+    from safetransfer.targets.mit_indoor67 import MITIndoor67
+
+    fixtures.make_mit_indoor67(tmp_path, classes=3, train_per_class=4, test_per_class=2)
+
+    def target(*entries):
+        (tmp_path / "list.txt").write_text("\n".join(entries) + "\n")
+        return MITIndoor67(str(tmp_path), expected_classes=3, expected_split=(12, 6), sample_list=str(tmp_path / "list.txt"))
+
+    # indoor_0323.jpg is a training file of every class: the class folder tells them apart
+    chosen = target("train/scene_b/indoor_0323.jpg", "train/scene_a/img_001.jpg", "train/scene_c/indoor_0323.jpg")
+    indices = chosen.sampled_train_indices()
+    files = [chosen.train_files()[i].split("/")[-2:] for i in indices]
+    assert sorted(files) == [["scene_a", "img_001.jpg"], ["scene_b", "indoor_0323.jpg"], ["scene_c", "indoor_0323.jpg"]]
+    assert sorted(chosen.train_labels()[indices].tolist()) == [0, 1, 2]
+    # an entry that stays ambiguous is refused, named; a list naming none of the shared names is unaffected
+    for entry in ("indoor_0323.jpg", "train/elsewhere/indoor_0323.jpg"):
+        with pytest.raises(ConfigError, match=f"{entry} is ambiguous: 3 training files end in"):
+            target(entry).sampled_train_indices()
+    assert len(target("train/scene_a/img_002.jpg").sampled_train_indices()) == 1

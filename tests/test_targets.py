@@ -41,6 +41,8 @@ def test_cub200_missing_data_message(tmp_path):
     message = str(error.value)
     assert URL in message and f"md5:{MD5}" in message and "CUB_200_2011/{images.txt," in message
     assert "target.download=true" in message
+    # the archive holds CUB_200_2011/ itself: the advice is to extract it into the root, not into the folder
+    assert f"extract into {tmp_path / 'data'} (the archive holds CUB_200_2011/ itself)" in message
 
 
 def test_cub200_end_to_end(cli, tmp_path):
@@ -425,3 +427,43 @@ def test_downloads_are_checked_against_their_pinned_digest(tmp_path, monkeypatch
     with pytest.raises(DownloadError, match="does not match the published 00000"):
         fetch_archive("http://example.org/TestImages.txt", tmp_path, "md5:" + "0" * 32)
     assert not (tmp_path / "TestImages.txt").exists()
+
+
+# ---------------------------------------------------------------- Stanford Cars, both releases
+
+def test_stanford_cars_all_images_release(tmp_path):
+    from safetransfer.targets.stanford_cars import StanfordCars
+
+    sizes = fixtures.make_stanford_cars_all_images(tmp_path, classes=3, train=3, test=2)
+    target = StanfordCars(str(tmp_path), expected_classes=3, expected_split=(9, 6))
+    target.check()
+    assert target.layout == "all_images" and target.classes == ["Make Model 2000", "Make Model 2001", "Make Model 2002"]
+    assert (len(target.train_set()), len(target.test_set())) == (sizes["train"], sizes["test"])
+    # the release's class field counts from 1; image i + 1 is of class i // 5, test when odd and < 4
+    for split, test_flag in ((target.train_set(), 0), (target.test_set(), 1)):
+        for path, label in zip(split.paths, split.labels):
+            i = int(path.stem) - 1
+            c, j = divmod(i, 5)
+            assert label == c and int(j % 2 == 1 and j < 4) == test_flag
+    # a list in the BSS authors' format names these files
+    (tmp_path / "cars.txt").write_text("train/1/000001.jpg\ntrain/3/000013.jpg\n")
+    listed = StanfordCars(str(tmp_path), expected_classes=3, expected_split=(9, 6), sample_list=str(tmp_path / "cars.txt"))
+    indices = listed.sampled_train_indices()
+    assert [listed.train_files()[i].rsplit("/", 1)[-1] for i in indices] == ["000001.jpg", "000013.jpg"]
+    assert listed.train_labels()[indices].tolist() == [0, 2]
+
+
+def test_stanford_cars_torchvision_layout_and_what_it_refuses(tmp_path):
+    from safetransfer.errors import MissingData
+    from safetransfer.targets.stanford_cars import StanfordCars
+
+    with pytest.raises(MissingData, match="car_ims/NNNNNN.jpg,cars_annos.mat.*cars_train/"):
+        StanfordCars(str(tmp_path)).check()
+    fixtures.make_stanford_cars(tmp_path, classes=3, train=3, test=2)
+    target = StanfordCars(str(tmp_path), expected_classes=3, expected_split=(9, 6))
+    target.check()
+    assert target.layout == "torchvision" and len(target.classes) == 3
+    assert np.bincount(target.train_labels()).tolist() == [3, 3, 3]
+    with pytest.raises(ConfigError, match="the BSS authors' Stanford Cars lists name the car_ims/NNNNNN.jpg"):
+        StanfordCars(str(tmp_path), expected_classes=3, expected_split=(9, 6), sample_list="bss",
+                     sampling_rate=15).check()
