@@ -28,6 +28,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 from safetransfer.errors import ConfigError
+from safetransfer.fetch import READY, summary
 from safetransfer.search import choose, chosen_notes, write_chosen
 
 CONFIG_MODULE = "safetransfer.conf"
@@ -80,15 +81,39 @@ class Job:
     batch: int
 
 
-def plan(table: str, overrides: list[str]) -> tuple[list[Job], DictConfig]:
+def cells(table: str, overrides: list[str]):
+    """(cell, its composed config) for every cell of the table, the command line's sweeps included."""
     sweeps, plain = split_overrides(overrides)
-    base = compose_job(table, plain)
-    axes = sweep_axes(base, sweeps, plain)
-    grids = {m: list(g) for m, g in base.search.grids.items()}
-    jobs = []
+    axes = sweep_axes(compose_job(table, plain), sweeps, plain)
     for values in itertools.product(*axes.values()):
         cell = dict(zip(axes, values))
-        cfg = compose_job(table, [*plain, *(f"{k}={v}" for k, v in cell.items())])
+        yield cell, compose_job(table, [*plain, *(f"{k}={v}" for k, v in cell.items())])
+
+
+def composer(overrides: list[str]):
+    """compose(more) of the main config with the command line's paths.* overrides (where data lies)."""
+    paths = [o for o in split_overrides(overrides)[1] if o.lstrip("+").startswith("paths.")]
+
+    def compose_more(more: list[str]) -> DictConfig:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            return compose("config", overrides=[*more, *paths])
+
+    return compose_more
+
+
+def table_data(table: str, overrides: list[str], download: bool) -> list:
+    """Every artifact the table's jobs read, fetched (`download`) or checked (safetransfer/fetch.py)."""
+    from safetransfer.fetch import fetch_all
+
+    return fetch_all((cfg for _, cfg in cells(table, overrides)), download, composer(overrides))
+
+
+def plan(table: str, overrides: list[str]) -> tuple[list[Job], DictConfig]:
+    _, plain = split_overrides(overrides)
+    base = compose_job(table, plain)
+    grids = {m: list(g) for m, g in base.search.grids.items()}
+    jobs = []
+    for cell, cfg in cells(table, overrides):
         choices = cfg.hydra.runtime.choices
         common = dict(iterations=int(cfg.train.iterations), backbone=cfg.backbone.name,
                       regularizer=choices.regularizer, direction=choices.direction, crop=int(cfg.data.crop),
@@ -247,7 +272,10 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", help=f"an experiment preset with a search: {', '.join(TABLES)}")
     parser.add_argument("overrides", nargs="*", help="safetransfer-train overrides for both stages")
-    parser.add_argument("--plan", action="store_true", help="print every job and the projected hours; train nothing")
+    parser.add_argument("--plan", action="store_true", help="print every job, the projected hours and whether the "
+                                                              "data is ready; train nothing")
+    parser.add_argument("--fetch", action="store_true", help="download and verify every checkpoint, dataset and list "
+                                                               "the table's jobs read (on a login node); train nothing")
     parser.add_argument("--dir", type=Path, help="where both stages run (default multirun/<table>)")
     parser.add_argument("--benchmarks", type=Path, help="the step times the plan projects from (default: the "
                                                           "repository's BENCHMARKS.md, else ./BENCHMARKS.md)")
@@ -259,6 +287,15 @@ def main(argv: list[str] | None = None) -> None:
                 Path(__file__).resolve().parents[1] / "BENCHMARKS.md", Path("BENCHMARKS.md")]
             figures = next((f for f in map(benchmark_figures, candidates) if f), None)
             print_plan(args.table, jobs, figures, bool(base.runtime.concurrent_seeds))
+            print(f"{args.table}: the data its jobs read (checked, nothing downloaded)")
+            outcomes = table_data(args.table, args.overrides, download=False)
+            print(summary(outcomes, f"safetransfer-reproduce {args.table} --fetch"))
+            return
+        if args.fetch:
+            outcomes = table_data(args.table, args.overrides, download=True)
+            print(summary(outcomes, f"rerunning safetransfer-reproduce {args.table} --fetch"))
+            if any(o.status not in READY for o in outcomes):
+                sys.exit(1)
             return
         reproduce(args.table, args.overrides, args.dir or Path("multirun") / args.table)
     except ConfigError as error:
@@ -267,6 +304,34 @@ def main(argv: list[str] | None = None) -> None:
         if type(error).__module__.startswith(("hydra", "omegaconf")):
             parser.exit(2, f"safetransfer-reproduce: error: {'; '.join(filter(None, str(error).splitlines()[:2]))}\n")
         raise
+
+
+def fetch_main(argv: list[str] | None = None) -> None:
+    """safetransfer-fetch [overrides]: download and verify what the jobs of these overrides read."""
+    from safetransfer.fetch import fetch_all
+
+    parser = argparse.ArgumentParser(prog="safetransfer-fetch", description=(
+        "Download and verify every source checkpoint, target dataset and sample list that safetransfer-train "
+        "with the same overrides would read (comma sweeps included), one line each; exit 1 when anything is "
+        "not ready. For a paper's table: safetransfer-reproduce TABLE --fetch."))
+    parser.add_argument("overrides", nargs="*", help="safetransfer-train overrides, e.g. source=imagenet target=cub200")
+    parser.add_argument("--check", action="store_true", help="only check what is there; download nothing")
+    args = parser.parse_args(argv)
+    try:
+        sweeps, plain = split_overrides(args.overrides)
+        compose_more = composer(args.overrides)
+        configs = (compose_more([*plain, *(f"{k}={v}" for k, v in zip(sweeps, values))])
+                   for values in itertools.product(*sweeps.values()))
+        outcomes = fetch_all(configs, not args.check, compose_more)
+    except ConfigError as error:
+        parser.exit(2, f"safetransfer-fetch: error: {error}\n")
+    except Exception as error:  # a bad override or preset name: Hydra's message, one line
+        if type(error).__module__.startswith(("hydra", "omegaconf")):
+            parser.exit(2, f"safetransfer-fetch: error: {'; '.join(filter(None, str(error).splitlines()[:2]))}\n")
+        raise
+    print(summary(outcomes, "safetransfer-fetch with the same overrides"))
+    if any(o.status not in READY for o in outcomes):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ import safetransfer
 PACKAGE = Path(safetransfer.__file__).parent
 #: the rows of the README's table, bottom layer first: a module may import from its own layer or a lower one
 LAYERS = [
-    {"errors", "atomic", "methods", "paired", "logs", "runtime", "demo", "data"},
+    {"errors", "atomic", "methods", "paired", "logs", "runtime", "demo", "data", "downloads"},
     {"backbones", "directions", "resume"},
     {"regularizers", "targets", "checkpoints"},
     {"engine", "checks"},
     {"results", "tables", "plots", "search", "sources"},
-    {"preparation", "build"},
+    {"preparation", "build", "fetch"},
     {"experiment"},
     {"train", "sweeps", "reproduce", "__main__"},
 ]
