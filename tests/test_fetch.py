@@ -204,3 +204,20 @@ def test_reproduce_fetch_prepares_a_table_and_plan_then_says_it_is_ready(site, p
     assert (places["data"] / "flowers-102" / "jpg" / "image_00001.jpg").is_file()
     reproduce.main(["dtnh_table3", "--plan", *cell, places365])
     assert "data: ready (2 of 2 artifacts present and verified)" in capsys.readouterr().out
+
+
+def test_a_source_made_by_pretraining_is_named_with_its_command_and_its_inputs_fetched(site, places, capsys):
+    server, _, _ = site
+    common = [f"paths.mirror={server.url}", f"paths.cache_dir={places['cache']}", f"target.root={places['data']}"]
+    code, out = fetch(capsys, "source=stanford_dogs", "target=cub200", "target.expected_classes=3",
+                      "target.expected_split=[15,6]", *common)
+    assert code == 1
+    made = status_of(out, "source=stanford_dogs backbone=resnet18")
+    assert made.startswith("cannot be downloaded") and "safetransfer-train experiment=pretrain_source" in made
+    # what the pretraining run reads comes first: torchvision's weights (whose published digest the fixture on
+    # the local site cannot match: refused and deleted) and Stanford Dogs (its images.tar fails its md5 here)
+    weights = status_of(out, "source=imagenet backbone=resnet18")
+    assert weights.startswith("failed") and "does not match the published f37072fd" in weights
+    assert status_of(out, "target=stanford_dogs").startswith("failed")
+    assert out.index("source=imagenet backbone=resnet18") < out.index("source=stanford_dogs backbone=resnet18")
+    assert status_of(out, "target=cub200").startswith("downloaded and verified")
