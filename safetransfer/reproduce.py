@@ -280,30 +280,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--benchmarks", type=Path, help="the step times the plan projects from (default: the "
                                                           "repository's BENCHMARKS.md, else ./BENCHMARKS.md)")
     args = parser.parse_intermixed_args(argv)
+    one_line_errors(parser, lambda: run(args))
+
+
+def one_line_errors(parser: argparse.ArgumentParser, action):
+    """action(), a ConfigError or a bad override or preset name (Hydra's message) reported in one line."""
     try:
-        if args.plan:
-            jobs, base = plan(args.table, args.overrides)
-            candidates = [args.benchmarks] if args.benchmarks else [
-                Path(__file__).resolve().parents[1] / "BENCHMARKS.md", Path("BENCHMARKS.md")]
-            figures = next((f for f in map(benchmark_figures, candidates) if f), None)
-            print_plan(args.table, jobs, figures, bool(base.runtime.concurrent_seeds))
-            print(f"{args.table}: the data its jobs read (checked, nothing downloaded)")
-            outcomes = table_data(args.table, args.overrides, download=False)
-            print(summary(outcomes, f"safetransfer-reproduce {args.table} --fetch"))
-            return
-        if args.fetch:
-            outcomes = table_data(args.table, args.overrides, download=True)
-            print(summary(outcomes, f"rerunning safetransfer-reproduce {args.table} --fetch"))
-            if any(o.status not in READY for o in outcomes):
-                sys.exit(1)
-            return
-        reproduce(args.table, args.overrides, args.dir or Path("multirun") / args.table)
+        return action()
     except ConfigError as error:
-        parser.exit(2, f"safetransfer-reproduce: error: {error}\n")
-    except Exception as error:  # a bad override or preset name: Hydra's message, one line
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except Exception as error:
         if type(error).__module__.startswith(("hydra", "omegaconf")):
-            parser.exit(2, f"safetransfer-reproduce: error: {'; '.join(filter(None, str(error).splitlines()[:2]))}\n")
+            parser.exit(2, f"{parser.prog}: error: {'; '.join(filter(None, str(error).splitlines()[:2]))}\n")
         raise
+
+
+def run(args: argparse.Namespace) -> None:
+    """safetransfer-reproduce's three modes: --plan, --fetch, and both stages."""
+    if args.plan:
+        jobs, base = plan(args.table, args.overrides)
+        candidates = [args.benchmarks] if args.benchmarks else [
+            Path(__file__).resolve().parents[1] / "BENCHMARKS.md", Path("BENCHMARKS.md")]
+        figures = next((f for f in map(benchmark_figures, candidates) if f), None)
+        print_plan(args.table, jobs, figures, bool(base.runtime.concurrent_seeds))
+        print(f"{args.table}: the data its jobs read (checked, nothing downloaded)")
+        outcomes = table_data(args.table, args.overrides, download=False)
+        print(summary(outcomes, f"safetransfer-reproduce {args.table} --fetch"))
+        return
+    if args.fetch:
+        outcomes = table_data(args.table, args.overrides, download=True)
+        print(summary(outcomes, f"rerunning safetransfer-reproduce {args.table} --fetch"))
+        if any(o.status not in READY for o in outcomes):
+            sys.exit(1)
+        return
+    reproduce(args.table, args.overrides, args.dir or Path("multirun") / args.table)
 
 
 def fetch_main(argv: list[str] | None = None) -> None:
@@ -317,18 +327,15 @@ def fetch_main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="safetransfer-train overrides, e.g. source=imagenet target=cub200")
     parser.add_argument("--check", action="store_true", help="only check what is there; download nothing")
     args = parser.parse_args(argv)
-    try:
+
+    def fetch_configs():
         sweeps, plain = split_overrides(args.overrides)
         compose_more = composer(args.overrides)
         configs = (compose_more([*plain, *(f"{k}={v}" for k, v in zip(sweeps, values))])
                    for values in itertools.product(*sweeps.values()))
-        outcomes = fetch_all(configs, not args.check, compose_more)
-    except ConfigError as error:
-        parser.exit(2, f"safetransfer-fetch: error: {error}\n")
-    except Exception as error:  # a bad override or preset name: Hydra's message, one line
-        if type(error).__module__.startswith(("hydra", "omegaconf")):
-            parser.exit(2, f"safetransfer-fetch: error: {'; '.join(filter(None, str(error).splitlines()[:2]))}\n")
-        raise
+        return fetch_all(configs, not args.check, compose_more)
+
+    outcomes = one_line_errors(parser, fetch_configs)
     print(summary(outcomes, "safetransfer-fetch with the same overrides"))
     if any(o.status not in READY for o in outcomes):
         sys.exit(1)

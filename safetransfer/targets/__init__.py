@@ -42,12 +42,25 @@ class Target:
     def check(self) -> None:
         """Raise ConfigError when the data is missing or inconsistent, before training."""
 
+    #: the cached properties holding what was read from disk (dropped before a download), for a
+    #: target whose `download` flag makes its dataset class download the files
+    read_caches: tuple[str, ...] = ()
+
     def fetch(self) -> bool:
         """Make sure the data is present and complete, downloading (and verifying) what is missing
         where the target can; returns whether anything was downloaded. Raises MissingData for data
         that cannot be downloaded, DownloadError or ConfigError for the rest."""
+        try:
+            self.check()
+            return False
+        except ConfigError:
+            if not self.read_caches or getattr(self, "download", True):
+                raise
+        self.download = True  # the dataset class's own download, its checksums checked
+        for cached in self.read_caches:
+            self.__dict__.pop(cached, None)
         self.check()
-        return False
+        return True
 
     @property
     def classes(self) -> Sequence[str]:

@@ -20,6 +20,8 @@ CLUTTER = "257.clutter"
 
 
 class Caltech256(ImageListTarget):
+    read_caches = ("_files", "_splits")  # fetch: torchvision's download from CaltechDATA, its md5 checked
+
     def __init__(self, root: str, name: str = "caltech256_30", train_per_class: int = 30, test_per_class: int = 20,
                  split_seed: int = 0, download: bool = False, expected_classes: int | None = 256, **sampling):
         super().__init__(name, **sampling)
@@ -60,19 +62,6 @@ class Caltech256(ImageListTarget):
     @property
     def classes(self) -> list[str]:
         return [c for c in self._files.categories if c != CLUTTER]
-
-    def fetch(self) -> bool:
-        try:
-            self.check()
-            return False
-        except ConfigError:
-            if self.download:
-                raise
-        self.download = True  # torchvision's own download from CaltechDATA, its md5 checked
-        for cached in ("_files", "_splits"):
-            self.__dict__.pop(cached, None)
-        self.check()
-        return True
 
     def check(self) -> None:
         check_class_count(self.name, len(self.classes), self.expected_classes, str(self.root / "caltech256"))

@@ -52,6 +52,8 @@ def dataset_files(dataset, name: str) -> list[str]:
 
 
 class TorchvisionTarget(Target):
+    read_caches = ("_splits",)  # fetch: torchvision's own download, its md5s checked
+
     def __init__(self, name: str, dataset: str, root: str, train: Mapping, test: Mapping, download: bool = False,
                  expected_classes: int | None = None, expected_split: Sequence[int] | None = None, **sampling):
         super().__init__(name, **sampling)
@@ -75,18 +77,6 @@ class TorchvisionTarget(Target):
     @cached_property
     def _splits(self) -> dict:
         return {split: self._open(split) for split in ("train", "test")}
-
-    def fetch(self) -> bool:
-        try:
-            self.check()
-            return False
-        except ConfigError:
-            if self.download:
-                raise
-        self.download = True  # torchvision's own download, its md5s checked
-        self.__dict__.pop("_splits", None)
-        self.check()
-        return True
 
     def check(self) -> None:
         train, test = self._splits["train"], self._splits["test"]
