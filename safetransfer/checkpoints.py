@@ -83,10 +83,12 @@ def backbone_state(checkpoint, *, origin: str = "checkpoint") -> tuple[dict[str,
 #: the buffer BatchNorm layers gained in PyTorch 0.4.1; checkpoints older than that (torchvision's
 #: IMAGENET1K_V1 ResNets, CSAIL's Places365 ResNets) do not have it
 BATCH_COUNTER = "num_batches_tracked"
+#: the fix a local file's source offers for keys that do not match
+STRICT_HINT = "set source.strict=false to load what matches"
 
 
 def match_backbone(state: dict[str, torch.Tensor], backbone: str, *, strict: bool, origin: str,
-                   hint: str = "set source.strict=false to load what matches") -> dict[str, torch.Tensor]:
+                   hint: str = STRICT_HINT) -> dict[str, torch.Tensor]:
     """`state` checked against `backbone`'s keys and shapes (beyond the replaced head).
 
     Missing BatchNorm `num_batches_tracked` counters are filled with 0, as torch's BatchNorm
@@ -112,7 +114,7 @@ def match_backbone(state: dict[str, torch.Tensor], backbone: str, *, strict: boo
 
 
 def load_backbone(path: Path, backbone: str, *, strict: bool = True, key: str = "source.path",
-                  hint: str = "set source.strict=false to load what matches") -> tuple[dict, str]:
+                  hint: str = STRICT_HINT) -> tuple[dict, str]:
     """Read `path` safely, convert its layout and match it to `backbone`: (state, layout)."""
     origin = f"{key}={path}"
     state, layout = backbone_state(read(path, key=key), origin=origin)

@@ -21,14 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from safetransfer.downloads import mirrored
 from safetransfer.errors import MissingData, SafetransferError, one_line
 from safetransfer.sources import PretrainedSource
-from safetransfer.targets import sample_lists
+from safetransfer.targets import SAMPLING_KEYS, sample_lists
 
 #: status -> what the line says
 LABELS = {"present": "present and verified", "downloaded": "downloaded and verified", "missing": "missing",
           "manual": "cannot be downloaded", "failed": "failed"}
 READY = ("present", "downloaded")
-#: the target's keys that choose images from its data, not the data itself
-SAMPLING = ("sampling_rate", "sampling_seed", "resample_per_seed", "val_fraction", "sample_list", "sample_list_dir")
 
 
 class NotFetched(SafetransferError):
@@ -85,7 +83,7 @@ def target_artifacts(cfg: DictConfig) -> list[Artifact]:
         return []
     settings = OmegaConf.to_container(cfg.target, resolve=True)
     where = str(settings.get("root", ""))
-    data = {k: v for k, v in settings.items() if k not in SAMPLING}
+    data = {k: v for k, v in settings.items() if k not in SAMPLING_KEYS}
     mirror = cfg.paths.get("mirror")
 
     def get_data(download: bool) -> tuple[bool, str]:

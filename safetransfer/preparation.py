@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from safetransfer.atomic import atomic_write_json
 from safetransfer.checks import check_training_set
 from safetransfer.runtime import resolve_device
-from safetransfer.targets import (Target, TensorImages, Transformed, augment_transform, crop_options,
+from safetransfer.targets import (SAMPLING_KEYS, Target, TensorImages, Transformed, augment_transform, crop_options,
                                   test_transform, train_transform, views_transform)
 from safetransfer.targets.cache import cached_split
 
@@ -82,7 +82,7 @@ def cached_data(cfg: DictConfig, train_set: Dataset, test_set: Dataset, indices:
     once per dataset and size, so every sampling rate and seed shares them. With
     `on_device` the loader hands over uint8 images and DeviceAugment does the rest."""
     identity = OmegaConf.to_container(cfg.target, resolve=True)
-    for key in ("sampling_rate", "sampling_seed", "resample_per_seed", "val_fraction", "sample_list", "sample_list_dir"):
+    for key in SAMPLING_KEYS:
         identity.pop(key, None)
     common = dict(resize=cfg.data.resize, crop=cfg.data.crop, cache_dir=Path(cfg.paths.cache_dir).expanduser(),
                   identity=identity, num_workers=cfg.runtime.num_workers)

@@ -19,6 +19,9 @@ from safetransfer.errors import ConfigError
 from safetransfer.targets.cache import decode_transform
 from safetransfer.targets.images import read_item
 
+#: the target keys that choose images from its data (sampling, hold-out, lists), not the data itself
+SAMPLING_KEYS = ("sampling_rate", "sampling_seed", "resample_per_seed", "val_fraction", "sample_list", "sample_list_dir")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -221,7 +224,7 @@ def normalize_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compo
 
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "ConfigError", "Target", "hold_out", "TensorImages", "Transformed", "per_class_count",
+    "IMAGENET_MEAN", "IMAGENET_STD", "SAMPLING_KEYS", "ConfigError", "Target", "hold_out", "TensorImages", "Transformed", "per_class_count",
     "stratified_sample", "test_transform", "train_transform", "augment_transform", "normalize_transform",
     "views_transform", "TRAIN_CROPS", "TEST_CROPS", "crop_options",
 ]
