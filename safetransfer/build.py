@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from safetransfer.backbones import TransferNet
 from safetransfer.directions import Direction
+from safetransfer.draws import Seeded, SeededDraws
 from safetransfer.engine import Evaluator, Loop, Parts
 from safetransfer.logs import TrainLog, log_columns
 from safetransfer.preparation import Data
@@ -62,15 +63,17 @@ def create_optimizer(cfg: DictConfig, model: TransferNet) -> tuple[torch.optim.O
 
 
 def create_loader(dataset: Dataset, cfg: DictConfig, *, train: bool, seed: int, device: torch.device) -> DataLoader:
-    # the generator fixes the shuffling and, through each worker's base seed, the augmentation
-    # with persistent workers the order comes from a generator of its own, so that a resumed
-    # run (a fresh loader) replays it exactly (see safetransfer.resume)
+    """The training loader draws its order and each image's augmentation from the seed alone
+    (safetransfer.draws): 0, 2 or 4 workers give the same batches, and a resumed run (a fresh
+    loader, the sampler's generator restored by safetransfer.resume) replays them exactly."""
     workers = cfg.runtime.num_workers
-    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if train and workers else None
-    return DataLoader(
-        dataset, batch_size=cfg.train.batch_size, shuffle=train and sampler is None, sampler=sampler,
-        drop_last=train, num_workers=workers, generator=torch.Generator().manual_seed(seed),
-        pin_memory=device.type == "cuda", persistent_workers=train and workers > 0)
+    # a generator of its own for the workers' base seed, which the global RNG would otherwise give
+    common = dict(batch_size=cfg.train.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                  generator=torch.Generator().manual_seed(seed))
+    if not train:
+        return DataLoader(dataset, shuffle=False, **common)
+    return DataLoader(Seeded(dataset), sampler=SeededDraws(len(dataset), torch.Generator().manual_seed(seed)),
+                      drop_last=True, persistent_workers=workers > 0, **common)
 
 
 def bind_context(cfg: DictConfig, data: Data, device: torch.device) -> BindContext:

@@ -5,9 +5,9 @@ The state is everything the rest of the run depends on: weights, optimizer and
 scheduler state, every RNG (Python, NumPy, torch CPU and CUDA, the on-device
 augmentation's generator), the iteration, the data order (the sampler's generator as
 it was when the epoch began, and how many batches of the epoch were taken) and the
-log window. A resumed run on the CPU ends with exactly the accuracy of an
-uninterrupted one (loader workers draw their augmentations from RNGs that cannot be
-saved: with runtime.num_workers > 0 only the order is restored exactly).
+log window. Each image's augmentation is drawn from the sampler's generator (safetransfer.draws),
+so a resumed run on the CPU ends with exactly the accuracy of an uninterrupted one, with
+or without loader workers.
 """
 
 from __future__ import annotations
