@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from safetransfer.backbones import TransferNet
 from safetransfer.directions import Direction
 from safetransfer.draws import Seeded, SeededDraws
-from safetransfer.engine import Evaluator, Loop, Parts
+from safetransfer.engine import Evaluator, Loop, Parts, milestone_iterations
 from safetransfer.logs import TrainLog, log_columns
 from safetransfer.preparation import Data
 from safetransfer.regularizers import BindContext, Omega
@@ -59,7 +59,11 @@ def create_optimizer(cfg: DictConfig, model: TransferNet) -> tuple[torch.optim.O
         {"params": groups["backbone"], "lr": lr},
         {"params": groups["head"], "lr": lr * cfg.optim.head_lr_mult},
     ])
-    return optimizer, instantiate(cfg.optim.scheduler)(optimizer)
+    schedule = cfg.optim.scheduler
+    if "milestones" in schedule:
+        return optimizer, instantiate(schedule, milestones=milestone_iterations(schedule.milestones,
+                                                                                  cfg.train.iterations))(optimizer)
+    return optimizer, instantiate(schedule)(optimizer)
 
 
 def create_loader(dataset: Dataset, cfg: DictConfig, *, train: bool, seed: int, device: torch.device) -> DataLoader:
@@ -105,8 +109,9 @@ class Seed:
     evaluator: Evaluator                     # during training: the validation split if any (never choose on test)
 
 
-def build_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None) -> Seed:
-    """The seed's pieces, built in the order the module docstring gives."""
+def build_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, on_pace=None) -> Seed:
+    """The seed's pieces, built in the order the module docstring gives; `on_pace` (see
+    engine.Loop) hears the measured time per iteration after the first few steps."""
     device = resolve_device(str(cfg.runtime.device))
     seed_everything(seed)
     model = create_model(cfg, data.num_classes, source_state).to(device)
@@ -129,7 +134,7 @@ def build_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None
                   create_loader(data.train, cfg, train=True, seed=seed, device=device), device, train_batches)
     loop = Loop(iterations=cfg.train.iterations, precision=cfg.train.precision, log_every=cfg.runtime.log_every,
                 diagnostics_every=cfg.runtime.diagnostics_every, eval_every=cfg.runtime.eval_every,
-                check_finite=cfg.runtime.check_finite)
+                check_finite=cfg.runtime.check_finite, on_pace=on_pace)
     test_loader = create_loader(data.test, cfg, train=False, seed=seed, device=device)
     val_loader = create_loader(data.val, cfg, train=False, seed=seed, device=device) if data.val is not None else None
     evaluator = Evaluator("test", model, test_loader, device, cfg.train.precision, test_batches) if val_loader is None \

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from safetransfer.engine import milestone_iterations
 from safetransfer.errors import ConfigError, one_line
 from safetransfer.logs import PROGRESS
 from safetransfer.targets import TEST_CROPS, TRAIN_CROPS, crop_options
@@ -86,10 +87,14 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.runtime.progress not in PROGRESS:  # the loop's own check would come only once training starts
         raise ConfigError(f"runtime.progress={cfg.runtime.progress} is not one of {', '.join(PROGRESS)}")
     check_optimizer(cfg.optim)
-    for milestone in cfg.optim.scheduler.get("milestones", []):  # a scheduler without milestones has none
-        if not 0 < milestone <= cfg.train.iterations:
-            raise ConfigError(f"optim.scheduler.milestones={list(cfg.optim.scheduler.milestones)} must lie in "
-                              f"(0, train.iterations={cfg.train.iterations}]; the lr is divided at these iterations")
+    milestones = list(cfg.optim.scheduler.get("milestones", []))  # a scheduler without milestones has none
+    if any(isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 for m in milestones):
+        raise ConfigError(f"optim.scheduler.milestones={milestones} must hold fractions of the run in (0, 1), e.g. "
+                          "[0.75], or iterations, e.g. [6000]")
+    if any(m > cfg.train.iterations for m in milestone_iterations(milestones, cfg.train.iterations)):
+        raise ConfigError(f"optim.scheduler.milestones={milestones} lie beyond train.iterations="
+                          f"{cfg.train.iterations}; the lr is divided at these iterations: give fractions of the run "
+                          f"(optim.scheduler.milestones=[0.75]) or iterations up to {cfg.train.iterations}")
     check_device(str(cfg.runtime.device))
     check_writable(Path(cfg.results.dir), "results.dir")
     check_writable(Path(str(cfg.paths.cache_dir)).expanduser(), "paths.cache_dir", ".cache/safetransfer")

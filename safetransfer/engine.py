@@ -10,7 +10,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,6 +236,18 @@ class Loop:
     diagnostics_every: int = 0
     eval_every: int = 0
     check_finite: bool = True
+    #: called once with (seconds per iteration, iterations left) when PACE_STEPS steps after the
+    #: first have been timed (the first is left out: it warms up caches and kernels)
+    on_pace: Callable[[float, int], None] | None = None
+
+
+PACE_STEPS = 4
+
+
+def milestone_iterations(milestones, iterations: int) -> list[int]:
+    """optim.scheduler.milestones as iterations: a number in (0, 1) is a fraction of the run
+    (0.75 of 8,000: 6,000), anything else an iteration (the papers' presets: 6000)."""
+    return [max(1, round(m * iterations)) if 0 < m < 1 else int(m) for m in milestones]
 
 
 def fit(parts: Parts, loop: Loop, logger: TrainLog | None = None, checkpointer: Checkpointer | None = None,
@@ -275,6 +287,7 @@ def fit(parts: Parts, loop: Loop, logger: TrainLog | None = None, checkpointer: 
         log.info("%s: resumed after iteration %d of %d", logger.desc, done, loop.iterations)
     logger.open(done)
     start = time.perf_counter()
+    paced_from = None  # when the first step of this call ended
 
     def save(iteration: int) -> None:
         checkpointer.save(TrainingState(
@@ -318,6 +331,11 @@ def fit(parts: Parts, loop: Loop, logger: TrainLog | None = None, checkpointer: 
                     iteration, epoch, lr, step.omega, elapsed + time.perf_counter() - start,
                     angles={name: float(value) for name, value in step.angles.items()} if diagnosed else None,
                     diagnostics=omega.diagnostics() if diagnosed else None, evaluation=evaluation))
+            if loop.on_pace is not None:
+                if iteration == done + 1:
+                    paced_from = time.perf_counter()
+                elif iteration == done + 1 + PACE_STEPS and iteration < loop.iterations:
+                    loop.on_pace((time.perf_counter() - paced_from) / PACE_STEPS, loop.iterations - iteration)
             signum = stop.requested if stop is not None else None
             if checkpointer is not None and iteration < loop.iterations and checkpointer.due(iteration, signum is not None):
                 save(iteration)

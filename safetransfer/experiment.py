@@ -55,8 +55,46 @@ def save_spectrum(path: Path, model: TransferNet, loader: DataLoader, device: to
     atomic_write_json(path, {"batch_size": loader.batch_size, "split": "test", "singular_values": spectra})
 
 
+def duration_text(seconds: float) -> str:
+    """'45 s', '12 min', '3 h 20 min', '2 d 7 h'."""
+    minutes = seconds / 60
+    if minutes < 1:
+        return f"{seconds:.0f} s"
+    if minutes < 60:
+        return f"{minutes:.0f} min"
+    hours, minutes = divmod(round(minutes), 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+#: a projected job longer than this gets the ways to shorten it
+LONG_JOB_S = 30 * 60
+
+
+def pace_report(cfg: DictConfig, seeds_after: int):
+    """engine.Loop.on_pace for a job's first seed: the projected time of the seed and of the
+    job, and, when long, how to shorten it."""
+
+    def report(seconds_per_iteration: float, left: int) -> None:
+        seed_s = seconds_per_iteration * cfg.train.iterations
+        job_s = seconds_per_iteration * left + seed_s * seeds_after
+        log.info("pace: %.3g s per iteration on %s: a seed takes about %s (%d iterations); this job about %s more "
+                 "(%d seed%s to go)", seconds_per_iteration, cfg.runtime.device, duration_text(seed_s),
+                 cfg.train.iterations, duration_text(job_s), seeds_after + 1, "s" if seeds_after else "")
+        if job_s > LONG_JOB_S:
+            fits = max(1, int(LONG_JOB_S / 4 / seconds_per_iteration / (seeds_after + 1)))
+            log.warning("this job will take about %s. To shorten it: train.iterations=%d (the lr drop moves with it "
+                        "when optim.scheduler.milestones is a fraction of the run, as by default), fewer seeds "
+                        "(seeds=[0]), smaller images (data.resize=128 data.crop=112), or a GPU (runtime.device=cuda)",
+                        duration_text(job_s), fits)
+
+    return report
+
+
 def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, run_dir: Path,
-             stop: StopSignals | None = None) -> dict | None:
+             stop: StopSignals | None = None, on_pace=None) -> dict | None:
     """Fine-tune once and evaluate the final weights (never the best test epoch). Continues
     from the seed's checkpoint when an earlier run left one. A NaN or inf stops the seed:
     it is recorded in failed.json and None returned. A stop request (`stop`, a signal)
@@ -66,7 +104,7 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
     for stale in seed_dir.glob(".*.tmp"):  # an atomic write cut short (SIGKILL mid-checkpoint): only this seed writes here
         stale.unlink(missing_ok=True)
         log.info("removed %s, left by an interrupted write", stale)
-    built = build_seed(cfg, seed, data, source_state)
+    built = build_seed(cfg, seed, data, source_state, on_pace)
     model, device, precision = built.parts.model, built.parts.device, cfg.train.precision
     key = config_key(cfg)
     checkpointer = Checkpointer(seed_dir / CHECKPOINT, key, cfg.runtime.checkpoint_every)
@@ -200,10 +238,12 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
     pending = [seed for seed in cfg.seeds if seed not in outcomes]
     if cfg.runtime.concurrent_seeds and len(pending) > 1:
         outcomes.update(run_seeds_concurrently(cfg, pending, run_dir))
-    for seed in pending:
+    for number, seed in enumerate(pending):
         if seed in outcomes:
             continue
-        outcomes[seed] = run_seed(cfg, seed, seed_data(cfg, target, seed, run_dir, data), source_state, run_dir, stop)
+        pace = pace_report(cfg, len(pending) - 1) if number == 0 else None
+        outcomes[seed] = run_seed(cfg, seed, seed_data(cfg, target, seed, run_dir, data), source_state, run_dir, stop,
+                                  pace)
     finished = [seed for seed in cfg.seeds if outcomes[seed] is not None]
     failed = [seed for seed in cfg.seeds if outcomes[seed] is None]
     accuracies = [outcomes[seed]["top1"] for seed in finished]

@@ -3,11 +3,14 @@
 from importlib import resources
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from safetransfer.directions import Direction
-from safetransfer.build import create_omega
+from safetransfer.build import create_omega, create_optimizer
+from safetransfer.checks import check_config
+from safetransfer.errors import ConfigError
 from safetransfer.methods import method_name
 from safetransfer.regularizers import Omega
 from safetransfer.sources import Source
@@ -62,7 +65,10 @@ def test_root_config_is_the_papers_protocol(compose_cfg):
     assert cfg.train.batch_size == 48 and cfg.train.iterations == 8000
     assert cfg.optim.optimizer.lr == 0.01 and cfg.optim.optimizer.momentum == 0.9
     assert cfg.optim.head_lr_mult == 10
-    assert list(cfg.optim.scheduler.milestones) == [6000] and cfg.optim.scheduler.gamma == 0.1
+    assert cfg.optim.scheduler.gamma == 0.1
+    model = torch.nn.Linear(2, 2)
+    assert create_optimizer(cfg, type("Net", (), {"parameter_groups": lambda self: {
+        "backbone": [model.weight], "head": [model.bias]}})())[1].milestones == {6000: 1}  # the papers' drop
     assert (cfg.data.resize, cfg.data.crop) == (256, 224)
     assert cfg.runtime.device == "auto"
     assert method_name(cfg) == "Fine-tuning"
@@ -167,3 +173,25 @@ def test_a_term_setting_beside_a_method_sweep_takes_force_add(compose_cfg):
         cfg = compose_cfg(f"method={method}", "++regularizer.terms.l2sp.alpha=10")
         assert cfg.regularizer.terms.l2sp.alpha == 10
         assert cfg.regularizer.terms.l2sp._target_.endswith("L2SP")
+
+
+def test_a_shorter_run_keeps_its_lr_drop_at_the_same_fraction(compose_cfg):
+    """train.iterations=300 alone just works: the default drop is 0.75 of the run."""
+    cfg = compose_cfg("train.iterations=300")
+    check_config(cfg)
+    model = torch.nn.Linear(2, 2)
+    net = type("Net", (), {"parameter_groups": lambda self: {"backbone": [model.weight], "head": [model.bias]}})()
+    optimizer, scheduler = create_optimizer(cfg, net)
+    lrs = []
+    for _ in range(300):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[224] == pytest.approx(0.01) and lrs[225] == pytest.approx(0.001)  # divided after 225 = 0.75 x 300
+
+
+def test_a_papers_absolute_drop_beyond_a_shortened_run_is_one_line(compose_cfg):
+    cfg = compose_cfg("experiment=dtnh_table2", "train.iterations=300")
+    assert list(cfg.optim.scheduler.milestones) == [6000]  # the paper's preset keeps its absolute drop
+    with pytest.raises(ConfigError, match=r"milestones=\[6000\] lie beyond train.iterations=300.*milestones=\[0.75\]"):
+        check_config(cfg)

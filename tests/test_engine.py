@@ -307,3 +307,24 @@ def test_eval_every_writes_the_split_columns_on_the_right_rows(compose_cfg, tmp_
     values = spectrum["singular_values"]
     assert len(values) == min(4, -(-metrics["test_images"] // 4)) and all(len(v) <= 4 for v in values)
     assert all(np.all(np.diff(v) <= 0) and min(v) >= 0 for v in values)  # descending, non-negative
+
+
+def test_the_pace_is_measured_after_the_first_steps_and_projects_the_job(compose_cfg, tmp_path, caplog):
+    """Before most of the training, the job's projected time from the measured step time; a long
+    projection says how to shorten it."""
+    from safetransfer import experiment
+
+    heard = []
+    cfg = compose_cfg(*TINY, "train.iterations=8", "runtime.log_every=0", "runtime.diagnostics_every=0")
+    target = DemoTarget(train_images_per_class=10, test_images_per_class=4, sampling_rate=50)
+    run_seed(cfg, 0, prepare_data(cfg, target), None, tmp_path, on_pace=lambda s, left: heard.append((s, left)))
+    assert len(heard) == 1 and heard[0][0] > 0 and heard[0][1] == 8 - 5  # timed steps 2-5, three left
+    # the report: 6 s an iteration, 8,000 iterations a seed, 4 seeds after this one
+    report = experiment.pace_report(compose_cfg(), seeds_after=4)
+    with caplog.at_level("INFO"):
+        report(6.0, 7995)
+    text = caplog.text
+    assert "a seed takes about 13 h 20 min (8000 iterations)" in text  # 6 x 8000 s
+    assert "this job about 2 d 18 h more (5 seeds to go)" in text      # 6 x 7995 + 4 x 48000 s = 66.6 h
+    assert "To shorten it: train.iterations=" in text
+    assert experiment.duration_text(59) == "59 s" and experiment.duration_text(600) == "10 min"
