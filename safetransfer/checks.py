@@ -183,7 +183,7 @@ def check_writable(directory: Path, key: str, example: str = "safetransfer-resul
 def check_classes(target: str, count: int) -> None:
     """A classifier needs two classes: with one, every prediction is right whatever was learnt."""
     if count < 2:
-        raise ConfigError(f"target={target} has {count} class{'' if count == 1 else 'es'}; a classifier needs at least 2 "
+        raise ConfigError(f"the target {target} has {count} class{'' if count == 1 else 'es'}; a classifier needs at least 2 "
                           "(with one, top-1 is 100 % whatever it learns): give the dataset two or more classes")
 
 

@@ -89,10 +89,13 @@ def select(seeds: pd.DataFrame) -> pd.DataFrame:
         if len(by_setting) > 1:
             missing = [k for k, g in by_setting.items() if g["val_top1"].isna().any()]
             if missing:
+                varied = _differences([settings.get(k, {}) for k in by_setting])
                 raise ConfigError(
-                    f"{' / '.join(map(str, cell))} has {len(by_setting)} settings but some seeds have no validation "
-                    "accuracy to choose between them; rerun the grid with target.val_fraction=0.2 (the test split "
-                    "is never used to choose)")
+                    f"{' / '.join(map(str, cell))} holds {len(by_setting)} settings that differ in "
+                    f"{', '.join(varied) or 'their configs'}, and some have no validation accuracy to choose between "
+                    "them: settings meant as rows of their own need names of their own (e.g. target.name=... for "
+                    "datasets) or a table each; a grid search needs target.val_fraction=0.2 (the test split is "
+                    "never used to choose)")
             chosen = max(by_setting, key=lambda k: by_setting[k]["val_top1"].mean())  # the first on a tie
         else:
             chosen = next(iter(by_setting))

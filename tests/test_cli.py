@@ -140,7 +140,7 @@ def test_a_dataset_of_one_class_is_refused_in_one_line(cli, tmp_path):
     result = cli(*shrink, "source=scratch", "target=imagefolder", f"target.root={tmp_path / 'one'}", "train.batch_size=4")
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "target=imagefolder has 1 class; a classifier needs at least 2" in lines[0], result.stderr
+    assert len(lines) == 1 and "the target one has 1 class; a classifier needs at least 2" in lines[0], result.stderr
     assert not list(tmp_path.rglob("seed_*"))
 
 

@@ -249,3 +249,13 @@ def test_an_unwritable_results_folder_is_one_line(compose_cfg, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1
     assert err[0].startswith(f"safetransfer-tables: error: --results {tmp_path / 'afile' / 'results'} is not a writable")
+
+
+def test_settings_that_differ_without_validation_say_what_differs(compose_cfg, tmp_path):
+    """Two settings in one cell and no validation split: the message names the keys that differ
+    and both ways out (separate names, or a validation split for a search)."""
+    for number, root in enumerate(("a", "b")):
+        cfg = compose_cfg("target=imagefolder", f"target.root={tmp_path / root}", "target.name=same")
+        write_seed(tmp_path / "sweep" / str(number), cfg, 0, 50.0)
+    with pytest.raises(ConfigError, match=r"differ in target\.root.*target\.name=.*target\.val_fraction=0\.2"):
+        select(collect([tmp_path / "sweep"]))

@@ -12,6 +12,7 @@ from safetransfer.errors import ConfigError, DownloadError
 from safetransfer.targets.cub200 import CUB200, MD5, URL
 
 import fixtures
+from conftest import TINY
 
 
 def test_cub200_official_split(tmp_path):
@@ -467,3 +468,39 @@ def test_stanford_cars_torchvision_layout_and_what_it_refuses(tmp_path):
     with pytest.raises(ConfigError, match="the BSS authors' Stanford Cars lists name the car_ims/NNNNNN.jpg"):
         StanfordCars(str(tmp_path), expected_classes=3, expected_split=(9, 6), sample_list="bss",
                      sampling_rate=15).check()
+
+
+def _image_folder(root, classes=("ants", "bees"), train=6, test=3):
+    from fixtures import write_jpeg
+
+    for split, count in (("train", train), ("test", test)):
+        for c, name in enumerate(classes):
+            for i in range(count):
+                write_jpeg(root / split / name / f"{i}.jpg", seed=100 * c + i)
+    return root
+
+
+def test_an_imagefolder_target_is_named_after_its_folder_unless_target_name_is_given(compose_cfg, tmp_path):
+    cfg = compose_cfg("target=imagefolder", f"target.root={tmp_path / 'ants_bees'}")
+    assert cfg.target.name == "ants_bees" and cfg.results.table == "ants_bees"
+    assert compose_cfg("target=imagefolder", f"target.root={tmp_path / 'ants_bees'}/").target.name == "ants_bees"
+    named = compose_cfg("target=imagefolder", f"target.root={tmp_path / 'ants_bees'}", "target.name=hymenoptera")
+    assert named.target.name == "hymenoptera" and named.results.table == "hymenoptera"
+
+
+def test_two_imagefolder_roots_are_two_rows_of_one_paper_table(compose_cfg, tmp_path):
+
+    """A sweep over two target.roots: each dataset its own row, not one cell with two settings."""
+    from safetransfer.experiment import run_job
+    from safetransfer.tables import write_table
+
+    shrink = [o for o in TINY if not o.startswith("target.")]
+    for number, folder in enumerate(("ants_bees", "cats_dogs")):
+        root = _image_folder(tmp_path / "data" / folder)
+        cfg = compose_cfg(*shrink, "source=scratch", "target=imagefolder", f"target.root={root}",
+                          "train.batch_size=4", "results.table=mine", "runtime.log_every=0",
+                          "runtime.diagnostics_every=0", "runtime.spectrum_batches=0")
+        run_job(cfg, tmp_path / "sweep" / str(number))
+    markdown = write_table([tmp_path / "sweep"], tmp_path / "results", "mine_paper")
+    rows = {line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| ")}
+    assert {"ants_bees", "cats_dogs"} <= rows
