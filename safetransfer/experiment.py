@@ -20,13 +20,14 @@ from safetransfer.build import build_seed, train_log
 from safetransfer.checks import check_classes, check_config, check_training_set
 from safetransfer.downloads import mirrored
 from safetransfer.engine import NonFiniteError, evaluate, fit, test_forward
-from safetransfer.methods import method_name
+from safetransfer.errors import ConfigError
+from safetransfer.methods import method_name, source_label
 from safetransfer.preparation import Data, prepare_data, save_indices, seed_data
-from safetransfer.results import config_key, make_row, write_row
+from safetransfer.results import config_key, format_cell, make_row, write_row
 from safetransfer.resume import CHECKPOINT, Checkpointer, StopSignals
 from safetransfer.runtime import job_device
 from safetransfer.search import apply_chosen
-from safetransfer.sources import save_source_checkpoint
+from safetransfer.sources import own_keys, provenance, save_source_checkpoint
 from safetransfer.targets import Target
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def pace_report(cfg: DictConfig, seeds_after: int):
 
 
 def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, run_dir: Path,
-             stop: StopSignals | None = None, on_pace=None) -> dict | None:
+             stop: StopSignals | None = None, on_pace=None, origin: dict | None = None) -> dict | None:
     """Fine-tune once and evaluate the final weights (never the best test epoch). Continues
     from the seed's checkpoint when an earlier run left one. A NaN or inf stops the seed:
     it is recorded in failed.json and None returned. A stop request (`stop`, a signal)
@@ -129,25 +130,48 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
         "wall_time_s": time.perf_counter() - start, "device": str(device),
         "precision": precision if device.type == "cuda" else "fp32",
         "train_images": len(data.train), "test_images": len(data.test), **validation,
+        "source_checkpoint": origin,  # sources.provenance: the file the weights came from and its sha256
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     atomic_write_json(seed_dir / "metrics.json", metrics)
     if not cfg.runtime.keep_checkpoints:
         checkpointer.remove()
     if cfg.pretrain.save_to and seed == cfg.seeds[0]:
-        export_source(cfg, model, seed, top1, test_loss)
+        export_source(cfg, model, seed, top1, test_loss, run_dir)
     log.info("seed %d: top-1 %.2f%%, test loss %.4f (%.0f s)", seed, top1, test_loss, metrics["wall_time_s"])
     return metrics
 
 
-def export_source(cfg: DictConfig, model: TransferNet, seed: int, top1: float, test_loss: float) -> None:
+def export_source(cfg: DictConfig, model: TransferNet, seed: int, top1: float, test_loss: float,
+                  run_dir: Path) -> None:
     """pretrain.save_to: the fine-tuned backbone as a source checkpoint (experiment=pretrain_source)."""
     save_to = Path(cfg.pretrain.save_to).expanduser()
     metadata = save_source_checkpoint(model, save_to, {
         "dataset": cfg.target.name, "sampling_rate": cfg.target.sampling_rate,
         "source": OmegaConf.to_container(cfg.source, resolve=True), "iterations": cfg.train.iterations,
-        "seed": seed, "top1": top1, "test_loss": test_loss, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        "seed": seed, "top1": top1, "test_loss": test_loss, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config_key": config_key(cfg), "run_dir": str(run_dir)})
     log.info("source checkpoint written to %s (sha256 of the weights %s)", save_to, metadata["sha256"])
+
+
+def check_save_to(cfg: DictConfig, run_dir: Path) -> None:
+    """pretrain.save_to must not replace a source checkpoint that other runs may have started
+    from, unless pretrain.overwrite=true: refused before training. The job that wrote the file,
+    rerun into its own directory, goes on."""
+    if not cfg.pretrain.save_to or cfg.pretrain.get("overwrite", False):
+        return
+    path = Path(cfg.pretrain.save_to).expanduser()
+    if not path.exists():
+        return
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True).get("safetransfer_source", {})
+    except Exception:
+        meta = {}
+    if meta.get("config_key") == config_key(cfg) and meta.get("run_dir") == str(run_dir):
+        return
+    made = f" (a {meta.get('backbone')} trained on {meta.get('dataset')}, {meta.get('created')})" if meta else ""
+    raise ConfigError(f"pretrain.save_to={path} already holds a source checkpoint{made}, which other runs may have "
+                      "started from: set pretrain.overwrite=true to replace it, or pretrain.save_to=<another path>")
 
 
 def finished_seed(run_dir: Path, seed: int, key: str) -> dict | None:
@@ -176,7 +200,14 @@ def failed_seed(run_dir: Path, seed: int, key: str) -> str | None:
 def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "", stop: StopSignals | None = None) -> dict:
     """Check the config, run every seed not finished yet, write the row; returns the row.
     `stop` (safetransfer.resume.StopSignals) asks the running seed to checkpoint and stop."""
+    foreign = own_keys(cfg.source)
+    if foreign:  # a sweep over sources: each takes its own keys
+        log.info("source=%s takes no %s; left out of this job", cfg.source.name,
+                 ", ".join(f"source.{k}" for k in foreign))
+        overrides = " ".join(o for o in overrides.split() if o.lstrip("+~").partition("=")[0]
+                             not in {f"source.{k}" for k in foreign})
     check_config(cfg)
+    check_save_to(cfg, run_dir)
     if apply_chosen(cfg, method_name(cfg)):  # stage 2 of a table's search: the cell's chosen values
         check_config(cfg)
     with job_device(cfg), mirrored(cfg.paths.get("mirror")):
@@ -204,10 +235,12 @@ def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dic
     cfg = OmegaConf.create(container)
     target: Target = instantiate(cfg.target)
     with mirrored(cfg.paths.get("mirror")):
-        source_state = instantiate(cfg.source).backbone_state(cfg.backbone.name)
+        source = instantiate(cfg.source)
+        source_state = source.backbone_state(cfg.backbone.name)
     data = seed_data(cfg, target, seed, Path(run_dir), None)
     with StopSignals() as stop:
-        return run_seed(cfg, seed, data, source_state, Path(run_dir), stop)
+        return run_seed(cfg, seed, data, source_state, Path(run_dir), stop,
+                        origin=provenance(source, cfg.backbone.name))
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals | None) -> dict:
@@ -217,11 +250,14 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
     method = method_name(cfg)
     check_training_set(len(target.split_train_val()[0]), cfg.train.batch_size)
     # the source before the data: a missing checkpoint is reported before any cache is built
-    source_state = instantiate(cfg.source).backbone_state(cfg.backbone.name)
+    source = instantiate(cfg.source)
+    source_state = source.backbone_state(cfg.backbone.name)
+    origin = provenance(source, cfg.backbone.name)
     data = prepare_data(cfg, target)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_indices(run_dir / "sampled_train_indices.json", cfg, data)
-    log.info("%s | %s -> %s at %g%% (%d training images) | %d seeds", method, cfg.source.name, cfg.target.name,
+    log.info("%s | %s -> %s at %g%% (%d training images) | %d seeds", method, source_label(cfg.source),
+             cfg.target.name,
              cfg.target.sampling_rate, len(data.train), len(cfg.seeds))
 
     key = config_key(cfg)
@@ -243,18 +279,18 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
             continue
         pace = pace_report(cfg, len(pending) - 1) if number == 0 else None
         outcomes[seed] = run_seed(cfg, seed, seed_data(cfg, target, seed, run_dir, data), source_state, run_dir, stop,
-                                  pace)
+                                  pace, origin)
     finished = [seed for seed in cfg.seeds if outcomes[seed] is not None]
     failed = [seed for seed in cfg.seeds if outcomes[seed] is None]
     accuracies = [outcomes[seed]["top1"] for seed in finished]
     if not finished:
         raise NonFiniteError(f"every seed failed ({run_dir}/seed_*/{FAILED} says why); nothing is written to the table")
-    row = make_row(backbone=cfg.backbone.name, source=cfg.source.name, target=cfg.target.name,
+    row = make_row(backbone=cfg.backbone.name, source=source_label(cfg.source), target=cfg.target.name,
                    sampling_rate=cfg.target.sampling_rate, method=method, seeds=finished,
                    accuracies=accuracies, overrides=overrides, key=key, run_dir=str(run_dir), failed=failed)
     write_row(Path(cfg.results.dir), str(cfg.results.table), row)
-    log.info("%s: %.2f ± %.2f over %d seeds -> %s", method, row["mean"], row["std"], row["n_seeds"],
-             Path(cfg.results.dir) / f"{cfg.results.table}.md")
+    log.info("%s: %s over %d seed%s -> %s", method, format_cell(row["mean"], row["std"]), row["n_seeds"],
+             "s" if row["n_seeds"] > 1 else "", Path(cfg.results.dir) / f"{cfg.results.table}.md")
     return row
 
 

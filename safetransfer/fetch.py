@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.downloads import mirrored
 from safetransfer.errors import MissingData, SafetransferError, one_line
-from safetransfer.sources import PretrainedSource
+from safetransfer.sources import PretrainedSource, own_keys
 from safetransfer.targets import SAMPLING_KEYS, sample_lists
 
 #: status -> what the line says
@@ -56,6 +56,7 @@ def _key(node) -> str:
 
 
 def source_artifacts(cfg: DictConfig, compose: Callable[[list[str]], DictConfig] | None = None) -> list[Artifact]:
+    own_keys(cfg.source)  # a job of a sweep over sources: its source's own keys, as the job keeps
     source, backbone = instantiate(cfg.source), cfg.backbone.name
     path = source.local_file(backbone)
     if path is None:  # random or generated weights: nothing to fetch

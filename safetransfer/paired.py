@@ -8,20 +8,46 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from safetransfer.methods import SCRATCH, is_scratch
+
 
 def reference_column(method: str, methods: Sequence[str]) -> str | None:
     """The column a method is compared with, seed by seed: the regularizer without DTNH for
     a DTNH column, the method without BSS for a +BSS column, Fine-tuning (the BSS paper's
-    L2) for the rest; a `[source]` suffix is kept."""
+    L2) for the rest; a `[source]` suffix is kept. A run from scratch has none: it is the
+    baseline the others are compared with (scratch_column)."""
+    if is_scratch(method):
+        return None
     base, bracket, suffix = method.partition(" [")
     suffix = bracket + suffix
+    return next((c + suffix for c in reference_candidates(base) if c + suffix in methods and c + suffix != method),
+                None)
+
+
+def reference_candidates(method: str) -> list[str]:
+    """The names a method's reference may have (reference_column's rule), without [..] suffixes."""
+    base = method.partition(" [")[0]
     if base.startswith("DTNH (") and base.endswith(")"):
-        candidates = [base[len("DTNH ("):-1]]
-    elif base.endswith("+BSS"):
-        candidates = [base[:-len("+BSS")]]
-    else:
-        candidates = ["Fine-tuning", "L2"]
-    return next((c + suffix for c in candidates if c + suffix in methods and c + suffix != method), None)
+        return [base[len("DTNH ("):-1]]
+    if base.endswith("+BSS"):
+        return [base[:-len("+BSS")]]
+    return ["Fine-tuning", "L2"]
+
+
+def scratch_column(method: str, methods: Sequence[str]) -> str | None:
+    """The From scratch column a transfer method is also compared with (the transfer's gain):
+    the one whose bracketed details ([backbone], ...) are all among the method's, if exactly one."""
+    if is_scratch(method):
+        return None
+    details = set(_details(method))
+    found = [m for m in methods if m.partition(" [")[0] == SCRATCH and set(_details(m)) <= details]
+    return found[0] if len(found) == 1 else None
+
+
+def _details(method: str) -> list[str]:
+    """'L2-SP [resnet18, demo]' -> ['resnet18', 'demo']."""
+    _, bracket, inside = method.partition(" [")
+    return [part.strip() for part in inside.rstrip("]").split(",")] if bracket else []
 
 
 def paired(ours: dict[int, float], reference: dict[int, float]) -> tuple[int, float, float, float]:

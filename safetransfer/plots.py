@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from safetransfer.methods import method_name
+from safetransfer.methods import method_name, source_label
 from safetransfer.atomic import read_json
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def load_runs(directories: Iterable[Path]) -> list[Run]:
                 continue
             spectrum_path = seed_dir / "spectrum.json"
             found = read_json(spectrum_path, needs=("singular_values",)) if spectrum_path.exists() else None
-            runs.append(Run(method or method_name(cfg), str(cfg.source.name), str(cfg.target.name), float(cfg.target.sampling_rate),
+            runs.append(Run(method or method_name(cfg), source_label(cfg.source), str(cfg.target.name), float(cfg.target.sampling_rate),
                             int(seed_dir.name.split("_")[1]), curve, found["singular_values"] if found else None))
     return runs
 

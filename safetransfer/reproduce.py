@@ -262,7 +262,7 @@ def reproduce(table: str, overrides: list[str], root: Path) -> Path:
     notes = ["Chosen on the validation split in stage 1 (the test split never took part):", "",
              *chosen_notes(chosen)] if chosen["cells"] else []
     markdown = write_table([root / "final"], Path(base.results.dir), str(base.results.paper.name),
-                           base.results.paper.published or None, notes=notes)
+                           base.results.paper.published or None, notes=notes, accumulate=True)
     print(markdown, end="")
     return Path(base.results.dir) / f"{base.results.paper.name}.md"
 

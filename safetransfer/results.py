@@ -21,7 +21,8 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.atomic import atomic_write_text
-from safetransfer.paired import paired, paired_text, reference_column
+from safetransfer.methods import SCRATCH, is_scratch
+from safetransfer.paired import paired, paired_text, reference_candidates
 
 #: config sections (and the launcher group, which only sets hydra.launcher) that change how a
 #: job runs or where it writes, never its numbers; search: its chosen values are in the config
@@ -37,7 +38,9 @@ def runtime_only(override: str) -> bool:
 ROW_COLUMNS = ["backbone", "source", "target", "sampling_rate", "method", "mean", "std", "n_seeds",
                "accuracies", "seeds", "failed", "overrides", "key", "run_dir", "updated"]
 #: derived from the rows each time the table is written: each row against its reference row
-PAIRED_COLUMNS = ["reference", "paired_n", "paired_diff", "paired_low", "paired_high"]
+#: (paired_note: why a row has none), and a transfer row against the From scratch row
+PAIRED_COLUMNS = ["reference", "paired_n", "paired_diff", "paired_low", "paired_high", "paired_note"]
+SCRATCH_COLUMNS = ["scratch_n", "scratch_diff", "scratch_low", "scratch_high"]
 
 
 def config_key(cfg: DictConfig) -> str:
@@ -46,6 +49,7 @@ def config_key(cfg: DictConfig) -> str:
     for section in NOT_IN_KEY:
         container.pop(section, None)
     container.get("target", {}).pop("sample_list_dir", None)  # where a list is kept, not which list
+    container.get("pretrain", {}).pop("overwrite", None)  # whether a saved source may be replaced
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -64,7 +68,8 @@ def make_row(*, backbone: str, source: str, target: str, sampling_rate: float, m
     return {
         "backbone": backbone, "source": source, "target": target, "sampling_rate": sampling_rate,
         "method": method, "mean": mean, "std": std, "n_seeds": len(accuracies),
-        "accuracies": ";".join(f"{a:.2f}" for a in accuracies), "seeds": ";".join(map(str, seeds)), "failed": ";".join(map(str, failed)),
+        "accuracies": ";".join(repr(float(a)) for a in accuracies),  # full precision: every table rounds alike
+        "seeds": ";".join(map(str, seeds)), "failed": ";".join(map(str, failed)),
         "overrides": overrides, "key": key, "run_dir": run_dir,
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -83,11 +88,18 @@ def read_table(results_dir: Path, table: str) -> pd.DataFrame:
     return pd.read_csv(csv_path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(text_columns, str))
 
 
+def lock_for(results_dir: Path, table: str) -> str:
+    """The lock file of a table: in <results.dir>/.locks/, out of the way of the tables."""
+    folder = Path(results_dir) / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"{table}.lock")
+
+
 def write_row(results_dir: Path, table: str, row: dict) -> pd.DataFrame:
     """Insert or replace (same key) `row` in the table, under a lock; returns the new table."""
     csv_path, md_path = table_paths(results_dir, table)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(csv_path) + ".lock"):
+    with FileLock(lock_for(results_dir, table)):
         frame = read_table(results_dir, table)
         frame = frame[frame["key"] != row["key"]]
         frame = pd.concat([frame, pd.DataFrame([row], columns=ROW_COLUMNS)], ignore_index=True)
@@ -106,30 +118,59 @@ def per_seed(row) -> dict[int, float]:
     return dict(zip(map(int, row["seeds"].split(";")), map(float, str(row["accuracies"]).split(";"))))
 
 
-def _other_settings(row) -> str:
-    """The row's overrides without the method and the regularizer/direction/source it sets."""
-    keys = ("method=", "regularizer=", "direction=", "source=")
-    return " ".join(o for o in str(row["overrides"] or "").split() if not o.startswith(keys))
+#: override keys that name a row's method or source, shown in their own columns
+GROUP_KEYS = ("method", "regularizer", "direction", "source")
+
+
+def settings_of(row) -> dict[str, str]:
+    """The row's command-line settings as {key: value}, without the group choices that name its
+    method and source (their own columns). `++a.b=1` and `a.b=1` are one key."""
+    found = {}
+    overrides = row["overrides"] if isinstance(row["overrides"], str) else ""  # NaN: none
+    for override in overrides.split():
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") not in GROUP_KEYS:
+            found[key.lstrip("+~")] = value
+    return found
+
+
+def _other_settings(row, source_keys: bool = True) -> str:
+    """The row's settings as one string, for matching rows; without source.* keys when comparing
+    across sources (a scratch row has none)."""
+    return " ".join(f"{k}={v}" for k, v in sorted(settings_of(row).items())
+                    if source_keys or not k.startswith("source."))
 
 
 def with_paired(frame: pd.DataFrame) -> pd.DataFrame:
     """Each row against its reference row (tables' rule: L2-SP for DTNH (L2-SP), L2-SP for
-    L2-SP+BSS, Fine-tuning for the rest) with the same backbone, target, sampling rate and
-    other settings: the mean difference of top-1 over the common seeds and its 95 % t
-    interval. No reference, or more than one, leaves the columns empty."""
+    L2-SP+BSS, Fine-tuning for the rest) from the same source, with the same backbone, target,
+    sampling rate and other settings: the mean difference of top-1 over the common seeds and
+    its 95 % t interval; paired_note says why a row has no reference. A transfer row is also
+    compared with the From scratch row of the same backbone, target, rate and settings."""
     frame = frame.copy()
-    values = {c: [] for c in PAIRED_COLUMNS}
+    values = {c: [] for c in PAIRED_COLUMNS + SCRATCH_COLUMNS}
+    empty = (0, float("nan"), float("nan"), float("nan"))
     for _, row in frame.iterrows():
         group = frame[(frame["backbone"] == row["backbone"]) & (frame["target"] == row["target"])
                       & (frame["sampling_rate"] == row["sampling_rate"])]
-        group = group[[_other_settings(r) == _other_settings(row) for _, r in group.iterrows()]]
-        reference = reference_column(row["method"], list(group["method"]))
-        candidates = group[group["method"] == reference] if reference else group.iloc[0:0]
-        if len(candidates) == 1:
-            n, diff, low, high = paired(per_seed(row), per_seed(candidates.iloc[0]))
-        else:
-            reference, (n, diff, low, high) = "", (0, float("nan"), float("nan"), float("nan"))
-        for column, value in zip(PAIRED_COLUMNS, (reference, n, diff, low, high)):
+        same = group[[_other_settings(r) == _other_settings(row) for _, r in group.iterrows()]]
+        reference, note, numbers = "", "", empty
+        names = reference_candidates(row["method"])
+        if not is_scratch(row["method"]) and row["method"] not in names:  # Fine-tuning (L2) is the reference itself
+            candidates = same[same["method"].isin(names) & (same["source"] == row["source"])]
+            if len(candidates) == 1:
+                reference, numbers = candidates.iloc[0]["method"], paired(per_seed(row), per_seed(candidates.iloc[0]))
+            elif len(candidates) > 1:
+                note = (f"{len(candidates)} {' or '.join(names)} rows from {row['source']} with the same settings "
+                        f"(runs {', '.join(candidates['key'])}): which is the reference is ambiguous")
+            else:
+                note = (f"no {' or '.join(names)} row from {row['source']} with the same backbone, sampling rate and "
+                        "settings" + (f" ({_other_settings(row)})" if _other_settings(row) else ""))
+        scratch = group[[r["method"] == SCRATCH and _other_settings(r, False) == _other_settings(row, False)
+                         for _, r in group.iterrows()]]
+        against = paired(per_seed(row), per_seed(scratch.iloc[0])) if len(scratch) == 1 and \
+            not is_scratch(row["method"]) else empty
+        for column, value in zip(PAIRED_COLUMNS + SCRATCH_COLUMNS, (reference, *numbers, note, *against)):
             values[column].append(value)
     for column, value in values.items():
         frame[column] = value
@@ -142,30 +183,60 @@ def format_cell(mean: float, std: float) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
+def setting_columns(frame: pd.DataFrame) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """The settings that differ between rows, a column each ({key: value per row}, "" where a
+    row has none), and those all rows share ({key: value})."""
+    settings = [settings_of(row) for _, row in frame.iterrows()]
+    keys = sorted(set().union(*settings)) if settings else []
+    varied = {k: [s.get(k, "") for s in settings] for k in keys if len({s.get(k) for s in settings}) > 1}
+    shared = {k: settings[0][k] for k in keys if k not in varied}
+    return varied, shared
+
+
+def short_key(key: str, keys) -> str:
+    """The shortest tail of a dotted key that no other key ends with: regularizer.terms.l2sp.alpha -> l2sp.alpha."""
+    parts = key.split(".")
+    for length in range(1, len(parts) + 1):
+        tail = ".".join(parts[-length:])
+        if length > 1 or key.count(".") == 0:
+            if not any(k != key and (k == tail or k.endswith("." + tail)) for k in keys):
+                return tail
+    return key
+
+
 def to_markdown(frame: pd.DataFrame) -> str:
-    """The table for reading: one row per config, accuracy as mean ± std (two decimals)."""
+    """The table for reading: one row per config, accuracy as mean ± std (two decimals), the
+    settings that differ between rows as columns of their own (the CSV keeps all overrides)."""
+    varied, shared = setting_columns(frame)
     shown = pd.DataFrame({
         "backbone": frame["backbone"],
         "source": frame["source"],
         "target": frame["target"],
         "sampling (%)": frame["sampling_rate"].map(lambda r: f"{float(r):g}"),
         "method": frame["method"],
+        **{short_key(k, varied): v for k, v in varied.items()},
         "top-1 (%)": [format_cell(m, s) for m, s in zip(frame["mean"], frame["std"])],
         "seeds": frame["n_seeds"],
-        "per seed": frame["accuracies"].str.replace(";", ", "),
-        "overrides": frame["overrides"].fillna(""),
+        "per seed": [", ".join(f"{float(a):.2f}" for a in str(value).split(";") if a) for value in frame["accuracies"]],
     })
     text = shown.to_markdown(index=False, disable_numparse=True) + "\n"
-    compared = frame[frame["reference"].fillna("") != ""] if "reference" in frame else frame.iloc[0:0]
-    if len(compared):
-        second = pd.DataFrame({
-            "target": compared["target"], "sampling (%)": compared["sampling_rate"].map(lambda r: f"{float(r):g}"),
-            "method": compared["method"], "reference": compared["reference"],
-            "ours − reference, 95 % interval (seeds)": [paired_text(int(r.paired_n), r.paired_diff, r.paired_low,
-                                                                     r.paired_high) for r in compared.itertuples()],
-        })
+    if shared:
+        text += "\nEvery row: " + " ".join(f"{k}={v}" for k, v in shared.items()) + "\n"
+    lines = []
+    for row in frame.itertuples():
+        where = f"{row.target} {float(row.sampling_rate):g}% {row.source}"
+        if getattr(row, "reference", "") or getattr(row, "paired_note", ""):
+            interval = paired_text(int(row.paired_n), row.paired_diff, row.paired_low, row.paired_high) \
+                if row.reference else f"none: {row.paired_note}"
+            lines.append((where, row.method, row.reference or "", interval))
+        if getattr(row, "scratch_n", 0):
+            lines.append((where, row.method, SCRATCH, paired_text(int(row.scratch_n), row.scratch_diff,
+                                                                   row.scratch_low, row.scratch_high)))
+    if lines:
+        second = pd.DataFrame(lines, columns=["target, sampling, source", "method", "reference",
+                                              "ours − reference, 95 % interval (seeds)"])
         text += ("\nPaired differences (seeds are shared across methods: same seed, sampled subset and data order): "
                  "mean of the row − its reference row over the common seeds, its 95 % t interval and the number of "
-                 "seeds; * when the interval excludes zero.\n\n" + second.to_markdown(index=False, disable_numparse=True)
-                 + "\n")
+                 "seeds; * when the interval excludes zero. A transfer row is also compared with From scratch.\n\n"
+                 + second.to_markdown(index=False, disable_numparse=True) + "\n")
     return text

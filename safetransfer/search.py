@@ -19,11 +19,12 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.errors import ConfigError
+from safetransfer.methods import source_label
 from safetransfer.atomic import atomic_write_json
 
 
 def cell_id(cfg: DictConfig, method: str) -> str:
-    return f"{cfg.backbone.name}|{cfg.source.name}|{cfg.target.name}|{float(cfg.target.sampling_rate):g}|{method}"
+    return f"{cfg.backbone.name}|{source_label(cfg.source)}|{cfg.target.name}|{float(cfg.target.sampling_rate):g}|{method}"
 
 
 def grid_keys(grid: list[str]) -> list[str]:
@@ -56,7 +57,7 @@ def apply_chosen(cfg: DictConfig, method: str) -> bool:
 def choose(seeds: pd.DataFrame, grids: dict[str, list[str]]) -> dict:
     """Per cell of stage 1's finished seeds, the setting with the best mean validation top-1
     (ties: the first by config key) and its values of the searched keys."""
-    from safetransfer.tables import CELL
+    from safetransfer.tables import CELL, best_by_validation
 
     settings = seeds.attrs.get("settings", {})
     keys = sorted({k for grid in grids.values() for k in grid_keys(grid)})
@@ -65,8 +66,7 @@ def choose(seeds: pd.DataFrame, grids: dict[str, list[str]]) -> dict:
         if group["val_top1"].isna().any():
             raise ConfigError(f"{' / '.join(map(str, cell))}: search seeds without validation accuracy; the search "
                               "needs search.val_fraction > 0")
-        means = group.groupby("key", sort=True)["val_top1"].mean()
-        best = means.idxmax()
+        best, means = best_by_validation(group)
         backbone, source, target, rate, method = cell
         values = {k: plain(settings[best][k]) for k in keys if k in settings[best]}
         cells[f"{backbone}|{source}|{target}|{float(rate):g}|{method}"] = {

@@ -40,6 +40,36 @@ class Source:
         """The checkpoint file `backbone_state` reads (None: it reads none, or makes its own)."""
         return None
 
+    def read_file(self, backbone: str) -> Path | None:
+        """The file `backbone_state` read its weights from (its own making included), for provenance."""
+        return self.local_file(backbone)
+
+
+def own_keys(source_cfg) -> list[str]:
+    """The keys of a source config its class does not take (`source.dataset` given to a sweep over
+    source=pretrained,demo,scratch belongs to pretrained only): removed from `source_cfg`, returned."""
+    import inspect
+
+    from hydra.utils import get_class
+    from omegaconf import open_dict
+
+    parameters = inspect.signature(get_class(source_cfg._target_)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return []
+    foreign = [k for k in source_cfg.keys() if not str(k).startswith("_") and k not in parameters]
+    with open_dict(source_cfg):
+        for key in foreign:
+            del source_cfg[key]
+    return [str(k) for k in foreign]
+
+
+def provenance(source: Source, backbone: str) -> dict:
+    """What a run started from: the source's name and, when it reads one, its checkpoint file
+    and that file's sha256 (recorded in each seed's metrics.json)."""
+    path = source.read_file(backbone)
+    found = path is not None and Path(path).is_file()
+    return {"name": source.name, "file": str(path) if found else None, "sha256": file_digest(path) if found else None}
+
 
 class Scratch(Source):
     """Random initialisation (seeded by the training seed): the no-transfer baseline."""
@@ -198,6 +228,9 @@ class DemoSource(Source):
         self.cache_dir = Path(cache_dir).expanduser()
         self.settings = dict(images_per_class=images_per_class, image_size=image_size, iterations=iterations,
                              batch_size=batch_size, lr=lr, seed=seed, generator=demo.VERSION)
+
+    def read_file(self, backbone: str) -> Path:
+        return self.cache_path(backbone)
 
     def cache_path(self, backbone: str) -> Path:
         key = hashlib.sha256(json.dumps({"backbone": backbone, **self.settings}, sort_keys=True).encode())

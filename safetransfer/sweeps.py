@@ -88,8 +88,9 @@ def sweep_report(config: DictConfig, sweep_dir: Path) -> str:
     name = str(paper.name)
     try:
         markdown = write_table([sweep_dir], Path(config.results.dir), name,
-                               str(paper.published) if paper.published else None)
-        parts.append(f"Paper-layout table {Path(config.results.dir) / (name + '.md')} (all jobs of {sweep_dir}):"
+                               str(paper.published) if paper.published else None, accumulate=True)
+        parts.append(f"Paper-layout table {Path(config.results.dir) / (name + '.md')} (the jobs of {sweep_dir}, "
+                     "beside the cells of earlier sweeps written to it):"
                      f"\n\n{markdown}")
     except ConfigError as error:
         parts.append(f"No paper-layout table: {error}")

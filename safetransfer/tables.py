@@ -23,19 +23,22 @@ from importlib import resources
 from pathlib import Path
 
 import pandas as pd
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.checks import check_writable
 from safetransfer.errors import ConfigError
-from safetransfer.methods import method_name
-from safetransfer.paired import paired, paired_text, reference_column
+from safetransfer.methods import is_scratch, method_name, source_label
+from safetransfer.paired import paired, paired_text, reference_column, scratch_column
 from safetransfer.atomic import atomic_write_text, read_json
-from safetransfer.results import NOT_IN_KEY, config_key, summarize
+from safetransfer.results import NOT_IN_KEY, config_key, format_cell, lock_for, short_key, summarize
+from safetransfer.search import plain
 
 CELL = ["backbone", "source", "target", "sampling_rate", "method"]
 ROWS = ["target", "sampling_rate"]
 QUANTITIES = ["mean", "std", "seeds", "published", "published_std", "diff", "within", "val_mean", "settings",
-              "chosen", "reference", "paired_n", "paired_diff", "paired_low", "paired_high"]
+              "chosen", "reference", "paired_n", "paired_diff", "paired_low", "paired_high",
+              "scratch", "scratch_n", "scratch_diff", "scratch_low", "scratch_high"]
 #: A row of a paper's table that stands for several of our rows. The DTNH tables print one
 #: "Caltech 256" row although the paper trains on 30 or 60 images per class and does not say
 #: which its table shows: its value is shown beside both, with a footnote.
@@ -54,7 +57,7 @@ def collect(directories: Iterable[Path]) -> pd.DataFrame:
                 continue
             cfg = OmegaConf.create(metrics["config"])
             key = config_key(cfg)
-            cell = (cfg.backbone.name, cfg.source.name, cfg.target.name, float(cfg.target.sampling_rate),
+            cell = (cfg.backbone.name, source_label(cfg.source), cfg.target.name, float(cfg.target.sampling_rate),
                     metrics.get("method") or method_name(cfg))  # runs before the name was saved: from the config
             rows[(key, metrics["seed"])] = (*cell, key, metrics["seed"], metrics["top1"],
                                             metrics.get("val_top1", math.nan))
@@ -79,6 +82,13 @@ def _differences(settings: Sequence[dict[str, object]]) -> list[str]:
     return [k for k in keys if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
 
 
+def best_by_validation(group: pd.DataFrame) -> tuple[str, pd.Series]:
+    """The setting (config key) of a cell's seeds with the best mean validation top-1, ties going
+    to the first by key, and every setting's mean; the test top-1 is never looked at."""
+    means = group.groupby("key", sort=True)["val_top1"].mean()
+    return str(means.idxmax()), means
+
+
 def select(seeds: pd.DataFrame) -> pd.DataFrame:
     """One row per cell. A cell with several settings keeps the one with the best mean
     validation top-1 (ties: the first by config key); the test top-1 is never looked at."""
@@ -96,7 +106,7 @@ def select(seeds: pd.DataFrame) -> pd.DataFrame:
                     "them: settings meant as rows of their own need names of their own (e.g. target.name=... for "
                     "datasets) or a table each; a grid search needs target.val_fraction=0.2 (the test split is "
                     "never used to choose)")
-            chosen = max(by_setting, key=lambda k: by_setting[k]["val_top1"].mean())  # the first on a tie
+            chosen = best_by_validation(group)[0]
         else:
             chosen = next(iter(by_setting))
         best = by_setting[chosen].sort_values("seed")
@@ -112,12 +122,43 @@ def select(seeds: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(method=column_labels(frame))
 
 
+def search_table(seeds: pd.DataFrame) -> pd.DataFrame:
+    """Every setting of every cell that holds several (a grid search): one row each, the swept
+    values as columns, validation and test top-1 as mean ± std over its seeds, the chosen one
+    (best mean validation top-1, as select chooses) marked. Empty when no cell was searched."""
+    settings = seeds.attrs.get("settings", {})
+    rows, keys = [], set()
+    for cell, group in seeds.groupby(CELL, sort=True):
+        if group["key"].nunique() < 2 or group["val_top1"].isna().any():
+            continue
+        chosen, _ = best_by_validation(group)
+        varied = _differences([settings.get(k, {}) for k in group["key"].unique()])
+        keys.update(varied)
+        def order(item):  # the settings in the order of their swept values (numbers as numbers)
+            return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+                         for v in (settings.get(item[0], {}).get(k) for k in varied))
+
+        for key, runs in sorted(group.groupby("key", sort=True), key=order):
+            val, test = summarize(list(runs["val_top1"])), summarize(list(runs["top1"]))
+            rows.append({**dict(zip(CELL, cell)), **{k: settings.get(key, {}).get(k) for k in varied},
+                         "val top-1 (%)": format_cell(*val), "test top-1 (%)": format_cell(*test),
+                         "seeds": len(runs), "chosen": "✓" if key == chosen else "", "key": key})
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    frame = frame.rename(columns={k: short_key(k, keys) for k in keys})
+    return frame.drop(columns=[c for c in ("backbone", "source") if frame[c].nunique() == 1])
+
+
 def column_labels(cells: pd.DataFrame) -> list[str]:
     """The method, with its source (and backbone) in brackets when the table mixes several:
-    `Fine-tuning [scratch]` beside `Fine-tuning [demo]`."""
+    `L2-SP [pretrained:vehicles]` beside `L2-SP [demo]`; From scratch needs no source."""
     parts = [c for c in ("backbone", "source") if cells[c].nunique() > 1]
-    return [m if not parts else f"{m} [{', '.join(str(row[p]) for p in parts)}]"
-            for m, (_, row) in zip(cells["method"], cells.iterrows())]
+    labels = []
+    for method, (_, row) in zip(cells["method"], cells.iterrows()):
+        shown = [str(row[p]) for p in parts if not (p == "source" and is_scratch(method))]
+        labels.append(f"{method} [{', '.join(shown)}]" if shown else method)
+    return labels
 
 
 def published_values(table: str, path: Path | None = None) -> pd.DataFrame:
@@ -184,6 +225,12 @@ def assemble(cells: pd.DataFrame, published: pd.DataFrame | None = None, methods
             row.update({(method, "reference"): reference or "", (method, "paired_n"): n,
                         (method, "paired_diff"): difference, (method, "paired_low"): low,
                         (method, "paired_high"): high})
+            scratch = scratch_column(method, methods)
+            base = found.get((target, rate, scratch)) if scratch else None
+            n, difference, low, high = paired(cell.per_seed, base.per_seed) if cell is not None and base is not None \
+                else (0, math.nan, math.nan, math.nan)
+            row.update({(method, "scratch"): scratch or "", (method, "scratch_n"): n, (method, "scratch_diff"): difference,
+                        (method, "scratch_low"): low, (method, "scratch_high"): high})
         rows.append(row)
     columns = pd.MultiIndex.from_tuples([(m, q) for m in methods for q in QUANTITIES], names=["method", "quantity"])
     table = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["target", "sampling (%)"]),
@@ -251,15 +298,22 @@ def to_markdown(table: pd.DataFrame, published: str | None = None, notes: Sequen
 
 
 def paired_markdown(table: pd.DataFrame) -> list[str]:
-    """A second table: each column against its reference column, seed by seed."""
-    methods = [m for m in dict.fromkeys(table.columns.get_level_values("method"))
-               if (table[(m, "reference")] != "").any()]
-    if not methods:
+    """A second table: each column against its reference column, and each transfer column
+    against From scratch where the table has it, seed by seed."""
+    columns = {}
+    methods = list(dict.fromkeys(table.columns.get_level_values("method")))
+    for prefix, name in (("paired", "reference"), ("scratch", "scratch")):
+        for m in methods:
+            if not (table[(m, name)] != "").any():
+                continue
+            reference = next(r for r in table[(m, name)] if r)
+            columns[f"{m} − {reference}"] = [
+                paired_text(r[(m, f"{prefix}_n")], r[(m, f"{prefix}_diff")], r[(m, f"{prefix}_low")],
+                            r[(m, f"{prefix}_high")]) if r[(m, name)] and r[(m, "seeds")] else ""
+                for _, r in table.iterrows()]
+    if not columns:
         return []
-    frame = pd.DataFrame({f"{m} − {next(r for r in table[(m, 'reference')] if r)}": [
-        paired_text(r[(m, "paired_n")], r[(m, "paired_diff")], r[(m, "paired_low")], r[(m, "paired_high")])
-        if r[(m, "reference")] and r[(m, "seeds")] else "" for _, r in table.iterrows()] for m in methods},
-        index=table.index).reset_index()
+    frame = pd.DataFrame(columns, index=table.index).reset_index()
     frame["sampling (%)"] = frame["sampling (%)"].map(lambda r: f"{r:g}")
     return ["", "Paired differences (seeds are shared across methods: same seed, sampled subset and data order): "
             "mean of ours − the reference column over the common seeds, its 95 % t interval and the number of "
@@ -268,16 +322,53 @@ def paired_markdown(table: pd.DataFrame) -> list[str]:
 
 def write_table(directories: Iterable[Path], results_dir: Path, name: str, published: str | None = None,
                 methods: Sequence[str] | None = None, targets: Sequence[str] | None = None,
-                published_file: Path | None = None, notes: Sequence[str] = ()) -> str:
-    """Collect, select, assemble; writes <results_dir>/<name>.csv and .md and returns the Markdown."""
-    return write_seeds_table(collect(directories), results_dir, name, published, methods, targets, published_file,
-                             notes)
+                published_file: Path | None = None, notes: Sequence[str] = (), accumulate: bool = False) -> str:
+    """Collect, select, assemble; writes <results_dir>/<name>.csv and .md and returns the Markdown.
+    `accumulate`: the table also keeps the cells of earlier writes under the same name (see
+    accumulated); with no finished seed, nothing is written."""
+    seeds = collect(directories)
+    if not accumulate:
+        return write_seeds_table(seeds, results_dir, name, published, methods, targets, published_file, notes)
+    with FileLock(lock_for(Path(results_dir), name)):
+        if seeds.empty:
+            raise ConfigError(f"no finished seed; {Path(results_dir) / (name + '.md')} is left as it was")
+        merged = accumulated(seeds, Path(results_dir), name)
+        return write_seeds_table(merged, results_dir, name, published, methods, targets, published_file, notes)
+
+
+#: beside an accumulating table: the seeds it is made of, and their settings
+STORE = "{name}.seeds.json"
+
+
+def accumulated(seeds: pd.DataFrame, results_dir: Path, name: str) -> pd.DataFrame:
+    """A paper-layout table that accumulates, as the per-job table does: `seeds` (one sweep's)
+    replace the earlier seeds of their own cells, every other cell is kept. In a cell of this
+    sweep, earlier seeds of a setting this sweep has are kept too (the same config: the same
+    numbers), those of other settings dropped. Stored in <name>.seeds.json (caller holds the lock)."""
+    store = Path(results_dir) / STORE.format(name=name)
+    old = read_json(store, needs=("seeds", "settings")) if store.exists() else None
+    columns = [*CELL, "key", "seed", "top1", "val_top1"]
+    earlier = pd.DataFrame(old["seeds"] if old else [], columns=columns)
+    settings = {**(old["settings"] if old else {}), **seeds.attrs.get("settings", {})}
+    if len(earlier):
+        earlier["sampling_rate"] = earlier["sampling_rate"].astype(float)
+        renewed = {cell: set(group["key"]) for cell, group in seeds.groupby(CELL)}
+        earlier = earlier[[tuple(r)[:len(CELL)] not in renewed or r.key in renewed[tuple(r)[:len(CELL)]]
+                           for r in earlier[columns].itertuples(index=False)]]
+    merged = pd.concat([earlier, seeds[columns]], ignore_index=True).drop_duplicates(["key", "seed"], keep="last")
+    merged = merged.reset_index(drop=True)
+    merged.attrs["settings"] = {k: v for k, v in settings.items() if k in set(merged["key"])}
+    record = {"seeds": merged.astype(object).where(merged.notna(), None).to_dict("records"),
+              "settings": merged.attrs["settings"]}
+    atomic_write_text(store, json.dumps(record, default=plain) + "\n")
+    return merged
 
 
 def write_seeds_table(seeds: pd.DataFrame, results_dir: Path, name: str, published: str | None = None,
                       methods: Sequence[str] | None = None, targets: Sequence[str] | None = None,
                       published_file: Path | None = None, notes: Sequence[str] = ()) -> str:
-    """write_table from seeds already collected."""
+    """write_table from seeds already collected; a search (cells with several settings) also gets
+    <name>_search.md and .csv, every setting's validation and test accuracy (returned after the table)."""
     reference = published_values(published, published_file) if published else None
     cells = select(seeds)
     table = assemble(cells, reference, methods, targets)
@@ -285,10 +376,21 @@ def write_seeds_table(seeds: pd.DataFrame, results_dir: Path, name: str, publish
     table.attrs["test_crops"] = sorted({int(settings[k].get("data.test_crops", 1)) for k in cells["key"]})
     flat = table.copy()
     flat.columns = [f"{m} {q}" for m, q in table.columns]
+    searched = search_table(seeds)
+    search_name = f"{name}_search"
+    if len(searched):
+        notes = [*notes, f"Every setting of the search, its validation and test accuracy: {search_name}.md"]
     atomic_write_text(Path(results_dir) / f"{name}.csv", flat.to_csv())
     markdown = to_markdown(table, published, notes)
     atomic_write_text(Path(results_dir) / f"{name}.md", markdown)
-    return markdown
+    if not len(searched):
+        return markdown
+    atomic_write_text(Path(results_dir) / f"{search_name}.csv", searched.to_csv(index=False))
+    search_markdown = (searched.drop(columns=["key"]).to_markdown(index=False, disable_numparse=True) + "\n\n"
+                       "One row per setting: validation and test top-1 (%), mean ± sample std over its seeds; ✓ the "
+                       "setting chosen (best mean validation top-1; the test split never takes part).\n")
+    atomic_write_text(Path(results_dir) / f"{search_name}.md", search_markdown)
+    return markdown + f"\nSearch ({Path(results_dir) / search_name}.md):\n\n" + search_markdown
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -151,21 +151,68 @@ def check_keys(arguments: list[str]) -> None:
         raise ConfigError(f"{key} is not a key{' (a + would add a key nothing reads)' if added else ''}; {hint}")
 
 
-def check_method_choices(choices) -> None:
-    """A method preset fixes groups (method=from_scratch: source=scratch, regularizer=l2, ...); a
-    choice given on the command line wins over it and would make the job another method under
-    the method's name. Refuse that in one line."""
-    method = choices.get("method")
-    if not method:
-        return
+def method_groups(method: str) -> dict[str, str]:
+    """The groups a method preset fixes ({group: choice}) that a command-line choice of the same
+    group would override. A group whose node the preset also sets in its body (from_scratch's
+    source) is not among them: the preset's node wins over any choice."""
     preset = OmegaConf.load(str(resources.files(CONFIG_PACKAGE).joinpath("method", f"{method}.yaml")))
+    fixed = {}
     for entry in preset.get("defaults", []):
         for key, value in (entry.items() if isinstance(entry, DictConfig) else []):
             group = str(key).removeprefix("override /")
-            if str(key).startswith("override /") and choices.get(group) != value:
-                raise ConfigError(f"method={method} sets {group}={value}, but {group}={choices.get(group)} is given too "
-                                  f"and would win, training another method under this one's name: drop {group}=... "
-                                  f"or choose a method without it")
+            pinned = isinstance(preset.get(group), DictConfig) and "_target_" in preset[group]
+            if str(key).startswith("override /") and not pinned:
+                fixed[group] = str(value)
+    return fixed
+
+
+def check_method_choices(choices) -> None:
+    """A method preset fixes groups (method=l2sp: regularizer=l2sp, ...); a choice given on the
+    command line wins over it and would make the job another method under the method's name.
+    Refuse that in one line."""
+    method = choices.get("method")
+    if not method:
+        return
+    for group, value in method_groups(method).items():
+        if choices.get(group) != value:
+            raise ConfigError(f"method={method} sets {group}={value}, but {group}={choices.get(group)} is given too "
+                              f"and would win, training another method under this one's name: drop {group}=... "
+                              f"or choose a method without it")
+
+
+def swept_source_keys(arguments: list[str]) -> list[str]:
+    """In a sweep over sources (source=pretrained,demo,scratch), `source.dataset=x` belongs to some
+    of them only: it is force-added (`++`) so that Hydra composes every job, and each job keeps
+    only the keys its source takes (sources.own_keys). check_keys has made sure some swept source
+    has the key."""
+    overrides = parse_overrides(arguments) or []
+    swept = any(o.key_or_group == "source" and len(group_values(o) or []) > 1 for o in overrides)
+    if not swept:
+        return arguments
+    return [f"++{a}" if a.startswith("source.") and "=" in a else a for a in arguments]
+
+
+def check_method_presets(arguments: list[str]) -> None:
+    """A method preset that fixes a group (method=l2sp: regularizer=l2sp) beside the same group on
+    the command line (regularizer=bss) would run under the method's name with the other choice:
+    refused in one line before any job starts (a multirun would find it only at that job)."""
+    overrides = parse_overrides(arguments) or []
+    given = {o.key_or_group: group_values(o) or [] for o in overrides if group_options(o.key_or_group) is not None}
+    methods = list(given.pop("method", []))
+    experiment = (given.get("experiment") or [None])[0]
+    if not methods and experiment and experiment in (group_options("experiment") or []):
+        preset = OmegaConf.load(str(resources.files(CONFIG_PACKAGE).joinpath("experiment", f"{experiment}.yaml")))
+        swept = OmegaConf.select(preset, "hydra.sweeper.params.method")
+        methods = [m.strip() for m in str(swept).split(",")] if swept else []
+    for method in methods:
+        if method not in (group_options("method") or []):
+            continue
+        for group, value in method_groups(method).items():
+            other = [v for v in given.get(group, []) if v != value]
+            if other:
+                raise ConfigError(f"method={method} sets {group}={value}, but {group}={','.join(other)} is given for "
+                                  f"every job and would win, training another method under this one's name: drop "
+                                  f"{group}=... or run method={method} in a command of its own")
 
 
 def job_overrides() -> str:
@@ -220,10 +267,11 @@ def main() -> None:
     try:
         check_group_choices(arguments)
         check_keys(arguments)
+        check_method_presets(arguments)
     except ConfigError as error:
         print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    sys.argv = [sys.argv[0], *arguments]
+    sys.argv = [sys.argv[0], *swept_source_keys(arguments)]
     from safetransfer.sweeps import SweepReport
 
     try:

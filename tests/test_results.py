@@ -43,7 +43,7 @@ def test_rerunning_a_config_replaces_its_row(tmp_path):
     assert sorted(frame["key"]) == ["a", "b"]
     replaced = frame[frame["key"] == "a"].iloc[0]
     assert replaced["mean"] == pytest.approx(62.0) and replaced["n_seeds"] == 3
-    assert replaced["accuracies"] == "60.00;62.00;64.00"
+    assert replaced["accuracies"] == "60.0;62.0;64.0"  # full precision in the CSV
     markdown = (tmp_path / "t.md").read_text()
     assert "62.00 ± 2.00" in markdown and "51.00" not in markdown
     assert markdown.count("\n") == 2 + 2  # header, rule and two rows
@@ -93,7 +93,7 @@ def test_config_key_ignores_seeds_and_runtime(compose_cfg):
 def test_table_columns_round_trip(tmp_path):
     write_row(tmp_path, "t", row("a"))
     frame = pd.read_csv(tmp_path / "t.csv")
-    assert list(frame.columns) == results.ROW_COLUMNS + results.PAIRED_COLUMNS
+    assert list(frame.columns) == results.ROW_COLUMNS + results.PAIRED_COLUMNS + results.SCRATCH_COLUMNS
 
 
 def test_each_job_row_is_compared_with_its_reference_row_seed_by_seed(tmp_path):

@@ -14,6 +14,17 @@ from safetransfer.errors import ConfigError
 from safetransfer.tables import assemble, collect, main, paper_layout, published_values, select
 
 
+@pytest.fixture
+def compose_cfg(compose_cfg):
+    """The rows here are transfer runs, from the demo source unless a test names another (plain
+    fine-tuning from the root config's source=scratch is the From scratch baseline). Only composed."""
+
+    def _compose(*overrides):
+        return compose_cfg(*(() if any(o.startswith("source=") for o in overrides) else ("source=demo",)), *overrides)
+
+    return _compose
+
+
 def write_seed(directory, cfg, seed, top1, age=0.0, val_top1=None):
     path = directory / f"seed_{seed}" / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,9 +184,32 @@ def test_command_writes_markdown_and_csv(compose_cfg, tmp_path, capsys):
 def test_cells_of_several_sources_get_their_own_columns(compose_cfg, tmp_path):
     write_seed(tmp_path / "sweep" / "0", compose_cfg("source=demo"), 0, 80.0)
     write_seed(tmp_path / "sweep" / "1", compose_cfg("source=scratch"), 0, 40.0)
+    write_seed(tmp_path / "sweep" / "2", compose_cfg("source=pretrained", "source.dataset=vehicles"), 0, 70.0)
     table = paper_layout(assemble(select(collect([tmp_path / "sweep"]))))
     assert table.loc[("demo", 100.0), "Fine-tuning [demo]"] == "80.00 (1)"
-    assert table.loc[("demo", 100.0), "Fine-tuning [scratch]"] == "40.00 (1)"
+    assert table.loc[("demo", 100.0), "Fine-tuning [pretrained:vehicles]"] == "70.00 (1)"  # the source's dataset
+    assert table.loc[("demo", 100.0), "From scratch"] == "40.00 (1)"  # the scratch row, named as such
+
+
+def test_each_transfer_column_is_compared_with_from_scratch(compose_cfg, tmp_path):
+    """The transfer's gain, seed by seed: each transfer column against From scratch (scipy's paired
+    t interval), beside its own reference; From scratch itself has neither."""
+    from scipy import stats
+
+    from safetransfer.tables import to_markdown
+
+    fine, scratch = {0: 80.0, 1: 83.0, 2: 79.0}, {0: 40.0, 1: 45.5, 2: 38.0}
+    for seed in fine:
+        write_seed(tmp_path / "sweep" / "0", compose_cfg("source=demo"), seed, fine[seed])
+        write_seed(tmp_path / "sweep" / "1", compose_cfg("source=scratch"), seed, scratch[seed])
+    numbers = assemble(select(collect([tmp_path / "sweep"])))
+    row = numbers.loc[("demo", 100.0)]
+    expected = stats.ttest_rel(list(fine.values()), list(scratch.values())).confidence_interval(0.95)
+    assert row[("Fine-tuning [demo]", "scratch")] == "From scratch" and row[("Fine-tuning [demo]", "scratch_n")] == 3
+    assert row[("Fine-tuning [demo]", "scratch_low")] == pytest.approx(expected.low)
+    assert row[("Fine-tuning [demo]", "scratch_high")] == pytest.approx(expected.high)
+    assert row[("From scratch", "scratch")] == "" and row[("From scratch", "reference")] == ""
+    assert "| Fine-tuning [demo] − From scratch" in to_markdown(numbers).replace("|   ", "| ")
 
 
 def test_paired_differences_against_the_reference_column(compose_cfg, tmp_path):
@@ -259,3 +293,54 @@ def test_settings_that_differ_without_validation_say_what_differs(compose_cfg, t
         write_seed(tmp_path / "sweep" / str(number), cfg, 0, 50.0)
     with pytest.raises(ConfigError, match=r"differ in target\.root.*target\.name=.*target\.val_fraction=0\.2"):
         select(collect([tmp_path / "sweep"]))
+
+
+def test_the_paper_table_of_a_multirun_accumulates_cells_and_is_never_emptied(compose_cfg, tmp_path):
+    """An L2-SP sweep, then an L2-SP+BSS sweep to the same table: both columns stay (the second
+    erased the first). A rerun of one cell replaces that cell only; a rerun that finished nothing
+    leaves the table as it was."""
+    from safetransfer.tables import write_table
+
+    results = tmp_path / "results"
+    for seed, top1 in enumerate([70.0, 72.0]):
+        write_seed(tmp_path / "l2sp" / "0", compose_cfg("regularizer=l2sp"), seed, top1)
+        write_seed(tmp_path / "bss" / "0", compose_cfg("regularizer=l2sp_bss"), seed, top1 + 5)
+    write_table([tmp_path / "l2sp"], results, "t_paper", accumulate=True)
+    write_table([tmp_path / "bss"], results, "t_paper", accumulate=True)
+    frame = pd.read_csv(results / "t_paper.csv")
+    assert frame["L2-SP mean"].tolist() == [pytest.approx(71.0)]
+    assert frame["L2-SP+BSS mean"].tolist() == [pytest.approx(76.0)]
+    # a rerun of the L2-SP cell with another setting (lr): that cell is replaced, the other kept
+    write_seed(tmp_path / "rerun" / "0", compose_cfg("regularizer=l2sp", "optim.optimizer.lr=0.02"), 0, 50.0)
+    write_table([tmp_path / "rerun"], results, "t_paper", accumulate=True)
+    frame = pd.read_csv(results / "t_paper.csv")
+    assert frame["L2-SP mean"].tolist() == [pytest.approx(50.0)] and frame["L2-SP seeds"].tolist() == [1]
+    assert frame["L2-SP+BSS mean"].tolist() == [pytest.approx(76.0)]
+    before = (results / "t_paper.md").read_text()
+    (tmp_path / "interrupted").mkdir()
+    with pytest.raises(ConfigError, match="no finished seed"):
+        write_table([tmp_path / "interrupted"], results, "t_paper", accumulate=True)
+    assert (results / "t_paper.md").read_text() == before
+    assert not list(results.glob("*.lock"))  # the locks live in results/.locks
+
+
+def test_a_search_gets_a_table_of_every_setting_with_validation_and_test(compose_cfg, tmp_path):
+    """One row per setting: the swept value as a column, val and test mean ± std (NumPy), the
+    chosen one marked: the best mean validation accuracy, whatever the test accuracy says."""
+    from safetransfer.tables import write_table
+
+    grid = {0.01: ([80.0, 82.0], [60.0, 61.0]), 0.1: ([85.0, 84.0], [55.0, 57.0])}  # alpha: (val, test) per seed
+    for number, (alpha, (vals, tests)) in enumerate(grid.items()):
+        cfg = compose_cfg("regularizer=l2sp", f"regularizer.terms.l2sp.alpha={alpha}", "target.val_fraction=0.2")
+        for seed, (val, test) in enumerate(zip(vals, tests)):
+            write_seed(tmp_path / "grid" / str(number), cfg, seed, test, val_top1=val)
+    text = write_table([tmp_path / "grid"], tmp_path / "results", "g")
+    searched = pd.read_csv(tmp_path / "results" / "g_search.csv", keep_default_na=False)
+    assert searched["l2sp.alpha"].tolist() == [0.01, 0.1]
+    for (alpha, (vals, tests)), row in zip(grid.items(), searched.itertuples()):
+        assert row[searched.columns.get_loc("val top-1 (%)") + 1] == \
+            f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}"
+        assert row[searched.columns.get_loc("test top-1 (%)") + 1] == \
+            f"{np.mean(tests):.2f} ± {np.std(tests, ddof=1):.2f}"
+    assert searched["chosen"].tolist() == ["", "✓"]  # 84.5 > 81 on validation, though its test is lower
+    assert "g_search.md" in (tmp_path / "results" / "g.md").read_text() and "| ✓" in text

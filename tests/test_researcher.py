@@ -1,0 +1,95 @@
+"""A researcher's day (issue 25): sweeps over sources as typed, the scratch row named and
+compared, where a run's weights came from, and a saved source never silently replaced.
+
+The checkpoint file is torchvision's ImageNet V1 structure (tests/published.py says where it
+comes from); every run goes through safetransfer-train's entry function, in this process."""
+
+import hashlib
+import json
+
+import pandas as pd
+import pytest
+
+import published
+from conftest import TINY, TINY_DEMO_SOURCE
+
+SHORT = [*(o for o in TINY if o not in TINY_DEMO_SOURCE), "train.iterations=2", "optim.scheduler.milestones=[1]",
+         "runtime.log_every=0", "runtime.diagnostics_every=0", "runtime.spectrum_batches=0", "results.dir=res"]
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / "weights" / published.IMAGENET_V1_FILES["resnet18"]
+    path.parent.mkdir()
+    published.torchvision_v1_checkpoint(path, "resnet18")
+    return path
+
+
+def _metrics(sweep):
+    return {json.loads(p.read_text())["config"]["source"]["name"]: json.loads(p.read_text())
+            for p in sweep.rglob("seed_0/metrics.json")}
+
+
+def test_a_sweep_over_sources_gives_each_source_its_own_keys(train_in_process, tmp_path, checkpoint):
+    """`-m source=file,scratch source.path=...`: source.path belongs to file only; both jobs run,
+    each records where its weights came from (the file's sha256, computed here with hashlib)."""
+    code, out, err = train_in_process("-m", *SHORT, "source=file,scratch", f"source.path={checkpoint}",
+                                      "hydra.sweep.dir=sweep")
+    assert code == 0, err[-3000:]
+    assert "did not finish" not in out
+    metrics = _metrics(tmp_path / "sweep")
+    assert set(metrics) == {"file", "scratch"}
+    assert metrics["file"]["source_checkpoint"] == {
+        "name": "file", "file": str(checkpoint), "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
+    assert metrics["scratch"]["source_checkpoint"]["sha256"] is None
+    assert "path" not in metrics["scratch"]["config"]["source"]  # not the scratch job's key
+    table = pd.read_csv(tmp_path / "res" / "demo.csv", keep_default_na=False)
+    rows = dict(zip(table["source"], table["method"]))
+    assert rows == {f"file:{checkpoint.stem}": "Fine-tuning", "scratch": "From scratch"}
+    scratch_row = table[table["source"] == "scratch"].iloc[0]
+    assert "source.path" not in scratch_row["overrides"]
+
+
+def test_from_scratch_beside_an_explicit_source_runs_from_scratch(train_in_process, tmp_path, checkpoint):
+    """`method=fine_tuning,from_scratch source=file`: the from_scratch job trains from scratch
+    (it failed with a traceback after every other job had run), is named From scratch, and the
+    fine-tuned row is compared with it seed by seed."""
+    code, out, err = train_in_process("-m", *SHORT, "seeds=[0,1]", "method=fine_tuning,from_scratch", "source=file",
+                                      f"source.path={checkpoint}", "hydra.sweep.dir=sweep")
+    assert code == 0, err[-3000:]
+    metrics = _metrics(tmp_path / "sweep")
+    assert set(metrics) == {"file", "scratch"} and metrics["scratch"]["method"] == "From scratch"
+    markdown = (tmp_path / "res" / "demo.md").read_text()
+    assert "| From scratch " in markdown
+    compared = [line for line in markdown.splitlines() if "| Fine-tuning " in line and "From scratch" in line]
+    assert len(compared) == 1 and "(2)" in compared[0]  # two common seeds
+
+
+def test_a_method_preset_contradicted_by_the_command_line_is_refused_before_any_job(train_in_process, tmp_path):
+    code, out, err = train_in_process("-m", *SHORT, "method=fine_tuning,l2sp", "regularizer=bss",
+                                      "hydra.sweep.dir=sweep")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1
+    assert "method=fine_tuning sets regularizer=l2, but regularizer=bss is given for every job" in lines[0]
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_saved_source_checkpoint_is_not_replaced_unless_asked(train_in_process, tmp_path, checkpoint):
+    """pretrain.save_to holding a checkpoint other runs may have started from: refused in one line
+    before training; the job that wrote it, rerun into its directory, goes on; overwrite=true replaces it."""
+    save_to = tmp_path / "sources" / "resnet18_demo.pt"
+    pretrain = [*SHORT, "source=file", f"source.path={checkpoint}", f"pretrain.save_to={save_to}"]
+    code, _, err = train_in_process(*pretrain, "hydra.run.dir=first")
+    assert code == 0, err[-3000:]
+    digest = hashlib.sha256(save_to.read_bytes()).hexdigest()
+    code, _, err = train_in_process(*pretrain, "hydra.run.dir=first")  # the same job, rerun: its seed is kept
+    assert code == 0, err[-3000:]
+    code, _, err = train_in_process(*pretrain, "optim.optimizer.lr=0.02", "hydra.run.dir=second")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and f"pretrain.save_to={save_to} already holds a source checkpoint" in lines[0]
+    assert "pretrain.overwrite=true" in lines[0] and not (tmp_path / "second" / "seed_0").exists()
+    assert hashlib.sha256(save_to.read_bytes()).hexdigest() == digest
+    code, _, err = train_in_process(*pretrain, "optim.optimizer.lr=0.02", "pretrain.overwrite=true",
+                                    "hydra.run.dir=second")
+    assert code == 0, err[-3000:]
+    assert hashlib.sha256(save_to.read_bytes()).hexdigest() != digest
