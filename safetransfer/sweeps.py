@@ -62,24 +62,51 @@ def duplicate_report(records: list[dict]) -> list[str]:
             for key, same in by_key.items() if len(same) > 1]
 
 
-def failure_report(sweep_dir: Path) -> str:
+def planned_jobs(config: DictConfig) -> list[list[str]]:
+    """The overrides of every job a multirun of `config` launches, in job order, as Hydra's basic
+    sweeper expands them (the sweeper's params, then the command line's, which win)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = {str(k): f"{k}={v}" for k, v in params.items()}
+    for override in config.hydra.overrides.task:
+        arguments[str(override).split("=", 1)[0].lstrip("+~")] = str(override)
+    overrides = OverridesParser.create().parse_overrides(list(arguments.values()))
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def continue_command(arguments: list[str], sweep_dir: Path) -> str:
+    """The command that continues a multirun in its own folder: finished seeds kept, the rest run."""
+    kept = [a for a in arguments if not a.startswith(("hydra.sweep.dir=", "+hydra.sweep.dir=", "++hydra.sweep.dir="))]
+    return "safetransfer-train " + " ".join(shlex.quote(a) for a in [*kept, f"hydra.sweep.dir={Path(sweep_dir).resolve()}"])
+
+
+def failure_report(sweep_dir: Path, planned: int | None = None, arguments: list[str] | None = None) -> str:
     """Lines naming each failed or unfinished job, its overrides, its error and how to rerun it,
-    and jobs that resolved to the same config."""
+    the jobs not started (of `planned`), the command that continues the sweep (from its
+    `arguments`), and jobs that resolved to the same config."""
     records = job_statuses(sweep_dir)
+    total = max(planned or 0, len(records))
     failed = [r for r in records if r["status"] != "finished"]
     duplicates = duplicate_report(records)
-    if not failed:
-        return "\n".join([f"All {len(records)} jobs of {sweep_dir} finished.", *duplicates])
-    lines = [f"{len(failed)} of {len(records)} jobs of {sweep_dir} did not finish:"]
+    if not failed and total == len(records):
+        return "\n".join([f"All {total} jobs of {sweep_dir} finished.", *duplicates])
+    unfinished = len(failed) + total - len(records)
+    lines = [f"{unfinished} of {total} jobs of {sweep_dir} did not finish:"]
     for record in failed:
         reason = record.get("error", "interrupted while running (killed or preempted?)")
         lines += [f"- job {record.get('num')} [{' '.join(record['overrides'])}]: {record['status']}: {reason}",
                   f"  rerun it alone: {rerun_command(record)}"]
-    lines.append(f"Or rerun the whole sweep with hydra.sweep.dir={sweep_dir}: finished seeds are kept, not rerun.")
+    if total > len(records):
+        lines.append(f"- {total - len(records)} job{'s' if total - len(records) > 1 else ''} not started")
+    whole = continue_command(arguments, sweep_dir) if arguments is not None else f"... hydra.sweep.dir={sweep_dir}"
+    lines.append(f"Continue the whole sweep (finished seeds are kept, not rerun): {whole}")
     return "\n".join([*lines, *duplicates])
 
 
-def sweep_report(config: DictConfig, sweep_dir: Path) -> str:
+def sweep_report(config: DictConfig, sweep_dir: Path, planned: int | None = None,
+                 arguments: list[str] | None = None) -> str:
     """The paper-layout table of everything under `sweep_dir`, then the failed jobs."""
     from safetransfer.tables import write_table
 
@@ -94,7 +121,7 @@ def sweep_report(config: DictConfig, sweep_dir: Path) -> str:
                      f"\n\n{markdown}")
     except ConfigError as error:
         parts.append(f"No paper-layout table: {error}")
-    parts.append(failure_report(sweep_dir))
+    parts.append(failure_report(sweep_dir, planned, arguments))
     return "\n".join(parts)
 
 
@@ -104,12 +131,18 @@ class SweepReport(Callback):
     paper-layout table of all its jobs and list the jobs that failed."""
 
     active: tuple[DictConfig, Path] | None = None
+    planned: int | None = None            # how many jobs the multirun launches
+    arguments: list[str] | None = None    # safetransfer-train's command line (set by train.main)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         print_results_table(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SweepReport.active = (config, Path(str(config.hydra.sweep.dir)))
+        try:
+            SweepReport.planned = len(planned_jobs(config))
+        except Exception:  # a sweeper of another kind: the jobs found are counted
+            SweepReport.planned = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         SweepReport.finish()
@@ -122,7 +155,7 @@ class SweepReport(Callback):
         SweepReport.active = None
         if sweep_dir.is_dir():
             print_results_table(config)
-            print("\n" + sweep_report(config, sweep_dir), flush=True)
+            print("\n" + sweep_report(config, sweep_dir, SweepReport.planned, SweepReport.arguments), flush=True)
 
 
 def print_results_table(config: DictConfig) -> None:

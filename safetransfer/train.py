@@ -241,8 +241,15 @@ def app(cfg: DictConfig) -> float:
             row = run_job(cfg, run_dir, job_overrides(), stop=stop)
     except resume.Preempted as preempted:
         status.write("interrupted" if preempted.signum == signal.SIGINT else "preempted", error=str(preempted))
-        log.warning("%s", preempted)
-        print(f"safetransfer-train: {preempted}", file=sys.stderr, flush=True)
+        message = str(preempted)
+        if num is not None:  # "the same command" would start a new sweep folder: name this one
+            from safetransfer.sweeps import SweepReport, continue_command
+
+            message = message.replace("rerun the same command (same output directory) to continue",
+                                      "continue the sweep with: " + continue_command(
+                                          SweepReport.arguments or sys.argv[1:], Path(hydra_cfg.sweep.dir)))
+        log.warning("%s", message)
+        print(f"safetransfer-train: {message}", file=sys.stderr, flush=True)
         stop.forward(preempted.signum)  # under submitit: its handler requeues the job
         sys.exit(128 + preempted.signum)
     except SafetransferError as error:  # bad input, a full disk, a failed download: one line
@@ -274,6 +281,7 @@ def main() -> None:
     sys.argv = [sys.argv[0], *swept_source_keys(arguments)]
     from safetransfer.sweeps import SweepReport
 
+    SweepReport.arguments = list(arguments)
     try:
         app()
     finally:  # a multirun stopped by a failed job still gets its table and the list of failures

@@ -93,3 +93,37 @@ def test_a_saved_source_checkpoint_is_not_replaced_unless_asked(train_in_process
                                     "hydra.run.dir=second")
     assert code == 0, err[-3000:]
     assert hashlib.sha256(save_to.read_bytes()).hexdigest() != digest
+
+
+def test_an_interrupted_multirun_prints_the_command_that_continues_it(train_in_process, tmp_path, monkeypatch):
+    """A sweep of 3 jobs stopped in its first: the message names the sweep folder (rerunning "the
+    same command" would start a new folder and retrain everything) and counts all 3 jobs."""
+    import shlex
+    import signal
+
+    from safetransfer import experiment, resume
+
+    def stopped(*args, **kwargs):
+        raise resume.Preempted(signal.SIGTERM, 7, None)
+
+    monkeypatch.setattr(experiment, "run_job", stopped)
+    code, out, err = train_in_process("-m", *SHORT, "target.sampling_rate=30,50,100")
+    assert code == 128 + signal.SIGTERM
+    sweep = next(tmp_path.glob("multirun/*/*"))
+    line = next(line for line in err.splitlines() if "continue the sweep with:" in line)
+    words = shlex.split(line.split("continue the sweep with: ")[1].split(";")[0])
+    assert words[0] == "safetransfer-train" and words[1] == "-m" and "target.sampling_rate=30,50,100" in words
+    assert f"hydra.sweep.dir={sweep}" in words
+    assert f"3 of 3 jobs of {sweep.relative_to(tmp_path)} did not finish" in out and "2 jobs not started" in out
+    assert f"Continue the whole sweep (finished seeds are kept, not rerun): safetransfer-train -m" in out
+
+
+def test_planned_jobs_are_the_sweepers_product():
+    from omegaconf import OmegaConf
+
+    from safetransfer.sweeps import planned_jobs
+
+    config = OmegaConf.create({"hydra": {"sweeper": {"params": {"method": "fine_tuning,l2sp,from_scratch"}},
+                                         "overrides": {"task": ["target.sampling_rate=30,50", "seeds=[0]"]}}})
+    jobs = planned_jobs(config)
+    assert len(jobs) == 3 * 2 and ["method=fine_tuning", "target.sampling_rate=30", "seeds=[0]"] in jobs

@@ -77,6 +77,7 @@ def test_failed_job_is_reported_with_its_rerun_command(cli, tmp_path):
     assert statuses[0]["status"] == "finished" and statuses[1]["status"] == "failed"
     assert len(metrics_of(tmp_path / "sweep")) == 2  # the good job's seeds are all there
     report = result.stdout[result.stdout.index("1 of 2 jobs"):]
+    assert "Continue the whole sweep (finished seeds are kept, not rerun): safetransfer-train " in report
     assert "job 1 [" in report and "target.sampling_rate=150" in report
     command = next(line for line in report.splitlines() if "rerun it alone:" in line).split("rerun it alone: ")[1]
     words = shlex.split(command)
