@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from safetransfer.atomic import atomic_write_json, read_json
+from safetransfer.atomic import atomic_torch_save, atomic_write_json, read_json
 from safetransfer.backbones import TransferNet
 from safetransfer.build import build_seed, train_log
 from safetransfer.checks import check_classes, check_config, check_training_set
@@ -133,6 +133,10 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
         "source_checkpoint": origin,  # sources.provenance: the file the weights came from and its sha256
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if cfg.runtime.get("save_weights"):  # before metrics.json: a finished seed has its weights
+        atomic_torch_save({"backbone": cfg.backbone.name, "num_classes": data.num_classes,
+                           "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
+                          seed_dir / "model.pt")
     atomic_write_json(seed_dir / "metrics.json", metrics)
     if not cfg.runtime.keep_checkpoints:
         checkpointer.remove()
@@ -260,6 +264,10 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
              cfg.target.name,
              cfg.target.sampling_rate, len(data.train), len(cfg.seeds))
 
+    every, iterations = cfg.runtime.log_every, cfg.train.iterations
+    if every and iterations // every < 2:  # the last iteration's row only: no curve to draw
+        log.warning("runtime.log_every=%d over %d iterations logs one row a seed: safetransfer-plot needs two or more "
+                    "for its loss curves (e.g. runtime.log_every=%d)", every, iterations, max(1, iterations // 10))
     key = config_key(cfg)
     outcomes: dict[int, dict | None] = {}
     for seed in cfg.seeds:

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from safetransfer.methods import method_name, source_label
+from safetransfer.methods import is_scratch, method_name, source_label
+from safetransfer.results import config_key, short_key
+from safetransfer.tables import varied_keys, flat_settings
 from safetransfer.atomic import read_json
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,10 @@ class Run:
     seed: int
     log: pd.DataFrame
     spectrum: list[list[float]] | None
+    key: str = ""                                  # the config key: one setting of a grid
+    settings: dict | None = None                   # its values (tables.flat_settings), to name what a grid varied
+    log_every: int = 0
+    iterations: int = 0
 
 
 def load_runs(directories: Iterable[Path]) -> list[Run]:
@@ -69,26 +75,66 @@ def load_runs(directories: Iterable[Path]) -> list[Run]:
                 continue
             spectrum_path = seed_dir / "spectrum.json"
             found = read_json(spectrum_path, needs=("singular_values",)) if spectrum_path.exists() else None
-            runs.append(Run(method or method_name(cfg), source_label(cfg.source), str(cfg.target.name), float(cfg.target.sampling_rate),
-                            int(seed_dir.name.split("_")[1]), curve, found["singular_values"] if found else None))
+            runs.append(Run(method or method_name(cfg), source_label(cfg.source), str(cfg.target.name),
+                            float(cfg.target.sampling_rate), int(seed_dir.name.split("_")[1]), curve,
+                            found["singular_values"] if found else None, config_key(cfg), flat_settings(cfg),
+                            int(OmegaConf.select(cfg, "runtime.log_every", default=0) or 0),
+                            int(OmegaConf.select(cfg, "train.iterations", default=0) or 0)))
     return runs
 
 
-def _labels(runs: Sequence[Run], by_rate: bool = False) -> dict[str, list[Run]]:
-    """Runs grouped per line: by method, with the source in brackets when the runs mix
-    sources (the demo's scratch row), and the target and rate when they mix those
-    (`by_rate`: always the rate, for the spectra)."""
-    sources = len({r.source for r in runs}) > 1
+def series_name(run: Run, runs: Sequence[Run]) -> str:
+    """A line's name, the same in every figure: the method, its source in brackets when the runs
+    mix sources (From scratch needs none), and the values a grid varied when the method's runs
+    hold several settings (`L2-SP alpha=0.1`: curves of different settings are never averaged)."""
+    name = run.method
+    if len({r.source for r in runs}) > 1 and not is_scratch(run.method):
+        name += f" [{run.source}]"
+    same = [r for r in runs if (r.method, r.source, r.target, r.sampling_rate) ==
+            (run.method, run.source, run.target, run.sampling_rate)]
+    if len({r.key for r in same}) > 1:
+        settings = {r.key: r.settings or {} for r in same}
+        varied = varied_keys(list(settings.values()))
+        name += " " + " ".join(f"{short_key(k, varied)}={(run.settings or {}).get(k)}" for k in varied)
+    return name
+
+
+def _labels(runs: Sequence[Run], by_rate: bool = False) -> dict[str, tuple[str, list[Run]]]:
+    """Runs grouped per line: {label: (series, runs)}; the series (series_name) picks the colour,
+    the label adds the target and rate when the runs mix those (`by_rate`: always the rate, for
+    the spectra)."""
     cells = len({(r.target, r.sampling_rate) for r in runs}) > 1
-    groups: dict[str, list[Run]] = {}
+    groups: dict[str, tuple[str, list[Run]]] = {}
     for run in runs:
-        label = run.method + (f" [{run.source}]" if sources else "")
+        series = series_name(run, runs)
+        label = series
         if cells and not by_rate:
             label += f", {run.target} {run.sampling_rate:g}%"
         elif by_rate:
             label += f", {run.sampling_rate:g}%" + (f" ({run.target})" if len({r.target for r in runs}) > 1 else "")
-        groups.setdefault(label, []).append(run)
+        groups.setdefault(label, (series, []))[1].append(run)
     return groups
+
+
+def palette(names: Iterable[str]) -> dict[str, str]:
+    """One colour per series name, the same in every figure of a call (sorted names, tab10 then tab20)."""
+    import matplotlib
+
+    colours = list(matplotlib.colormaps["tab10"].colors) + list(matplotlib.colormaps["tab20"].colors[1::2])
+    return {name: matplotlib.colors.to_hex(colours[i % len(colours)]) for i, name in enumerate(sorted(set(names)))}
+
+
+def legend_below(figure, axes) -> None:
+    """One legend for the figure, outside every axis (below them): it never covers data."""
+    handles, labels = {}, []
+    for axis in axes:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    if labels:
+        figure.legend([handles[label] for label in labels], labels, loc="outside lower center",
+                      ncols=min(3, len(labels)), fontsize=7)
 
 
 def curve_band(runs: Sequence[Run], column: str) -> pd.DataFrame:
@@ -117,13 +163,13 @@ def _figure(columns: int):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, columns, figsize=SIZE, dpi=DPI, squeeze=False)
+    figure, axes = plt.subplots(1, columns, figsize=SIZE, dpi=DPI, squeeze=False, layout="constrained")
     return plt, figure, list(axes[0])
 
 
 def _save(plt, figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
+    legend_below(figure, figure.axes)
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
     return path
@@ -138,12 +184,30 @@ def _band(axis, band: pd.DataFrame, label: str, color, style: str = "-", floor: 
     axis.fill_between(band["iteration"], lower, band["mean"] + band["std"], color=color, alpha=0.2, linewidth=0)
 
 
-def plot_losses(runs: Sequence[Run], path: Path) -> Path | None:
+def too_few_rows(runs: Sequence[Run], column: str) -> str | None:
+    """Why no run has a curve of `column` (at least two logged rows), or None when one has."""
+    if any(column in r.log and r.log[column].notna().sum() >= 2 for r in runs):
+        return None
+    run = runs[0]
+    if column.startswith("angle"):
+        return ("no run logged the angles on two rows or more (runtime.diagnostics_every=0, or too few log rows): "
+                "rerun with runtime.diagnostics_every equal to runtime.log_every")
+    dense = max(1, run.iterations // 10) if run.iterations else 1
+    return (f"every run logged fewer than two rows (runtime.log_every={run.log_every} over {run.iterations} "
+            f"iterations): rerun with runtime.log_every={dense}")
+
+
+def plot_losses(runs: Sequence[Run], path: Path, colors: dict[str, str] | None = None) -> Path | None:
+    why = too_few_rows(runs, "loss_J")
+    if why:
+        log.warning("%s not drawn: %s", path.name, why)
+        return None
     held_out = next((c for c in ("val_loss", "test_loss") if any(c in r.log for r in runs)), None)
     plt, figure, (axis,) = _figure(1)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, (label, group) in enumerate(_labels(runs).items()):
-        color = colors[index % len(colors)]
+    groups = _labels(runs)
+    colors = colors or palette(series for series, _ in groups.values())
+    for label, (series, group) in groups.items():
+        color = colors[series]
         _band(axis, curve_band(group, "loss_J"), f"{label}: empirical loss J (train)", color, floor=1e-3)
         if held_out:
             band = curve_band(group, held_out)
@@ -152,7 +216,6 @@ def plot_losses(runs: Sequence[Run], path: Path) -> Path | None:
     axis.set_yscale("log")  # methods whose losses differ by orders of magnitude stay readable
     axis.set(title="Empirical loss J and held-out loss (mean ± std over seeds; DTNH Fig. 3)",
              xlabel="iteration", ylabel="cross-entropy (nats, log scale)")
-    axis.legend(fontsize=8)
     return _save(plt, figure, path)
 
 
@@ -164,58 +227,62 @@ def logged(runs: Sequence[Run], column: str) -> list[Run]:
     return [r for r in runs if column in r.log and r.log[column].notna().any()]
 
 
-def plot_angles(runs: Sequence[Run], path: Path) -> Path | None:
+def plot_angles(runs: Sequence[Run], path: Path, colors: dict[str, str] | None = None) -> Path | None:
     """The DTNH paper's Angles 1-4 (its Figs. 4 and 5) and, where logged, the angle between
     g_J and g_Omega: above 90 degrees DTNH removes cos^2 of it of the pull's squared length."""
-    runs = logged(runs, "angle_d_J")
-    if not runs:
+    why = too_few_rows(runs, "angle_d_J")
+    if why:
+        log.warning("%s not drawn: %s", path.name, why)
         return None
+    runs = logged(runs, "angle_d_J")
     between = bool(logged(runs, "angle_J_Omega"))  # logs written before it was recorded have none
     plt, figure, axes = _figure(3 if between else 2)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     groups = _labels(runs)
+    colors = colors or palette(series for series, _ in groups.values())
     for axis, (first, second, first_name, second_name) in zip(axes, ANGLE_PAIRS):
-        for index, (label, group) in enumerate(groups.items()):
-            color = colors[index % len(colors)]
+        for label, (series, group) in groups.items():
+            color = colors[series]
             _band(axis, curve_band(group, first), f"{label}: {first_name}", color)
             _band(axis, curve_band(group, second), f"{label}: {second_name}", color, ":")
         figure_number = 4 if first == "angle_d_J" else 5
         axis.set_title(f"{first_name.split(':')[0]} and {second_name.split(':')[0]} (DTNH Fig. {figure_number})",
                        fontsize=10)
         axis.set(xlabel="iteration", ylabel="angle (degrees)")
-        axis.legend(fontsize=7)
     if between:
         axis = axes[2]
-        for index, (label, group) in enumerate(groups.items()):
-            _band(axis, curve_band(group, "angle_J_Omega"), label, colors[index % len(colors)])
+        for label, (series, group) in groups.items():
+            _band(axis, curve_band(group, "angle_J_Omega"), f"{label}: g_J vs g_Ω", colors[series])
         axis.axhline(90.0, color="grey", linestyle="--", linewidth=0.8)
         axis.set_title("g_J vs g_Ω (conflict above 90°)", fontsize=10)
         axis.set(xlabel="iteration", ylabel="angle (degrees)")
-        axis.legend(fontsize=7)
     return _save(plt, figure, path)
 
 
-def plot_spectra(runs: Sequence[Run], path: Path) -> Path | None:
+def plot_spectra(runs: Sequence[Run], path: Path, colors: dict[str, str] | None = None) -> Path | None:
     runs = [r for r in runs if r.spectrum]
     if not runs:
         return None
     plt, figure, axes = _figure(2)
-    for label, group in sorted(_labels(runs, by_rate=True).items()):
+    groups = _labels(runs, by_rate=True)
+    colors = colors or palette(series for series, _ in groups.values())
+    rates = sorted({r.sampling_rate for r in runs})
+    styles = ["-", "--", ":", "-."]
+    for label, (series, group) in sorted(groups.items()):
         curve = spectrum_curve(group)
         index = np.arange(1, len(curve) + 1)
-        axes[0].plot(index, curve, marker=".", label=label)
+        style = dict(color=colors[series], linestyle=styles[rates.index(group[0].sampling_rate) % len(styles)],
+                     marker=".", label=label)
+        axes[0].plot(index, curve, **style)
         half = len(curve) // 2
-        axes[1].plot(index[half:], curve[half:], marker=".", label=label)
+        axes[1].plot(index[half:], curve[half:], **{**style, "label": None})
     axes[0].set(title="Singular values of the batch features (BSS Figs. 1c, 3b)", xlabel="index (descending order)",
                 ylabel="singular value")
     axes[1].set(title="The smaller half (BSS Figs. 1d, 3c)", xlabel="index (descending order)",
                 ylabel="singular value")
-    for axis in axes:
-        axis.legend(fontsize=8)
     return _save(plt, figure, path)
 
 
-def plot_table(numbers: pd.DataFrame, path: Path) -> Path | None:
+def plot_table(numbers: pd.DataFrame, path: Path, colors: dict[str, str] | None = None) -> Path | None:
     """Grouped bars from tables.assemble's numbers: one group per (target, rate), one bar per method."""
     if numbers.empty:
         return None
@@ -226,11 +293,12 @@ def plot_table(numbers: pd.DataFrame, path: Path) -> Path | None:
     axis = axes[0]
     width = 0.8 / max(len(methods), 1)
     x = np.arange(len(rows))
+    colors = {**palette(methods), **(colors or {})}
     for index, method in enumerate(methods):
         means = numbers[(method, "mean")].to_numpy(dtype=float)
         stds = np.nan_to_num(numbers[(method, "std")].to_numpy(dtype=float))
         positions = x - 0.4 + width * (index + 0.5)
-        axis.bar(positions, np.nan_to_num(means), width, yerr=stds, capsize=3, label=method)
+        axis.bar(positions, np.nan_to_num(means), width, yerr=stds, capsize=3, label=method, color=colors[method])
         published = numbers[(method, "published")].to_numpy(dtype=float)
         known = ~np.isnan(published)
         if known.any():
@@ -241,7 +309,6 @@ def plot_table(numbers: pd.DataFrame, path: Path) -> Path | None:
     marked = numbers.xs("published", axis=1, level="quantity").notna().to_numpy().any()
     axis.set(title="Top-1 accuracy, mean ± std over seeds" + (" (black marks: published values)" if marked else ""),
              xlabel="target and sampling rate", ylabel="top-1 accuracy (%)")
-    axis.legend(fontsize=8)
     if compared:  # each column against its reference column, seed by seed: mean and 95 % t interval
         paired_axis, step = axes[1], 0.8 / len(compared)
         for index, method in enumerate(compared):
@@ -251,12 +318,12 @@ def plot_table(numbers: pd.DataFrame, path: Path) -> Path | None:
             positions = x - 0.4 + step * (index + 0.5)
             paired_axis.errorbar(positions[known], difference[known],
                                  yerr=[difference[known] - low[known], high[known] - difference[known]], fmt="o",
-                                 capsize=3, label=f"{method} − {next(r for r in numbers[(method, 'reference')] if r)}")
+                                 capsize=3, color=colors[method],
+                                 label=f"{method} − {next(r for r in numbers[(method, 'reference')] if r)}")
         paired_axis.axhline(0, color="black", linewidth=0.8)
         paired_axis.set_xticks(x, rows, rotation=20, ha="right")
         paired_axis.set(title="Paired differences: mean, 95 % t interval",
                         xlabel="target and sampling rate", ylabel="top-1 difference (points)")
-        paired_axis.legend(fontsize=8)
     return _save(plt, figure, path)
 
 
@@ -281,14 +348,25 @@ def main(argv: list[str] | None = None) -> None:
     runs = load_runs(args.directories)
     if not runs:
         parser.exit(2, "safetransfer-plot: error: no seed_*/log.csv under the given directories\n")
-    written = [plot_losses(runs, args.out / "losses.png"), plot_angles(runs, args.out / "angles.png"),
-               plot_spectra(runs, args.out / "spectra.png")]
     try:
         numbers = assemble(select(collect(args.directories)),
                            published_values(args.published) if args.published else None)
-        written.append(plot_table(numbers, args.out / "table.png"))
     except ConfigError as error:
+        numbers = None
         print(f"safetransfer-plot: no table figure: {error}")
+    # one colour per method (series) in every figure, the table's columns included
+    names = {series for series, _ in _labels(runs).values()}
+    if numbers is not None:
+        names |= set(numbers.columns.get_level_values("method"))
+    colors = palette(names)
+    written = [plot_losses(runs, args.out / "losses.png", colors), plot_angles(runs, args.out / "angles.png", colors),
+               plot_spectra(runs, args.out / "spectra.png", colors)]
+    if numbers is not None:
+        written.append(plot_table(numbers, args.out / "table.png", colors))
+    for name, column in (("losses.png", "loss_J"), ("angles.png", "angle_d_J")):
+        why = too_few_rows(runs, column)
+        if why:
+            print(f"safetransfer-plot: {name} not drawn: {why}")
     for path in written:
         if path is not None:
             print(path)

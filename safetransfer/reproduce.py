@@ -313,6 +313,13 @@ def run(args: argparse.Namespace) -> None:
         if any(o.status not in READY for o in outcomes):
             sys.exit(1)
         return
+    # the data, checked once before any job: a missing dataset would fail every job of its row
+    outcomes = table_data(args.table, args.overrides, download=False)
+    if any(o.status not in READY for o in outcomes):
+        missing = sum(o.status not in READY for o in outcomes)
+        raise SystemExit(f"safetransfer-reproduce: error: {missing} of the {len(outcomes)} artifacts the table's jobs "
+                         f"read are not ready (listed above); nothing was trained: run safetransfer-reproduce "
+                         f"{args.table} --fetch, or place what cannot be downloaded as listed")
     reproduce(args.table, args.overrides, args.dir or Path("multirun") / args.table)
 
 

@@ -61,13 +61,13 @@ def collect(directories: Iterable[Path]) -> pd.DataFrame:
                     metrics.get("method") or method_name(cfg))  # runs before the name was saved: from the config
             rows[(key, metrics["seed"])] = (*cell, key, metrics["seed"], metrics["top1"],
                                             metrics.get("val_top1", math.nan))
-            settings[key] = _flat(cfg)
+            settings[key] = flat_settings(cfg)
     frame = pd.DataFrame(list(rows.values()), columns=[*CELL, "key", "seed", "top1", "val_top1"])
     frame.attrs["settings"] = settings
     return frame
 
 
-def _flat(cfg: DictConfig) -> dict[str, object]:
+def flat_settings(cfg: DictConfig) -> dict[str, object]:
     """The config's values that decide a result, as dotted keys."""
     container = OmegaConf.to_container(cfg, resolve=True)
     for section in NOT_IN_KEY:
@@ -76,7 +76,7 @@ def _flat(cfg: DictConfig) -> dict[str, object]:
             for key, value in pd.json_normalize(container, sep=".").iloc[0].items()}
 
 
-def _differences(settings: Sequence[dict[str, object]]) -> list[str]:
+def varied_keys(settings: Sequence[dict[str, object]]) -> list[str]:
     """The keys whose values differ between settings (what a grid search varied)."""
     keys = sorted(set().union(*settings))
     return [k for k in keys if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
@@ -99,7 +99,7 @@ def select(seeds: pd.DataFrame) -> pd.DataFrame:
         if len(by_setting) > 1:
             missing = [k for k, g in by_setting.items() if g["val_top1"].isna().any()]
             if missing:
-                varied = _differences([settings.get(k, {}) for k in by_setting])
+                varied = varied_keys([settings.get(k, {}) for k in by_setting])
                 raise ConfigError(
                     f"{' / '.join(map(str, cell))} holds {len(by_setting)} settings that differ in "
                     f"{', '.join(varied) or 'their configs'}, and some have no validation accuracy to choose between "
@@ -110,7 +110,7 @@ def select(seeds: pd.DataFrame) -> pd.DataFrame:
         else:
             chosen = next(iter(by_setting))
         best = by_setting[chosen].sort_values("seed")
-        varied = _differences([settings.get(k, {}) for k in by_setting]) if len(by_setting) > 1 else []
+        varied = varied_keys([settings.get(k, {}) for k in by_setting]) if len(by_setting) > 1 else []
         mean, std = summarize(list(best["top1"]))
         cells.append({**dict(zip(CELL, cell)), "mean": mean, "std": std, "seeds": len(best),
                       "val_mean": best["val_top1"].mean() if best["val_top1"].notna().all() else math.nan,
@@ -132,7 +132,7 @@ def search_table(seeds: pd.DataFrame) -> pd.DataFrame:
         if group["key"].nunique() < 2 or group["val_top1"].isna().any():
             continue
         chosen, _ = best_by_validation(group)
-        varied = _differences([settings.get(k, {}) for k in group["key"].unique()])
+        varied = varied_keys([settings.get(k, {}) for k in group["key"].unique()])
         keys.update(varied)
         def order(item):  # the settings in the order of their swept values (numbers as numbers)
             return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
@@ -159,6 +159,18 @@ def column_labels(cells: pd.DataFrame) -> list[str]:
         shown = [str(row[p]) for p in parts if not (p == "source" and is_scratch(method))]
         labels.append(f"{method} [{', '.join(shown)}]" if shown else method)
     return labels
+
+
+def expand_methods(methods: Sequence[str] | None, labels: Sequence[str]) -> list[str] | None:
+    """--methods as typed: a column label (`Fine-tuning [demo]`) is itself; a plain method name
+    (`Fine-tuning`) stands for every column of that method (`Fine-tuning [demo]`, `[imagenet]`)."""
+    if not methods:
+        return None
+    expanded = []
+    for name in methods:
+        matches = [label for label in dict.fromkeys(labels) if label == name or label.partition(" [")[0] == name]
+        expanded += matches if name not in labels and matches else [name]
+    return list(dict.fromkeys(expanded))
 
 
 def published_values(table: str, path: Path | None = None) -> pd.DataFrame:
@@ -371,7 +383,7 @@ def write_seeds_table(seeds: pd.DataFrame, results_dir: Path, name: str, publish
     <name>_search.md and .csv, every setting's validation and test accuracy (returned after the table)."""
     reference = published_values(published, published_file) if published else None
     cells = select(seeds)
-    table = assemble(cells, reference, methods, targets)
+    table = assemble(cells, reference, expand_methods(methods, list(cells["method"])), targets)
     settings = seeds.attrs.get("settings", {})
     table.attrs["test_crops"] = sorted({int(settings[k].get("data.test_crops", 1)) for k in cells["key"]})
     flat = table.copy()

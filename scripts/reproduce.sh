@@ -16,6 +16,19 @@
 #   --dir multirun/mine                            # where both stages run (default multirun/TABLE)
 # Rerunning the same command keeps every finished seed and trains only what is missing.
 set -euo pipefail
+# the commands: from the active environment, else from the Quick start's .venv beside this script
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+tool() {
+    if command -v "$1" >/dev/null 2>&1; then echo "$1"
+    elif [[ -x "$root/.venv/bin/$1" ]]; then echo "$root/.venv/bin/$1"
+    else
+        echo "scripts/reproduce.sh: $1 not found: activate the environment safetransfer is installed in" \
+             "(source .venv/bin/activate after the README's Quick start)" >&2
+        exit 2
+    fi
+}
+train=$(tool safetransfer-train)
+reproduce=$(tool safetransfer-reproduce)
 tables="dtnh_table2 dtnh_table3 dtnh_table4 bss_table2"
 table=${1:-}
 if [[ " $tables " != *" $table "* || -z "$table" ]]; then
@@ -26,8 +39,8 @@ shift
 if [[ $table == dtnh_table4 && " $* " != *" --plan "* ]]; then
     # Table IV's source: ImageNet weights fine-tuned on all of Stanford Dogs (made once;
     # a rerun finds the finished seed in outputs/sources/ and keeps it)
-    safetransfer-train experiment=pretrain_source target=stanford_dogs backbone=resnet18 \
+    "$train" experiment=pretrain_source target=stanford_dogs backbone=resnet18 \
         hydra.run.dir=outputs/sources/resnet18_stanford_dogs \
         $(printf '%s\n' "$@" | grep -v -e '^--' || true)
 fi
-exec safetransfer-reproduce "$table" "$@"
+exec "$reproduce" "$table" "$@"

@@ -98,12 +98,12 @@ def test_log_rows_and_metrics(compose_cfg, tmp_path):
     assert 0 <= metrics["top1"] <= 100
 
 
-def _flat(tensors):
+def flat_settings(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def _manual_dtnh(g_J, g_Omega):
-    J, O = _flat(g_J), _flat(g_Omega)
+    J, O = flat_settings(g_J), flat_settings(g_Omega)
     if J @ O < 0:
         O = O - (J @ O) / (J @ J) * J
     return J + O
@@ -132,7 +132,7 @@ def test_dtnh_step_matches_a_manual_algorithm_1(regularizer):
     # step away from the source weights against g_J, so that g_Omega (pulling back) conflicts with g_J
     backbone = list(model.backbone.parameters())
     g_start = torch.autograd.grad(F.cross_entropy(model(images)[0], labels), backbone)
-    norm = float(_flat(g_start).norm())
+    norm = float(flat_settings(g_start).norm())
     with torch.no_grad():
         for p, g in zip(backbone, g_start):
             p.sub_(g * (2.0 / norm))
@@ -158,12 +158,12 @@ def test_dtnh_step_matches_a_manual_algorithm_1(regularizer):
     g_Omega = [g + (0.2 * p.detach() if n.startswith("head.") else 0)
                for g, (n, p) in zip(g_Omega, reference.named_parameters())]
     d = _manual_dtnh(g_J, g_Omega)
-    assert float(_flat(g_J) @ _flat(g_Omega)) < 0, "the case must exercise the projection"
-    expected = _flat([p.detach() for p in ref_params]) - 0.1 * d
+    assert float(flat_settings(g_J) @ flat_settings(g_Omega)) < 0, "the case must exercise the projection"
+    expected = flat_settings([p.detach() for p in ref_params]) - 0.1 * d
 
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     step = training_step(model, images, labels, omega, DTNH(), optimizer, params, record=True, angles=True)
-    torch.testing.assert_close(_flat([p.detach() for p in params]), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(flat_settings([p.detach() for p in params]), expected, rtol=1e-9, atol=1e-12)
     assert float(step.angles["conflict"]) == 1.0
     assert float(step.angles["angle_d_J"]) <= float(step.angles["angle_sum_J"])
     assert float(step.angles["angle_d_Omega"]) <= 180.0 and float(step.angles["angle_d_J"]) <= 90.0
@@ -328,3 +328,23 @@ def test_the_pace_is_measured_after_the_first_steps_and_projects_the_job(compose
     assert "this job about 2 d 18 h more (5 seeds to go)" in text      # 6 x 7995 + 4 x 48000 s = 66.6 h
     assert "To shorten it: train.iterations=" in text
     assert experiment.duration_text(59) == "59 s" and experiment.duration_text(600) == "10 min"
+
+
+def test_save_weights_keeps_the_fine_tuned_network_that_was_scored(compose_cfg, tmp_path):
+    """runtime.save_weights=true: seed_<s>/model.pt loads into a fresh network that scores the
+    test split exactly as metrics.json says (evaluated again here)."""
+    from safetransfer.backbones import TransferNet
+    from safetransfer.engine import evaluate
+
+    cfg = compose_cfg(*TINY, "runtime.save_weights=true", "runtime.log_every=0", "runtime.diagnostics_every=0",
+                      "runtime.spectrum_batches=0")
+    target = DemoTarget(train_images_per_class=10, test_images_per_class=4, sampling_rate=50)
+    data = prepare_data(cfg, target)
+    metrics = run_seed(cfg, 0, data, None, tmp_path)
+    saved = torch.load(tmp_path / "seed_0" / "model.pt", weights_only=True)
+    assert saved["backbone"] == "resnet18" and saved["num_classes"] == 6
+    model = TransferNet("resnet18", saved["num_classes"])
+    model.load_state_dict(saved["state_dict"])
+    loader = torch.utils.data.DataLoader(data.test, batch_size=8)
+    top1, loss = evaluate(model, loader, torch.device("cpu"))
+    assert top1 == metrics["top1"] and loss == pytest.approx(metrics["test_loss"])

@@ -157,3 +157,60 @@ def test_an_unwritable_out_folder_is_one_line(compose_cfg, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1
     assert err[0].startswith(f"safetransfer-plot: error: --out {tmp_path / 'afile' / 'figures'} is not a writable")
+
+
+def _figures(monkeypatch):
+    """The figures the plot functions draw, captured as _save writes them (legend added, drawn)."""
+    from safetransfer import plots
+
+    captured, save = {}, plots._save
+
+    def keep(plt, figure, path):
+        plots.legend_below(figure, figure.axes)
+        figure.canvas.draw()
+        captured[path.name] = figure
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return captured
+
+
+def test_grid_settings_are_separate_curves_one_colour_per_method_legends_off_the_data(compose_cfg, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """Two alphas of L2-SP are two curves named by alpha (they were averaged into one "L2-SP"); a
+    method has the same colour in every figure; no legend covers an axis; a run logged on one row
+    only gets a line saying why its loss figure is missing."""
+    figures = _figures(monkeypatch)
+    for number, alpha in enumerate((0.01, 0.1)):
+        cfg = compose_cfg("source=demo", "regularizer=l2sp", f"regularizer.terms.l2sp.alpha={alpha}",
+                          "target.val_fraction=0.2")
+        for seed in range(2):
+            write_seed(tmp_path / "sweep" / str(number), cfg, seed)
+            metrics = tmp_path / "sweep" / str(number) / f"seed_{seed}" / "metrics.json"
+            metrics.write_text(metrics.read_text().replace('"top1"', '"val_top1": 50.0, "top1"'))
+    for seed in range(2):
+        write_seed(tmp_path / "sweep" / "2", compose_cfg("source=demo"), seed)
+    main([str(tmp_path / "sweep"), "--out", str(tmp_path / "figures")])
+    losses = figures["losses.png"]
+    labels = [line.get_label() for line in losses.axes[0].lines]
+    assert "L2-SP l2sp.alpha=0.01: empirical loss J (train)" in labels
+    assert "L2-SP l2sp.alpha=0.1: empirical loss J (train)" in labels
+    # the same method, the same colour: the losses' line and the table's bars
+    fine_line = next(line for line in losses.axes[0].lines if line.get_label().startswith("Fine-tuning:"))
+    bars = next(c for c in figures["table.png"].axes[0].containers if c.get_label() == "Fine-tuning")
+    import matplotlib.colors
+
+    assert matplotlib.colors.to_hex(bars.patches[0].get_facecolor()) == matplotlib.colors.to_hex(fine_line.get_color())
+    for name, figure in figures.items():
+        assert figure.legends, name
+        box = figure.legends[0].get_window_extent()
+        assert not any(box.overlaps(axis.get_window_extent()) for axis in figure.axes), name
+
+    for seed in range(2):  # one logged row: nothing to draw, and a line saying why
+        write_seed(tmp_path / "short" / "0", compose_cfg("source=demo", "train.iterations=60"), seed, iterations=(60,))
+    capsys.readouterr()
+    main([str(tmp_path / "short"), "--out", str(tmp_path / "short_figures")])
+    printed = capsys.readouterr().out
+    assert "losses.png not drawn: every run logged fewer than two rows (runtime.log_every=100 over 60 iterations)" \
+        in printed and "runtime.log_every=6" in printed
+    assert not (tmp_path / "short_figures" / "losses.png").exists()

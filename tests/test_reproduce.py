@@ -163,3 +163,19 @@ def test_a_chosen_value_is_checked_like_one_from_the_command_line(compose_cfg, t
     with pytest.raises(ConfigError, match="regularizer.terms.l2sp.alpha=-1 must be a finite number >= 0"):
         run_job(cfg, tmp_path / "job")
     assert not (tmp_path / "job").exists()  # refused before any training
+
+
+def test_a_table_without_its_data_is_refused_before_any_job(tmp_path, monkeypatch, capsys):
+    """No data on disk: one error line after the list of what is missing, and no job started
+    (it started 60 jobs that all failed, with about 100 kB of repeated output)."""
+    from safetransfer import reproduce
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["dtnh_table2", "--dir", "tables", f"paths.data_root={tmp_path / 'empty'}"])
+    assert "are not ready (listed above); nothing was trained" in str(stop.value)
+    assert "safetransfer-reproduce dtnh_table2 --fetch" in str(stop.value)
+    assert not (tmp_path / "tables").exists()
+    printed = capsys.readouterr().out
+    assert "target=caltech256_30" in printed and "source=imagenet" in printed

@@ -200,3 +200,31 @@ def test_jobs_of_one_sweep_that_resolve_to_one_config_are_reported(tmp_path):
     assert "All 3 jobs" in report
     assert "Jobs 0, 1 resolve to the same config (key abc): the table holds one row for them; their overrides: " \
            "method=l2sp | regularizer=l2sp" in report and "key def" not in report
+
+
+def test_reproduce_script_finds_the_quick_starts_environment_unactivated(tmp_path):
+    """`bash scripts/reproduce.sh TABLE --plan` right after the Quick start (its .venv not
+    activated) runs .venv/bin/safetransfer-reproduce; with no such command anywhere, one line."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repository = tmp_path / "repo"
+    (repository / "scripts").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parent.parent / "scripts" / "reproduce.sh", repository / "scripts")
+    bare = {**os.environ, "PATH": "/usr/bin:/bin"}  # no safetransfer command on it
+    missing = subprocess.run(["bash", str(repository / "scripts" / "reproduce.sh"), "dtnh_table2", "--plan"],
+                             env=bare, capture_output=True, text=True)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "safetransfer-train not found: activate the environment" in missing.stderr
+    for command in ("safetransfer-train", "safetransfer-reproduce"):
+        fake = repository / ".venv" / "bin" / command
+        fake.parent.mkdir(parents=True, exist_ok=True)
+        fake.write_text(f'#!/bin/sh\necho "$0 $*" >> {tmp_path / "calls"}\n')
+        fake.chmod(0o755)
+    found = subprocess.run(["bash", str(repository / "scripts" / "reproduce.sh"), "dtnh_table2", "--plan"],
+                           env=bare, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        f"{repository / '.venv' / 'bin' / 'safetransfer-reproduce'} dtnh_table2 --plan"]

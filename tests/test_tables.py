@@ -344,3 +344,16 @@ def test_a_search_gets_a_table_of_every_setting_with_validation_and_test(compose
             f"{np.mean(tests):.2f} ± {np.std(tests, ddof=1):.2f}"
     assert searched["chosen"].tolist() == ["", "✓"]  # 84.5 > 81 on validation, though its test is lower
     assert "g_search.md" in (tmp_path / "results" / "g.md").read_text() and "| ✓" in text
+
+
+def test_methods_are_chosen_by_plain_name_or_by_label(compose_cfg, tmp_path):
+    from safetransfer.tables import expand_methods
+
+    labels = ["Fine-tuning [demo]", "Fine-tuning [imagenet]", "L2-SP [demo]", "From scratch"]
+    assert expand_methods(["Fine-tuning", "From scratch"], labels) == labels[:2] + ["From scratch"]
+    assert expand_methods(["L2-SP [demo]", "DELTA"], labels) == ["L2-SP [demo]", "DELTA"]  # DELTA: a missing column
+    write_seed(tmp_path / "sweep" / "0", compose_cfg("source=demo"), 0, 80.0)
+    write_seed(tmp_path / "sweep" / "1", compose_cfg("source=imagenet"), 0, 85.0)
+    main([str(tmp_path / "sweep"), "--name", "m", "--results", str(tmp_path / "results"), "--methods", "Fine-tuning"])
+    header = (tmp_path / "results" / "m.md").read_text().splitlines()[0]
+    assert "Fine-tuning [demo]" in header and "Fine-tuning [imagenet]" in header
