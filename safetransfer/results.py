@@ -134,11 +134,28 @@ def settings_of(row) -> dict[str, str]:
     return found
 
 
-def _other_settings(row, source_keys: bool = True) -> str:
-    """The row's settings as one string, for matching rows; without source.* keys when comparing
-    across sources (a scratch row has none)."""
-    return " ".join(f"{k}={v}" for k, v in sorted(settings_of(row).items())
-                    if source_keys or not k.startswith("source."))
+#: settings that belong to a method itself (its terms' coefficients): compared only where both rows have them
+METHOD_KEYS = ("regularizer.", "direction.")
+
+
+def comparable(row, other, source_keys: bool = True) -> bool:
+    """Whether two rows differ only in their methods (and sources, unless `source_keys`): every
+    other setting equal, and a method's own setting (regularizer.terms.l2sp.alpha) equal where
+    both rows set it (L2-SP at alpha 0.1 is compared with Fine-tuning, which has no alpha)."""
+    ours, theirs = settings_of(row), settings_of(other)
+    for key in set(ours) | set(theirs):
+        if not source_keys and key.startswith("source."):
+            continue
+        if key.startswith(METHOD_KEYS) and (key not in ours or key not in theirs):
+            continue
+        if ours.get(key) != theirs.get(key):
+            return False
+    return True
+
+
+def _other_settings(row) -> str:
+    """The row's settings as one string, for a reason line."""
+    return " ".join(f"{k}={v}" for k, v in sorted(settings_of(row).items()))
 
 
 def with_paired(frame: pd.DataFrame) -> pd.DataFrame:
@@ -153,7 +170,7 @@ def with_paired(frame: pd.DataFrame) -> pd.DataFrame:
     for _, row in frame.iterrows():
         group = frame[(frame["backbone"] == row["backbone"]) & (frame["target"] == row["target"])
                       & (frame["sampling_rate"] == row["sampling_rate"])]
-        same = group[[_other_settings(r) == _other_settings(row) for _, r in group.iterrows()]]
+        same = group[[comparable(row, r) for _, r in group.iterrows()]]
         reference, note, numbers = "", "", empty
         names = reference_candidates(row["method"])
         if not is_scratch(row["method"]) and row["method"] not in names:  # Fine-tuning (L2) is the reference itself
@@ -166,7 +183,7 @@ def with_paired(frame: pd.DataFrame) -> pd.DataFrame:
             else:
                 note = (f"no {' or '.join(names)} row from {row['source']} with the same backbone, sampling rate and "
                         "settings" + (f" ({_other_settings(row)})" if _other_settings(row) else ""))
-        scratch = group[[r["method"] == SCRATCH and _other_settings(r, False) == _other_settings(row, False)
+        scratch = group[[r["method"] == SCRATCH and comparable(row, r, source_keys=False)
                          for _, r in group.iterrows()]]
         against = paired(per_seed(row), per_seed(scratch.iloc[0])) if len(scratch) == 1 and \
             not is_scratch(row["method"]) else empty

@@ -169,3 +169,33 @@ def test_a_row_leaves_out_the_overrides_of_keys_outside_its_key(override, left_o
     from safetransfer.results import runtime_only
 
     assert runtime_only(override) is left_out
+
+
+def test_a_grid_is_compared_with_its_reference_and_a_missing_pair_says_why(tmp_path):
+    """An L2-SP grid (alpha 0.01, 0.1) beside one Fine-tuning row: each L2-SP row is compared with
+    Fine-tuning (which has no alpha); DTNH (L2-SP) at alpha 0.1 with L2-SP at 0.1 only; a DTNH row
+    without alpha matches both L2-SP rows and says the pair is ambiguous; a row of another lr has no
+    reference and says so. The settings that differ are columns of the Markdown table."""
+    def job(key, method, accuracies, overrides):
+        return make_row(backbone="resnet18", source="demo", target="demo", sampling_rate=30, method=method,
+                        seeds=[0, 1, 2], accuracies=accuracies, overrides=overrides, key=key, run_dir="/tmp/run")
+
+    write_row(tmp_path, "t", job("f", "Fine-tuning", [80.0, 81.0, 82.0], "method=fine_tuning"))
+    write_row(tmp_path, "t", job("a", "L2-SP", [70.0, 72.0, 71.0], "method=l2sp regularizer.terms.l2sp.alpha=0.01"))
+    write_row(tmp_path, "t", job("b", "L2-SP", [75.0, 76.0, 78.0], "method=l2sp regularizer.terms.l2sp.alpha=0.1"))
+    write_row(tmp_path, "t", job("d", "DTNH (L2-SP)", [76.0, 77.0, 79.0],
+                                 "method=dtnh_l2sp regularizer.terms.l2sp.alpha=0.1"))
+    write_row(tmp_path, "t", job("e", "DTNH (L2-SP)", [60.0, 61.0, 62.0], "method=dtnh_l2sp"))
+    write_row(tmp_path, "t", job("g", "L2-SP", [50.0, 51.0, 52.0],
+                                 "method=l2sp regularizer.terms.l2sp.alpha=0.1 optim.optimizer.lr=0.1"))
+    frame = read_table(tmp_path, "t").set_index("key")
+    assert frame.loc["a", "reference"] == "Fine-tuning" and frame.loc["a", "paired_diff"] == pytest.approx(-10.0)
+    assert frame.loc["b", "reference"] == "Fine-tuning" and frame.loc["b", "paired_diff"] == pytest.approx(-4.666666)
+    assert frame.loc["d", "reference"] == "L2-SP" and frame.loc["d", "paired_diff"] == pytest.approx(1.0)
+    assert pd.isna(frame.loc["e", "reference"]) and "2 L2-SP rows" in frame.loc["e", "paired_note"]
+    assert "ambiguous" in frame.loc["e", "paired_note"]
+    assert pd.isna(frame.loc["g", "reference"]) and "no Fine-tuning or L2 row from demo" in frame.loc["g", "paired_note"]
+    markdown = (tmp_path / "t.md").read_text()
+    header = markdown.splitlines()[0]
+    assert "| l2sp.alpha " in header and "| optimizer.lr " in header and "overrides" not in header
+    assert "none: 2 L2-SP rows" in markdown
