@@ -71,7 +71,7 @@ def test_root_config_is_the_papers_protocol(compose_cfg):
         "backbone": [model.weight], "head": [model.bias]}})())[1].milestones == {6000: 1}  # the papers' drop
     assert (cfg.data.resize, cfg.data.crop) == (256, 224)
     assert cfg.runtime.device == "auto"
-    assert method_name(cfg) == "Fine-tuning"
+    assert method_name(cfg) == "From scratch"  # the root config's source is scratch
 
 
 def test_demo_experiment_is_a_sweep_over_methods(compose_cfg):
@@ -92,7 +92,16 @@ def test_demo_experiment_is_a_sweep_over_methods(compose_cfg):
     ("delta_bss", "dtnh", "DTNH (DELTA+BSS)"), ("knowdist_bss", "sum", "KnowDist+BSS"),
 ])
 def test_method_names_follow_regularizer_and_direction(compose_cfg, regularizer, direction, name):
-    assert method_name(compose_cfg(f"regularizer={regularizer}", f"direction={direction}")) == name
+    assert method_name(compose_cfg("source=imagenet", f"regularizer={regularizer}", f"direction={direction}")) == name
+
+
+def test_plain_fine_tuning_from_scratch_is_named_from_scratch(compose_cfg):
+    """The no-transfer baseline is "From scratch" (it was "Fine-tuning", like the transfer row);
+    another method from scratch keeps its name (the source column says scratch)."""
+    assert method_name(compose_cfg("source=scratch")) == "From scratch"
+    assert method_name(compose_cfg("method=from_scratch", "source=imagenet")) == "From scratch"
+    assert method_name(compose_cfg("source=scratch", "method=l2")) == "From scratch"  # the BSS paper's L2
+    assert method_name(compose_cfg("source=scratch", "regularizer=l2sp")) == "L2-SP"
 
 
 @pytest.mark.parametrize("regularizer,terms", [

@@ -181,7 +181,7 @@ def test_end_to_end_run_from_a_file_source(cli, tmp_path):
     import pandas as pd
 
     row = pd.read_csv(tmp_path / "res" / "demo.csv").iloc[0]
-    assert row["source"] == "file" and row["method"] == "L2-SP"
+    assert row["source"] == "file:source" and row["method"] == "L2-SP"  # a file source is named with its file
 
 
 def test_file_source_without_a_path_is_one_line(cli):

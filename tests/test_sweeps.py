@@ -175,17 +175,15 @@ def test_slurm_preset_sets_the_submitit_slurm_launcher(compose_cfg):
     assert cfg.runtime.num_workers < launcher.cpus_per_task  # workers + the main process fit the allocation
 
 
-def test_a_method_that_fixes_the_source_refuses_an_explicit_other_source(cli, tmp_path):
-    """method=from_scratch with source=demo on the command line trained the scratch column from the
-    demo source (the explicit choice won): that job now fails in one line, the other runs."""
-    result = cli(*[o for o in TINY_SWEEP if o != "seeds=[0,1]"], "seeds=[0]", "method=fine_tuning,from_scratch",
-                 "hydra.sweep.dir=sweep")
-    assert "source=demo" in TINY_SWEEP
-    assert result.returncode != 0
-    assert ("method=from_scratch sets source=scratch, but source=demo is given too and would win" in result.stderr)
-    statuses = {r["num"]: r["status"] for r in job_statuses(tmp_path / "sweep")}
-    assert statuses == {0: "finished", 1: "failed"}
-    assert not list((tmp_path / "sweep" / "1").glob("seed_*"))
+def test_a_method_that_fixes_a_group_refuses_an_explicit_other_choice_before_any_job(cli, tmp_path):
+    """method=l2sp with regularizer=l2 on the command line would train Fine-tuning under L2-SP's
+    name: refused in one line before any job starts (the job failed only when its turn came)."""
+    result = cli(*[o for o in TINY_SWEEP if o != "seeds=[0,1]"], "seeds=[0]", "method=fine_tuning,l2sp",
+                 "regularizer=l2", "hydra.sweep.dir=sweep")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "method=l2sp sets regularizer=l2sp, but regularizer=l2 is given for every job" in lines[0]
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_jobs_of_one_sweep_that_resolve_to_one_config_are_reported(tmp_path):
