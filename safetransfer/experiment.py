@@ -25,7 +25,7 @@ from safetransfer.methods import method_name, source_label
 from safetransfer.preparation import Data, prepare_data, save_indices, seed_data
 from safetransfer.results import config_key, format_cell, make_row, write_row
 from safetransfer.resume import CHECKPOINT, Checkpointer, StopSignals
-from safetransfer.runtime import job_device
+from safetransfer.runtime import job_device, resolve_device
 from safetransfer.search import apply_chosen
 from safetransfer.sources import own_keys, provenance, save_source_checkpoint
 from safetransfer.targets import Target
@@ -82,7 +82,8 @@ def pace_report(cfg: DictConfig, seeds_after: int):
         seed_s = seconds_per_iteration * cfg.train.iterations
         job_s = seconds_per_iteration * left + seed_s * seeds_after
         log.info("pace: %.3g s per iteration on %s: a seed takes about %s (%d iterations); this job about %s more "
-                 "(%d seed%s to go)", seconds_per_iteration, cfg.runtime.device, duration_text(seed_s),
+                 "(%d seed%s to go)", seconds_per_iteration, resolve_device(str(cfg.runtime.device)),
+                 duration_text(seed_s),
                  cfg.train.iterations, duration_text(job_s), seeds_after + 1, "s" if seeds_after else "")
         if job_s > LONG_JOB_S:
             fits = max(1, int(LONG_JOB_S / 4 / seconds_per_iteration / (seeds_after + 1)))

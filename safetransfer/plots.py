@@ -88,7 +88,7 @@ def series_name(run: Run, runs: Sequence[Run]) -> str:
     mix sources (From scratch needs none), and the values a grid varied when the method's runs
     hold several settings (`L2-SP alpha=0.1`: curves of different settings are never averaged)."""
     name = run.method
-    if len({r.source for r in runs}) > 1 and not is_scratch(run.method):
+    if len({r.source for r in runs if not is_scratch(r.method)}) > 1 and not is_scratch(run.method):
         name += f" [{run.source}]"
     same = [r for r in runs if (r.method, r.source, r.target, r.sampling_rate) ==
             (run.method, run.source, run.target, run.sampling_rate)]

@@ -152,8 +152,10 @@ def search_table(seeds: pd.DataFrame) -> pd.DataFrame:
 
 def column_labels(cells: pd.DataFrame) -> list[str]:
     """The method, with its source (and backbone) in brackets when the table mixes several:
-    `L2-SP [pretrained:vehicles]` beside `L2-SP [demo]`; From scratch needs no source."""
-    parts = [c for c in ("backbone", "source") if cells[c].nunique() > 1]
+    `L2-SP [pretrained:vehicles]` beside `L2-SP [demo]`. From scratch needs no source, and
+    does not count as one: beside it, the transfer columns of one source keep plain names."""
+    transfer = cells[[not is_scratch(m) for m in cells["method"]]]
+    parts = [c for c in ("backbone", "source") if (cells if c == "backbone" else transfer)[c].nunique() > 1]
     labels = []
     for method, (_, row) in zip(cells["method"], cells.iterrows()):
         shown = [str(row[p]) for p in parts if not (p == "source" and is_scratch(method))]

@@ -47,7 +47,7 @@ def test_full_demo_shows_transfer_beyond_the_seeds_spread(tmp_path):
 def check_demo_table(frame):
     """Five rows of five seeds; every transferred row beats the scratch row beyond the seeds' spread."""
     assert set(frame["n_seeds"]) == {5}
-    assert sorted(frame["method"]) == ["DTNH (L2-SP)", "Fine-tuning", "Fine-tuning", "L2-SP", "L2-SP+BSS"]
+    assert sorted(frame["method"]) == ["DTNH (L2-SP)", "Fine-tuning", "From scratch", "L2-SP", "L2-SP+BSS"]
     transferred, scratch = frame[frame["source"] == "demo"], frame[frame["source"] == "scratch"].iloc[0]
     assert len(transferred) == 4
     assert ((transferred["mean"] - transferred["std"]) > scratch["mean"] + scratch["std"] + 10).all()
