@@ -50,6 +50,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def plain(value):
+    """A NumPy scalar (as pandas gives them) as the Python value it holds, for JSON."""
+    return value.item() if hasattr(value, "item") else value
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 

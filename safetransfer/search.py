@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.errors import ConfigError
 from safetransfer.methods import source_label
-from safetransfer.atomic import atomic_write_json
+from safetransfer.atomic import atomic_write_json, plain
 
 
 def cell_id(cfg: DictConfig, method: str) -> str:
@@ -73,11 +73,6 @@ def choose(seeds: pd.DataFrame, grids: dict[str, list[str]]) -> dict:
             "values": values, "val_top1": float(means[best]), "settings_tried": int(len(means)),
             "seeds": int((group["key"] == best).sum())}
     return cells
-
-
-def plain(value):
-    """A NumPy scalar (as pandas gives them) as the Python value it holds, for JSON."""
-    return value.item() if hasattr(value, "item") else value
 
 
 def write_chosen(path: Path, table: str, cells: dict, searched: list[str]) -> dict:

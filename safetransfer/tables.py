@@ -30,9 +30,8 @@ from safetransfer.checks import check_writable
 from safetransfer.errors import ConfigError
 from safetransfer.methods import is_scratch, method_name, source_label
 from safetransfer.paired import paired, paired_text, reference_column, scratch_column
-from safetransfer.atomic import atomic_write_text, read_json
+from safetransfer.atomic import atomic_write_text, plain, read_json
 from safetransfer.results import NOT_IN_KEY, config_key, format_cell, lock_for, short_key, summarize
-from safetransfer.search import plain
 
 CELL = ["backbone", "source", "target", "sampling_rate", "method"]
 ROWS = ["target", "sampling_rate"]
