@@ -18,7 +18,7 @@ from safetransfer.atomic import atomic_torch_save, atomic_write_json, read_json
 from safetransfer.backbones import TransferNet
 from safetransfer.build import build_seed, train_log
 from safetransfer.checks import check_classes, check_config, check_training_set
-from safetransfer.downloads import mirrored
+from safetransfer.downloads import file_digest, mirrored
 from safetransfer.engine import NonFiniteError, evaluate, fit, test_forward
 from safetransfer.errors import ConfigError
 from safetransfer.methods import method_name, source_label
@@ -87,10 +87,10 @@ def pace_report(cfg: DictConfig, seeds_after: int):
                  cfg.train.iterations, duration_text(job_s), seeds_after + 1, "s" if seeds_after else "")
         if job_s > LONG_JOB_S:
             fits = max(1, int(LONG_JOB_S / 4 / seconds_per_iteration / (seeds_after + 1)))
+            smaller = ", smaller images (data.resize=128 data.crop=112)" if cfg.data.crop > 112 else ""
             log.warning("this job will take about %s. To shorten it: train.iterations=%d (the lr drop moves with it "
                         "when optim.scheduler.milestones is a fraction of the run, as by default), fewer seeds "
-                        "(seeds=[0]), smaller images (data.resize=128 data.crop=112), or a GPU (runtime.device=cuda)",
-                        duration_text(job_s), fits)
+                        "(seeds=[0])%s, or a GPU (runtime.device=cuda)", duration_text(job_s), fits, smaller)
 
     return report
 
@@ -156,7 +156,8 @@ def export_source(cfg: DictConfig, model: TransferNet, seed: int, top1: float, t
         "source": OmegaConf.to_container(cfg.source, resolve=True), "iterations": cfg.train.iterations,
         "seed": seed, "top1": top1, "test_loss": test_loss, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config_key": config_key(cfg), "run_dir": str(run_dir)})
-    log.info("source checkpoint written to %s (sha256 of the weights %s)", save_to, metadata["sha256"])
+    log.info("source checkpoint written to %s (sha256 of the file %s, of its weights %s; runs fine-tuned from it "
+             "record the file's)", save_to, file_digest(save_to), metadata["sha256"])
 
 
 def check_save_to(cfg: DictConfig, run_dir: Path) -> None:
@@ -179,8 +180,9 @@ def check_save_to(cfg: DictConfig, run_dir: Path) -> None:
                       "started from: set pretrain.overwrite=true to replace it, or pretrain.save_to=<another path>")
 
 
-def finished_seed(run_dir: Path, seed: int, key: str) -> dict | None:
-    """The metrics of `seed` if an earlier run of this same config finished it in `run_dir`."""
+def finished_seed(run_dir: Path, seed: int, key: str, origin: dict | None = None) -> dict | None:
+    """The metrics of `seed` if an earlier run of this same config, from the same source
+    checkpoint (`origin`'s sha256), finished it in `run_dir`."""
     path = run_dir / f"seed_{seed}" / "metrics.json"
     if not path.exists():
         return None
@@ -189,6 +191,11 @@ def finished_seed(run_dir: Path, seed: int, key: str) -> dict | None:
         return None
     if config_key(OmegaConf.create(metrics["config"])) != key:
         log.warning("%s holds seed %d of another config; it is run again and replaced", path.parent, seed)
+        return None
+    before = (metrics.get("source_checkpoint") or {}).get("sha256")
+    if origin is not None and before and before != origin.get("sha256"):
+        log.warning("%s: seed %d was fine-tuned from another version of %s (sha256 %s, now %s); it is run again",
+                    path.parent, seed, origin.get("file"), before[:12], str(origin.get("sha256"))[:12])
         return None
     return metrics
 
@@ -207,8 +214,8 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "", stop: StopSigna
     `stop` (safetransfer.resume.StopSignals) asks the running seed to checkpoint and stop."""
     foreign = own_keys(cfg.source)
     if foreign:  # a sweep over sources: each takes its own keys
-        log.info("source=%s takes no %s; left out of this job", cfg.source.name,
-                 ", ".join(f"source.{k}" for k in foreign))
+        log.info("source=%s leaves out the keys it does not take (given for the other sources of the sweep, or "
+                 "by the source the method replaces): %s", cfg.source.name, ", ".join(f"source.{k}" for k in foreign))
         overrides = " ".join(o for o in overrides.split() if o.lstrip("+~").partition("=")[0]
                              not in {f"source.{k}" for k in foreign})
     check_config(cfg)
@@ -272,7 +279,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
     key = config_key(cfg)
     outcomes: dict[int, dict | None] = {}
     for seed in cfg.seeds:
-        done, error = finished_seed(run_dir, seed, key), failed_seed(run_dir, seed, key)
+        done, error = finished_seed(run_dir, seed, key, origin), failed_seed(run_dir, seed, key)
         if done is not None:
             log.info("seed %d: finished earlier in %s (top-1 %.2f%%), kept", seed, run_dir, done["top1"])
             outcomes[seed] = done

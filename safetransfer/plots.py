@@ -83,18 +83,17 @@ def load_runs(directories: Iterable[Path]) -> list[Run]:
     return runs
 
 
-def series_name(run: Run, runs: Sequence[Run]) -> str:
+def series_name(run: Run, runs: Sequence[Run], settings: bool = True) -> str:
     """A line's name, the same in every figure: the method, its source in brackets when the runs
-    mix sources (From scratch needs none), and the values a grid varied when the method's runs
-    hold several settings (`L2-SP alpha=0.1`: curves of different settings are never averaged)."""
+    mix sources (From scratch needs none), and (`settings`) the values a grid varied when the
+    method's runs hold several settings (`L2-SP l2sp.alpha=0.1`: settings are never averaged)."""
     name = run.method
     if len({r.source for r in runs if not is_scratch(r.method)}) > 1 and not is_scratch(run.method):
         name += f" [{run.source}]"
     same = [r for r in runs if (r.method, r.source, r.target, r.sampling_rate) ==
             (run.method, run.source, run.target, run.sampling_rate)]
-    if len({r.key for r in same}) > 1:
-        settings = {r.key: r.settings or {} for r in same}
-        varied = varied_keys(list(settings.values()))
+    if settings and len({r.key for r in same}) > 1:
+        varied = varied_keys([r.settings or {} for r in same])
         name += " " + " ".join(f"{short_key(k, varied)}={(run.settings or {}).get(k)}" for k in varied)
     return name
 
@@ -117,11 +116,30 @@ def _labels(runs: Sequence[Run], by_rate: bool = False) -> dict[str, tuple[str, 
 
 
 def palette(names: Iterable[str]) -> dict[str, str]:
-    """One colour per series name, the same in every figure of a call (sorted names, tab10 then tab20)."""
+    """One colour per method name, the same in every figure of a call (sorted names, tab10 then tab20)."""
     import matplotlib
 
     colours = list(matplotlib.colormaps["tab10"].colors) + list(matplotlib.colormaps["tab20"].colors[1::2])
     return {name: matplotlib.colors.to_hex(colours[i % len(colours)]) for i, name in enumerate(sorted(set(names)))}
+
+
+def series_colors(runs: Sequence[Run], methods: dict[str, str] | None = None) -> dict[str, str]:
+    """The colour of every series: its method's (`methods`, a palette of method names), in shades
+    from dark to light when a grid gives the method several series."""
+    import matplotlib.colors
+
+    parts: dict[str, set[str]] = {}
+    for run in runs:
+        parts.setdefault(series_name(run, runs, settings=False), set()).add(series_name(run, runs))
+    methods = {**palette(parts), **(methods or {})}
+    colours = {}
+    for method, variants in parts.items():
+        base = np.asarray(matplotlib.colors.to_rgb(methods[method]))
+        for index, variant in enumerate(sorted(variants)):
+            t = index / (len(variants) - 1) if len(variants) > 1 else 0.5
+            shade = base * (0.55 + 0.45 * t / 0.5) if t <= 0.5 else base + (1 - base) * (t - 0.5) * 0.9
+            colours[variant] = matplotlib.colors.to_hex(np.clip(shade, 0, 1))
+    return colours
 
 
 def legend_below(figure, axes) -> None:
@@ -200,12 +218,12 @@ def too_few_rows(runs: Sequence[Run], column: str) -> str | None:
 def plot_losses(runs: Sequence[Run], path: Path, colors: dict[str, str] | None = None) -> Path | None:
     why = too_few_rows(runs, "loss_J")
     if why:
-        log.warning("%s not drawn: %s", path.name, why)
+        log.info("%s not drawn: %s", path.name, why)
         return None
     held_out = next((c for c in ("val_loss", "test_loss") if any(c in r.log for r in runs)), None)
     plt, figure, (axis,) = _figure(1)
     groups = _labels(runs)
-    colors = colors or palette(series for series, _ in groups.values())
+    colors = series_colors(runs, colors)
     for label, (series, group) in groups.items():
         color = colors[series]
         _band(axis, curve_band(group, "loss_J"), f"{label}: empirical loss J (train)", color, floor=1e-3)
@@ -232,13 +250,13 @@ def plot_angles(runs: Sequence[Run], path: Path, colors: dict[str, str] | None =
     g_J and g_Omega: above 90 degrees DTNH removes cos^2 of it of the pull's squared length."""
     why = too_few_rows(runs, "angle_d_J")
     if why:
-        log.warning("%s not drawn: %s", path.name, why)
+        log.info("%s not drawn: %s", path.name, why)
         return None
     runs = logged(runs, "angle_d_J")
     between = bool(logged(runs, "angle_J_Omega"))  # logs written before it was recorded have none
     plt, figure, axes = _figure(3 if between else 2)
     groups = _labels(runs)
-    colors = colors or palette(series for series, _ in groups.values())
+    colors = series_colors(runs, colors)
     for axis, (first, second, first_name, second_name) in zip(axes, ANGLE_PAIRS):
         for label, (series, group) in groups.items():
             color = colors[series]
@@ -264,7 +282,7 @@ def plot_spectra(runs: Sequence[Run], path: Path, colors: dict[str, str] | None 
         return None
     plt, figure, axes = _figure(2)
     groups = _labels(runs, by_rate=True)
-    colors = colors or palette(series for series, _ in groups.values())
+    colors = series_colors(runs, colors)
     rates = sorted({r.sampling_rate for r in runs})
     styles = ["-", "--", ":", "-."]
     for label, (series, group) in sorted(groups.items()):
@@ -355,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         numbers = None
         print(f"safetransfer-plot: no table figure: {error}")
     # one colour per method (series) in every figure, the table's columns included
-    names = {series for series, _ in _labels(runs).values()}
+    names = {series_name(run, runs, settings=False) for run in runs}
     if numbers is not None:
         names |= set(numbers.columns.get_level_values("method"))
     colors = palette(names)

@@ -153,11 +153,6 @@ def comparable(row, other, source_keys: bool = True) -> bool:
     return True
 
 
-def _other_settings(row) -> str:
-    """The row's settings as one string, for a reason line."""
-    return " ".join(f"{k}={v}" for k, v in sorted(settings_of(row).items()))
-
-
 def with_paired(frame: pd.DataFrame) -> pd.DataFrame:
     """Each row against its reference row (tables' rule: L2-SP for DTNH (L2-SP), L2-SP for
     L2-SP+BSS, Fine-tuning for the rest) from the same source, with the same backbone, target,
@@ -181,8 +176,7 @@ def with_paired(frame: pd.DataFrame) -> pd.DataFrame:
                 note = (f"{len(candidates)} {' or '.join(names)} rows from {row['source']} with the same settings "
                         f"(runs {', '.join(candidates['key'])}): which is the reference is ambiguous")
             else:
-                note = (f"no {' or '.join(names)} row from {row['source']} with the same backbone, sampling rate and "
-                        "settings" + (f" ({_other_settings(row)})" if _other_settings(row) else ""))
+                note = f"no {' or '.join(names)} row from {row['source']} with the same backbone, sampling rate and settings"
         scratch = group[[r["method"] == SCRATCH and comparable(row, r, source_keys=False)
                          for _, r in group.iterrows()]]
         against = paired(per_seed(row), per_seed(scratch.iloc[0])) if len(scratch) == 1 and \
@@ -240,14 +234,15 @@ def to_markdown(frame: pd.DataFrame) -> str:
     if shared:
         text += "\nEvery row: " + " ".join(f"{k}={v}" for k, v in shared.items()) + "\n"
     lines = []
-    for row in frame.itertuples():
+    for index, row in enumerate(frame.itertuples()):
         where = f"{row.target} {float(row.sampling_rate):g}% {row.source}"
+        method = " ".join([row.method, *(f"{short_key(k, varied)}={v[index]}" for k, v in varied.items() if v[index])])
         if getattr(row, "reference", "") or getattr(row, "paired_note", ""):
             interval = paired_text(int(row.paired_n), row.paired_diff, row.paired_low, row.paired_high) \
                 if row.reference else f"none: {row.paired_note}"
-            lines.append((where, row.method, row.reference or "", interval))
+            lines.append((where, method, row.reference or "", interval))
         if getattr(row, "scratch_n", 0):
-            lines.append((where, row.method, SCRATCH, paired_text(int(row.scratch_n), row.scratch_diff,
+            lines.append((where, method, SCRATCH, paired_text(int(row.scratch_n), row.scratch_diff,
                                                                    row.scratch_low, row.scratch_high)))
     if lines:
         second = pd.DataFrame(lines, columns=["target, sampling, source", "method", "reference",

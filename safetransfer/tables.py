@@ -16,6 +16,7 @@ values in the CSV. The test accuracy never takes part in the choice.
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -32,6 +33,8 @@ from safetransfer.methods import is_scratch, method_name, source_label
 from safetransfer.paired import paired, paired_text, reference_column, scratch_column
 from safetransfer.atomic import atomic_write_text, plain, read_json
 from safetransfer.results import NOT_IN_KEY, config_key, format_cell, lock_for, short_key, summarize
+
+log = logging.getLogger(__name__)
 
 CELL = ["backbone", "source", "target", "sampling_rate", "method"]
 ROWS = ["target", "sampling_rate"]
@@ -55,12 +58,14 @@ def collect(directories: Iterable[Path]) -> pd.DataFrame:
             if metrics is None:
                 continue
             cfg = OmegaConf.create(metrics["config"])
-            key = config_key(cfg)
+            key, digest = config_key(cfg), (metrics.get("source_checkpoint") or {}).get("sha256")
+            if digest:  # one config fine-tuned from two versions of a source file: two settings, not one
+                key = f"{key}:{digest[:12]}"
             cell = (cfg.backbone.name, source_label(cfg.source), cfg.target.name, float(cfg.target.sampling_rate),
                     metrics.get("method") or method_name(cfg))  # runs before the name was saved: from the config
             rows[(key, metrics["seed"])] = (*cell, key, metrics["seed"], metrics["top1"],
                                             metrics.get("val_top1", math.nan))
-            settings[key] = flat_settings(cfg)
+            settings[key] = {**flat_settings(cfg), **({"source_checkpoint.sha256": digest} if digest else {})}
     frame = pd.DataFrame(list(rows.values()), columns=[*CELL, "key", "seed", "top1", "val_top1"])
     frame.attrs["settings"] = settings
     return frame
@@ -145,7 +150,8 @@ def search_table(seeds: pd.DataFrame) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows)
-    frame = frame.rename(columns={k: short_key(k, keys) for k in keys})
+    frame["sampling_rate"] = frame["sampling_rate"].map(lambda r: f"{float(r):g}")
+    frame = frame.rename(columns={**{k: short_key(k, keys) for k in keys}, "sampling_rate": "sampling (%)"})
     return frame.drop(columns=[c for c in ("backbone", "source") if frame[c].nunique() == 1])
 
 
@@ -170,6 +176,9 @@ def expand_methods(methods: Sequence[str] | None, labels: Sequence[str]) -> list
     expanded = []
     for name in methods:
         matches = [label for label in dict.fromkeys(labels) if label == name or label.partition(" [")[0] == name]
+        if not matches:
+            log.warning("--methods %r matches no column (the columns: %s); it is shown as missing", name,
+                        ", ".join(dict.fromkeys(labels)))
         expanded += matches if name not in labels and matches else [name]
     return list(dict.fromkeys(expanded))
 
@@ -396,7 +405,9 @@ def write_seeds_table(seeds: pd.DataFrame, results_dir: Path, name: str, publish
     atomic_write_text(Path(results_dir) / f"{name}.csv", flat.to_csv())
     markdown = to_markdown(table, published, notes)
     atomic_write_text(Path(results_dir) / f"{name}.md", markdown)
-    if not len(searched):
+    if not len(searched):  # a search table of an earlier write would contradict this one
+        for suffix in (".md", ".csv"):
+            (Path(results_dir) / f"{search_name}{suffix}").unlink(missing_ok=True)
         return markdown
     atomic_write_text(Path(results_dir) / f"{search_name}.csv", searched.to_csv(index=False))
     search_markdown = (searched.drop(columns=["key"]).to_markdown(index=False, disable_numparse=True) + "\n\n"

@@ -143,6 +143,8 @@ def check_keys(arguments: list[str]) -> None:
         key, added = override.key_or_group, override.is_add() or override.is_force_add()
         if added and key.rpartition(".")[0] in OPEN_MAPS:
             continue
+        if override.is_force_add() and key.startswith("source.") and key.split(".")[1] in source_keys():
+            continue  # a source sweep's key, in a rerun of one of its jobs: the job keeps what its source takes
         known = sorted(set().union(*(_dotted_keys(OmegaConf.to_container(c, resolve=False)) for c in configs)))
         scores = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in known}
         best = max(scores.values(), default=0)
@@ -164,6 +166,12 @@ def method_groups(method: str) -> dict[str, str]:
             if str(key).startswith("override /") and not pinned:
                 fixed[group] = str(value)
     return fixed
+
+
+def source_keys() -> set[str]:
+    """The keys of every source config shipped with the package."""
+    folder = resources.files(CONFIG_PACKAGE).joinpath("source")
+    return {str(k) for name in group_options("source") or [] for k in OmegaConf.load(str(folder.joinpath(f"{name}.yaml")))}
 
 
 def check_method_choices(choices) -> None:
@@ -240,7 +248,6 @@ def app(cfg: DictConfig) -> float:
             check_method_choices(hydra_cfg.runtime.choices)
             row = run_job(cfg, run_dir, job_overrides(), stop=stop)
     except resume.Preempted as preempted:
-        status.write("interrupted" if preempted.signum == signal.SIGINT else "preempted", error=str(preempted))
         message = str(preempted)
         if num is not None:  # "the same command" would start a new sweep folder: name this one
             from safetransfer.sweeps import SweepReport, continue_command
@@ -248,6 +255,7 @@ def app(cfg: DictConfig) -> float:
             message = message.replace("rerun the same command (same output directory) to continue",
                                       "continue the sweep with: " + continue_command(
                                           SweepReport.arguments or sys.argv[1:], Path(hydra_cfg.sweep.dir)))
+        status.write("interrupted" if preempted.signum == signal.SIGINT else "preempted", error=message)
         log.warning("%s", message)
         print(f"safetransfer-train: {message}", file=sys.stderr, flush=True)
         stop.forward(preempted.signum)  # under submitit: its handler requeues the job

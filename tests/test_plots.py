@@ -195,12 +195,22 @@ def test_grid_settings_are_separate_curves_one_colour_per_method_legends_off_the
     labels = [line.get_label() for line in losses.axes[0].lines]
     assert "L2-SP l2sp.alpha=0.01: empirical loss J (train)" in labels
     assert "L2-SP l2sp.alpha=0.1: empirical loss J (train)" in labels
-    # the same method, the same colour: the losses' line and the table's bars
-    fine_line = next(line for line in losses.axes[0].lines if line.get_label().startswith("Fine-tuning:"))
-    bars = next(c for c in figures["table.png"].axes[0].containers if c.get_label() == "Fine-tuning")
+    # the same method, the same colour: the losses' line and the table's bars; a grid's settings in
+    # shades of their method's colour (the middle one of three, or a lone setting, is the colour itself)
     import matplotlib.colors
 
-    assert matplotlib.colors.to_hex(bars.patches[0].get_facecolor()) == matplotlib.colors.to_hex(fine_line.get_color())
+    def line_colour(prefix):
+        line = next(line for line in losses.axes[0].lines if line.get_label().startswith(prefix))
+        return np.asarray(matplotlib.colors.to_rgb(line.get_color()))
+
+    def bar_colour(method):
+        bars = next(c for c in figures["table.png"].axes[0].containers if c.get_label() == method)
+        return np.asarray(matplotlib.colors.to_rgb(bars.patches[0].get_facecolor()))
+
+    np.testing.assert_allclose(line_colour("Fine-tuning:"), bar_colour("Fine-tuning"), atol=1e-2)
+    l2sp, dark, light = bar_colour("L2-SP"), line_colour("L2-SP l2sp.alpha=0.01:"), line_colour("L2-SP l2sp.alpha=0.1:")
+    np.testing.assert_allclose(dark, l2sp * 0.55, atol=1e-2)                # darker, same hue
+    np.testing.assert_allclose(light, l2sp + (1 - l2sp) * 0.45, atol=1e-2)  # lighter, same hue
     for name, figure in figures.items():
         assert figure.legends, name
         box = figure.legends[0].get_window_extent()

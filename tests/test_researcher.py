@@ -127,3 +127,40 @@ def test_planned_jobs_are_the_sweepers_product():
                                          "overrides": {"task": ["target.sampling_rate=30,50", "seeds=[0]"]}}})
     jobs = planned_jobs(config)
     assert len(jobs) == 3 * 2 and ["method=fine_tuning", "target.sampling_rate=30", "seeds=[0]"] in jobs
+
+
+def test_a_replaced_source_checkpoint_never_mixes_into_one_setting(compose_cfg, tmp_path):
+    """Seeds fine-tuned from two versions of one source file are two settings in a paper table
+    (they were one cell of two seeds), and a finished seed from the old version is trained again."""
+    from omegaconf import OmegaConf
+
+    from safetransfer.errors import ConfigError
+    from safetransfer.experiment import finished_seed
+    from safetransfer.results import config_key
+    from safetransfer.tables import collect, select
+
+    cfg = compose_cfg("source=pretrained", "source.dataset=vehicles")
+    for seed, digest in ((0, "a" * 64), (1, "b" * 64)):
+        path = tmp_path / "runs" / "job" / f"seed_{seed}" / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"seed": seed, "top1": 50.0, "config": OmegaConf.to_container(cfg, resolve=True),
+                                    "source_checkpoint": {"name": "pretrained", "file": "x.pt", "sha256": digest}}))
+    seeds = collect([tmp_path / "runs"])
+    assert seeds["key"].nunique() == 2
+    with pytest.raises(ConfigError, match="differ in source_checkpoint.sha256"):
+        select(seeds)
+    key = config_key(cfg)
+    run = tmp_path / "runs" / "job"
+    assert finished_seed(run, 0, key, {"sha256": "a" * 64}) is not None
+    assert finished_seed(run, 0, key, {"sha256": "b" * 64, "file": "x.pt"}) is None
+
+
+def test_the_rerun_command_of_a_source_sweeps_job_passes_the_key_check():
+    """A job of `-m source=demo,pretrained source.iterations=4` is rerun alone with its own overrides,
+    `++source.iterations=4` among them, beside source=pretrained: accepted (the job leaves it out)."""
+    from safetransfer.errors import ConfigError
+    from safetransfer.train import check_keys
+
+    check_keys(["source=pretrained", "++source.dataset=x", "++source.iterations=4", "hydra.mode=RUN"])
+    with pytest.raises(ConfigError, match="source.iteratons is not a key"):
+        check_keys(["source=pretrained", "++source.iteratons=4"])

@@ -359,3 +359,17 @@ def test_methods_are_chosen_by_plain_name_or_by_label(compose_cfg, tmp_path):
     main([str(tmp_path / "sweep"), "--name", "m", "--results", str(tmp_path / "results"), "--methods", "Fine-tuning"])
     header = (tmp_path / "results" / "m.md").read_text().splitlines()[0]
     assert "Fine-tuning [demo]" in header and "Fine-tuning [imagenet]" in header
+
+
+def test_a_search_table_that_no_longer_holds_is_removed(compose_cfg, tmp_path):
+    from safetransfer.tables import write_table
+
+    for number, alpha in enumerate((0.01, 0.1)):
+        cfg = compose_cfg("regularizer=l2sp", f"regularizer.terms.l2sp.alpha={alpha}", "target.val_fraction=0.2")
+        write_seed(tmp_path / "grid" / str(number), cfg, 0, 60.0 + number, val_top1=80.0 + number)
+    write_table([tmp_path / "grid"], tmp_path / "results", "t", accumulate=True)
+    assert (tmp_path / "results" / "t_search.md").exists()
+    cfg = compose_cfg("regularizer=l2sp", "regularizer.terms.l2sp.alpha=0.05", "target.val_fraction=0.2")
+    write_seed(tmp_path / "again" / "0", cfg, 0, 70.0, val_top1=85.0)
+    write_table([tmp_path / "again"], tmp_path / "results", "t", accumulate=True)  # the cell: alpha 0.05 only
+    assert not (tmp_path / "results" / "t_search.md").exists() and not (tmp_path / "results" / "t_search.csv").exists()
