@@ -18,6 +18,7 @@ TINY = [
     "data.crop=32",
     "runtime.num_workers=0",
     "runtime.log_every=1",
+    "runtime.diagnostics_every=0",   # the angles cost more than the tiny step: on only in the tests about them
     "runtime.device=cpu",
     "target.train_images_per_class=10",
     "target.test_images_per_class=4",
@@ -37,11 +38,26 @@ def compose_cfg(tmp_path):
 
 
 @pytest.fixture
-def cli(tmp_path):
-    """Run the real console entrypoint in a subprocess, in a temporary working directory."""
+def cli(train_in_process):
+    """`safetransfer-train ARGUMENTS` as its console entry point runs it, but in this process (no
+    interpreter start-up): a CompletedProcess with its exit code, stdout and stderr."""
     import subprocess
 
-    def _run(*arguments: str, timeout: float = 300):
+    def _run(*arguments: str):
+        code, out, err = train_in_process(*arguments)
+        return subprocess.CompletedProcess(["safetransfer-train", *arguments], code, out, err)
+
+    return _run
+
+
+@pytest.fixture
+def cli_process(tmp_path):
+    """Run the real console entrypoint in a subprocess, in a temporary working directory (for the
+    `e2e` tests: what only a process shows, such as launchers starting processes of their own).
+    No fixed timeout: a busy machine is slow, not broken."""
+    import subprocess
+
+    def _run(*arguments: str, timeout: float | None = None):
         return subprocess.run([sys.executable, "-m", "safetransfer.train", *arguments], cwd=tmp_path,
                               capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -88,6 +88,7 @@ def test_bad_input_is_one_clear_line_before_training(cli, tmp_path, arguments, e
     assert not list(tmp_path.rglob("seed_*")), "training started before the input was checked"
 
 
+@pytest.mark.e2e
 def test_no_arguments_means_the_demo(tmp_path):
     """Without arguments main() composes experiment=demo (checked without training, via --cfg)."""
     import subprocess
@@ -103,7 +104,8 @@ def test_no_arguments_means_the_demo(tmp_path):
 def test_dtnh_run_never_steps_further_from_g_J_than_the_sum(cli, tmp_path):
     """On a short real run with direction=dtnh, Angle 1 <= Angle 3 on every logged row."""
     result = cli(*[o for o in TINY if not o.startswith("train.iterations")], "train.iterations=6",
-                 *TINY_DEMO_SOURCE, "regularizer=l2sp_bss", "direction=dtnh", "results.dir=res")
+                 *TINY_DEMO_SOURCE, "regularizer=l2sp_bss", "direction=dtnh", "runtime.diagnostics_every=1",
+                 "results.dir=res")
     assert result.returncode == 0, result.stderr[-3000:]
     logs = list(tmp_path.rglob("seed_0/log.csv"))
     assert len(logs) == 1

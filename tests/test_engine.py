@@ -236,7 +236,8 @@ def test_small_angles_match_a_float64_reference(degrees):
 
 
 def test_sum_direction_logs_equal_angles_1_and_3(compose_cfg, tmp_path):
-    cfg = compose_cfg(*TINY, "train.iterations=3", "runtime.log_every=1", "regularizer=l2sp_bss")
+    cfg = compose_cfg(*TINY, "train.iterations=3", "runtime.log_every=1", "runtime.diagnostics_every=1",
+                      "regularizer=l2sp_bss")
     _run(cfg, 0, tmp_path)
     rows = _log(tmp_path, 0)
     assert len(rows) == 3

@@ -22,6 +22,7 @@ def _show_demo_config(cwd: Path, env: dict) -> str:
     return result.stdout
 
 
+@pytest.mark.e2e
 def test_editable_install_reads_the_repositorys_conf(tmp_path):
     if Path(safetransfer.__file__).resolve().parent != ROOT / "safetransfer":
         pytest.skip("the suite runs against a regular install; the other test covers it")
@@ -30,6 +31,7 @@ def test_editable_install_reads_the_repositorys_conf(tmp_path):
     assert "sampling_rate: 30" in shown and "name: demo" in shown
 
 
+@pytest.mark.e2e
 def test_regular_install_ships_the_conf_tree(tmp_path):
     source = tmp_path / "src"
     source.mkdir()

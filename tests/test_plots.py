@@ -111,7 +111,7 @@ def test_tensorboard_logger_writes_the_log_scalars(compose_cfg, tmp_path):
     from safetransfer.targets.demo import DemoTarget
 
     cfg = compose_cfg(*TINY, "train.iterations=4", "optim.scheduler.milestones=[3]", "logger=tensorboard",
-                      "runtime.log_every=2", "runtime.eval_every=2")
+                      "runtime.log_every=2", "runtime.diagnostics_every=2", "runtime.eval_every=2")
     target = DemoTarget(train_images_per_class=10, test_images_per_class=4, sampling_rate=50)
     run_seed(cfg, 0, prepare_data(cfg, target), None, tmp_path)
     events = EventAccumulator(str(tmp_path / "seed_0" / "tensorboard"))

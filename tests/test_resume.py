@@ -31,12 +31,12 @@ def start(tmp_path, run_dir, *extra):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def finish(process, timeout=300):
+def finish(process, timeout=1800):
     out, err = process.communicate(timeout=timeout)
     return process.returncode, out, err
 
 
-def wait_for_iteration(log_path: Path, iteration: int, process, timeout=180):
+def wait_for_iteration(log_path: Path, iteration: int, process, timeout=900):
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert process.poll() is None, finish(process)[2][-3000:]
@@ -67,6 +67,7 @@ def uninterrupted(tmp_path_factory):
     return outcome(tmp_path / "reference"), curve(tmp_path / "reference")
 
 
+@pytest.mark.e2e
 def test_sigkill_mid_seed_then_rerun_ends_exactly_like_an_uninterrupted_run(tmp_path, uninterrupted):
     process = start(tmp_path, "run")
     wait_for_iteration(tmp_path / "run" / "seed_0" / "log.csv", 17, process)
@@ -83,6 +84,7 @@ def test_sigkill_mid_seed_then_rerun_ends_exactly_like_an_uninterrupted_run(tmp_
     assert curve(tmp_path / "run") == rows  # the whole log, rows before and after the kill
 
 
+@pytest.mark.e2e
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly_then_the_rerun_continues(tmp_path, uninterrupted):
     process = start(tmp_path, "run", "runtime.checkpoint_every=0")  # only the signal makes a checkpoint
     wait_for_iteration(tmp_path / "run" / "seed_0" / "log.csv", 12, process)
@@ -101,6 +103,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly_then_the_rerun_continues(
     assert curve(tmp_path / "run") == uninterrupted[1]
 
 
+@pytest.mark.e2e
 def test_ctrl_c_is_a_stop_like_sigterm_one_line_and_status_interrupted(tmp_path):
     """SIGINT (Ctrl-C) was a 53-line KeyboardInterrupt traceback and job.json "failed"."""
     process = start(tmp_path, "run", "runtime.checkpoint_every=0")
@@ -218,6 +221,7 @@ def _processes_with(fragment: str) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the job's process through /proc")
+@pytest.mark.e2e
 def test_submitit_requeues_a_signalled_job_which_continues_from_its_checkpoint(tmp_path, uninterrupted):
     """launcher=submitit_local: SIGUSR2 (submitit's preemption signal) to the running job
     -> checkpoint, submitit requeues it, the requeued job resumes and ends like an uninterrupted run."""

@@ -104,10 +104,11 @@ def test_leases_give_each_holder_its_own_gpu_and_make_the_next_wait(tmp_path):
     assert order[0][0] == "released" and order[1][0] == "third"
 
 
-def test_two_job_sweep_through_submitit_local_executor(cli, tmp_path):
+@pytest.mark.e2e
+def test_two_job_sweep_through_submitit_local_executor(cli_process, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    result = cli(*TINY_SWEEP, "seeds=[0]", "launcher=submitit_local", "method=fine_tuning,l2sp",
-                 "hydra.sweep.dir=sweep", timeout=600)
+    result = cli_process(*TINY_SWEEP, "seeds=[0]", "launcher=submitit_local", "method=fine_tuning,l2sp",
+                         "hydra.sweep.dir=sweep")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     runs = metrics_of(tmp_path / "sweep")
     assert sorted(m["config"]["regularizer"]["name"] for m in runs) == ["Fine-tuning", "L2-SP"]
@@ -151,10 +152,11 @@ def test_reproduce_script_launches_the_tables_preset(tmp_path, table):
     assert wrong.returncode == 2 and "TABLE is one of: dtnh_table2 dtnh_table3 dtnh_table4 bss_table2" in wrong.stderr
 
 
-def test_two_job_sweep_through_the_joblib_launcher(cli, tmp_path):
+@pytest.mark.e2e
+def test_two_job_sweep_through_the_joblib_launcher(cli_process, tmp_path):
     """launcher=gpus on a machine without GPUs: one joblib worker, the device given on the command line."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    result = cli(*TINY_SWEEP, "seeds=[0]", "launcher=gpus", "runtime.device=cpu", "method=fine_tuning,l2sp",
+    result = cli_process(*TINY_SWEEP, "seeds=[0]", "launcher=gpus", "runtime.device=cpu", "method=fine_tuning,l2sp",
                  "hydra.sweep.dir=sweep")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     assert "Joblib.Parallel" in result.stdout + result.stderr  # Hydra's joblib launcher ran the jobs
