@@ -10,12 +10,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from safetransfer.engine import milestone_iterations
+from safetransfer.engine import PRECISIONS, milestone_iterations
 from safetransfer.errors import ConfigError, one_line
 from safetransfer.logs import PROGRESS
 from safetransfer.targets import TEST_CROPS, TRAIN_CROPS, crop_options
 
-PRECISIONS = ("fp32", "bf16")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -54,9 +53,6 @@ def check_config(cfg: DictConfig) -> None:
     if test_crops not in TEST_CROPS:
         raise ConfigError(f"data.test_crops={test_crops} is not a known choice; allowed: "
                           f"{', '.join(map(str, TEST_CROPS))}")
-    if cfg.data.augment_on == "device" and (train_crop, test_crops) != ("random_crop", 1):
-        raise ConfigError(f"data.augment_on=device does plain random crops and one test crop only; with "
-                          f"data.train_crop={train_crop} data.test_crops={test_crops} set data.augment_on=workers")
     if cfg.runtime.log_every < 0:
         raise ConfigError(f"runtime.log_every={cfg.runtime.log_every} must be >= 0 (0 logs only the last iteration)")
     if cfg.runtime.checkpoint_every < 0:

@@ -12,7 +12,6 @@ import torch
 from torch._utils import _unflatten_dense_tensors
 
 from safetransfer.errors import ConfigError
-from safetransfer.methods import method_label
 
 
 def zeros_like_all(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -77,10 +76,6 @@ class Direction:
         """A zero g_Omega for the closed-form terms to add their gradient into."""
         return zeros_like_all(params)
 
-    def method_name(self, regularizer_name: str) -> str:
-        """The method's name in results tables, e.g. 'L2-SP' or 'DTNH (L2-SP)' (safetransfer.methods)."""
-        return method_label(regularizer_name, type(self).__name__)
-
 
 class Sum(Direction):
     """d = g_J + g_Omega: ordinary regularized fine-tuning."""
@@ -143,6 +138,16 @@ class DTNH(Direction):
         c = projection_coefficient(torch.dot(flat_J, flat_Omega), torch.dot(flat_J, flat_J))
         flat_J.mul_(1 - c).add_(flat_Omega)  # d = (1 - c) g_J + g_Omega
         return d
+
+
+def dtnh_reference(g_J: Sequence[torch.Tensor], g_Omega: Sequence[torch.Tensor]) -> torch.Tensor:
+    """DTNH Algorithm 1 as the paper writes it, on all parameters as one vector, a line each:
+    the reading of the fast DTNH above (kept buffers, no host sync), which is tested against it."""
+    g_J = torch.cat([g.flatten() for g in g_J])
+    g_Omega = torch.cat([g.flatten() for g in g_Omega])
+    if torch.dot(g_J, g_Omega) < 0:  # the regularizer's gradient points against the empirical loss's
+        g_Omega = g_Omega - torch.dot(g_J, g_Omega) / torch.dot(g_J, g_J) * g_J  # drop its part along g_J
+    return g_J + g_Omega  # d
 
 
 def projection_coefficient(dots: torch.Tensor, squared_norms: torch.Tensor) -> torch.Tensor:

@@ -27,10 +27,16 @@ from safetransfer.resume import Checkpointer, Preempted, StopSignals, TrainingSt
 log = logging.getLogger(__name__)
 
 
+#: train.precision's choices, declared where they are implemented: the autocast dtype of each
+#: (None: no autocast). checks.py refuses anything else; fp16 would need a gradient scaler.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on CUDA when asked for; fp32 otherwise."""
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    dtype = PRECISIONS[precision]
+    if dtype is not None and device.type == "cuda":
+        return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 

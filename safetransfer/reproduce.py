@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from safetransfer.errors import ConfigError
 from safetransfer.fetch import READY, summary
+from safetransfer.overrides import split_sweeps
 from safetransfer.search import choose, chosen_notes, write_chosen
 
 CONFIG_MODULE = "safetransfer.conf"
@@ -38,21 +39,6 @@ TABLES = ("dtnh_table2", "dtnh_table3", "dtnh_table4", "bss_table2")
 def compose_job(table: str, overrides: list[str]) -> DictConfig:
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return compose("config", overrides=[f"experiment={table}", *overrides], return_hydra_config=True)
-
-
-def split_overrides(overrides: list[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """(sweeps: key -> values, the other overrides) of command-line overrides."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ChoiceSweep
-
-    sweeps, plain = {}, []
-    for text, override in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
-        value = override.value()
-        if isinstance(value, ChoiceSweep):
-            sweeps[override.key_or_group] = [str(v) for v in value.list]
-        else:
-            plain.append(text)
-    return sweeps, plain
 
 
 def sweep_axes(cfg: DictConfig, sweeps: dict[str, list[str]], plain: list[str]) -> dict[str, list[str]]:
@@ -83,7 +69,7 @@ class Job:
 
 def cells(table: str, overrides: list[str]):
     """(cell, its composed config) for every cell of the table, the command line's sweeps included."""
-    sweeps, plain = split_overrides(overrides)
+    sweeps, plain = split_sweeps(overrides)
     axes = sweep_axes(compose_job(table, plain), sweeps, plain)
     for values in itertools.product(*axes.values()):
         cell = dict(zip(axes, values))
@@ -92,7 +78,7 @@ def cells(table: str, overrides: list[str]):
 
 def composer(overrides: list[str]):
     """compose(more) of the main config with the command line's paths.* overrides (where data lies)."""
-    paths = [o for o in split_overrides(overrides)[1] if o.lstrip("+").startswith("paths.")]
+    paths = [o for o in split_sweeps(overrides)[1] if o.lstrip("+").startswith("paths.")]
 
     def compose_more(more: list[str]) -> DictConfig:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
@@ -109,7 +95,7 @@ def table_data(table: str, overrides: list[str], download: bool) -> list:
 
 
 def plan(table: str, overrides: list[str]) -> tuple[list[Job], DictConfig]:
-    _, plain = split_overrides(overrides)
+    _, plain = split_sweeps(overrides)
     base = compose_job(table, plain)
     grids = {m: list(g) for m, g in base.search.grids.items()}
     jobs = []
@@ -234,7 +220,7 @@ def run_stage(arguments: list[str]) -> None:
 def reproduce(table: str, overrides: list[str], root: Path) -> Path:
     from safetransfer.tables import collect, write_table
 
-    sweeps, plain = split_overrides(overrides)
+    sweeps, plain = split_sweeps(overrides)
     base = compose_job(table, plain)
     grids = {m: list(g) for m, g in base.search.grids.items()}
     searched_dirs = []
@@ -336,7 +322,7 @@ def fetch_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def fetch_configs():
-        sweeps, plain = split_overrides(args.overrides)
+        sweeps, plain = split_sweeps(args.overrides)
         compose_more = composer(args.overrides)
         configs = (compose_more([*plain, *(f"{k}={v}" for k, v in zip(sweeps, values))])
                    for values in itertools.product(*sweeps.values()))

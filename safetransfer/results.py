@@ -21,6 +21,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.atomic import atomic_write_text
+from safetransfer.fingerprints import fingerprint
 from safetransfer.methods import SCRATCH, is_scratch
 from safetransfer.paired import paired, paired_text, reference_candidates
 
@@ -50,7 +51,7 @@ def config_key(cfg: DictConfig) -> str:
         container.pop(section, None)
     container.get("target", {}).pop("sample_list_dir", None)  # where a list is kept, not which list
     container.get("pretrain", {}).pop("overwrite", None)  # whether a saved source may be replaced
-    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return fingerprint(container, 12)
 
 
 def summarize(accuracies: Sequence[float]) -> tuple[float, float]:

@@ -20,6 +20,7 @@ from safetransfer import checkpoints, demo
 from safetransfer.backbones import TransferNet
 from safetransfer.downloads import download, file_digest
 from safetransfer.errors import ConfigError, MissingData
+from safetransfer.fingerprints import fingerprint
 from safetransfer.atomic import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -233,8 +234,8 @@ class DemoSource(Source):
         return self.cache_path(backbone)
 
     def cache_path(self, backbone: str) -> Path:
-        key = hashlib.sha256(json.dumps({"backbone": backbone, **self.settings}, sort_keys=True).encode())
-        return self.cache_dir / "demo_source" / f"{backbone}-{key.hexdigest()[:16]}.pt"
+        key = fingerprint({"backbone": backbone, **self.settings}, 16)
+        return self.cache_dir / "demo_source" / f"{backbone}-{key}.pt"
 
     def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
         path = self.cache_path(backbone)

@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from safetransfer.errors import ConfigError
+from safetransfer.overrides import sweep_jobs
 from safetransfer.atomic import atomic_write_json
 from safetransfer.results import table_paths
 
@@ -65,15 +66,11 @@ def duplicate_report(records: list[dict]) -> list[str]:
 def planned_jobs(config: DictConfig) -> list[list[str]]:
     """The overrides of every job a multirun of `config` launches, in job order, as Hydra's basic
     sweeper expands them (the sweeper's params, then the command line's, which win)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     params = config.hydra.sweeper.get("params") or {}
     arguments = {str(k): f"{k}={v}" for k, v in params.items()}
     for override in config.hydra.overrides.task:
         arguments[str(override).split("=", 1)[0].lstrip("+~")] = str(override)
-    overrides = OverridesParser.create().parse_overrides(list(arguments.values()))
-    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    return sweep_jobs(list(arguments.values()))
 
 
 def continue_command(arguments: list[str], sweep_dir: Path) -> str:

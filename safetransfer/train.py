@@ -19,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.errors import ConfigError, SafetransferError, one_line
+from safetransfer.overrides import group_values, parse_overrides
 
 log = logging.getLogger(__name__)
 
@@ -41,32 +42,6 @@ def group_options(group: str) -> list[str] | None:
     if not folder.is_dir():
         return None
     return sorted(entry.name[: -len(".yaml")] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
-
-
-def parse_overrides(arguments: list[str]) -> list | None:
-    """The command line's overrides as Hydra parses them, or None when Hydra should judge
-    them itself: config folders of the user's own (Hydra knows their groups and keys), or a
-    syntax error (Hydra reports it with its own pointer into the override)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    if any(a.startswith(("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")) for a in arguments):
-        return None
-    try:
-        return OverridesParser.create().parse_overrides([a for a in arguments if "=" in a and not a.startswith("-")])
-    except Exception:
-        return None
-
-
-def group_values(override) -> list[str] | None:
-    """The choices a group override names (one, or a comma sweep); None for range() or glob()."""
-    from hydra.core.override_parser.types import ChoiceSweep
-
-    value = override.value()
-    if isinstance(value, ChoiceSweep):
-        return [str(v) for v in value.list]
-    if isinstance(value, (str, int, float)) and not override.is_sweep_override():
-        return [str(value)]
-    return None
 
 
 def check_group_choices(arguments: list[str]) -> None:

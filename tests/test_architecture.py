@@ -9,7 +9,7 @@ import safetransfer
 PACKAGE = Path(safetransfer.__file__).parent
 #: the rows of the README's table, bottom layer first: a module may import from its own layer or a lower one
 LAYERS = [
-    {"errors", "atomic", "methods", "paired", "logs", "runtime", "demo", "data", "downloads", "draws"},
+    {"errors", "atomic", "methods", "paired", "logs", "runtime", "demo", "data", "downloads", "draws", "overrides", "fingerprints"},
     {"backbones", "directions", "resume"},
     {"regularizers", "targets", "checkpoints"},
     {"engine", "checks"},

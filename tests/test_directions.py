@@ -148,8 +148,33 @@ def test_zero_empirical_gradient_leaves_the_regularizer_alone():
         torch.testing.assert_close(d, g_Omega[0])
 
 
-def test_method_names():
-    assert Sum().method_name("L2-SP") == "L2-SP"
-    assert DTNH().method_name("L2-SP") == "DTNH (L2-SP)"
+def test_method_labels_and_a_bad_granularity():
+    from safetransfer.methods import method_label
+
+    assert method_label("L2-SP", type(Sum()).__name__) == "L2-SP"
+    assert method_label("L2-SP", type(DTNH()).__name__) == "DTNH (L2-SP)"
     with pytest.raises(ValueError, match="granularity"):
         DTNH("layer")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_fast_dtnh_step_is_the_papers_algorithm_line_by_line(seed):
+    """DTNH's flat-buffer step against directions.dtnh_reference (Algorithm 1's lines on one
+    vector), on conflicting and agreeing gradient pairs of several tensor shapes, in float64."""
+    from safetransfer.directions import DTNH, dtnh_reference
+
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(4, 3, 3, 3), (4,), (10, 4), (10,)]
+    g_J = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+    g_Omega = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+    if seed % 2:  # make the pair conflict: g_Omega pulled against g_J
+        g_Omega = [o - 3 * j for o, j in zip(g_Omega, g_J)]
+    expected = dtnh_reference(g_J, g_Omega)
+    d = DTNH()([g.clone() for g in g_J], [o.clone() for o in g_Omega])
+    torch.testing.assert_close(torch.cat([x.flatten() for x in d]), expected, rtol=1e-12, atol=1e-12)
+    flat_J = torch.cat([g.flatten() for g in g_J])
+    flat_O = torch.cat([o.flatten() for o in g_Omega])
+    if torch.dot(flat_J, flat_O) < 0:
+        assert abs(float(torch.dot(flat_J, expected - flat_J))) < 1e-9  # the kept pull is orthogonal to g_J
+    else:
+        torch.testing.assert_close(expected, flat_J + flat_O)

@@ -248,6 +248,7 @@ def test_sum_direction_logs_equal_angles_1_and_3(compose_cfg, tmp_path):
         assert 0 <= float(row["bss_sigma_min"]) <= float(row["bss_sigma_max"])
 
 
+@pytest.mark.e2e  # a process per seed
 def test_concurrent_seeds_give_each_seed_the_result_it_gets_alone(compose_cfg, tmp_path):
     """runtime.concurrent_seeds: the seeds in processes of their own, at once, sharing out the
     job's CPU threads (2 seeds: half each); per seed the same numbers as alone with that many

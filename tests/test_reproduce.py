@@ -174,7 +174,8 @@ def test_a_table_without_its_data_is_refused_before_any_job(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(SystemExit) as stop:
-        reproduce.main(["dtnh_table2", "--dir", "tables", f"paths.data_root={tmp_path / 'empty'}"])
+        reproduce.main(["dtnh_table2", "--dir", "tables", f"paths.data_root={tmp_path / 'empty'}",
+                        "target=caltech256_30"])
     assert "are not ready (listed above); nothing was trained" in str(stop.value)
     assert "safetransfer-reproduce dtnh_table2 --fetch" in str(stop.value)
     assert not (tmp_path / "tables").exists()

@@ -54,6 +54,7 @@ def _write_many(directory: str, worker: int, count: int) -> None:
         write_row(Path(directory), "shared", row(f"w{worker}-{i}", accuracies=(float(worker), float(i))))
 
 
+@pytest.mark.e2e  # four real processes
 def test_concurrent_jobs_lose_no_row(tmp_path):
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_write_many, args=(str(tmp_path), w, 8)) for w in range(4)]

@@ -29,6 +29,7 @@ def metrics_of(sweep):
 GRID = ["train.iterations=20", "optim.scheduler.milestones=[15]", "optim.optimizer.lr=0.03", "runtime.log_every=10"]
 
 
+@pytest.mark.e2e  # eight jobs of 20 iterations: the long one; the table logic is also tested in-process
 def test_grid_search_gives_a_paper_layout_table_chosen_on_validation(cli, tmp_path):
     replaced = {o.split("=")[0] for o in GRID}
     arguments = [*[o for o in TINY_SWEEP if o.split("=")[0] not in replaced], *GRID, "target.val_fraction=0.3",

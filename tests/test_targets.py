@@ -391,6 +391,7 @@ def test_augmenting_on_the_device_trains_and_is_deterministic(compose_cfg, tmp_p
     from hydra.utils import instantiate
 
     from conftest import TINY
+    from safetransfer.checks import check_config
     from safetransfer.experiment import run_seed
     from safetransfer.preparation import prepare_data
 
@@ -399,6 +400,7 @@ def test_augmenting_on_the_device_trains_and_is_deterministic(compose_cfg, tmp_p
     cfg = compose_cfg(*shrink, "target=cub200", f"target.root={tmp_path / 'data'}", "target.expected_classes=3",
                       "target.expected_split=[18,6]", "train.batch_size=4", "data.augment_on=device",
                       f"paths.cache_dir={tmp_path / 'cache'}", *crops)
+    check_config(cfg)  # the check refused the BSS crops on the device, which the device augmentation does
     data = prepare_data(cfg, instantiate(cfg.target))
     assert data.on_device and data.train[0][0].dtype == torch.uint8
     # the test split is cached as its views' source: the centre crop, or the resize x resize square for ten crops

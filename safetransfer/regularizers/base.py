@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from safetransfer.backbones import Features, TransferNet
 from safetransfer.errors import ConfigError
+from safetransfer.fingerprints import fingerprint
 
 
 @dataclass
@@ -35,8 +36,7 @@ class BindContext:
     def cache_path(self, kind: str, settings: dict) -> Path | None:
         if self.cache_dir is None:
             return None
-        key = json.dumps({"identity": self.identity, "settings": settings}, sort_keys=True, default=str)
-        return Path(self.cache_dir) / kind / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+        return Path(self.cache_dir) / kind / f"{fingerprint({'identity': self.identity, 'settings': settings}, 20)}.pt"
 
 
 class Term:

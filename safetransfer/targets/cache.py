@@ -24,16 +24,15 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from safetransfer.fingerprints import fingerprint
 from safetransfer.targets.images import read_item
 
 log = logging.getLogger(__name__)
 
 
 def cache_key(identity: dict, split: str, indices: np.ndarray, geometry: dict) -> str:
-    payload = json.dumps({"identity": identity, "split": split, "geometry": geometry}, sort_keys=True, default=str)
-    digest = hashlib.sha256(payload.encode())
-    digest.update(np.asarray(indices, dtype=np.int64).tobytes())
-    return digest.hexdigest()[:24]
+    return fingerprint({"identity": identity, "split": split, "geometry": geometry}, 24,
+                       np.asarray(indices, dtype=np.int64).tobytes())
 
 
 def decode_transform(split: str, resize: int, crop: int, test_crops: int = 1) -> v2.Compose:
