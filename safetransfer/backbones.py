@@ -49,8 +49,12 @@ def forward_features(backbone: nn.Module, images: torch.Tensor, taps: Iterable[s
     """Run a torchvision ResNet stage by stage, keeping each stage's output map, and the
     outputs of the modules named in `taps` (e.g. `layer4.1.conv2`) under their names."""
     maps = {}
-    handles = [backbone.get_submodule(name).register_forward_hook(
-        lambda module, inputs, output, name=name: maps.__setitem__(name, output)) for name in taps]
+    handles = [
+        backbone.get_submodule(name).register_forward_hook(
+            lambda module, inputs, output, name=name: maps.__setitem__(name, output)
+        )
+        for name in taps
+    ]
     try:
         x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
         for stage in STAGES:

@@ -55,14 +55,17 @@ def create_optimizer(cfg: DictConfig, model: TransferNet) -> tuple[torch.optim.O
     """SGD over two groups, the new head at head_lr_mult times the backbone's lr; and its schedule."""
     lr = cfg.optim.optimizer.lr
     groups = model.parameter_groups()
-    optimizer = instantiate(cfg.optim.optimizer)([
-        {"params": groups["backbone"], "lr": lr},
-        {"params": groups["head"], "lr": lr * cfg.optim.head_lr_mult},
-    ])
+    optimizer = instantiate(cfg.optim.optimizer)(
+        [
+            {"params": groups["backbone"], "lr": lr},
+            {"params": groups["head"], "lr": lr * cfg.optim.head_lr_mult},
+        ]
+    )
     schedule = cfg.optim.scheduler
     if "milestones" in schedule:
-        return optimizer, instantiate(schedule, milestones=milestone_iterations(schedule.milestones,
-                                                                                  cfg.train.iterations))(optimizer)
+        return optimizer, instantiate(
+            schedule, milestones=milestone_iterations(schedule.milestones, cfg.train.iterations)
+        )(optimizer)
     return optimizer, instantiate(schedule)(optimizer)
 
 
@@ -72,19 +75,33 @@ def create_loader(dataset: Dataset, cfg: DictConfig, *, train: bool, seed: int, 
     loader, the sampler's generator restored by safetransfer.resume) replays them exactly."""
     workers = cfg.runtime.num_workers
     # a generator of its own for the workers' base seed, which the global RNG would otherwise give
-    common = dict(batch_size=cfg.train.batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                  generator=torch.Generator().manual_seed(seed))
+    common = dict(
+        batch_size=cfg.train.batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+    )
     if not train:
         return DataLoader(dataset, shuffle=False, **common)
-    return DataLoader(Seeded(dataset), sampler=SeededDraws(len(dataset), torch.Generator().manual_seed(seed)),
-                      drop_last=True, persistent_workers=workers > 0, **common)
+    return DataLoader(
+        Seeded(dataset),
+        sampler=SeededDraws(len(dataset), torch.Generator().manual_seed(seed)),
+        drop_last=True,
+        persistent_workers=workers > 0,
+        **common,
+    )
 
 
 def bind_context(cfg: DictConfig, data: Data, device: torch.device) -> BindContext:
     """What regularizer terms may use before training; `identity` keys their caches."""
     identity = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("backbone", "source", "target", "data")}
-    return BindContext(device=device, train_data=data.train_plain, batch_size=cfg.train.batch_size,
-                       cache_dir=Path(cfg.paths.cache_dir).expanduser(), identity=identity)
+    return BindContext(
+        device=device,
+        train_data=data.train_plain,
+        batch_size=cfg.train.batch_size,
+        cache_dir=Path(cfg.paths.cache_dir).expanduser(),
+        identity=identity,
+    )
 
 
 def compile_network(model: TransferNet) -> None:
@@ -104,9 +121,9 @@ class Seed:
     parts: Parts
     loop: Loop
     test_loader: DataLoader
-    test_batches: DeviceAugment | None      # finishes test batches on the device, or None
+    test_batches: DeviceAugment | None  # finishes test batches on the device, or None
     val_loader: DataLoader | None
-    evaluator: Evaluator                     # during training: the validation split if any (never choose on test)
+    evaluator: Evaluator  # during training: the validation split if any (never choose on test)
 
 
 def build_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, on_pace=None) -> Seed:
@@ -130,23 +147,50 @@ def build_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None
         geometry = (cfg.data.crop, cfg.data.mean, cfg.data.std, seed, device)
         train_batches = DeviceAugment(*geometry, train_crop=train_crop)
         test_batches = DeviceAugment(*geometry, train=False, test_crops=test_crops)
-    parts = Parts(model, omega, create_direction(cfg), optimizer, scheduler,
-                  create_loader(data.train, cfg, train=True, seed=seed, device=device), device, train_batches)
-    loop = Loop(iterations=cfg.train.iterations, precision=cfg.train.precision, log_every=cfg.runtime.log_every,
-                diagnostics_every=cfg.runtime.diagnostics_every, eval_every=cfg.runtime.eval_every,
-                check_finite=cfg.runtime.check_finite, on_pace=on_pace)
+    parts = Parts(
+        model,
+        omega,
+        create_direction(cfg),
+        optimizer,
+        scheduler,
+        create_loader(data.train, cfg, train=True, seed=seed, device=device),
+        device,
+        train_batches,
+    )
+    loop = Loop(
+        iterations=cfg.train.iterations,
+        precision=cfg.train.precision,
+        log_every=cfg.runtime.log_every,
+        diagnostics_every=cfg.runtime.diagnostics_every,
+        eval_every=cfg.runtime.eval_every,
+        check_finite=cfg.runtime.check_finite,
+        on_pace=on_pace,
+    )
     test_loader = create_loader(data.test, cfg, train=False, seed=seed, device=device)
     val_loader = create_loader(data.val, cfg, train=False, seed=seed, device=device) if data.val is not None else None
-    evaluator = Evaluator("test", model, test_loader, device, cfg.train.precision, test_batches) if val_loader is None \
+    evaluator = (
+        Evaluator("test", model, test_loader, device, cfg.train.precision, test_batches)
+        if val_loader is None
         else Evaluator("val", model, val_loader, device, cfg.train.precision)
+    )
     return Seed(parts, loop, test_loader, test_batches, val_loader, evaluator)
 
 
 def train_log(cfg: DictConfig, built: Seed, seed_dir: Path, desc: str) -> TrainLog:
     """The seed's log.csv (and TensorBoard events with logger=tensorboard), with the columns its run records."""
     loop, omega = built.loop, built.parts.omega
-    columns = log_columns(list(omega.terms), omega.diagnostic_names(),
-                          built.evaluator.split if loop.eval_every else None, diagnostics=bool(loop.diagnostics_every))
-    return TrainLog(seed_dir / "log.csv", columns, built.parts.device, total=loop.iterations, desc=desc,
-                    progress=cfg.runtime.progress,
-                    tensorboard=seed_dir / "tensorboard" if cfg.logger == "tensorboard" else None)
+    columns = log_columns(
+        list(omega.terms),
+        omega.diagnostic_names(),
+        built.evaluator.split if loop.eval_every else None,
+        diagnostics=bool(loop.diagnostics_every),
+    )
+    return TrainLog(
+        seed_dir / "log.csv",
+        columns,
+        built.parts.device,
+        total=loop.iterations,
+        desc=desc,
+        progress=cfg.runtime.progress,
+        tensorboard=seed_dir / "tensorboard" if cfg.logger == "tensorboard" else None,
+    )

@@ -49,8 +49,10 @@ def read(path: Path, key: str = "source.path"):
     if not path.is_file():
         raise MissingData(f"{key}={path}: no such file")
     if is_html(path):
-        raise ConfigError(f"{key}={path} is an HTML page, not a checkpoint (a server's error page saved in its "
-                          "place?); download the checkpoint again")
+        raise ConfigError(
+            f"{key}={path} is an HTML page, not a checkpoint (a server's error page saved in its "
+            "place?); download the checkpoint again"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -58,11 +60,14 @@ def read(path: Path, key: str = "source.path"):
         raise ConfigError(
             f"{key}={path} holds objects that only arbitrary unpickling can read, which safetransfer refuses "
             f"(a checkpoint could run code); if you trust the file, convert it once: "
-            f"{CONVERT_COMMAND} {path} {path.with_suffix('.safe.pt')} ({first})") from None
+            f"{CONVERT_COMMAND} {path} {path.with_suffix('.safe.pt')} ({first})"
+        ) from None
     except Exception as error:  # noqa: BLE001 (a text file gives a KeyError from the legacy loader, ...)
         first = _first_line(error)
-        raise ConfigError(f"{key}={path} is truncated or not a PyTorch checkpoint ({first}); "
-                          "download it again or point to another file") from None
+        raise ConfigError(
+            f"{key}={path} is truncated or not a PyTorch checkpoint ({first}); "
+            "download it again or point to another file"
+        ) from None
 
 
 def backbone_state(checkpoint, *, origin: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
@@ -74,9 +79,11 @@ def backbone_state(checkpoint, *, origin: str = "checkpoint") -> tuple[dict[str,
     elif isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         state, layout = checkpoint, "torchvision"
     else:
-        raise ConfigError(f"{origin}: not a recognised checkpoint layout (a torchvision state_dict, a CSAIL "
-                          "Places365 checkpoint or a safetransfer source checkpoint)")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+        raise ConfigError(
+            f"{origin}: not a recognised checkpoint layout (a torchvision state_dict, a CSAIL "
+            "Places365 checkpoint or a safetransfer source checkpoint)"
+        )
+    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
     return {k: v for k, v in state.items() if not k.startswith("fc.")}, layout
 
 
@@ -87,8 +94,9 @@ BATCH_COUNTER = "num_batches_tracked"
 STRICT_HINT = "set source.strict=false to load what matches"
 
 
-def match_backbone(state: dict[str, torch.Tensor], backbone: str, *, strict: bool, origin: str,
-                   hint: str = STRICT_HINT) -> dict[str, torch.Tensor]:
+def match_backbone(
+    state: dict[str, torch.Tensor], backbone: str, *, strict: bool, origin: str, hint: str = STRICT_HINT
+) -> dict[str, torch.Tensor]:
     """`state` checked against `backbone`'s keys and shapes (beyond the replaced head).
 
     Missing BatchNorm `num_batches_tracked` counters are filled with 0, as torch's BatchNorm
@@ -98,23 +106,32 @@ def match_backbone(state: dict[str, torch.Tensor], backbone: str, *, strict: boo
     expected = create_backbone(backbone).state_dict()
     bottleneck = any(k.endswith("conv3.weight") for k in state)
     if bottleneck != any(k.endswith("conv3.weight") for k in expected) or any(
-            k in expected and expected[k].shape != v.shape for k, v in state.items()):
+        k in expected and expected[k].shape != v.shape for k, v in state.items()
+    ):
         kind = "a bottleneck ResNet (ResNet-50 or deeper)" if bottleneck else "a basic-block ResNet (ResNet-18/34)"
-        raise ConfigError(f"{origin} holds weights of {kind}, which do not fit backbone={backbone}; "
-                          "choose the matching backbone or another checkpoint")
-    counters = {k: torch.zeros_like(expected[k]) for k in expected
-                if k not in state and k.rsplit(".", 1)[-1] == BATCH_COUNTER and k.rsplit(".", 1)[0] + ".running_mean" in state}
+        raise ConfigError(
+            f"{origin} holds weights of {kind}, which do not fit backbone={backbone}; "
+            "choose the matching backbone or another checkpoint"
+        )
+    counters = {
+        k: torch.zeros_like(expected[k])
+        for k in expected
+        if k not in state and k.rsplit(".", 1)[-1] == BATCH_COUNTER and k.rsplit(".", 1)[0] + ".running_mean" in state
+    }
     state = {**state, **counters}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if strict and (missing or unexpected):
-        raise ConfigError(f"{origin} does not match backbone={backbone}: missing keys {_few(missing)}, "
-                          f"unexpected keys {_few(unexpected)}" + (f"; {hint}" if hint else ""))
+        raise ConfigError(
+            f"{origin} does not match backbone={backbone}: missing keys {_few(missing)}, "
+            f"unexpected keys {_few(unexpected)}" + (f"; {hint}" if hint else "")
+        )
     return state
 
 
-def load_backbone(path: Path, backbone: str, *, strict: bool = True, key: str = "source.path",
-                  hint: str = STRICT_HINT) -> tuple[dict, str]:
+def load_backbone(
+    path: Path, backbone: str, *, strict: bool = True, key: str = "source.path", hint: str = STRICT_HINT
+) -> tuple[dict, str]:
     """Read `path` safely, convert its layout and match it to `backbone`: (state, layout)."""
     origin = f"{key}={path}"
     state, layout = backbone_state(read(path, key=key), origin=origin)

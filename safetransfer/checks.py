@@ -16,7 +16,6 @@ from safetransfer.logs import PROGRESS
 from safetransfer.targets import TEST_CROPS, TRAIN_CROPS, crop_options
 
 
-
 def check_config(cfg: DictConfig) -> None:
     seeds = cfg.seeds
     if not isinstance(seeds, (list, ListConfig)) or len(seeds) == 0:
@@ -33,47 +32,61 @@ def check_config(cfg: DictConfig) -> None:
 
     rate = cfg.target.sampling_rate
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 100:
-        raise ConfigError(f"target.sampling_rate={rate} is outside (0, 100]; give a percentage such as 15, 30, 50 or 100")
+        raise ConfigError(
+            f"target.sampling_rate={rate} is outside (0, 100]; give a percentage such as 15, 30, 50 or 100"
+        )
 
     fraction = cfg.target.val_fraction
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
-        raise ConfigError(f"target.val_fraction={fraction} is outside [0, 1); e.g. target.val_fraction=0.2 holds out "
-                          "20 % of each class's sampled training images")
+        raise ConfigError(
+            f"target.val_fraction={fraction} is outside [0, 1); e.g. target.val_fraction=0.2 holds out "
+            "20 % of each class's sampled training images"
+        )
 
     _positive_int(cfg.train.batch_size, "train.batch_size", "e.g. train.batch_size=48")
     _positive_int(cfg.train.iterations, "train.iterations", "e.g. train.iterations=8000")
     _positive_int(cfg.data.crop, "data.crop", "e.g. data.crop=224")
     _positive_int(cfg.data.resize, "data.resize", "e.g. data.resize=256")
     if cfg.data.crop > cfg.data.resize:
-        raise ConfigError(f"data.crop={cfg.data.crop} is larger than data.resize={cfg.data.resize}; "
-                          "the crop is taken from the resized image, so set data.crop <= data.resize")
+        raise ConfigError(
+            f"data.crop={cfg.data.crop} is larger than data.resize={cfg.data.resize}; "
+            "the crop is taken from the resized image, so set data.crop <= data.resize"
+        )
     train_crop, test_crops = crop_options(cfg.data)
     if train_crop not in TRAIN_CROPS:
         raise ConfigError(f"data.train_crop={train_crop} is not a known choice; allowed: {', '.join(TRAIN_CROPS)}")
     if test_crops not in TEST_CROPS:
-        raise ConfigError(f"data.test_crops={test_crops} is not a known choice; allowed: "
-                          f"{', '.join(map(str, TEST_CROPS))}")
+        raise ConfigError(
+            f"data.test_crops={test_crops} is not a known choice; allowed: {', '.join(map(str, TEST_CROPS))}"
+        )
     if cfg.runtime.log_every < 0:
         raise ConfigError(f"runtime.log_every={cfg.runtime.log_every} must be >= 0 (0 logs only the last iteration)")
     if cfg.runtime.checkpoint_every < 0:
-        raise ConfigError(f"runtime.checkpoint_every={cfg.runtime.checkpoint_every} must be >= 0 "
-                          "(iterations between checkpoints; 0: none)")
+        raise ConfigError(
+            f"runtime.checkpoint_every={cfg.runtime.checkpoint_every} must be >= 0 "
+            "(iterations between checkpoints; 0: none)"
+        )
     if cfg.runtime.num_workers < 0:
         raise ConfigError(f"runtime.num_workers={cfg.runtime.num_workers} must be >= 0 (0 loads in the main process)")
     every = cfg.runtime.diagnostics_every
     if every < 0 or (every and (not cfg.runtime.log_every or every % cfg.runtime.log_every)):
-        raise ConfigError(f"runtime.diagnostics_every={every} must be 0 or a multiple of "
-                          f"runtime.log_every={cfg.runtime.log_every} (angles are written on log rows)")
+        raise ConfigError(
+            f"runtime.diagnostics_every={every} must be 0 or a multiple of "
+            f"runtime.log_every={cfg.runtime.log_every} (angles are written on log rows)"
+        )
     logger = cfg.logger
     if logger not in ("csv", "tensorboard"):
         raise ConfigError(f"logger={logger} is not one of csv, tensorboard")
     if logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard "
-                          "(or use logger=csv)")
+        raise ConfigError(
+            "logger=tensorboard needs the tensorboard package: pip install tensorboard (or use logger=csv)"
+        )
     evaluation = cfg.runtime.eval_every
     if evaluation < 0 or (evaluation and (not cfg.runtime.log_every or evaluation % cfg.runtime.log_every)):
-        raise ConfigError(f"runtime.eval_every={evaluation} must be 0 or a multiple of "
-                          f"runtime.log_every={cfg.runtime.log_every} (the evaluation is written on log rows)")
+        raise ConfigError(
+            f"runtime.eval_every={evaluation} must be 0 or a multiple of "
+            f"runtime.log_every={cfg.runtime.log_every} (the evaluation is written on log rows)"
+        )
     check_regularizer(cfg)
     build_checked(cfg.direction, "direction")
     if cfg.train.precision not in PRECISIONS:
@@ -85,12 +98,16 @@ def check_config(cfg: DictConfig) -> None:
     check_optimizer(cfg.optim)
     milestones = list(cfg.optim.scheduler.get("milestones", []))  # a scheduler without milestones has none
     if any(isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 for m in milestones):
-        raise ConfigError(f"optim.scheduler.milestones={milestones} must hold fractions of the run in (0, 1), e.g. "
-                          "[0.75], or iterations, e.g. [6000]")
+        raise ConfigError(
+            f"optim.scheduler.milestones={milestones} must hold fractions of the run in (0, 1), e.g. "
+            "[0.75], or iterations, e.g. [6000]"
+        )
     if any(m > cfg.train.iterations for m in milestone_iterations(milestones, cfg.train.iterations)):
-        raise ConfigError(f"optim.scheduler.milestones={milestones} lie beyond train.iterations="
-                          f"{cfg.train.iterations}; the lr is divided at these iterations: give fractions of the run "
-                          f"(optim.scheduler.milestones=[0.75]) or iterations up to {cfg.train.iterations}")
+        raise ConfigError(
+            f"optim.scheduler.milestones={milestones} lie beyond train.iterations="
+            f"{cfg.train.iterations}; the lr is divided at these iterations: give fractions of the run "
+            f"(optim.scheduler.milestones=[0.75]) or iterations up to {cfg.train.iterations}"
+        )
     check_device(str(cfg.runtime.device))
     check_writable(Path(cfg.results.dir), "results.dir")
     check_writable(Path(str(cfg.paths.cache_dir)).expanduser(), "paths.cache_dir", ".cache/safetransfer")
@@ -126,15 +143,18 @@ def check_regularizer(cfg: DictConfig) -> None:
         if isinstance(term, BSS) and not term.k < limit:
             raise ConfigError(
                 f"regularizer.terms.{name}.k={term.k} must be an integer in [1, {limit - 1}]: fewer than "
-                f"train.batch_size={cfg.train.batch_size} and the feature dimension (the paper uses k=1)")
+                f"train.batch_size={cfg.train.batch_size} and the feature dimension (the paper uses k=1)"
+            )
 
 
 def check_optimizer(optim: DictConfig) -> None:
     """The SGD settings: lr and head_lr_mult finite and > 0, momentum and weight_decay finite in range."""
-    ranges = {"optimizer.lr": (0, math.inf, "> 0", "e.g. optim.optimizer.lr=0.01"),
-              "head_lr_mult": (0, math.inf, "> 0", "e.g. optim.head_lr_mult=10"),
-              "optimizer.momentum": (0, 1, "in [0, 1)", "e.g. optim.optimizer.momentum=0.9"),
-              "optimizer.weight_decay": (0, math.inf, ">= 0", "e.g. optim.optimizer.weight_decay=0")}
+    ranges = {
+        "optimizer.lr": (0, math.inf, "> 0", "e.g. optim.optimizer.lr=0.01"),
+        "head_lr_mult": (0, math.inf, "> 0", "e.g. optim.head_lr_mult=10"),
+        "optimizer.momentum": (0, 1, "in [0, 1)", "e.g. optim.optimizer.momentum=0.9"),
+        "optimizer.weight_decay": (0, math.inf, ">= 0", "e.g. optim.optimizer.weight_decay=0"),
+    }
     for key, (low, high, allowed, example) in ranges.items():
         value = OmegaConf.select(optim, key)
         if value is None:
@@ -160,7 +180,9 @@ def check_device(spec: str) -> None:
         if index >= torch.cuda.device_count():
             raise ConfigError(f"runtime.device={spec} but only {torch.cuda.device_count()} CUDA device(s) exist")
         return
-    raise ConfigError(f"runtime.device={spec} is not one of auto, cpu, cuda, cuda:N, lease (a GPU no other job on this machine holds)")
+    raise ConfigError(
+        f"runtime.device={spec} is not one of auto, cpu, cuda, cuda:N, lease (a GPU no other job on this machine holds)"
+    )
 
 
 def check_writable(directory: Path, key: str, example: str = "safetransfer-results") -> None:
@@ -172,21 +194,27 @@ def check_writable(directory: Path, key: str, example: str = "safetransfer-resul
             pass
     except OSError as error:
         join = " " if key.startswith("-") else "="  # a command's option, or a config key
-        raise ConfigError(f"{key}{join}{directory} is not a writable directory ({error.strerror or error}); "
-                          f"choose one you can write to, e.g. {key}{join}{Path.home() / example}") from None
+        raise ConfigError(
+            f"{key}{join}{directory} is not a writable directory ({error.strerror or error}); "
+            f"choose one you can write to, e.g. {key}{join}{Path.home() / example}"
+        ) from None
 
 
 def check_classes(target: str, count: int) -> None:
     """A classifier needs two classes: with one, every prediction is right whatever was learnt."""
     if count < 2:
-        raise ConfigError(f"the target {target} has {count} class{'' if count == 1 else 'es'}; a classifier needs at least 2 "
-                          "(with one, top-1 is 100 % whatever it learns): give the dataset two or more classes")
+        raise ConfigError(
+            f"the target {target} has {count} class{'' if count == 1 else 'es'}; a classifier needs at least 2 "
+            "(with one, top-1 is 100 % whatever it learns): give the dataset two or more classes"
+        )
 
 
 def check_training_set(size: int, batch_size: int) -> None:
     if size < batch_size:
-        raise ConfigError(f"the sampled training set has {size} images, fewer than train.batch_size={batch_size}; "
-                          "lower train.batch_size or raise target.sampling_rate")
+        raise ConfigError(
+            f"the sampled training set has {size} images, fewer than train.batch_size={batch_size}; "
+            "lower train.batch_size or raise target.sampling_rate"
+        )
 
 
 __all__ = ["ConfigError", "check_classes", "check_config", "check_optimizer", "check_training_set", "check_writable"]

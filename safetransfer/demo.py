@@ -46,8 +46,15 @@ def _shape_level(shape: str, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
-def render(shape_ids: torch.Tensor, *, outline: bool, grating: torch.Tensor | None, palette: str,
-           size: int, generator: torch.Generator) -> torch.Tensor:
+def render(
+    shape_ids: torch.Tensor,
+    *,
+    outline: bool,
+    grating: torch.Tensor | None,
+    palette: str,
+    size: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Draw one shape per image; returns uint8 images of shape (N, 3, size, size)."""
     n = shape_ids.numel()
     u = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
@@ -91,7 +98,9 @@ def render(shape_ids: torch.Tensor, *, outline: bool, grating: torch.Tensor | No
     return (image.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def make_domain(domain: str, images_per_class: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+def make_domain(
+    domain: str, images_per_class: int, size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     """Images (N, 3, size, size) uint8, labels (N,) and class names of the source or target domain."""
     generator = torch.Generator().manual_seed(seed)
     if domain == "source":

@@ -45,13 +45,15 @@ class FlatBuffer:
         key = [(t.shape, t.stride(), t.dtype, t.device) for t in tensors]
         if key != self.key:
             if len({(t.dtype, t.device) for t in tensors}) != 1:
-                raise ValueError("DTNH's global direction needs every gradient in one dtype on one device, got "
-                                 + ", ".join(sorted({f"{t.dtype} on {t.device}" for t in tensors})))
+                raise ValueError(
+                    "DTNH's global direction needs every gradient in one dtype on one device, got "
+                    + ", ".join(sorted({f"{t.dtype} on {t.device}" for t in tensors}))
+                )
             self.flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
             self.views, offset = [], 0
             for t in tensors:  # a dense layout (contiguous, channels-last) is kept; any other becomes contiguous
                 strides = torch.empty_like(t, device="meta").stride()
-                self.views.append(self.flat[offset:offset + t.numel()].as_strided(t.shape, strides))
+                self.views.append(self.flat[offset : offset + t.numel()].as_strided(t.shape, strides))
                 offset += t.numel()
             self.key = key
         self.source = tensors
@@ -153,6 +155,8 @@ def dtnh_reference(g_J: Sequence[torch.Tensor], g_Omega: Sequence[torch.Tensor])
 def projection_coefficient(dots: torch.Tensor, squared_norms: torch.Tensor) -> torch.Tensor:
     """<g_J, g_Omega> / ||g_J||^2 where the angle is obtuse, 0 where it is not (or g_J
     vanishes); computed on the device, so that no step waits for the host."""
-    return torch.where((dots < 0) & (squared_norms > 0),
-                       dots / squared_norms.clamp_min(torch.finfo(squared_norms.dtype).tiny),
-                       torch.zeros_like(dots))
+    return torch.where(
+        (dots < 0) & (squared_norms > 0),
+        dots / squared_norms.clamp_min(torch.finfo(squared_norms.dtype).tiny),
+        torch.zeros_like(dots),
+    )

@@ -42,8 +42,9 @@ def parse_checksum(checksum: str) -> tuple[str, str]:
     (torchvision's weight files carry the first 8-10 hex digits of their sha256 in their name)."""
     algorithm, _, expected = checksum.partition(":")
     if algorithm not in ALGORITHMS or not expected or any(c not in "0123456789abcdef" for c in expected.lower()):
-        raise ConfigError(f"checksum {checksum!r} is not <algorithm>:<hex digits> with an algorithm of "
-                          f"{', '.join(ALGORITHMS)}")
+        raise ConfigError(
+            f"checksum {checksum!r} is not <algorithm>:<hex digits> with an algorithm of {', '.join(ALGORITHMS)}"
+        )
     return algorithm, expected.lower()
 
 
@@ -55,9 +56,11 @@ def matches(path: Path, checksum: str) -> tuple[bool, str]:
 
 
 def html_message(url: str, path: Path) -> str:
-    return (f"{url} answered with an HTML page instead of the file (a known failure of servers that are down or "
-            f"moved); the page was deleted from {path}; try again later, set paths.mirror to a copy, or download "
-            f"the file by hand and place it at {path}")
+    return (
+        f"{url} answered with an HTML page instead of the file (a known failure of servers that are down or "
+        f"moved); the page was deleted from {path}; try again later, set paths.mirror to a copy, or download "
+        f"the file by hand and place it at {path}"
+    )
 
 
 def download(url: str, path: Path, checksum: str | None = None, key: str = "") -> bool:
@@ -79,8 +82,10 @@ def download(url: str, path: Path, checksum: str | None = None, key: str = "") -
             path.unlink(missing_ok=True)
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             where = f" ({key}={path.parent})" if key else ""
-            raise DownloadError(f"could not download {url} ({type(error).__name__}: {reason}); download it by hand "
-                                f"and place it at {path}{where}") from None
+            raise DownloadError(
+                f"could not download {url} ({type(error).__name__}: {reason}); download it by hand "
+                f"and place it at {path}{where}"
+            ) from None
     if is_html(path):
         path.unlink()
         raise DownloadError(html_message(url, path))
@@ -90,10 +95,14 @@ def download(url: str, path: Path, checksum: str | None = None, key: str = "") -
             algorithm, expected = parse_checksum(checksum)
             if downloaded:
                 path.unlink()
-                raise DownloadError(f"{url}: {algorithm} {actual} does not match the published {expected}; the "
-                                    "download is damaged or the file changed upstream (it was deleted)")
-            raise DownloadError(f"{path}: {algorithm} {actual} does not match the published {expected} of {url}; "
-                                "delete the file to download it again")
+                raise DownloadError(
+                    f"{url}: {algorithm} {actual} does not match the published {expected}; the "
+                    "download is damaged or the file changed upstream (it was deleted)"
+                )
+            raise DownloadError(
+                f"{path}: {algorithm} {actual} does not match the published {expected} of {url}; "
+                "delete the file to download it again"
+            )
     return downloaded
 
 
@@ -125,8 +134,10 @@ def check_mirror(base: str | None) -> None:
         return
     parts = urllib.parse.urlsplit(str(base))
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"paths.mirror={base} is not an http(s) base URL; give one such as "
-                          "http://mirror.example.org/datasets (or null for the official hosts)")
+        raise ConfigError(
+            f"paths.mirror={base} is not an http(s) base URL; give one such as "
+            "http://mirror.example.org/datasets (or null for the official hosts)"
+        )
 
 
 @contextlib.contextmanager

@@ -42,23 +42,32 @@ def autocast(device: torch.device, precision: str):
 
 @dataclass
 class StepResult:
-    loss_J: torch.Tensor                 # detached, on the device
-    correct: torch.Tensor                # number of correct predictions in the batch
-    omega: dict[str, torch.Tensor] | None = None   # each term's value, when recorded
+    loss_J: torch.Tensor  # detached, on the device
+    correct: torch.Tensor  # number of correct predictions in the batch
+    omega: dict[str, torch.Tensor] | None = None  # each term's value, when recorded
     angles: dict[str, torch.Tensor] | None = None  # logs.ANGLE_COLUMNS, when recorded
 
 
-def training_step(model: TransferNet, images: torch.Tensor, labels: torch.Tensor, omega: Omega,
-                  direction: Direction, optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter],
-                  precision_context=contextlib.nullcontext(), record: bool = False, angles: bool = False,
-                  check_finite: bool = True) -> StepResult:
+def training_step(
+    model: TransferNet,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    omega: Omega,
+    direction: Direction,
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.nn.Parameter],
+    precision_context=None,
+    record: bool = False,
+    angles: bool = False,
+    check_finite: bool = True,
+) -> StepResult:
     """One iteration of DTNH Algorithm 1.
 
     `record` also returns each term's value; `angles` also returns the angles between
     d, g_J and g_Omega (which makes a `sum` step compute g_J and g_Omega apart too).
     `check_finite` refuses to step when J or d is NaN or infinite (NonFiniteError).
     """
-    with precision_context:
+    with precision_context or contextlib.nullcontext():
         logits, features = model(images)
         loss_J = F.cross_entropy(logits, labels)
         feature_terms = omega.autograd_values(model, features)
@@ -103,18 +112,26 @@ class NonFiniteError(FloatingPointError):
 def term_problem(omega: Omega, name: str, value: float) -> str:
     """`Omega term l2sp is inf (alpha=0.1, decay^epoch=1)`: the term, its value and its coefficients."""
     term = omega.terms[name]
-    coefficients = ", ".join([*(f"{n}={v:g}" for n, v in term.coefficient_values().items()),
-                              f"decay^epoch={term.scale:g}"])
+    coefficients = ", ".join(
+        [*(f"{n}={v:g}" for n, v in term.coefficient_values().items()), f"decay^epoch={term.scale:g}"]
+    )
     return f"Omega term {name} is {value} ({coefficients})"
 
 
-def diagnose_nonfinite(model: TransferNet, images: torch.Tensor, labels: torch.Tensor, omega: Omega,
-                       params: Sequence[torch.nn.Parameter], precision_context=contextlib.nullcontext()) -> str:
+def diagnose_nonfinite(
+    model: TransferNet,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    omega: Omega,
+    params: Sequence[torch.nn.Parameter],
+    precision_context=None,
+) -> str:
     """Which of J, the terms of Omega and their gradients is not finite, at the current weights."""
+
     def finite(tensors) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in tensors)
 
-    with precision_context:
+    with precision_context or contextlib.nullcontext():
         logits, features = model(images)
         loss_J = F.cross_entropy(logits, labels)
         values = omega.autograd_values(model, features)
@@ -137,7 +154,9 @@ def diagnose_nonfinite(model: TransferNet, images: torch.Tensor, labels: torch.T
 
 
 @torch.no_grad()
-def angle_diagnostics(g_J: list[torch.Tensor], g_Omega: list[torch.Tensor], d: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def angle_diagnostics(
+    g_J: list[torch.Tensor], g_Omega: list[torch.Tensor], d: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The DTNH paper's Angles 1-4 in degrees (all parameters as one vector), the angle
     between g_J and g_Omega, and whether they conflict (<g_J, g_Omega> < 0). When they do,
     DTNH removes the part of g_Omega along g_J: cos^2 of that angle of ||g_Omega||^2.
@@ -150,9 +169,13 @@ def angle_diagnostics(g_J: list[torch.Tensor], g_Omega: list[torch.Tensor], d: l
     fraction of a step's cost instead of several steps'."""
     vectors = {"J": g_J, "O": g_Omega, "D": d, "S": [a + b for a, b in zip(g_J, g_Omega)]}  # S: the plain sum
     norms = {name: sum64(t.square() for t in v).sqrt() for name, v in vectors.items()}
-    pairs = {"angle_d_J": ("D", "J"), "angle_d_Omega": ("D", "O"),          # Angles 1 and 2
-             "angle_sum_J": ("S", "J"), "angle_sum_Omega": ("S", "O"),    # Angles 3 and 4
-             "angle_J_Omega": ("J", "O")}
+    pairs = {
+        "angle_d_J": ("D", "J"),
+        "angle_d_Omega": ("D", "O"),  # Angles 1 and 2
+        "angle_sum_J": ("S", "J"),
+        "angle_sum_Omega": ("S", "O"),  # Angles 3 and 4
+        "angle_J_Omega": ("J", "O"),
+    }
     angles = {}
     for column, (a, b) in pairs.items():
         na, nb = (norms[n].to(g_J[0].dtype).clamp_min(torch.finfo(g_J[0].dtype).tiny) for n in (a, b))
@@ -223,10 +246,10 @@ class Parts:
     omega: Omega
     direction: Direction
     optimizer: torch.optim.Optimizer
-    scheduler: Any                   # stepped once per iteration
-    loader: DataLoader               # the training batches
+    scheduler: Any  # stepped once per iteration
+    loader: DataLoader  # the training batches
     device: torch.device
-    batch_transform: Any = None      # finishes each batch on the device (DeviceAugment), or None
+    batch_transform: Any = None  # finishes each batch on the device (DeviceAugment), or None
 
 
 @dataclass
@@ -256,8 +279,14 @@ def milestone_iterations(milestones, iterations: int) -> list[int]:
     return [max(1, round(m * iterations)) if 0 < m < 1 else int(m) for m in milestones]
 
 
-def fit(parts: Parts, loop: Loop, logger: TrainLog | None = None, checkpointer: Checkpointer | None = None,
-        evaluator: Evaluator | None = None, stop: StopSignals | None = None) -> list[dict]:
+def fit(
+    parts: Parts,
+    loop: Loop,
+    logger: TrainLog | None = None,
+    checkpointer: Checkpointer | None = None,
+    evaluator: Evaluator | None = None,
+    stop: StopSignals | None = None,
+) -> list[dict]:
     """Train for `loop.iterations` steps of DTNH Algorithm 1; returns the rows logged by this call.
 
     loss_J and train_acc of a row are means over the steps since the previous row; lr is the
@@ -272,8 +301,11 @@ def fit(parts: Parts, loop: Loop, logger: TrainLog | None = None, checkpointer: 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     precision_context = autocast(parts.device, loop.precision)
-    channels_last = params[0].dim() == 4 and params[0].is_contiguous(memory_format=torch.channels_last) \
-        and not params[0].is_contiguous()  # the network was converted: feed it NHWC batches
+    channels_last = (
+        params[0].dim() == 4
+        and params[0].is_contiguous(memory_format=torch.channels_last)
+        and not params[0].is_contiguous()
+    )  # the network was converted: feed it NHWC batches
     eval_split = evaluator.split if evaluator is not None and loop.eval_every else None
     logger = logger or TrainLog(None, [], parts.device, total=loop.iterations, progress="log")
     rows: list[dict] = []
@@ -296,11 +328,20 @@ def fit(parts: Parts, loop: Loop, logger: TrainLog | None = None, checkpointer: 
     paced_from = None  # when the first step of this call ended
 
     def save(iteration: int) -> None:
-        checkpointer.save(TrainingState(
-            key=checkpointer.key, iteration=iteration, model=model.state_dict(), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), position=batches.position(), rng=rng_state(),
-            augment=parts.batch_transform.generator.get_state() if parts.batch_transform is not None else None,
-            window=logger.window(), elapsed_s=elapsed + time.perf_counter() - start))
+        checkpointer.save(
+            TrainingState(
+                key=checkpointer.key,
+                iteration=iteration,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                position=batches.position(),
+                rng=rng_state(),
+                augment=parts.batch_transform.generator.get_state() if parts.batch_transform is not None else None,
+                window=logger.window(),
+                elapsed_s=elapsed + time.perf_counter() - start,
+            )
+        )
 
     try:
         for iteration in range(done + 1, loop.iterations + 1):
@@ -317,9 +358,19 @@ def fit(parts: Parts, loop: Loop, logger: TrainLog | None = None, checkpointer: 
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             try:
-                step = training_step(model, images, labels.to(parts.device, non_blocking=True), omega,
-                                     parts.direction, optimizer, params, precision_context, record=logged,
-                                     angles=diagnosed, check_finite=loop.check_finite)
+                step = training_step(
+                    model,
+                    images,
+                    labels.to(parts.device, non_blocking=True),
+                    omega,
+                    parts.direction,
+                    optimizer,
+                    params,
+                    precision_context,
+                    record=logged,
+                    angles=diagnosed,
+                    check_finite=loop.check_finite,
+                )
             except NonFiniteError as error:
                 raise NonFiniteError(f"{logger.desc}: iteration {iteration} (epoch {epoch}): {error}") from None
             scheduler.step()
@@ -328,22 +379,36 @@ def fit(parts: Parts, loop: Loop, logger: TrainLog | None = None, checkpointer: 
                 values = {name: float(value) for name, value in (step.omega or {}).items()}
                 bad = [name for name in omega.terms if not math.isfinite(values[name])]
                 if loop.check_finite and bad:  # a term whose value (not only its gradient) overflowed
-                    raise NonFiniteError(f"{logger.desc}: iteration {iteration} (epoch {epoch}): " + "; ".join(
-                        term_problem(omega, name, values[name]) for name in bad))
+                    raise NonFiniteError(
+                        f"{logger.desc}: iteration {iteration} (epoch {epoch}): "
+                        + "; ".join(term_problem(omega, name, values[name]) for name in bad)
+                    )
                 evaluation = None
                 if eval_split is not None and iteration % loop.eval_every == 0:
                     evaluation = (eval_split, *evaluator())
-                rows.append(logger.record(
-                    iteration, epoch, lr, step.omega, elapsed + time.perf_counter() - start,
-                    angles={name: float(value) for name, value in step.angles.items()} if diagnosed else None,
-                    diagnostics=omega.diagnostics() if diagnosed else None, evaluation=evaluation))
+                rows.append(
+                    logger.record(
+                        iteration,
+                        epoch,
+                        lr,
+                        step.omega,
+                        elapsed + time.perf_counter() - start,
+                        angles={name: float(value) for name, value in step.angles.items()} if diagnosed else None,
+                        diagnostics=omega.diagnostics() if diagnosed else None,
+                        evaluation=evaluation,
+                    )
+                )
             if loop.on_pace is not None:
                 if iteration == done + 1:
                     paced_from = time.perf_counter()
                 elif iteration == done + 1 + PACE_STEPS and iteration < loop.iterations:
                     loop.on_pace((time.perf_counter() - paced_from) / PACE_STEPS, loop.iterations - iteration)
             signum = stop.requested if stop is not None else None
-            if checkpointer is not None and iteration < loop.iterations and checkpointer.due(iteration, signum is not None):
+            if (
+                checkpointer is not None
+                and iteration < loop.iterations
+                and checkpointer.due(iteration, signum is not None)
+            ):
                 save(iteration)
             if signum is not None and iteration < loop.iterations:
                 raise Preempted(signum, iteration, checkpointer.path if checkpointer is not None else None)
@@ -356,7 +421,7 @@ def fit(parts: Parts, loop: Loop, logger: TrainLog | None = None, checkpointer: 
 class Evaluator:
     """Top-1 and loss of the model on one split, during training (runtime.eval_every)."""
 
-    split: str                    # "test" or "val": the log.csv columns are <split>_loss, <split>_acc
+    split: str  # "test" or "val": the log.csv columns are <split>_loss, <split>_acc
     model: TransferNet
     loader: DataLoader
     device: torch.device
@@ -380,8 +445,9 @@ def test_forward(model: TransferNet, images: torch.Tensor) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(model: TransferNet, loader: DataLoader, device: torch.device, precision: str = "fp32",
-             batch_transform=None) -> tuple[float, float]:
+def evaluate(
+    model: TransferNet, loader: DataLoader, device: torch.device, precision: str = "fp32", batch_transform=None
+) -> tuple[float, float]:
     """Top-1 accuracy (%) and mean cross-entropy over the whole loader."""
     model.eval()
     total_loss = torch.zeros((), device=device, dtype=torch.float64)

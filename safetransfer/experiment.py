@@ -36,8 +36,9 @@ FAILED = "failed.json"  # in a seed's directory: it stopped on a NaN or inf, and
 
 
 @torch.no_grad()
-def save_spectrum(path: Path, model: TransferNet, loader: DataLoader, device: torch.device, batches: int,
-                  batch_transform=None) -> None:
+def save_spectrum(
+    path: Path, model: TransferNet, loader: DataLoader, device: torch.device, batches: int, batch_transform=None
+) -> None:
     """The singular values (descending) of the pooled feature matrix of each of the first
     `batches` test batches (fixed: the test loader is not shuffled), as in the BSS paper's analysis."""
     if batches <= 0:
@@ -81,29 +82,51 @@ def pace_report(cfg: DictConfig, seeds_after: int):
     def report(seconds_per_iteration: float, left: int) -> None:
         seed_s = seconds_per_iteration * cfg.train.iterations
         job_s = seconds_per_iteration * left + seed_s * seeds_after
-        log.info("pace: %.3g s per iteration on %s: a seed takes about %s (%d iterations); this job about %s more "
-                 "(%d seed%s to go)", seconds_per_iteration, resolve_device(str(cfg.runtime.device)),
-                 duration_text(seed_s),
-                 cfg.train.iterations, duration_text(job_s), seeds_after + 1, "s" if seeds_after else "")
+        log.info(
+            "pace: %.3g s per iteration on %s: a seed takes about %s (%d iterations); this job about %s more "
+            "(%d seed%s to go)",
+            seconds_per_iteration,
+            resolve_device(str(cfg.runtime.device)),
+            duration_text(seed_s),
+            cfg.train.iterations,
+            duration_text(job_s),
+            seeds_after + 1,
+            "s" if seeds_after else "",
+        )
         if job_s > LONG_JOB_S:
             fits = max(1, int(LONG_JOB_S / 4 / seconds_per_iteration / (seeds_after + 1)))
             smaller = ", smaller images (data.resize=128 data.crop=112)" if cfg.data.crop > 112 else ""
-            log.warning("this job will take about %s. To shorten it: train.iterations=%d (the lr drop moves with it "
-                        "when optim.scheduler.milestones is a fraction of the run, as by default), fewer seeds "
-                        "(seeds=[0])%s, or a GPU (runtime.device=cuda)", duration_text(job_s), fits, smaller)
+            log.warning(
+                "this job will take about %s. To shorten it: train.iterations=%d (the lr drop moves with it "
+                "when optim.scheduler.milestones is a fraction of the run, as by default), fewer seeds "
+                "(seeds=[0])%s, or a GPU (runtime.device=cuda)",
+                duration_text(job_s),
+                fits,
+                smaller,
+            )
 
     return report
 
 
-def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, run_dir: Path,
-             stop: StopSignals | None = None, on_pace=None, origin: dict | None = None) -> dict | None:
+def run_seed(
+    cfg: DictConfig,
+    seed: int,
+    data: Data,
+    source_state: dict | None,
+    run_dir: Path,
+    stop: StopSignals | None = None,
+    on_pace=None,
+    origin: dict | None = None,
+) -> dict | None:
     """Fine-tune once and evaluate the final weights (never the best test epoch). Continues
     from the seed's checkpoint when an earlier run left one. A NaN or inf stops the seed:
     it is recorded in failed.json and None returned. A stop request (`stop`, a signal)
     checkpoints and raises resume.Preempted."""
     seed_dir = run_dir / f"seed_{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
-    for stale in seed_dir.glob(".*.tmp"):  # an atomic write cut short (SIGKILL mid-checkpoint): only this seed writes here
+    for stale in seed_dir.glob(
+        ".*.tmp"
+    ):  # an atomic write cut short (SIGKILL mid-checkpoint): only this seed writes here
         stale.unlink(missing_ok=True)
         log.info("removed %s, left by an interrupted write", stale)
     built = build_seed(cfg, seed, data, source_state, on_pace)
@@ -112,32 +135,50 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
     checkpointer = Checkpointer(seed_dir / CHECKPOINT, key, cfg.runtime.checkpoint_every)
     start = time.perf_counter()
     try:
-        fit(built.parts, built.loop, train_log(cfg, built, seed_dir, f"seed {seed}"), checkpointer, built.evaluator,
-            stop)
+        fit(
+            built.parts,
+            built.loop,
+            train_log(cfg, built, seed_dir, f"seed {seed}"),
+            checkpointer,
+            built.evaluator,
+            stop,
+        )
     except NonFiniteError as error:
         atomic_write_json(seed_dir / FAILED, {"seed": seed, "key": key, "error": str(error)})
         log.error("%s: the seed is recorded as failed (%s) and left out of the table", error, seed_dir / FAILED)
         return None
     top1, test_loss = evaluate(model, built.test_loader, device, precision, built.test_batches)
-    save_spectrum(seed_dir / "spectrum.json", model, built.test_loader, device, cfg.runtime.spectrum_batches,
-                  built.test_batches)
+    save_spectrum(
+        seed_dir / "spectrum.json", model, built.test_loader, device, cfg.runtime.spectrum_batches, built.test_batches
+    )
     validation = {}
     if built.val_loader is not None:
         val_top1, val_loss = evaluate(model, built.val_loader, device, precision)
         validation = {"val_top1": val_top1, "val_loss": val_loss, "val_images": len(data.val)}
     metrics = {
-        "seed": seed, "method": method_name(cfg), "top1": top1, "test_loss": test_loss,
+        "seed": seed,
+        "method": method_name(cfg),
+        "top1": top1,
+        "test_loss": test_loss,
         "iterations": cfg.train.iterations,
-        "wall_time_s": time.perf_counter() - start, "device": str(device),
+        "wall_time_s": time.perf_counter() - start,
+        "device": str(device),
         "precision": precision if device.type == "cuda" else "fp32",
-        "train_images": len(data.train), "test_images": len(data.test), **validation,
+        "train_images": len(data.train),
+        "test_images": len(data.test),
+        **validation,
         "source_checkpoint": origin,  # sources.provenance: the file the weights came from and its sha256
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if cfg.runtime.get("save_weights"):  # before metrics.json: a finished seed has its weights
-        atomic_torch_save({"backbone": cfg.backbone.name, "num_classes": data.num_classes,
-                           "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
-                          seed_dir / "model.pt")
+        atomic_torch_save(
+            {
+                "backbone": cfg.backbone.name,
+                "num_classes": data.num_classes,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            },
+            seed_dir / "model.pt",
+        )
     atomic_write_json(seed_dir / "metrics.json", metrics)
     if not cfg.runtime.keep_checkpoints:
         checkpointer.remove()
@@ -147,17 +188,32 @@ def run_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, 
     return metrics
 
 
-def export_source(cfg: DictConfig, model: TransferNet, seed: int, top1: float, test_loss: float,
-                  run_dir: Path) -> None:
+def export_source(cfg: DictConfig, model: TransferNet, seed: int, top1: float, test_loss: float, run_dir: Path) -> None:
     """pretrain.save_to: the fine-tuned backbone as a source checkpoint (experiment=pretrain_source)."""
     save_to = Path(cfg.pretrain.save_to).expanduser()
-    metadata = save_source_checkpoint(model, save_to, {
-        "dataset": cfg.target.name, "sampling_rate": cfg.target.sampling_rate,
-        "source": OmegaConf.to_container(cfg.source, resolve=True), "iterations": cfg.train.iterations,
-        "seed": seed, "top1": top1, "test_loss": test_loss, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config_key": config_key(cfg), "run_dir": str(run_dir)})
-    log.info("source checkpoint written to %s (sha256 of the file %s, of its weights %s; runs fine-tuned from it "
-             "record the file's)", save_to, file_digest(save_to), metadata["sha256"])
+    metadata = save_source_checkpoint(
+        model,
+        save_to,
+        {
+            "dataset": cfg.target.name,
+            "sampling_rate": cfg.target.sampling_rate,
+            "source": OmegaConf.to_container(cfg.source, resolve=True),
+            "iterations": cfg.train.iterations,
+            "seed": seed,
+            "top1": top1,
+            "test_loss": test_loss,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config_key": config_key(cfg),
+            "run_dir": str(run_dir),
+        },
+    )
+    log.info(
+        "source checkpoint written to %s (sha256 of the file %s, of its weights %s; runs fine-tuned from it "
+        "record the file's)",
+        save_to,
+        file_digest(save_to),
+        metadata["sha256"],
+    )
 
 
 def check_save_to(cfg: DictConfig, run_dir: Path) -> None:
@@ -176,8 +232,10 @@ def check_save_to(cfg: DictConfig, run_dir: Path) -> None:
     if meta.get("config_key") == config_key(cfg) and meta.get("run_dir") == str(run_dir):
         return
     made = f" (a {meta.get('backbone')} trained on {meta.get('dataset')}, {meta.get('created')})" if meta else ""
-    raise ConfigError(f"pretrain.save_to={path} already holds a source checkpoint{made}, which other runs may have "
-                      "started from: set pretrain.overwrite=true to replace it, or pretrain.save_to=<another path>")
+    raise ConfigError(
+        f"pretrain.save_to={path} already holds a source checkpoint{made}, which other runs may have "
+        "started from: set pretrain.overwrite=true to replace it, or pretrain.save_to=<another path>"
+    )
 
 
 def finished_seed(run_dir: Path, seed: int, key: str, origin: dict | None = None) -> dict | None:
@@ -194,8 +252,14 @@ def finished_seed(run_dir: Path, seed: int, key: str, origin: dict | None = None
         return None
     before = (metrics.get("source_checkpoint") or {}).get("sha256")
     if origin is not None and before and before != origin.get("sha256"):
-        log.warning("%s: seed %d was fine-tuned from another version of %s (sha256 %s, now %s); it is run again",
-                    path.parent, seed, origin.get("file"), before[:12], str(origin.get("sha256"))[:12])
+        log.warning(
+            "%s: seed %d was fine-tuned from another version of %s (sha256 %s, now %s); it is run again",
+            path.parent,
+            seed,
+            origin.get("file"),
+            before[:12],
+            str(origin.get("sha256"))[:12],
+        )
         return None
     return metrics
 
@@ -214,10 +278,15 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "", stop: StopSigna
     `stop` (safetransfer.resume.StopSignals) asks the running seed to checkpoint and stop."""
     foreign = own_keys(cfg.source)
     if foreign:  # a sweep over sources: each takes its own keys
-        log.info("source=%s leaves out the keys it does not take (given for the other sources of the sweep, or "
-                 "by the source the method replaces): %s", cfg.source.name, ", ".join(f"source.{k}" for k in foreign))
-        overrides = " ".join(o for o in overrides.split() if o.lstrip("+~").partition("=")[0]
-                             not in {f"source.{k}" for k in foreign})
+        log.info(
+            "source=%s leaves out the keys it does not take (given for the other sources of the sweep, or "
+            "by the source the method replaces): %s",
+            cfg.source.name,
+            ", ".join(f"source.{k}" for k in foreign),
+        )
+        overrides = " ".join(
+            o for o in overrides.split() if o.lstrip("+~").partition("=")[0] not in {f"source.{k}" for k in foreign}
+        )
     check_config(cfg)
     check_save_to(cfg, run_dir)
     if apply_chosen(cfg, method_name(cfg)):  # stage 2 of a table's search: the cell's chosen values
@@ -251,8 +320,9 @@ def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dic
         source_state = source.backbone_state(cfg.backbone.name)
     data = seed_data(cfg, target, seed, Path(run_dir), None)
     with StopSignals() as stop:
-        return run_seed(cfg, seed, data, source_state, Path(run_dir), stop,
-                        origin=provenance(source, cfg.backbone.name))
+        return run_seed(
+            cfg, seed, data, source_state, Path(run_dir), stop, origin=provenance(source, cfg.backbone.name)
+        )
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals | None) -> dict:
@@ -268,14 +338,25 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
     data = prepare_data(cfg, target)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_indices(run_dir / "sampled_train_indices.json", cfg, data)
-    log.info("%s | %s -> %s at %g%% (%d training images) | %d seeds", method, source_label(cfg.source),
-             cfg.target.name,
-             cfg.target.sampling_rate, len(data.train), len(cfg.seeds))
+    log.info(
+        "%s | %s -> %s at %g%% (%d training images) | %d seeds",
+        method,
+        source_label(cfg.source),
+        cfg.target.name,
+        cfg.target.sampling_rate,
+        len(data.train),
+        len(cfg.seeds),
+    )
 
     every, iterations = cfg.runtime.log_every, cfg.train.iterations
     if every and iterations // every < 2:  # the last iteration's row only: no curve to draw
-        log.warning("runtime.log_every=%d over %d iterations logs one row a seed: safetransfer-plot needs two or more "
-                    "for its loss curves (e.g. runtime.log_every=%d)", every, iterations, max(1, iterations // 10))
+        log.warning(
+            "runtime.log_every=%d over %d iterations logs one row a seed: safetransfer-plot needs two or more "
+            "for its loss curves (e.g. runtime.log_every=%d)",
+            every,
+            iterations,
+            max(1, iterations // 10),
+        )
     key = config_key(cfg)
     outcomes: dict[int, dict | None] = {}
     for seed in cfg.seeds:
@@ -284,8 +365,12 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
             log.info("seed %d: finished earlier in %s (top-1 %.2f%%), kept", seed, run_dir, done["top1"])
             outcomes[seed] = done
         elif error is not None:
-            log.warning("seed %d failed earlier and is skipped (delete %s to try again): %s", seed,
-                        run_dir / f"seed_{seed}" / FAILED, error)
+            log.warning(
+                "seed %d failed earlier and is skipped (delete %s to try again): %s",
+                seed,
+                run_dir / f"seed_{seed}" / FAILED,
+                error,
+            )
             outcomes[seed] = None
     pending = [seed for seed in cfg.seeds if seed not in outcomes]
     if cfg.runtime.concurrent_seeds and len(pending) > 1:
@@ -294,19 +379,36 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
         if seed in outcomes:
             continue
         pace = pace_report(cfg, len(pending) - 1) if number == 0 else None
-        outcomes[seed] = run_seed(cfg, seed, seed_data(cfg, target, seed, run_dir, data), source_state, run_dir, stop,
-                                  pace, origin)
+        outcomes[seed] = run_seed(
+            cfg, seed, seed_data(cfg, target, seed, run_dir, data), source_state, run_dir, stop, pace, origin
+        )
     finished = [seed for seed in cfg.seeds if outcomes[seed] is not None]
     failed = [seed for seed in cfg.seeds if outcomes[seed] is None]
     accuracies = [outcomes[seed]["top1"] for seed in finished]
     if not finished:
         raise NonFiniteError(f"every seed failed ({run_dir}/seed_*/{FAILED} says why); nothing is written to the table")
-    row = make_row(backbone=cfg.backbone.name, source=source_label(cfg.source), target=cfg.target.name,
-                   sampling_rate=cfg.target.sampling_rate, method=method, seeds=finished,
-                   accuracies=accuracies, overrides=overrides, key=key, run_dir=str(run_dir), failed=failed)
+    row = make_row(
+        backbone=cfg.backbone.name,
+        source=source_label(cfg.source),
+        target=cfg.target.name,
+        sampling_rate=cfg.target.sampling_rate,
+        method=method,
+        seeds=finished,
+        accuracies=accuracies,
+        overrides=overrides,
+        key=key,
+        run_dir=str(run_dir),
+        failed=failed,
+    )
     write_row(Path(cfg.results.dir), str(cfg.results.table), row)
-    log.info("%s: %s over %d seed%s -> %s", method, format_cell(row["mean"], row["std"]), row["n_seeds"],
-             "s" if row["n_seeds"] > 1 else "", Path(cfg.results.dir) / f"{cfg.results.table}.md")
+    log.info(
+        "%s: %s over %d seed%s -> %s",
+        method,
+        format_cell(row["mean"], row["std"]),
+        row["n_seeds"],
+        "s" if row["n_seeds"] > 1 else "",
+        Path(cfg.results.dir) / f"{cfg.results.table}.md",
+    )
     return row
 
 

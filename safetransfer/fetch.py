@@ -24,8 +24,13 @@ from safetransfer.sources import PretrainedSource, own_keys
 from safetransfer.targets import SAMPLING_KEYS, sample_lists
 
 #: status -> what the line says
-LABELS = {"present": "present and verified", "downloaded": "downloaded and verified", "missing": "missing",
-          "manual": "cannot be downloaded", "failed": "failed"}
+LABELS = {
+    "present": "present and verified",
+    "downloaded": "downloaded and verified",
+    "missing": "missing",
+    "manual": "cannot be downloaded",
+    "failed": "failed",
+}
 READY = ("present", "downloaded")
 
 
@@ -35,9 +40,9 @@ class NotFetched(SafetransferError):
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str     # a key of LABELS
-    artifact: str   # what it is: "source=imagenet backbone=resnet50", "target=cub200", ...
-    detail: str     # where it lies, or why it is not ready
+    status: str  # a key of LABELS
+    artifact: str  # what it is: "source=imagenet backbone=resnet50", "target=cub200", ...
+    detail: str  # where it lies, or why it is not ready
 
     def line(self) -> str:
         return f"{LABELS[self.status]:<23} {self.artifact}: {self.detail}"
@@ -111,11 +116,22 @@ def target_artifacts(cfg: DictConfig) -> list[Artifact]:
             matched = target.listed_train_indices()  # every listed image found in the dataset, once
             return not existed, f"{path} ({len(matched)} images matched)"
 
-        found.append(Artifact(f"sample_list=bss target={target.name} rate={target.sampling_rate:g}",
-                              _key({"list": str(path), "data": data}), get_list, mirror))
+        found.append(
+            Artifact(
+                f"sample_list=bss target={target.name} rate={target.sampling_rate:g}",
+                _key({"list": str(path), "data": data}),
+                get_list,
+                mirror,
+            )
+        )
     elif target.sample_list:
-        found.append(Artifact(f"sample_list={target.sample_list}", _key({"list": str(target.sample_list), "data": data}),
-                              lambda download: (False, f"{len(target.listed_train_indices())} images matched")))
+        found.append(
+            Artifact(
+                f"sample_list={target.sample_list}",
+                _key({"list": str(target.sample_list), "data": data}),
+                lambda download: (False, f"{len(target.listed_train_indices())} images matched"),
+            )
+        )
     return found
 
 
@@ -156,5 +172,7 @@ def summary(outcomes: list[Outcome], fetch_command: str) -> str:
     ready = sum(o.status in READY for o in outcomes)
     if ready == len(outcomes):
         return f"data: ready ({ready} of {len(outcomes)} artifacts present and verified)"
-    return (f"data: NOT ready ({ready} of {len(outcomes)} artifacts present); {fetch_command} downloads what can be "
-            "downloaded, the lines above say what cannot and how to get it")
+    return (
+        f"data: NOT ready ({ready} of {len(outcomes)} artifacts present); {fetch_command} downloads what can be "
+        "downloaded, the lines above say what cannot and how to get it"
+    )

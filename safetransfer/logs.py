@@ -24,12 +24,23 @@ log = logging.getLogger(__name__)
 ANGLE_COLUMNS = ("angle_d_J", "angle_d_Omega", "angle_sum_J", "angle_sum_Omega", "angle_J_Omega", "conflict")
 
 
-def log_columns(term_names: Sequence[str], diagnostic_names: Sequence[str] = (), eval_split: str | None = None,
-                diagnostics: bool = False) -> list[str]:
+def log_columns(
+    term_names: Sequence[str],
+    diagnostic_names: Sequence[str] = (),
+    eval_split: str | None = None,
+    diagnostics: bool = False,
+) -> list[str]:
     """The header of log.csv: `Omega_<term>` per term of Omega, the angles and the terms' own
     diagnostics on diagnostics rows, `<split>_loss`, `<split>_acc` with evaluation rows."""
-    columns = ["iteration", "epoch", "lr", "loss_J", "loss_Omega", *(f"Omega_{name}" for name in term_names),
-               "train_acc"]
+    columns = [
+        "iteration",
+        "epoch",
+        "lr",
+        "loss_J",
+        "loss_Omega",
+        *(f"Omega_{name}" for name in term_names),
+        "train_acc",
+    ]
     if diagnostics:
         columns += [*ANGLE_COLUMNS, *diagnostic_names]
     if eval_split is not None:
@@ -54,8 +65,17 @@ class TrainLog:
     `path` None writes no file (the rows are still returned by `record`); `tensorboard`, a
     folder, also writes the rows' scalars as TensorBoard events there."""
 
-    def __init__(self, path: Path | None, columns: list[str], device: torch.device, *, total: int,
-                 desc: str = "train", progress: str = "auto", tensorboard: Path | None = None):
+    def __init__(
+        self,
+        path: Path | None,
+        columns: list[str],
+        device: torch.device,
+        *,
+        total: int,
+        desc: str = "train",
+        progress: str = "auto",
+        tensorboard: Path | None = None,
+    ):
         self.path, self.columns, self.total, self.desc, self.tensorboard = path, columns, total, desc, tensorboard
         self.bar_wanted = use_bar(progress)
         self.loss = torch.zeros((), device=device)
@@ -65,8 +85,12 @@ class TrainLog:
 
     # the running window, saved in and restored from a checkpoint
     def window(self) -> dict:
-        return {"loss": self.loss.detach().cpu(), "correct": self.correct.detach().cpu(), "steps": self.steps,
-                "images": self.images}
+        return {
+            "loss": self.loss.detach().cpu(),
+            "correct": self.correct.detach().cpu(),
+            "steps": self.steps,
+            "images": self.images,
+        }
 
     def restore_window(self, window: dict) -> None:
         self.loss += window["loss"].to(self.loss.device)
@@ -76,8 +100,9 @@ class TrainLog:
     def open(self, done: int) -> None:
         """Start writing after iteration `done` (0, or the iteration a checkpoint was taken at)."""
         self.writer = _LogWriter(self.path, self.columns, keep_until=done, tensorboard=self.tensorboard)
-        self.bar = tqdm(total=self.total, initial=done, desc=self.desc, disable=not self.bar_wanted,
-                        dynamic_ncols=True, leave=False)
+        self.bar = tqdm(
+            total=self.total, initial=done, desc=self.desc, disable=not self.bar_wanted, dynamic_ncols=True, leave=False
+        )
 
     def step(self, loss_J: torch.Tensor, correct: torch.Tensor, images: int) -> None:
         self.loss += loss_J
@@ -86,15 +111,28 @@ class TrainLog:
         self.images += images
         self.bar.update(1)
 
-    def record(self, iteration: int, epoch: int, lr: float, omega: dict[str, torch.Tensor] | None, elapsed_s: float,
-               angles: dict[str, float] | None = None, diagnostics: dict[str, float] | None = None,
-               evaluation: tuple[str, float, float] | None = None) -> dict:
+    def record(
+        self,
+        iteration: int,
+        epoch: int,
+        lr: float,
+        omega: dict[str, torch.Tensor] | None,
+        elapsed_s: float,
+        angles: dict[str, float] | None = None,
+        diagnostics: dict[str, float] | None = None,
+        evaluation: tuple[str, float, float] | None = None,
+    ) -> dict:
         """Write the row of `iteration` (means since the previous row; `omega`: each term's value
         at this step; `evaluation`: split, accuracy, loss) and start a new window."""
-        row = {"iteration": iteration, "epoch": epoch, "lr": lr, "loss_J": float(self.loss) / self.steps,
-               "loss_Omega": float(sum(omega.values())) if omega else 0.0,
-               **{f"Omega_{name}": float(value) for name, value in (omega or {}).items()},
-               "train_acc": 100.0 * float(self.correct) / self.images}
+        row = {
+            "iteration": iteration,
+            "epoch": epoch,
+            "lr": lr,
+            "loss_J": float(self.loss) / self.steps,
+            "loss_Omega": float(sum(omega.values())) if omega else 0.0,
+            **{f"Omega_{name}": float(value) for name, value in (omega or {}).items()},
+            "train_acc": 100.0 * float(self.correct) / self.images,
+        }
         row.update(angles or {})
         row.update(diagnostics or {})
         if evaluation is not None:
@@ -106,8 +144,10 @@ class TrainLog:
         self.correct.zero_()
         self.steps = self.images = 0
         if self.bar.disable:
-            log.info(f"{self.desc} | iter {iteration}/{self.total} | lr {lr:.2e} | J {row['loss_J']:.4f} "
-                     f"| Omega {row['loss_Omega']:.4f} | train acc {row['train_acc']:.1f}%")
+            log.info(
+                f"{self.desc} | iter {iteration}/{self.total} | lr {lr:.2e} | J {row['loss_J']:.4f} "
+                f"| Omega {row['loss_Omega']:.4f} | train acc {row['train_acc']:.1f}%"
+            )
         else:
             self.bar.set_postfix(J=f"{row['loss_J']:.3f}", lr=f"{lr:.1e}")
         return row
@@ -139,8 +179,12 @@ class _LogWriter:
                 with open(path, newline="") as handle:
                     kept = [row for row in csv.DictReader(handle) if int(row["iteration"]) <= keep_until]
             except (ValueError, KeyError, TypeError, csv.Error, UnicodeDecodeError) as error:  # damaged by a crash
-                log.warning("%s is unreadable (%s: %s); its rows before the checkpoint are lost, the rest is "
-                            "written again", path, type(error).__name__, error)
+                log.warning(
+                    "%s is unreadable (%s: %s); its rows before the checkpoint are lost, the rest is written again",
+                    path,
+                    type(error).__name__,
+                    error,
+                )
                 kept = []
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=columns, restval="")

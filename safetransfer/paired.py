@@ -20,17 +20,18 @@ def reference_column(method: str, methods: Sequence[str]) -> str | None:
         return None
     base, bracket, suffix = method.partition(" [")
     suffix = bracket + suffix
-    return next((c + suffix for c in reference_candidates(base) if c + suffix in methods and c + suffix != method),
-                None)
+    return next(
+        (c + suffix for c in reference_candidates(base) if c + suffix in methods and c + suffix != method), None
+    )
 
 
 def reference_candidates(method: str) -> list[str]:
     """The names a method's reference may have (reference_column's rule), without [..] suffixes."""
     base = method.partition(" [")[0]
     if base.startswith("DTNH (") and base.endswith(")"):
-        return [base[len("DTNH ("):-1]]
+        return [base[len("DTNH (") : -1]]
     if base.endswith("+BSS"):
-        return [base[:-len("+BSS")]]
+        return [base[: -len("+BSS")]]
     return ["Fine-tuning", "L2"]
 
 

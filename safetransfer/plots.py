@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from safetransfer.atomic import read_json
 from safetransfer.methods import is_scratch, method_name, source_label
 from safetransfer.results import config_key, short_key
-from safetransfer.tables import varied_keys, flat_settings
-from safetransfer.atomic import read_json
+from safetransfer.tables import flat_settings, varied_keys
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ class Run:
     seed: int
     log: pd.DataFrame
     spectrum: list[list[float]] | None
-    key: str = ""                                  # the config key: one setting of a grid
-    settings: dict | None = None                   # its values (tables.flat_settings), to name what a grid varied
+    key: str = ""  # the config key: one setting of a grid
+    settings: dict | None = None  # its values (tables.flat_settings), to name what a grid varied
     log_every: int = 0
     iterations: int = 0
 
@@ -75,11 +75,21 @@ def load_runs(directories: Iterable[Path]) -> list[Run]:
                 continue
             spectrum_path = seed_dir / "spectrum.json"
             found = read_json(spectrum_path, needs=("singular_values",)) if spectrum_path.exists() else None
-            runs.append(Run(method or method_name(cfg), source_label(cfg.source), str(cfg.target.name),
-                            float(cfg.target.sampling_rate), int(seed_dir.name.split("_")[1]), curve,
-                            found["singular_values"] if found else None, config_key(cfg), flat_settings(cfg),
-                            int(OmegaConf.select(cfg, "runtime.log_every", default=0) or 0),
-                            int(OmegaConf.select(cfg, "train.iterations", default=0) or 0)))
+            runs.append(
+                Run(
+                    method or method_name(cfg),
+                    source_label(cfg.source),
+                    str(cfg.target.name),
+                    float(cfg.target.sampling_rate),
+                    int(seed_dir.name.split("_")[1]),
+                    curve,
+                    found["singular_values"] if found else None,
+                    config_key(cfg),
+                    flat_settings(cfg),
+                    int(OmegaConf.select(cfg, "runtime.log_every", default=0) or 0),
+                    int(OmegaConf.select(cfg, "train.iterations", default=0) or 0),
+                )
+            )
     return runs
 
 
@@ -90,8 +100,11 @@ def series_name(run: Run, runs: Sequence[Run], settings: bool = True) -> str:
     name = run.method
     if len({r.source for r in runs if not is_scratch(r.method)}) > 1 and not is_scratch(run.method):
         name += f" [{run.source}]"
-    same = [r for r in runs if (r.method, r.source, r.target, r.sampling_rate) ==
-            (run.method, run.source, run.target, run.sampling_rate)]
+    same = [
+        r
+        for r in runs
+        if (r.method, r.source, r.target, r.sampling_rate) == (run.method, run.source, run.target, run.sampling_rate)
+    ]
     if settings and len({r.key for r in same}) > 1:
         varied = varied_keys([r.settings or {} for r in same])
         name += " " + " ".join(f"{short_key(k, varied)}={(run.settings or {}).get(k)}" for k in varied)
@@ -151,8 +164,13 @@ def legend_below(figure, axes) -> None:
                 handles[label] = handle
                 labels.append(label)
     if labels:
-        figure.legend([handles[label] for label in labels], labels, loc="outside lower center",
-                      ncols=min(3, len(labels)), fontsize=7)
+        figure.legend(
+            [handles[label] for label in labels],
+            labels,
+            loc="outside lower center",
+            ncols=min(3, len(labels)),
+            fontsize=7,
+        )
 
 
 def curve_band(runs: Sequence[Run], column: str) -> pd.DataFrame:
@@ -162,8 +180,9 @@ def curve_band(runs: Sequence[Run], column: str) -> pd.DataFrame:
         return pd.DataFrame(columns=["iteration", "mean", "std", "n"])
     stacked = pd.concat(frames)
     grouped = stacked.groupby("iteration")[column]
-    return pd.DataFrame({"mean": grouped.mean(), "std": grouped.std(ddof=1).fillna(0.0),
-                         "n": grouped.count()}).reset_index()
+    return pd.DataFrame(
+        {"mean": grouped.mean(), "std": grouped.std(ddof=1).fillna(0.0), "n": grouped.count()}
+    ).reset_index()
 
 
 def spectrum_curve(runs: Sequence[Run]) -> np.ndarray:
@@ -208,11 +227,15 @@ def too_few_rows(runs: Sequence[Run], column: str) -> str | None:
         return None
     run = runs[0]
     if column.startswith("angle"):
-        return ("no run logged the angles on two rows or more (runtime.diagnostics_every=0, or too few log rows): "
-                "rerun with runtime.diagnostics_every equal to runtime.log_every")
+        return (
+            "no run logged the angles on two rows or more (runtime.diagnostics_every=0, or too few log rows): "
+            "rerun with runtime.diagnostics_every equal to runtime.log_every"
+        )
     dense = max(1, run.iterations // 10) if run.iterations else 1
-    return (f"every run logged fewer than two rows (runtime.log_every={run.log_every} over {run.iterations} "
-            f"iterations): rerun with runtime.log_every={dense}")
+    return (
+        f"every run logged fewer than two rows (runtime.log_every={run.log_every} over {run.iterations} "
+        f"iterations): rerun with runtime.log_every={dense}"
+    )
 
 
 def plot_losses(runs: Sequence[Run], path: Path, colors: dict[str, str] | None = None) -> Path | None:
@@ -232,13 +255,18 @@ def plot_losses(runs: Sequence[Run], path: Path, colors: dict[str, str] | None =
             if len(band):
                 _band(axis, band, f"{label}: {held_out.split('_')[0]} loss", color, "--", floor=1e-3)
     axis.set_yscale("log")  # methods whose losses differ by orders of magnitude stay readable
-    axis.set(title="Empirical loss J and held-out loss (mean ± std over seeds; DTNH Fig. 3)",
-             xlabel="iteration", ylabel="cross-entropy (nats, log scale)")
+    axis.set(
+        title="Empirical loss J and held-out loss (mean ± std over seeds; DTNH Fig. 3)",
+        xlabel="iteration",
+        ylabel="cross-entropy (nats, log scale)",
+    )
     return _save(plt, figure, path)
 
 
-ANGLE_PAIRS = (("angle_d_J", "angle_sum_J", "Angle 1: d vs g_J", "Angle 3: g_J+g_Ω vs g_J"),
-               ("angle_d_Omega", "angle_sum_Omega", "Angle 2: d vs g_Ω", "Angle 4: g_J+g_Ω vs g_Ω"))
+ANGLE_PAIRS = (
+    ("angle_d_J", "angle_sum_J", "Angle 1: d vs g_J", "Angle 3: g_J+g_Ω vs g_J"),
+    ("angle_d_Omega", "angle_sum_Omega", "Angle 2: d vs g_Ω", "Angle 4: g_J+g_Ω vs g_Ω"),
+)
 
 
 def logged(runs: Sequence[Run], column: str) -> list[Run]:
@@ -263,8 +291,9 @@ def plot_angles(runs: Sequence[Run], path: Path, colors: dict[str, str] | None =
             _band(axis, curve_band(group, first), f"{label}: {first_name}", color)
             _band(axis, curve_band(group, second), f"{label}: {second_name}", color, ":")
         figure_number = 4 if first == "angle_d_J" else 5
-        axis.set_title(f"{first_name.split(':')[0]} and {second_name.split(':')[0]} (DTNH Fig. {figure_number})",
-                       fontsize=10)
+        axis.set_title(
+            f"{first_name.split(':')[0]} and {second_name.split(':')[0]} (DTNH Fig. {figure_number})", fontsize=10
+        )
         axis.set(xlabel="iteration", ylabel="angle (degrees)")
     if between:
         axis = axes[2]
@@ -288,15 +317,21 @@ def plot_spectra(runs: Sequence[Run], path: Path, colors: dict[str, str] | None 
     for label, (series, group) in sorted(groups.items()):
         curve = spectrum_curve(group)
         index = np.arange(1, len(curve) + 1)
-        style = dict(color=colors[series], linestyle=styles[rates.index(group[0].sampling_rate) % len(styles)],
-                     marker=".", label=label)
+        style = dict(
+            color=colors[series],
+            linestyle=styles[rates.index(group[0].sampling_rate) % len(styles)],
+            marker=".",
+            label=label,
+        )
         axes[0].plot(index, curve, **style)
         half = len(curve) // 2
         axes[1].plot(index[half:], curve[half:], **{**style, "label": None})
-    axes[0].set(title="Singular values of the batch features (BSS Figs. 1c, 3b)", xlabel="index (descending order)",
-                ylabel="singular value")
-    axes[1].set(title="The smaller half (BSS Figs. 1d, 3c)", xlabel="index (descending order)",
-                ylabel="singular value")
+    axes[0].set(
+        title="Singular values of the batch features (BSS Figs. 1c, 3b)",
+        xlabel="index (descending order)",
+        ylabel="singular value",
+    )
+    axes[1].set(title="The smaller half (BSS Figs. 1d, 3c)", xlabel="index (descending order)", ylabel="singular value")
     return _save(plt, figure, path)
 
 
@@ -321,12 +356,24 @@ def plot_table(numbers: pd.DataFrame, path: Path, colors: dict[str, str] | None 
         known = ~np.isnan(published)
         if known.any():
             published_std = np.nan_to_num(numbers[(method, "published_std")].to_numpy(dtype=float))
-            axis.errorbar(positions[known], published[known], yerr=published_std[known], fmt="_", markersize=14,
-                          color="black", capsize=2, zorder=3, label="published ± std" if index == 0 else None)
+            axis.errorbar(
+                positions[known],
+                published[known],
+                yerr=published_std[known],
+                fmt="_",
+                markersize=14,
+                color="black",
+                capsize=2,
+                zorder=3,
+                label="published ± std" if index == 0 else None,
+            )
     axis.set_xticks(x, rows, rotation=20, ha="right")
     marked = numbers.xs("published", axis=1, level="quantity").notna().to_numpy().any()
-    axis.set(title="Top-1 accuracy, mean ± std over seeds" + (" (black marks: published values)" if marked else ""),
-             xlabel="target and sampling rate", ylabel="top-1 accuracy (%)")
+    axis.set(
+        title="Top-1 accuracy, mean ± std over seeds" + (" (black marks: published values)" if marked else ""),
+        xlabel="target and sampling rate",
+        ylabel="top-1 accuracy (%)",
+    )
     if compared:  # each column against its reference column, seed by seed: mean and 95 % t interval
         paired_axis, step = axes[1], 0.8 / len(compared)
         for index, method in enumerate(compared):
@@ -334,14 +381,22 @@ def plot_table(numbers: pd.DataFrame, path: Path, colors: dict[str, str] | None 
             low, high = (numbers[(method, q)].to_numpy(dtype=float) for q in ("paired_low", "paired_high"))
             known = ~np.isnan(difference)
             positions = x - 0.4 + step * (index + 0.5)
-            paired_axis.errorbar(positions[known], difference[known],
-                                 yerr=[difference[known] - low[known], high[known] - difference[known]], fmt="o",
-                                 capsize=3, color=colors[method],
-                                 label=f"{method} − {next(r for r in numbers[(method, 'reference')] if r)}")
+            paired_axis.errorbar(
+                positions[known],
+                difference[known],
+                yerr=[difference[known] - low[known], high[known] - difference[known]],
+                fmt="o",
+                capsize=3,
+                color=colors[method],
+                label=f"{method} − {next(r for r in numbers[(method, 'reference')] if r)}",
+            )
         paired_axis.axhline(0, color="black", linewidth=0.8)
         paired_axis.set_xticks(x, rows, rotation=20, ha="right")
-        paired_axis.set(title="Paired differences: mean, 95 % t interval",
-                        xlabel="target and sampling rate", ylabel="top-1 difference (points)")
+        paired_axis.set(
+            title="Paired differences: mean, 95 % t interval",
+            xlabel="target and sampling rate",
+            ylabel="top-1 difference (points)",
+        )
     return _save(plt, figure, path)
 
 
@@ -350,11 +405,14 @@ def main(argv: list[str] | None = None) -> None:
     from safetransfer.errors import ConfigError
     from safetransfer.tables import assemble, collect, published_values, select
 
-    parser = argparse.ArgumentParser(prog="safetransfer-plot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="safetransfer-plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("directories", nargs="+", type=Path, help="run or sweep directories")
     parser.add_argument("--out", type=Path, default=Path("results") / "figures")
-    parser.add_argument("--published", help="mark the paper's values: dtnh_table2 | dtnh_table3 | dtnh_table4 | bss_table2")
+    parser.add_argument(
+        "--published", help="mark the paper's values: dtnh_table2 | dtnh_table3 | dtnh_table4 | bss_table2"
+    )
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.directories if not d.is_dir()]
     if missing:
@@ -367,8 +425,9 @@ def main(argv: list[str] | None = None) -> None:
     if not runs:
         parser.exit(2, "safetransfer-plot: error: no seed_*/log.csv under the given directories\n")
     try:
-        numbers = assemble(select(collect(args.directories)),
-                           published_values(args.published) if args.published else None)
+        numbers = assemble(
+            select(collect(args.directories)), published_values(args.published) if args.published else None
+        )
     except ConfigError as error:
         numbers = None
         print(f"safetransfer-plot: no table figure: {error}")
@@ -377,8 +436,11 @@ def main(argv: list[str] | None = None) -> None:
     if numbers is not None:
         names |= set(numbers.columns.get_level_values("method"))
     colors = palette(names)
-    written = [plot_losses(runs, args.out / "losses.png", colors), plot_angles(runs, args.out / "angles.png", colors),
-               plot_spectra(runs, args.out / "spectra.png", colors)]
+    written = [
+        plot_losses(runs, args.out / "losses.png", colors),
+        plot_angles(runs, args.out / "angles.png", colors),
+        plot_spectra(runs, args.out / "spectra.png", colors),
+    ]
     if numbers is not None:
         written.append(plot_table(numbers, args.out / "table.png", colors))
     for name, column in (("losses.png", "loss_J"), ("angles.png", "angle_d_J")):

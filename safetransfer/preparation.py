@@ -15,8 +15,17 @@ from torch.utils.data import Dataset
 from safetransfer.atomic import atomic_write_json
 from safetransfer.checks import check_training_set
 from safetransfer.runtime import resolve_device
-from safetransfer.targets import (SAMPLING_KEYS, Target, TensorImages, Transformed, augment_transform, crop_options,
-                                  test_transform, train_transform, views_transform)
+from safetransfer.targets import (
+    SAMPLING_KEYS,
+    Target,
+    TensorImages,
+    Transformed,
+    augment_transform,
+    crop_options,
+    test_transform,
+    train_transform,
+    views_transform,
+)
 from safetransfer.targets.cache import cached_split
 
 
@@ -36,8 +45,14 @@ class Data:
         """Ready (already transformed) images held in memory as both splits: the benchmark
         scripts' fixed batches."""
         dataset = TensorImages(images.cpu(), labels.cpu())
-        return cls(train=dataset, test=dataset, num_classes=num_classes, train_indices=np.arange(len(labels)),
-                   train_plain=dataset, val_indices=np.arange(0))
+        return cls(
+            train=dataset,
+            test=dataset,
+            num_classes=num_classes,
+            train_indices=np.arange(len(labels)),
+            train_plain=dataset,
+            val_indices=np.arange(0),
+        )
 
 
 def augment_on_device(cfg: DictConfig, cached: bool) -> bool:
@@ -76,30 +91,45 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
     )
 
 
-def cached_data(cfg: DictConfig, train_set: Dataset, test_set: Dataset, indices: np.ndarray,
-                on_device: bool = False) -> tuple[Dataset, Dataset]:
+def cached_data(
+    cfg: DictConfig, train_set: Dataset, test_set: Dataset, indices: np.ndarray, on_device: bool = False
+) -> tuple[Dataset, Dataset]:
     """Training and test images read from the decoded-image cache: whole splits are cached
     once per dataset and size, so every sampling rate and seed shares them. With
     `on_device` the loader hands over uint8 images and DeviceAugment does the rest."""
     identity = OmegaConf.to_container(cfg.target, resolve=True)
     for key in SAMPLING_KEYS:
         identity.pop(key, None)
-    common = dict(resize=cfg.data.resize, crop=cfg.data.crop, cache_dir=Path(cfg.paths.cache_dir).expanduser(),
-                  identity=identity, num_workers=cfg.runtime.num_workers)
+    common = dict(
+        resize=cfg.data.resize,
+        crop=cfg.data.crop,
+        cache_dir=Path(cfg.paths.cache_dir).expanduser(),
+        identity=identity,
+        num_workers=cfg.runtime.num_workers,
+    )
     train_crop, test_crops = crop_options(cfg.data)
     train_all = cached_split(train_set, np.arange(len(train_set)), "train", **common)
     test_all = cached_split(test_set, np.arange(len(test_set)), "test", **common, test_crops=test_crops)
     if on_device:
         return Transformed(train_all, indices, nn.Identity()), test_all
     crop, mean, std = cfg.data.crop, cfg.data.mean, cfg.data.std
-    return (Transformed(train_all, indices, augment_transform(crop, mean, std, train_crop)),
-            Transformed(test_all, range(len(test_all)), views_transform(crop, mean, std, test_crops)))
+    return (
+        Transformed(train_all, indices, augment_transform(crop, mean, std, train_crop)),
+        Transformed(test_all, range(len(test_all)), views_transform(crop, mean, std, test_crops)),
+    )
 
 
 def save_indices(path: Path, cfg: DictConfig, data: Data) -> None:
-    atomic_write_json(path, {"sampling_rate": cfg.target.sampling_rate, "sampling_seed": cfg.target.sampling_seed,
-                             "val_fraction": cfg.target.val_fraction, "indices": data.train_indices.tolist(),
-                             "val_indices": data.val_indices.tolist()})
+    atomic_write_json(
+        path,
+        {
+            "sampling_rate": cfg.target.sampling_rate,
+            "sampling_seed": cfg.target.sampling_seed,
+            "val_fraction": cfg.target.val_fraction,
+            "indices": data.train_indices.tolist(),
+            "val_indices": data.val_indices.tolist(),
+        },
+    )
 
 
 def seed_data(cfg: DictConfig, target: Target, seed: int, run_dir: Path, data: Data | None) -> Data:

@@ -55,9 +55,9 @@ def sweep_axes(cfg: DictConfig, sweeps: dict[str, list[str]], plain: list[str]) 
 
 @dataclass
 class Job:
-    stage: str                  # "search" or "final"
-    cell: dict[str, str]        # the sweep axes' values
-    setting: dict[str, str]     # the grid's values (search) or {} (final: the chosen values)
+    stage: str  # "search" or "final"
+    cell: dict[str, str]  # the sweep axes' values
+    setting: dict[str, str]  # the grid's values (search) or {} (final: the chosen values)
     seeds: int
     iterations: int
     backbone: str
@@ -101,9 +101,14 @@ def plan(table: str, overrides: list[str]) -> tuple[list[Job], DictConfig]:
     jobs = []
     for cell, cfg in cells(table, overrides):
         choices = cfg.hydra.runtime.choices
-        common = dict(iterations=int(cfg.train.iterations), backbone=cfg.backbone.name,
-                      regularizer=choices.regularizer, direction=choices.direction, crop=int(cfg.data.crop),
-                      batch=int(cfg.train.batch_size))
+        common = dict(
+            iterations=int(cfg.train.iterations),
+            backbone=cfg.backbone.name,
+            regularizer=choices.regularizer,
+            direction=choices.direction,
+            crop=int(cfg.data.crop),
+            batch=int(cfg.train.batch_size),
+        )
         grid = grids.get(choices.get("method") or "", [])
         if grid:
             grid_axes = {k: v.split(",") for k, v in (o.split("=", 1) for o in grid)}
@@ -132,16 +137,23 @@ def benchmark_figures(path: Path) -> tuple[str, dict[str, float], float, int, di
         if kind in found:
             body = found[kind]
             settings = re.search(r"Settings: (\d+) px, batch (\d+)", body)
-            rows = {m.group(1).strip(): float(m.group(2)) for m in
-                    re.finditer(r"^\| (resnet\d+ \w+ \w+) \| [\d.]+ \| ([\d.]+) \|", body, re.MULTILINE)}
+            rows = {
+                m.group(1).strip(): float(m.group(2))
+                for m in re.finditer(r"^\| (resnet\d+ \w+ \w+) \| [\d.]+ \| ([\d.]+) \|", body, re.MULTILINE)
+            }
             if settings and rows:
                 factors = {}
-                for m in re.finditer(r"^- (\w+), (seeds one after another|concurrent seeds): .*cell-seconds per "
-                                     r"iteration ([\d.]+)", found.get(f"{kind}-cell", ""), re.MULTILINE):
+                for m in re.finditer(
+                    r"^- (\w+), (seeds one after another|concurrent seeds): .*cell-seconds per "
+                    r"iteration ([\d.]+)",
+                    found.get(f"{kind}-cell", ""),
+                    re.MULTILINE,
+                ):
                     method = CELL_METHODS.get(m.group(1))
                     if method in rows:
-                        factors[(method.split()[0], m.group(2) == "concurrent seeds")] = \
+                        factors[(method.split()[0], m.group(2) == "concurrent seeds")] = (
                             1000 * float(m.group(3)) / rows[method]
+                        )
                 return kind, rows, float(settings.group(1)), int(settings.group(2)), factors
     return None
 
@@ -172,27 +184,41 @@ def print_plan(table: str, jobs: list[Job], figures, concurrent: bool = False) -
         else:
             hours[job.stage] += h
         cell = " ".join(f"{k}={v}" for k, v in job.cell.items())
-        setting = " ".join(f"{k}={v}" for k, v in job.setting.items()) or ("chosen on validation"
-                                                                           if job.stage == "final" else "")
-        print(f"  {job.stage:6} {cell} | {setting} | {job.seeds} x {job.iterations} it"
-              + (f" | {h:.2f} h" if h is not None else ""))
+        setting = " ".join(f"{k}={v}" for k, v in job.setting.items()) or (
+            "chosen on validation" if job.stage == "final" else ""
+        )
+        print(
+            f"  {job.stage:6} {cell} | {setting} | {job.seeds} x {job.iterations} it"
+            + (f" | {h:.2f} h" if h is not None else "")
+        )
     counts = {stage: sum(j.stage == stage for j in jobs) for stage in hours}
     print(f"{counts['search']} search jobs, {counts['final']} final jobs, {len(jobs)} in all")
     if figures:
         kind, _, px, batch, factors = figures
         mode = "concurrent seeds" if concurrent else "seeds one after another"
-        used = {b: (f, m) for (b, c), f in factors.items() for m in [mode if c else "seeds one after another"]
-                if c == concurrent or (b, concurrent) not in factors}
+        used = {
+            b: (f, m)
+            for (b, c), f in factors.items()
+            for m in [mode if c else "seeds one after another"]
+            if c == concurrent or (b, concurrent) not in factors
+        }
         if kind == "cuda" and used:
-            source = ("measured on a GPU: model-only step times x the end-to-end factor of a measured cell, " +
-                      ", ".join(f"{b} {f:.2f} ({m})" for b, (f, m) in sorted(used.items())) + "; BENCHMARKS.md")
+            source = (
+                "measured on a GPU: model-only step times x the end-to-end factor of a measured cell, "
+                + ", ".join(f"{b} {f:.2f} ({m})" for b, (f, m) in sorted(used.items()))
+                + "; BENCHMARKS.md"
+            )
         elif kind == "cuda":
             source = f"measured on a GPU; model steps only (no measured cell for {mode})"
         else:
-            source = (f"a CPU projection: BENCHMARKS.md has no GPU figures yet, so its CPU step times ({px:g} px, "
-                      f"batch {batch}) are scaled by pixels and batch size; a GPU is far faster; model steps only")
-        print(f"projected hours: search {hours['search']:.1f} h, final {hours['final']:.1f} h, "
-              f"total {sum(hours.values()):.1f} h ({source})" + (f"; {unknown} jobs have no figure" if unknown else ""))
+            source = (
+                f"a CPU projection: BENCHMARKS.md has no GPU figures yet, so its CPU step times ({px:g} px, "
+                f"batch {batch}) are scaled by pixels and batch size; a GPU is far faster; model steps only"
+            )
+        print(
+            f"projected hours: search {hours['search']:.1f} h, final {hours['final']:.1f} h, "
+            f"total {sum(hours.values()):.1f} h ({source})" + (f"; {unknown} jobs have no figure" if unknown else "")
+        )
     else:
         print("projected hours: no BENCHMARKS.md found (run python scripts/benchmark.py)")
 
@@ -213,8 +239,10 @@ def run_stage(arguments: list[str]) -> None:
     finally:
         sys.argv = saved
     if code:
-        raise SystemExit("safetransfer-reproduce: a stage ended with failed jobs (listed above); fix them and rerun "
-                         "the same command: finished seeds are kept")
+        raise SystemExit(
+            "safetransfer-reproduce: a stage ended with failed jobs (listed above); fix them and rerun "
+            "the same command: finished seeds are kept"
+        )
 
 
 def reproduce(table: str, overrides: list[str], root: Path) -> Path:
@@ -231,11 +259,20 @@ def reproduce(table: str, overrides: list[str], root: Path) -> Path:
             continue
         directory = root / "search" / method
         searched_dirs.append(directory)
-        run_stage([f"experiment={table}", *overrides, f"method={method}", *grid,
-                   f"target.val_fraction={base.search.val_fraction}",
-                   f"seeds=[{','.join(map(str, base.search.seeds))}]", f"hydra.sweep.dir={directory}",
-                   f"results.table={table}_search", f"results.paper.name={table}_search_{method}",
-                   "results.paper.published=null"])
+        run_stage(
+            [
+                f"experiment={table}",
+                *overrides,
+                f"method={method}",
+                *grid,
+                f"target.val_fraction={base.search.val_fraction}",
+                f"seeds=[{','.join(map(str, base.search.seeds))}]",
+                f"hydra.sweep.dir={directory}",
+                f"results.table={table}_search",
+                f"results.paper.name={table}_search_{method}",
+                "results.paper.published=null",
+            ]
+        )
     chosen_path = root / "chosen.json"
     if searched_dirs:
         seeds = collect(searched_dirs)
@@ -243,28 +280,55 @@ def reproduce(table: str, overrides: list[str], root: Path) -> Path:
         chosen = write_chosen(chosen_path, table, cells, sorted(set(seeds["method"])))
     else:
         chosen = write_chosen(chosen_path, table, {}, [])
-    run_stage([f"experiment={table}", *overrides, f"search.chosen={chosen_path.resolve()}", "target.val_fraction=0",
-               f"hydra.sweep.dir={root / 'final'}"])
-    notes = ["Chosen on the validation split in stage 1 (the test split never took part):", "",
-             *chosen_notes(chosen)] if chosen["cells"] else []
-    markdown = write_table([root / "final"], Path(base.results.dir), str(base.results.paper.name),
-                           base.results.paper.published or None, notes=notes, accumulate=True)
+    run_stage(
+        [
+            f"experiment={table}",
+            *overrides,
+            f"search.chosen={chosen_path.resolve()}",
+            "target.val_fraction=0",
+            f"hydra.sweep.dir={root / 'final'}",
+        ]
+    )
+    notes = (
+        ["Chosen on the validation split in stage 1 (the test split never took part):", "", *chosen_notes(chosen)]
+        if chosen["cells"]
+        else []
+    )
+    markdown = write_table(
+        [root / "final"],
+        Path(base.results.dir),
+        str(base.results.paper.name),
+        base.results.paper.published or None,
+        notes=notes,
+        accumulate=True,
+    )
     print(markdown, end="")
     return Path(base.results.dir) / f"{base.results.paper.name}.md"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="safetransfer-reproduce", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="safetransfer-reproduce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("table", help=f"an experiment preset with a search: {', '.join(TABLES)}")
     parser.add_argument("overrides", nargs="*", help="safetransfer-train overrides for both stages")
-    parser.add_argument("--plan", action="store_true", help="print every job, the projected hours and whether the "
-                                                              "data is ready; train nothing")
-    parser.add_argument("--fetch", action="store_true", help="download and verify every checkpoint, dataset and list "
-                                                               "the table's jobs read (on a login node); train nothing")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print every job, the projected hours and whether the data is ready; train nothing",
+    )
+    parser.add_argument(
+        "--fetch",
+        action="store_true",
+        help="download and verify every checkpoint, dataset and list "
+        "the table's jobs read (on a login node); train nothing",
+    )
     parser.add_argument("--dir", type=Path, help="where both stages run (default multirun/<table>)")
-    parser.add_argument("--benchmarks", type=Path, help="the step times the plan projects from (default: the "
-                                                          "repository's BENCHMARKS.md, else ./BENCHMARKS.md)")
+    parser.add_argument(
+        "--benchmarks",
+        type=Path,
+        help="the step times the plan projects from (default: the repository's BENCHMARKS.md, else ./BENCHMARKS.md)",
+    )
     args = parser.parse_intermixed_args(argv)
     one_line_errors(parser, lambda: run(args))
 
@@ -285,8 +349,11 @@ def run(args: argparse.Namespace) -> None:
     """safetransfer-reproduce's three modes: --plan, --fetch, and both stages."""
     if args.plan:
         jobs, base = plan(args.table, args.overrides)
-        candidates = [args.benchmarks] if args.benchmarks else [
-            Path(__file__).resolve().parents[1] / "BENCHMARKS.md", Path("BENCHMARKS.md")]
+        candidates = (
+            [args.benchmarks]
+            if args.benchmarks
+            else [Path(__file__).resolve().parents[1] / "BENCHMARKS.md", Path("BENCHMARKS.md")]
+        )
         figures = next((f for f in map(benchmark_figures, candidates) if f), None)
         print_plan(args.table, jobs, figures, bool(base.runtime.concurrent_seeds))
         print(f"{args.table}: the data its jobs read (checked, nothing downloaded)")
@@ -303,9 +370,11 @@ def run(args: argparse.Namespace) -> None:
     outcomes = table_data(args.table, args.overrides, download=False)
     if any(o.status not in READY for o in outcomes):
         missing = sum(o.status not in READY for o in outcomes)
-        raise SystemExit(f"safetransfer-reproduce: error: {missing} of the {len(outcomes)} artifacts the table's jobs "
-                         f"read are not ready (listed above); nothing was trained: run safetransfer-reproduce "
-                         f"{args.table} --fetch, or place what cannot be downloaded as listed")
+        raise SystemExit(
+            f"safetransfer-reproduce: error: {missing} of the {len(outcomes)} artifacts the table's jobs "
+            f"read are not ready (listed above); nothing was trained: run safetransfer-reproduce "
+            f"{args.table} --fetch, or place what cannot be downloaded as listed"
+        )
     reproduce(args.table, args.overrides, args.dir or Path("multirun") / args.table)
 
 
@@ -313,10 +382,14 @@ def fetch_main(argv: list[str] | None = None) -> None:
     """safetransfer-fetch [overrides]: download and verify what the jobs of these overrides read."""
     from safetransfer.fetch import fetch_all
 
-    parser = argparse.ArgumentParser(prog="safetransfer-fetch", description=(
-        "Download and verify every source checkpoint, target dataset and sample list that safetransfer-train "
-        "with the same overrides would read (comma sweeps included), one line each; exit 1 when anything is "
-        "not ready. For a paper's table: safetransfer-reproduce TABLE --fetch."))
+    parser = argparse.ArgumentParser(
+        prog="safetransfer-fetch",
+        description=(
+            "Download and verify every source checkpoint, target dataset and sample list that safetransfer-train "
+            "with the same overrides would read (comma sweeps included), one line each; exit 1 when anything is "
+            "not ready. For a paper's table: safetransfer-reproduce TABLE --fetch."
+        ),
+    )
     parser.add_argument("overrides", nargs="*", help="safetransfer-train overrides, e.g. source=imagenet target=cub200")
     parser.add_argument("--check", action="store_true", help="only check what is there; download nothing")
     args = parser.parse_args(argv)
@@ -324,8 +397,10 @@ def fetch_main(argv: list[str] | None = None) -> None:
     def fetch_configs():
         sweeps, plain = split_sweeps(args.overrides)
         compose_more = composer(args.overrides)
-        configs = (compose_more([*plain, *(f"{k}={v}" for k, v in zip(sweeps, values))])
-                   for values in itertools.product(*sweeps.values()))
+        configs = (
+            compose_more([*plain, *(f"{k}={v}" for k, v in zip(sweeps, values))])
+            for values in itertools.product(*sweeps.values())
+        )
         return fetch_all(configs, not args.check, compose_more)
 
     outcomes = one_line_errors(parser, fetch_configs)

@@ -8,8 +8,6 @@ read-modify-write so that jobs finishing at once never lose a row.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import statistics
 from collections.abc import Sequence
@@ -36,8 +34,23 @@ def runtime_only(override: str) -> bool:
     return re.split(r"[./=]", override.lstrip("+~"), maxsplit=1)[0] in NOT_IN_KEY  # hydra/launcher=... too
 
 
-ROW_COLUMNS = ["backbone", "source", "target", "sampling_rate", "method", "mean", "std", "n_seeds",
-               "accuracies", "seeds", "failed", "overrides", "key", "run_dir", "updated"]
+ROW_COLUMNS = [
+    "backbone",
+    "source",
+    "target",
+    "sampling_rate",
+    "method",
+    "mean",
+    "std",
+    "n_seeds",
+    "accuracies",
+    "seeds",
+    "failed",
+    "overrides",
+    "key",
+    "run_dir",
+    "updated",
+]
 #: derived from the rows each time the table is written: each row against its reference row
 #: (paired_note: why a row has none), and a transfer row against the From scratch row
 PAIRED_COLUMNS = ["reference", "paired_n", "paired_diff", "paired_low", "paired_high", "paired_note"]
@@ -61,17 +74,37 @@ def summarize(accuracies: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
-def make_row(*, backbone: str, source: str, target: str, sampling_rate: float, method: str,
-             seeds: Sequence[int], accuracies: Sequence[float], overrides: str, key: str, run_dir: str,
-             failed: Sequence[int] = ()) -> dict:
+def make_row(
+    *,
+    backbone: str,
+    source: str,
+    target: str,
+    sampling_rate: float,
+    method: str,
+    seeds: Sequence[int],
+    accuracies: Sequence[float],
+    overrides: str,
+    key: str,
+    run_dir: str,
+    failed: Sequence[int] = (),
+) -> dict:
     """A job's row: mean and sample std over its finished seeds; failed seeds only listed."""
     mean, std = summarize(accuracies)
     return {
-        "backbone": backbone, "source": source, "target": target, "sampling_rate": sampling_rate,
-        "method": method, "mean": mean, "std": std, "n_seeds": len(accuracies),
+        "backbone": backbone,
+        "source": source,
+        "target": target,
+        "sampling_rate": sampling_rate,
+        "method": method,
+        "mean": mean,
+        "std": std,
+        "n_seeds": len(accuracies),
         "accuracies": ";".join(repr(float(a)) for a in accuracies),  # full precision: every table rounds alike
-        "seeds": ";".join(map(str, seeds)), "failed": ";".join(map(str, failed)),
-        "overrides": overrides, "key": key, "run_dir": run_dir,
+        "seeds": ";".join(map(str, seeds)),
+        "failed": ";".join(map(str, failed)),
+        "overrides": overrides,
+        "key": key,
+        "run_dir": run_dir,
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -104,8 +137,9 @@ def write_row(results_dir: Path, table: str, row: dict) -> pd.DataFrame:
         frame = read_table(results_dir, table)
         frame = frame[frame["key"] != row["key"]]
         frame = pd.concat([frame, pd.DataFrame([row], columns=ROW_COLUMNS)], ignore_index=True)
-        frame = frame.sort_values(["backbone", "source", "target", "sampling_rate", "method", "overrides"],
-                                  kind="stable", ignore_index=True)
+        frame = frame.sort_values(
+            ["backbone", "source", "target", "sampling_rate", "method", "overrides"], kind="stable", ignore_index=True
+        )
         frame = with_paired(frame[ROW_COLUMNS])
         atomic_write_text(csv_path, frame.to_csv(index=False))
         atomic_write_text(md_path, to_markdown(frame))
@@ -164,8 +198,11 @@ def with_paired(frame: pd.DataFrame) -> pd.DataFrame:
     values = {c: [] for c in PAIRED_COLUMNS + SCRATCH_COLUMNS}
     empty = (0, float("nan"), float("nan"), float("nan"))
     for _, row in frame.iterrows():
-        group = frame[(frame["backbone"] == row["backbone"]) & (frame["target"] == row["target"])
-                      & (frame["sampling_rate"] == row["sampling_rate"])]
+        group = frame[
+            (frame["backbone"] == row["backbone"])
+            & (frame["target"] == row["target"])
+            & (frame["sampling_rate"] == row["sampling_rate"])
+        ]
         same = group[[comparable(row, r) for _, r in group.iterrows()]]
         reference, note, numbers = "", "", empty
         names = reference_candidates(row["method"])
@@ -174,14 +211,21 @@ def with_paired(frame: pd.DataFrame) -> pd.DataFrame:
             if len(candidates) == 1:
                 reference, numbers = candidates.iloc[0]["method"], paired(per_seed(row), per_seed(candidates.iloc[0]))
             elif len(candidates) > 1:
-                note = (f"{len(candidates)} {' or '.join(names)} rows from {row['source']} with the same settings "
-                        f"(runs {', '.join(candidates['key'])}): which is the reference is ambiguous")
+                note = (
+                    f"{len(candidates)} {' or '.join(names)} rows from {row['source']} with the same settings "
+                    f"(runs {', '.join(candidates['key'])}): which is the reference is ambiguous"
+                )
             else:
-                note = f"no {' or '.join(names)} row from {row['source']} with the same backbone, sampling rate and settings"
-        scratch = group[[r["method"] == SCRATCH and comparable(row, r, source_keys=False)
-                         for _, r in group.iterrows()]]
-        against = paired(per_seed(row), per_seed(scratch.iloc[0])) if len(scratch) == 1 and \
-            not is_scratch(row["method"]) else empty
+                note = (
+                    f"no {' or '.join(names)} row from {row['source']} with the same backbone, sampling rate "
+                    "and settings"
+                )
+        scratch = group[[r["method"] == SCRATCH and comparable(row, r, source_keys=False) for _, r in group.iterrows()]]
+        against = (
+            paired(per_seed(row), per_seed(scratch.iloc[0]))
+            if len(scratch) == 1 and not is_scratch(row["method"])
+            else empty
+        )
         for column, value in zip(PAIRED_COLUMNS + SCRATCH_COLUMNS, (reference, *numbers, note, *against)):
             values[column].append(value)
     for column, value in values.items():
@@ -220,17 +264,21 @@ def to_markdown(frame: pd.DataFrame) -> str:
     """The table for reading: one row per config, accuracy as mean ± std (two decimals), the
     settings that differ between rows as columns of their own (the CSV keeps all overrides)."""
     varied, shared = setting_columns(frame)
-    shown = pd.DataFrame({
-        "backbone": frame["backbone"],
-        "source": frame["source"],
-        "target": frame["target"],
-        "sampling (%)": frame["sampling_rate"].map(lambda r: f"{float(r):g}"),
-        "method": frame["method"],
-        **{short_key(k, varied): v for k, v in varied.items()},
-        "top-1 (%)": [format_cell(m, s) for m, s in zip(frame["mean"], frame["std"])],
-        "seeds": frame["n_seeds"],
-        "per seed": [", ".join(f"{float(a):.2f}" for a in str(value).split(";") if a) for value in frame["accuracies"]],
-    })
+    shown = pd.DataFrame(
+        {
+            "backbone": frame["backbone"],
+            "source": frame["source"],
+            "target": frame["target"],
+            "sampling (%)": frame["sampling_rate"].map(lambda r: f"{float(r):g}"),
+            "method": frame["method"],
+            **{short_key(k, varied): v for k, v in varied.items()},
+            "top-1 (%)": [format_cell(m, s) for m, s in zip(frame["mean"], frame["std"])],
+            "seeds": frame["n_seeds"],
+            "per seed": [
+                ", ".join(f"{float(a):.2f}" for a in str(value).split(";") if a) for value in frame["accuracies"]
+            ],
+        }
+    )
     text = shown.to_markdown(index=False, disable_numparse=True) + "\n"
     if shared:
         text += "\nEvery row: " + " ".join(f"{k}={v}" for k, v in shared.items()) + "\n"
@@ -239,17 +287,31 @@ def to_markdown(frame: pd.DataFrame) -> str:
         where = f"{row.target} {float(row.sampling_rate):g}% {row.source}"
         method = " ".join([row.method, *(f"{short_key(k, varied)}={v[index]}" for k, v in varied.items() if v[index])])
         if getattr(row, "reference", "") or getattr(row, "paired_note", ""):
-            interval = paired_text(int(row.paired_n), row.paired_diff, row.paired_low, row.paired_high) \
-                if row.reference else f"none: {row.paired_note}"
+            interval = (
+                paired_text(int(row.paired_n), row.paired_diff, row.paired_low, row.paired_high)
+                if row.reference
+                else f"none: {row.paired_note}"
+            )
             lines.append((where, method, row.reference or "", interval))
         if getattr(row, "scratch_n", 0):
-            lines.append((where, method, SCRATCH, paired_text(int(row.scratch_n), row.scratch_diff,
-                                                                   row.scratch_low, row.scratch_high)))
+            lines.append(
+                (
+                    where,
+                    method,
+                    SCRATCH,
+                    paired_text(int(row.scratch_n), row.scratch_diff, row.scratch_low, row.scratch_high),
+                )
+            )
     if lines:
-        second = pd.DataFrame(lines, columns=["target, sampling, source", "method", "reference",
-                                              "ours − reference, 95 % interval (seeds)"])
-        text += ("\nPaired differences (seeds are shared across methods: same seed, sampled subset and data order): "
-                 "mean of the row − its reference row over the common seeds, its 95 % t interval and the number of "
-                 "seeds; * when the interval excludes zero. A transfer row is also compared with From scratch.\n\n"
-                 + second.to_markdown(index=False, disable_numparse=True) + "\n")
+        second = pd.DataFrame(
+            lines,
+            columns=["target, sampling, source", "method", "reference", "ours − reference, 95 % interval (seeds)"],
+        )
+        text += (
+            "\nPaired differences (seeds are shared across methods: same seed, sampled subset and data order): "
+            "mean of the row − its reference row over the common seeds, its 95 % t interval and the number of "
+            "seeds; * when the interval excludes zero. A transfer row is also compared with From scratch.\n\n"
+            + second.to_markdown(index=False, disable_numparse=True)
+            + "\n"
+        )
     return text

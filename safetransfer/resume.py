@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from safetransfer.errors import StorageError
 from safetransfer.atomic import atomic_torch_save
+from safetransfer.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  
 def rng_state() -> dict[str, Any]:
     """Every global RNG, as tensors and plain values (loadable with weights_only=True)."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -63,8 +66,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     try:
         atomic_torch_save(state, path)
     except OSError as error:
-        raise StorageError(f"writing the checkpoint {path} failed ({error.strerror or error}); the previous checkpoint "
-                           "is kept: free space in the run directory and rerun the same command to continue") from None
+        raise StorageError(
+            f"writing the checkpoint {path} failed ({error.strerror or error}); the previous checkpoint "
+            "is kept: free space in the run directory and rerun the same command to continue"
+        ) from None
 
 
 def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
@@ -78,8 +83,13 @@ def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
     except Exception as error:  # truncated zip, unpickling error, ...
         damaged = path.with_name(path.name + ".damaged")
         path.replace(damaged)
-        log.warning("the checkpoint %s cannot be read (%s: %s); moved to %s, the seed starts from iteration 0",
-                    path, type(error).__name__, str(error).splitlines()[0] if str(error) else "", damaged)
+        log.warning(
+            "the checkpoint %s cannot be read (%s: %s); moved to %s, the seed starts from iteration 0",
+            path,
+            type(error).__name__,
+            str(error).splitlines()[0] if str(error) else "",
+            damaged,
+        )
         return None
     if state.get("key") != key:
         log.warning("the checkpoint %s belongs to another config; the seed starts from iteration 0", path)
@@ -91,16 +101,16 @@ def load_checkpoint(path: Path, key: str) -> dict[str, Any] | None:
 class TrainingState:
     """What a checkpoint holds: all a seed needs to go on exactly where it stopped."""
 
-    key: str                      # the config's key: a checkpoint of another config is not resumed
-    iteration: int                # the last iteration done
-    model: dict                   # state_dicts
+    key: str  # the config's key: a checkpoint of another config is not resumed
+    iteration: int  # the last iteration done
+    model: dict  # state_dicts
     optimizer: dict
     scheduler: dict
-    position: dict                # the data order (engine.Batches.position)
-    rng: dict                     # every global RNG (rng_state)
+    position: dict  # the data order (engine.Batches.position)
+    rng: dict  # every global RNG (rng_state)
     augment: torch.Tensor | None  # the on-device augmentation's generator state
-    window: dict                  # the log row being accumulated (logs.TrainLog.window)
-    elapsed_s: float              # training time so far
+    window: dict  # the log row being accumulated (logs.TrainLog.window)
+    elapsed_s: float  # training time so far
 
     def as_dict(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in fields(self)}
@@ -139,8 +149,10 @@ class Preempted(Exception):
     def __init__(self, signum: int, iteration: int, path: Path | None):
         self.signum, self.iteration, self.path = signum, iteration, path
         where = f"checkpoint written to {path}" if path else "no checkpoint (runtime.checkpoint_every=0)"
-        super().__init__(f"stopped by {signal.Signals(signum).name} after iteration {iteration}: {where}; "
-                         "rerun the same command (same output directory) to continue")
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after iteration {iteration}: {where}; "
+            "rerun the same command (same output directory) to continue"
+        )
 
     def __reduce__(self):  # crosses process boundaries (runtime.concurrent_seeds)
         return Preempted, (self.signum, self.iteration, self.path)

@@ -18,13 +18,15 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from safetransfer.atomic import atomic_write_json, plain
 from safetransfer.errors import ConfigError
 from safetransfer.methods import source_label
-from safetransfer.atomic import atomic_write_json, plain
 
 
 def cell_id(cfg: DictConfig, method: str) -> str:
-    return f"{cfg.backbone.name}|{source_label(cfg.source)}|{cfg.target.name}|{float(cfg.target.sampling_rate):g}|{method}"
+    return (
+        f"{cfg.backbone.name}|{source_label(cfg.source)}|{cfg.target.name}|{float(cfg.target.sampling_rate):g}|{method}"
+    )
 
 
 def grid_keys(grid: list[str]) -> list[str]:
@@ -41,13 +43,17 @@ def apply_chosen(cfg: DictConfig, method: str) -> bool:
         chosen = json.loads(Path(path).read_text())
         cells, searched = chosen["cells"], chosen["searched"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"search.chosen={path}: not a readable chosen.json of a finished search ({error}); "
-                          "rerun the table command to write it") from None
+        raise ConfigError(
+            f"search.chosen={path}: not a readable chosen.json of a finished search ({error}); "
+            "rerun the table command to write it"
+        ) from None
     entry = cells.get(cell_id(cfg, method))
     if entry is None:
         if method in searched:
-            raise ConfigError(f"search.chosen={path} has no setting for {cell_id(cfg, method)}: its search did not "
-                              "finish; rerun the table command (finished search jobs are kept)")
+            raise ConfigError(
+                f"search.chosen={path} has no setting for {cell_id(cfg, method)}: its search did not "
+                "finish; rerun the table command (finished search jobs are kept)"
+            )
         return False  # a method without a grid keeps its preset values
     for key, value in entry["values"].items():
         OmegaConf.update(cfg, key, value, merge=False)
@@ -64,14 +70,19 @@ def choose(seeds: pd.DataFrame, grids: dict[str, list[str]]) -> dict:
     cells = {}
     for cell, group in seeds.groupby(CELL, sort=True):
         if group["val_top1"].isna().any():
-            raise ConfigError(f"{' / '.join(map(str, cell))}: search seeds without validation accuracy; the search "
-                              "needs search.val_fraction > 0")
+            raise ConfigError(
+                f"{' / '.join(map(str, cell))}: search seeds without validation accuracy; the search "
+                "needs search.val_fraction > 0"
+            )
         best, means = best_by_validation(group)
         backbone, source, target, rate, method = cell
         values = {k: plain(settings[best][k]) for k in keys if k in settings[best]}
         cells[f"{backbone}|{source}|{target}|{float(rate):g}|{method}"] = {
-            "values": values, "val_top1": float(means[best]), "settings_tried": int(len(means)),
-            "seeds": int((group["key"] == best).sum())}
+            "values": values,
+            "val_top1": float(means[best]),
+            "settings_tried": int(len(means)),
+            "seeds": int((group["key"] == best).sum()),
+        }
     return cells
 
 
@@ -87,6 +98,8 @@ def chosen_notes(chosen: dict) -> list[str]:
     for cell, entry in sorted(chosen["cells"].items()):
         _, _, target, rate, method = cell.split("|")
         values = " ".join(f"{k}={v}" for k, v in entry["values"].items())
-        lines.append(f"- {target} {rate}% {method}: {values} (mean validation top-1 {entry['val_top1']:.2f}, "
-                     f"best of {entry['settings_tried']} settings)")
+        lines.append(
+            f"- {target} {rate}% {method}: {values} (mean validation top-1 {entry['val_top1']:.2f}, "
+            f"best of {entry['settings_tried']} settings)"
+        )
     return lines

@@ -6,8 +6,6 @@ state_dict (or None for random initialisation).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 from pathlib import Path
@@ -17,11 +15,11 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from safetransfer import checkpoints, demo
+from safetransfer.atomic import atomic_torch_save
 from safetransfer.backbones import TransferNet
 from safetransfer.downloads import download, file_digest
 from safetransfer.errors import ConfigError, MissingData
 from safetransfer.fingerprints import fingerprint
-from safetransfer.atomic import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +110,10 @@ class PretrainedSource(Source):
         return self.path
 
     def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
-        command = (f"safetransfer-train experiment=pretrain_source target={self.dataset} backbone={backbone} "
-                   f"pretrain.save_to={self.path}")
+        command = (
+            f"safetransfer-train experiment=pretrain_source target={self.dataset} backbone={backbone} "
+            f"pretrain.save_to={self.path}"
+        )
         if not self.path.is_file():
             raise MissingData(f"source={self.name}: no source checkpoint at {self.path}; create it with: {command}")
         checkpoint = checkpoints.read(self.path)
@@ -121,12 +121,16 @@ class PretrainedSource(Source):
         if not isinstance(meta, dict):
             raise ConfigError(f"{self.path} is not a safetransfer source checkpoint; create one with: {command}")
         if (meta.get("backbone"), meta.get("dataset")) != (backbone, self.dataset):
-            raise ConfigError(f"{self.path} holds a {meta.get('backbone')} trained on {meta.get('dataset')}, "
-                              f"not a {backbone} trained on {self.dataset}; create the right one with: {command}")
+            raise ConfigError(
+                f"{self.path} holds a {meta.get('backbone')} trained on {meta.get('dataset')}, "
+                f"not a {backbone} trained on {self.dataset}; create the right one with: {command}"
+            )
         state, _ = checkpoints.backbone_state(checkpoint, origin=str(self.path))
         if checkpoints.state_digest(state) != meta.get("sha256"):
-            raise ConfigError(f"{self.path}: the weights do not match the sha256 in their metadata "
-                              f"({meta.get('sha256')}); the file is damaged, create it again with: {command}")
+            raise ConfigError(
+                f"{self.path}: the weights do not match the sha256 in their metadata "
+                f"({meta.get('sha256')}); the file is damaged, create it again with: {command}"
+            )
         return checkpoints.match_backbone(state, backbone, strict=True, origin=str(self.path), hint="")
 
 
@@ -147,8 +151,9 @@ class ImageNetSource(Source):
     `sha256` when one is given (a site's own build of the weights, a test's fixture).
     """
 
-    def __init__(self, name: str = "imagenet", weights: str = "IMAGENET1K_V1", verify: bool = True,
-                 sha256: str | None = None):
+    def __init__(
+        self, name: str = "imagenet", weights: str = "IMAGENET1K_V1", verify: bool = True, sha256: str | None = None
+    ):
         super().__init__(name)
         self.weights, self.verify, self.sha256 = weights, bool(verify), sha256
 
@@ -157,8 +162,10 @@ class ImageNetSource(Source):
 
         enum = torchvision.models.get_model_weights(backbone)
         if self.weights not in enum.__members__:
-            raise ConfigError(f"source.weights={self.weights} does not exist for backbone={backbone}; "
-                              f"allowed: {', '.join(enum.__members__)}")
+            raise ConfigError(
+                f"source.weights={self.weights} does not exist for backbone={backbone}; "
+                f"allowed: {', '.join(enum.__members__)}"
+            )
         return enum[self.weights]
 
     downloadable = True
@@ -206,8 +213,13 @@ class Places365Source(Source):
         download(url, path, checksum)
         if checksum is None:
             actual = file_digest(path)
-            log.warning("%s has no pinned sha256 to check against; its sha256 is %s: pin it with "
-                        "source.sha256.%s=%s", path, actual, backbone, actual)
+            log.warning(
+                "%s has no pinned sha256 to check against; its sha256 is %s: pin it with source.sha256.%s=%s",
+                path,
+                actual,
+                backbone,
+                actual,
+            )
         return checkpoints.load_backbone(path, backbone, key="file", hint=not_published(path))[0]
 
 
@@ -223,12 +235,28 @@ def hub_path(url: str) -> Path:
 class DemoSource(Source):
     """The demo's source model: pretrained on the generated source domain on first use, then cached."""
 
-    def __init__(self, cache_dir: str, name: str = "demo", images_per_class: int = 200, image_size: int = 32,
-                 iterations: int = 400, batch_size: int = 64, lr: float = 0.03, seed: int = 0):
+    def __init__(
+        self,
+        cache_dir: str,
+        name: str = "demo",
+        images_per_class: int = 200,
+        image_size: int = 32,
+        iterations: int = 400,
+        batch_size: int = 64,
+        lr: float = 0.03,
+        seed: int = 0,
+    ):
         super().__init__(name)
         self.cache_dir = Path(cache_dir).expanduser()
-        self.settings = dict(images_per_class=images_per_class, image_size=image_size, iterations=iterations,
-                             batch_size=batch_size, lr=lr, seed=seed, generator=demo.VERSION)
+        self.settings = dict(
+            images_per_class=images_per_class,
+            image_size=image_size,
+            iterations=iterations,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            generator=demo.VERSION,
+        )
 
     def read_file(self, backbone: str) -> Path:
         return self.cache_path(backbone)
@@ -258,8 +286,11 @@ class DemoSource(Source):
         log.info("pretraining the demo source model (%s, %d iterations; once, then cached)", backbone, s["iterations"])
         images, labels, classes = demo.make_domain("source", s["images_per_class"], s["image_size"], s["seed"])
         size = s["image_size"]
-        dataset = Transformed(TensorImages(images, labels), range(len(labels)),
-                              train_transform(size + size // 8, size, IMAGENET_MEAN, IMAGENET_STD))
+        dataset = Transformed(
+            TensorImages(images, labels),
+            range(len(labels)),
+            train_transform(size + size // 8, size, IMAGENET_MEAN, IMAGENET_STD),
+        )
         generator = torch.Generator().manual_seed(s["seed"])
         loader = DataLoader(dataset, batch_size=s["batch_size"], shuffle=True, drop_last=True, generator=generator)
         with torch.random.fork_rng():
@@ -269,7 +300,9 @@ class DemoSource(Source):
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, s["iterations"])
             omega = Omega({"l2": L2(alpha=1e-4)})
             cpu = torch.device("cpu")
-            fit(Parts(model, omega, Sum(), optimizer, scheduler, loader, cpu),
+            fit(
+                Parts(model, omega, Sum(), optimizer, scheduler, loader, cpu),
                 Loop(s["iterations"], log_every=max(1, s["iterations"] // 4)),
-                TrainLog(None, [], cpu, total=s["iterations"], desc="demo source"))
+                TrainLog(None, [], cpu, total=s["iterations"], desc="demo source"),
+            )
         return model.backbone.state_dict()

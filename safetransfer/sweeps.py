@@ -17,9 +17,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from safetransfer.atomic import atomic_write_json
 from safetransfer.errors import ConfigError
 from safetransfer.overrides import sweep_jobs
-from safetransfer.atomic import atomic_write_json
 from safetransfer.results import table_paths
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,12 @@ def duplicate_report(records: list[dict]) -> list[str]:
     for record in records:
         if record["status"] == "finished" and record.get("key"):
             by_key.setdefault(record["key"], []).append(record)
-    return [f"Jobs {', '.join(str(r.get('num')) for r in same)} resolve to the same config (key {key}): the table "
-            f"holds one row for them; their overrides: " + " | ".join(' '.join(r["overrides"]) for r in same)
-            for key, same in by_key.items() if len(same) > 1]
+    return [
+        f"Jobs {', '.join(str(r.get('num')) for r in same)} resolve to the same config (key {key}): the table "
+        f"holds one row for them; their overrides: " + " | ".join(" ".join(r["overrides"]) for r in same)
+        for key, same in by_key.items()
+        if len(same) > 1
+    ]
 
 
 def planned_jobs(config: DictConfig) -> list[list[str]]:
@@ -76,7 +79,9 @@ def planned_jobs(config: DictConfig) -> list[list[str]]:
 def continue_command(arguments: list[str], sweep_dir: Path) -> str:
     """The command that continues a multirun in its own folder: finished seeds kept, the rest run."""
     kept = [a for a in arguments if not a.startswith(("hydra.sweep.dir=", "+hydra.sweep.dir=", "++hydra.sweep.dir="))]
-    return "safetransfer-train " + " ".join(shlex.quote(a) for a in [*kept, f"hydra.sweep.dir={Path(sweep_dir).resolve()}"])
+    return "safetransfer-train " + " ".join(
+        shlex.quote(a) for a in [*kept, f"hydra.sweep.dir={Path(sweep_dir).resolve()}"]
+    )
 
 
 def failure_report(sweep_dir: Path, planned: int | None = None, arguments: list[str] | None = None) -> str:
@@ -93,8 +98,10 @@ def failure_report(sweep_dir: Path, planned: int | None = None, arguments: list[
     lines = [f"{unfinished} of {total} jobs of {sweep_dir} did not finish:"]
     for record in failed:
         reason = record.get("error", "interrupted while running (killed or preempted?)")
-        lines += [f"- job {record.get('num')} [{' '.join(record['overrides'])}]: {record['status']}: {reason}",
-                  f"  rerun it alone: {rerun_command(record)}"]
+        lines += [
+            f"- job {record.get('num')} [{' '.join(record['overrides'])}]: {record['status']}: {reason}",
+            f"  rerun it alone: {rerun_command(record)}",
+        ]
     if total > len(records):
         lines.append(f"- {total - len(records)} job{'s' if total - len(records) > 1 else ''} not started")
     whole = continue_command(arguments, sweep_dir) if arguments is not None else f"... hydra.sweep.dir={sweep_dir}"
@@ -102,8 +109,9 @@ def failure_report(sweep_dir: Path, planned: int | None = None, arguments: list[
     return "\n".join([*lines, *duplicates])
 
 
-def sweep_report(config: DictConfig, sweep_dir: Path, planned: int | None = None,
-                 arguments: list[str] | None = None) -> str:
+def sweep_report(
+    config: DictConfig, sweep_dir: Path, planned: int | None = None, arguments: list[str] | None = None
+) -> str:
     """The paper-layout table of everything under `sweep_dir`, then the failed jobs."""
     from safetransfer.tables import write_table
 
@@ -111,11 +119,18 @@ def sweep_report(config: DictConfig, sweep_dir: Path, planned: int | None = None
     paper = config.results.paper
     name = str(paper.name)
     try:
-        markdown = write_table([sweep_dir], Path(config.results.dir), name,
-                               str(paper.published) if paper.published else None, accumulate=True)
-        parts.append(f"Paper-layout table {Path(config.results.dir) / (name + '.md')} (the jobs of {sweep_dir}, "
-                     "beside the cells of earlier sweeps written to it):"
-                     f"\n\n{markdown}")
+        markdown = write_table(
+            [sweep_dir],
+            Path(config.results.dir),
+            name,
+            str(paper.published) if paper.published else None,
+            accumulate=True,
+        )
+        parts.append(
+            f"Paper-layout table {Path(config.results.dir) / (name + '.md')} (the jobs of {sweep_dir}, "
+            "beside the cells of earlier sweeps written to it):"
+            f"\n\n{markdown}"
+        )
     except ConfigError as error:
         parts.append(f"No paper-layout table: {error}")
     parts.append(failure_report(sweep_dir, planned, arguments))
@@ -128,8 +143,8 @@ class SweepReport(Callback):
     paper-layout table of all its jobs and list the jobs that failed."""
 
     active: tuple[DictConfig, Path] | None = None
-    planned: int | None = None            # how many jobs the multirun launches
-    arguments: list[str] | None = None    # safetransfer-train's command line (set by train.main)
+    planned: int | None = None  # how many jobs the multirun launches
+    arguments: list[str] | None = None  # safetransfer-train's command line (set by train.main)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         print_results_table(config)

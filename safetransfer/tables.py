@@ -16,8 +16,8 @@ values in the CSV. The test accuracy never takes part in the choice.
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from importlib import resources
@@ -27,26 +27,47 @@ import pandas as pd
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
+from safetransfer.atomic import atomic_write_text, plain, read_json
 from safetransfer.checks import check_writable
 from safetransfer.errors import ConfigError
 from safetransfer.methods import is_scratch, method_name, source_label
 from safetransfer.paired import paired, paired_text, reference_column, scratch_column
-from safetransfer.atomic import atomic_write_text, plain, read_json
 from safetransfer.results import NOT_IN_KEY, config_key, format_cell, lock_for, short_key, summarize
 
 log = logging.getLogger(__name__)
 
 CELL = ["backbone", "source", "target", "sampling_rate", "method"]
 ROWS = ["target", "sampling_rate"]
-QUANTITIES = ["mean", "std", "seeds", "published", "published_std", "diff", "within", "val_mean", "settings",
-              "chosen", "reference", "paired_n", "paired_diff", "paired_low", "paired_high",
-              "scratch", "scratch_n", "scratch_diff", "scratch_low", "scratch_high"]
+QUANTITIES = [
+    "mean",
+    "std",
+    "seeds",
+    "published",
+    "published_std",
+    "diff",
+    "within",
+    "val_mean",
+    "settings",
+    "chosen",
+    "reference",
+    "paired_n",
+    "paired_diff",
+    "paired_low",
+    "paired_high",
+    "scratch",
+    "scratch_n",
+    "scratch_diff",
+    "scratch_low",
+    "scratch_high",
+]
 #: A row of a paper's table that stands for several of our rows. The DTNH tables print one
 #: "Caltech 256" row although the paper trains on 30 or 60 images per class and does not say
 #: which its table shows: its value is shown beside both, with a footnote.
 SHARED_PAPER_ROWS = {"caltech256": ("caltech256_30", "caltech256_60")}
-SHARED_ROW_NOTE = ("† The paper's table has one Caltech 256 row and does not say whether it is the 30 or the "
-                   "60 images per class split; its value is shown beside both.")
+SHARED_ROW_NOTE = (
+    "† The paper's table has one Caltech 256 row and does not say whether it is the 30 or the "
+    "60 images per class split; its value is shown beside both."
+)
 
 
 def collect(directories: Iterable[Path]) -> pd.DataFrame:
@@ -61,10 +82,20 @@ def collect(directories: Iterable[Path]) -> pd.DataFrame:
             key, digest = config_key(cfg), (metrics.get("source_checkpoint") or {}).get("sha256")
             if digest:  # one config fine-tuned from two versions of a source file: two settings, not one
                 key = f"{key}:{digest[:12]}"
-            cell = (cfg.backbone.name, source_label(cfg.source), cfg.target.name, float(cfg.target.sampling_rate),
-                    metrics.get("method") or method_name(cfg))  # runs before the name was saved: from the config
-            rows[(key, metrics["seed"])] = (*cell, key, metrics["seed"], metrics["top1"],
-                                            metrics.get("val_top1", math.nan))
+            cell = (
+                cfg.backbone.name,
+                source_label(cfg.source),
+                cfg.target.name,
+                float(cfg.target.sampling_rate),
+                metrics.get("method") or method_name(cfg),
+            )  # runs before the name was saved: from the config
+            rows[(key, metrics["seed"])] = (
+                *cell,
+                key,
+                metrics["seed"],
+                metrics["top1"],
+                metrics.get("val_top1", math.nan),
+            )
             settings[key] = {**flat_settings(cfg), **({"source_checkpoint.sha256": digest} if digest else {})}
     frame = pd.DataFrame(list(rows.values()), columns=[*CELL, "key", "seed", "top1", "val_top1"])
     frame.attrs["settings"] = settings
@@ -76,8 +107,10 @@ def flat_settings(cfg: DictConfig) -> dict[str, object]:
     container = OmegaConf.to_container(cfg, resolve=True)
     for section in NOT_IN_KEY:
         container.pop(section, None)
-    return {key: json.dumps(value) if isinstance(value, list) else value
-            for key, value in pd.json_normalize(container, sep=".").iloc[0].items()}
+    return {
+        key: json.dumps(value) if isinstance(value, list) else value
+        for key, value in pd.json_normalize(container, sep=".").iloc[0].items()
+    }
 
 
 def varied_keys(settings: Sequence[dict[str, object]]) -> list[str]:
@@ -109,20 +142,30 @@ def select(seeds: pd.DataFrame) -> pd.DataFrame:
                     f"{', '.join(varied) or 'their configs'}, and some have no validation accuracy to choose between "
                     "them: settings meant as rows of their own need names of their own (e.g. target.name=... for "
                     "datasets) or a table each; a grid search needs target.val_fraction=0.2 (the test split is "
-                    "never used to choose)")
+                    "never used to choose)"
+                )
             chosen = best_by_validation(group)[0]
         else:
             chosen = next(iter(by_setting))
         best = by_setting[chosen].sort_values("seed")
         varied = varied_keys([settings.get(k, {}) for k in by_setting]) if len(by_setting) > 1 else []
         mean, std = summarize(list(best["top1"]))
-        cells.append({**dict(zip(CELL, cell)), "mean": mean, "std": std, "seeds": len(best),
-                      "val_mean": best["val_top1"].mean() if best["val_top1"].notna().all() else math.nan,
-                      "settings": len(by_setting), "key": chosen,
-                      "per_seed": dict(zip(best["seed"].astype(int), best["top1"].astype(float))),
-                      "chosen": " ".join(f"{k}={settings[chosen][k]}" for k in varied)})
-    frame = pd.DataFrame(cells, columns=[*CELL, "mean", "std", "seeds", "val_mean", "settings", "key", "chosen",
-                                         "per_seed"])
+        cells.append(
+            {
+                **dict(zip(CELL, cell)),
+                "mean": mean,
+                "std": std,
+                "seeds": len(best),
+                "val_mean": best["val_top1"].mean() if best["val_top1"].notna().all() else math.nan,
+                "settings": len(by_setting),
+                "key": chosen,
+                "per_seed": dict(zip(best["seed"].astype(int), best["top1"].astype(float))),
+                "chosen": " ".join(f"{k}={settings[chosen][k]}" for k in varied),
+            }
+        )
+    frame = pd.DataFrame(
+        cells, columns=[*CELL, "mean", "std", "seeds", "val_mean", "settings", "key", "chosen", "per_seed"]
+    )
     return frame.assign(method=column_labels(frame))
 
 
@@ -138,15 +181,26 @@ def search_table(seeds: pd.DataFrame) -> pd.DataFrame:
         chosen, _ = best_by_validation(group)
         varied = varied_keys([settings.get(k, {}) for k in group["key"].unique()])
         keys.update(varied)
-        def order(item):  # the settings in the order of their swept values (numbers as numbers)
-            return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
-                         for v in (settings.get(item[0], {}).get(k) for k in varied))
+
+        def order(item, varied=varied):  # the settings in the order of their swept values (numbers as numbers)
+            return tuple(
+                (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+                for v in (settings.get(item[0], {}).get(k) for k in varied)
+            )
 
         for key, runs in sorted(group.groupby("key", sort=True), key=order):
             val, test = summarize(list(runs["val_top1"])), summarize(list(runs["top1"]))
-            rows.append({**dict(zip(CELL, cell)), **{k: settings.get(key, {}).get(k) for k in varied},
-                         "val top-1 (%)": format_cell(*val), "test top-1 (%)": format_cell(*test),
-                         "seeds": len(runs), "chosen": "✓" if key == chosen else "", "key": key})
+            rows.append(
+                {
+                    **dict(zip(CELL, cell)),
+                    **{k: settings.get(key, {}).get(k) for k in varied},
+                    "val top-1 (%)": format_cell(*val),
+                    "test top-1 (%)": format_cell(*test),
+                    "seeds": len(runs),
+                    "chosen": "✓" if key == chosen else "",
+                    "key": key,
+                }
+            )
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows)
@@ -177,8 +231,11 @@ def expand_methods(methods: Sequence[str] | None, labels: Sequence[str]) -> list
     for name in methods:
         matches = [label for label in dict.fromkeys(labels) if label == name or label.partition(" [")[0] == name]
         if not matches:
-            log.warning("--methods %r matches no column (the columns: %s); it is shown as missing", name,
-                        ", ".join(dict.fromkeys(labels)))
+            log.warning(
+                "--methods %r matches no column (the columns: %s); it is shown as missing",
+                name,
+                ", ".join(dict.fromkeys(labels)),
+            )
         expanded += matches if name not in labels and matches else [name]
     return list(dict.fromkeys(expanded))
 
@@ -197,8 +254,9 @@ def published_values(table: str, path: Path | None = None) -> pd.DataFrame:
     frame = frame[frame["table"] == table].assign(sampling_rate=lambda f: f["sampling_rate"].astype(float))
     if "std" not in frame:
         frame = frame.assign(std=math.nan)
-    frame = frame.assign(paper_row=frame["target"],
-                         target=frame["target"].map(lambda t: list(SHARED_PAPER_ROWS.get(t, (t,)))))
+    frame = frame.assign(
+        paper_row=frame["target"], target=frame["target"].map(lambda t: list(SHARED_PAPER_ROWS.get(t, (t,))))
+    )
     frame = frame.explode("target")
     return frame[["target", "sampling_rate", "method", "top1", "std", "paper_row"]].reset_index(drop=True)
 
@@ -211,19 +269,30 @@ def within_spread(diff: float, std: float, published_std: float) -> bool | None:
     return bool(abs(diff) <= math.hypot(std, published_std))
 
 
-def assemble(cells: pd.DataFrame, published: pd.DataFrame | None = None, methods: Sequence[str] | None = None,
-             targets: Sequence[str] | None = None) -> pd.DataFrame:
+def assemble(
+    cells: pd.DataFrame,
+    published: pd.DataFrame | None = None,
+    methods: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
+) -> pd.DataFrame:
     """The paper layout as numbers: rows = (target, sampling rate), columns = (method, quantity).
     The rows and columns of the published table are all kept, found or not."""
-    published = published if published is not None else pd.DataFrame(
-        columns=["target", "sampling_rate", "method", "top1", "std", "paper_row"])
+    published = (
+        published
+        if published is not None
+        else pd.DataFrame(columns=["target", "sampling_rate", "method", "top1", "std", "paper_row"])
+    )
     methods = list(methods or _ordered(published["method"], cells["method"]))
     targets = list(targets or _ordered(published["target"], cells["target"]))
     rates = sorted(set(published["sampling_rate"]) | set(cells["sampling_rate"])) or [100.0]
     found = {(c.target, c.sampling_rate, c.method): c for c in cells.itertuples()}
     paper = {(p.target, p.sampling_rate, p.method): (p.top1, p.std) for p in published.itertuples()}
-    index = [(t, r) for t in targets for r in rates
-             if any((t, r, m) in found or (t, r, m) in paper for m in methods) or not paper]
+    index = [
+        (t, r)
+        for t in targets
+        for r in rates
+        if any((t, r, m) in found or (t, r, m) in paper for m in methods) or not paper
+    ]
     rows = []
     for target, rate in index:
         row = {}
@@ -232,31 +301,57 @@ def assemble(cells: pd.DataFrame, published: pd.DataFrame | None = None, methods
             value, value_std = paper.get((target, rate, method), (math.nan, math.nan))
             mean = cell.mean if cell is not None else math.nan
             std = cell.std if cell is not None else math.nan
-            row.update({(method, "mean"): mean, (method, "std"): std,
-                        (method, "seeds"): cell.seeds if cell is not None else 0,
-                        (method, "published"): value, (method, "published_std"): value_std,
-                        (method, "diff"): mean - value,
-                        (method, "within"): within_spread(mean - value, std, value_std),
-                        (method, "val_mean"): cell.val_mean if cell is not None else math.nan,
-                        (method, "settings"): cell.settings if cell is not None else 0,
-                        (method, "chosen"): cell.chosen if cell is not None else ""})
+            row.update(
+                {
+                    (method, "mean"): mean,
+                    (method, "std"): std,
+                    (method, "seeds"): cell.seeds if cell is not None else 0,
+                    (method, "published"): value,
+                    (method, "published_std"): value_std,
+                    (method, "diff"): mean - value,
+                    (method, "within"): within_spread(mean - value, std, value_std),
+                    (method, "val_mean"): cell.val_mean if cell is not None else math.nan,
+                    (method, "settings"): cell.settings if cell is not None else 0,
+                    (method, "chosen"): cell.chosen if cell is not None else "",
+                }
+            )
             reference = reference_column(method, methods)
             other = found.get((target, rate, reference)) if reference else None
-            n, difference, low, high = paired(cell.per_seed, other.per_seed) if cell is not None and other is not None \
+            n, difference, low, high = (
+                paired(cell.per_seed, other.per_seed)
+                if cell is not None and other is not None
                 else (0, math.nan, math.nan, math.nan)
-            row.update({(method, "reference"): reference or "", (method, "paired_n"): n,
-                        (method, "paired_diff"): difference, (method, "paired_low"): low,
-                        (method, "paired_high"): high})
+            )
+            row.update(
+                {
+                    (method, "reference"): reference or "",
+                    (method, "paired_n"): n,
+                    (method, "paired_diff"): difference,
+                    (method, "paired_low"): low,
+                    (method, "paired_high"): high,
+                }
+            )
             scratch = scratch_column(method, methods)
             base = found.get((target, rate, scratch)) if scratch else None
-            n, difference, low, high = paired(cell.per_seed, base.per_seed) if cell is not None and base is not None \
+            n, difference, low, high = (
+                paired(cell.per_seed, base.per_seed)
+                if cell is not None and base is not None
                 else (0, math.nan, math.nan, math.nan)
-            row.update({(method, "scratch"): scratch or "", (method, "scratch_n"): n, (method, "scratch_diff"): difference,
-                        (method, "scratch_low"): low, (method, "scratch_high"): high})
+            )
+            row.update(
+                {
+                    (method, "scratch"): scratch or "",
+                    (method, "scratch_n"): n,
+                    (method, "scratch_diff"): difference,
+                    (method, "scratch_low"): low,
+                    (method, "scratch_high"): high,
+                }
+            )
         rows.append(row)
     columns = pd.MultiIndex.from_tuples([(m, q) for m in methods for q in QUANTITIES], names=["method", "quantity"])
-    table = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["target", "sampling (%)"]),
-                         columns=columns)
+    table = pd.DataFrame(
+        rows, index=pd.MultiIndex.from_tuples(index, names=["target", "sampling (%)"]), columns=columns
+    )
     table.attrs["shared_rows"] = sorted({p.target for p in published.itertuples() if p.paper_row != p.target})
     return table
 
@@ -285,9 +380,16 @@ def cell_text(mean: float, std: float, seeds: int, published: float, published_s
 def paper_layout(table: pd.DataFrame) -> pd.DataFrame:
     """The table for reading: one text cell per (row, method)."""
     methods = list(dict.fromkeys(table.columns.get_level_values("method")))
-    return pd.DataFrame({m: [cell_text(r[(m, "mean")], r[(m, "std")], r[(m, "seeds")], r[(m, "published")],
-                                       r[(m, "published_std")])
-                             for _, r in table.iterrows()] for m in methods}, index=table.index)
+    return pd.DataFrame(
+        {
+            m: [
+                cell_text(r[(m, "mean")], r[(m, "std")], r[(m, "seeds")], r[(m, "published")], r[(m, "published_std")])
+                for _, r in table.iterrows()
+            ]
+            for m in methods
+        },
+        index=table.index,
+    )
 
 
 def to_markdown(table: pd.DataFrame, published: str | None = None, notes: Sequence[str] = ()) -> str:
@@ -296,24 +398,40 @@ def to_markdown(table: pd.DataFrame, published: str | None = None, notes: Sequen
     shared = set(table.attrs.get("shared_rows", ()))
     text["target"] = text["target"].map(lambda t: f"{t} †" if t in shared else t)
     lines = [text.to_markdown(index=False, disable_numparse=True), ""]
-    lines.append("Cells: mean ± sample std of the test top-1 (%) over the seeds found (their count in brackets)"
-                 + (f"; `paper`: mean ± std published in {published} (safetransfer/data/published.csv); "
-                    "Δ = ours - paper, ✓ when |Δ| ≤ √(std_ours² + std_paper²), ✗ when outside (no mark: a "
-                    "spread is unknown, e.g. one seed)" if published else "") + ".")
+    lines.append(
+        "Cells: mean ± sample std of the test top-1 (%) over the seeds found (their count in brackets)"
+        + (
+            f"; `paper`: mean ± std published in {published} (safetransfer/data/published.csv); "
+            "Δ = ours - paper, ✓ when |Δ| ≤ √(std_ours² + std_paper²), ✗ when outside (no mark: a "
+            "spread is unknown, e.g. one seed)"
+            if published
+            else ""
+        )
+        + "."
+    )
     if shared:
         lines += ["", SHARED_ROW_NOTE]
-    chosen = [(idx, m, table.loc[idx, (m, "chosen")], table.loc[idx, (m, "settings")])
-              for idx in table.index for m in dict.fromkeys(table.columns.get_level_values("method"))
-              if table.loc[idx, (m, "settings")] > 1]
+    chosen = [
+        (idx, m, table.loc[idx, (m, "chosen")], table.loc[idx, (m, "settings")])
+        for idx in table.index
+        for m in dict.fromkeys(table.columns.get_level_values("method"))
+        if table.loc[idx, (m, "settings")] > 1
+    ]
     if chosen:
         lines += ["", "Chosen on the validation split (best mean validation top-1 among the settings tried):", ""]
         lines += [f"- {t} {r:g}% {m}: {c} (of {n} settings)" for (t, r), m, c, n in chosen]
     lines += paired_markdown(table)
     views = table.attrs.get("test_crops")
     if views:
-        lines += ["", "Test-time views: " + ", ".join(
-            "the centre crop" if v == 1 else f"{v} crops (corners and centre, each mirrored; mean logits)"
-            for v in views) + " (data.test_crops)."]
+        lines += [
+            "",
+            "Test-time views: "
+            + ", ".join(
+                "the centre crop" if v == 1 else f"{v} crops (corners and centre, each mirrored; mean logits)"
+                for v in views
+            )
+            + " (data.test_crops).",
+        ]
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
@@ -330,21 +448,38 @@ def paired_markdown(table: pd.DataFrame) -> list[str]:
                 continue
             reference = next(r for r in table[(m, name)] if r)
             columns[f"{m} − {reference}"] = [
-                paired_text(r[(m, f"{prefix}_n")], r[(m, f"{prefix}_diff")], r[(m, f"{prefix}_low")],
-                            r[(m, f"{prefix}_high")]) if r[(m, name)] and r[(m, "seeds")] else ""
-                for _, r in table.iterrows()]
+                paired_text(
+                    r[(m, f"{prefix}_n")], r[(m, f"{prefix}_diff")], r[(m, f"{prefix}_low")], r[(m, f"{prefix}_high")]
+                )
+                if r[(m, name)] and r[(m, "seeds")]
+                else ""
+                for _, r in table.iterrows()
+            ]
     if not columns:
         return []
     frame = pd.DataFrame(columns, index=table.index).reset_index()
     frame["sampling (%)"] = frame["sampling (%)"].map(lambda r: f"{r:g}")
-    return ["", "Paired differences (seeds are shared across methods: same seed, sampled subset and data order): "
-            "mean of ours − the reference column over the common seeds, its 95 % t interval and the number of "
-            "seeds; * when the interval excludes zero.", "", frame.to_markdown(index=False, disable_numparse=True)]
+    return [
+        "",
+        "Paired differences (seeds are shared across methods: same seed, sampled subset and data order): "
+        "mean of ours − the reference column over the common seeds, its 95 % t interval and the number of "
+        "seeds; * when the interval excludes zero.",
+        "",
+        frame.to_markdown(index=False, disable_numparse=True),
+    ]
 
 
-def write_table(directories: Iterable[Path], results_dir: Path, name: str, published: str | None = None,
-                methods: Sequence[str] | None = None, targets: Sequence[str] | None = None,
-                published_file: Path | None = None, notes: Sequence[str] = (), accumulate: bool = False) -> str:
+def write_table(
+    directories: Iterable[Path],
+    results_dir: Path,
+    name: str,
+    published: str | None = None,
+    methods: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
+    published_file: Path | None = None,
+    notes: Sequence[str] = (),
+    accumulate: bool = False,
+) -> str:
     """Collect, select, assemble; writes <results_dir>/<name>.csv and .md and returns the Markdown.
     `accumulate`: the table also keeps the cells of earlier writes under the same name (see
     accumulated); with no finished seed, nothing is written."""
@@ -375,20 +510,33 @@ def accumulated(seeds: pd.DataFrame, results_dir: Path, name: str) -> pd.DataFra
     if len(earlier):
         earlier["sampling_rate"] = earlier["sampling_rate"].astype(float)
         renewed = {cell: set(group["key"]) for cell, group in seeds.groupby(CELL)}
-        earlier = earlier[[tuple(r)[:len(CELL)] not in renewed or r.key in renewed[tuple(r)[:len(CELL)]]
-                           for r in earlier[columns].itertuples(index=False)]]
+        earlier = earlier[
+            [
+                tuple(r)[: len(CELL)] not in renewed or r.key in renewed[tuple(r)[: len(CELL)]]
+                for r in earlier[columns].itertuples(index=False)
+            ]
+        ]
     merged = pd.concat([earlier, seeds[columns]], ignore_index=True).drop_duplicates(["key", "seed"], keep="last")
     merged = merged.reset_index(drop=True)
     merged.attrs["settings"] = {k: v for k, v in settings.items() if k in set(merged["key"])}
-    record = {"seeds": merged.astype(object).where(merged.notna(), None).to_dict("records"),
-              "settings": merged.attrs["settings"]}
+    record = {
+        "seeds": merged.astype(object).where(merged.notna(), None).to_dict("records"),
+        "settings": merged.attrs["settings"],
+    }
     atomic_write_text(store, json.dumps(record, default=plain) + "\n")
     return merged
 
 
-def write_seeds_table(seeds: pd.DataFrame, results_dir: Path, name: str, published: str | None = None,
-                      methods: Sequence[str] | None = None, targets: Sequence[str] | None = None,
-                      published_file: Path | None = None, notes: Sequence[str] = ()) -> str:
+def write_seeds_table(
+    seeds: pd.DataFrame,
+    results_dir: Path,
+    name: str,
+    published: str | None = None,
+    methods: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
+    published_file: Path | None = None,
+    notes: Sequence[str] = (),
+) -> str:
     """write_table from seeds already collected; a search (cells with several settings) also gets
     <name>_search.md and .csv, every setting's validation and test accuracy (returned after the table)."""
     reference = published_values(published, published_file) if published else None
@@ -410,21 +558,25 @@ def write_seeds_table(seeds: pd.DataFrame, results_dir: Path, name: str, publish
             (Path(results_dir) / f"{search_name}{suffix}").unlink(missing_ok=True)
         return markdown
     atomic_write_text(Path(results_dir) / f"{search_name}.csv", searched.to_csv(index=False))
-    search_markdown = (searched.drop(columns=["key"]).to_markdown(index=False, disable_numparse=True) + "\n\n"
-                       "One row per setting: validation and test top-1 (%), mean ± sample std over its seeds; ✓ the "
-                       "setting chosen (best mean validation top-1; the test split never takes part).\n")
+    search_markdown = (
+        searched.drop(columns=["key"]).to_markdown(index=False, disable_numparse=True) + "\n\n"
+        "One row per setting: validation and test top-1 (%), mean ± sample std over its seeds; ✓ the "
+        "setting chosen (best mean validation top-1; the test split never takes part).\n"
+    )
     atomic_write_text(Path(results_dir) / f"{search_name}.md", search_markdown)
     return markdown + f"\nSearch ({Path(results_dir) / search_name}.md):\n\n" + search_markdown
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="safetransfer-tables", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="safetransfer-tables", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("directories", nargs="+", type=Path, help="run or sweep directories")
     parser.add_argument("--name", default="table", help="writes <results>/<name>.md and .csv")
     parser.add_argument("--results", type=Path, default=Path("results"))
-    parser.add_argument("--published", help="show the paper's values: dtnh_table2 | dtnh_table3 | dtnh_table4 | "
-                                            "bss_table2")
+    parser.add_argument(
+        "--published", help="show the paper's values: dtnh_table2 | dtnh_table3 | dtnh_table4 | bss_table2"
+    )
     parser.add_argument("--published-file", type=Path, help="a CSV like safetransfer/data/published.csv")
     parser.add_argument("--methods", nargs="*", help="the columns, in order (missing ones are shown)")
     parser.add_argument("--targets", nargs="*", help="the rows, in order (missing ones are shown)")
@@ -434,15 +586,19 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"safetransfer-tables: error: no such directory: {', '.join(missing)}\n")
     seeds = collect(args.directories)  # read once: the check below and the table use the same seeds
     if seeds.empty:
-        parser.exit(2, f"safetransfer-tables: error: no finished seed (seed_*/metrics.json) under "
-                       f"{', '.join(map(str, args.directories))}; nothing written\n")
+        parser.exit(
+            2,
+            f"safetransfer-tables: error: no finished seed (seed_*/metrics.json) under "
+            f"{', '.join(map(str, args.directories))}; nothing written\n",
+        )
     try:
         check_writable(args.results, "--results")
     except ConfigError as error:
         parser.exit(2, f"safetransfer-tables: error: {error}\n")
     try:
-        markdown = write_seeds_table(seeds, args.results, args.name, args.published, args.methods, args.targets,
-                                     args.published_file)
+        markdown = write_seeds_table(
+            seeds, args.results, args.name, args.published, args.methods, args.targets, args.published_file
+        )
     except ConfigError as error:
         parser.exit(2, f"safetransfer-tables: error: {error}\n")
     print(markdown, end="")

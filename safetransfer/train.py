@@ -52,8 +52,9 @@ def check_group_choices(arguments: list[str]) -> None:
             continue
         for choice in group_values(override) or []:
             if choice not in options and choice != "null":
-                raise ConfigError(f"{override.key_or_group}={choice} is not a known choice; "
-                                  f"allowed: {', '.join(options)}")
+                raise ConfigError(
+                    f"{override.key_or_group}={choice} is not a known choice; allowed: {', '.join(options)}"
+                )
 
 
 #: maps meant to take new keys with `+`, e.g. +search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.1,1"]
@@ -135,7 +136,7 @@ def method_groups(method: str) -> dict[str, str]:
     preset = OmegaConf.load(str(resources.files(CONFIG_PACKAGE).joinpath("method", f"{method}.yaml")))
     fixed = {}
     for entry in preset.get("defaults", []):
-        for key, value in (entry.items() if isinstance(entry, DictConfig) else []):
+        for key, value in entry.items() if isinstance(entry, DictConfig) else []:
             group = str(key).removeprefix("override /")
             pinned = isinstance(preset.get(group), DictConfig) and "_target_" in preset[group]
             if str(key).startswith("override /") and not pinned:
@@ -146,7 +147,9 @@ def method_groups(method: str) -> dict[str, str]:
 def source_keys() -> set[str]:
     """The keys of every source config shipped with the package."""
     folder = resources.files(CONFIG_PACKAGE).joinpath("source")
-    return {str(k) for name in group_options("source") or [] for k in OmegaConf.load(str(folder.joinpath(f"{name}.yaml")))}
+    return {
+        str(k) for name in group_options("source") or [] for k in OmegaConf.load(str(folder.joinpath(f"{name}.yaml")))
+    }
 
 
 def check_method_choices(choices) -> None:
@@ -158,9 +161,11 @@ def check_method_choices(choices) -> None:
         return
     for group, value in method_groups(method).items():
         if choices.get(group) != value:
-            raise ConfigError(f"method={method} sets {group}={value}, but {group}={choices.get(group)} is given too "
-                              f"and would win, training another method under this one's name: drop {group}=... "
-                              f"or choose a method without it")
+            raise ConfigError(
+                f"method={method} sets {group}={value}, but {group}={choices.get(group)} is given too "
+                f"and would win, training another method under this one's name: drop {group}=... "
+                f"or choose a method without it"
+            )
 
 
 def swept_source_keys(arguments: list[str]) -> list[str]:
@@ -193,9 +198,11 @@ def check_method_presets(arguments: list[str]) -> None:
         for group, value in method_groups(method).items():
             other = [v for v in given.get(group, []) if v != value]
             if other:
-                raise ConfigError(f"method={method} sets {group}={value}, but {group}={','.join(other)} is given for "
-                                  f"every job and would win, training another method under this one's name: drop "
-                                  f"{group}=... or run method={method} in a command of its own")
+                raise ConfigError(
+                    f"method={method} sets {group}={value}, but {group}={','.join(other)} is given for "
+                    f"every job and would win, training another method under this one's name: drop "
+                    f"{group}=... or run method={method} in a command of its own"
+                )
 
 
 def job_overrides() -> str:
@@ -227,9 +234,11 @@ def app(cfg: DictConfig) -> float:
         if num is not None:  # "the same command" would start a new sweep folder: name this one
             from safetransfer.sweeps import SweepReport, continue_command
 
-            message = message.replace("rerun the same command (same output directory) to continue",
-                                      "continue the sweep with: " + continue_command(
-                                          SweepReport.arguments or sys.argv[1:], Path(hydra_cfg.sweep.dir)))
+            message = message.replace(
+                "rerun the same command (same output directory) to continue",
+                "continue the sweep with: "
+                + continue_command(SweepReport.arguments or sys.argv[1:], Path(hydra_cfg.sweep.dir)),
+            )
         status.write("interrupted" if preempted.signum == signal.SIGINT else "preempted", error=message)
         log.warning("%s", message)
         print(f"safetransfer-train: {message}", file=sys.stderr, flush=True)
@@ -251,8 +260,11 @@ def app(cfg: DictConfig) -> float:
 def main() -> None:
     arguments = sys.argv[1:]
     if not arguments:
-        print("safetransfer-train: no arguments, running the embedded demo (same as `safetransfer-train experiment=demo`)",
-              flush=True)
+        print(
+            "safetransfer-train: no arguments, running the embedded demo "
+            "(same as `safetransfer-train experiment=demo`)",
+            flush=True,
+        )
         arguments = ["experiment=demo"]
     try:
         check_group_choices(arguments)

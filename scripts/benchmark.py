@@ -48,14 +48,32 @@ from safetransfer.targets.imagefolder import ImageFolderTarget
 
 REGULARIZERS = ["l2", "l2sp", "knowdist", "delta", "l2_bss", "l2sp_bss", "delta_bss"]
 PROFILES = {  # what "small defaults on the CPU" and the papers' scale on a GPU mean
-    "cpu": dict(size=64, batch=16, steps=10, warmup=2, images=96, workers=2, attention_images=8,
-                backbones=["resnet18", "resnet50"]),
-    "cuda": dict(size=224, batch=48, steps=50, warmup=10, images=960, workers=8, attention_images=256,
-                 backbones=["resnet18", "resnet50"]),
+    "cpu": dict(
+        size=64,
+        batch=16,
+        steps=10,
+        warmup=2,
+        images=96,
+        workers=2,
+        attention_images=8,
+        backbones=["resnet18", "resnet50"],
+    ),
+    "cuda": dict(
+        size=224,
+        batch=48,
+        steps=50,
+        warmup=10,
+        images=960,
+        workers=8,
+        attention_images=256,
+        backbones=["resnet18", "resnet50"],
+    ),
 }
 CELL_ITERATIONS, CELL_SEEDS = 8000, 5
-SPECTRUM_ROWS = ("torch.linalg.svdvals (reference)",  # BSS's spectrum: the reference, then the term's own
-                 "the term's value (Gram matrix, float64 eigh on the host)")
+SPECTRUM_ROWS = (
+    "torch.linalg.svdvals (reference)",  # BSS's spectrum: the reference, then the term's own
+    "the term's value (Gram matrix, float64 eigh on the host)",
+)
 
 
 def synchronize(device: torch.device) -> None:
@@ -124,8 +142,9 @@ def compare(steps: dict, args, batch: int, device: torch.device, rounds: int = 5
                 synchronize(device)
                 times[what].append((time.perf_counter() - start) / per_round)
             peaks[what] = max(peaks[what], peak.mib)
-    return [Result(what, batch / float(np.median(t)), 1000 * float(np.median(t)), peaks[what])
-            for what, t in times.items()]
+    return [
+        Result(what, batch / float(np.median(t)), 1000 * float(np.median(t)), peaks[what]) for what, t in times.items()
+    ]
 
 
 def timed(step, steps: int, warmup: int, batch: int, device: torch.device, what: str) -> Result:
@@ -141,8 +160,13 @@ def config(*overrides: str):
 def seed_config(args, device: torch.device, *overrides: str):
     """A config for build_seed on one fixed batch: this device, no loader workers, DELTA's
     attention over the batch itself, cached in the run's temporary folder."""
-    cfg = config(*overrides, f"runtime.device={device}", f"train.batch_size={args.batch}", "runtime.num_workers=0",
-                 f"paths.cache_dir={args.cache}")
+    cfg = config(
+        *overrides,
+        f"runtime.device={device}",
+        f"train.batch_size={args.batch}",
+        "runtime.num_workers=0",
+        f"paths.cache_dir={args.cache}",
+    )
     for term in cfg.regularizer.terms.values():
         if "ablation_images" in term:
             term.ablation_images = min(term.ablation_images, args.batch)
@@ -150,6 +174,7 @@ def seed_config(args, device: torch.device, *overrides: str):
 
 
 # -- the reference: how common public fine-tuning scripts are written -------------------------
+
 
 def reference_model(backbone: str, classes: int, device: torch.device):
     model = getattr(torchvision.models, backbone)(weights=None)
@@ -167,15 +192,24 @@ def reference_step(model, optimizer, images, labels):
 
 def reference_transform(resize: int, crop: int):
     t = torchvision.transforms
-    return t.Compose([t.Resize((resize, resize)), t.RandomCrop(crop), t.RandomHorizontalFlip(), t.ToTensor(),
-                      t.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    return t.Compose(
+        [
+            t.Resize((resize, resize)),
+            t.RandomCrop(crop),
+            t.RandomHorizontalFlip(),
+            t.ToTensor(),
+            t.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
 
 
 # -- the project's step -------------------------------------------------------------------------
 
+
 @dataclass
 class Pieces:
     """What the engine's training_step takes, built by safetransfer.build as run_seed builds it."""
+
     model: TransferNet
     images: torch.Tensor
     labels: torch.Tensor
@@ -194,8 +228,17 @@ def project_pieces(cfg, backbone: str, classes: int, device: torch.device, image
     if cfg.runtime.channels_last and device.type == "cuda":  # the layout fit feeds a channels-last network
         images = images.contiguous(memory_format=torch.channels_last)
     params = [q for q in p.model.parameters() if q.requires_grad]
-    return Pieces(p.model, images, labels, p.omega, p.direction, p.optimizer, p.scheduler, params,
-                  autocast(device, cfg.train.precision))
+    return Pieces(
+        p.model,
+        images,
+        labels,
+        p.omega,
+        p.direction,
+        p.optimizer,
+        p.scheduler,
+        params,
+        autocast(device, cfg.train.precision),
+    )
 
 
 def project_step(cfg, backbone: str, classes: int, device: torch.device, images, labels):
@@ -211,8 +254,10 @@ def project_step(cfg, backbone: str, classes: int, device: torch.device, images,
 
 # -- images on disk ------------------------------------------------------------------------------
 
-def write_photos(root: Path, count: int, classes: int, width: int = 500, height: int = 375,
-                 test_every: int = 8) -> None:
+
+def write_photos(
+    root: Path, count: int, classes: int, width: int = 500, height: int = 375, test_every: int = 8
+) -> None:
     """Smooth random photos (JPEG sizes like real ones) in ImageFolder's layout, train/ and
     test/ (every `test_every`-th photo of each class)."""
     rng = np.random.default_rng(0)
@@ -245,19 +290,29 @@ def loader_rate(loader: DataLoader, device: torch.device, batches: int, transfor
 
 # -- the measurements ----------------------------------------------------------------------------
 
+
 def model_only(args, device, backbone: str) -> list[Result]:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, args.size, args.size, generator=generator).to(device)
     labels = torch.randint(0, args.classes, (args.batch,), generator=generator).to(device)
 
     def ours(regularizer: str, direction: str, precision: str, compiled: bool = False):
-        cfg = seed_config(args, device, f"backbone={backbone}", f"regularizer={regularizer}",
-                          f"direction={direction}", f"train.precision={precision}", f"runtime.compile={compiled}")
+        cfg = seed_config(
+            args,
+            device,
+            f"backbone={backbone}",
+            f"regularizer={regularizer}",
+            f"direction={direction}",
+            f"train.precision={precision}",
+            f"runtime.compile={compiled}",
+        )
         return project_step(cfg, backbone, args.classes, device, images, labels)
 
     model, optimizer = reference_model(backbone, args.classes, device)
-    steps = {f"{backbone} reference step (fp32)": lambda: reference_step(model, optimizer, images, labels),
-             f"{backbone} Fine-tuning step (fp32)": ours("l2", "sum", "fp32")}
+    steps = {
+        f"{backbone} reference step (fp32)": lambda: reference_step(model, optimizer, images, labels),
+        f"{backbone} Fine-tuning step (fp32)": ours("l2", "sum", "fp32"),
+    }
     if device.type == "cuda":
         steps[f"{backbone} Fine-tuning step (bf16)"] = ours("l2", "sum", "bf16")
     if args.compile:
@@ -265,13 +320,24 @@ def model_only(args, device, backbone: str) -> list[Result]:
     results = compare(steps, args, args.batch, device)
     del steps  # the reference model and its optimizer go with their closure
     for regularizer in args.regularizers:  # sum and dtnh of a regularizer timed in alternation
-        results += compare({f"{backbone} {regularizer} {direction}": ours(regularizer, direction, args.precision)
-                            for direction in ("sum", "dtnh")}, args, args.batch, device)
+        results += compare(
+            {
+                f"{backbone} {regularizer} {direction}": ours(regularizer, direction, args.precision)
+                for direction in ("sum", "dtnh")
+            },
+            args,
+            args.batch,
+            device,
+        )
     features = Features(None, {}, torch.randn(args.batch, 2048 if backbone == "resnet50" else 512, device=device))
     bss = BSS()
     spectra = (lambda: torch.linalg.svdvals(features.pooled), lambda: bss.value(None, features))
-    results += compare({f"{backbone} BSS spectrum: {what}": run for what, run in zip(SPECTRUM_ROWS, spectra)},
-                       argparse.Namespace(steps=args.steps * 5, warmup=args.warmup), args.batch, device)
+    results += compare(
+        {f"{backbone} BSS spectrum: {what}": run for what, run in zip(SPECTRUM_ROWS, spectra)},
+        argparse.Namespace(steps=args.steps * 5, warmup=args.warmup),
+        args.batch,
+        device,
+    )
     return results
 
 
@@ -286,9 +352,12 @@ def host_overhead(args, device, backbone: str) -> list[Result]:
     generator = torch.Generator().manual_seed(0)
     g_J, g_Omega = ([torch.randn(1, generator=generator).to(device) for _ in shapes] for _ in range(2))
     sum_, dtnh = Sum(), DTNH()
-    steps = {f"{backbone} host: Sum direction ({len(shapes)} one-element tensors)": lambda: sum_(g_J, g_Omega),
-             f"{backbone} host: zero g_Omega + DTNH direction ({len(shapes)} one-element tensors)":
-                 lambda: dtnh(g_J, dtnh.zero_gradient(g_J))}
+    steps = {
+        f"{backbone} host: Sum direction ({len(shapes)} one-element tensors)": lambda: sum_(g_J, g_Omega),
+        f"{backbone} host: zero g_Omega + DTNH direction ({len(shapes)} one-element tensors)": lambda: dtnh(
+            g_J, dtnh.zero_gradient(g_J)
+        ),
+    }
     results = compare(steps, argparse.Namespace(steps=max(args.steps, 10) * 50, warmup=args.warmup * 10), 1, device)
     for r in results:
         r.notes["us per step"] = f"{1000 * r.ms_per_step:.0f}"
@@ -308,8 +377,14 @@ def backward_passes(args, device, backbone: str) -> list[Result]:
     labels = torch.randint(0, args.classes, (args.batch,), generator=generator).to(device)
     results = []
     for regularizer in [r for r in FEATURE_TERMS if r in args.regularizers]:
-        cfg = seed_config(args, device, f"backbone={backbone}", f"regularizer={regularizer}", "direction=dtnh",
-                          f"train.precision={args.precision}")
+        cfg = seed_config(
+            args,
+            device,
+            f"backbone={backbone}",
+            f"regularizer={regularizer}",
+            "direction=dtnh",
+            f"train.precision={args.precision}",
+        )
         p = project_pieces(cfg, backbone, args.classes, device, images, labels)
 
         def forward():
@@ -337,23 +412,37 @@ def backward_passes(args, device, backbone: str) -> list[Result]:
 
         def batched_backward():
             loss_J, omega = forward()
-            both = torch.autograd.grad(torch.stack([loss_J, omega]), p.params,
-                                       grad_outputs=torch.eye(2, device=device), is_grads_batched=True,
-                                       allow_unused=True, materialize_grads=True)
+            both = torch.autograd.grad(
+                torch.stack([loss_J, omega]),
+                p.params,
+                grad_outputs=torch.eye(2, device=device),
+                is_grads_batched=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
             step_along([g[0] for g in both], [g[1] for g in both])
 
         def dtnh():
             training_step(p.model, p.images, p.labels, p.omega, p.direction, p.optimizer, p.params, p.precision)
 
-        steps = {f"{backbone} {regularizer}: forward + one backward": one_backward,
-                 f"{backbone} {regularizer}: forward + two backwards (bound)": two_backwards,
-                 f"{backbone} {regularizer}: DTNH step (engine)": dtnh}
+        steps = {
+            f"{backbone} {regularizer}: forward + one backward": one_backward,
+            f"{backbone} {regularizer}: forward + two backwards (bound)": two_backwards,
+            f"{backbone} {regularizer}: DTNH step (engine)": dtnh,
+        }
         try:
             batched_backward()
             steps[f"{backbone} {regularizer}: forward + one batched backward (is_grads_batched)"] = batched_backward
         except Exception as error:  # noqa: BLE001 (a vmap rule missing for an operator: reported, not timed)
-            results.append(Result(f"{backbone} {regularizer}: forward + one batched backward (is_grads_batched)",
-                                  0.0, None, 0.0, {"failed": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}))
+            results.append(
+                Result(
+                    f"{backbone} {regularizer}: forward + one batched backward (is_grads_batched)",
+                    0.0,
+                    None,
+                    0.0,
+                    {"failed": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"},
+                )
+            )
         results += compare(steps, args, args.batch, device)
     return results
 
@@ -368,24 +457,43 @@ def attention_time(args, device, backbone: str) -> list[Result]:
     images = torch.randn(count, 3, args.size, args.size, generator=generator)
     labels = torch.arange(count) % args.classes
     with tempfile.TemporaryDirectory() as cache:
-        cfg = config(f"backbone={backbone}", "regularizer=delta", f"regularizer.terms.delta.ablation_images={count}",
-                     f"runtime.device={device}", f"train.batch_size={args.batch}", "runtime.num_workers=0",
-                     f"paths.cache_dir={cache}")
+        cfg = config(
+            f"backbone={backbone}",
+            "regularizer=delta",
+            f"regularizer.terms.delta.ablation_images={count}",
+            f"runtime.device={device}",
+            f"train.batch_size={args.batch}",
+            "runtime.num_workers=0",
+            f"paths.cache_dir={cache}",
+        )
         with peak_memory(device) as peak:
             start = time.perf_counter()
             build_seed(cfg, 0, Data.from_tensors(images, labels, args.classes), None)
             synchronize(device)
             seconds = time.perf_counter() - start
-    return [Result(f"{backbone} DELTA attention (one-time, {count} images)", count / seconds, None, peak.mib,
-                   {"seconds": f"{seconds:.1f}"})]
+    return [
+        Result(
+            f"{backbone} DELTA attention (one-time, {count} images)",
+            count / seconds,
+            None,
+            peak.mib,
+            {"seconds": f"{seconds:.1f}"},
+        )
+    ]
 
 
 def end_to_end(args, device, backbone: str, root: Path) -> list[Result]:
     resize = args.size * 8 // 7  # 256 -> 224
     reference_data = torchvision.datasets.ImageFolder(str(root / "train"), reference_transform(resize, args.size))
-    loader = DataLoader(reference_data, batch_size=args.batch, shuffle=True, drop_last=True,
-                        num_workers=args.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.workers > 0)
+    loader = DataLoader(
+        reference_data,
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
+    )
     model, optimizer = reference_model(backbone, args.classes, device)
     batches = iter(loader)
 
@@ -400,11 +508,23 @@ def end_to_end(args, device, backbone: str, root: Path) -> list[Result]:
 
     results = [timed(step, args.steps, args.warmup, args.batch, device, f"{backbone} reference loop, end to end")]
 
-    cfg = config(f"backbone={backbone}", "target=imagefolder", f"target.root={root}", "regularizer=l2",
-                 "direction=sum", f"data.resize={resize}", f"data.crop={args.size}", f"train.batch_size={args.batch}",
-                 f"runtime.num_workers={args.workers}", f"runtime.device={device}", "runtime.log_every=0",
-                 "runtime.checkpoint_every=0", f"paths.cache_dir={root / 'cache'}", "runtime.progress=log",
-                 f"train.precision={args.precision}")
+    cfg = config(
+        f"backbone={backbone}",
+        "target=imagefolder",
+        f"target.root={root}",
+        "regularizer=l2",
+        "direction=sum",
+        f"data.resize={resize}",
+        f"data.crop={args.size}",
+        f"train.batch_size={args.batch}",
+        f"runtime.num_workers={args.workers}",
+        f"runtime.device={device}",
+        "runtime.log_every=0",
+        "runtime.checkpoint_every=0",
+        f"paths.cache_dir={root / 'cache'}",
+        "runtime.progress=log",
+        f"train.precision={args.precision}",
+    )
     start = time.perf_counter()
     data = prepare_data(cfg, ImageFolderTarget(str(root)))  # builds the decoded-image cache once
     build_s = time.perf_counter() - start
@@ -421,27 +541,46 @@ def end_to_end(args, device, backbone: str, root: Path) -> list[Result]:
         run(args.steps)
         synchronize(device)
         seconds = time.perf_counter() - start
-    results.append(Result(f"{backbone} safetransfer, end to end ({'cached, augment on device' if augment else 'cached'})",
-                          args.steps * args.batch / seconds, 1000 * seconds / args.steps, peak.mib,
-                          {"cache build (one-time)": f"{build_s:.1f} s"}))
+    results.append(
+        Result(
+            f"{backbone} safetransfer, end to end ({'cached, augment on device' if augment else 'cached'})",
+            args.steps * args.batch / seconds,
+            1000 * seconds / args.steps,
+            peak.mib,
+            {"cache build (one-time)": f"{build_s:.1f} s"},
+        )
+    )
     return results
 
 
 def pipeline(args, device, root: Path) -> list[Result]:
     resize = args.size * 8 // 7
-    direct = DataLoader(torchvision.datasets.ImageFolder(str(root / "train"), reference_transform(resize, args.size)),
-                        batch_size=args.batch, shuffle=True, num_workers=args.workers,
-                        persistent_workers=args.workers > 0)
-    cfg = config("target=imagefolder", f"target.root={root}", f"data.resize={resize}", f"data.crop={args.size}",
-                 f"train.batch_size={args.batch}", f"runtime.num_workers={args.workers}", f"runtime.device={device}",
-                 f"paths.cache_dir={root / 'cache'}")
+    direct = DataLoader(
+        torchvision.datasets.ImageFolder(str(root / "train"), reference_transform(resize, args.size)),
+        batch_size=args.batch,
+        shuffle=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+    )
+    cfg = config(
+        "target=imagefolder",
+        f"target.root={root}",
+        f"data.resize={resize}",
+        f"data.crop={args.size}",
+        f"train.batch_size={args.batch}",
+        f"runtime.num_workers={args.workers}",
+        f"runtime.device={device}",
+        f"paths.cache_dir={root / 'cache'}",
+    )
     data = prepare_data(cfg, ImageFolderTarget(str(root)))
     cached = create_loader(data.train, cfg, train=True, seed=0, device=device)
     augment = DeviceAugment(args.size, cfg.data.mean, cfg.data.std, 0, device) if data.on_device else None
     batches = max(args.steps, 2 * args.images // args.batch)
     results = []
-    for what, loader, transform in (("per-image PIL decoding (reference)", direct, None),
-                                    ("decoded-image cache", cached, augment)):
+    for what, loader, transform in (
+        ("per-image PIL decoding (reference)", direct, None),
+        ("decoded-image cache", cached, augment),
+    ):
         with peak_memory(device) as peak:
             rate = loader_rate(loader, device, batches, transform)
         results.append(Result(f"data pipeline: {what}", rate, None, peak.mib))
@@ -452,8 +591,9 @@ def concurrent_seeds(args, device, backbone: str = "resnet18") -> list[Result]:
     """Five models stepped round-robin on five CUDA streams, against the same five one after another."""
     if device.type != "cuda":
         return []
-    cfg = seed_config(args, device, f"backbone={backbone}", "regularizer=l2", "direction=sum",
-                      f"train.precision={args.precision}")
+    cfg = seed_config(
+        args, device, f"backbone={backbone}", "regularizer=l2", "direction=sum", f"train.precision={args.precision}"
+    )
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, args.size, args.size, generator=generator).to(device)
     labels = torch.randint(0, args.classes, (args.batch,), generator=generator).to(device)
@@ -469,13 +609,28 @@ def concurrent_seeds(args, device, backbone: str = "resnet18") -> list[Result]:
             with torch.cuda.stream(stream):
                 step()
 
-    return [timed(sequential, args.steps, args.warmup, args.batch * CELL_SEEDS, device,
-                  f"{backbone} five seeds, one after another"),
-            timed(concurrent, args.steps, args.warmup, args.batch * CELL_SEEDS, device,
-                  f"{backbone} five seeds, concurrent (CUDA streams)")]
+    return [
+        timed(
+            sequential,
+            args.steps,
+            args.warmup,
+            args.batch * CELL_SEEDS,
+            device,
+            f"{backbone} five seeds, one after another",
+        ),
+        timed(
+            concurrent,
+            args.steps,
+            args.warmup,
+            args.batch * CELL_SEEDS,
+            device,
+            f"{backbone} five seeds, concurrent (CUDA streams)",
+        ),
+    ]
 
 
 # -- report --------------------------------------------------------------------------------------
+
 
 def machine(device: torch.device) -> str:
     cpu = platform.processor() or platform.machine()
@@ -493,75 +648,111 @@ def find(results: list[Result], what: str) -> Result:
 
 
 def report(args, device, results: list[Result]) -> str:
-    lines = [f"Machine: {machine(device)}.",
-             f"Settings: {args.size} px, batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up, "
-             f"{args.workers} loader workers, {args.images} JPEGs of 500x375, precision {args.precision}.",
-             "Command: `python scripts/benchmark.py " + " ".join(args.argv) + "`", "",
-             "| measurement | images/s | ms/step | peak memory (MiB) | notes |", "|---|---:|---:|---:|---|"]
+    lines = [
+        f"Machine: {machine(device)}.",
+        f"Settings: {args.size} px, batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up, "
+        f"{args.workers} loader workers, {args.images} JPEGs of 500x375, precision {args.precision}.",
+        "Command: `python scripts/benchmark.py " + " ".join(args.argv) + "`",
+        "",
+        "| measurement | images/s | ms/step | peak memory (MiB) | notes |",
+        "|---|---:|---:|---:|---|",
+    ]
     for r in results:
         step = f"{r.ms_per_step:.1f}" if r.ms_per_step is not None else ""
         notes = "; ".join(f"{k}: {v}" for k, v in r.notes.items())
         lines.append(f"| {r.what} | {r.images_per_s:.1f} | {step} | {r.peak_mib:.0f} | {notes} |")
     lines += ["", "Ratios (same run):", ""]
     for backbone in args.backbones:
-        ref, ours = find(results, f"{backbone} reference step (fp32)"), find(results, f"{backbone} Fine-tuning step (fp32)")
-        lines.append(f"- {backbone} Fine-tuning model-only step / reference step: "
-                     f"{ours.images_per_s / ref.images_per_s:.3f}x (target >= 0.97)")
+        ref, ours = (
+            find(results, f"{backbone} reference step (fp32)"),
+            find(results, f"{backbone} Fine-tuning step (fp32)"),
+        )
+        lines.append(
+            f"- {backbone} Fine-tuning model-only step / reference step: "
+            f"{ours.images_per_s / ref.images_per_s:.3f}x (target >= 0.97)"
+        )
         for variant in ("bf16", "fp32, compiled"):
             found = [r for r in results if r.what == f"{backbone} Fine-tuning step ({variant})"]
             if found:
-                lines.append(f"- {backbone} Fine-tuning step ({variant}) / fp32 eager: "
-                             f"{found[0].images_per_s / ours.images_per_s:.2f}x")
+                lines.append(
+                    f"- {backbone} Fine-tuning step ({variant}) / fp32 eager: "
+                    f"{found[0].images_per_s / ours.images_per_s:.2f}x"
+                )
         e2e = [r for r in results if r.what.startswith(f"{backbone} safetransfer, end to end")]
         if e2e:
             reference = find(results, f"{backbone} reference loop, end to end")
-            lines.append(f"- {backbone} end to end / reference loop: {e2e[0].images_per_s / reference.images_per_s:.2f}x"
-                         " (target on a GPU >= 2)")
+            lines.append(
+                f"- {backbone} end to end / reference loop: {e2e[0].images_per_s / reference.images_per_s:.2f}x"
+                " (target on a GPU >= 2)"
+            )
         for regularizer in args.regularizers:
             s, d = find(results, f"{backbone} {regularizer} sum"), find(results, f"{backbone} {regularizer} dtnh")
             lines.append(f"- {backbone} DTNH / sum step time, {regularizer}: {d.ms_per_step / s.ms_per_step:.3f}")
         if "l2sp" in args.regularizers and "l2" in args.regularizers:
             l2sp, dtnh = find(results, f"{backbone} l2sp sum"), find(results, f"{backbone} l2sp dtnh")
-            lines.append(f"- {backbone} DTNH (L2-SP) / L2-SP: {dtnh.ms_per_step / l2sp.ms_per_step:.3f} (target <= 1.05)")
+            lines.append(
+                f"- {backbone} DTNH (L2-SP) / L2-SP: {dtnh.ms_per_step / l2sp.ms_per_step:.3f} (target <= 1.05)"
+            )
         host = [r for r in results if r.what.startswith(f"{backbone} host: ")]
         if host:
-            lines.append(f"- {backbone} host time per step of the direction (one-element tensors): Sum "
-                         f"{host[0].notes['us per step']} us, zero g_Omega + DTNH {host[1].notes['us per step']} us")
+            lines.append(
+                f"- {backbone} host time per step of the direction (one-element tensors): Sum "
+                f"{host[0].notes['us per step']} us, zero g_Omega + DTNH {host[1].notes['us per step']} us"
+            )
         if "l2_bss" in args.regularizers:
             svd, term = (find(results, f"{backbone} BSS spectrum: {what}") for what in SPECTRUM_ROWS)
             bss = find(results, f"{backbone} l2_bss sum")
-            lines.append(f"- {backbone} BSS's spectrum / L2+BSS step: {100 * term.ms_per_step / bss.ms_per_step:.1f} % "
-                         f"(target on a GPU <= 5 %); with torch.linalg.svdvals it would be "
-                         f"{100 * svd.ms_per_step / bss.ms_per_step:.1f} %")
+            lines.append(
+                f"- {backbone} BSS's spectrum / L2+BSS step: {100 * term.ms_per_step / bss.ms_per_step:.1f} % "
+                f"(target on a GPU <= 5 %); with torch.linalg.svdvals it would be "
+                f"{100 * svd.ms_per_step / bss.ms_per_step:.1f} %"
+            )
         for regularizer in [r for r in FEATURE_TERMS if r in args.regularizers]:
             if not any(r.what.startswith(f"{backbone} {regularizer}: ") for r in results):
                 continue
-            one, two, engine = (find(results, f"{backbone} {regularizer}: {what}") for what in (
-                "forward + one backward", "forward + two backwards (bound)", "DTNH step (engine)"))
-            lines.append(f"- {backbone} {regularizer}: DTNH step / two-backward bound: "
-                         f"{engine.ms_per_step / two.ms_per_step:.3f} (target <= 1.10); two backwards / one: "
-                         f"{two.ms_per_step / one.ms_per_step:.3f}")
+            one, two, engine = (
+                find(results, f"{backbone} {regularizer}: {what}")
+                for what in ("forward + one backward", "forward + two backwards (bound)", "DTNH step (engine)")
+            )
+            lines.append(
+                f"- {backbone} {regularizer}: DTNH step / two-backward bound: "
+                f"{engine.ms_per_step / two.ms_per_step:.3f} (target <= 1.10); two backwards / one: "
+                f"{two.ms_per_step / one.ms_per_step:.3f}"
+            )
             batched = find(results, f"{backbone} {regularizer}: forward + one batched backward (is_grads_batched)")
-            lines.append(f"- {backbone} {regularizer}: one batched backward (is_grads_batched) / two backwards: " + (
-                f"{batched.ms_per_step / two.ms_per_step:.3f}" if batched.ms_per_step else
-                f"not measured, it failed ({batched.notes['failed']})"))
+            lines.append(
+                f"- {backbone} {regularizer}: one batched backward (is_grads_batched) / two backwards: "
+                + (
+                    f"{batched.ms_per_step / two.ms_per_step:.3f}"
+                    if batched.ms_per_step
+                    else f"not measured, it failed ({batched.notes['failed']})"
+                )
+            )
         attention = [r for r in results if r.what.startswith(f"{backbone} DELTA attention")]
         if attention:
-            lines.append(f"- {backbone} DELTA attention, one-time per cell: {attention[0].notes['seconds']} s "
-                         f"({args.attention_images} images at {args.size} px)")
+            lines.append(
+                f"- {backbone} DELTA attention, one-time per cell: {attention[0].notes['seconds']} s "
+                f"({args.attention_images} images at {args.size} px)"
+            )
         step = find(results, f"{backbone} Fine-tuning step (fp32)").ms_per_step / 1000
-        lines.append(f"- {backbone} projected wall time of one cell ({CELL_SEEDS} seeds x {CELL_ITERATIONS} steps, "
-                     f"model-only Fine-tuning at these settings): {CELL_SEEDS * CELL_ITERATIONS * step / 3600:.2f} h")
+        lines.append(
+            f"- {backbone} projected wall time of one cell ({CELL_SEEDS} seeds x {CELL_ITERATIONS} steps, "
+            f"model-only Fine-tuning at these settings): {CELL_SEEDS * CELL_ITERATIONS * step / 3600:.2f} h"
+        )
     pipeline_rows = [r for r in results if r.what.startswith("data pipeline")]
     if pipeline_rows:
         direct, cached = pipeline_rows
         model = find(results, f"{args.backbones[-1]} Fine-tuning step (fp32)")
-        lines.append(f"- data pipeline: cache / per-image decoding {cached.images_per_s / direct.images_per_s:.2f}x; "
-                     f"per-image decoding / {args.backbones[-1]} model {direct.images_per_s / model.images_per_s:.2f}x, "
-                     f"cache / model {cached.images_per_s / model.images_per_s:.2f}x")
+        lines.append(
+            f"- data pipeline: cache / per-image decoding {cached.images_per_s / direct.images_per_s:.2f}x; "
+            f"per-image decoding / {args.backbones[-1]} model {direct.images_per_s / model.images_per_s:.2f}x, "
+            f"cache / model {cached.images_per_s / model.images_per_s:.2f}x"
+        )
     seeds = [r for r in results if r.what.startswith("resnet18 five seeds")]
     if seeds:
-        lines.append(f"- five seeds concurrent / one after another: {seeds[1].images_per_s / seeds[0].images_per_s:.2f}x")
+        lines.append(
+            f"- five seeds concurrent / one after another: {seeds[1].images_per_s / seeds[0].images_per_s:.2f}x"
+        )
     else:
         lines.append("- five seeds concurrently: measured on CUDA only (not on this machine)")
     return "\n".join(lines) + "\n"
@@ -573,7 +764,7 @@ def write_section(path: Path, kind: str, text: str, title: str | None = None) ->
     old = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `python scripts/benchmark.py`.\n"
     block = f"{begin}\n## {title or kind.upper()}\n\n{text}{end}"
     if begin in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
     else:
         new = old.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(new)
@@ -582,15 +773,29 @@ def write_section(path: Path, kind: str, text: str, title: str | None = None) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for key, kind in (("size", int), ("batch", int), ("steps", int), ("warmup", int), ("images", int),
-                      ("workers", int), ("attention_images", int)):
-        parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None, help="default: by device (see PROFILES)")
+    for key, kind in (
+        ("size", int),
+        ("batch", int),
+        ("steps", int),
+        ("warmup", int),
+        ("images", int),
+        ("workers", int),
+        ("attention_images", int),
+    ):
+        parser.add_argument(
+            f"--{key.replace('_', '-')}", type=kind, default=None, help="default: by device (see PROFILES)"
+        )
     parser.add_argument("--backbones", nargs="*", default=None)
     parser.add_argument("--regularizers", nargs="*", default=REGULARIZERS)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["end_to_end", "pipeline", "regularizers", "backward", "attention", "host"])
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["end_to_end", "pipeline", "regularizers", "backward", "attention", "host"],
+    )
     parser.add_argument("--compile", action="store_true", help="also time the Fine-tuning step under torch.compile")
     import sys
 
@@ -612,11 +817,15 @@ def main() -> None:
         root = Path(folder)
         args.cache = root / "cache"  # DELTA's attention of the fixed batches, and the decoded images
         write_photos(root, args.images, args.classes)
+
         def add(found: list[Result]) -> None:  # printed as measured: a run cut short keeps what it saw
             results.extend(found)
             for r in found:
-                print(f"{r.what}: {r.images_per_s:.1f} images/s, {r.ms_per_step or 0:.1f} ms/step, "
-                      f"{r.peak_mib:.0f} MiB {r.notes or ''}", flush=True)
+                print(
+                    f"{r.what}: {r.images_per_s:.1f} images/s, {r.ms_per_step or 0:.1f} ms/step, "
+                    f"{r.peak_mib:.0f} MiB {r.notes or ''}",
+                    flush=True,
+                )
 
         for backbone in args.backbones:
             add(model_only(args, device, backbone))

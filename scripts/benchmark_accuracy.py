@@ -40,13 +40,27 @@ from safetransfer.targets.demo import DemoTarget
 
 
 def project(seeds: list[int], args, out: Path, head_lr_mult: float = 1) -> list[dict]:
-    overrides = ["experiment=demo", "source=scratch", "method=fine_tuning", f"seeds=[{','.join(map(str, seeds))}]",
-                 f"train.iterations={args.iterations}", f"train.batch_size={args.batch}", f"optim.optimizer.lr={args.lr}",
-                 f"optim.head_lr_mult={head_lr_mult}", f"optim.scheduler.milestones=[{args.iterations}]",
-                 f"regularizer.terms.l2.alpha={args.weight_decay}", "target.sampling_rate=100",
-                 f"target.train_images_per_class={args.train_per_class}", "runtime.device=cpu",
-                 "runtime.num_workers=0", "runtime.eval_every=0", "runtime.spectrum_batches=0",
-                 "runtime.checkpoint_every=0", "runtime.progress=log", f"results.dir={out / 'results'}"]
+    overrides = [
+        "experiment=demo",
+        "source=scratch",
+        "method=fine_tuning",
+        f"seeds=[{','.join(map(str, seeds))}]",
+        f"train.iterations={args.iterations}",
+        f"train.batch_size={args.batch}",
+        f"optim.optimizer.lr={args.lr}",
+        f"optim.head_lr_mult={head_lr_mult}",
+        f"optim.scheduler.milestones=[{args.iterations}]",
+        f"regularizer.terms.l2.alpha={args.weight_decay}",
+        "target.sampling_rate=100",
+        f"target.train_images_per_class={args.train_per_class}",
+        "runtime.device=cpu",
+        "runtime.num_workers=0",
+        "runtime.eval_every=0",
+        "runtime.spectrum_batches=0",
+        "runtime.checkpoint_every=0",
+        "runtime.progress=log",
+        f"results.dir={out / 'results'}",
+    ]
     with initialize_config_module(config_module="safetransfer.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     run_dir = out / f"project_head_x{head_lr_mult:g}"
@@ -70,15 +84,33 @@ def plain(seed: int, args) -> dict:
     target = DemoTarget(train_images_per_class=args.train_per_class)
     train, test = target.train_set(), target.test_set()
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    train_tf = v2.Compose([v2.Resize((36, 36), antialias=True), v2.RandomCrop(32), v2.RandomHorizontalFlip(),
-                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-    test_tf = v2.Compose([v2.Resize(36, antialias=True), v2.CenterCrop(32), v2.ToDtype(torch.float32, scale=True),
-                          v2.Normalize(mean, std)])
+    train_tf = v2.Compose(
+        [
+            v2.Resize((36, 36), antialias=True),
+            v2.RandomCrop(32),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
+    test_tf = v2.Compose(
+        [
+            v2.Resize(36, antialias=True),
+            v2.CenterCrop(32),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
     torch.manual_seed(seed)
     model = torchvision.models.resnet18(num_classes=len(target.classes))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    loader = DataLoader(Images(train.images, train.labels, train_tf), batch_size=args.batch, shuffle=True,
-                        drop_last=True, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        Images(train.images, train.labels, train_tf),
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     model.train()
     step = 0
     while step < args.iterations:
@@ -112,8 +144,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--train-per-class", type=int, default=20, help="few images: accuracy away from 100 %%")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "BENCHMARKS.md"),
-                        help="the section 'accuracy' of this file is replaced (--out '' prints only)")
+    parser.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent.parent / "BENCHMARKS.md"),
+        help="the section 'accuracy' of this file is replaced (--out '' prints only)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
@@ -123,24 +158,35 @@ def main() -> None:
         # shown to size what that one difference does
         default_head = project(args.seeds, args, Path(directory), head_lr_mult=10)
     theirs = [plain(seed, args) for seed in args.seeds]
-    lines = [f"{len(args.seeds)} seeds each, {args.iterations} iterations, batch {args.batch}, lr {args.lr} (all "
-             f"layers), weight decay {args.weight_decay}, ResNet-18 from scratch, the demo's 6 generated classes at "
-             f"32 px, {args.train_per_class} training images per class ({time.perf_counter() - start:.0f} s on "
-             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads).",
-             f"Command: `python scripts/benchmark_accuracy.py {' '.join(sys.argv[1:])}`", "",
-             "| loop | top-1 (%) | test loss | per seed top-1 |", "|---|---:|---:|---|"]
-    for name, runs in (("safetransfer Fine-tuning", ours), ("plain PyTorch loop", theirs),
-                       ("safetransfer Fine-tuning, head lr x10 (its default)", default_head)):
+    lines = [
+        f"{len(args.seeds)} seeds each, {args.iterations} iterations, batch {args.batch}, lr {args.lr} (all "
+        f"layers), weight decay {args.weight_decay}, ResNet-18 from scratch, the demo's 6 generated classes at "
+        f"32 px, {args.train_per_class} training images per class ({time.perf_counter() - start:.0f} s on "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads).",
+        f"Command: `python scripts/benchmark_accuracy.py {' '.join(sys.argv[1:])}`",
+        "",
+        "| loop | top-1 (%) | test loss | per seed top-1 |",
+        "|---|---:|---:|---|",
+    ]
+    for name, runs in (
+        ("safetransfer Fine-tuning", ours),
+        ("plain PyTorch loop", theirs),
+        ("safetransfer Fine-tuning, head lr x10 (its default)", default_head),
+    ):
         top1 = [r["top1"] for r in runs]
-        lines.append(f"| {name} | {spread(top1)} | {spread([r['test_loss'] for r in runs])} | "
-                     f"{', '.join(f'{v:.1f}' for v in top1)} |")
+        lines.append(
+            f"| {name} | {spread(top1)} | {spread([r['test_loss'] for r in runs])} | "
+            f"{', '.join(f'{v:.1f}' for v in top1)} |"
+        )
     lines.append("")
     for label, runs in (("safetransfer - plain", ours), ("head x10 - plain", default_head)):
         for quantity in ("top1", "test_loss"):
             a, b = [r[quantity] for r in runs], [r[quantity] for r in theirs]
             t = stats.ttest_ind(a, b, equal_var=False)
-            lines.append(f"- {label}, {quantity}: difference of means {np.mean(a) - np.mean(b):+.3f}, "
-                         f"Welch's t-test p = {t.pvalue:.2f}")
+            lines.append(
+                f"- {label}, {quantity}: difference of means {np.mean(a) - np.mean(b):+.3f}, "
+                f"Welch's t-test p = {t.pvalue:.2f}"
+            )
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:

@@ -10,8 +10,9 @@ The cells (what one cell of each paper's table costs; the data is generated, so 
   bss:  ResNet-50, L2+BSS, batch 48, 9,000 iterations, random resized crop, 10 test crops
 Each variant runs the whole job (process start, source, data, every seed, evaluation,
 spectrum, table) for --probe iterations per seed. Each seed's log.csv gives its elapsed time
-every 50 iterations (angles every 100, as a cell's defaults log them): the time per iteration is the slope after the first row (which holds
-cuDNN's autotuning and the workers' start); the projection to the cell's length adds
+every 50 iterations (angles every 100, as a cell's defaults log them): the time per
+iteration is the slope after the first row (which holds cuDNN's autotuning and the
+workers' start); the projection to the cell's length adds
 (length - probe) x slope per seed one after another, or once for concurrent seeds (their
 slope is measured while all five share the GPU). The decoded-image cache is built once
 before any timing, as a real run's first job builds it once for every later one.
@@ -40,11 +41,18 @@ from benchmark import machine, write_photos, write_section  # noqa: E402
 
 SEEDS = 5
 CELLS = {
-    "dtnh": dict(iterations=8000, overrides=["backbone=resnet18", "regularizer=l2sp", "direction=dtnh"],
-                 drop=6000),
-    "bss": dict(iterations=9000, overrides=["backbone=resnet50", "regularizer=l2_bss", "direction=sum",
-                                             "data.train_crop=random_resized_crop",
-                                             "data.test_crops=10"], drop=6000),
+    "dtnh": dict(iterations=8000, overrides=["backbone=resnet18", "regularizer=l2sp", "direction=dtnh"], drop=6000),
+    "bss": dict(
+        iterations=9000,
+        overrides=[
+            "backbone=resnet50",
+            "regularizer=l2_bss",
+            "direction=sum",
+            "data.train_crop=random_resized_crop",
+            "data.test_crops=10",
+        ],
+        drop=6000,
+    ),
 }
 
 
@@ -61,24 +69,43 @@ class Variant:
 
     @property
     def overrides(self) -> list[str]:
-        return [f"train.precision={self.precision}", f"runtime.concurrent_seeds={self.concurrent}",
-                f"runtime.compile={self.compiled}"]
+        return [
+            f"train.precision={self.precision}",
+            f"runtime.concurrent_seeds={self.concurrent}",
+            f"runtime.compile={self.compiled}",
+        ]
 
 
 def job(cell: str, variant: Variant, iterations: int, root: Path, out: Path, args, seeds: int = SEEDS) -> dict:
     """Run one job in a fresh process; its wall time and each seed's time per iteration."""
-    run_dir = out / f"{cell}-{variant.precision}-{'c' if variant.concurrent else 's'}{'-compiled' if variant.compiled else ''}-{iterations}"
-    arguments = [*CELLS[cell]["overrides"], *variant.overrides, "source=scratch", "target=imagefolder",
-                 f"target.root={root}", "train.batch_size=48", f"train.iterations={iterations}",
-                 f"optim.scheduler.milestones=[{min(CELLS[cell]['drop'], iterations)}]",  # the lr drop costs nothing
-                 f"seeds=[{','.join(map(str, range(seeds)))}]", f"runtime.device={args.device}",
-                 f"runtime.num_workers={args.workers}", f"runtime.log_every={args.log_every}",
-                 f"runtime.diagnostics_every={2 * args.log_every}",
-                 "runtime.progress=log", f"paths.cache_dir={root / 'cache'}", f"results.dir={run_dir / 'results'}",
-                 f"hydra.run.dir={run_dir}"]
+    mode = ("c" if variant.concurrent else "s") + ("-compiled" if variant.compiled else "")
+    run_dir = out / f"{cell}-{variant.precision}-{mode}-{iterations}"
+    arguments = [
+        *CELLS[cell]["overrides"],
+        *variant.overrides,
+        "source=scratch",
+        "target=imagefolder",
+        f"target.root={root}",
+        "train.batch_size=48",
+        f"train.iterations={iterations}",
+        f"optim.scheduler.milestones=[{min(CELLS[cell]['drop'], iterations)}]",  # the lr drop costs nothing
+        f"seeds=[{','.join(map(str, range(seeds)))}]",
+        f"runtime.device={args.device}",
+        f"runtime.num_workers={args.workers}",
+        f"runtime.log_every={args.log_every}",
+        f"runtime.diagnostics_every={2 * args.log_every}",
+        "runtime.progress=log",
+        f"paths.cache_dir={root / 'cache'}",
+        f"results.dir={run_dir / 'results'}",
+        f"hydra.run.dir={run_dir}",
+    ]
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "safetransfer.train", *arguments], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "safetransfer.train", *arguments],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"{cell} {variant.name}: exit {done.returncode}\n{done.stderr[-3000:]}")
@@ -88,8 +115,7 @@ def job(cell: str, variant: Variant, iterations: int, root: Path, out: Path, arg
             rows = [(int(r["iteration"]), float(r["elapsed_s"])) for r in csv.DictReader(handle)]
         (i0, t0), (i1, t1) = rows[0], rows[-1]
         slopes.append((t1 - t0) / (i1 - i0) if i1 > i0 else t1 / i1)  # one row: the mean, warm-up included
-    return {"wall_s": wall, "ms_per_iteration": [1000 * s for s in slopes], "iterations": iterations,
-            "seeds": seeds}
+    return {"wall_s": wall, "ms_per_iteration": [1000 * s for s in slopes], "iterations": iterations, "seeds": seeds}
 
 
 def projected(result: dict, variant: Variant, length: int) -> float:
@@ -107,29 +133,50 @@ def parse_variant(text: str) -> Variant:
 
 def record(cell: str, variant: Variant, result: dict, full: bool = False) -> dict:
     length = CELLS[cell]["iterations"]
-    return {"cell": cell, "variant": variant.name, "precision": variant.precision, "concurrent": variant.concurrent,
-            "compiled": variant.compiled, **result, "length": length, "full": full,
-            "projected_s": result["wall_s"] if full else projected(result, variant, length)}
+    return {
+        "cell": cell,
+        "variant": variant.name,
+        "precision": variant.precision,
+        "concurrent": variant.concurrent,
+        "compiled": variant.compiled,
+        **result,
+        "length": length,
+        "full": full,
+        "projected_s": result["wall_s"] if full else projected(result, variant, length),
+    }
 
 
 def report(records: list[dict], header: list[str]) -> str:
-    lines = [*header, "", "| cell | variant | iterations per seed (run) | job wall time (s) | ms per iteration (per seed) "
-             "| projected 5-seed cell (min) |", "|---|---|---:|---:|---|---:|"]
+    lines = [
+        *header,
+        "",
+        "| cell | variant | iterations per seed (run) | job wall time (s) | ms per iteration (per seed) "
+        "| projected 5-seed cell (min) |",
+        "|---|---|---:|---:|---|---:|",
+    ]
     for r in records:
-        label = {"dtnh": "DTNH: ResNet-18, DTNH (L2-SP), 8,000 it", "bss": "BSS: ResNet-50, L2+BSS, 9,000 it"}[r["cell"]]
+        label = {"dtnh": "DTNH: ResNet-18, DTNH (L2-SP), 8,000 it", "bss": "BSS: ResNet-50, L2+BSS, 9,000 it"}[
+            r["cell"]
+        ]
         slopes = ", ".join(f"{s:.1f}" for s in r["ms_per_iteration"])
         projection = f"{r['projected_s'] / 60:.1f}" + (" (measured, full length)" if r.get("full") else "")
         lines.append(f"| {label} | {r['variant']} | {r['iterations']} | {r['wall_s']:.0f} | {slopes} | {projection} |")
-    lines += ["", "Fastest per cell and way of running the seeds (projected; cell-seconds per iteration = projected "
-                  "wall time / (seeds x length), which `safetransfer-reproduce --plan` reads):", ""]
+    lines += [
+        "",
+        "Fastest per cell and way of running the seeds (projected; cell-seconds per iteration = projected "
+        "wall time / (seeds x length), which `safetransfer-reproduce --plan` reads):",
+        "",
+    ]
     for cell in CELLS:
         for concurrent, mode in ((False, "seeds one after another"), (True, "concurrent seeds")):
             mine = [r for r in records if r["cell"] == cell and not r.get("full") and r["concurrent"] == concurrent]
             if mine:
                 best = min(mine, key=lambda r: r["projected_s"])
                 fastest = best["precision"] + (", compiled" if best["compiled"] else "")
-                lines.append(f"- {cell}, {mode}: fastest {fastest}: {best['projected_s'] / 60:.1f} min; "
-                             f"cell-seconds per iteration {best['projected_s'] / (SEEDS * best['length']):.4f}")
+                lines.append(
+                    f"- {cell}, {mode}: fastest {fastest}: {best['projected_s'] / 60:.1f} min; "
+                    f"cell-seconds per iteration {best['projected_s'] / (SEEDS * best['length']):.4f}"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -138,9 +185,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cells", nargs="*", default=list(CELLS), choices=list(CELLS))
     parser.add_argument("--probe", type=int, default=200, help="iterations per seed of each variant's job")
-    parser.add_argument("--variants", nargs="*", default=["bf16:s", "bf16:c", "fp32:s", "fp32:c"],
-                        help="precision:s (seeds one after another) or precision:c (concurrent), :compiled to compile")
-    parser.add_argument("--compile", action="store_true", help="also the fastest eager variant with runtime.compile=true")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=["bf16:s", "bf16:c", "fp32:s", "fp32:c"],
+        help="precision:s (seeds one after another) or precision:c (concurrent), :compiled to compile",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also the fastest eager variant with runtime.compile=true"
+    )
     parser.add_argument("--full", action="store_true", help="also each cell at its full length, fastest variant")
     parser.add_argument("--classes", type=int, default=50)
     parser.add_argument("--train-per-class", type=int, default=40)
@@ -150,21 +203,32 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="the crop (resize: 8/7 of it)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, help="write every measurement here as it is made")
-    parser.add_argument("--report", nargs="*", type=Path, help="only write the section from these --json files "
-                                                              "(runs split over several sessions), the first one's machine")
+    parser.add_argument(
+        "--report",
+        nargs="*",
+        type=Path,
+        help="only write the section from these --json files "
+        "(runs split over several sessions), the first one's machine",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
-    data = (f"Data: generated photos (500x375 JPEG), {args.classes} classes x {args.train_per_class} training and "
-            f"{args.test_per_class} test images, decoded once into the cache before timing; crop {args.size} px, "
-            f"batch 48, {SEEDS} seeds, {args.workers} loader workers per process.")
+    data = (
+        f"Data: generated photos (500x375 JPEG), {args.classes} classes x {args.train_per_class} training and "
+        f"{args.test_per_class} test images, decoded once into the cache before timing; crop {args.size} px, "
+        f"batch 48, {SEEDS} seeds, {args.workers} loader workers per process."
+    )
     command = "python scripts/benchmark_cell.py " + " ".join(sys.argv[1:])
     if args.report:  # the machine and command of each file; the data settings are the defaults above
         files = [json.loads(path.read_text()) for path in args.report]
         header = [files[0]["machine"], data, *(f"Command: `{f['command']}`" for f in files)]
         text = report([r for f in files for r in f["records"]], header)
         print(text)
-        write_section(args.out, "cuda-cell" if "NVIDIA" in files[0]["machine"] else "cpu-cell", text,
-                      "One paper cell, end to end (CUDA)")
+        write_section(
+            args.out,
+            "cuda-cell" if "NVIDIA" in files[0]["machine"] else "cpu-cell",
+            text,
+            "One paper cell, end to end (CUDA)",
+        )
         return
     header = [f"Machine: {machine(device)}.", data, f"Command: `{command}`"]
 

@@ -50,15 +50,24 @@ def main() -> None:
     labels = torch.randint(0, args.classes, (args.batch * 2,), generator=generator)
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         with initialize_config_module(config_module="safetransfer.conf", version_base="1.3"):
-            cfg = compose("config", overrides=[f"backbone={args.backbone}", f"regularizer={args.regularizer}",
-                                               f"runtime.device={device}", f"train.batch_size={args.batch}",
-                                               "runtime.num_workers=0", f"paths.cache_dir={folder}"])
+            cfg = compose(
+                "config",
+                overrides=[
+                    f"backbone={args.backbone}",
+                    f"regularizer={args.regularizer}",
+                    f"runtime.device={device}",
+                    f"train.batch_size={args.batch}",
+                    "runtime.num_workers=0",
+                    f"paths.cache_dir={folder}",
+                ],
+            )
         every = cfg.runtime.checkpoint_every
         parts = build_seed(cfg, 0, Data.from_tensors(images, labels, args.classes), None).parts  # as run_seed builds
         path = Path(folder) / "checkpoint.pt"
 
         def run(checkpointer: Checkpointer | None) -> float:
-            """Seconds for `steps` steps of the training loop; with `checkpointer`, a checkpoint after each but the last."""
+            """Seconds for `steps` steps of the training loop; with `checkpointer`, a checkpoint
+            after each but the last."""
             synchronize(device)
             start = time.perf_counter()
             fit(parts, Loop(steps, log_every=0), checkpointer=checkpointer)
@@ -73,11 +82,15 @@ def main() -> None:
     save_s = max(0.0, saving - plain) / (steps - 1)
 
     share = save_s / (every * step_s + save_s)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
     print(f"{args.backbone}, {args.regularizer}, batch {args.batch} at {args.size} px")
-    print(f"checkpoint: {save_s * 1e3:.1f} ms per write ({size_mb:.1f} MiB), from {steps} steps of the loop with and "
-          "without a checkpoint after each")
+    print(
+        f"checkpoint: {save_s * 1e3:.1f} ms per write ({size_mb:.1f} MiB), from {steps} steps of the loop with and "
+        "without a checkpoint after each"
+    )
     print(f"training step: {step_s * 1e3:.1f} ms")
     print(f"share of training time at runtime.checkpoint_every={every}: {100 * share:.3f} %")
 

@@ -6,7 +6,9 @@ import pytest
 from hydra import compose, initialize_config_module
 
 # Tests never touch the user's cache; the demo source model is rebuilt at tiny scale.
-os.environ.setdefault("SAFETRANSFER_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "safetransfer"))
+os.environ.setdefault(
+    "SAFETRANSFER_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "safetransfer")
+)
 
 #: overrides that shrink any config to a few seconds on a CPU
 TINY = [
@@ -18,7 +20,7 @@ TINY = [
     "data.crop=32",
     "runtime.num_workers=0",
     "runtime.log_every=1",
-    "runtime.diagnostics_every=0",   # the angles cost more than the tiny step: on only in the tests about them
+    "runtime.diagnostics_every=0",  # the angles cost more than the tiny step: on only in the tests about them
     "runtime.device=cpu",
     "target.train_images_per_class=10",
     "target.test_images_per_class=4",
@@ -58,9 +60,14 @@ def cli_process(tmp_path):
     import subprocess
 
     def _run(*arguments: str, timeout: float | None = None):
-        return subprocess.run([sys.executable, "-m", "safetransfer.train", *arguments], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return subprocess.run(
+            [sys.executable, "-m", "safetransfer.train", *arguments],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
     return _run
 

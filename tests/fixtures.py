@@ -77,8 +77,14 @@ def make_stanford_dogs(root: Path, classes: int = 3, train_per_class: int = 4, t
         for i, name in enumerate(files):
             cells[i, 0] = np.array([name])
             annotations[i, 0] = np.array([name[:-4]])
-        savemat(base / f"{split}_list.mat", {"file_list": cells, "annotation_list": annotations,
-                                              "labels": np.array(labels, dtype=np.uint8).reshape(-1, 1)})
+        savemat(
+            base / f"{split}_list.mat",
+            {
+                "file_list": cells,
+                "annotation_list": annotations,
+                "labels": np.array(labels, dtype=np.uint8).reshape(-1, 1),
+            },
+        )
     return {"classes": folders, "train": classes * train_per_class, "test": classes * test_per_class}
 
 
@@ -120,7 +126,9 @@ def make_flowers102(root: Path) -> dict:
     return {"train": 102, "test": 102, "classes": 102}
 
 
-def make_oxford_pets(root: Path, breeds=("Abyssinian", "basset_hound", "Bengal"), trainval: int = 3, test: int = 2) -> dict:
+def make_oxford_pets(
+    root: Path, breeds=("Abyssinian", "basset_hound", "Bengal"), trainval: int = 3, test: int = 2
+) -> dict:
     """<root>/oxford-iiit-pet/{images/<Breed>_<n>.jpg, annotations/{trainval,test}.txt}."""
     base = root / "oxford-iiit-pet"
     (base / "annotations").mkdir(parents=True, exist_ok=True)
@@ -135,14 +143,16 @@ def make_oxford_pets(root: Path, breeds=("Abyssinian", "basset_hound", "Bengal")
     return {"train": len(breeds) * trainval, "test": len(breeds) * test, "classes": len(breeds)}
 
 
-def make_fgvc_aircraft(root: Path, variants=("707-320", "A300B4", "Cessna 172"), trainval: int = 3, test: int = 2) -> dict:
+def make_fgvc_aircraft(
+    root: Path, variants=("707-320", "A300B4", "Cessna 172"), trainval: int = 3, test: int = 2
+) -> dict:
     """<root>/fgvc-aircraft-2013b/data/{images/<id>.jpg, variants.txt, images_variant_{trainval,test}.txt}."""
     data = root / "fgvc-aircraft-2013b" / "data"
     (data / "images").mkdir(parents=True, exist_ok=True)
     (data / "variants.txt").write_text("\n".join(variants) + "\n")
     lines = {"trainval": [], "test": []}
     image_id = 1000000
-    for c, variant in enumerate(variants):
+    for variant in variants:
         for n in range(trainval + test):
             image_id += 1
             write_jpeg(data / "images" / f"{image_id}.jpg", seed=image_id)
@@ -164,8 +174,10 @@ def make_stanford_cars(root: Path, classes: int = 3, train: int = 3, test: int =
         names[0, c] = f"Make Model {2000 + c}"
     savemat(base / "devkit" / "cars_meta.mat", {"class_names": names})
     fields = [("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"), ("class", "O"), ("fname", "O")]
-    for split, per_class, folder, mat in (("train", train, "cars_train", base / "devkit" / "cars_train_annos.mat"),
-                                          ("test", test, "cars_test", base / "cars_test_annos_withlabels.mat")):
+    for split, per_class, folder, mat in (
+        ("train", train, "cars_train", base / "devkit" / "cars_train_annos.mat"),
+        ("test", test, "cars_test", base / "cars_test_annos_withlabels.mat"),
+    ):
         annotations = np.zeros((1, classes * per_class), dtype=fields)
         for i in range(classes * per_class):
             fname = f"{i + 1:05d}.jpg"
@@ -188,16 +200,30 @@ def make_stanford_cars_all_images(root: Path, classes: int = 3, train: int = 3, 
     names = np.empty((1, classes), dtype=object)
     for c in range(classes):
         names[0, c] = f"Make Model {2000 + c}"
-    fields = [("relative_im_path", "O"), ("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"),
-              ("class", "O"), ("test", "O")]
+    fields = [
+        ("relative_im_path", "O"),
+        ("bbox_x1", "O"),
+        ("bbox_y1", "O"),
+        ("bbox_x2", "O"),
+        ("bbox_y2", "O"),
+        ("class", "O"),
+        ("test", "O"),
+    ]
     annotations = np.zeros((1, classes * (train + test)), dtype=fields)
     for i in range(classes * (train + test)):
         c, j = divmod(i, train + test)
         relative = f"car_ims/{i + 1:06d}.jpg"
         write_jpeg(base / relative, seed=700 + i)
-        number = lambda v: np.array([[v]], dtype=np.uint8)  # noqa: E731
-        annotations[0, i] = (np.array([relative]), number(1), number(1), number(30), number(30), number(c + 1),
-                             number(int(j % 2 == 1 and j < 2 * test)))
+        number = lambda v: np.array([[v]], dtype=np.uint8)
+        annotations[0, i] = (
+            np.array([relative]),
+            number(1),
+            number(1),
+            number(30),
+            number(30),
+            number(c + 1),
+            number(int(j % 2 == 1 and j < 2 * test)),
+        )
     savemat(base / "cars_annos.mat", {"annotations": annotations, "class_names": names})
     return {"train": classes * train, "test": classes * test, "classes": classes}
 

@@ -86,8 +86,11 @@ def save_torch02(obj, path: Path) -> None:
     storages: list[_Storage] = []
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
-        for header in (0x1950A86A20F9469CFC6C, 1001,
-                       {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        for header in (
+            0x1950A86A20F9469CFC6C,
+            1001,
+            {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}},
+        ):
             pickle.dump(header, handle, protocol=2)
         _Torch02Pickler(handle, storages).dump(obj)
         pickle.dump([s.key for s in storages], handle, protocol=2)
@@ -103,6 +106,13 @@ def csail_places365_checkpoint(path: Path, backbone: str, seed: int = 1) -> Orde
     whose state_dict has DataParallel's `module.` prefix, a 365-class fc and no
     num_batches_tracked. Returns the tensors written (without the prefix)."""
     state = _weights(backbone, 365, seed)
-    save_torch02({"epoch": 90, "arch": backbone, "state_dict": OrderedDict((f"module.{k}", v) for k, v in state.items()),
-                  "best_prec1": np.float64(54.74).item()}, path)
+    save_torch02(
+        {
+            "epoch": 90,
+            "arch": backbone,
+            "state_dict": OrderedDict((f"module.{k}", v) for k, v in state.items()),
+            "best_prec1": np.float64(54.74).item(),
+        },
+        path,
+    )
     return state

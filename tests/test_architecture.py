@@ -9,7 +9,20 @@ import safetransfer
 PACKAGE = Path(safetransfer.__file__).parent
 #: the rows of the README's table, bottom layer first: a module may import from its own layer or a lower one
 LAYERS = [
-    {"errors", "atomic", "methods", "paired", "logs", "runtime", "demo", "data", "downloads", "draws", "overrides", "fingerprints"},
+    {
+        "errors",
+        "atomic",
+        "methods",
+        "paired",
+        "logs",
+        "runtime",
+        "demo",
+        "data",
+        "downloads",
+        "draws",
+        "overrides",
+        "fingerprints",
+    },
     {"backbones", "directions", "resume"},
     {"regularizers", "targets", "checkpoints"},
     {"engine", "checks"},
@@ -48,8 +61,12 @@ def layer(module: str) -> int:
 
 
 def upward(graph: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{source} -> {target}" for source, targets in graph.items() for target in targets
-                  if layer(target) > layer(source))
+    return sorted(
+        f"{source} -> {target}"
+        for source, targets in graph.items()
+        for target in targets
+        if layer(target) > layer(source)
+    )
 
 
 def circle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -60,7 +77,7 @@ def circle(graph: dict[str, set[str]]) -> list[str] | None:
         state[path[-1]] = "open"
         for target in sorted(graph.get(path[-1], ())):
             if state.get(target) == "open":
-                return [*path[path.index(target):], target]
+                return [*path[path.index(target) :], target]
             if target not in state and (found := visit([*path, target])):
                 return found
         state[path[-1]] = "done"
@@ -83,8 +100,12 @@ def test_the_import_graph_has_no_circle():
 def test_the_checks_find_what_they_look_for():
     """On made-up graphs: the circle experiment -> sweeps -> tables -> experiment that the
     package once had, and an arrow from the engine up to the job."""
-    assert circle({"experiment": {"sweeps"}, "sweeps": {"tables"}, "tables": {"experiment"}}) == \
-        ["experiment", "sweeps", "tables", "experiment"]
+    assert circle({"experiment": {"sweeps"}, "sweeps": {"tables"}, "tables": {"experiment"}}) == [
+        "experiment",
+        "sweeps",
+        "tables",
+        "experiment",
+    ]
     assert circle({"experiment": {"engine"}, "engine": set()}) is None
     assert upward({"engine": {"experiment"}, "experiment": {"engine"}}) == ["engine -> experiment"]
     assert {"engine", "preparation", "build"} <= imports()["experiment"]  # the parser sees real imports

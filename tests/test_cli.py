@@ -8,13 +8,21 @@ import pytest
 from conftest import TINY, TINY_DEMO_SOURCE
 
 
+@pytest.mark.e2e  # two multiruns of two jobs each: the long one (multiruns are also tested in-process)
 def test_end_to_end_multirun_writes_the_table(cli, tmp_path):
     """The demo experiment, shrunk: a command-line sweep over two sampling rates, two seeds each.
 
     `method=fine_tuning` on the command line replaces the demo's own sweep over methods.
     """
-    arguments = ["experiment=demo", "method=fine_tuning", *[o for o in TINY if not o.startswith("seeds")], "seeds=[0,1]",
-                 *TINY_DEMO_SOURCE, "target.sampling_rate=50,100", "results.dir=res"]
+    arguments = [
+        "experiment=demo",
+        "method=fine_tuning",
+        *[o for o in TINY if not o.startswith("seeds")],
+        "seeds=[0,1]",
+        *TINY_DEMO_SOURCE,
+        "target.sampling_rate=50,100",
+        "results.dir=res",
+    ]
     result = cli(*arguments)
     assert result.returncode == 0, result.stderr[-3000:]
     frame = pd.read_csv(tmp_path / "res" / "demo.csv")
@@ -39,45 +47,73 @@ def test_end_to_end_multirun_writes_the_table(cli, tmp_path):
 
 
 def test_single_run_from_the_command_line(cli, tmp_path):
-    result = cli(*TINY, "seeds=[5]", "backbone=resnet18", "source=scratch", "target=demo", "regularizer=l2",
-                 "direction=sum", "results.dir=out", "results.table=mine")
+    result = cli(
+        *TINY,
+        "seeds=[5]",
+        "backbone=resnet18",
+        "source=scratch",
+        "target=demo",
+        "regularizer=l2",
+        "direction=sum",
+        "results.dir=out",
+        "results.table=mine",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     frame = pd.read_csv(tmp_path / "out" / "mine.csv", dtype={"seeds": str})
     assert len(frame) == 1 and frame.loc[0, "seeds"] == "5" and frame.loc[0, "source"] == "scratch"
     assert "seeds=[5]" not in frame.loc[0, "overrides"]  # runtime keys stay out of the overrides column
 
 
-@pytest.mark.parametrize("arguments,expected", [
-    (["regularizer=l3"], "regularizer=l3 is not a known choice; allowed: bss, delta, delta_bss, head, knowdist, "
-                         "knowdist_bss, l2, l2_bss, l2sp, l2sp_bss"),
-    (["backbone=resnet34"], "backbone=resnet34 is not a known choice; allowed: resnet18, resnet50"),
-    (["-m", "source=demo,imagenett"], "source=imagenett is not a known choice; allowed: demo, file, imagenet, places365, "
-                                                "pretrained, scratch, stanford_dogs"),
-    (["regularizer=l2sp", "regularizer.terms.l2sp.alpha=-1"], "regularizer.terms.l2sp.alpha=-1 must be a finite number >= 0"),
-    (["regularizer=l2sp", "regularizer.terms.l2sp.alpha=nan"], "regularizer.terms.l2sp.alpha=nan must be a finite number"),
-    (["regularizer=l2_bss", "regularizer.terms.bss.k=8"], "regularizer.terms.bss.k=8 must be an integer in [1, 7]"),
-    (["direction=dtnh", "direction.granularity=layer"], "direction.granularity=layer is not one of global, tensor"),
-    (["target.sampling_rate=0"], "target.sampling_rate=0 is outside (0, 100]"),
-    (["target.sampling_rate=150"], "target.sampling_rate=150 is outside (0, 100]"),
-    (["seeds=[]"], "seeds=[] must be a non-empty list of integers"),
-    (["train.batch_size=0"], "train.batch_size=0 must be an integer >= 1"),
-    (["train.iteratons=10"], "train.iteratons is not a key; did you mean train.iterations?"),
-    (["+train.iteratons=10"], "train.iteratons is not a key (a + would add a key nothing reads); did you mean "
-                              "train.iterations?"),
-    (["optim.optimizer.lr=-1"], "optim.optimizer.lr=-1 must be a finite number > 0"),
-    (["optim.optimizer.lr=nan"], "optim.optimizer.lr=nan must be a finite number > 0"),
-    (["optim.optimizer.momentum=1.5"], "optim.optimizer.momentum=1.5 must be a finite number in [0, 1)"),
-    (["optim.head_lr_mult=0"], "optim.head_lr_mult=0 must be a finite number > 0"),
-    (["target=imagefolder", "target.root=/no/such/dataset"],
-     "target.root=/no/such/dataset: missing directory /no/such/dataset/train; expected <root>/train/<class>/<image>"),
-    (["train.batch_size=500"], "fewer than train.batch_size=500"),
-    (["runtime.device=tpu"], "runtime.device=tpu is not one of auto, cpu, cuda, cuda:N"),
-    (["results.dir=/proc/forbidden"], "results.dir=/proc/forbidden"),
-])
+@pytest.mark.parametrize(
+    "arguments,expected",
+    [
+        (
+            ["regularizer=l3"],
+            "regularizer=l3 is not a known choice; allowed: bss, delta, delta_bss, head, knowdist, "
+            "knowdist_bss, l2, l2_bss, l2sp, l2sp_bss",
+        ),
+        (["backbone=resnet34"], "backbone=resnet34 is not a known choice; allowed: resnet18, resnet50"),
+        (
+            ["-m", "source=demo,imagenett"],
+            "source=imagenett is not a known choice; allowed: demo, file, imagenet, places365, "
+            "pretrained, scratch, stanford_dogs",
+        ),
+        (
+            ["regularizer=l2sp", "regularizer.terms.l2sp.alpha=-1"],
+            "regularizer.terms.l2sp.alpha=-1 must be a finite number >= 0",
+        ),
+        (
+            ["regularizer=l2sp", "regularizer.terms.l2sp.alpha=nan"],
+            "regularizer.terms.l2sp.alpha=nan must be a finite number",
+        ),
+        (["regularizer=l2_bss", "regularizer.terms.bss.k=8"], "regularizer.terms.bss.k=8 must be an integer in [1, 7]"),
+        (["direction=dtnh", "direction.granularity=layer"], "direction.granularity=layer is not one of global, tensor"),
+        (["target.sampling_rate=0"], "target.sampling_rate=0 is outside (0, 100]"),
+        (["target.sampling_rate=150"], "target.sampling_rate=150 is outside (0, 100]"),
+        (["seeds=[]"], "seeds=[] must be a non-empty list of integers"),
+        (["train.batch_size=0"], "train.batch_size=0 must be an integer >= 1"),
+        (["train.iteratons=10"], "train.iteratons is not a key; did you mean train.iterations?"),
+        (
+            ["+train.iteratons=10"],
+            "train.iteratons is not a key (a + would add a key nothing reads); did you mean train.iterations?",
+        ),
+        (["optim.optimizer.lr=-1"], "optim.optimizer.lr=-1 must be a finite number > 0"),
+        (["optim.optimizer.lr=nan"], "optim.optimizer.lr=nan must be a finite number > 0"),
+        (["optim.optimizer.momentum=1.5"], "optim.optimizer.momentum=1.5 must be a finite number in [0, 1)"),
+        (["optim.head_lr_mult=0"], "optim.head_lr_mult=0 must be a finite number > 0"),
+        (
+            ["target=imagefolder", "target.root=/no/such/dataset"],
+            "target.root=/no/such/dataset: missing directory /no/such/dataset/train; "
+            "expected <root>/train/<class>/<image>",
+        ),
+        (["train.batch_size=500"], "fewer than train.batch_size=500"),
+        (["runtime.device=tpu"], "runtime.device=tpu is not one of auto, cpu, cuda, cuda:N"),
+        (["results.dir=/proc/forbidden"], "results.dir=/proc/forbidden"),
+    ],
+)
 def test_bad_input_is_one_clear_line_before_training(cli, tmp_path, arguments, expected):
     given = {a.split("=")[0] for a in arguments}
-    shrink = [o for o in TINY if o.split("=")[0] not in given
-              and not ("target" in given and o.startswith("target."))]
+    shrink = [o for o in TINY if o.split("=")[0] not in given and not ("target" in given and o.startswith("target."))]
     result = cli(*shrink, *arguments)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -94,8 +130,10 @@ def test_no_arguments_means_the_demo(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from safetransfer import train; sys.argv=['safetransfer-train'];"
-            "train.app = lambda: print('ARGV', sys.argv[1:]); train.main()")
+    code = (
+        "import sys; from safetransfer import train; sys.argv=['safetransfer-train'];"
+        "train.app = lambda: print('ARGV', sys.argv[1:]); train.main()"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert "ARGV ['experiment=demo']" in result.stdout
     assert "running the embedded demo" in result.stdout
@@ -103,9 +141,15 @@ def test_no_arguments_means_the_demo(tmp_path):
 
 def test_dtnh_run_never_steps_further_from_g_J_than_the_sum(cli, tmp_path):
     """On a short real run with direction=dtnh, Angle 1 <= Angle 3 on every logged row."""
-    result = cli(*[o for o in TINY if not o.startswith("train.iterations")], "train.iterations=6",
-                 *TINY_DEMO_SOURCE, "regularizer=l2sp_bss", "direction=dtnh", "runtime.diagnostics_every=1",
-                 "results.dir=res")
+    result = cli(
+        *[o for o in TINY if not o.startswith("train.iterations")],
+        "train.iterations=6",
+        *TINY_DEMO_SOURCE,
+        "regularizer=l2sp_bss",
+        "direction=dtnh",
+        "runtime.diagnostics_every=1",
+        "results.dir=res",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     logs = list(tmp_path.rglob("seed_0/log.csv"))
     assert len(logs) == 1
@@ -119,8 +163,14 @@ def test_dtnh_run_never_steps_further_from_g_J_than_the_sum(cli, tmp_path):
 
 
 def test_resample_per_seed_saves_each_seeds_draw(cli, tmp_path):
-    result = cli(*[o for o in TINY if not o.startswith("seeds")], "seeds=[0,1]", "target.sampling_rate=50",
-                 "target.resample_per_seed=true", "target.val_fraction=0.2", "results.dir=res")
+    result = cli(
+        *[o for o in TINY if not o.startswith("seeds")],
+        "seeds=[0,1]",
+        "target.sampling_rate=50",
+        "target.resample_per_seed=true",
+        "target.val_fraction=0.2",
+        "results.dir=res",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     draws = [json.loads(p.read_text()) for p in sorted(tmp_path.rglob("seed_*/sampled_train_indices.json"))]
     assert len(draws) == 2 and draws[0]["indices"] != draws[1]["indices"]
@@ -139,21 +189,26 @@ def test_a_dataset_of_one_class_is_refused_in_one_line(cli, tmp_path):
         for i in range(count):
             Image.fromarray(np.full((40, 40, 3), 20 * i, dtype=np.uint8)).save(folder / f"{i}.png")
     shrink = [o for o in TINY if not o.startswith("target.")]
-    result = cli(*shrink, "source=scratch", "target=imagefolder", f"target.root={tmp_path / 'one'}", "train.batch_size=4")
+    result = cli(
+        *shrink, "source=scratch", "target=imagefolder", f"target.root={tmp_path / 'one'}", "train.batch_size=4"
+    )
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "the target one has 1 class; a classifier needs at least 2" in lines[0], result.stderr
     assert not list(tmp_path.rglob("seed_*"))
 
 
-@pytest.mark.parametrize("arguments", [
-    ["regularizer=l2sp", "regularizer.terms.l2sp.alpha=1"],                 # a key its group choice brings
-    ["-m", "regularizer=l2,l2sp", "regularizer.terms.l2sp.alpha=1"],        # ... in one of the swept choices
-    ["method=dtnh_l2sp", "regularizer.terms.l2sp.decay=0.9"],               # a method preset's regularizer
-    ["experiment=dtnh_tables", "schedule.cifar10.iterations=5"],            # a key the preset adds
-    ['+search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.1,1"]'],           # a map meant to take new keys
-    ["++train.iterations=5", "hydra.job.chdir=true"],                      # forced, existing; Hydra's own keys
-])
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["regularizer=l2sp", "regularizer.terms.l2sp.alpha=1"],  # a key its group choice brings
+        ["-m", "regularizer=l2,l2sp", "regularizer.terms.l2sp.alpha=1"],  # ... in one of the swept choices
+        ["method=dtnh_l2sp", "regularizer.terms.l2sp.decay=0.9"],  # a method preset's regularizer
+        ["experiment=dtnh_tables", "schedule.cifar10.iterations=5"],  # a key the preset adds
+        ['+search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.1,1"]'],  # a map meant to take new keys
+        ["++train.iterations=5", "hydra.job.chdir=true"],  # forced, existing; Hydra's own keys
+    ],
+)
 def test_known_keys_pass_the_key_check(arguments):
     from safetransfer.train import check_keys
 

@@ -7,9 +7,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from safetransfer.directions import Direction
 from safetransfer.build import create_omega, create_optimizer
 from safetransfer.checks import check_config
+from safetransfer.directions import Direction
 from safetransfer.errors import ConfigError
 from safetransfer.methods import method_name
 from safetransfer.regularizers import Omega
@@ -18,8 +18,11 @@ from safetransfer.targets import Target
 from safetransfer.train import group_options
 
 #: choices with a value the user must give (`???` in their YAML)
-MANDATORY = {("source", "file"): ["source.path=/some/checkpoint.pth"], ("source", "pretrained"): ["source.dataset=demo"],
-             ("experiment", "dtnh_tables"): ["results.paper.name=dtnh_table2"]}
+MANDATORY = {
+    ("source", "file"): ["source.path=/some/checkpoint.pth"],
+    ("source", "pretrained"): ["source.dataset=demo"],
+    ("experiment", "dtnh_tables"): ["results.paper.name=dtnh_table2"],
+}
 GROUPS = ["backbone", "source", "target", "regularizer", "direction", "optim", "experiment", "method"]
 
 
@@ -67,8 +70,9 @@ def test_root_config_is_the_papers_protocol(compose_cfg):
     assert cfg.optim.head_lr_mult == 10
     assert cfg.optim.scheduler.gamma == 0.1
     model = torch.nn.Linear(2, 2)
-    assert create_optimizer(cfg, type("Net", (), {"parameter_groups": lambda self: {
-        "backbone": [model.weight], "head": [model.bias]}})())[1].milestones == {6000: 1}  # the papers' drop
+    assert create_optimizer(
+        cfg, type("Net", (), {"parameter_groups": lambda self: {"backbone": [model.weight], "head": [model.bias]}})()
+    )[1].milestones == {6000: 1}  # the papers' drop
     assert (cfg.data.resize, cfg.data.crop) == (256, 224)
     assert cfg.runtime.device == "auto"
     assert method_name(cfg) == "From scratch"  # the root config's source is scratch
@@ -85,12 +89,22 @@ def test_demo_experiment_is_a_sweep_over_methods(compose_cfg):
     assert 0 < cfg.target.sampling_rate < 100
 
 
-@pytest.mark.parametrize("regularizer,direction,name", [
-    ("l2", "sum", "Fine-tuning"), ("l2sp", "sum", "L2-SP"), ("l2sp", "dtnh", "DTNH (L2-SP)"),
-    ("knowdist", "sum", "KnowDist"), ("knowdist", "dtnh", "DTNH (KnowDist)"), ("l2_bss", "sum", "L2+BSS"),
-    ("l2sp_bss", "sum", "L2-SP+BSS"), ("delta", "sum", "DELTA"), ("delta_bss", "sum", "DELTA+BSS"),
-    ("delta_bss", "dtnh", "DTNH (DELTA+BSS)"), ("knowdist_bss", "sum", "KnowDist+BSS"),
-])
+@pytest.mark.parametrize(
+    "regularizer,direction,name",
+    [
+        ("l2", "sum", "Fine-tuning"),
+        ("l2sp", "sum", "L2-SP"),
+        ("l2sp", "dtnh", "DTNH (L2-SP)"),
+        ("knowdist", "sum", "KnowDist"),
+        ("knowdist", "dtnh", "DTNH (KnowDist)"),
+        ("l2_bss", "sum", "L2+BSS"),
+        ("l2sp_bss", "sum", "L2-SP+BSS"),
+        ("delta", "sum", "DELTA"),
+        ("delta_bss", "sum", "DELTA+BSS"),
+        ("delta_bss", "dtnh", "DTNH (DELTA+BSS)"),
+        ("knowdist_bss", "sum", "KnowDist+BSS"),
+    ],
+)
 def test_method_names_follow_regularizer_and_direction(compose_cfg, regularizer, direction, name):
     assert method_name(compose_cfg("source=imagenet", f"regularizer={regularizer}", f"direction={direction}")) == name
 
@@ -104,10 +118,18 @@ def test_plain_fine_tuning_from_scratch_is_named_from_scratch(compose_cfg):
     assert method_name(compose_cfg("source=scratch", "regularizer=l2sp")) == "L2-SP"
 
 
-@pytest.mark.parametrize("regularizer,terms", [
-    ("l2", ["l2"]), ("l2sp", ["head", "l2sp"]), ("knowdist", ["head", "knowdist"]), ("delta", ["head", "delta"]),
-    ("l2_bss", ["l2", "bss"]), ("l2sp_bss", ["head", "l2sp", "bss"]), ("delta_bss", ["head", "delta", "bss"]),
-])
+@pytest.mark.parametrize(
+    "regularizer,terms",
+    [
+        ("l2", ["l2"]),
+        ("l2sp", ["head", "l2sp"]),
+        ("knowdist", ["head", "knowdist"]),
+        ("delta", ["head", "delta"]),
+        ("l2_bss", ["l2", "bss"]),
+        ("l2sp_bss", ["head", "l2sp", "bss"]),
+        ("delta_bss", ["head", "delta", "bss"]),
+    ],
+)
 def test_sums_hold_the_terms_of_their_parts(compose_cfg, regularizer, terms):
     assert list(compose_cfg(f"regularizer={regularizer}").regularizer.terms) == terms
 
@@ -121,8 +143,10 @@ def test_method_presets_win_over_the_experiments_choices(compose_cfg):
 
 #: the paper tables: preset -> (backbone, source, iterations per target, the paper's methods)
 TABLES = {
-    "dtnh_table2": ("resnet18", "imagenet"), "dtnh_table3": ("resnet18", "places365"),
-    "dtnh_table4": ("resnet18", "stanford_dogs"), "bss_table2": ("resnet50", "imagenet"),
+    "dtnh_table2": ("resnet18", "imagenet"),
+    "dtnh_table3": ("resnet18", "places365"),
+    "dtnh_table4": ("resnet18", "stanford_dogs"),
+    "bss_table2": ("resnet50", "imagenet"),
 }
 
 
@@ -148,8 +172,11 @@ def test_every_cell_of_every_paper_table_composes_and_resolves(table):
         for values in itertools.product(*params.values()):
             chosen = dict(zip(params, values))
             pair = (chosen.get("target"), chosen.get("method"))
-            if chosen.get("target.sampling_rate") not in (None, rates[0]) and pair in names and \
-                    pair != next(iter(names)):
+            if (
+                chosen.get("target.sampling_rate") not in (None, rates[0])
+                and pair in names
+                and pair != next(iter(names))
+            ):
                 cells.add((names[pair][0], float(chosen["target.sampling_rate"]), names[pair][1]))
                 continue
             overrides = [f"experiment={table}", *(f"{k}={v}" for k, v in chosen.items())]

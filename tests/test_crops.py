@@ -11,8 +11,8 @@ from torchvision.transforms import v2
 
 import fixtures
 from conftest import TINY
-from safetransfer.engine import evaluate
 from safetransfer import targets
+from safetransfer.engine import evaluate
 from safetransfer.targets import Transformed, augment_transform, train_transform
 from safetransfer.targets.cub200 import CUB200
 
@@ -36,9 +36,9 @@ def test_ten_test_crops_are_corners_and_centre_each_mirrored():
     x = image.numpy()
     centre = int(round((resize - crop) / 2))
     corners = [(0, 0), (0, resize - crop), (resize - crop, 0), (resize - crop, resize - crop), (centre, centre)]
-    expected = [x[:, t:t + crop, l:l + crop] for t, l in corners]
+    expected = [x[:, t : t + crop, l : l + crop] for t, l in corners]
     mirrored = x[:, :, ::-1]
-    expected += [mirrored[:, t:t + crop, l:l + crop] for t, l in corners]
+    expected += [mirrored[:, t : t + crop, l : l + crop] for t, l in corners]
     for view, pixels in zip(views, expected):
         np.testing.assert_allclose(view.numpy(), normalized(pixels), atol=1e-6)
     assert not np.allclose(views[0].numpy(), views[5].numpy())  # the mirrored corner differs
@@ -57,10 +57,13 @@ def test_random_resized_crop_option_draws_torchvision_windows_of_the_square():
     torch.manual_seed(3)
     plain = augment_transform(crop, MEAN, STD, "random_crop")(image)
     x, p = normalized(image.numpy()), plain.numpy()
-    blocks = [x[:, t:t + crop, l:l + crop] for t in range(resize - crop + 1) for l in range(resize - crop + 1)]
+    blocks = [x[:, t : t + crop, l : l + crop] for t in range(resize - crop + 1) for l in range(resize - crop + 1)]
     assert any(np.allclose(p, b, atol=1e-6) or np.allclose(p, b[:, :, ::-1], atol=1e-6) for b in blocks)
-    assert train_transform(resize, crop, MEAN, STD, "random_resized_crop")(v2.functional.to_pil_image(image)).shape \
-        == (3, crop, crop)
+    assert train_transform(resize, crop, MEAN, STD, "random_resized_crop")(v2.functional.to_pil_image(image)).shape == (
+        3,
+        crop,
+        crop,
+    )
 
 
 def test_evaluation_averages_the_logits_of_the_views():
@@ -83,11 +86,22 @@ def test_cached_ten_crops_equal_the_direct_path(tmp_path):
 
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=5, test_per_class=2)
     target = CUB200(str(tmp_path / "data"), expected_classes=3, expected_split=(15, 6))
-    cfg = OmegaConf.create({
-        "target": {"name": "cub200", "root": str(tmp_path / "data"), "sampling_rate": 100},
-        "data": {"resize": 48, "crop": 40, "mean": MEAN, "std": STD, "cache": True, "test_crops": 10,
-                 "train_crop": "random_resized_crop"},
-        "paths": {"cache_dir": str(tmp_path / "cache")}, "runtime": {"num_workers": 0}})
+    cfg = OmegaConf.create(
+        {
+            "target": {"name": "cub200", "root": str(tmp_path / "data"), "sampling_rate": 100},
+            "data": {
+                "resize": 48,
+                "crop": 40,
+                "mean": MEAN,
+                "std": STD,
+                "cache": True,
+                "test_crops": 10,
+                "train_crop": "random_resized_crop",
+            },
+            "paths": {"cache_dir": str(tmp_path / "cache")},
+            "runtime": {"num_workers": 0},
+        }
+    )
     _, cached_test = cached_data(cfg, target.train_set(), target.test_set(), np.arange(15))
     direct = Transformed(target.test_set(), range(6), targets.test_transform(48, 40, MEAN, STD, test_crops=10))
     for i in range(6):
@@ -96,17 +110,31 @@ def test_cached_ten_crops_equal_the_direct_path(tmp_path):
 
 
 def test_a_run_with_the_bss_data_options_scores_ten_crops(cli, tmp_path):
-    result = cli("experiment=demo", "hydra.mode=RUN", "method=fine_tuning", *TINY, "source=scratch",
-                 "data.train_crop=random_resized_crop", "data.test_crops=10", "hydra.run.dir=run")
+    result = cli(
+        "experiment=demo",
+        "hydra.mode=RUN",
+        "method=fine_tuning",
+        *TINY,
+        "source=scratch",
+        "data.train_crop=random_resized_crop",
+        "data.test_crops=10",
+        "hydra.run.dir=run",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "run" / "seed_0" / "metrics.json").read_text())
     assert metrics["config"]["data"]["test_crops"] == 10 and metrics["test_images"] > 0
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.test_crops=5", "data.test_crops=5 is not a known choice; allowed: 1, 10"),
-    ("data.train_crop=center", "data.train_crop=center is not a known choice; allowed: random_crop, random_resized_crop"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.test_crops=5", "data.test_crops=5 is not a known choice; allowed: 1, 10"),
+        (
+            "data.train_crop=center",
+            "data.train_crop=center is not a known choice; allowed: random_crop, random_resized_crop",
+        ),
+    ],
+)
 def test_bad_crop_options_are_one_line(compose_cfg, override, message):
     from safetransfer.checks import check_config
     from safetransfer.errors import ConfigError

@@ -28,8 +28,9 @@ def test_source_and_target_label_sets_differ():
 def test_shapes_cover_what_their_level_says():
     """A filled circle of radius r covers about pi r^2 pixels; an outline far fewer."""
     generator = torch.Generator().manual_seed(0)
-    filled = demo.render(torch.zeros(1, dtype=torch.long), outline=False, grating=None, palette="cool",
-                         size=64, generator=generator)
+    filled = demo.render(
+        torch.zeros(1, dtype=torch.long), outline=False, grating=None, palette="cool", size=64, generator=generator
+    )
     assert filled.shape == (1, 3, 64, 64)
     coords = torch.arange(8, dtype=torch.float32)
     level = demo._shape_level("circle", coords.view(1, -1) / 4 - 1, coords.view(-1, 1) / 4 - 1)
@@ -56,8 +57,14 @@ def check_demo_table(frame):
 def _train(tmp_path, *arguments) -> subprocess.CompletedProcess:
     """`safetransfer-train *arguments` in tmp_path, with a cache of its own there."""
     env = {**os.environ, "SAFETRANSFER_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-m", "safetransfer.train", *arguments],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "safetransfer.train", *arguments],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -74,11 +81,20 @@ def test_a_strong_pull_hurts_and_dtnh_removes_little_of_it(tmp_path):
     from scipy import stats
 
     _train(tmp_path, "-m", "experiment=demo", "method=fine_tuning", "runtime.eval_every=0")
-    _train(tmp_path, "-m", "experiment=demo", "method=l2sp,dtnh_l2sp", "++regularizer.terms.l2sp.alpha=10",
-           "runtime.eval_every=0", "runtime.log_every=10")
+    _train(
+        tmp_path,
+        "-m",
+        "experiment=demo",
+        "method=l2sp,dtnh_l2sp",
+        "++regularizer.terms.l2sp.alpha=10",
+        "runtime.eval_every=0",
+        "runtime.log_every=10",
+    )
     frame = pd.read_csv(tmp_path / "results" / "demo.csv").set_index("method")
-    seeds = {m: dict(zip(str(frame.loc[m, "seeds"]).split(";"), map(float, str(frame.loc[m, "accuracies"]).split(";"))))
-             for m in frame.index}
+    seeds = {
+        m: dict(zip(str(frame.loc[m, "seeds"]).split(";"), map(float, str(frame.loc[m, "accuracies"]).split(";"))))
+        for m in frame.index
+    }
     gap = [seeds["L2-SP"][s] - seeds["Fine-tuning"][s] for s in seeds["Fine-tuning"]]
     assert len(gap) == 5
     assert stats.ttest_1samp(gap, 0.0).confidence_interval(0.95).high < -5, gap

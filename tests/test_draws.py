@@ -3,13 +3,12 @@ the number of loader workers."""
 
 import torch
 
+from conftest import TINY
 from safetransfer.build import build_seed
 from safetransfer.engine import Batches
 from safetransfer.experiment import run_seed
 from safetransfer.preparation import prepare_data
 from safetransfer.targets.demo import DemoTarget
-
-from conftest import TINY
 
 
 def _data(cfg):
@@ -39,8 +38,14 @@ def test_workers_0_and_2_give_the_same_batches_and_augmentations(compose_cfg):
 def test_workers_0_and_2_give_the_same_weights_after_a_few_steps(compose_cfg, tmp_path):
     states = []
     for workers in (0, 2):
-        cfg = compose_cfg(*TINY, f"runtime.num_workers={workers}", "train.iterations=4", "runtime.log_every=0",
-                          "runtime.diagnostics_every=0", "runtime.spectrum_batches=0")
+        cfg = compose_cfg(
+            *TINY,
+            f"runtime.num_workers={workers}",
+            "train.iterations=4",
+            "runtime.log_every=0",
+            "runtime.diagnostics_every=0",
+            "runtime.spectrum_batches=0",
+        )
         metrics = run_seed(cfg, 0, _data(cfg), None, tmp_path / f"workers{workers}")
         states.append(metrics["test_loss"])
     assert states[0] == states[1]

@@ -9,17 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY
 from safetransfer.backbones import TransferNet
+from safetransfer.build import create_optimizer
 from safetransfer.directions import Sum
 from safetransfer.engine import training_step
-from safetransfer.build import create_optimizer
 from safetransfer.experiment import run_seed
 from safetransfer.preparation import prepare_data
 from safetransfer.regularizers import Omega
 from safetransfer.regularizers.l2 import L2
 from safetransfer.targets.demo import DemoTarget
-
-from conftest import TINY
 
 
 def test_sum_step_with_l2_equals_sgd_with_weight_decay():
@@ -124,8 +123,10 @@ def test_dtnh_step_matches_a_manual_algorithm_1(regularizer):
     images = torch.randn(5, 3, 32, 32, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 3, 0])
     feature_term = regularizer == "knowdist"
-    terms = {"main": KnowDist(alpha=50.0, layers=["layer3", "layer4"]) if feature_term else L2SP(alpha=3.0),
-             "head": HeadL2(beta=0.2)}
+    terms = {
+        "main": KnowDist(alpha=50.0, layers=["layer3", "layer4"]) if feature_term else L2SP(alpha=3.0),
+        "head": HeadL2(beta=0.2),
+    }
     omega = Omega(terms)
     omega.bind(model, BindContext())
     reference = copy.deepcopy(model)
@@ -148,15 +149,20 @@ def test_dtnh_step_matches_a_manual_algorithm_1(regularizer):
     g_J = torch.autograd.grad(J, ref_params, retain_graph=True)
     if feature_term:
         omega_value = terms["main"].value(reference, features)
-        g_Omega = [g if g is not None else torch.zeros_like(p)
-                   for g, p in zip(torch.autograd.grad(omega_value, ref_params, allow_unused=True), ref_params)]
+        g_Omega = [
+            g if g is not None else torch.zeros_like(p)
+            for g, p in zip(torch.autograd.grad(omega_value, ref_params, allow_unused=True), ref_params)
+        ]
     else:
         backbone_ids = {id(p) for p in reference.backbone.parameters()}
         anchors = iter(source_params)
-        g_Omega = [3.0 * (p.detach() - next(anchors)) if id(p) in backbone_ids else torch.zeros_like(p)
-                   for p in ref_params]
-    g_Omega = [g + (0.2 * p.detach() if n.startswith("head.") else 0)
-               for g, (n, p) in zip(g_Omega, reference.named_parameters())]
+        g_Omega = [
+            3.0 * (p.detach() - next(anchors)) if id(p) in backbone_ids else torch.zeros_like(p) for p in ref_params
+        ]
+    g_Omega = [
+        g + (0.2 * p.detach() if n.startswith("head.") else 0)
+        for g, (n, p) in zip(g_Omega, reference.named_parameters())
+    ]
     d = _manual_dtnh(g_J, g_Omega)
     assert float(flat_settings(g_J) @ flat_settings(g_Omega)) < 0, "the case must exercise the projection"
     expected = flat_settings([p.detach() for p in ref_params]) - 0.1 * d
@@ -178,7 +184,7 @@ def test_angles_are_the_angles_between_the_vectors():
     angles = {k: float(v) for k, v in angle_diagnostics(g_J, g_Omega, d).items()}
     assert angles["angle_d_J"] == pytest.approx(45.0)
     assert angles["angle_d_Omega"] == pytest.approx(90.0)
-    assert angles["angle_sum_J"] == pytest.approx(90.0)   # g_J + g_Omega = (0, 1)
+    assert angles["angle_sum_J"] == pytest.approx(90.0)  # g_J + g_Omega = (0, 1)
     assert angles["angle_sum_Omega"] == pytest.approx(45.0)
     assert angles["angle_J_Omega"] == pytest.approx(135.0)
     assert angles["conflict"] == 1.0
@@ -189,8 +195,8 @@ def test_small_angles_match_a_float64_reference(degrees):
     """float32 gradients at 0.01-0.5 degrees apart: the angles agree with NumPy in float64
     (arctan2 of the components along and across) to 2e-5 degrees (float32 arccos was off by
     up to 0.02), and Angle 1 equals Angle 3 when nothing conflicts."""
-    from safetransfer.engine import angle_diagnostics
     from safetransfer.directions import DTNH
+    from safetransfer.engine import angle_diagnostics
 
     rng = np.random.default_rng(int(degrees * 1000))
     shapes = [(64, 3, 3, 3), (1000,), (10, 64)]
@@ -208,7 +214,7 @@ def test_small_angles_match_a_float64_reference(degrees):
         parts, start = [], 0
         for shape in shapes:
             size = int(np.prod(shape))
-            parts.append(torch.tensor(v[start:start + size], dtype=torch.float32).reshape(shape))
+            parts.append(torch.tensor(v[start : start + size], dtype=torch.float32).reshape(shape))
             start += size
         return parts
 
@@ -236,15 +242,17 @@ def test_small_angles_match_a_float64_reference(degrees):
 
 
 def test_sum_direction_logs_equal_angles_1_and_3(compose_cfg, tmp_path):
-    cfg = compose_cfg(*TINY, "train.iterations=3", "runtime.log_every=1", "runtime.diagnostics_every=1",
-                      "regularizer=l2sp_bss")
+    cfg = compose_cfg(
+        *TINY, "train.iterations=3", "runtime.log_every=1", "runtime.diagnostics_every=1", "regularizer=l2sp_bss"
+    )
     _run(cfg, 0, tmp_path)
     rows = _log(tmp_path, 0)
     assert len(rows) == 3
     for row in rows:
         assert float(row["angle_d_J"]) == pytest.approx(float(row["angle_sum_J"]), abs=1e-3)
         assert float(row["loss_Omega"]) == pytest.approx(
-            float(row["Omega_head"]) + float(row["Omega_l2sp"]) + float(row["Omega_bss"]), rel=1e-5)
+            float(row["Omega_head"]) + float(row["Omega_l2sp"]) + float(row["Omega_bss"]), rel=1e-5
+        )
         assert 0 <= float(row["bss_sigma_min"]) <= float(row["bss_sigma_max"])
 
 
@@ -268,16 +276,23 @@ def test_concurrent_seeds_give_each_seed_the_result_it_gets_alone(compose_cfg, t
     for seed in (0, 1):
         a, b = (json.loads((tmp_path / d / f"seed_{seed}" / "metrics.json").read_text()) for d in ("alone", "together"))
         assert (a["top1"], a["test_loss"]) == (b["top1"], b["test_loss"])
-        assert _log(tmp_path / "alone", seed) != [] and \
-            [r["loss_J"] for r in _log(tmp_path / "alone", seed)] == [r["loss_J"] for r in _log(tmp_path / "together", seed)]
+        assert _log(tmp_path / "alone", seed) != [] and [r["loss_J"] for r in _log(tmp_path / "alone", seed)] == [
+            r["loss_J"] for r in _log(tmp_path / "together", seed)
+        ]
     assert alone["accuracies"] == together["accuracies"] and together["seeds"] == "0;1"
 
 
 @pytest.mark.slow
 def test_compiled_network_trains_and_keeps_its_checkpoint_keys(compose_cfg, tmp_path):
     """runtime.compile=true: torch.compile in place; checkpoints keep the eager state_dict keys (resume works)."""
-    cfg = compose_cfg(*TINY, "train.iterations=3", "optim.scheduler.milestones=[2]", "runtime.compile=true",
-                      "runtime.checkpoint_every=1", "runtime.keep_checkpoints=true")
+    cfg = compose_cfg(
+        *TINY,
+        "train.iterations=3",
+        "optim.scheduler.milestones=[2]",
+        "runtime.compile=true",
+        "runtime.checkpoint_every=1",
+        "runtime.keep_checkpoints=true",
+    )
     metrics = _run(cfg, 0, tmp_path)
     assert 0 <= metrics["top1"] <= 100 and torch.isfinite(torch.tensor(metrics["test_loss"]))
     state = torch.load(tmp_path / "seed_0" / "checkpoint.pt", weights_only=True)
@@ -288,8 +303,14 @@ def test_compiled_network_trains_and_keeps_its_checkpoint_keys(compose_cfg, tmp_
 def test_eval_every_writes_the_split_columns_on_the_right_rows(compose_cfg, tmp_path, val_fraction, split):
     import numpy as np
 
-    cfg = compose_cfg(*TINY, "train.iterations=6", "runtime.log_every=1", "runtime.eval_every=2",
-                      "optim.scheduler.milestones=[5]", "train.batch_size=4")
+    cfg = compose_cfg(
+        *TINY,
+        "train.iterations=6",
+        "runtime.log_every=1",
+        "runtime.eval_every=2",
+        "optim.scheduler.milestones=[5]",
+        "train.batch_size=4",
+    )
     metrics = _run(cfg, 0, tmp_path, val_fraction)
     rows = _log(tmp_path, 0)
     evaluated = [int(r["iteration"]) for r in rows if r[f"{split}_acc"] != ""]
@@ -301,8 +322,14 @@ def test_eval_every_writes_the_split_columns_on_the_right_rows(compose_cfg, tmp_
     else:
         assert float(last["val_acc"]) == pytest.approx(metrics["val_top1"])
     # the evaluation does not disturb training: the loss curve is the one of a run without it
-    plain = _run(compose_cfg(*TINY, "train.iterations=6", "runtime.log_every=1", "optim.scheduler.milestones=[5]",
-                             "train.batch_size=4"), 0, tmp_path / "plain", val_fraction)
+    plain = _run(
+        compose_cfg(
+            *TINY, "train.iterations=6", "runtime.log_every=1", "optim.scheduler.milestones=[5]", "train.batch_size=4"
+        ),
+        0,
+        tmp_path / "plain",
+        val_fraction,
+    )
     assert [r["loss_J"] for r in _log(tmp_path / "plain", 0)] == [r["loss_J"] for r in rows]
     assert plain["top1"] == metrics["top1"]
     spectrum = json.loads((tmp_path / "seed_0" / "spectrum.json").read_text())
@@ -327,7 +354,7 @@ def test_the_pace_is_measured_after_the_first_steps_and_projects_the_job(compose
         report(6.0, 7995)
     text = caplog.text
     assert "a seed takes about 13 h 20 min (8000 iterations)" in text  # 6 x 8000 s
-    assert "this job about 2 d 18 h more (5 seeds to go)" in text      # 6 x 7995 + 4 x 48000 s = 66.6 h
+    assert "this job about 2 d 18 h more (5 seeds to go)" in text  # 6 x 7995 + 4 x 48000 s = 66.6 h
     assert "To shorten it: train.iterations=" in text
     assert experiment.duration_text(59) == "59 s" and experiment.duration_text(600) == "10 min"
 
@@ -338,8 +365,13 @@ def test_save_weights_keeps_the_fine_tuned_network_that_was_scored(compose_cfg, 
     from safetransfer.backbones import TransferNet
     from safetransfer.engine import evaluate
 
-    cfg = compose_cfg(*TINY, "runtime.save_weights=true", "runtime.log_every=0", "runtime.diagnostics_every=0",
-                      "runtime.spectrum_batches=0")
+    cfg = compose_cfg(
+        *TINY,
+        "runtime.save_weights=true",
+        "runtime.log_every=0",
+        "runtime.diagnostics_every=0",
+        "runtime.spectrum_batches=0",
+    )
     target = DemoTarget(train_images_per_class=10, test_images_per_class=4, sampling_rate=50)
     data = prepare_data(cfg, target)
     metrics = run_seed(cfg, 0, data, None, tmp_path)

@@ -77,10 +77,15 @@ def site(tmp_path, monkeypatch):
     files = {}
     # torchvision's ResNet-18 V1 weights and CSAIL's Places365 ResNet-18; an HTML page in place of the ResNet-50
     weights = published.torchvision_v1_checkpoint(build / "resnet18-f37072fd.pth", "resnet18")
-    files["imagenet"] = publish(root, torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, build / "resnet18-f37072fd.pth")
+    files["imagenet"] = publish(
+        root, torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, build / "resnet18-f37072fd.pth"
+    )
     published.csail_places365_checkpoint(build / "resnet18_places365.pth.tar", "resnet18")
-    files["places365"] = publish(root, "http://places2.csail.mit.edu/models_places365/resnet18_places365.pth.tar",
-                                 build / "resnet18_places365.pth.tar")
+    files["places365"] = publish(
+        root,
+        "http://places2.csail.mit.edu/models_places365/resnet18_places365.pth.tar",
+        build / "resnet18_places365.pth.tar",
+    )
     publish(root, "http://places2.csail.mit.edu/models_places365/resnet50_places365.pth.tar", HTML)
     # CUB_200_2011.tgz holds CUB_200_2011/ and, beside it, attributes.txt (a stray file of the release)
     fixtures.make_cub200(build, classes=3, train_per_class=5, test_per_class=2)
@@ -105,8 +110,11 @@ def site(tmp_path, monkeypatch):
     # Stanford Dogs' images.tar with the published md5 pinned: the fixture cannot match it
     fixtures.make_stanford_dogs(build, classes=3)
     publish(root, stanford_dogs.IMAGES_URL, tar(build / "images.tar", build / "stanford_dogs", ["Images"], gzip=False))
-    publish(root, stanford_dogs.LISTS_URL, tar(build / "lists.tar", build / "stanford_dogs",
-                                                ["train_list.mat", "test_list.mat"], gzip=False))
+    publish(
+        root,
+        stanford_dogs.LISTS_URL,
+        tar(build / "lists.tar", build / "stanford_dogs", ["train_list.mat", "test_list.mat"], gzip=False),
+    )
     # MIT Indoor 67's image archive cut short (its pin dropped, so that extraction meets the damage)
     fixtures.make_mit_indoor67(build, classes=3)
     whole = tar(build / "indoorCVPR_09.tar", build / "mit_indoor67", ["Images"], gzip=False).read_bytes()
@@ -143,8 +151,13 @@ def status_of(out: str, artifact: str) -> str:
 def test_fetch_downloads_verifies_extracts_then_a_job_trains_on_it(site, places, capsys, train_in_process):
     server, files, weights = site
     common = [f"paths.mirror={server.url}", f"paths.cache_dir={places['cache']}", f"target.root={places['data']}"]
-    cub = ["target=cub200", "target.expected_classes=3", "target.expected_split=[15,6]", "target.sample_list=bss",
-           "target.sampling_rate=15"]
+    cub = [
+        "target=cub200",
+        "target.expected_classes=3",
+        "target.expected_split=[15,6]",
+        "target.sample_list=bss",
+        "target.sampling_rate=15",
+    ]
     imagenet = ["source=imagenet", f"source.sha256={file_digest(files['imagenet'])}"]
     code, out = fetch(capsys, *imagenet, *cub, *common)
     assert code == 0, out
@@ -159,13 +172,23 @@ def test_fetch_downloads_verifies_extracts_then_a_job_trains_on_it(site, places,
     served = len(server.requests)
     code, out = fetch(capsys, *imagenet, *cub, *common)
     assert code == 0 and len(server.requests) == served
-    assert all(status_of(out, a).startswith("present and verified") for a in ("source=imagenet backbone=resnet18",
-                                                                               "target=cub200"))
+    assert all(
+        status_of(out, a).startswith("present and verified")
+        for a in ("source=imagenet backbone=resnet18", "target=cub200")
+    )
     # a tiny job on what was fetched, with the mirror unreachable: it reads the fetched files only
     server.close()
     tiny = [o for o in TINY if not o.startswith("target.") and o not in TINY_DEMO_SOURCE]
-    code, _, err = train_in_process(*tiny, *imagenet, *cub, *common, "train.batch_size=4", "results.dir=res",
-                                    "runtime.diagnostics_every=0", "hydra.run.dir=run")
+    code, _, err = train_in_process(
+        *tiny,
+        *imagenet,
+        *cub,
+        *common,
+        "train.batch_size=4",
+        "results.dir=res",
+        "runtime.diagnostics_every=0",
+        "hydra.run.dir=run",
+    )
     assert code == 0, err[-3000:]
     assert len((Path.cwd() / "run" / "sampled_train_indices.json").read_text()) > 0
 
@@ -192,8 +215,14 @@ def test_fetch_reports_html_pages_wrong_checksums_and_truncated_archives(site, p
 
 def test_reproduce_fetch_prepares_a_table_and_plan_then_says_it_is_ready(site, places, capsys):
     server, files, _ = site
-    cell = ["target=flowers102", "method=fine_tuning", "target.expected_split=[102,102]",
-            f"paths.mirror={server.url}", f"paths.cache_dir={places['cache']}", f"target.root={places['data']}"]
+    cell = [
+        "target=flowers102",
+        "method=fine_tuning",
+        "target.expected_split=[102,102]",
+        f"paths.mirror={server.url}",
+        f"paths.cache_dir={places['cache']}",
+        f"target.root={places['data']}",
+    ]
     places365 = f"source.sha256.resnet18={file_digest(files['places365'])}"
     reproduce.main(["dtnh_table3", "--plan", *cell, places365])
     assert "data: NOT ready (0 of 2" in capsys.readouterr().out
@@ -209,8 +238,14 @@ def test_reproduce_fetch_prepares_a_table_and_plan_then_says_it_is_ready(site, p
 def test_a_source_made_by_pretraining_is_named_with_its_command_and_its_inputs_fetched(site, places, capsys):
     server, _, _ = site
     common = [f"paths.mirror={server.url}", f"paths.cache_dir={places['cache']}", f"target.root={places['data']}"]
-    code, out = fetch(capsys, "source=stanford_dogs", "target=cub200", "target.expected_classes=3",
-                      "target.expected_split=[15,6]", *common)
+    code, out = fetch(
+        capsys,
+        "source=stanford_dogs",
+        "target=cub200",
+        "target.expected_classes=3",
+        "target.expected_split=[15,6]",
+        *common,
+    )
     assert code == 1
     made = status_of(out, "source=stanford_dogs backbone=resnet18")
     assert made.startswith("cannot be downloaded") and "safetransfer-train experiment=pretrain_source" in made

@@ -20,10 +20,12 @@ def test_device_augment_on_cuda_crops_mirrors_and_normalises_each_sample():
     out = DeviceAugment(6, mean, std, seed=3, device=device)(images)
     top, left, flip = DeviceAugment(6, mean, std, seed=3, device=device).offsets(5, 10, 12)
     for b in range(5):
-        expected = images[b, :, top[b]:top[b] + 6, left[b]:left[b] + 6].float() / 255
+        expected = images[b, :, top[b] : top[b] + 6, left[b] : left[b] + 6].float() / 255
         if flip[b]:
             expected = expected.flip(-1)
-        expected = (expected - torch.tensor(mean, device=device).view(3, 1, 1)) / torch.tensor(std, device=device).view(3, 1, 1)
+        expected = (expected - torch.tensor(mean, device=device).view(3, 1, 1)) / torch.tensor(std, device=device).view(
+            3, 1, 1
+        )
         torch.testing.assert_close(out[b], expected)
 
 
@@ -35,17 +37,19 @@ def test_device_random_resized_crop_and_ten_crops_on_cuda():
     device, cpu = torch.device("cuda"), torch.device("cpu")
     images = torch.randint(0, 256, (6, 3, 20, 24), dtype=torch.uint8)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.25]
-    make = lambda: DeviceAugment(12, mean, std, seed=5, device=device, train_crop="random_resized_crop")  # noqa: E731
+    make = lambda: DeviceAugment(12, mean, std, seed=5, device=device, train_crop="random_resized_crop")
     out = make()(images.to(device)).cpu()
     top, left, h, w, flip = (t.cpu() for t in make().boxes(6, 20, 24))
     for b in range(6):
-        window = images[b:b + 1, :, top[b]:top[b] + h[b], left[b]:left[b] + w[b]].float()
+        window = images[b : b + 1, :, top[b] : top[b] + h[b], left[b] : left[b] + w[b]].float()
         expected = torch.nn.functional.interpolate(window, size=(12, 12), mode="bilinear", align_corners=False)[0]
         expected = (expected.flip(-1) if flip[b] else expected) / 255
         expected = (expected - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
         torch.testing.assert_close(out[b], expected, atol=1e-4, rtol=0)
-    views = [DeviceAugment(6, mean, std, seed=0, device=d, train=False, test_crops=10)(images.to(d)).cpu()
-             for d in (device, cpu)]
+    views = [
+        DeviceAugment(6, mean, std, seed=0, device=d, train=False, test_crops=10)(images.to(d)).cpu()
+        for d in (device, cpu)
+    ]
     torch.testing.assert_close(views[0], views[1])
 
 
@@ -53,10 +57,23 @@ def test_device_random_resized_crop_and_ten_crops_on_cuda():
 def test_a_job_on_cuda_trains_from_the_cache_with_augmentation_on_the_device(cli, tmp_path, precision):
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=6, test_per_class=2)
     shrink = [o for o in TINY if not o.startswith(("target.", "runtime.device"))]
-    result = cli(*shrink, "runtime.device=cuda", f"train.precision={precision}", "source=scratch", "target=cub200",
-                 f"target.root={tmp_path / 'data'}", "target.expected_classes=3", "target.expected_split=[18,6]",
-                 "train.batch_size=4", "regularizer=l2sp_bss", "direction=dtnh", "runtime.checkpoint_every=1",
-                 f"paths.cache_dir={tmp_path / 'cache'}", "results.dir=res", "hydra.run.dir=run")
+    result = cli(
+        *shrink,
+        "runtime.device=cuda",
+        f"train.precision={precision}",
+        "source=scratch",
+        "target=cub200",
+        f"target.root={tmp_path / 'data'}",
+        "target.expected_classes=3",
+        "target.expected_split=[18,6]",
+        "train.batch_size=4",
+        "regularizer=l2sp_bss",
+        "direction=dtnh",
+        "runtime.checkpoint_every=1",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "results.dir=res",
+        "hydra.run.dir=run",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "seed_0" / "metrics.json").read_text())
     assert metrics["device"].startswith("cuda") and metrics["precision"] == precision
@@ -80,13 +97,14 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def one_step(cfg, device: torch.device, precision: str = "fp32", compile: bool = False,
-             dtype: torch.dtype = torch.float32):
+def one_step(
+    cfg, device: torch.device, precision: str = "fp32", compile: bool = False, dtype: torch.dtype = torch.float32
+):
     """One DTNH step of a ResNet-18 on a fixed batch of 32 px images, from fixed weights: the
     change of each weight, J, each term's value and the angles between d, g_J and g_Omega."""
     from safetransfer.backbones import TransferNet
-    from safetransfer.engine import autocast, training_step
     from safetransfer.build import compile_network, create_direction, create_omega, create_optimizer
+    from safetransfer.engine import autocast, training_step
     from safetransfer.regularizers import BindContext
     from safetransfer.targets import TensorImages
 
@@ -108,10 +126,24 @@ def one_step(cfg, device: torch.device, precision: str = "fp32", compile: bool =
     optimizer, _ = create_optimizer(cfg, model)
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    result = training_step(model, images.to(device), labels.to(device), omega, create_direction(cfg), optimizer,
-                           params, autocast(device, precision), record=True, angles=True)
-    return ([(p.detach() - b).double().cpu() for p, b in zip(params, before)], float(result.loss_J),
-            {k: float(v) for k, v in result.omega.items()}, {k: float(v) for k, v in result.angles.items()})
+    result = training_step(
+        model,
+        images.to(device),
+        labels.to(device),
+        omega,
+        create_direction(cfg),
+        optimizer,
+        params,
+        autocast(device, precision),
+        record=True,
+        angles=True,
+    )
+    return (
+        [(p.detach() - b).double().cpu() for p, b in zip(params, before)],
+        float(result.loss_J),
+        {k: float(v) for k, v in result.omega.items()},
+        {k: float(v) for k, v in result.angles.items()},
+    )
 
 
 SMALL_DELTA = ["regularizer.terms.delta.ablation_images=4", "regularizer.terms.delta.head_iterations=5"]
@@ -140,9 +172,11 @@ def test_a_dtnh_step_on_cuda_computes_what_the_cpu_computes(compose_cfg, no_tf32
     for name, angle in exact[3].items():
         assert cuda64[3][name] == pytest.approx(angle, abs=1e-6), name
     cpu, cuda = one_step(cfg, torch.device("cpu")), one_step(cfg, torch.device("cuda"))
-    print(f"{regularizer}: relative error of the float32 step against float64: CPU {relative_error(cpu, exact):.2e}, "
-          f"CUDA {relative_error(cuda, exact):.2e}")
-    assert relative_error(cuda, exact) < 5e-2   # measured on an H100: 0.4 to 1.2 %; the CPU's: 0.001 %
+    print(
+        f"{regularizer}: relative error of the float32 step against float64: CPU {relative_error(cpu, exact):.2e}, "
+        f"CUDA {relative_error(cuda, exact):.2e}"
+    )
+    assert relative_error(cuda, exact) < 5e-2  # measured on an H100: 0.4 to 1.2 %; the CPU's: 0.001 %
     assert cuda[1] == pytest.approx(exact[1], rel=1e-4)
     assert cuda[2] == pytest.approx(exact[2], rel=1e-3, abs=1e-6)
 
@@ -154,10 +188,12 @@ def test_a_bf16_step_stays_close_to_fp32(compose_cfg, regularizer):
     fp32, bf16 = one_step(cfg, torch.device("cuda")), one_step(cfg, torch.device("cuda"), "bf16")
     a, b = torch.cat([u.flatten() for u in fp32[0]]), torch.cat([u.flatten() for u in bf16[0]])
     cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-    print(f"{regularizer}: bf16 against fp32: J {bf16[1]:.5f} / {fp32[1]:.5f}, cosine of the steps {cosine:.4f}, "
-          f"norms {float(b.norm() / a.norm()):.4f}; relative error against float64: bf16 "
-          f"{relative_error(bf16, exact):.2e}, fp32 {relative_error(fp32, exact):.2e}")
-    assert bf16[1] == pytest.approx(fp32[1], rel=0.02)   # bf16 keeps 8 bits of mantissa: about 0.4 % per product
+    print(
+        f"{regularizer}: bf16 against fp32: J {bf16[1]:.5f} / {fp32[1]:.5f}, cosine of the steps {cosine:.4f}, "
+        f"norms {float(b.norm() / a.norm()):.4f}; relative error against float64: bf16 "
+        f"{relative_error(bf16, exact):.2e}, fp32 {relative_error(fp32, exact):.2e}"
+    )
+    assert bf16[1] == pytest.approx(fp32[1], rel=0.02)  # bf16 keeps 8 bits of mantissa: about 0.4 % per product
     assert bf16[2] == pytest.approx(fp32[2], rel=0.05, abs=1e-5)
     assert torch.isfinite(b).all()
     assert cosine > 0.8 and float(b.norm() / a.norm()) == pytest.approx(1.0, abs=0.2)
@@ -166,10 +202,23 @@ def test_a_bf16_step_stays_close_to_fp32(compose_cfg, regularizer):
 def test_concurrent_seeds_share_the_gpu_and_each_writes_its_metrics(cli, tmp_path):
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=6, test_per_class=2)
     shrink = [o for o in TINY if not o.startswith(("target.", "runtime.device", "seeds"))]
-    result = cli(*shrink, "runtime.device=cuda", "seeds=[0,1,2]", "runtime.concurrent_seeds=true", "source=scratch",
-                 "target=cub200", f"target.root={tmp_path / 'data'}", "target.expected_classes=3",
-                 "target.expected_split=[18,6]", "train.batch_size=4", "regularizer=l2sp", "direction=dtnh",
-                 f"paths.cache_dir={tmp_path / 'cache'}", "results.dir=res", "hydra.run.dir=run")
+    result = cli(
+        *shrink,
+        "runtime.device=cuda",
+        "seeds=[0,1,2]",
+        "runtime.concurrent_seeds=true",
+        "source=scratch",
+        "target=cub200",
+        f"target.root={tmp_path / 'data'}",
+        "target.expected_classes=3",
+        "target.expected_split=[18,6]",
+        "train.batch_size=4",
+        "regularizer=l2sp",
+        "direction=dtnh",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "results.dir=res",
+        "hydra.run.dir=run",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for seed in (0, 1, 2):
         metrics = json.loads((tmp_path / "run" / f"seed_{seed}" / "metrics.json").read_text())
@@ -189,8 +238,10 @@ def test_a_compiled_network_takes_the_same_dtnh_step(compose_cfg, no_tf32, regul
     cfg = compose_cfg(f"regularizer={regularizer}", "direction=dtnh")
     exact = one_step(cfg, torch.device("cpu"), dtype=torch.float64)
     eager, compiled = one_step(cfg, torch.device("cuda")), one_step(cfg, torch.device("cuda"), compile=True)
-    print(f"{regularizer}: relative error against float64: eager {relative_error(eager, exact):.2e}, "
-          f"compiled {relative_error(compiled, exact):.2e}")
+    print(
+        f"{regularizer}: relative error against float64: eager {relative_error(eager, exact):.2e}, "
+        f"compiled {relative_error(compiled, exact):.2e}"
+    )
     assert relative_error(compiled, exact) <= max(3 * relative_error(eager, exact), 1e-5)
     assert compiled[1] == pytest.approx(eager[1], rel=1e-4)
 
@@ -217,8 +268,16 @@ def test_a_dtnh_step_never_waits_for_the_gpu(compose_cfg, regularizer):
     params = [p for p in model.parameters() if p.requires_grad]
     images, labels = images.to(device), labels.to(device)
     direction = create_direction(cfg)
-    step = lambda: training_step(model, images, labels, omega, direction, optimizer, params,  # noqa: E731
-                                 check_finite=False)
+    step = lambda: training_step(
+        model,
+        images,
+        labels,
+        omega,
+        direction,
+        optimizer,
+        params,
+        check_finite=False,
+    )
     step()  # the first step allocates (cuDNN's plans, the optimizer's momentum)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _show_demo_config(cwd: Path, env: dict) -> str:
-    result = subprocess.run([sys.executable, "-m", "safetransfer.train", "experiment=demo", "--cfg", "job"],
-                            cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "safetransfer.train", "experiment=demo", "--cfg", "job"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -41,8 +47,23 @@ def test_regular_install_ships_the_conf_tree(tmp_path):
         shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
     site = tmp_path / "site"
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(site), str(source)], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stderr
     shipped = {p.relative_to(site / "safetransfer" / "conf") for p in (site / "safetransfer" / "conf").rglob("*.yaml")}
     assert shipped == {p.relative_to(ROOT / "conf") for p in (ROOT / "conf").rglob("*.yaml")}
@@ -52,8 +73,13 @@ def test_regular_install_ships_the_conf_tree(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
-    where = subprocess.run([sys.executable, "-c", "import safetransfer; print(safetransfer.__file__)"],
-                           cwd=elsewhere, env=env, capture_output=True, text=True)
+    where = subprocess.run(
+        [sys.executable, "-c", "import safetransfer; print(safetransfer.__file__)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert Path(where.stdout.strip()).resolve().is_relative_to(site.resolve())
     shown = _show_demo_config(elsewhere, env)
     assert "sampling_rate: 30" in shown and "name: demo" in shown

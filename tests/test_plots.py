@@ -20,16 +20,22 @@ def write_seed(directory, cfg, seed, iterations=(10, 20, 30), angles=True, spect
     for i in iterations:
         row = {"iteration": i, "loss_J": 2.0 / i + 0.1 * seed, "test_loss": 2.5 / i + 0.05 * seed}
         if angles:
-            row.update(angle_d_J=30 + seed, angle_d_Omega=80 - seed, angle_sum_J=40 + i / 10, angle_sum_Omega=95.0,
-                       angle_J_Omega=95 + 2 * seed + i / 10)
+            row.update(
+                angle_d_J=30 + seed,
+                angle_d_Omega=80 - seed,
+                angle_sum_J=40 + i / 10,
+                angle_sum_Omega=95.0,
+                angle_J_Omega=95 + 2 * seed + i / 10,
+            )
         rows.append(row)
     import pandas as pd
 
     pd.DataFrame(rows).to_csv(seed_dir / "log.csv", index=False)
     spectra = [sorted(RNG.uniform(0, 10, spectrum_size).tolist(), reverse=True) for _ in range(2)]
     (seed_dir / "spectrum.json").write_text(json.dumps({"singular_values": spectra, "batch_size": spectrum_size}))
-    (seed_dir / "metrics.json").write_text(json.dumps({"seed": seed, "top1": 70.0 + seed, "config":
-                                                       OmegaConf.to_container(cfg, resolve=True)}))
+    (seed_dir / "metrics.json").write_text(
+        json.dumps({"seed": seed, "top1": 70.0 + seed, "config": OmegaConf.to_container(cfg, resolve=True)})
+    )
     return rows, spectra
 
 
@@ -58,8 +64,9 @@ def test_plot_command_draws_the_four_figures(compose_cfg, tmp_path, capsys):
     for seed in range(2):
         write_seed(tmp_path / "sweep" / "0", compose_cfg("regularizer=l2sp", "direction=dtnh"), seed)
         write_seed(tmp_path / "sweep" / "1", compose_cfg("regularizer=l2sp"), seed, angles=False)
-        write_seed(tmp_path / "sweep" / "2", compose_cfg("regularizer=l2sp", "target.sampling_rate=30"), seed,
-                   angles=False)
+        write_seed(
+            tmp_path / "sweep" / "2", compose_cfg("regularizer=l2sp", "target.sampling_rate=30"), seed, angles=False
+        )
     main([str(tmp_path / "sweep"), "--out", str(tmp_path / "figures")])
     printed = capsys.readouterr().out.split()
     for name in ("losses", "angles", "spectra", "table"):
@@ -110,8 +117,15 @@ def test_tensorboard_logger_writes_the_log_scalars(compose_cfg, tmp_path):
     from safetransfer.preparation import prepare_data
     from safetransfer.targets.demo import DemoTarget
 
-    cfg = compose_cfg(*TINY, "train.iterations=4", "optim.scheduler.milestones=[3]", "logger=tensorboard",
-                      "runtime.log_every=2", "runtime.diagnostics_every=2", "runtime.eval_every=2")
+    cfg = compose_cfg(
+        *TINY,
+        "train.iterations=4",
+        "optim.scheduler.milestones=[3]",
+        "logger=tensorboard",
+        "runtime.log_every=2",
+        "runtime.diagnostics_every=2",
+        "runtime.eval_every=2",
+    )
     target = DemoTarget(train_images_per_class=10, test_images_per_class=4, sampling_rate=50)
     run_seed(cfg, 0, prepare_data(cfg, target), None, tmp_path)
     events = EventAccumulator(str(tmp_path / "seed_0" / "tensorboard"))
@@ -163,7 +177,7 @@ def _figures(monkeypatch):
     """The figures the plot functions draw, captured as _save writes them (legend added, drawn)."""
     from safetransfer import plots
 
-    captured, save = {}, plots._save
+    captured = {}
 
     def keep(plt, figure, path):
         plots.legend_below(figure, figure.axes)
@@ -175,15 +189,17 @@ def _figures(monkeypatch):
     return captured
 
 
-def test_grid_settings_are_separate_curves_one_colour_per_method_legends_off_the_data(compose_cfg, tmp_path,
-                                                                                       monkeypatch, capsys):
+def test_grid_settings_are_separate_curves_one_colour_per_method_legends_off_the_data(
+    compose_cfg, tmp_path, monkeypatch, capsys
+):
     """Two alphas of L2-SP are two curves named by alpha (they were averaged into one "L2-SP"); a
     method has the same colour in every figure; no legend covers an axis; a run logged on one row
     only gets a line saying why its loss figure is missing."""
     figures = _figures(monkeypatch)
     for number, alpha in enumerate((0.01, 0.1)):
-        cfg = compose_cfg("source=demo", "regularizer=l2sp", f"regularizer.terms.l2sp.alpha={alpha}",
-                          "target.val_fraction=0.2")
+        cfg = compose_cfg(
+            "source=demo", "regularizer=l2sp", f"regularizer.terms.l2sp.alpha={alpha}", "target.val_fraction=0.2"
+        )
         for seed in range(2):
             write_seed(tmp_path / "sweep" / str(number), cfg, seed)
             metrics = tmp_path / "sweep" / str(number) / f"seed_{seed}" / "metrics.json"
@@ -209,7 +225,7 @@ def test_grid_settings_are_separate_curves_one_colour_per_method_legends_off_the
 
     np.testing.assert_allclose(line_colour("Fine-tuning:"), bar_colour("Fine-tuning"), atol=1e-2)
     l2sp, dark, light = bar_colour("L2-SP"), line_colour("L2-SP l2sp.alpha=0.01:"), line_colour("L2-SP l2sp.alpha=0.1:")
-    np.testing.assert_allclose(dark, l2sp * 0.55, atol=1e-2)                # darker, same hue
+    np.testing.assert_allclose(dark, l2sp * 0.55, atol=1e-2)  # darker, same hue
     np.testing.assert_allclose(light, l2sp + (1 - l2sp) * 0.45, atol=1e-2)  # lighter, same hue
     for name, figure in figures.items():
         assert figure.legends, name
@@ -221,6 +237,9 @@ def test_grid_settings_are_separate_curves_one_colour_per_method_legends_off_the
     capsys.readouterr()
     main([str(tmp_path / "short"), "--out", str(tmp_path / "short_figures")])
     printed = capsys.readouterr().out
-    assert "losses.png not drawn: every run logged fewer than two rows (runtime.log_every=100 over 60 iterations)" \
-        in printed and "runtime.log_every=6" in printed
+    assert (
+        "losses.png not drawn: every run logged fewer than two rows (runtime.log_every=100 over 60 iterations)"
+        in printed
+        and "runtime.log_every=6" in printed
+    )
     assert not (tmp_path / "short_figures" / "losses.png").exists()

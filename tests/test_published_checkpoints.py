@@ -57,7 +57,9 @@ def test_csail_places365_files_load_through_source_places365(torch_home, backbon
     written = published.csail_places365_checkpoint(path, backbone)
     raw = torch.load(path, weights_only=True, map_location="cpu")
     assert not zipfile.is_zipfile(path) and sorted(raw) == ["arch", "best_prec1", "epoch", "state_dict"]
-    assert all(k.startswith("module.") for k in raw["state_dict"]) and raw["state_dict"]["module.fc.bias"].shape == (365,)
+    assert all(k.startswith("module.") for k in raw["state_dict"]) and raw["state_dict"]["module.fc.bias"].shape == (
+        365,
+    )
     state = Places365Source(sha256={backbone: file_digest(path)}).backbone_state(backbone)
     assert_loads_as_torchvision_does(state, written, backbone)
     assert_loads_as_torchvision_does(FileSource(str(path)).backbone_state(backbone), written, backbone)
@@ -80,8 +82,10 @@ def test_only_batchnorm_counters_may_be_missing_and_the_hint_fits_the_source(tor
 
 def test_an_html_page_in_place_of_a_checkpoint_is_named_as_such(tmp_path):
     page = tmp_path / "resnet18_places365.pth.tar"
-    page.write_text("<!DOCTYPE HTML PUBLIC \"-//IETF//DTD HTML 2.0//EN\">\n<html><head><title>503 Service "
-                    "Unavailable</title></head><body></body></html>\n")
+    page.write_text(
+        '<!DOCTYPE HTML PUBLIC "-//IETF//DTD HTML 2.0//EN">\n<html><head><title>503 Service '
+        "Unavailable</title></head><body></body></html>\n"
+    )
     with pytest.raises(ConfigError, match="is an HTML page, not a checkpoint") as error:
         checkpoints.read(page)
     assert "convert" not in str(error.value)
@@ -96,10 +100,14 @@ def test_published_files_train_end_to_end(torch_home, tmp_path, train_in_process
     else:
         path = torch_home / published.IMAGENET_V1_FILES["resnet18"]
         published.torchvision_v1_checkpoint(path, "resnet18")
-        chosen = (["source=imagenet", f"source.sha256={file_digest(path)}"] if source == "imagenet"
-                  else ["source=file", f"source.path={path}"])
+        chosen = (
+            ["source=imagenet", f"source.sha256={file_digest(path)}"]
+            if source == "imagenet"
+            else ["source=file", f"source.path={path}"]
+        )
     tiny = [o for o in TINY if o not in TINY_DEMO_SOURCE]
-    code, out, err = train_in_process(*tiny, *chosen, "results.dir=res", "runtime.diagnostics_every=0",
-                                      "hydra.run.dir=run")
+    code, out, err = train_in_process(
+        *tiny, *chosen, "results.dir=res", "runtime.diagnostics_every=0", "hydra.run.dir=run"
+    )
     assert code == 0, err[-3000:]
     assert (tmp_path / "run" / "seed_0" / "metrics.json").is_file()

@@ -71,10 +71,11 @@ class TinyNet(nn.Module):
 
 # ---------------------------------------------------------------- weight-space terms
 
+
 def test_l2_value_and_gradient():
     model = TinyNet()
     alpha = 0.37
-    expected = alpha / 2 * sum(np.sum(p ** 2) for p in numpy_params(model.parameters()))
+    expected = alpha / 2 * sum(np.sum(p**2) for p in numpy_params(model.parameters()))
     term = L2(alpha)
     assert float(term.value(model, None).detach()) == pytest.approx(expected, rel=1e-12)
     params = list(model.parameters())
@@ -99,8 +100,11 @@ def test_l2sp_value_and_gradient(bn_affine):
             p.add_(torch.randn_like(p) * 0.1)
     now = numpy_params(model.backbone.parameters())
     names = [n for n, _ in model.backbone.named_parameters()]
-    expected = 0.3 / 2 * sum(np.sum((a - b) ** 2) for n, a, b in zip(names, now, start)
-                             if bn_affine or not n.startswith("bn1"))
+    expected = (
+        0.3
+        / 2
+        * sum(np.sum((a - b) ** 2) for n, a, b in zip(names, now, start) if bn_affine or not n.startswith("bn1"))
+    )
     assert float(term.value(model, None).detach()) == pytest.approx(expected, rel=1e-12)
 
     params = list(model.parameters())
@@ -124,7 +128,7 @@ def test_head_l2_value_and_gradient():
     model = TinyNet()
     term = HeadL2(beta=0.2)
     term.bind(model, BindContext())
-    expected = 0.1 * sum(np.sum(p ** 2) for p in numpy_params(model.head.parameters()))
+    expected = 0.1 * sum(np.sum(p**2) for p in numpy_params(model.head.parameters()))
     assert float(term.value(model, None).detach()) == pytest.approx(expected, rel=1e-12)
     params = list(model.parameters())
     grads = closed_form_grads(term, params)
@@ -156,6 +160,7 @@ def test_coefficients_decay_per_epoch():
 
 # ---------------------------------------------------------------- feature-map terms
 
+
 def hand_maps(w1, w2, x):
     """NumPy forward of the two-layer 1x1-conv network: the two stage outputs."""
     m1 = np.einsum("oc,bchw->bohw", w1, x)
@@ -177,10 +182,16 @@ def test_knowdist_matches_a_hand_computation():
     term = KnowDist(alpha=0.4, layers=["layer1", "layer2"])
     term.bind(source, BindContext())
     x = images.numpy()
-    s1, s2 = hand_maps(source.backbone.layer1.weight.detach().numpy()[:, :, 0, 0],
-                       source.backbone.layer2.weight.detach().numpy()[:, :, 0, 0], x)
-    t1, t2 = hand_maps(target.backbone.layer1.weight.detach().numpy()[:, :, 0, 0],
-                       target.backbone.layer2.weight.detach().numpy()[:, :, 0, 0], x)
+    s1, s2 = hand_maps(
+        source.backbone.layer1.weight.detach().numpy()[:, :, 0, 0],
+        source.backbone.layer2.weight.detach().numpy()[:, :, 0, 0],
+        x,
+    )
+    t1, t2 = hand_maps(
+        target.backbone.layer1.weight.detach().numpy()[:, :, 0, 0],
+        target.backbone.layer2.weight.detach().numpy()[:, :, 0, 0],
+        x,
+    )
     # DTNH Eq. 3: per image, the squared distance summed over filters and positions of each layer; mean over images
     expected = 0.4 * sum(((t - s) ** 2).reshape(len(x), -1).sum(axis=1) for t, s in [(t1, s1), (t2, s2)]).mean()
     _, features = target(images)
@@ -208,19 +219,27 @@ def test_delta_matches_a_hand_computation(monkeypatch):
 
     source, target, images = shifted_pair()
     term = DELTA(alpha=0.6, layers=["layer1", "layer2"], at="stage")
-    attention = {"layer1": torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
-                 "layer2": torch.tensor([0.9, 0.1], dtype=torch.float64)}
+    attention = {
+        "layer1": torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
+        "layer2": torch.tensor([0.9, 0.1], dtype=torch.float64),
+    }
     # a hand-chosen attention instead of the one computed from data (tested below)
     monkeypatch.setattr(delta_module, "channel_attention", lambda *args, **kwargs: attention)
     term.bind(source, BindContext())
     x = images.numpy()
-    s = hand_maps(source.backbone.layer1.weight.detach().numpy()[:, :, 0, 0],
-                  source.backbone.layer2.weight.detach().numpy()[:, :, 0, 0], x)
-    t = hand_maps(target.backbone.layer1.weight.detach().numpy()[:, :, 0, 0],
-                  target.backbone.layer2.weight.detach().numpy()[:, :, 0, 0], x)
+    s = hand_maps(
+        source.backbone.layer1.weight.detach().numpy()[:, :, 0, 0],
+        source.backbone.layer2.weight.detach().numpy()[:, :, 0, 0],
+        x,
+    )
+    t = hand_maps(
+        target.backbone.layer1.weight.detach().numpy()[:, :, 0, 0],
+        target.backbone.layer2.weight.detach().numpy()[:, :, 0, 0],
+        x,
+    )
     expected = 0.0
     for (tm, sm), a in zip(zip(t, s), attention.values()):
-        per_channel = ((tm - sm) ** 2).sum(axis=(2, 3))           # (B, C): squared L2 distance over positions
+        per_channel = ((tm - sm) ** 2).sum(axis=(2, 3))  # (B, C): squared L2 distance over positions
         expected += (per_channel * a.numpy()).sum(axis=1).mean()  # weighted sum over channels, mean over images
     expected *= 0.6
     value = term.value(target, target(images)[1])
@@ -250,10 +269,12 @@ def test_batched_channel_ablation_equals_one_channel_at_a_time():
         with torch.no_grad():
             baseline = nn.functional.cross_entropy(head(forward_features(source.backbone, images).pooled), labels)
             for c in range(channels):
+
                 def zero_channel(module, inputs, output, c=c):
                     output = output.clone()
                     output[:, c] = 0
                     return output
+
                 handle = getattr(source.backbone, stage).register_forward_hook(zero_channel)
                 ablated = nn.functional.cross_entropy(head(forward_features(source.backbone, images).pooled), labels)
                 handle.remove()
@@ -272,9 +293,13 @@ class PassThrough(nn.Module):
 
 # two images, two channels, 2x2 maps: target map T = source map S + D, with D per image and channel
 HAND_S = torch.full((2, 2, 2, 2), 0.5, dtype=torch.float64)
-HAND_D = torch.tensor([[[[1, 0], [2, 1]], [[0, 1], [1, 0]]],     # image 1: ||D||^2 = 6 (channel 1), 2 (channel 2)
-                       [[[1, 1], [1, 1]], [[3, 0], [0, 0]]]],    # image 2: ||D||^2 = 4, 9
-                      dtype=torch.float64)
+HAND_D = torch.tensor(
+    [
+        [[[1, 0], [2, 1]], [[0, 1], [1, 0]]],  # image 1: ||D||^2 = 6 (channel 1), 2 (channel 2)
+        [[[1, 1], [1, 1]], [[3, 0], [0, 0]]],
+    ],  # image 2: ||D||^2 = 4, 9
+    dtype=torch.float64,
+)
 
 
 def hand_value(term):
@@ -309,11 +334,16 @@ def test_knowdist_released_code_convention_is_half_the_batch_sum():
 def test_delta_hand_worked_from_the_delta_paper(monkeypatch):
     from safetransfer.regularizers import delta as delta_module
 
-    monkeypatch.setattr(delta_module, "channel_attention",
-                        lambda *args, **kwargs: {"layer1": torch.tensor([0.75, 0.25], dtype=torch.float64)})
+    monkeypatch.setattr(
+        delta_module,
+        "channel_attention",
+        lambda *args, **kwargs: {"layer1": torch.tensor([0.75, 0.25], dtype=torch.float64)},
+    )
     # per image: sum_c a_c ||D_c||^2 = 0.75 * 6 + 0.25 * 2 = 5 and 0.75 * 4 + 0.25 * 9 = 5.25
-    for convention, expected in [("paper", 0.1 * (5 + 5.25) / 2),                    # mean over the images
-                                 ("released_code", 0.1 * 0.5 * 2 / 4 * (5 + 5.25))]:  # 1/2 sum_b C/(HW) ...
+    for convention, expected in [
+        ("paper", 0.1 * (5 + 5.25) / 2),  # mean over the images
+        ("released_code", 0.1 * 0.5 * 2 / 4 * (5 + 5.25)),
+    ]:  # 1/2 sum_b C/(HW) ...
         term = DELTA(alpha=0.1, layers=["layer1"], at="stage", convention=convention)
         term.bind(TinyNet(), BindContext())
         assert hand_value(term) == pytest.approx(expected, rel=1e-12)
@@ -358,7 +388,9 @@ def test_delta_regularizes_the_last_convolution_of_each_stage(monkeypatch):
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     captured = {}
     for name, net in (("s", source), ("t", target)):
-        handle = net.backbone.layer4[2].conv3.register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o))
+        handle = net.backbone.layer4[2].conv3.register_forward_hook(
+            lambda m, i, o, name=name: captured.__setitem__(name, o)
+        )
         net.backbone(images)
         handle.remove()
     expected = ((captured["t"] - captured["s"]) ** 2).sum(dim=(2, 3)).mean(dim=1).mean()  # uniform a = 1/C
@@ -373,8 +405,9 @@ def test_delta_attention_on_a_resnet_is_cached(tmp_path, monkeypatch):
     model = TransferNet("resnet18", 3)
     images = torch.randn(12, 3, 32, 32)
     labels = torch.arange(12) % 3
-    context = BindContext(train_data=TensorImages(images, labels), batch_size=6, cache_dir=tmp_path,
-                          identity={"case": "cached"})
+    context = BindContext(
+        train_data=TensorImages(images, labels), batch_size=6, cache_dir=tmp_path, identity={"case": "cached"}
+    )
     term = DELTA(alpha=1.0, layers=["layer3", "layer4"], ablation_images=6, head_iterations=5, max_copies=64)
     term.bind(model, context)
     assert term.attention["layer3"].shape == (256,) and term.attention["layer4"].shape == (512,)
@@ -394,6 +427,7 @@ def test_delta_attention_on_a_resnet_is_cached(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- BSS
+
 
 def bss_features(matrix):
     from safetransfer.backbones import Features
@@ -427,8 +461,16 @@ def test_bss_value_matches_numpy_svd(k, shape):
 def test_bss_gradient_matches_finite_differences(shape):
     matrix = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
     term = BSS(eta=1.0, k=2)
-    term_fp64 = lambda: 1.0 * torch.from_numpy(  # noqa: E731 an independent NumPy evaluation
-        np.sort(np.linalg.svd(matrix.detach().numpy(), compute_uv=False))[:2]).square().sum()
+    term_fp64 = (
+        lambda: (
+            1.0
+            * torch.from_numpy(  # an independent NumPy evaluation
+                np.sort(np.linalg.svd(matrix.detach().numpy(), compute_uv=False))[:2]
+            )
+            .square()
+            .sum()
+        )
+    )
     (grad,) = torch.autograd.grad(term.value(None, bss_features(matrix)), [matrix])
     finite_difference_check(term_fp64, [(matrix, grad)], rel=1e-3, abs_=1e-6, stride=1)
 

@@ -21,13 +21,19 @@ def test_dtnh_presets_follow_the_papers_protocol(compose_cfg):
             assert cfg.train.batch_size == 48 and cfg.train.iterations == iterations
             assert cfg.optim.optimizer.lr == 0.01 and cfg.optim.optimizer.momentum == 0.9
             assert list(cfg.optim.scheduler.milestones) == [6000]  # "divided by 10 after 6000 iterations"
-            assert (cfg.data.resize, cfg.data.crop, cfg.data.train_crop, cfg.data.test_crops) == \
-                (256, 224, "random_crop", 1)
+            assert (cfg.data.resize, cfg.data.crop, cfg.data.train_crop, cfg.data.test_crops) == (
+                256,
+                224,
+                "random_crop",
+                1,
+            )
             assert cfg.search.val_fraction == 0.2 and cfg.seeds == [0, 1, 2, 3, 4]
         grids = cfg.search.grids
         assert sorted(grids) == ["dtnh_knowdist", "dtnh_l2sp", "knowdist", "l2sp"]
-        assert list(grids.l2sp) == ["regularizer.terms.l2sp.alpha=0.001,0.01,0.1,1",
-                                    "regularizer.terms.l2sp.decay=0.5,0.9,1.0"]
+        assert list(grids.l2sp) == [
+            "regularizer.terms.l2sp.alpha=0.001,0.01,0.1,1",
+            "regularizer.terms.l2sp.decay=0.5,0.9,1.0",
+        ]
     override = compose_cfg("experiment=dtnh_table2", "target=cifar10", "schedule.cifar10.lr_drop=15000")
     assert list(override.optim.scheduler.milestones) == [15000]
 
@@ -35,17 +41,25 @@ def test_dtnh_presets_follow_the_papers_protocol(compose_cfg):
 def test_bss_preset_follows_the_papers_protocol(compose_cfg):
     cfg = compose_cfg("experiment=bss_table2", "target=cub200", "target.sampling_rate=15", "method=l2_bss")
     assert (cfg.backbone.name, cfg.source.name) == ("resnet50", "imagenet")
-    assert cfg.train.batch_size == 48 and cfg.train.iterations == 9000 and list(cfg.optim.scheduler.milestones) == [6000]
+    assert (
+        cfg.train.batch_size == 48 and cfg.train.iterations == 9000 and list(cfg.optim.scheduler.milestones) == [6000]
+    )
     lr, head = cfg.optim.optimizer.lr, cfg.optim.optimizer.lr * cfg.optim.head_lr_mult
     assert (lr, head) == (0.001, 0.01) and cfg.optim.optimizer.momentum == 0.95
-    assert (cfg.data.train_crop, cfg.data.test_crops, cfg.data.resize, cfg.data.crop) == \
-        ("random_resized_crop", 10, 256, 224)
+    assert (cfg.data.train_crop, cfg.data.test_crops, cfg.data.resize, cfg.data.crop) == (
+        "random_resized_crop",
+        10,
+        256,
+        224,
+    )
     assert cfg.regularizer.terms.bss.eta == 0.001 and cfg.regularizer.terms.bss.k == 1
     assert cfg.regularizer.terms.l2.alpha == 5e-4
     assert cfg.target.sample_list == "bss"
     assert compose_cfg("experiment=bss_table2", "target=stanford_cars").target.sample_list == "bss"
-    assert compose_cfg("experiment=bss_table2", "target=stanford_cars",
-                       "+bss_lists.stanford_cars=null").target.sample_list is None
+    assert (
+        compose_cfg("experiment=bss_table2", "target=stanford_cars", "+bss_lists.stanford_cars=null").target.sample_list
+        is None
+    )
     assert list(cfg.search.grids.l2_bss) == ["optim.optimizer.lr=0.001,0.0001"]  # head 0.01 or 0.001
     assert sorted(cfg.search.grids) == ["delta", "delta_bss", "l2", "l2_bss", "l2sp", "l2sp_bss"]
 
@@ -61,8 +75,10 @@ def test_plan_lists_every_job_of_both_stages(tmp_path):
     assert sum(j.stage == "final" for j in only) == 2 and sum(j.stage == "search" for j in only) == 12
 
     benchmarks = tmp_path / "BENCHMARKS.md"
-    benchmarks.write_text("<!-- cpu -->\n## CPU\nSettings: 64 px, batch 16, ...\n\n| measurement | images/s | ms/step |\n"
-                          "|---|---:|---:|\n| resnet18 l2sp sum | 90.0 | 100.0 | 1 |  |\n")
+    benchmarks.write_text(
+        "<!-- cpu -->\n## CPU\nSettings: 64 px, batch 16, ...\n\n| measurement | images/s | ms/step |\n"
+        "|---|---:|---:|\n| resnet18 l2sp sum | 90.0 | 100.0 | 1 |  |\n"
+    )
     from safetransfer.reproduce import job_hours
 
     figures = benchmark_figures(benchmarks)
@@ -73,12 +89,14 @@ def test_plan_lists_every_job_of_both_stages(tmp_path):
 
     # a measured cell (scripts/benchmark_cell.py): its end-to-end seconds per seed and iteration over the
     # model-only step of its method scale every job of that backbone, by the way the seeds run
-    benchmarks.write_text("<!-- cuda -->\n## CUDA\nSettings: 224 px, batch 48, ...\n\n| measurement | images/s | ms/step |\n"
-                          "|---|---:|---:|\n| resnet18 l2sp sum | 90.0 | 10.0 | 1 |  |\n"
-                          "| resnet18 l2sp dtnh | 90.0 | 12.5 | 1 |  |\n<!-- /cuda -->\n<!-- cuda-cell -->\n"
-                          "- dtnh, seeds one after another: fastest bf16: 12.3 min; cell-seconds per iteration 0.0250\n"
-                          "- dtnh, concurrent seeds: fastest bf16: 5.4 min; cell-seconds per iteration 0.0100\n"
-                          "<!-- /cuda-cell -->\n")
+    benchmarks.write_text(
+        "<!-- cuda -->\n## CUDA\nSettings: 224 px, batch 48, ...\n\n| measurement | images/s | ms/step |\n"
+        "|---|---:|---:|\n| resnet18 l2sp sum | 90.0 | 10.0 | 1 |  |\n"
+        "| resnet18 l2sp dtnh | 90.0 | 12.5 | 1 |  |\n<!-- /cuda -->\n<!-- cuda-cell -->\n"
+        "- dtnh, seeds one after another: fastest bf16: 12.3 min; cell-seconds per iteration 0.0250\n"
+        "- dtnh, concurrent seeds: fastest bf16: 5.4 min; cell-seconds per iteration 0.0100\n"
+        "<!-- /cuda-cell -->\n"
+    )
     figures = benchmark_figures(benchmarks)
     assert figures[4] == {("resnet18", False): pytest.approx(2.0), ("resnet18", True): pytest.approx(0.8)}
     assert job_hours(job, figures) == pytest.approx(0.010 * 2.0 * 8000 * 5 / 3600)
@@ -99,8 +117,15 @@ def test_plan_command_names_a_cpu_projection(capsys):
 
 def test_a_stage_two_job_without_its_cell_refuses(compose_cfg, tmp_path):
     chosen = tmp_path / "chosen.json"
-    chosen.write_text(json.dumps({"table": "t", "searched": ["L2-SP"], "cells": {
-        "resnet18|scratch|demo|100|L2-SP": {"values": {"regularizer.terms.l2sp.alpha": 0.5}}}}))
+    chosen.write_text(
+        json.dumps(
+            {
+                "table": "t",
+                "searched": ["L2-SP"],
+                "cells": {"resnet18|scratch|demo|100|L2-SP": {"values": {"regularizer.terms.l2sp.alpha": 0.5}}},
+            }
+        )
+    )
     cfg = compose_cfg("regularizer=l2sp", f"search.chosen={chosen}")
     apply_chosen(cfg, "L2-SP")
     assert cfg.regularizer.terms.l2sp.alpha == 0.5
@@ -115,9 +140,22 @@ def test_a_stage_two_job_without_its_cell_refuses(compose_cfg, tmp_path):
 @pytest.mark.e2e
 def test_two_stages_end_to_end_and_a_rerun_trains_nothing(tmp_path):
     tiny = [o for o in TINY if not o.startswith("seeds")]
-    arguments = [sys.executable, "-m", "safetransfer.reproduce", "demo", "--dir", "tables", *tiny,
-                 "source=scratch", "method=l2sp", "target.sampling_rate=100", "seeds=[0,1,2,3,4]",
-                 "search.val_fraction=0.5", "search.seeds=[0,1]", '+search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.001,3"]']
+    arguments = [
+        sys.executable,
+        "-m",
+        "safetransfer.reproduce",
+        "demo",
+        "--dir",
+        "tables",
+        *tiny,
+        "source=scratch",
+        "method=l2sp",
+        "target.sampling_rate=100",
+        "seeds=[0,1,2,3,4]",
+        "search.val_fraction=0.5",
+        "search.seeds=[0,1]",
+        '+search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.001,3"]',
+    ]
     first = subprocess.run(arguments, cwd=tmp_path, capture_output=True, text=True, timeout=3600)
     assert first.returncode == 0, first.stderr[-3000:]
 
@@ -156,8 +194,15 @@ def test_a_chosen_value_is_checked_like_one_from_the_command_line(compose_cfg, t
     from safetransfer.experiment import run_job
 
     chosen = tmp_path / "chosen.json"
-    chosen.write_text(json.dumps({"table": "t", "searched": ["L2-SP"], "cells": {
-        "resnet18|scratch|demo|100|L2-SP": {"values": {"regularizer.terms.l2sp.alpha": -1}}}}))
+    chosen.write_text(
+        json.dumps(
+            {
+                "table": "t",
+                "searched": ["L2-SP"],
+                "cells": {"resnet18|scratch|demo|100|L2-SP": {"values": {"regularizer.terms.l2sp.alpha": -1}}},
+            }
+        )
+    )
     assert apply_chosen(compose_cfg(f"search.chosen={chosen}"), "Fine-tuning") is False
     assert apply_chosen(compose_cfg("regularizer=l2sp", f"search.chosen={chosen}"), "L2-SP") is True
     cfg = compose_cfg("regularizer=l2sp", f"search.chosen={chosen}", f"results.dir={tmp_path / 'results'}")
@@ -174,8 +219,9 @@ def test_a_table_without_its_data_is_refused_before_any_job(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(SystemExit) as stop:
-        reproduce.main(["dtnh_table2", "--dir", "tables", f"paths.data_root={tmp_path / 'empty'}",
-                        "target=caltech256_30"])
+        reproduce.main(
+            ["dtnh_table2", "--dir", "tables", f"paths.data_root={tmp_path / 'empty'}", "target=caltech256_30"]
+        )
     assert "are not ready (listed above); nothing was trained" in str(stop.value)
     assert "safetransfer-reproduce dtnh_table2 --fetch" in str(stop.value)
     assert not (tmp_path / "tables").exists()

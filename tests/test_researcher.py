@@ -13,8 +13,15 @@ import pytest
 import published
 from conftest import TINY, TINY_DEMO_SOURCE
 
-SHORT = [*(o for o in TINY if o not in TINY_DEMO_SOURCE), "train.iterations=2", "optim.scheduler.milestones=[1]",
-         "runtime.log_every=0", "runtime.diagnostics_every=0", "runtime.spectrum_batches=0", "results.dir=res"]
+SHORT = [
+    *(o for o in TINY if o not in TINY_DEMO_SOURCE),
+    "train.iterations=2",
+    "optim.scheduler.milestones=[1]",
+    "runtime.log_every=0",
+    "runtime.diagnostics_every=0",
+    "runtime.spectrum_batches=0",
+    "results.dir=res",
+]
 
 
 @pytest.fixture
@@ -26,21 +33,27 @@ def checkpoint(tmp_path):
 
 
 def _metrics(sweep):
-    return {json.loads(p.read_text())["config"]["source"]["name"]: json.loads(p.read_text())
-            for p in sweep.rglob("seed_0/metrics.json")}
+    return {
+        json.loads(p.read_text())["config"]["source"]["name"]: json.loads(p.read_text())
+        for p in sweep.rglob("seed_0/metrics.json")
+    }
 
 
 def test_a_sweep_over_sources_gives_each_source_its_own_keys(train_in_process, tmp_path, checkpoint):
     """`-m source=file,scratch source.path=...`: source.path belongs to file only; both jobs run,
     each records where its weights came from (the file's sha256, computed here with hashlib)."""
-    code, out, err = train_in_process("-m", *SHORT, "source=file,scratch", f"source.path={checkpoint}",
-                                      "hydra.sweep.dir=sweep")
+    code, out, err = train_in_process(
+        "-m", *SHORT, "source=file,scratch", f"source.path={checkpoint}", "hydra.sweep.dir=sweep"
+    )
     assert code == 0, err[-3000:]
     assert "did not finish" not in out
     metrics = _metrics(tmp_path / "sweep")
     assert set(metrics) == {"file", "scratch"}
     assert metrics["file"]["source_checkpoint"] == {
-        "name": "file", "file": str(checkpoint), "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
+        "name": "file",
+        "file": str(checkpoint),
+        "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+    }
     assert metrics["scratch"]["source_checkpoint"]["sha256"] is None
     assert "path" not in metrics["scratch"]["config"]["source"]  # not the scratch job's key
     table = pd.read_csv(tmp_path / "res" / "demo.csv", keep_default_na=False)
@@ -54,8 +67,15 @@ def test_from_scratch_beside_an_explicit_source_runs_from_scratch(train_in_proce
     """`method=fine_tuning,from_scratch source=file`: the from_scratch job trains from scratch
     (it failed with a traceback after every other job had run), is named From scratch, and the
     fine-tuned row is compared with it seed by seed."""
-    code, out, err = train_in_process("-m", *SHORT, "seeds=[0,1]", "method=fine_tuning,from_scratch", "source=file",
-                                      f"source.path={checkpoint}", "hydra.sweep.dir=sweep")
+    code, out, err = train_in_process(
+        "-m",
+        *SHORT,
+        "seeds=[0,1]",
+        "method=fine_tuning,from_scratch",
+        "source=file",
+        f"source.path={checkpoint}",
+        "hydra.sweep.dir=sweep",
+    )
     assert code == 0, err[-3000:]
     metrics = _metrics(tmp_path / "sweep")
     assert set(metrics) == {"file", "scratch"} and metrics["scratch"]["method"] == "From scratch"
@@ -66,8 +86,9 @@ def test_from_scratch_beside_an_explicit_source_runs_from_scratch(train_in_proce
 
 
 def test_a_method_preset_contradicted_by_the_command_line_is_refused_before_any_job(train_in_process, tmp_path):
-    code, out, err = train_in_process("-m", *SHORT, "method=fine_tuning,l2sp", "regularizer=bss",
-                                      "hydra.sweep.dir=sweep")
+    code, out, err = train_in_process(
+        "-m", *SHORT, "method=fine_tuning,l2sp", "regularizer=bss", "hydra.sweep.dir=sweep"
+    )
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1
     assert "method=fine_tuning sets regularizer=l2, but regularizer=bss is given for every job" in lines[0]
@@ -89,8 +110,9 @@ def test_a_saved_source_checkpoint_is_not_replaced_unless_asked(train_in_process
     assert code == 2 and len(lines) == 1 and f"pretrain.save_to={save_to} already holds a source checkpoint" in lines[0]
     assert "pretrain.overwrite=true" in lines[0] and not (tmp_path / "second" / "seed_0").exists()
     assert hashlib.sha256(save_to.read_bytes()).hexdigest() == digest
-    code, _, err = train_in_process(*pretrain, "optim.optimizer.lr=0.02", "pretrain.overwrite=true",
-                                    "hydra.run.dir=second")
+    code, _, err = train_in_process(
+        *pretrain, "optim.optimizer.lr=0.02", "pretrain.overwrite=true", "hydra.run.dir=second"
+    )
     assert code == 0, err[-3000:]
     assert hashlib.sha256(save_to.read_bytes()).hexdigest() != digest
 
@@ -115,7 +137,7 @@ def test_an_interrupted_multirun_prints_the_command_that_continues_it(train_in_p
     assert words[0] == "safetransfer-train" and words[1] == "-m" and "target.sampling_rate=30,50,100" in words
     assert f"hydra.sweep.dir={sweep}" in words
     assert f"3 of 3 jobs of {sweep.relative_to(tmp_path)} did not finish" in out and "2 jobs not started" in out
-    assert f"Continue the whole sweep (finished seeds are kept, not rerun): safetransfer-train -m" in out
+    assert "Continue the whole sweep (finished seeds are kept, not rerun): safetransfer-train -m" in out
 
 
 def test_planned_jobs_are_the_sweepers_product():
@@ -123,8 +145,14 @@ def test_planned_jobs_are_the_sweepers_product():
 
     from safetransfer.sweeps import planned_jobs
 
-    config = OmegaConf.create({"hydra": {"sweeper": {"params": {"method": "fine_tuning,l2sp,from_scratch"}},
-                                         "overrides": {"task": ["target.sampling_rate=30,50", "seeds=[0]"]}}})
+    config = OmegaConf.create(
+        {
+            "hydra": {
+                "sweeper": {"params": {"method": "fine_tuning,l2sp,from_scratch"}},
+                "overrides": {"task": ["target.sampling_rate=30,50", "seeds=[0]"]},
+            }
+        }
+    )
     jobs = planned_jobs(config)
     assert len(jobs) == 3 * 2 and ["method=fine_tuning", "target.sampling_rate=30", "seeds=[0]"] in jobs
 
@@ -143,8 +171,16 @@ def test_a_replaced_source_checkpoint_never_mixes_into_one_setting(compose_cfg, 
     for seed, digest in ((0, "a" * 64), (1, "b" * 64)):
         path = tmp_path / "runs" / "job" / f"seed_{seed}" / "metrics.json"
         path.parent.mkdir(parents=True)
-        path.write_text(json.dumps({"seed": seed, "top1": 50.0, "config": OmegaConf.to_container(cfg, resolve=True),
-                                    "source_checkpoint": {"name": "pretrained", "file": "x.pt", "sha256": digest}}))
+        path.write_text(
+            json.dumps(
+                {
+                    "seed": seed,
+                    "top1": 50.0,
+                    "config": OmegaConf.to_container(cfg, resolve=True),
+                    "source_checkpoint": {"name": "pretrained", "file": "x.pt", "sha256": digest},
+                }
+            )
+        )
     seeds = collect([tmp_path / "runs"])
     assert seeds["key"].nunique() == 2
     with pytest.raises(ConfigError, match="differ in source_checkpoint.sha256"):

@@ -14,9 +14,18 @@ from safetransfer.results import format_cell, make_row, read_table, summarize, w
 
 
 def row(key="k1", method="Fine-tuning", accuracies=(80.0, 82.0, 81.0), source="demo"):
-    return make_row(backbone="resnet18", source=source, target="demo", sampling_rate=30, method=method,
-                    seeds=list(range(len(accuracies))), accuracies=list(accuracies), overrides="", key=key,
-                    run_dir="/tmp/run")
+    return make_row(
+        backbone="resnet18",
+        source=source,
+        target="demo",
+        sampling_rate=30,
+        method=method,
+        seeds=list(range(len(accuracies))),
+        accuracies=list(accuracies),
+        overrides="",
+        key=key,
+        run_dir="/tmp/run",
+    )
 
 
 def test_summarize_is_mean_and_sample_std():
@@ -104,14 +113,30 @@ def test_each_job_row_is_compared_with_its_reference_row_seed_by_seed(tmp_path):
     from scipy import stats
 
     def job(key, method, seeds, accuracies, rate=30, overrides=""):
-        return make_row(backbone="resnet18", source="demo", target="demo", sampling_rate=rate, method=method,
-                        seeds=seeds, accuracies=accuracies, overrides=overrides, key=key, run_dir="/tmp/run")
+        return make_row(
+            backbone="resnet18",
+            source="demo",
+            target="demo",
+            sampling_rate=rate,
+            method=method,
+            seeds=seeds,
+            accuracies=accuracies,
+            overrides=overrides,
+            key=key,
+            run_dir="/tmp/run",
+        )
 
-    write_row(tmp_path, "t", job("a", "Fine-tuning", [0, 1, 2, 3, 4], [80.0, 82.5, 79.0, 81.0, 80.5],
-                                 overrides="method=fine_tuning"))
+    write_row(
+        tmp_path,
+        "t",
+        job("a", "Fine-tuning", [0, 1, 2, 3, 4], [80.0, 82.5, 79.0, 81.0, 80.5], overrides="method=fine_tuning"),
+    )
     write_row(tmp_path, "t", job("b", "L2-SP", [0, 1, 2, 3], [76.0, 79.5, 77.0, 76.5], overrides="method=l2sp"))
-    write_row(tmp_path, "t", job("c", "DTNH (L2-SP)", [1, 2, 3, 4, 5], [81.0, 80.0, 79.5, 82.0, 70.0],
-                                 overrides="method=dtnh_l2sp"))
+    write_row(
+        tmp_path,
+        "t",
+        job("c", "DTNH (L2-SP)", [1, 2, 3, 4, 5], [81.0, 80.0, 79.5, 82.0, 70.0], overrides="method=dtnh_l2sp"),
+    )
     write_row(tmp_path, "t", job("d", "L2-SP", [0, 1], [60.0, 61.0], rate=100, overrides="method=l2sp"))
     write_row(tmp_path, "t", job("e", "DTNH (L2-SP)", [1, 7], [62.0, 63.0], rate=100, overrides="method=dtnh_l2sp"))
     frame = read_table(tmp_path, "t").set_index("key")
@@ -123,22 +148,27 @@ def test_each_job_row_is_compared_with_its_reference_row_seed_by_seed(tmp_path):
         low, high = test.confidence_interval(0.95)
         return len(common), d.mean(), low, high
 
-    fine, l2sp, dtnh = ({s: a for s, a in zip(seeds, accs)} for seeds, accs in (
-        ([0, 1, 2, 3, 4], [80.0, 82.5, 79.0, 81.0, 80.5]), ([0, 1, 2, 3], [76.0, 79.5, 77.0, 76.5]),
-        ([1, 2, 3, 4, 5], [81.0, 80.0, 79.5, 82.0, 70.0])))
+    fine, l2sp, dtnh = (
+        {s: a for s, a in zip(seeds, accs)}
+        for seeds, accs in (
+            ([0, 1, 2, 3, 4], [80.0, 82.5, 79.0, 81.0, 80.5]),
+            ([0, 1, 2, 3], [76.0, 79.5, 77.0, 76.5]),
+            ([1, 2, 3, 4, 5], [81.0, 80.0, 79.5, 82.0, 70.0]),
+        )
+    )
     for key, reference, ours, theirs in (("b", "Fine-tuning", l2sp, fine), ("c", "L2-SP", dtnh, l2sp)):
         n, mean, low, high = expect(ours, theirs)
         row = frame.loc[key]
         assert row["reference"] == reference and row["paired_n"] == n
         assert row["paired_diff"] == pytest.approx(mean) and row["paired_low"] == pytest.approx(low)
         assert row["paired_high"] == pytest.approx(high)
-    assert frame.loc["a", "reference"] == "" or pd.isna(frame.loc["a", "reference"])   # Fine-tuning: no reference
+    assert frame.loc["a", "reference"] == "" or pd.isna(frame.loc["a", "reference"])  # Fine-tuning: no reference
     assert frame.loc["e", "reference"] == "L2-SP" and frame.loc["e", "paired_n"] == 1  # the rate-100 L2-SP only
     assert np.isnan(frame.loc["e", "paired_diff"])
     markdown = (tmp_path / "t.md").read_text()
     assert "1 common seed: no interval" in markdown
     n, mean, low, high = expect(l2sp, fine)
-    assert f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] ({n}) *" in markdown   # L2-SP is below Fine-tuning on every seed
+    assert f"{mean:+.2f} [{low:+.2f}, {high:+.2f}] ({n}) *" in markdown  # L2-SP is below Fine-tuning on every seed
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
@@ -162,10 +192,21 @@ def test_atomic_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
         assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
 
 
-@pytest.mark.parametrize("override, left_out", [
-    ("runtime.device=cuda", True), ("+search.seeds=[0]", True), ("seeds=[0,1]", True), ("launcher=gpus", True),
-    ("hydra/launcher=joblib", True), ("~logger", True), ("method=l2sp", False), ("target.sampling_rate=15", False),
-    ("regularizer.terms.l2sp.alpha=0.01", False), ("seedsx=1", False)])
+@pytest.mark.parametrize(
+    "override, left_out",
+    [
+        ("runtime.device=cuda", True),
+        ("+search.seeds=[0]", True),
+        ("seeds=[0,1]", True),
+        ("launcher=gpus", True),
+        ("hydra/launcher=joblib", True),
+        ("~logger", True),
+        ("method=l2sp", False),
+        ("target.sampling_rate=15", False),
+        ("regularizer.terms.l2sp.alpha=0.01", False),
+        ("seedsx=1", False),
+    ],
+)
 def test_a_row_leaves_out_the_overrides_of_keys_outside_its_key(override, left_out):
     from safetransfer.results import runtime_only
 
@@ -177,25 +218,42 @@ def test_a_grid_is_compared_with_its_reference_and_a_missing_pair_says_why(tmp_p
     Fine-tuning (which has no alpha); DTNH (L2-SP) at alpha 0.1 with L2-SP at 0.1 only; a DTNH row
     without alpha matches both L2-SP rows and says the pair is ambiguous; a row of another lr has no
     reference and says so. The settings that differ are columns of the Markdown table."""
+
     def job(key, method, accuracies, overrides):
-        return make_row(backbone="resnet18", source="demo", target="demo", sampling_rate=30, method=method,
-                        seeds=[0, 1, 2], accuracies=accuracies, overrides=overrides, key=key, run_dir="/tmp/run")
+        return make_row(
+            backbone="resnet18",
+            source="demo",
+            target="demo",
+            sampling_rate=30,
+            method=method,
+            seeds=[0, 1, 2],
+            accuracies=accuracies,
+            overrides=overrides,
+            key=key,
+            run_dir="/tmp/run",
+        )
 
     write_row(tmp_path, "t", job("f", "Fine-tuning", [80.0, 81.0, 82.0], "method=fine_tuning"))
     write_row(tmp_path, "t", job("a", "L2-SP", [70.0, 72.0, 71.0], "method=l2sp regularizer.terms.l2sp.alpha=0.01"))
     write_row(tmp_path, "t", job("b", "L2-SP", [75.0, 76.0, 78.0], "method=l2sp regularizer.terms.l2sp.alpha=0.1"))
-    write_row(tmp_path, "t", job("d", "DTNH (L2-SP)", [76.0, 77.0, 79.0],
-                                 "method=dtnh_l2sp regularizer.terms.l2sp.alpha=0.1"))
+    write_row(
+        tmp_path, "t", job("d", "DTNH (L2-SP)", [76.0, 77.0, 79.0], "method=dtnh_l2sp regularizer.terms.l2sp.alpha=0.1")
+    )
     write_row(tmp_path, "t", job("e", "DTNH (L2-SP)", [60.0, 61.0, 62.0], "method=dtnh_l2sp"))
-    write_row(tmp_path, "t", job("g", "L2-SP", [50.0, 51.0, 52.0],
-                                 "method=l2sp regularizer.terms.l2sp.alpha=0.1 optim.optimizer.lr=0.1"))
+    write_row(
+        tmp_path,
+        "t",
+        job("g", "L2-SP", [50.0, 51.0, 52.0], "method=l2sp regularizer.terms.l2sp.alpha=0.1 optim.optimizer.lr=0.1"),
+    )
     frame = read_table(tmp_path, "t").set_index("key")
     assert frame.loc["a", "reference"] == "Fine-tuning" and frame.loc["a", "paired_diff"] == pytest.approx(-10.0)
     assert frame.loc["b", "reference"] == "Fine-tuning" and frame.loc["b", "paired_diff"] == pytest.approx(-4.666666)
     assert frame.loc["d", "reference"] == "L2-SP" and frame.loc["d", "paired_diff"] == pytest.approx(1.0)
     assert pd.isna(frame.loc["e", "reference"]) and "2 L2-SP rows" in frame.loc["e", "paired_note"]
     assert "ambiguous" in frame.loc["e", "paired_note"]
-    assert pd.isna(frame.loc["g", "reference"]) and "no Fine-tuning or L2 row from demo" in frame.loc["g", "paired_note"]
+    assert (
+        pd.isna(frame.loc["g", "reference"]) and "no Fine-tuning or L2 row from demo" in frame.loc["g", "paired_note"]
+    )
     markdown = (tmp_path / "t.md").read_text()
     header = markdown.splitlines()[0]
     assert "| l2sp.alpha " in header and "| optimizer.lr " in header and "overrides" not in header

@@ -20,15 +20,26 @@ from safetransfer.regularizers.base import Term
 from safetransfer.resume import load_checkpoint, save_checkpoint
 
 #: one seed of 40 iterations, a log row and a chance to be killed at each, a checkpoint every 5
-LONG = [*[o for o in TINY if not o.startswith(("train.iterations", "optim.scheduler"))], *TINY_DEMO_SOURCE,
-        "train.iterations=40", "optim.scheduler.milestones=[30]", "runtime.checkpoint_every=5",
-        "regularizer=l2sp", "results.dir=res"]
+LONG = [
+    *[o for o in TINY if not o.startswith(("train.iterations", "optim.scheduler"))],
+    *TINY_DEMO_SOURCE,
+    "train.iterations=40",
+    "optim.scheduler.milestones=[30]",
+    "runtime.checkpoint_every=5",
+    "regularizer=l2sp",
+    "results.dir=res",
+]
 
 
 def start(tmp_path, run_dir, *extra):
-    return subprocess.Popen([sys.executable, "-m", "safetransfer.train", *LONG, *extra, f"hydra.run.dir={run_dir}"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "safetransfer.train", *LONG, *extra, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def finish(process, timeout=1800):
@@ -196,11 +207,23 @@ def test_an_image_that_cannot_be_decoded_is_one_line_naming_it(cli, tmp_path, wo
     make_cub200(tmp_path / "data")
     broken = sorted((tmp_path / "data" / "CUB_200_2011" / "images").rglob("*.jpg"))[1]
     broken.write_bytes(broken.read_bytes()[:300])  # truncated mid-file
-    result = cli("seeds=[0]", "train.iterations=2", "optim.scheduler.milestones=[1]", "train.batch_size=4",
-                 "data.resize=36", "data.crop=32",
-                 "runtime.device=cpu", f"runtime.num_workers={workers}", "source=scratch", "target=cub200",
-                 f"target.root={tmp_path / 'data'}", "target.expected_classes=3", "target.expected_split=[12,9]",
-                 f"paths.cache_dir={tmp_path / 'cache'}", "results.dir=res")
+    result = cli(
+        "seeds=[0]",
+        "train.iterations=2",
+        "optim.scheduler.milestones=[1]",
+        "train.batch_size=4",
+        "data.resize=36",
+        "data.crop=32",
+        "runtime.device=cpu",
+        f"runtime.num_workers={workers}",
+        "source=scratch",
+        "target=cub200",
+        f"target.root={tmp_path / 'data'}",
+        "target.expected_classes=3",
+        "target.expected_split=[12,9]",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "results.dir=res",
+    )
     assert result.returncode == 2
     lines = [x for x in result.stderr.splitlines() if x.startswith("safetransfer-train: error:")]
     assert len(lines) == 1, result.stderr[-3000:]
@@ -226,10 +249,23 @@ def test_submitit_requeues_a_signalled_job_which_continues_from_its_checkpoint(t
     """launcher=submitit_local: SIGUSR2 (submitit's preemption signal) to the running job
     -> checkpoint, submitit requeues it, the requeued job resumes and ends like an uninterrupted run."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    process = subprocess.Popen([sys.executable, "-m", "safetransfer.train", "-m", *LONG, "launcher=submitit_local",
-                                "runtime.checkpoint_every=0", "hydra.sweep.dir=sweep"], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "safetransfer.train",
+            "-m",
+            *LONG,
+            "launcher=submitit_local",
+            "runtime.checkpoint_every=0",
+            "hydra.sweep.dir=sweep",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     wait_for_iteration(tmp_path / "sweep" / "0" / "seed_0" / "log.csv", 12, process)
     jobs = _processes_with(f"submitit.core._submit {tmp_path / 'sweep'}")
     assert len(jobs) == 1, jobs

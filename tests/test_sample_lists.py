@@ -21,8 +21,11 @@ def cub(tmp_path, **sampling):
 
 
 def test_a_list_selects_exactly_its_images_whatever_its_folders(tmp_path):
-    listed = ["train/001.Bird_0/Bird_0_0003.jpg", "train/001.Bird_0/Bird_0_0000.jpg",
-              "train/003.Bird_2/Bird_2_0004.jpg"]  # the authors' own folder names: only the file name counts
+    listed = [
+        "train/001.Bird_0/Bird_0_0003.jpg",
+        "train/001.Bird_0/Bird_0_0000.jpg",
+        "train/003.Bird_2/Bird_2_0004.jpg",
+    ]  # the authors' own folder names: only the file name counts
     (tmp_path / "mine.txt").write_text("\n".join(listed) + "\n\n")
     target = cub(tmp_path, sample_list=str(tmp_path / "mine.txt"), sampling_rate=15)
     indices = target.sampled_train_indices()
@@ -38,21 +41,36 @@ def test_a_list_selects_exactly_its_images_whatever_its_folders(tmp_path):
 def test_oxford_pets_list_in_the_authors_layout(tmp_path):
     fixtures.make_oxford_pets(tmp_path / "data", trainval=3, test=2)
     (tmp_path / "pets.txt").write_text("train/2/basset_hound_1.jpg\ntrain/1/Abyssinian_3.jpg\n")
-    target = TorchvisionTarget("oxford_pets", "OxfordIIITPet", str(tmp_path / "data"), {"split": "trainval"},
-                               {"split": "test"}, sample_list=str(tmp_path / "pets.txt"))
+    target = TorchvisionTarget(
+        "oxford_pets",
+        "OxfordIIITPet",
+        str(tmp_path / "data"),
+        {"split": "trainval"},
+        {"split": "test"},
+        sample_list=str(tmp_path / "pets.txt"),
+    )
     indices = target.sampled_train_indices()
     assert [target.train_files()[i].rsplit("/", 1)[-1] for i in indices] == ["Abyssinian_3.jpg", "basset_hound_1.jpg"]
 
 
-@pytest.mark.parametrize("lines, message", [
-    (["train/001.Bird_0/Bird_0_0000.jpg", "train/001.Bird_0/Bird_0_0099.jpg"],
-     "train/001.Bird_0/Bird_0_0099.jpg is not a training image of this dataset"),           # a file we do not have
-    (["train/001.Bird_0/Bird_0_0000.jpg", "train/001.Bird_0/Bird_0_0006.jpg"],
-     "train/001.Bird_0/Bird_0_0006.jpg is not a training image of this dataset"),           # a test image: extra
-    (["train/x/Bird_0_0000.jpg", "train/x/Bird_1_0000.jpg"],
-     "train/x/Bird_1_0000.jpg has label 1 here, while other images of train/x have 0"),
-    (["train/a/Bird_0_0000.jpg", "train/b/Bird_0_0000.jpg"], "train/b/Bird_0_0000.jpg is listed more than once"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            ["train/001.Bird_0/Bird_0_0000.jpg", "train/001.Bird_0/Bird_0_0099.jpg"],
+            "train/001.Bird_0/Bird_0_0099.jpg is not a training image of this dataset",
+        ),  # a file we do not have
+        (
+            ["train/001.Bird_0/Bird_0_0000.jpg", "train/001.Bird_0/Bird_0_0006.jpg"],
+            "train/001.Bird_0/Bird_0_0006.jpg is not a training image of this dataset",
+        ),  # a test image: extra
+        (
+            ["train/x/Bird_0_0000.jpg", "train/x/Bird_1_0000.jpg"],
+            "train/x/Bird_1_0000.jpg has label 1 here, while other images of train/x have 0",
+        ),
+        (["train/a/Bird_0_0000.jpg", "train/b/Bird_0_0000.jpg"], "train/b/Bird_0_0000.jpg is listed more than once"),
+    ],
+)
 def test_a_list_that_does_not_fit_is_one_line_naming_the_file(tmp_path, lines, message):
     (tmp_path / "bad.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match=message) as error:
@@ -74,8 +92,9 @@ def test_the_bss_list_is_downloaded_once_and_checked_against_its_pin(tmp_path, m
     monkeypatch.setitem(sample_lists.BSS_SHA256, "cub200_15_train.txt", hashlib.sha256(content).hexdigest())
     target = cub(tmp_path, sample_list="bss", sampling_rate=15, sample_list_dir=str(tmp_path / "lists"))
     assert len(target.sampled_train_indices()) == 2
-    assert requested == ["https://raw.githubusercontent.com/thuml/Batch-Spectral-Shrinkage/master/ft-datalist/"
-                         "cub200_15_train.txt"]
+    assert requested == [
+        "https://raw.githubusercontent.com/thuml/Batch-Spectral-Shrinkage/master/ft-datalist/cub200_15_train.txt"
+    ]
     target.sampled_train_indices()
     assert len(requested) == 1  # found on disk the second time
 
@@ -96,9 +115,17 @@ def test_bss_lists_exist_only_for_their_targets_and_rates():
 
 def test_a_missing_list_stops_the_run_before_training(cli, tmp_path):
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=5, test_per_class=2)
-    result = cli("experiment=demo", "hydra.mode=RUN", *[o for o in TINY if not o.startswith("target.")],
-                 "source=scratch", "target=cub200", f"target.root={tmp_path / 'data'}", "target.expected_classes=3",
-                 "target.expected_split=[15,6]", f"target.sample_list={tmp_path / 'none.txt'}")
+    result = cli(
+        "experiment=demo",
+        "hydra.mode=RUN",
+        *[o for o in TINY if not o.startswith("target.")],
+        "source=scratch",
+        "target=cub200",
+        f"target.root={tmp_path / 'data'}",
+        "target.expected_classes=3",
+        "target.expected_split=[15,6]",
+        f"target.sample_list={tmp_path / 'none.txt'}",
+    )
     assert result.returncode != 0
     assert "none.txt: cannot read it" in result.stderr and "Traceback" not in result.stderr
 
@@ -110,7 +137,9 @@ def test_mit_indoor_lists_name_files_by_their_class_folder_where_names_repeat(tm
 
     def target(*entries):
         (tmp_path / "list.txt").write_text("\n".join(entries) + "\n")
-        return MITIndoor67(str(tmp_path), expected_classes=3, expected_split=(12, 6), sample_list=str(tmp_path / "list.txt"))
+        return MITIndoor67(
+            str(tmp_path), expected_classes=3, expected_split=(12, 6), sample_list=str(tmp_path / "list.txt")
+        )
 
     # indoor_0323.jpg is a training file of every class: the class folder tells them apart
     chosen = target("train/scene_b/indoor_0323.jpg", "train/scene_a/img_001.jpg", "train/scene_c/indoor_0323.jpg")

@@ -6,17 +6,20 @@ import pytest
 from safetransfer.targets import per_class_count, stratified_sample
 
 
-@pytest.mark.parametrize("available,rate,expected", [
-    (30, 15, 5),     # 4.5 rounds half up
-    (30, 30, 9),
-    (30, 50, 15),
-    (30, 100, 30),
-    (60, 15, 9),
-    (7, 15, 1),      # 1.05
-    (3, 15, 1),      # 0.45 would round to 0: at least one image per class
-    (80, 30, 24),
-    (5, 10, 1),      # 0.5 rounds half up
-])
+@pytest.mark.parametrize(
+    "available,rate,expected",
+    [
+        (30, 15, 5),  # 4.5 rounds half up
+        (30, 30, 9),
+        (30, 50, 15),
+        (30, 100, 30),
+        (60, 15, 9),
+        (7, 15, 1),  # 1.05
+        (3, 15, 1),  # 0.45 would round to 0: at least one image per class
+        (80, 30, 24),
+        (5, 10, 1),  # 0.5 rounds half up
+    ],
+)
 def test_rounding_rule(available, rate, expected):
     assert per_class_count(available, rate) == expected
 
@@ -57,8 +60,13 @@ def test_splits_are_disjoint_and_stable_across_training_seeds(compose_cfg):
 
     from safetransfer.preparation import prepare_data
 
-    cfg = compose_cfg("target.sampling_rate=50", "target.val_fraction=0.2", "target.train_images_per_class=20",
-                      "target.test_images_per_class=5", "train.batch_size=8")
+    cfg = compose_cfg(
+        "target.sampling_rate=50",
+        "target.val_fraction=0.2",
+        "target.train_images_per_class=20",
+        "target.test_images_per_class=5",
+        "train.batch_size=8",
+    )
     target = instantiate(cfg.target)
     first, second = prepare_data(cfg, target), prepare_data(cfg, target)
     assert np.array_equal(first.train_indices, second.train_indices)  # nothing depends on the training seed

@@ -40,16 +40,25 @@ def test_csail_places365_layout(tmp_path):
     state = full_resnet_state("resnet18", seed=1)
     state["fc.weight"] = torch.randn(365, 512)
     state["fc.bias"] = torch.randn(365)
-    torch.save({"epoch": 90, "arch": "resnet18", "best_prec1": 54.74,
-                "state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "resnet18_places365.pth.tar")
+    torch.save(
+        {
+            "epoch": 90,
+            "arch": "resnet18",
+            "best_prec1": 54.74,
+            "state_dict": {f"module.{k}": v for k, v in state.items()},
+        },
+        tmp_path / "resnet18_places365.pth.tar",
+    )
     loaded = FileSource(str(tmp_path / "resnet18_places365.pth.tar")).backbone_state("resnet18")
     assert_same_backbone(loaded, state)
 
 
 def test_safetransfer_layout(tmp_path):
     backbone = create_backbone("resnet18").state_dict()
-    torch.save({"safetransfer_source": {"backbone": "resnet18", "dataset": "demo"}, "state_dict": backbone},
-               tmp_path / "mine.pt")
+    torch.save(
+        {"safetransfer_source": {"backbone": "resnet18", "dataset": "demo"}, "state_dict": backbone},
+        tmp_path / "mine.pt",
+    )
     assert_same_backbone(FileSource(str(tmp_path / "mine.pt")).backbone_state("resnet18"), backbone)
 
 
@@ -64,7 +73,9 @@ def test_missing_and_unexpected_keys(tmp_path):
     del state["layer4.1.bn2.running_var"]
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "odd.pth")
-    with pytest.raises(ConfigError, match=r"missing keys \[layer4.1.bn2.running_var\], unexpected keys \[extra.weight\]"):
+    with pytest.raises(
+        ConfigError, match=r"missing keys \[layer4.1.bn2.running_var\], unexpected keys \[extra.weight\]"
+    ):
         FileSource(str(tmp_path / "odd.pth")).backbone_state("resnet18")
     loaded = FileSource(str(tmp_path / "odd.pth"), strict=False).backbone_state("resnet18")
     assert "layer4.1.bn2.running_var" not in loaded
@@ -127,6 +138,7 @@ def test_the_converter_refuses_what_is_not_a_checkpoint_in_one_line(tmp_path, ca
 
 # ---------------------------------------------------------------- ImageNet (torchvision's weights API)
 
+
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -134,11 +146,14 @@ def torch_home(tmp_path, monkeypatch):
     return tmp_path / "torch" / "hub" / "checkpoints"
 
 
-@pytest.mark.parametrize("backbone,weights,file_name", [
-    ("resnet18", "IMAGENET1K_V1", "resnet18-f37072fd.pth"),
-    ("resnet50", "IMAGENET1K_V1", "resnet50-0676ba61.pth"),
-    ("resnet50", "IMAGENET1K_V2", "resnet50-11ad3fa6.pth"),
-])
+@pytest.mark.parametrize(
+    "backbone,weights,file_name",
+    [
+        ("resnet18", "IMAGENET1K_V1", "resnet18-f37072fd.pth"),
+        ("resnet50", "IMAGENET1K_V1", "resnet50-0676ba61.pth"),
+        ("resnet50", "IMAGENET1K_V2", "resnet50-11ad3fa6.pth"),
+    ],
+)
 def test_imagenet_uses_the_file_in_torchvisions_cache(torch_home, monkeypatch, backbone, weights, file_name):
     def no_network(*args, **kwargs):
         raise AssertionError("a cached file must not be downloaded again")
@@ -175,8 +190,7 @@ def test_end_to_end_run_from_a_file_source(cli, tmp_path):
     from conftest import TINY
 
     torch.save(full_resnet_state("resnet18", seed=3), tmp_path / "source.pth")
-    result = cli(*TINY, "source=file", f"source.path={tmp_path / 'source.pth'}", "regularizer=l2sp",
-                 "results.dir=res")
+    result = cli(*TINY, "source=file", f"source.path={tmp_path / 'source.pth'}", "regularizer=l2sp", "results.dir=res")
     assert result.returncode == 0, result.stderr[-3000:]
     import pandas as pd
 
@@ -189,18 +203,19 @@ def test_file_source_without_a_path_is_one_line(cli):
 
     result = cli(*TINY, "source=file")
     assert result.returncode == 2
-    assert result.stderr.strip() == ("safetransfer-train: error: source=file needs source.path: "
-                                     "set source.path=/path/to/checkpoint.pth")
+    assert result.stderr.strip() == (
+        "safetransfer-train: error: source=file needs source.path: set source.path=/path/to/checkpoint.pth"
+    )
 
 
 # ---------------------------------------------------------------- source pretraining (the Stanford Dogs model)
+
 
 def test_pretraining_mode_makes_a_source_that_a_following_run_loads(cli, tmp_path):
     from conftest import TINY
 
     made = tmp_path / "sources" / "resnet18_demo.pt"
-    result = cli(*TINY, "experiment=pretrain_source", "source=scratch", f"pretrain.save_to={made}",
-                 "results.dir=res")
+    result = cli(*TINY, "experiment=pretrain_source", "source=scratch", f"pretrain.save_to={made}", "results.dir=res")
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(made, weights_only=True)
     meta = checkpoint["safetransfer_source"]
@@ -217,8 +232,9 @@ def test_pretraining_mode_makes_a_source_that_a_following_run_loads(cli, tmp_pat
 
 def test_pretrained_source_failures(tmp_path):
     missing = sources.PretrainedSource(str(tmp_path / "none.pt"), dataset="stanford_dogs", name="stanford_dogs")
-    with pytest.raises(ConfigError, match="safetransfer-train experiment=pretrain_source target=stanford_dogs "
-                                          "backbone=resnet18"):
+    with pytest.raises(
+        ConfigError, match="safetransfer-train experiment=pretrain_source target=stanford_dogs backbone=resnet18"
+    ):
         missing.backbone_state("resnet18")
 
     state = create_backbone("resnet18").state_dict()
@@ -236,7 +252,7 @@ def test_state_digest_depends_on_every_value():
     state = {"a": torch.arange(4.0), "b": torch.ones(2, 2)}
     base = checkpoints.state_digest(state)
     assert checkpoints.state_digest({"b": torch.ones(2, 2), "a": torch.arange(4.0)}) == base
-    assert checkpoints.state_digest({"a": torch.arange(4.0), "b": torch.ones(4)}) != base       # shape
+    assert checkpoints.state_digest({"a": torch.arange(4.0), "b": torch.ones(4)}) != base  # shape
     assert checkpoints.state_digest({"a": torch.arange(4.0).double(), "b": torch.ones(2, 2)}) != base  # dtype
     changed = {"a": torch.arange(4.0), "b": torch.ones(2, 2)}
     changed["b"][1, 1] = 1.0000001
@@ -245,13 +261,21 @@ def test_state_digest_depends_on_every_value():
 
 # ---------------------------------------------------------------- Places365 (CSAIL checkpoints)
 
+
 def write_csail(path, backbone="resnet18", seed=2):
     state = full_resnet_state(backbone, seed=seed)
     state["fc.weight"] = torch.randn(365, state["fc.weight"].shape[1])
     state["fc.bias"] = torch.randn(365)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"epoch": 90, "arch": backbone, "best_prec1": 54.74,
-                "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    torch.save(
+        {
+            "epoch": 90,
+            "arch": backbone,
+            "best_prec1": 54.74,
+            "state_dict": {f"module.{k}": v for k, v in state.items()},
+        },
+        path,
+    )
     return state
 
 
@@ -311,8 +335,15 @@ def test_stanford_dogs_source_from_the_pretraining_mode(cli, tmp_path):
     fixtures.make_stanford_dogs(tmp_path / "data", classes=3, train_per_class=4, test_per_class=2)
     dogs = [f"target.root={tmp_path / 'data'}", "target.expected_classes=3", "target.expected_split=[12,6]"]
     shrink = [o for o in TINY if not o.startswith("target.")]
-    made = cli(*shrink, "experiment=pretrain_source", "source=scratch", "target=stanford_dogs", *dogs,
-               f"paths.cache_dir={tmp_path / 'cache'}", "results.dir=res")
+    made = cli(
+        *shrink,
+        "experiment=pretrain_source",
+        "source=scratch",
+        "target=stanford_dogs",
+        *dogs,
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "results.dir=res",
+    )
     assert made.returncode == 0, made.stderr[-3000:]
     checkpoint = tmp_path / "cache" / "sources" / "resnet18_stanford_dogs.pt"
     assert torch.load(checkpoint, weights_only=True)["safetransfer_source"]["dataset"] == "stanford_dogs"

@@ -16,8 +16,14 @@ from safetransfer.runtime import lease_device
 from safetransfer.sweeps import job_statuses
 
 #: the tiny demo: one seed pair, 10 training images per class, 30 % of them held out for validation
-TINY_SWEEP = ["experiment=demo", *[o for o in TINY if not o.startswith("seeds")], "seeds=[0,1]", *TINY_DEMO_SOURCE,
-              "target.sampling_rate=100", "results.dir=res"]
+TINY_SWEEP = [
+    "experiment=demo",
+    *[o for o in TINY if not o.startswith("seeds")],
+    "seeds=[0,1]",
+    *TINY_DEMO_SOURCE,
+    "target.sampling_rate=100",
+    "results.dir=res",
+]
 
 
 def metrics_of(sweep):
@@ -32,18 +38,32 @@ GRID = ["train.iterations=20", "optim.scheduler.milestones=[15]", "optim.optimiz
 @pytest.mark.e2e  # eight jobs of 20 iterations: the long one; the table logic is also tested in-process
 def test_grid_search_gives_a_paper_layout_table_chosen_on_validation(cli, tmp_path):
     replaced = {o.split("=")[0] for o in GRID}
-    arguments = [*[o for o in TINY_SWEEP if o.split("=")[0] not in replaced], *GRID, "target.val_fraction=0.3",
-                 "method=l2sp,dtnh_l2sp", "regularizer.terms.l2sp.alpha=0.01,10.0", "results.paper.name=grid",
-                 "hydra.sweep.dir=sweep"]
+    arguments = [
+        *[o for o in TINY_SWEEP if o.split("=")[0] not in replaced],
+        *GRID,
+        "target.val_fraction=0.3",
+        "method=l2sp,dtnh_l2sp",
+        "regularizer.terms.l2sp.alpha=0.01,10.0",
+        "results.paper.name=grid",
+        "hydra.sweep.dir=sweep",
+    ]
     result = cli(*arguments)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = metrics_of(tmp_path / "sweep")
     assert len(runs) == 8 and all("val_top1" in m for m in runs)
 
     # the choice, computed here from the seeds' own files: best mean validation accuracy per method
-    frame = pd.DataFrame([{"method": "DTNH (L2-SP)" if m["config"]["direction"]["_target_"].endswith("DTNH")
-                           else "L2-SP", "alpha": m["config"]["regularizer"]["terms"]["l2sp"]["alpha"],
-                           "val": m["val_top1"], "test": m["top1"]} for m in runs])
+    frame = pd.DataFrame(
+        [
+            {
+                "method": "DTNH (L2-SP)" if m["config"]["direction"]["_target_"].endswith("DTNH") else "L2-SP",
+                "alpha": m["config"]["regularizer"]["terms"]["l2sp"]["alpha"],
+                "val": m["val_top1"],
+                "test": m["top1"],
+            }
+            for m in runs
+        ]
+    )
     table = pd.read_csv(tmp_path / "res" / "grid.csv")
     assert len(table) == 1 and table["target"].tolist() == ["demo"]
     decided = 0
@@ -77,7 +97,7 @@ def test_failed_job_is_reported_with_its_rerun_command(cli, tmp_path):
     statuses = {r["num"]: r for r in job_statuses(tmp_path / "sweep")}
     assert statuses[0]["status"] == "finished" and statuses[1]["status"] == "failed"
     assert len(metrics_of(tmp_path / "sweep")) == 2  # the good job's seeds are all there
-    report = result.stdout[result.stdout.index("1 of 2 jobs"):]
+    report = result.stdout[result.stdout.index("1 of 2 jobs") :]
     assert "Continue the whole sweep (finished seeds are kept, not rerun): safetransfer-train " in report
     assert "job 1 [" in report and "target.sampling_rate=150" in report
     command = next(line for line in report.splitlines() if "rerun it alone:" in line).split("rerun it alone: ")[1]
@@ -108,8 +128,9 @@ def test_leases_give_each_holder_its_own_gpu_and_make_the_next_wait(tmp_path):
 @pytest.mark.e2e
 def test_two_job_sweep_through_submitit_local_executor(cli_process, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    result = cli_process(*TINY_SWEEP, "seeds=[0]", "launcher=submitit_local", "method=fine_tuning,l2sp",
-                         "hydra.sweep.dir=sweep")
+    result = cli_process(
+        *TINY_SWEEP, "seeds=[0]", "launcher=submitit_local", "method=fine_tuning,l2sp", "hydra.sweep.dir=sweep"
+    )
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     runs = metrics_of(tmp_path / "sweep")
     assert sorted(m["config"]["regularizer"]["name"] for m in runs) == ["Fine-tuning", "L2-SP"]
@@ -136,13 +157,16 @@ def test_reproduce_script_launches_the_tables_preset(tmp_path, table):
         fake.write_text(f'#!/bin/sh\necho "{command} $*" >> {tmp_path / "calls"}\n')
         fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
-    result = subprocess.run(["bash", str(script), table, "paths.data_root=/data"], env=env, capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        ["bash", str(script), table, "paths.data_root=/data"], env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls[-1] == f"safetransfer-reproduce {table} paths.data_root=/data"
     if table == "dtnh_table4":  # its source is made first
-        assert calls[0].startswith("safetransfer-train experiment=pretrain_source target=stanford_dogs backbone=resnet18")
+        assert calls[0].startswith(
+            "safetransfer-train experiment=pretrain_source target=stanford_dogs backbone=resnet18"
+        )
         assert calls[0].endswith("paths.data_root=/data")
     assert len(calls) == (2 if table == "dtnh_table4" else 1)
     (tmp_path / "calls").unlink()
@@ -157,8 +181,14 @@ def test_reproduce_script_launches_the_tables_preset(tmp_path, table):
 def test_two_job_sweep_through_the_joblib_launcher(cli_process, tmp_path):
     """launcher=gpus on a machine without GPUs: one joblib worker, the device given on the command line."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    result = cli_process(*TINY_SWEEP, "seeds=[0]", "launcher=gpus", "runtime.device=cpu", "method=fine_tuning,l2sp",
-                 "hydra.sweep.dir=sweep")
+    result = cli_process(
+        *TINY_SWEEP,
+        "seeds=[0]",
+        "launcher=gpus",
+        "runtime.device=cpu",
+        "method=fine_tuning,l2sp",
+        "hydra.sweep.dir=sweep",
+    )
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     assert "Joblib.Parallel" in result.stdout + result.stderr  # Hydra's joblib launcher ran the jobs
     assert {r["status"] for r in job_statuses(tmp_path / "sweep")} == {"finished"}
@@ -169,8 +199,11 @@ def test_slurm_preset_sets_the_submitit_slurm_launcher(compose_cfg):
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="safetransfer.conf", version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=dtnh_table2", "launcher=slurm", "hydra.launcher.partition=gpu"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=["experiment=dtnh_table2", "launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
@@ -181,26 +214,47 @@ def test_slurm_preset_sets_the_submitit_slurm_launcher(compose_cfg):
 def test_a_method_that_fixes_a_group_refuses_an_explicit_other_choice_before_any_job(cli, tmp_path):
     """method=l2sp with regularizer=l2 on the command line would train Fine-tuning under L2-SP's
     name: refused in one line before any job starts (the job failed only when its turn came)."""
-    result = cli(*[o for o in TINY_SWEEP if o != "seeds=[0,1]"], "seeds=[0]", "method=fine_tuning,l2sp",
-                 "regularizer=l2", "hydra.sweep.dir=sweep")
+    result = cli(
+        *[o for o in TINY_SWEEP if o != "seeds=[0,1]"],
+        "seeds=[0]",
+        "method=fine_tuning,l2sp",
+        "regularizer=l2",
+        "hydra.sweep.dir=sweep",
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "method=l2sp sets regularizer=l2sp, but regularizer=l2 is given for every job" in lines[0]
+    assert (
+        len(lines) == 1 and "method=l2sp sets regularizer=l2sp, but regularizer=l2 is given for every job" in lines[0]
+    )
     assert not (tmp_path / "sweep").exists()
 
 
 def test_jobs_of_one_sweep_that_resolve_to_one_config_are_reported(tmp_path):
     from safetransfer.sweeps import failure_report
 
-    for num, (overrides, key) in enumerate([(["method=l2sp"], "abc"), (["regularizer=l2sp"], "abc"),
-                                            (["method=fine_tuning"], "def")]):
+    for num, (overrides, key) in enumerate(
+        [(["method=l2sp"], "abc"), (["regularizer=l2sp"], "abc"), (["method=fine_tuning"], "def")]
+    ):
         (tmp_path / str(num)).mkdir()
-        (tmp_path / str(num) / "job.json").write_text(json.dumps(
-            {"num": num, "overrides": overrides, "job_dir": str(tmp_path / str(num)), "status": "finished", "key": key}))
+        (tmp_path / str(num) / "job.json").write_text(
+            json.dumps(
+                {
+                    "num": num,
+                    "overrides": overrides,
+                    "job_dir": str(tmp_path / str(num)),
+                    "status": "finished",
+                    "key": key,
+                }
+            )
+        )
     report = failure_report(tmp_path)
     assert "All 3 jobs" in report
-    assert "Jobs 0, 1 resolve to the same config (key abc): the table holds one row for them; their overrides: " \
-           "method=l2sp | regularizer=l2sp" in report and "key def" not in report
+    assert (
+        "Jobs 0, 1 resolve to the same config (key abc): the table holds one row for them; their overrides: "
+        "method=l2sp | regularizer=l2sp"
+        in report
+        and "key def" not in report
+    )
 
 
 def test_reproduce_script_finds_the_quick_starts_environment_unactivated(tmp_path):
@@ -215,8 +269,12 @@ def test_reproduce_script_finds_the_quick_starts_environment_unactivated(tmp_pat
     (repository / "scripts").mkdir(parents=True)
     shutil.copy(Path(__file__).resolve().parent.parent / "scripts" / "reproduce.sh", repository / "scripts")
     bare = {**os.environ, "PATH": "/usr/bin:/bin"}  # no safetransfer command on it
-    missing = subprocess.run(["bash", str(repository / "scripts" / "reproduce.sh"), "dtnh_table2", "--plan"],
-                             env=bare, capture_output=True, text=True)
+    missing = subprocess.run(
+        ["bash", str(repository / "scripts" / "reproduce.sh"), "dtnh_table2", "--plan"],
+        env=bare,
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "safetransfer-train not found: activate the environment" in missing.stderr
     for command in ("safetransfer-train", "safetransfer-reproduce"):
@@ -224,8 +282,13 @@ def test_reproduce_script_finds_the_quick_starts_environment_unactivated(tmp_pat
         fake.parent.mkdir(parents=True, exist_ok=True)
         fake.write_text(f'#!/bin/sh\necho "$0 $*" >> {tmp_path / "calls"}\n')
         fake.chmod(0o755)
-    found = subprocess.run(["bash", str(repository / "scripts" / "reproduce.sh"), "dtnh_table2", "--plan"],
-                           env=bare, capture_output=True, text=True)
+    found = subprocess.run(
+        ["bash", str(repository / "scripts" / "reproduce.sh"), "dtnh_table2", "--plan"],
+        env=bare,
+        capture_output=True,
+        text=True,
+    )
     assert found.returncode == 0, found.stderr
     assert (tmp_path / "calls").read_text().splitlines() == [
-        f"{repository / '.venv' / 'bin' / 'safetransfer-reproduce'} dtnh_table2 --plan"]
+        f"{repository / '.venv' / 'bin' / 'safetransfer-reproduce'} dtnh_table2 --plan"
+    ]

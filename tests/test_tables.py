@@ -49,8 +49,9 @@ def test_cells_are_mean_std_and_count_of_the_seeds_found(compose_cfg, tmp_path):
 
     seeds = collect([tmp_path / "old", tmp_path / "sweep"])
     assert len(seeds) == 6
-    table = paper_layout(assemble(select(seeds), methods=["Fine-tuning", "L2-SP", "DTNH (L2-SP)"],
-                                  targets=["demo", "cub200"]))
+    table = paper_layout(
+        assemble(select(seeds), methods=["Fine-tuning", "L2-SP", "DTNH (L2-SP)"], targets=["demo", "cub200"])
+    )
     values = [70.0, 72.5, 71.0]
     assert table.loc[("demo", 30.0), "Fine-tuning"] == f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (3)"
     assert table.loc[("demo", 30.0), "DTNH (L2-SP)"] == f"76.00 ± {np.std([75.0, 77.0], ddof=1):.2f} (2)"
@@ -62,9 +63,11 @@ def test_cells_are_mean_std_and_count_of_the_seeds_found(compose_cfg, tmp_path):
 
 def test_published_values_and_differences_beside_each_cell(compose_cfg, tmp_path):
     published = tmp_path / "published.csv"
-    published.write_text("# a citation\ntable,target,sampling_rate,method,top1\n"
-                         "t,demo,30,Fine-tuning,70.5\nt,demo,30,L2-SP,\nt,demo,60,Fine-tuning,90.25\n"
-                         "other,demo,30,Fine-tuning,1.0\n")
+    published.write_text(
+        "# a citation\ntable,target,sampling_rate,method,top1\n"
+        "t,demo,30,Fine-tuning,70.5\nt,demo,30,L2-SP,\nt,demo,60,Fine-tuning,90.25\n"
+        "other,demo,30,Fine-tuning,1.0\n"
+    )
     for seed, top1 in enumerate([70.0, 73.0]):
         write_seed(tmp_path / "sweep" / "0", compose_cfg("target.sampling_rate=30"), seed, top1)
     write_seed(tmp_path / "sweep" / "1", compose_cfg("target.sampling_rate=30", "regularizer=l2sp"), 0, 60.0)
@@ -75,8 +78,9 @@ def test_published_values_and_differences_beside_each_cell(compose_cfg, tmp_path
     assert numbers.loc[("demo", 30.0), ("Fine-tuning", "diff")] == pytest.approx(np.mean([70.0, 73.0]) - 70.5)
     assert np.isnan(numbers.loc[("demo", 30.0), ("L2-SP", "published")])  # not transcribed: no paper value
     text = paper_layout(numbers)
-    assert text.loc[("demo", 30.0), "Fine-tuning"] == (f"71.50 ± {np.std([70.0, 73.0], ddof=1):.2f} (2) "
-                                                       "· paper 70.50 · Δ +1.00")
+    assert text.loc[("demo", 30.0), "Fine-tuning"] == (
+        f"71.50 ± {np.std([70.0, 73.0], ddof=1):.2f} (2) · paper 70.50 · Δ +1.00"
+    )
     assert text.loc[("demo", 30.0), "L2-SP"] == "60.00 (1)"
     assert text.loc[("demo", 60.0), "Fine-tuning"] == "missing · paper 90.25"
     with pytest.raises(ConfigError, match="known: other, t"):
@@ -94,19 +98,22 @@ def test_shipped_published_file_has_every_cell_of_the_four_tables():
     assert sorted(published_values("bss_table2")["sampling_rate"].unique()) == [15.0, 30.0, 50.0, 100.0]
 
 
-@pytest.mark.parametrize("table, target, rate, method, top1, std", [
-    # typed from the papers' tables
-    ("dtnh_table2", "mit_indoor67", 100, "DTNH (L2-SP)", 77.46, 0.29),   # Table II
-    ("dtnh_table3", "caltech256_30", 100, "L2-SP", 66.99, 0.20),         # Table III, Caltech 256
-    ("dtnh_table3", "caltech256_60", 100, "L2-SP", 66.99, 0.20),         # the same paper row
-    ("dtnh_table3", "cifar10", 100, "KnowDist", 94.96, 0.05),
-    ("dtnh_table4", "flowers102", 100, "DTNH (KnowDist)", 90.29, 0.34),  # Table IV
-    ("bss_table2", "stanford_dogs", 15, "L2", 81.05, 0.18),              # Table 2, first cell
-    ("bss_table2", "cub200", 30, "L2+BSS", 63.38, 0.29),
-    ("bss_table2", "stanford_cars", 50, "DELTA+BSS", 77.58, 0.33),
-    ("bss_table2", "oxford_pets", 100, "L2-SP+BSS", 92.41, 0.18),
-    ("bss_table2", "fgvc_aircraft", 100, "DELTA+BSS", 80.85, 0.17),      # Table 2, last cell
-])
+@pytest.mark.parametrize(
+    "table, target, rate, method, top1, std",
+    [
+        # typed from the papers' tables
+        ("dtnh_table2", "mit_indoor67", 100, "DTNH (L2-SP)", 77.46, 0.29),  # Table II
+        ("dtnh_table3", "caltech256_30", 100, "L2-SP", 66.99, 0.20),  # Table III, Caltech 256
+        ("dtnh_table3", "caltech256_60", 100, "L2-SP", 66.99, 0.20),  # the same paper row
+        ("dtnh_table3", "cifar10", 100, "KnowDist", 94.96, 0.05),
+        ("dtnh_table4", "flowers102", 100, "DTNH (KnowDist)", 90.29, 0.34),  # Table IV
+        ("bss_table2", "stanford_dogs", 15, "L2", 81.05, 0.18),  # Table 2, first cell
+        ("bss_table2", "cub200", 30, "L2+BSS", 63.38, 0.29),
+        ("bss_table2", "stanford_cars", 50, "DELTA+BSS", 77.58, 0.33),
+        ("bss_table2", "oxford_pets", 100, "L2-SP+BSS", 92.41, 0.18),
+        ("bss_table2", "fgvc_aircraft", 100, "DELTA+BSS", 80.85, 0.17),  # Table 2, last cell
+    ],
+)
 def test_shipped_published_values_match_the_papers(table, target, rate, method, top1, std):
     frame = published_values(table).set_index(["target", "sampling_rate", "method"])
     assert frame.loc[(target, float(rate), method), "top1"] == pytest.approx(top1, abs=1e-9)
@@ -115,9 +122,11 @@ def test_shipped_published_values_match_the_papers(table, target, rate, method, 
 
 def test_difference_is_marked_inside_or_outside_the_combined_spread(compose_cfg, tmp_path):
     published = tmp_path / "published.csv"
-    published.write_text("table,target,sampling_rate,method,top1,std\n"
-                         "t,demo,100,Fine-tuning,70.00,0.30\nt,demo,100,L2-SP,60.00,0.30\n"
-                         "t,demo2,100,Fine-tuning,50.00,0.30\n")
+    published.write_text(
+        "table,target,sampling_rate,method,top1,std\n"
+        "t,demo,100,Fine-tuning,70.00,0.30\nt,demo,100,L2-SP,60.00,0.30\n"
+        "t,demo2,100,Fine-tuning,50.00,0.30\n"
+    )
     for seed, top1 in enumerate([70.0, 70.8]):  # mean 70.4, sample std 0.5657: sqrt(0.32 + 0.09) = 0.640 >= 0.4
         write_seed(tmp_path / "sweep" / "0", compose_cfg(), seed, top1)
     for seed, top1 in enumerate([61.0, 61.4]):  # mean 61.2 - 60 = 1.2 > sqrt(0.08 + 0.09) = 0.412
@@ -133,8 +142,19 @@ def test_difference_is_marked_inside_or_outside_the_combined_spread(compose_cfg,
 
 def test_one_paper_row_for_both_caltech_splits_is_footnoted(compose_cfg, tmp_path):
     write_seed(tmp_path / "sweep" / "0", compose_cfg("source=imagenet", "target=caltech256_30"), 0, 80.0)
-    main([str(tmp_path / "sweep"), "--name", "t2", "--results", str(tmp_path / "results"), "--published",
-          "dtnh_table2", "--methods", "Fine-tuning"])
+    main(
+        [
+            str(tmp_path / "sweep"),
+            "--name",
+            "t2",
+            "--results",
+            str(tmp_path / "results"),
+            "--published",
+            "dtnh_table2",
+            "--methods",
+            "Fine-tuning",
+        ]
+    )
     markdown = (tmp_path / "results" / "t2.md").read_text()
     assert "| caltech256_30 † |" in markdown and "| caltech256_60 † |" in markdown
     assert "80.00 (1) · paper 82.68 ± 0.20 · Δ -2.68" in markdown
@@ -223,7 +243,7 @@ def test_paired_differences_against_the_reference_column(compose_cfg, tmp_path):
 
     l2sp = {0: 70.0, 1: 72.0, 2: 71.0, 3: 73.5, 4: 69.0}
     dtnh = {0: 71.0, 1: 72.9, 2: 72.4, 3: 74.0}  # seed 4 missing: four common seeds
-    fine = {7: 60.0}                             # no seed in common with L2-SP
+    fine = {7: 60.0}  # no seed in common with L2-SP
     for seed, top1 in l2sp.items():
         write_seed(tmp_path / "sweep" / "0", compose_cfg("regularizer=l2sp"), seed, top1)
     for seed, top1 in dtnh.items():
@@ -248,7 +268,9 @@ def test_paired_differences_against_the_reference_column(compose_cfg, tmp_path):
     assert f"+{np.mean([1.0, 0.9, 1.4, 0.5]):.2f} [{low:+.2f}, {high:+.2f}] (4){mark}" in markdown
     assert reference_column("L2-SP+BSS", ["L2-SP", "L2-SP+BSS"]) == "L2-SP"
     assert reference_column("DELTA", ["L2", "DELTA"]) == "L2"  # the BSS table's Fine-tuning column
-    assert reference_column("DTNH (KnowDist) [demo]", ["KnowDist [demo]", "DTNH (KnowDist) [demo]"]) == "KnowDist [demo]"
+    assert (
+        reference_column("DTNH (KnowDist) [demo]", ["KnowDist [demo]", "DTNH (KnowDist) [demo]"]) == "KnowDist [demo]"
+    )
     assert reference_column("Fine-tuning", ["Fine-tuning"]) is None
 
 
@@ -284,7 +306,9 @@ def test_an_unwritable_results_folder_is_one_line(compose_cfg, tmp_path, capsys)
         main([str(tmp_path / "run"), "--results", str(tmp_path / "afile" / "results")])
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1
-    assert err[0].startswith(f"safetransfer-tables: error: --results {tmp_path / 'afile' / 'results'} is not a writable")
+    assert err[0].startswith(
+        f"safetransfer-tables: error: --results {tmp_path / 'afile' / 'results'} is not a writable"
+    )
 
 
 def test_settings_that_differ_without_validation_say_what_differs(compose_cfg, tmp_path):
@@ -339,11 +363,11 @@ def test_a_search_gets_a_table_of_every_setting_with_validation_and_test(compose
     text = write_table([tmp_path / "grid"], tmp_path / "results", "g")
     searched = pd.read_csv(tmp_path / "results" / "g_search.csv", keep_default_na=False)
     assert searched["l2sp.alpha"].tolist() == [0.01, 0.1]
-    for (alpha, (vals, tests)), row in zip(grid.items(), searched.itertuples()):
-        assert row[searched.columns.get_loc("val top-1 (%)") + 1] == \
-            f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}"
-        assert row[searched.columns.get_loc("test top-1 (%)") + 1] == \
-            f"{np.mean(tests):.2f} ± {np.std(tests, ddof=1):.2f}"
+    for (vals, tests), row in zip(grid.values(), searched.itertuples()):
+        assert row[searched.columns.get_loc("val top-1 (%)") + 1] == f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}"
+        assert (
+            row[searched.columns.get_loc("test top-1 (%)") + 1] == f"{np.mean(tests):.2f} ± {np.std(tests, ddof=1):.2f}"
+        )
     assert searched["chosen"].tolist() == ["", "✓"]  # 84.5 > 81 on validation, though its test is lower
     assert "g_search.md" in (tmp_path / "results" / "g.md").read_text() and "| ✓" in text
 

@@ -8,11 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from safetransfer.errors import ConfigError, DownloadError
-from safetransfer.targets.cub200 import CUB200, MD5, URL
-
 import fixtures
 from conftest import TINY
+from safetransfer.errors import ConfigError, DownloadError
+from safetransfer.targets.cub200 import CUB200, MD5, URL
 
 
 def test_cub200_official_split(tmp_path):
@@ -51,8 +50,16 @@ def test_cub200_end_to_end(cli, tmp_path):
 
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=6, test_per_class=2)
     shrink = [o for o in TINY if not o.startswith("target.")]
-    result = cli(*shrink, "target=cub200", f"target.root={tmp_path / 'data'}", "target.expected_classes=3",
-                 "target.expected_split=[18,6]", "target.sampling_rate=50", "train.batch_size=4", "results.dir=res")
+    result = cli(
+        *shrink,
+        "target=cub200",
+        f"target.root={tmp_path / 'data'}",
+        "target.expected_classes=3",
+        "target.expected_split=[18,6]",
+        "target.sampling_rate=50",
+        "train.batch_size=4",
+        "results.dir=res",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     import pandas as pd
 
@@ -61,10 +68,22 @@ def test_cub200_end_to_end(cli, tmp_path):
 
 
 LISTED = {
-    "mit_indoor67": ("safetransfer.targets.mit_indoor67", "MITIndoor67", fixtures.make_mit_indoor67, 67,
-                     (5360, 1340), "indoorCVPR_09.tar"),
-    "stanford_dogs": ("safetransfer.targets.stanford_dogs", "StanfordDogs", fixtures.make_stanford_dogs, 120,
-                      (12000, 8580), "ImageNetDogs/lists.tar"),
+    "mit_indoor67": (
+        "safetransfer.targets.mit_indoor67",
+        "MITIndoor67",
+        fixtures.make_mit_indoor67,
+        67,
+        (5360, 1340),
+        "indoorCVPR_09.tar",
+    ),
+    "stanford_dogs": (
+        "safetransfer.targets.stanford_dogs",
+        "StanfordDogs",
+        fixtures.make_stanford_dogs,
+        120,
+        (12000, 8580),
+        "ImageNetDogs/lists.tar",
+    ),
 }
 
 
@@ -111,8 +130,9 @@ def test_sampling_rates_on_a_listed_target(tmp_path, rate):
     from safetransfer.targets import per_class_count
 
     fixtures.make_mit_indoor67(tmp_path, classes=3, train_per_class=7, test_per_class=1)
-    target = listed_target("mit_indoor67", tmp_path, expected_classes=3, expected_split=(21, 3),
-                           sampling_rate=rate, sampling_seed=4)
+    target = listed_target(
+        "mit_indoor67", tmp_path, expected_classes=3, expected_split=(21, 3), sampling_rate=rate, sampling_seed=4
+    )
     chosen = target.sampled_train_indices()
     counts = np.bincount(target.train_labels()[chosen], minlength=3)
     assert counts.tolist() == [per_class_count(7, rate)] * 3
@@ -124,8 +144,12 @@ TORCHVISION = {
     "cifar10": ("CIFAR10", {"train": True}, {"train": False}, fixtures.make_cifar10),
     "flowers102": ("Flowers102", {"split": "train"}, {"split": "test"}, fixtures.make_flowers102),
     "oxford_pets": ("OxfordIIITPet", {"split": "trainval"}, {"split": "test"}, fixtures.make_oxford_pets),
-    "fgvc_aircraft": ("FGVCAircraft", {"split": "trainval", "annotation_level": "variant"},
-                      {"split": "test", "annotation_level": "variant"}, fixtures.make_fgvc_aircraft),
+    "fgvc_aircraft": (
+        "FGVCAircraft",
+        {"split": "trainval", "annotation_level": "variant"},
+        {"split": "test", "annotation_level": "variant"},
+        fixtures.make_fgvc_aircraft,
+    ),
 }
 
 
@@ -148,8 +172,15 @@ def test_torchvision_targets(tmp_path, no_md5, name):
 
     dataset, train, test, make = TORCHVISION[name]
     sizes = make(tmp_path)
-    target = TorchvisionTarget(name, dataset, str(tmp_path), train, test, expected_classes=sizes["classes"],
-                               expected_split=(sizes["train"], sizes["test"]))
+    target = TorchvisionTarget(
+        name,
+        dataset,
+        str(tmp_path),
+        train,
+        test,
+        expected_classes=sizes["classes"],
+        expected_split=(sizes["train"], sizes["test"]),
+    )
     target.check()
     assert len(target.classes) == sizes["classes"]
     assert (len(target.train_set()), len(target.test_set())) == (sizes["train"], sizes["test"])
@@ -177,8 +208,15 @@ def test_a_torchvision_target_end_to_end(cli, tmp_path):
 
     fixtures.make_fgvc_aircraft(tmp_path / "data", trainval=6, test=2)
     shrink = [o for o in TINY if not o.startswith("target.")]
-    result = cli(*shrink, "target=fgvc_aircraft", f"target.root={tmp_path / 'data'}", "target.expected_classes=3",
-                 "target.expected_split=[18,6]", "train.batch_size=4", "results.dir=res")
+    result = cli(
+        *shrink,
+        "target=fgvc_aircraft",
+        f"target.root={tmp_path / 'data'}",
+        "target.expected_classes=3",
+        "target.expected_split=[18,6]",
+        "train.batch_size=4",
+        "results.dir=res",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -208,6 +246,7 @@ def test_caltech256_protocol(tmp_path):
 
 # ---------------------------------------------------------------- the decoded-image cache
 
+
 def cub_with_cache(tmp_path, resize=48, crop=40):
     from omegaconf import OmegaConf
 
@@ -215,10 +254,14 @@ def cub_with_cache(tmp_path, resize=48, crop=40):
 
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=5, test_per_class=2)
     target = CUB200(str(tmp_path / "data"), expected_classes=3, expected_split=(15, 6))
-    cfg = OmegaConf.create({
-        "target": {"name": "cub200", "root": str(tmp_path / "data"), "sampling_rate": 100},
-        "data": {"resize": resize, "crop": crop, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25], "cache": True},
-        "paths": {"cache_dir": str(tmp_path / "cache")}, "runtime": {"num_workers": 0}})
+    cfg = OmegaConf.create(
+        {
+            "target": {"name": "cub200", "root": str(tmp_path / "data"), "sampling_rate": 100},
+            "data": {"resize": resize, "crop": crop, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.25], "cache": True},
+            "paths": {"cache_dir": str(tmp_path / "cache")},
+            "runtime": {"num_workers": 0},
+        }
+    )
     return target, cfg, cached_data
 
 
@@ -310,14 +353,15 @@ def test_device_augment_crops_mirrors_and_normalises_each_sample():
     top, left, flip = DeviceAugment(6, mean, std, seed=3, device=torch.device("cpu")).offsets(5, 10, 12)
     assert out.shape == (5, 3, 6, 6) and flip.any() and not flip.all()
     for b in range(5):
-        expected = images[b, :, top[b]:top[b] + 6, left[b]:left[b] + 6].float() / 255
+        expected = images[b, :, top[b] : top[b] + 6, left[b] : left[b] + 6].float() / 255
         if flip[b]:
             expected = expected.flip(-1)
         expected = (expected - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
         torch.testing.assert_close(out[b], expected)
     test_time = DeviceAugment(6, mean, std, seed=3, device=torch.device("cpu"), train=False)(images)
-    torch.testing.assert_close(test_time, (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1))
-                               / torch.tensor(std).view(1, 3, 1, 1))
+    torch.testing.assert_close(
+        test_time, (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    )
 
 
 def normalised(images, mean, std):
@@ -331,14 +375,20 @@ def test_device_random_resized_crop_is_each_window_resized_and_mirrored():
 
     images = torch.randint(0, 256, (6, 3, 20, 24), dtype=torch.uint8)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.25]
-    make = lambda: DeviceAugment(12, mean, std, seed=5, device=torch.device("cpu"),  # noqa: E731
-                                 train_crop="random_resized_crop")
+    make = lambda: DeviceAugment(
+        12,
+        mean,
+        std,
+        seed=5,
+        device=torch.device("cpu"),
+        train_crop="random_resized_crop",
+    )
     out = make()(images)
     top, left, h, w, flip = make().boxes(6, 20, 24)
     assert out.shape == (6, 3, 12, 12) and flip.any() and not flip.all()
     assert (h > 12).any() and (h < 12).any()  # windows that shrink and windows that grow
     for b in range(6):
-        window = images[b:b + 1, :, top[b]:top[b] + h[b], left[b]:left[b] + w[b]].float()
+        window = images[b : b + 1, :, top[b] : top[b] + h[b], left[b] : left[b] + w[b]].float()
         expected = torch.nn.functional.interpolate(window, size=(12, 12), mode="bilinear", align_corners=False)[0]
         if flip[b]:
             expected = expected.flip(-1)
@@ -356,20 +406,28 @@ def test_device_random_resized_crop_draws_torchvision_windows():
 
     torch.manual_seed(0)
     for height, width in ((64, 64), (60, 12)):
-        augment = DeviceAugment(8, [0.5] * 3, [0.2] * 3, seed=1, device=torch.device("cpu"),
-                                train_crop="random_resized_crop")
+        augment = DeviceAugment(
+            8, [0.5] * 3, [0.2] * 3, seed=1, device=torch.device("cpu"), train_crop="random_resized_crop"
+        )
         top, left, h, w, _ = (t.numpy() for t in augment.boxes(3000, height, width))
         image = torch.zeros(3, height, width)
-        reference = np.array([v2.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3])
-                              for _ in range(3000)])
+        reference = np.array([v2.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(3000)])
         assert (h >= 1).all() and (h + top <= height).all() and (w >= 1).all() and (w + left <= width).all()
-        for ours, theirs in ((h, reference[:, 2]), (w, reference[:, 3]), (top, reference[:, 0]),
-                             (left, reference[:, 1]), (h * w, reference[:, 2] * reference[:, 3])):
+        for ours, theirs in (
+            (h, reference[:, 2]),
+            (w, reference[:, 3]),
+            (top, reference[:, 0]),
+            (left, reference[:, 1]),
+            (h * w, reference[:, 2] * reference[:, 3]),
+        ):
             assert ks_2samp(ours, theirs).pvalue > 1e-3
         if width == 12:  # the narrow image's fallback: the whole width, height 12 / (3/4) = 16, centred
             fallback = (w == 12) & (h == 16) & (top == 22)
-            assert 0.1 < fallback.mean() and abs(fallback.mean() - ((reference[:, 2:] == [16, 12]).all(1)
-                                                                     & (reference[:, 0] == 22)).mean()) < 0.05
+            assert (
+                0.1 < fallback.mean()
+                and abs(fallback.mean() - ((reference[:, 2:] == [16, 12]).all(1) & (reference[:, 0] == 22)).mean())
+                < 0.05
+            )
 
 
 def test_device_ten_crops_are_torchvisions_ten_crops():
@@ -397,9 +455,17 @@ def test_augmenting_on_the_device_trains_and_is_deterministic(compose_cfg, tmp_p
 
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=6, test_per_class=2)
     shrink = [o for o in TINY if not o.startswith("target.")]
-    cfg = compose_cfg(*shrink, "target=cub200", f"target.root={tmp_path / 'data'}", "target.expected_classes=3",
-                      "target.expected_split=[18,6]", "train.batch_size=4", "data.augment_on=device",
-                      f"paths.cache_dir={tmp_path / 'cache'}", *crops)
+    cfg = compose_cfg(
+        *shrink,
+        "target=cub200",
+        f"target.root={tmp_path / 'data'}",
+        "target.expected_classes=3",
+        "target.expected_split=[18,6]",
+        "train.batch_size=4",
+        "data.augment_on=device",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        *crops,
+    )
     check_config(cfg)  # the check refused the BSS crops on the device, which the device augmentation does
     data = prepare_data(cfg, instantiate(cfg.target))
     assert data.on_device and data.train[0][0].dtype == torch.uint8
@@ -434,6 +500,7 @@ def test_downloads_are_checked_against_their_pinned_digest(tmp_path, monkeypatch
 
 # ---------------------------------------------------------------- Stanford Cars, both releases
 
+
 def test_stanford_cars_all_images_release(tmp_path):
     from safetransfer.targets.stanford_cars import StanfordCars
 
@@ -450,7 +517,9 @@ def test_stanford_cars_all_images_release(tmp_path):
             assert label == c and int(j % 2 == 1 and j < 4) == test_flag
     # a list in the BSS authors' format names these files
     (tmp_path / "cars.txt").write_text("train/1/000001.jpg\ntrain/3/000013.jpg\n")
-    listed = StanfordCars(str(tmp_path), expected_classes=3, expected_split=(9, 6), sample_list=str(tmp_path / "cars.txt"))
+    listed = StanfordCars(
+        str(tmp_path), expected_classes=3, expected_split=(9, 6), sample_list=str(tmp_path / "cars.txt")
+    )
     indices = listed.sampled_train_indices()
     assert [listed.train_files()[i].rsplit("/", 1)[-1] for i in indices] == ["000001.jpg", "000013.jpg"]
     assert listed.train_labels()[indices].tolist() == [0, 2]
@@ -468,8 +537,9 @@ def test_stanford_cars_torchvision_layout_and_what_it_refuses(tmp_path):
     assert target.layout == "torchvision" and len(target.classes) == 3
     assert np.bincount(target.train_labels()).tolist() == [3, 3, 3]
     with pytest.raises(ConfigError, match="the BSS authors' Stanford Cars lists name the car_ims/NNNNNN.jpg"):
-        StanfordCars(str(tmp_path), expected_classes=3, expected_split=(9, 6), sample_list="bss",
-                     sampling_rate=15).check()
+        StanfordCars(
+            str(tmp_path), expected_classes=3, expected_split=(9, 6), sample_list="bss", sampling_rate=15
+        ).check()
 
 
 def _image_folder(root, classes=("ants", "bees"), train=6, test=3):
@@ -491,7 +561,6 @@ def test_an_imagefolder_target_is_named_after_its_folder_unless_target_name_is_g
 
 
 def test_two_imagefolder_roots_are_two_rows_of_one_paper_table(compose_cfg, tmp_path):
-
     """A sweep over two target.roots: each dataset its own row, not one cell with two settings."""
     from safetransfer.experiment import run_job
     from safetransfer.tables import write_table
@@ -499,9 +568,17 @@ def test_two_imagefolder_roots_are_two_rows_of_one_paper_table(compose_cfg, tmp_
     shrink = [o for o in TINY if not o.startswith("target.")]
     for number, folder in enumerate(("ants_bees", "cats_dogs")):
         root = _image_folder(tmp_path / "data" / folder)
-        cfg = compose_cfg(*shrink, "source=scratch", "target=imagefolder", f"target.root={root}",
-                          "train.batch_size=4", "results.table=mine", "runtime.log_every=0",
-                          "runtime.diagnostics_every=0", "runtime.spectrum_batches=0")
+        cfg = compose_cfg(
+            *shrink,
+            "source=scratch",
+            "target=imagefolder",
+            f"target.root={root}",
+            "train.batch_size=4",
+            "results.table=mine",
+            "runtime.log_every=0",
+            "runtime.diagnostics_every=0",
+            "runtime.spectrum_batches=0",
+        )
         run_job(cfg, tmp_path / "sweep" / str(number))
     markdown = write_table([tmp_path / "sweep"], tmp_path / "results", "mine_paper")
     rows = {line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| ")}

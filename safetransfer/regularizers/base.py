@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,8 +67,9 @@ class Term:
 
     def coefficient_values(self) -> dict[str, float]:
         """The coefficients by name: those the class declares, else its float attributes."""
-        names = self.coefficients or [name for name, value in vars(self).items()
-                                      if isinstance(value, float) and name not in ("decay", "scale")]
+        names = self.coefficients or [
+            name for name, value in vars(self).items() if isinstance(value, float) and name not in ("decay", "scale")
+        ]
         return {name: getattr(self, name) for name in names}
 
     def set_epoch(self, epoch: int) -> None:
@@ -151,4 +150,6 @@ class Omega:
         return [f"{name}_{column}" for name, t in self.terms.items() for column in t.diagnostic_names]
 
     def diagnostics(self) -> dict[str, float]:
-        return {f"{name}_{column}": value for name, t in self.terms.items() for column, value in t.diagnostics().items()}
+        return {
+            f"{name}_{column}": value for name, t in self.terms.items() for column, value in t.diagnostics().items()
+        }

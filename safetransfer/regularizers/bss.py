@@ -47,7 +47,8 @@ class BSS(Term):
         if self.k >= min(matrix.shape):
             raise ConfigError(
                 f"regularizer.terms.bss.k={self.k} must be smaller than the batch size and the feature "
-                f"dimension (batch features are {tuple(matrix.shape)}); lower k or raise train.batch_size")
+                f"dimension (batch features are {tuple(matrix.shape)}); lower k or raise train.batch_size"
+            )
         wide = matrix.shape[0] <= matrix.shape[1]
         exact = matrix.double()
         with torch.no_grad():
@@ -57,7 +58,7 @@ class BSS(Term):
             return exact.sum() * math.nan
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
         self.singular_values = eigenvalues.clamp_min(0).sqrt().flip(0)  # descending, on the host
-        smallest = eigenvectors[:, :self.k].to(matrix.device)  # U_k, a constant
+        smallest = eigenvectors[:, : self.k].to(matrix.device)  # U_k, a constant
         projected = smallest.T @ exact if wide else exact @ smallest
         return self.eta * self.scale * projected.square().sum().to(matrix.dtype)
 

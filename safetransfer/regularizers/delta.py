@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 def forward_from(backbone: nn.Module, stage: str, x: torch.Tensor) -> torch.Tensor:
     """Pooled features of a ResNet, continuing from the output of `stage`."""
-    for later in STAGES[STAGES.index(stage) + 1:]:
+    for later in STAGES[STAGES.index(stage) + 1 :]:
         x = getattr(backbone, later)(x)
     return torch.flatten(backbone.avgpool(x), 1)
 
@@ -102,8 +102,9 @@ def pooled_features(backbone: nn.Module, loader: DataLoader, device: torch.devic
     return torch.cat(features), torch.cat(labels)
 
 
-def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, iterations: int = 100,
-             weight_decay: float = 1e-4) -> nn.Linear:
+def fit_head(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, iterations: int = 100, weight_decay: float = 1e-4
+) -> nn.Linear:
     """Multinomial logistic regression on fixed features (full batch, L-BFGS, deterministic)."""
     generator = torch.Generator().manual_seed(0)
     head = nn.Linear(features.shape[1], num_classes).to(features.device, features.dtype)
@@ -123,8 +124,15 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ite
 
 
 @torch.no_grad()
-def channel_loss_increase(backbone: nn.Module, head: nn.Module, stage: str, images: torch.Tensor,
-                          labels: torch.Tensor, max_copies: int = 512, at: str = "last_conv") -> torch.Tensor:
+def channel_loss_increase(
+    backbone: nn.Module,
+    head: nn.Module,
+    stage: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    max_copies: int = 512,
+    at: str = "last_conv",
+) -> torch.Tensor:
     """For each channel c of the regularized map of `stage` (see `ablation`): mean
     cross-entropy over `images` with channel c zeroed, minus the mean cross-entropy with
     nothing zeroed. Shape (C,)."""
@@ -152,9 +160,17 @@ def attention_from_increases(increases: torch.Tensor, temperature: float) -> tor
     return torch.softmax(standardised / temperature, dim=0)
 
 
-def channel_attention(source: nn.Module, context: BindContext, num_classes: int, layers: Sequence[str],
-                      temperature: float, ablation_images: int, head_iterations: int,
-                      max_copies: int, at: str = "last_conv") -> dict[str, torch.Tensor]:
+def channel_attention(
+    source: nn.Module,
+    context: BindContext,
+    num_classes: int,
+    layers: Sequence[str],
+    temperature: float,
+    ablation_images: int,
+    head_iterations: int,
+    max_copies: int,
+    at: str = "last_conv",
+) -> dict[str, torch.Tensor]:
     """DELTA's per-channel attention for each layer, from the source network on target data."""
     if context.train_data is None:
         raise ValueError("DELTA needs the target training data to compute its channel attention")
@@ -168,12 +184,17 @@ def channel_attention(source: nn.Module, context: BindContext, num_classes: int,
     attention = {}
     for layer in layers:
         total = None
-        for images, batch_labels in DataLoader(Subset(context.train_data, chosen.tolist()), batch_size=context.batch_size):
-            increase = channel_loss_increase(source, head, layer, images.to(device), batch_labels.to(device),
-                                             max_copies, at)
+        for images, batch_labels in DataLoader(
+            Subset(context.train_data, chosen.tolist()), batch_size=context.batch_size
+        ):
+            increase = channel_loss_increase(
+                source, head, layer, images.to(device), batch_labels.to(device), max_copies, at
+            )
             total = increase * len(batch_labels) if total is None else total + increase * len(batch_labels)
         attention[layer] = attention_from_increases(total / count, temperature).cpu()
-        log.info("DELTA attention for %s: %d channels, largest weight %.4f", layer, len(total), float(attention[layer].max()))
+        log.info(
+            "DELTA attention for %s: %d channels, largest weight %.4f", layer, len(total), float(attention[layer].max())
+        )
     log.info("DELTA attention: %d layers over %d images in %.1f s", len(layers), count, time.perf_counter() - start)
     return attention
 
@@ -185,9 +206,18 @@ class DELTA(Term):
     PLACES = ("last_conv", "stage")
     coefficients = ("alpha",)
 
-    def __init__(self, alpha: float, layers: Sequence[str] = STAGES, at: str = "last_conv", temperature: float = 5.0,
-                 convention: str = "paper", ablation_images: int = 256, head_iterations: int = 100,
-                 max_copies: int = 512, decay: float = 1.0):
+    def __init__(
+        self,
+        alpha: float,
+        layers: Sequence[str] = STAGES,
+        at: str = "last_conv",
+        temperature: float = 5.0,
+        convention: str = "paper",
+        ablation_images: int = 256,
+        head_iterations: int = 100,
+        max_copies: int = 512,
+        decay: float = 1.0,
+    ):
         super().__init__(decay)
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature={temperature} must be > 0")
@@ -196,23 +226,31 @@ class DELTA(Term):
         self.alpha = self.coefficient("alpha", alpha)
         self.layers = check_layers(layers)
         self.convention = check_convention(convention)
-        self.settings = dict(layers=self.layers, at=at, temperature=float(temperature),
-                             ablation_images=int(ablation_images), head_iterations=int(head_iterations))
+        self.settings = dict(
+            layers=self.layers,
+            at=at,
+            temperature=float(temperature),
+            ablation_images=int(ablation_images),
+            head_iterations=int(head_iterations),
+        )
         self.max_copies = int(max_copies)
 
     def bind(self, model: TransferNet, context: BindContext) -> None:
         from safetransfer.atomic import atomic_torch_save
 
         self.source = frozen_copy(model.backbone)
-        self.maps = {layer: last_conv(layer, model.backbone) if self.settings["at"] == "last_conv" else layer
-                     for layer in self.layers}
+        self.maps = {
+            layer: last_conv(layer, model.backbone) if self.settings["at"] == "last_conv" else layer
+            for layer in self.layers
+        }
         self.taps = [name for name in self.maps.values() if name not in STAGES]
         if self.taps:
             model.taps.update(self.taps)
         # the recipe's name is part of the cache key: attention cached by an earlier recipe is recomputed
         path = context.cache_path("delta_attention", {**self.settings, "recipe": RECIPE})
         compute = lambda: channel_attention(  # noqa: E731
-            self.source, context, model.head.out_features, max_copies=self.max_copies, **self.settings)
+            self.source, context, model.head.out_features, max_copies=self.max_copies, **self.settings
+        )
         if path is None:
             attention = compute()
         else:

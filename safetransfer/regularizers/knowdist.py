@@ -65,6 +65,7 @@ class KnowDist(Term):
 
     def value(self, model: TransferNet, features: Features) -> torch.Tensor:
         reference = source_maps(self.source, features)
-        per_image = sum(at_least_fp32(features.maps[layer] - reference[layer]).square().sum(dim=(1, 2, 3))
-                        for layer in self.layers)
+        per_image = sum(
+            at_least_fp32(features.maps[layer] - reference[layer]).square().sum(dim=(1, 2, 3)) for layer in self.layers
+        )
         return self.alpha * self.scale * batch_reduction(per_image, self.convention)

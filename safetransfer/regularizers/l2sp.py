@@ -3,8 +3,9 @@
     alpha/2 ||w_S - w_S^0||^2
 
 w_S are the backbone's parameters, w_S^0 the source weights they start from. The
-regularizer `l2sp` adds the head part beta/2 ||w_head||^2 as a HeadL2 term. With `bn_affine: true` (the default) BatchNorm's weight and bias are part of
-w_S and pulled towards their source values; with false they are not regularized at all.
+regularizer `l2sp` adds the head part beta/2 ||w_head||^2 as a HeadL2 term. With
+`bn_affine: true` (the default) BatchNorm's weight and bias are part of w_S and pulled
+towards their source values; with false they are not regularized at all.
 BatchNorm's running statistics are buffers, never regularized.
 """
 

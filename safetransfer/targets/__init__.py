@@ -20,7 +20,14 @@ from safetransfer.targets.cache import decode_transform
 from safetransfer.targets.images import read_item
 
 #: the target keys that choose images from its data (sampling, hold-out, lists), not the data itself
-SAMPLING_KEYS = ("sampling_rate", "sampling_seed", "resample_per_seed", "val_fraction", "sample_list", "sample_list_dir")
+SAMPLING_KEYS = (
+    "sampling_rate",
+    "sampling_seed",
+    "resample_per_seed",
+    "val_fraction",
+    "sample_list",
+    "sample_list_dir",
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,8 +36,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Target:
     """A target dataset with its official split and a sampling rate in percent."""
 
-    def __init__(self, name: str, sampling_rate: float = 100, sampling_seed: int = 0, val_fraction: float = 0.0,
-                 resample_per_seed: bool = False, sample_list: str | None = None, sample_list_dir: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        sampling_rate: float = 100,
+        sampling_seed: int = 0,
+        val_fraction: float = 0.0,
+        resample_per_seed: bool = False,
+        sample_list: str | None = None,
+        sample_list_dir: str | None = None,
+    ):
         self.name = name
         self.sampling_rate = sampling_rate
         self.sampling_seed = sampling_seed
@@ -81,8 +96,7 @@ class Target:
 
     def train_files(self) -> Sequence[str]:
         """The file of every training image, in dataset order (to match a sample list)."""
-        raise ConfigError(f"target={self.name} has no image files to match a list against; "
-                          "set target.sample_list=null")
+        raise ConfigError(f"target={self.name} has no image files to match a list against; set target.sample_list=null")
 
     def listed_train_indices(self) -> np.ndarray:
         """The training images named by target.sample_list."""
@@ -92,8 +106,9 @@ class Target:
             path = sample_lists.bss_list(self.name, self.sampling_rate, Path(self.sample_list_dir or "."))
         else:
             path = Path(str(self.sample_list)).expanduser()
-        return sample_lists.listed_indices(sample_lists.read_list(path), self.train_files(), self.train_labels(),
-                                           f"target.sample_list={path}")
+        return sample_lists.listed_indices(
+            sample_lists.read_list(path), self.train_files(), self.train_labels(), f"target.sample_list={path}"
+        )
 
     def sampled_train_indices(self, seed: int | None = None) -> np.ndarray:
         """The sampled training images (before any validation hold-out), drawn with
@@ -108,8 +123,12 @@ class Target:
         sampled = self.sampled_train_indices(seed)
         if not self.val_fraction:
             return sampled, np.array([], dtype=np.int64)
-        return hold_out(sampled, self.train_labels()[sampled], self.val_fraction,
-                        (self.sampling_seed if seed is None else seed) + 1_000_003)
+        return hold_out(
+            sampled,
+            self.train_labels()[sampled],
+            self.val_fraction,
+            (self.sampling_seed if seed is None else seed) + 1_000_003,
+        )
 
 
 def per_class_count(available: int, rate: float) -> int:
@@ -174,7 +193,6 @@ class Transformed(Dataset):
         return self.transform(image), label
 
 
-
 TRAIN_CROPS = ("random_crop", "random_resized_crop")
 TEST_CROPS = (1, 10)
 
@@ -184,21 +202,26 @@ def crop_options(data) -> tuple[str, int]:
     return data.get("train_crop", TRAIN_CROPS[0]), data.get("test_crops", TEST_CROPS[0])
 
 
-def train_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float],
-                    train_crop: str = "random_crop") -> v2.Compose:
+def train_transform(
+    resize: int, crop: int, mean: Sequence[float], std: Sequence[float], train_crop: str = "random_crop"
+) -> v2.Compose:
     """Resize to resize x resize, random crop (or random resized crop), random mirror, normalise."""
     return v2.Compose([decode_transform("train", resize, crop), augment_transform(crop, mean, std, train_crop)])
 
 
-def test_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float],
-                   test_crops: int = 1) -> v2.Compose:
+def test_transform(
+    resize: int, crop: int, mean: Sequence[float], std: Sequence[float], test_crops: int = 1
+) -> v2.Compose:
     """1 crop: shorter side to resize, centre crop, normalise. 10 crops: resize x resize, the
     four corners and the centre, each also mirrored, stacked as (10, 3, crop, crop)."""
-    return v2.Compose([decode_transform("test", resize, crop, test_crops), views_transform(crop, mean, std, test_crops)])
+    return v2.Compose(
+        [decode_transform("test", resize, crop, test_crops), views_transform(crop, mean, std, test_crops)]
+    )
 
 
-def augment_transform(crop: int, mean: Sequence[float], std: Sequence[float],
-                      train_crop: str = "random_crop") -> v2.Compose:
+def augment_transform(
+    crop: int, mean: Sequence[float], std: Sequence[float], train_crop: str = "random_crop"
+) -> v2.Compose:
     """The random part of the training transform, on uint8 images already resized to a square.
     random_crop: a crop x crop window (the DTNH protocol); random_resized_crop: torchvision's
     RandomResizedCrop(crop), scale (0.08, 1) and aspect ratio (3/4, 4/3) of that square, as the
@@ -224,7 +247,22 @@ def normalize_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compo
 
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "SAMPLING_KEYS", "ConfigError", "Target", "hold_out", "TensorImages", "Transformed", "per_class_count",
-    "stratified_sample", "test_transform", "train_transform", "augment_transform", "normalize_transform",
-    "views_transform", "TRAIN_CROPS", "TEST_CROPS", "crop_options",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SAMPLING_KEYS",
+    "ConfigError",
+    "Target",
+    "hold_out",
+    "TensorImages",
+    "Transformed",
+    "per_class_count",
+    "stratified_sample",
+    "test_transform",
+    "train_transform",
+    "augment_transform",
+    "normalize_transform",
+    "views_transform",
+    "TRAIN_CROPS",
+    "TEST_CROPS",
+    "crop_options",
 ]

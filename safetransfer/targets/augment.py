@@ -27,8 +27,17 @@ class DeviceAugment:
     test_crops 10: the four corners and the centre, each also mirrored (torchvision's
     TenCrop), as (B, 10, 3, crop, crop)."""
 
-    def __init__(self, crop: int, mean, std, seed: int, device: torch.device, train: bool = True,
-                 train_crop: str = "random_crop", test_crops: int = 1):
+    def __init__(
+        self,
+        crop: int,
+        mean,
+        std,
+        seed: int,
+        device: torch.device,
+        train: bool = True,
+        train_crop: str = "random_crop",
+        test_crops: int = 1,
+    ):
         self.crop, self.train, self.device = crop, train, device
         self.train_crop, self.test_crops = train_crop, test_crops
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
@@ -89,8 +98,8 @@ class DeviceAugment:
         batch, _, height, width = images.shape
         top, left, flip = self.offsets(batch, height, width)
         steps = torch.arange(self.crop, device=self.device)
-        rows = (top[:, None] + steps)[:, :, None]                          # (B, crop, 1)
-        columns = left[:, None] + steps                                     # (B, crop)
+        rows = (top[:, None] + steps)[:, :, None]  # (B, crop, 1)
+        columns = left[:, None] + steps  # (B, crop)
         columns = torch.where(flip[:, None], columns.flip(1), columns)[:, None, :]  # mirrored: read right to left
         images = images[torch.arange(batch, device=self.device)[:, None, None], :, rows, columns]  # (B, crop, crop, C)
         return images.permute(0, 3, 1, 2)
@@ -99,9 +108,14 @@ class DeviceAugment:
         """TenCrop: top left, top right, bottom left, bottom right, centre, then the same of
         the mirrored image; (B, 10, C, crop, crop)."""
         height, width, c = images.shape[-2], images.shape[-1], self.crop
-        corners = [(0, 0), (0, width - c), (height - c, 0), (height - c, width - c),
-                   (int(round((height - c) / 2)), int(round((width - c) / 2)))]
-        views = [image[..., t:t + c, l:l + c] for image in (images, images.flip(-1)) for t, l in corners]
+        corners = [
+            (0, 0),
+            (0, width - c),
+            (height - c, 0),
+            (height - c, width - c),
+            (int(round((height - c) / 2)), int(round((width - c) / 2))),
+        ]
+        views = [image[..., t : t + c, l : l + c] for image in (images, images.flip(-1)) for t, l in corners]
         return torch.stack(views, dim=1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

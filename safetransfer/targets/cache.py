@@ -11,8 +11,6 @@ would trust.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -31,8 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def cache_key(identity: dict, split: str, indices: np.ndarray, geometry: dict) -> str:
-    return fingerprint({"identity": identity, "split": split, "geometry": geometry}, 24,
-                       np.asarray(indices, dtype=np.int64).tobytes())
+    return fingerprint(
+        {"identity": identity, "split": split, "geometry": geometry}, 24, np.asarray(indices, dtype=np.int64).tobytes()
+    )
 
 
 def decode_transform(split: str, resize: int, crop: int, test_crops: int = 1) -> v2.Compose:
@@ -69,8 +68,17 @@ class CachedImages(Dataset):
         return torch.from_numpy(np.array(self.images[i])), int(self.labels[i])  # a copy: the map is read-only
 
 
-def cached_split(dataset: Dataset, indices: np.ndarray, split: str, resize: int, crop: int, cache_dir: Path,
-                 identity: dict, num_workers: int = 0, test_crops: int = 1) -> CachedImages:
+def cached_split(
+    dataset: Dataset,
+    indices: np.ndarray,
+    split: str,
+    resize: int,
+    crop: int,
+    cache_dir: Path,
+    identity: dict,
+    num_workers: int = 0,
+    test_crops: int = 1,
+) -> CachedImages:
     """The images `indices` of `dataset`, decoded once into the cache (built on first use)."""
     geometry = {"resize": resize, "crop": crop}
     if split != "train" and test_crops != 1:
@@ -82,8 +90,14 @@ def cached_split(dataset: Dataset, indices: np.ndarray, split: str, resize: int,
     with FileLock(str(folder / f"{key}.lock")):
         cached = open_cached(images_path, labels_path, len(indices))
         if cached is None:
-            build(dataset, indices, decode_transform(split, resize, crop, test_crops), images_path, labels_path,
-                  num_workers)
+            build(
+                dataset,
+                indices,
+                decode_transform(split, resize, crop, test_crops),
+                images_path,
+                labels_path,
+                num_workers,
+            )
             cached = CachedImages(images_path, np.load(labels_path))
     return cached
 
@@ -115,10 +129,11 @@ def build(dataset: Dataset, indices, transform, images_path: Path, labels_path: 
         position = 0
         for batch, batch_labels in loader:
             if array is None:
-                array = np.lib.format.open_memmap(images_tmp, mode="w+", dtype=np.uint8,
-                                                  shape=(len(indices), *batch.shape[1:]))
-            array[position:position + len(batch)] = batch.numpy()
-            labels[position:position + len(batch)] = batch_labels.numpy()
+                array = np.lib.format.open_memmap(
+                    images_tmp, mode="w+", dtype=np.uint8, shape=(len(indices), *batch.shape[1:])
+                )
+            array[position : position + len(batch)] = batch.numpy()
+            labels[position : position + len(batch)] = batch_labels.numpy()
             position += len(batch)
         array.flush()
         del array

@@ -22,8 +22,17 @@ CLUTTER = "257.clutter"
 class Caltech256(ImageListTarget):
     read_caches = ("_files", "_splits")  # fetch: torchvision's download from CaltechDATA, its md5 checked
 
-    def __init__(self, root: str, name: str = "caltech256_30", train_per_class: int = 30, test_per_class: int = 20,
-                 split_seed: int = 0, download: bool = False, expected_classes: int | None = 256, **sampling):
+    def __init__(
+        self,
+        root: str,
+        name: str = "caltech256_30",
+        train_per_class: int = 30,
+        test_per_class: int = 20,
+        split_seed: int = 0,
+        download: bool = False,
+        expected_classes: int | None = 256,
+        **sampling,
+    ):
         super().__init__(name, **sampling)
         self.root, self.download = Path(root).expanduser(), download
         self.train_per_class, self.test_per_class = train_per_class, test_per_class
@@ -34,9 +43,11 @@ class Caltech256(ImageListTarget):
         try:
             return torchvision.datasets.Caltech256(str(self.root), download=self.download)
         except (RuntimeError, ValueError, OSError) as error:
-            raise ConfigError(f"target.root={self.root}: Caltech-256 not found ({error}); expected "
-                              f"{self.root}/caltech256/256_ObjectCategories/<NNN.name>/<NNN_XXXX>.jpg; from {URL}"
-                              + ("" if self.download else ", or set target.download=true")) from None
+            raise ConfigError(
+                f"target.root={self.root}: Caltech-256 not found ({error}); expected "
+                f"{self.root}/caltech256/256_ObjectCategories/<NNN.name>/<NNN_XXXX>.jpg; from {URL}"
+                + ("" if self.download else ", or set target.download=true")
+            ) from None
 
     @cached_property
     def _splits(self) -> dict[str, ImageList]:
@@ -50,10 +61,15 @@ class Caltech256(ImageListTarget):
             members = np.flatnonzero(labels == original)
             needed = self.train_per_class + self.test_per_class
             if len(members) < needed:
-                raise ConfigError(f"target={self.name}: class {category} has {len(members)} images, fewer than "
-                                  f"{self.train_per_class} + {self.test_per_class}; the data is incomplete")
+                raise ConfigError(
+                    f"target={self.name}: class {category} has {len(members)} images, fewer than "
+                    f"{self.train_per_class} + {self.test_per_class}; the data is incomplete"
+                )
             order = rng.permutation(members)
-            for split, picked in (("train", order[:self.train_per_class]), ("test", order[self.train_per_class:needed])):
+            for split, picked in (
+                ("train", order[: self.train_per_class]),
+                ("test", order[self.train_per_class : needed]),
+            ):
                 for i in sorted(picked):
                     chosen[split][0].append(folder / category / f"{original + 1:03d}_{numbers[i]:04d}.jpg")
                     chosen[split][1].append(label)

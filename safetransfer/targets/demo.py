@@ -13,8 +13,15 @@ from safetransfer.targets import Target, TensorImages
 class DemoTarget(Target):
     reads_files = False
 
-    def __init__(self, name: str = "demo", train_images_per_class: int = 100, test_images_per_class: int = 50,
-                 image_size: int = 32, seed: int = 0, **sampling):
+    def __init__(
+        self,
+        name: str = "demo",
+        train_images_per_class: int = 100,
+        test_images_per_class: int = 50,
+        image_size: int = 32,
+        seed: int = 0,
+        **sampling,
+    ):
         super().__init__(name, **sampling)
         self.train_images_per_class = train_images_per_class
         self.test_images_per_class = test_images_per_class

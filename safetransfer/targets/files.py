@@ -45,23 +45,29 @@ def fetch_archive(url: str, root: Path, checksum: str | None, key: str = "target
             extract_archive(str(path), str(root))
         except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile) as error:
             path.unlink()
-            raise DownloadError(f"{path} cannot be extracted ({type(error).__name__}: {error}); the archive is "
-                                f"truncated or damaged and was deleted: run again to download it anew") from None
+            raise DownloadError(
+                f"{path} cannot be extracted ({type(error).__name__}: {error}); the archive is "
+                f"truncated or damaged and was deleted: run again to download it anew"
+            ) from None
     return downloaded
 
 
 def check_class_count(name: str, found: int, expected: int | None, origin: str) -> None:
     if expected is not None and found != expected:
-        raise ConfigError(f"target={name}: {origin} lists {found} classes, but {name} has {expected}; the data "
-                          f"under target.root is incomplete or another dataset's (set target.expected_classes "
-                          f"only for a deliberate subset)")
+        raise ConfigError(
+            f"target={name}: {origin} lists {found} classes, but {name} has {expected}; the data "
+            f"under target.root is incomplete or another dataset's (set target.expected_classes "
+            f"only for a deliberate subset)"
+        )
 
 
 def split_sizes(name: str, train: int, test: int, expected: Sequence[int] | None) -> None:
     if expected is not None and (train, test) != tuple(expected):
-        raise ConfigError(f"target={name}: the split files give {train} training and {test} test images, "
-                          f"the official split has {expected[0]} and {expected[1]}; the data under target.root "
-                          "is incomplete")
+        raise ConfigError(
+            f"target={name}: the split files give {train} training and {test} test images, "
+            f"the official split has {expected[0]} and {expected[1]}; the data under target.root "
+            "is incomplete"
+        )
 
 
 class ImageListTarget(Target):
@@ -99,8 +105,15 @@ class ListedTarget(ImageListTarget):
     archives: tuple[tuple[str, str | None], ...] = ()
     layout = ""
 
-    def __init__(self, root: str, name: str | None = None, download: bool = False, expected_classes=...,
-                 expected_split=..., **sampling):
+    def __init__(
+        self,
+        root: str,
+        name: str | None = None,
+        download: bool = False,
+        expected_classes=...,
+        expected_split=...,
+        **sampling,
+    ):
         """`expected_classes` / `expected_split` default (`...`) to the official counts; None skips the check."""
         super().__init__(name or type(self).name, **sampling)
         self.root = Path(root).expanduser()
@@ -133,9 +146,11 @@ class ListedTarget(ImageListTarget):
                 sources = "; ".join(f"{url} ({checksum})" if checksum else url for url, checksum in self.archives)
                 inside = f" (the archive holds {self.folder}/ itself)" if self.archives_hold_folder else ""
                 raise ConfigError(
-                    f"target.root={self.root}: {self.title} not found; expected {self.base}/{{{','.join(self.required)}}} "
+                    f"target.root={self.root}: {self.title} not found; expected "
+                    f"{self.base}/{{{','.join(self.required)}}} "
                     f"and {self.base}/{self.layout}: download {sources} and extract into {self.destination}{inside}, "
-                    "or set target.download=true")
+                    "or set target.download=true"
+                )
             self._download()
         check_class_count(self.name, len(self.classes), self.expected_classes, str(self.base))
         split_sizes(self.name, len(self._splits["train"]), len(self._splits["test"]), self.expected_split)

@@ -24,13 +24,15 @@ class ImageFolderTarget(Target):
             if not (self.root / split).is_dir():
                 raise MissingData(
                     f"target.root={self.root}: missing directory {self.root / split}; "
-                    f"expected {LAYOUT} (set target.root=/path/to/your/dataset)")
+                    f"expected {LAYOUT} (set target.root=/path/to/your/dataset)"
+                )
         train_classes, test_classes = self._train.classes, self._split("test").classes
         if train_classes != test_classes:
             raise ConfigError(
                 f"target.root={self.root}: train/ and test/ hold different classes "
                 f"(only in train: {sorted(set(train_classes) - set(test_classes))}, "
-                f"only in test: {sorted(set(test_classes) - set(train_classes))}); give both the same class folders")
+                f"only in test: {sorted(set(test_classes) - set(train_classes))}); give both the same class folders"
+            )
 
     def _split(self, split: str) -> ImageFolder:
         try:

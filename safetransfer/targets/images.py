@@ -26,6 +26,8 @@ def read_item(dataset: Dataset, index: int):
     except (OSError, SyntaxError, ValueError) as error:  # PIL: truncated, not an image, broken header
         if isinstance(error, ConfigError):
             raise
-        raise ConfigError(f"{item_path(dataset, index)} cannot be read as an image ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else 'no detail'}); replace the file with a "
-                          "good copy (or download the dataset again)") from None
+        raise ConfigError(
+            f"{item_path(dataset, index)} cannot be read as an image ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); replace the file with a "
+            "good copy (or download the dataset again)"
+        ) from None

@@ -23,8 +23,11 @@ class MITIndoor67(ListedTarget):
     required = ("Images", "TrainImages.txt", "TestImages.txt")
     layout = "Images/<class>/<image>.jpg"
     # the image archive's sha1 as pinned by a public loader (vipy); no digest is known for the two lists
-    archives = ((IMAGES_URL, "sha1:0b252516e746ba428b96af408d2e8162d9b08ac5"), (TRAIN_LIST_URL, None),
-                (TEST_LIST_URL, None))
+    archives = (
+        (IMAGES_URL, "sha1:0b252516e746ba428b96af408d2e8162d9b08ac5"),
+        (TRAIN_LIST_URL, None),
+        (TEST_LIST_URL, None),
+    )
 
     def _listed(self, split: str) -> list[str]:
         path = self.base / ("TrainImages.txt" if split == "train" else "TestImages.txt")

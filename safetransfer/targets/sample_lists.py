@@ -25,8 +25,13 @@ from safetransfer.targets.files import fetch_archive
 
 BSS_URL = "https://raw.githubusercontent.com/thuml/Batch-Spectral-Shrinkage/master/ft-datalist/{file}"
 #: our target name -> the prefix of the authors' list files
-BSS_PREFIXES = {"stanford_dogs": "StanfordDogs", "cub200": "cub200", "stanford_cars": "stanford_cars",
-                "oxford_pets": "Oxford-IIIT", "fgvc_aircraft": "FGVCAircraft"}
+BSS_PREFIXES = {
+    "stanford_dogs": "StanfordDogs",
+    "cub200": "cub200",
+    "stanford_cars": "stanford_cars",
+    "oxford_pets": "Oxford-IIIT",
+    "fgvc_aircraft": "FGVCAircraft",
+}
 BSS_RATES = (15, 30, 50, 100)
 #: sha256 of the released lists (ft-datalist/ at the time of writing)
 BSS_SHA256 = {
@@ -55,11 +60,15 @@ BSS_SHA256 = {
 
 def bss_list_file(target: str, rate: float) -> str:
     if target not in BSS_PREFIXES:
-        raise ConfigError(f"target.sample_list=bss: the BSS authors released lists for {', '.join(BSS_PREFIXES)}, "
-                          f"not for target={target}; use target.sample_list=null (our stratified sample)")
+        raise ConfigError(
+            f"target.sample_list=bss: the BSS authors released lists for {', '.join(BSS_PREFIXES)}, "
+            f"not for target={target}; use target.sample_list=null (our stratified sample)"
+        )
     if rate not in BSS_RATES:
-        raise ConfigError(f"target.sample_list=bss: the BSS authors' lists are for target.sampling_rate "
-                          f"{', '.join(map(str, BSS_RATES))}, not {rate:g}")
+        raise ConfigError(
+            f"target.sample_list=bss: the BSS authors' lists are for target.sampling_rate "
+            f"{', '.join(map(str, BSS_RATES))}, not {rate:g}"
+        )
     return f"{BSS_PREFIXES[target]}_{int(rate)}_train.txt"
 
 
@@ -77,8 +86,10 @@ def read_list(path: Path) -> list[str]:
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as error:
-        raise ConfigError(f"target.sample_list={path}: cannot read it ({error.strerror}); give a list file with one "
-                          "<split>/<class folder>/<file name> per line") from None
+        raise ConfigError(
+            f"target.sample_list={path}: cannot read it ({error.strerror}); give a list file with one "
+            "<split>/<class folder>/<file name> per line"
+        ) from None
     return [line.strip() for line in lines if line.strip()]
 
 
@@ -98,25 +109,31 @@ def listed_indices(entries: Sequence[str], files: Sequence[str], labels: np.ndar
         parts = Path(entry).parts
         candidates = by_name.get(parts[-1], [])
         if not candidates:
-            raise ConfigError(f"{origin}: {entry} is not a training image of this dataset (no training file "
-                              f"named {parts[-1]}); the list is for another dataset or split")
+            raise ConfigError(
+                f"{origin}: {entry} is not a training image of this dataset (no training file "
+                f"named {parts[-1]}); the list is for another dataset or split"
+            )
         depth = 1
         while len(candidates) > 1 and depth < len(parts):
-            narrowed = [i for i in candidates if paths[i][-(depth + 1):] == parts[-(depth + 1):]]
+            narrowed = [i for i in candidates if paths[i][-(depth + 1) :] == parts[-(depth + 1) :]]
             if not narrowed:
                 break
             candidates, depth = narrowed, depth + 1
         if len(candidates) > 1:
             shown = ", ".join(str(files[i]) for i in candidates[:3])
-            raise ConfigError(f"{origin}: {entry} is ambiguous: {len(candidates)} training files end in "
-                              f"{'/'.join(parts[-depth:])} ({shown}); name its class folder as the dataset does")
+            raise ConfigError(
+                f"{origin}: {entry} is ambiguous: {len(candidates)} training files end in "
+                f"{'/'.join(parts[-depth:])} ({shown}); name its class folder as the dataset does"
+            )
         index = candidates[0]
         if index in seen:
             raise ConfigError(f"{origin}: {entry} is listed more than once (also as {seen[index]})")
         seen[index] = entry
         folder = str(Path(entry).parent)
         if folder_label.setdefault(folder, int(labels[index])) != int(labels[index]):
-            raise ConfigError(f"{origin}: {entry} has label {int(labels[index])} here, while other images of "
-                              f"{folder} have {folder_label[folder]}; the list's classes do not match the dataset's")
+            raise ConfigError(
+                f"{origin}: {entry} has label {int(labels[index])} here, while other images of "
+                f"{folder} have {folder_label[folder]}; the list's classes do not match the dataset's"
+            )
         chosen.append(index)
     return np.sort(np.asarray(chosen, dtype=np.int64))

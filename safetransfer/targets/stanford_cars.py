@@ -27,8 +27,14 @@ TORCHVISION = "{cars_train/,cars_test/,devkit/cars_meta.mat,devkit/cars_train_an
 
 
 class StanfordCars(ImageListTarget):
-    def __init__(self, root: str, name: str = "stanford_cars", expected_classes: int | None = 196,
-                 expected_split=(8144, 8041), **sampling):
+    def __init__(
+        self,
+        root: str,
+        name: str = "stanford_cars",
+        expected_classes: int | None = 196,
+        expected_split=(8144, 8041),
+        **sampling,
+    ):
         super().__init__(name, **sampling)
         self.root = Path(root).expanduser()
         self.expected_classes = expected_classes
@@ -40,7 +46,7 @@ class StanfordCars(ImageListTarget):
 
     @property
     def layout(self) -> str | None:
-        """"all_images", "torchvision" or None, from what is on disk."""
+        """ "all_images", "torchvision" or None, from what is on disk."""
         if (self.base / "cars_annos.mat").is_file() and (self.base / "car_ims").is_dir():
             return "all_images"
         if (self.base / "devkit" / "cars_meta.mat").is_file():
@@ -48,19 +54,23 @@ class StanfordCars(ImageListTarget):
         return None
 
     def missing(self) -> MissingData:
-        return MissingData(f"target.root={self.root}: Stanford Cars not found, and its official downloads are gone: "
-                           f"place a copy by hand, either the all-images release (car_ims.tgz extracted, and "
-                           f"cars_annos.mat) as {self.base}/{ALL_IMAGES}, the files the BSS authors' lists name, or "
-                           f"torchvision's layout {self.base}/{TORCHVISION}")
+        return MissingData(
+            f"target.root={self.root}: Stanford Cars not found, and its official downloads are gone: "
+            f"place a copy by hand, either the all-images release (car_ims.tgz extracted, and "
+            f"cars_annos.mat) as {self.base}/{ALL_IMAGES}, the files the BSS authors' lists name, or "
+            f"torchvision's layout {self.base}/{TORCHVISION}"
+        )
 
     def check(self) -> None:
         if self.layout is None:
             raise self.missing()
         if self.sample_list == "bss" and self.layout != "all_images":
-            raise ConfigError(f"target.sample_list=bss: the BSS authors' Stanford Cars lists name the car_ims/NNNNNN.jpg "
-                              f"files of the all-images release, which {self.base} (torchvision's layout) does not have; "
-                              f"place car_ims/ and cars_annos.mat there ({self.base}/{ALL_IMAGES}), or set "
-                              "target.sample_list=null")
+            raise ConfigError(
+                f"target.sample_list=bss: the BSS authors' Stanford Cars lists name the car_ims/NNNNNN.jpg "
+                f"files of the all-images release, which {self.base} (torchvision's layout) does not have; "
+                f"place car_ims/ and cars_annos.mat there ({self.base}/{ALL_IMAGES}), or set "
+                "target.sample_list=null"
+            )
         check_class_count(self.name, len(self.classes), self.expected_classes, str(self.base))
         split_sizes(self.name, len(self._splits["train"]), len(self._splits["test"]), self.expected_split)
 
@@ -92,8 +102,10 @@ class StanfordCars(ImageListTarget):
             try:
                 dataset = torchvision.datasets.StanfordCars(str(self.root), split=split)
             except (RuntimeError, ValueError, OSError) as error:
-                raise ConfigError(f"target.root={self.root}: Stanford Cars in torchvision's layout is incomplete "
-                                  f"({error}); expected {self.base}/{TORCHVISION}") from None
+                raise ConfigError(
+                    f"target.root={self.root}: Stanford Cars in torchvision's layout is incomplete "
+                    f"({error}); expected {self.base}/{TORCHVISION}"
+                ) from None
             splits[split] = ImageList([path for path, _ in dataset._samples], [label for _, label in dataset._samples])
         return list(dataset.classes), splits
 

@@ -19,7 +19,10 @@ class StanfordDogs(ListedTarget):
     required = ("Images", "train_list.mat", "test_list.mat")
     layout = "Images/<wnid>-<breed>/<image>.jpg"
     # md5s as pinned by several public loaders of this release
-    archives = ((IMAGES_URL, "md5:1bb1f2a596ae7057f99d7d75860002ef"), (LISTS_URL, "md5:edbb9f16854ec66506b5f09b583e0656"))
+    archives = (
+        (IMAGES_URL, "md5:1bb1f2a596ae7057f99d7d75860002ef"),
+        (LISTS_URL, "md5:edbb9f16854ec66506b5f09b583e0656"),
+    )
 
     def _listed(self, split: str) -> tuple[list[str], list[int]]:
         from scipy.io import loadmat

@@ -21,15 +21,22 @@ from safetransfer.targets.files import check_class_count, split_sizes
 
 #: where each dataset comes from and how torchvision expects it under target.root
 ORIGINS = {
-    "CIFAR10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                "cifar-10-batches-py/{data_batch_1,...,data_batch_5,test_batch,batches.meta}"),
-    "Flowers102": ("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ (102flowers.tgz, imagelabels.mat, setid.mat)",
-                   "flowers-102/{jpg/image_NNNNN.jpg,imagelabels.mat,setid.mat}"),
-    "OxfordIIITPet": ("https://www.robots.ox.ac.uk/~vgg/data/pets/data/ (images.tar.gz, annotations.tar.gz)",
-                      "oxford-iiit-pet/{images/<name>.jpg,annotations/trainval.txt,annotations/test.txt}"),
-    "FGVCAircraft": ("https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
-                     "fgvc-aircraft-2013b/data/{images/<id>.jpg,variants.txt,images_variant_trainval.txt,"
-                     "images_variant_test.txt}"),
+    "CIFAR10": (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "cifar-10-batches-py/{data_batch_1,...,data_batch_5,test_batch,batches.meta}",
+    ),
+    "Flowers102": (
+        "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ (102flowers.tgz, imagelabels.mat, setid.mat)",
+        "flowers-102/{jpg/image_NNNNN.jpg,imagelabels.mat,setid.mat}",
+    ),
+    "OxfordIIITPet": (
+        "https://www.robots.ox.ac.uk/~vgg/data/pets/data/ (images.tar.gz, annotations.tar.gz)",
+        "oxford-iiit-pet/{images/<name>.jpg,annotations/trainval.txt,annotations/test.txt}",
+    ),
+    "FGVCAircraft": (
+        "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
+        "fgvc-aircraft-2013b/data/{images/<id>.jpg,variants.txt,images_variant_trainval.txt,images_variant_test.txt}",
+    ),
 }
 
 
@@ -54,8 +61,18 @@ def dataset_files(dataset, name: str) -> list[str]:
 class TorchvisionTarget(Target):
     read_caches = ("_splits",)  # fetch: torchvision's own download, its md5s checked
 
-    def __init__(self, name: str, dataset: str, root: str, train: Mapping, test: Mapping, download: bool = False,
-                 expected_classes: int | None = None, expected_split: Sequence[int] | None = None, **sampling):
+    def __init__(
+        self,
+        name: str,
+        dataset: str,
+        root: str,
+        train: Mapping,
+        test: Mapping,
+        download: bool = False,
+        expected_classes: int | None = None,
+        expected_split: Sequence[int] | None = None,
+        **sampling,
+    ):
         super().__init__(name, **sampling)
         if dataset not in ORIGINS:
             raise ValueError(f"dataset={dataset!r}; known: {', '.join(ORIGINS)}")
@@ -70,9 +87,10 @@ class TorchvisionTarget(Target):
             return cls(str(self.root), download=self.download, **self.split_arguments[split])
         except (RuntimeError, ValueError, OSError) as error:  # missing files, a failed or refused download
             url, layout = ORIGINS[self.dataset]
-            raise ConfigError(f"target.root={self.root}: {self.name} not found or incomplete ({error}); expected "
-                              f"{self.root}/{layout}; from {url}"
-                              + ("" if self.download else ", or set target.download=true")) from None
+            raise ConfigError(
+                f"target.root={self.root}: {self.name} not found or incomplete ({error}); expected "
+                f"{self.root}/{layout}; from {url}" + ("" if self.download else ", or set target.download=true")
+            ) from None
 
     @cached_property
     def _splits(self) -> dict:
@@ -83,8 +101,10 @@ class TorchvisionTarget(Target):
         check_class_count(self.name, len(self.classes), self.expected_classes, str(self.root))
         found = len(np.unique(np.concatenate([dataset_labels(train), dataset_labels(test)])))
         if found != len(self.classes):
-            raise ConfigError(f"target={self.name}: the split files use {found} labels but name {len(self.classes)} "
-                              f"classes; the data under target.root={self.root} is incomplete")
+            raise ConfigError(
+                f"target={self.name}: the split files use {found} labels but name {len(self.classes)} "
+                f"classes; the data under target.root={self.root} is incomplete"
+            )
         split_sizes(self.name, len(train), len(test), self.expected_split)
 
     @property
