@@ -245,9 +245,66 @@ def run_stage(arguments: list[str]) -> None:
         )
 
 
+#: the overrides a source's pretraining takes from the table's command line: where and how it
+#: runs, never what (a table's target=... is not the source's dataset)
+PRETRAINING_KEYS = ("paths.", "runtime.", "hydra.launcher")
+
+
+def sources_to_make(table: str, overrides: list[str]) -> list[tuple[str, str, Path, str]]:
+    """(dataset, backbone, path, the artifact's name in fetch's report) of each source the table's
+    jobs read that a pretraining run makes (experiment=pretrain_source: Table IV's Stanford Dogs
+    source) and that is not there yet."""
+    from hydra.utils import instantiate
+
+    from safetransfer.sources import PretrainedSource, own_keys
+
+    found = {}
+    for _, cfg in cells(table, overrides):
+        own_keys(cfg.source)
+        source = instantiate(cfg.source)
+        if isinstance(source, PretrainedSource) and not source.path.exists():
+            found[source.path] = (
+                source.dataset,
+                cfg.backbone.name,
+                source.path,
+                f"source={cfg.source.name} backbone={cfg.backbone.name}",
+            )
+    return list(found.values())
+
+
+def make_sources(table: str, overrides: list[str], root: Path) -> None:
+    """Stage 0: the sources a pretraining run makes, each once (a rerun keeps its finished seed)."""
+    from safetransfer import train
+
+    _, plain = split_sweeps(overrides)
+    kept = [o for o in plain if o.lstrip("+~").startswith(PRETRAINING_KEYS)]
+    for dataset, backbone, path, _ in sources_to_make(table, overrides):
+        arguments = [
+            "experiment=pretrain_source",
+            f"target={dataset}",
+            f"backbone={backbone}",
+            f"pretrain.save_to={path}",
+            *kept,
+            f"hydra.run.dir={root / 'sources' / f'{backbone}_{dataset}'}",
+        ]
+        print("+ safetransfer-train " + " ".join(arguments), flush=True)
+        saved = sys.argv
+        sys.argv = ["safetransfer-train", *arguments]
+        try:
+            train.main()
+        finally:
+            sys.argv = saved
+        if not path.is_file():
+            raise SystemExit(
+                f"safetransfer-reproduce: the source pretraining did not write {path} (see above); "
+                "fix it and rerun the same command"
+            )
+
+
 def reproduce(table: str, overrides: list[str], root: Path) -> Path:
     from safetransfer.tables import collect, write_table
 
+    make_sources(table, overrides, root)
     sweeps, plain = split_sweeps(overrides)
     base = compose_job(table, plain)
     grids = {m: list(g) for m, g in base.search.grids.items()}
@@ -356,6 +413,11 @@ def run(args: argparse.Namespace) -> None:
         )
         figures = next((f for f in map(benchmark_figures, candidates) if f), None)
         print_plan(args.table, jobs, figures, bool(base.runtime.concurrent_seeds))
+        for dataset, backbone, path, _ in sources_to_make(args.table, args.overrides):
+            print(
+                f"Made first: the source {path} (experiment=pretrain_source target={dataset} backbone={backbone}, "
+                "one seed, every training image; not in the hours above)"
+            )
         print(f"{args.table}: the data its jobs read (checked, nothing downloaded)")
         outcomes = table_data(args.table, args.overrides, download=False)
         print(summary(outcomes, f"safetransfer-reproduce {args.table} --fetch"))
@@ -366,10 +428,12 @@ def run(args: argparse.Namespace) -> None:
         if any(o.status not in READY for o in outcomes):
             sys.exit(1)
         return
-    # the data, checked once before any job: a missing dataset would fail every job of its row
+    # the data, checked once before any job: a missing dataset would fail every job of its row;
+    # a source a pretraining run makes is made first (its own inputs are among those checked)
+    made = {name for *_, name in sources_to_make(args.table, args.overrides)}
     outcomes = table_data(args.table, args.overrides, download=False)
-    if any(o.status not in READY for o in outcomes):
-        missing = sum(o.status not in READY for o in outcomes)
+    if any(o.status not in READY and o.artifact not in made for o in outcomes):
+        missing = sum(o.status not in READY and o.artifact not in made for o in outcomes)
         raise SystemExit(
             f"safetransfer-reproduce: error: {missing} of the {len(outcomes)} artifacts the table's jobs "
             f"read are not ready (listed above); nothing was trained: run safetransfer-reproduce "

@@ -4,7 +4,9 @@ stages (search on validation, then the chosen setting with five seeds) end to en
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from conftest import TINY
@@ -227,3 +229,49 @@ def test_a_table_without_its_data_is_refused_before_any_job(tmp_path, monkeypatc
     assert not (tmp_path / "tables").exists()
     printed = capsys.readouterr().out
     assert "target=caltech256_30" in printed and "source=imagenet" in printed
+
+
+def test_table_iv_makes_its_stanford_dogs_source_itself(tmp_path, monkeypatch, capsys):
+    """`safetransfer-reproduce dtnh_table4` alone: the missing Stanford Dogs source does not stop
+    it (its own inputs are checked), it is made first by a pretraining run given only the table's
+    where-and-how overrides (not its target), and the stages follow."""
+    from safetransfer import reproduce, train
+    from safetransfer.fetch import Outcome
+
+    monkeypatch.chdir(tmp_path)
+    cell = ["target=flowers102", "method=fine_tuning", f"paths.cache_dir={tmp_path / 'cache'}", "runtime.device=cpu"]
+    made = reproduce.sources_to_make("dtnh_table4", cell)
+    path = tmp_path / "cache" / "sources" / "resnet18_stanford_dogs.pt"
+    assert made == [("stanford_dogs", "resnet18", path, "source=stanford_dogs backbone=resnet18")]
+
+    def data(table, overrides, download):  # the source cannot be downloaded; the rest is there
+        return [
+            Outcome("manual", "source=stanford_dogs backbone=resnet18", "create it with ..."),
+            Outcome("present", "target=flowers102", "data"),
+        ]
+
+    calls = []
+
+    def pretraining():
+        calls.append(list(sys.argv[1:]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"made")
+
+    monkeypatch.setattr(reproduce, "table_data", data)
+    monkeypatch.setattr(train, "main", pretraining)
+    monkeypatch.setattr(reproduce, "run_stage", lambda arguments: calls.append(["stage", *arguments]))
+    monkeypatch.setattr(reproduce, "choose", lambda seeds, grids: {})
+    monkeypatch.setattr("safetransfer.tables.collect", lambda directories: pd.DataFrame(columns=["method"]))
+    monkeypatch.setattr("safetransfer.tables.write_table", lambda *args, **kwargs: "table\n")
+    reproduce.main(["dtnh_table4", "--dir", "tables", *cell])
+    first = calls[0]
+    assert first[:4] == [
+        "experiment=pretrain_source",
+        "target=stanford_dogs",
+        "backbone=resnet18",
+        f"pretrain.save_to={path}",
+    ]
+    assert f"paths.cache_dir={tmp_path / 'cache'}" in first and "runtime.device=cpu" in first
+    assert "target=flowers102" not in first and "method=fine_tuning" not in first
+    assert first[-1] == f"hydra.run.dir={Path('tables') / 'sources' / 'resnet18_stanford_dogs'}"
+    assert [c[0] for c in calls[1:]] == ["stage"] * (len(calls) - 1) and len(calls) >= 2

@@ -144,8 +144,8 @@ def test_two_job_sweep_through_submitit_local_executor(cli_process, tmp_path):
 
 @pytest.mark.parametrize("table", ["dtnh_table2", "dtnh_table3", "dtnh_table4", "bss_table2"])
 def test_reproduce_script_launches_the_tables_preset(tmp_path, table):
-    """scripts/reproduce.sh with stand-ins for safetransfer-train and safetransfer-reproduce
-    that record their arguments."""
+    """scripts/reproduce.sh, an alias of safetransfer-reproduce (which makes Table IV's source
+    itself), with stand-ins that record their arguments: nothing but safetransfer-reproduce runs."""
     import os
     import subprocess
     from pathlib import Path
@@ -162,13 +162,7 @@ def test_reproduce_script_launches_the_tables_preset(tmp_path, table):
     )
     assert result.returncode == 0, result.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls[-1] == f"safetransfer-reproduce {table} paths.data_root=/data"
-    if table == "dtnh_table4":  # its source is made first
-        assert calls[0].startswith(
-            "safetransfer-train experiment=pretrain_source target=stanford_dogs backbone=resnet18"
-        )
-        assert calls[0].endswith("paths.data_root=/data")
-    assert len(calls) == (2 if table == "dtnh_table4" else 1)
+    assert calls == [f"safetransfer-reproduce {table} paths.data_root=/data"]
     (tmp_path / "calls").unlink()
     subprocess.run(["bash", str(script), table, "--plan"], env=env, check=True)
     assert (tmp_path / "calls").read_text().splitlines() == [f"safetransfer-reproduce {table} --plan"]  # no training
@@ -276,7 +270,7 @@ def test_reproduce_script_finds_the_quick_starts_environment_unactivated(tmp_pat
         text=True,
     )
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
-    assert "safetransfer-train not found: activate the environment" in missing.stderr
+    assert "safetransfer-reproduce not found: activate the environment" in missing.stderr
     for command in ("safetransfer-train", "safetransfer-reproduce"):
         fake = repository / ".venv" / "bin" / command
         fake.parent.mkdir(parents=True, exist_ok=True)
