@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +78,24 @@ def read_json(path: Path, needs: Sequence[str] = ()) -> dict | None:
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
         log.warning("%s is unreadable (%s: %s); skipped", path, type(error).__name__, error)
         return None
+
+
+def built_once(path: Path, build: Callable[[], Any], what: str) -> Any:
+    """The torch object cached at `path`: built by `build()` and written atomically on first
+    use, under a file lock so that concurrent jobs build it once, then read back (CPU
+    tensors, weights_only). A file that cannot be read (damaged: a full disk, a copy cut short)
+    is named in a warning and built again."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # truncated zip, unpickling error, ...
+                first = str(error).splitlines()[0] if str(error) else ""
+                log.warning("%s cannot be read (%s: %s); %s is built again", path, type(error).__name__, first, what)
+                path.unlink()
+        atomic_torch_save(build(), path)
+        return torch.load(path, map_location="cpu", weights_only=True)

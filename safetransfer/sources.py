@@ -11,11 +11,10 @@ import re
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from safetransfer import checkpoints, demo
-from safetransfer.atomic import atomic_torch_save
+from safetransfer.atomic import atomic_torch_save, built_once
 from safetransfer.backbones import TransferNet
 from safetransfer.downloads import download, file_digest
 from safetransfer.errors import ConfigError, MissingData
@@ -267,12 +266,11 @@ class DemoSource(Source):
 
     def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
         path = self.cache_path(backbone)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):  # concurrent jobs pretrain once
-            if not path.exists():
-                atomic_torch_save(self.pretrain(backbone), path)
-                log.info("demo source model for %s cached at %s", backbone, path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        built = not path.exists()
+        state = built_once(path, lambda: self.pretrain(backbone), "the demo source model")
+        if built:
+            log.info("demo source model for %s cached at %s", backbone, path)
+        return state
 
     def pretrain(self, backbone: str) -> dict[str, torch.Tensor]:
         from safetransfer.directions import Sum

@@ -350,3 +350,17 @@ def test_stanford_dogs_source_from_the_pretraining_mode(cli, tmp_path):
     used = cli(*TINY, "source=stanford_dogs", f"paths.cache_dir={tmp_path / 'cache'}", "results.dir=res")
     assert used.returncode == 0, used.stderr[-3000:]
     assert "stanford_dogs" in (tmp_path / "res" / "demo.md").read_text()
+
+
+def test_a_damaged_cached_demo_source_is_named_and_built_again(tmp_path, caplog):
+    """A cut-short demo source file gave a traceback on every run and was never rebuilt: it is
+    named in a warning and pretrained again (atomic.built_once, which DELTA's cache shares)."""
+    source = sources.DemoSource(cache_dir=str(tmp_path), iterations=4, images_per_class=4, batch_size=8)
+    first = source.backbone_state("resnet18")
+    path = source.cache_path("resnet18")
+    path.write_bytes(path.read_bytes()[:1000])  # a copy cut short
+    with caplog.at_level("WARNING"):
+        again = source.backbone_state("resnet18")
+    assert f"{path} cannot be read" in caplog.text and "the demo source model is built again" in caplog.text
+    assert all(torch.equal(first[k], again[k]) for k in first)  # the same seeded pretraining
+    assert torch.load(path, weights_only=True).keys() == first.keys()

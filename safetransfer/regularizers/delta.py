@@ -40,7 +40,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -236,7 +235,7 @@ class DELTA(Term):
         self.max_copies = int(max_copies)
 
     def bind(self, model: TransferNet, context: BindContext) -> None:
-        from safetransfer.atomic import atomic_torch_save
+        from safetransfer.atomic import built_once
 
         self.source = frozen_copy(model.backbone)
         self.maps = {
@@ -251,14 +250,7 @@ class DELTA(Term):
         compute = lambda: channel_attention(  # noqa: E731
             self.source, context, model.head.out_features, max_copies=self.max_copies, **self.settings
         )
-        if path is None:
-            attention = compute()
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(path) + ".lock"):
-                if not path.exists():
-                    atomic_torch_save(compute(), path)
-            attention = torch.load(path, map_location="cpu", weights_only=True)
+        attention = compute() if path is None else built_once(path, compute, "DELTA's channel attention")
         device = next(model.parameters()).device
         self.attention = {layer: attention[layer].to(device) for layer in self.layers}
 
