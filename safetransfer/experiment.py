@@ -21,7 +21,7 @@ from safetransfer.checks import check_classes, check_config, check_training_set
 from safetransfer.downloads import file_digest, mirrored
 from safetransfer.engine import NonFiniteError, evaluate, fit, test_forward
 from safetransfer.errors import ConfigError
-from safetransfer.methods import method_name, source_label
+from safetransfer.methods import method_name, method_structure, source_label
 from safetransfer.preparation import Data, prepare_data, save_indices, seed_data
 from safetransfer.results import config_key, format_cell, make_row, write_row
 from safetransfer.resume import CHECKPOINT, Checkpointer, StopSignals
@@ -158,6 +158,7 @@ def run_seed(
     metrics = {
         "seed": seed,
         "method": method_name(cfg),
+        "structure": method_structure(cfg),  # what the method is: its table name and reference come from it
         "top1": top1,
         "test_loss": test_loss,
         "iterations": cfg.train.iterations,
@@ -399,6 +400,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
         key=key,
         run_dir=str(run_dir),
         failed=failed,
+        structure=method_structure(cfg),
     )
     write_row(Path(cfg.results.dir), str(cfg.results.table), row)
     log.info(

@@ -11,30 +11,6 @@ from collections.abc import Sequence
 from safetransfer.methods import SCRATCH, is_scratch
 
 
-def reference_column(method: str, methods: Sequence[str]) -> str | None:
-    """The column a method is compared with, seed by seed: the regularizer without DTNH for
-    a DTNH column, the method without BSS for a +BSS column, Fine-tuning (the BSS paper's
-    L2) for the rest; a `[source]` suffix is kept. A run from scratch has none: it is the
-    baseline the others are compared with (scratch_column)."""
-    if is_scratch(method):
-        return None
-    base, bracket, suffix = method.partition(" [")
-    suffix = bracket + suffix
-    return next(
-        (c + suffix for c in reference_candidates(base) if c + suffix in methods and c + suffix != method), None
-    )
-
-
-def reference_candidates(method: str) -> list[str]:
-    """The names a method's reference may have (reference_column's rule), without [..] suffixes."""
-    base = method.partition(" [")[0]
-    if base.startswith("DTNH (") and base.endswith(")"):
-        return [base[len("DTNH (") : -1]]
-    if base.endswith("+BSS"):
-        return [base[: -len("+BSS")]]
-    return ["Fine-tuning", "L2"]
-
-
 def scratch_column(method: str, methods: Sequence[str]) -> str | None:
     """The From scratch column a transfer method is also compared with (the transfer's gain):
     the one whose bracketed details ([backbone], ...) are all among the method's, if exactly one."""

@@ -8,6 +8,7 @@ read-modify-write so that jobs finishing at once never lose a row.
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 from collections.abc import Sequence
@@ -20,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.atomic import atomic_write_text
 from safetransfer.fingerprints import fingerprint
-from safetransfer.methods import SCRATCH, is_scratch
-from safetransfer.paired import paired, paired_text, reference_candidates
+from safetransfer.methods import SCRATCH, describe_reference, is_scratch, key_of, reference_key
+from safetransfer.paired import paired, paired_text
 
 #: config sections (and the launcher group, which only sets hydra.launcher) that change how a
 #: job runs or where it writes, never its numbers; search: its chosen values are in the config
@@ -50,6 +51,7 @@ ROW_COLUMNS = [
     "key",
     "run_dir",
     "updated",
+    "structure",  # methods.method_structure as JSON: the row's reference is found from it
 ]
 #: derived from the rows each time the table is written: each row against its reference row
 #: (paired_note: why a row has none), and a transfer row against the From scratch row
@@ -87,8 +89,10 @@ def make_row(
     key: str,
     run_dir: str,
     failed: Sequence[int] = (),
+    structure: dict | None = None,
 ) -> dict:
-    """A job's row: mean and sample std over its finished seeds; failed seeds only listed."""
+    """A job's row: mean and sample std over its finished seeds; failed seeds only listed;
+    `structure` (methods.method_structure) finds its reference row."""
     mean, std = summarize(accuracies)
     return {
         "backbone": backbone,
@@ -106,6 +110,7 @@ def make_row(
         "key": key,
         "run_dir": run_dir,
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "structure": json.dumps(structure, sort_keys=True) if structure else "",
     }
 
 
@@ -118,7 +123,7 @@ def read_table(results_dir: Path, table: str) -> pd.DataFrame:
     csv_path, _ = table_paths(results_dir, table)
     if not csv_path.exists():
         return pd.DataFrame(columns=ROW_COLUMNS)
-    text_columns = ("overrides", "seeds", "failed", "accuracies", "key")
+    text_columns = ("overrides", "seeds", "failed", "accuracies", "key", "structure")
     return pd.read_csv(csv_path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(text_columns, str))
 
 
@@ -205,20 +210,31 @@ def with_paired(frame: pd.DataFrame) -> pd.DataFrame:
         ]
         same = group[[comparable(row, r) for _, r in group.iterrows()]]
         reference, note, numbers = "", "", empty
-        names = reference_candidates(row["method"])
-        if not is_scratch(row["method"]) and row["method"] not in names:  # Fine-tuning (L2) is the reference itself
-            candidates = same[same["method"].isin(names) & (same["source"] == row["source"])]
+        structure = structure_of(row)
+        wanted = reference_key(structure) if structure else None
+        if structure is None:
+            note = "no method structure recorded (a row of an older version): rerun its job to pair it"
+        elif wanted is not None:
+            candidates = same[
+                [
+                    r["source"] == row["source"]
+                    and (s := structure_of(r)) is not None
+                    and not s.get("scratch")
+                    and key_of(s) == wanted
+                    for _, r in same.iterrows()
+                ]
+            ]
             if len(candidates) == 1:
                 reference, numbers = candidates.iloc[0]["method"], paired(per_seed(row), per_seed(candidates.iloc[0]))
             elif len(candidates) > 1:
                 note = (
-                    f"{len(candidates)} {' or '.join(names)} rows from {row['source']} with the same settings "
-                    f"(runs {', '.join(candidates['key'])}): which is the reference is ambiguous"
+                    f"{len(candidates)} rows of {describe_reference(structure)} from {row['source']} with the "
+                    f"same settings (runs {', '.join(candidates['key'])}): which is the reference is ambiguous"
                 )
             else:
                 note = (
-                    f"no {' or '.join(names)} row from {row['source']} with the same backbone, sampling rate "
-                    "and settings"
+                    f"no row of {describe_reference(structure)} from {row['source']} with the same backbone, "
+                    "sampling rate and settings"
                 )
         scratch = group[[r["method"] == SCRATCH and comparable(row, r, source_keys=False) for _, r in group.iterrows()]]
         against = (
@@ -231,6 +247,12 @@ def with_paired(frame: pd.DataFrame) -> pd.DataFrame:
     for column, value in values.items():
         frame[column] = value
     return frame
+
+
+def structure_of(row) -> dict | None:
+    """A row's method structure (methods.method_structure), None when it has none recorded."""
+    text = row.get("structure") if hasattr(row, "get") else None
+    return json.loads(text) if isinstance(text, str) and text else None
 
 
 def format_cell(mean: float, std: float) -> str:

@@ -30,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetransfer.atomic import atomic_write_text, plain, read_json
 from safetransfer.checks import check_writable
 from safetransfer.errors import ConfigError
-from safetransfer.methods import is_scratch, method_name, source_label
-from safetransfer.paired import paired, paired_text, reference_column, scratch_column
+from safetransfer.methods import is_scratch, key_of, method_name, method_structure, reference_key, source_label
+from safetransfer.paired import paired, paired_text, scratch_column
 from safetransfer.results import NOT_IN_KEY, config_key, format_cell, lock_for, short_key, summarize
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ SHARED_ROW_NOTE = (
 
 def collect(directories: Iterable[Path]) -> pd.DataFrame:
     """One row per finished seed: its cell, its setting (config key), seed, test and validation top-1."""
-    rows, settings = {}, {}
+    rows, settings, structures = {}, {}, {}
     for directory in directories:
         for path in sorted(Path(directory).rglob("seed_*/metrics.json"), key=lambda p: p.stat().st_mtime):
             metrics = read_json(path, needs=("config", "seed", "top1"))
@@ -97,8 +97,9 @@ def collect(directories: Iterable[Path]) -> pd.DataFrame:
                 metrics.get("val_top1", math.nan),
             )
             settings[key] = {**flat_settings(cfg), **({"source_checkpoint.sha256": digest} if digest else {})}
+            structures[key] = metrics.get("structure") or method_structure(cfg)  # older runs: from the config
     frame = pd.DataFrame(list(rows.values()), columns=[*CELL, "key", "seed", "top1", "val_top1"])
-    frame.attrs["settings"] = settings
+    frame.attrs["settings"], frame.attrs["structures"] = settings, structures
     return frame
 
 
@@ -161,10 +162,12 @@ def select(seeds: pd.DataFrame) -> pd.DataFrame:
                 "key": chosen,
                 "per_seed": dict(zip(best["seed"].astype(int), best["top1"].astype(float))),
                 "chosen": " ".join(f"{k}={settings[chosen][k]}" for k in varied),
+                "structure": seeds.attrs.get("structures", {}).get(chosen),
             }
         )
     frame = pd.DataFrame(
-        cells, columns=[*CELL, "mean", "std", "seeds", "val_mean", "settings", "key", "chosen", "per_seed"]
+        cells,
+        columns=[*CELL, "mean", "std", "seeds", "val_mean", "settings", "key", "chosen", "per_seed", "structure"],
     )
     return frame.assign(method=column_labels(frame))
 
@@ -293,6 +296,7 @@ def assemble(
         for r in rates
         if any((t, r, m) in found or (t, r, m) in paper for m in methods) or not paper
     ]
+    references = reference_columns(cells, methods)
     rows = []
     for target, rate in index:
         row = {}
@@ -315,7 +319,7 @@ def assemble(
                     (method, "chosen"): cell.chosen if cell is not None else "",
                 }
             )
-            reference = reference_column(method, methods)
+            reference = references.get(method)
             other = found.get((target, rate, reference)) if reference else None
             n, difference, low, high = (
                 paired(cell.per_seed, other.per_seed)
@@ -354,6 +358,34 @@ def assemble(
     )
     table.attrs["shared_rows"] = sorted({p.target for p in published.itertuples() if p.paper_row != p.target})
     return table
+
+
+def reference_columns(cells: pd.DataFrame, methods: Sequence[str]) -> dict[str, str]:
+    """Each column's reference column, found from the methods' structures (methods.reference_key):
+    the column of the same backbone and source whose terms and direction are the reference's."""
+    info = {}
+    for cell in cells.itertuples():
+        if isinstance(cell.structure, dict):
+            info.setdefault(cell.method, (cell.structure, cell.backbone, cell.source))
+    references = {}
+    for method in methods:
+        if method not in info:
+            continue
+        structure, *where = info[method]
+        wanted = reference_key(structure)
+        references[method] = next(
+            (
+                other
+                for other in methods
+                if other != method
+                and other in info
+                and list(info[other][1:]) == where
+                and not is_scratch(other)
+                and key_of(info[other][0]) == wanted
+            ),
+            None,
+        )
+    return {method: reference for method, reference in references.items() if reference}
 
 
 def _ordered(*columns: pd.Series) -> list[str]:
@@ -507,6 +539,7 @@ def accumulated(seeds: pd.DataFrame, results_dir: Path, name: str) -> pd.DataFra
     columns = [*CELL, "key", "seed", "top1", "val_top1"]
     earlier = pd.DataFrame(old["seeds"] if old else [], columns=columns)
     settings = {**(old["settings"] if old else {}), **seeds.attrs.get("settings", {})}
+    structures = {**((old or {}).get("structures") or {}), **seeds.attrs.get("structures", {})}
     if len(earlier):
         earlier["sampling_rate"] = earlier["sampling_rate"].astype(float)
         renewed = {cell: set(group["key"]) for cell, group in seeds.groupby(CELL)}
@@ -519,9 +552,11 @@ def accumulated(seeds: pd.DataFrame, results_dir: Path, name: str) -> pd.DataFra
     merged = pd.concat([earlier, seeds[columns]], ignore_index=True).drop_duplicates(["key", "seed"], keep="last")
     merged = merged.reset_index(drop=True)
     merged.attrs["settings"] = {k: v for k, v in settings.items() if k in set(merged["key"])}
+    merged.attrs["structures"] = {k: v for k, v in structures.items() if k in set(merged["key"])}
     record = {
         "seeds": merged.astype(object).where(merged.notna(), None).to_dict("records"),
         "settings": merged.attrs["settings"],
+        "structures": merged.attrs["structures"],
     }
     atomic_write_text(store, json.dumps(record, default=plain) + "\n")
     return merged

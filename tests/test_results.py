@@ -12,6 +12,14 @@ from safetransfer import atomic, results
 from safetransfer.atomic import atomic_write_text
 from safetransfer.results import format_cell, make_row, read_table, summarize, write_row
 
+#: the structures (methods.method_structure) of the methods these rows stand for, as a job records them
+STRUCTURES = {
+    "Fine-tuning": {"regularizer": "Fine-tuning", "terms": ["l2"], "direction": "Sum", "scratch": False},
+    "L2-SP": {"regularizer": "L2-SP", "terms": ["head", "l2sp"], "direction": "Sum", "scratch": False},
+    "DTNH (L2-SP)": {"regularizer": "L2-SP", "terms": ["head", "l2sp"], "direction": "DTNH", "scratch": False},
+    "From scratch": {"regularizer": "Fine-tuning", "terms": ["l2"], "direction": "Sum", "scratch": True},
+}
+
 
 def row(key="k1", method="Fine-tuning", accuracies=(80.0, 82.0, 81.0), source="demo"):
     return make_row(
@@ -25,6 +33,7 @@ def row(key="k1", method="Fine-tuning", accuracies=(80.0, 82.0, 81.0), source="d
         overrides="",
         key=key,
         run_dir="/tmp/run",
+        structure=STRUCTURES.get(method),
     )
 
 
@@ -124,6 +133,7 @@ def test_each_job_row_is_compared_with_its_reference_row_seed_by_seed(tmp_path):
             overrides=overrides,
             key=key,
             run_dir="/tmp/run",
+            structure=STRUCTURES.get(method),
         )
 
     write_row(
@@ -231,6 +241,7 @@ def test_a_grid_is_compared_with_its_reference_and_a_missing_pair_says_why(tmp_p
             overrides=overrides,
             key=key,
             run_dir="/tmp/run",
+            structure=STRUCTURES.get(method),
         )
 
     write_row(tmp_path, "t", job("f", "Fine-tuning", [80.0, 81.0, 82.0], "method=fine_tuning"))
@@ -249,12 +260,13 @@ def test_a_grid_is_compared_with_its_reference_and_a_missing_pair_says_why(tmp_p
     assert frame.loc["a", "reference"] == "Fine-tuning" and frame.loc["a", "paired_diff"] == pytest.approx(-10.0)
     assert frame.loc["b", "reference"] == "Fine-tuning" and frame.loc["b", "paired_diff"] == pytest.approx(-4.666666)
     assert frame.loc["d", "reference"] == "L2-SP" and frame.loc["d", "paired_diff"] == pytest.approx(1.0)
-    assert pd.isna(frame.loc["e", "reference"]) and "2 L2-SP rows" in frame.loc["e", "paired_note"]
+    assert pd.isna(frame.loc["e", "reference"]) and "2 rows of L2-SP without DTNH" in frame.loc["e", "paired_note"]
     assert "ambiguous" in frame.loc["e", "paired_note"]
     assert (
-        pd.isna(frame.loc["g", "reference"]) and "no Fine-tuning or L2 row from demo" in frame.loc["g", "paired_note"]
+        pd.isna(frame.loc["g", "reference"])
+        and "no row of plain fine-tuning (Fine-tuning or L2) from demo" in frame.loc["g", "paired_note"]
     )
     markdown = (tmp_path / "t.md").read_text()
     header = markdown.splitlines()[0]
     assert "| l2sp.alpha " in header and "| optimizer.lr " in header and "overrides" not in header
-    assert "none: 2 L2-SP rows" in markdown
+    assert "none: 2 rows of L2-SP without DTNH" in markdown

@@ -239,8 +239,6 @@ def test_paired_differences_against_the_reference_column(compose_cfg, tmp_path):
     with unequal seed sets (only the common seeds count)."""
     from scipy import stats
 
-    from safetransfer.tables import reference_column
-
     l2sp = {0: 70.0, 1: 72.0, 2: 71.0, 3: 73.5, 4: 69.0}
     dtnh = {0: 71.0, 1: 72.9, 2: 72.4, 3: 74.0}  # seed 4 missing: four common seeds
     fine = {7: 60.0}  # no seed in common with L2-SP
@@ -266,12 +264,27 @@ def test_paired_differences_against_the_reference_column(compose_cfg, tmp_path):
     low, high = expected.low, expected.high
     mark = " *" if low > 0 or high < 0 else ""
     assert f"+{np.mean([1.0, 0.9, 1.4, 0.5]):.2f} [{low:+.2f}, {high:+.2f}] (4){mark}" in markdown
-    assert reference_column("L2-SP+BSS", ["L2-SP", "L2-SP+BSS"]) == "L2-SP"
-    assert reference_column("DELTA", ["L2", "DELTA"]) == "L2"  # the BSS table's Fine-tuning column
-    assert (
-        reference_column("DTNH (KnowDist) [demo]", ["KnowDist [demo]", "DTNH (KnowDist) [demo]"]) == "KnowDist [demo]"
-    )
-    assert reference_column("Fine-tuning", ["Fine-tuning"]) is None
+
+
+def test_a_reference_is_found_from_the_methods_structure_not_its_name(compose_cfg):
+    """reference_key from method_structure: DTNH (X) -> X, X+BSS -> X, the rest -> plain fine-tuning;
+    a direction strategy of another name is compared with its sum too (a label rule compared it
+    with Fine-tuning)."""
+    from safetransfer.methods import key_of, method_structure, reference_key
+
+    def key(*overrides):
+        return key_of(method_structure(compose_cfg("source=imagenet", *overrides)))
+
+    def reference(*overrides):
+        return reference_key(method_structure(compose_cfg("source=imagenet", *overrides)))
+
+    assert reference("method=l2sp_bss") == key("method=l2sp")
+    assert reference("method=dtnh_knowdist") == key("method=knowdist")
+    assert reference("method=delta") == key("method=fine_tuning") == key("method=l2")  # the BSS table's L2 too
+    assert reference("method=delta_bss") == key("method=delta")
+    assert reference("method=fine_tuning") is None and reference("method=from_scratch") is None
+    other = method_structure(compose_cfg("source=imagenet", "method=l2sp"))
+    assert reference_key({**other, "direction": "Orthogonal"}) == key("method=l2sp")
 
 
 @pytest.mark.parametrize("damage", ['{"seed": 1, "top1": 7', "", '{"seed": 1}', "\x00\xff"])
