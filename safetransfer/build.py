@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from safetransfer.backbones import TransferNet
 from safetransfer.directions import Direction
 from safetransfer.draws import Seeded, SeededDraws
 from safetransfer.engine import Evaluator, Loop, Parts, milestone_iterations
+from safetransfer.fingerprints import term_identity
 from safetransfer.logs import TrainLog, log_columns
 from safetransfer.preparation import Data
 from safetransfer.regularizers import BindContext, Omega
@@ -94,7 +95,7 @@ def create_loader(dataset: Dataset, cfg: DictConfig, *, train: bool, seed: int, 
 
 def bind_context(cfg: DictConfig, data: Data, device: torch.device) -> BindContext:
     """What regularizer terms may use before training; `identity` keys their caches."""
-    identity = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("backbone", "source", "target", "data")}
+    identity = term_identity(cfg)
     return BindContext(
         device=device,
         train_data=data.train_plain,

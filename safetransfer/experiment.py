@@ -21,9 +21,10 @@ from safetransfer.checks import check_classes, check_config, check_training_set
 from safetransfer.downloads import file_digest, mirrored
 from safetransfer.engine import NonFiniteError, evaluate, fit, test_forward
 from safetransfer.errors import ConfigError
+from safetransfer.fingerprints import config_key
 from safetransfer.methods import method_name, method_structure, source_label
 from safetransfer.preparation import Data, prepare_data, save_indices, seed_data
-from safetransfer.results import config_key, format_cell, make_row, write_row
+from safetransfer.results import format_cell, make_row, write_row
 from safetransfer.resume import CHECKPOINT, Checkpointer, StopSignals
 from safetransfer.runtime import job_device, resolve_device
 from safetransfer.search import apply_chosen

@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.downloads import mirrored
 from safetransfer.errors import MissingData, SafetransferError, one_line
+from safetransfer.fingerprints import data_identity
 from safetransfer.sources import PretrainedSource, own_keys
-from safetransfer.targets import SAMPLING_KEYS, sample_lists
+from safetransfer.targets import sample_lists
 
 #: status -> what the line says
 LABELS = {
@@ -89,7 +90,7 @@ def target_artifacts(cfg: DictConfig) -> list[Artifact]:
         return []
     settings = OmegaConf.to_container(cfg.target, resolve=True)
     where = str(settings.get("root", ""))
-    data = {k: v for k, v in settings.items() if k not in SAMPLING_KEYS}
+    data = data_identity(settings)
     mirror = cfg.paths.get("mirror")
 
     def get_data(download: bool) -> tuple[bool, str]:

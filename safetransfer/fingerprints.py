@@ -1,6 +1,7 @@
-"""The one hash that names things by what decides them: a results row's config key, the
-decoded-image cache's files, the regularizer terms' caches and the demo source's file.
-Each caller says what goes into its payload; the hash is the same everywhere."""
+"""The one hash that names things by what decides them (a results row's config key, the
+decoded-image cache's files, the regularizer terms' caches, the demo source's file), and
+the one declaration of what decides each: what never changes a result (NOT_IN_KEY,
+WHERE_ONLY) and what chooses images rather than the data (SAMPLING_KEYS)."""
 
 from __future__ import annotations
 
@@ -14,3 +15,53 @@ def fingerprint(payload: object, length: int, data: bytes = b"") -> str:
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
     digest.update(data)
     return digest.hexdigest()[:length]
+
+
+# What decides what, declared once: the config key of a result, the decoded-image cache's
+# identity of a dataset, and the identity the regularizer terms' caches are kept under.
+
+#: config sections (and the launcher group, which only sets hydra.launcher) that change how a
+#: job runs or where it writes, never its numbers; search: its chosen values are in the config
+NOT_IN_KEY = ("seeds", "runtime", "results", "paths", "hydra", "logger", "search", "launcher")
+#: single keys of that kind inside the other sections: where a list is kept (not which list),
+#: whether a saved source may be replaced
+WHERE_ONLY = ("target.sample_list_dir", "pretrain.overwrite")
+#: the target keys that choose images from its data (sampling, hold-out, lists), not the data itself
+SAMPLING_KEYS = (
+    "sampling_rate",
+    "sampling_seed",
+    "resample_per_seed",
+    "val_fraction",
+    "sample_list",
+    "sample_list_dir",
+)
+
+
+def decisive(cfg) -> dict:
+    """The resolved config without what never changes a result (NOT_IN_KEY, WHERE_ONLY)."""
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for section in NOT_IN_KEY:
+        container.pop(section, None)
+    for dotted in WHERE_ONLY:
+        section, key = dotted.split(".")
+        container.get(section, {}).pop(key, None)
+    return container
+
+
+def config_key(cfg) -> str:
+    """Fingerprint of everything that determines a row's numbers (not seeds, not runtime)."""
+    return fingerprint(decisive(cfg), 12)
+
+
+def data_identity(target: dict) -> dict:
+    """A target's settings that decide its images (its data, not the sample drawn from it)."""
+    return {key: value for key, value in target.items() if key not in SAMPLING_KEYS}
+
+
+def term_identity(cfg) -> dict:
+    """What a regularizer term may cache from before training (DELTA's attention): the backbone,
+    source, target and data sections that decide it."""
+    container = decisive(cfg)
+    return {key: container.get(key) for key in ("backbone", "source", "target", "data")}

@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 
 from safetransfer.atomic import read_json
+from safetransfer.fingerprints import config_key
 from safetransfer.methods import is_scratch, method_name, source_label
-from safetransfer.results import config_key, short_key
+from safetransfer.results import short_key
 from safetransfer.tables import flat_settings, varied_keys
 
 log = logging.getLogger(__name__)

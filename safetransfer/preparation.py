@@ -14,9 +14,9 @@ from torch.utils.data import Dataset
 
 from safetransfer.atomic import atomic_write_json
 from safetransfer.checks import check_training_set
+from safetransfer.fingerprints import data_identity
 from safetransfer.runtime import resolve_device
 from safetransfer.targets import (
-    SAMPLING_KEYS,
     Target,
     TensorImages,
     Transformed,
@@ -97,9 +97,7 @@ def cached_data(
     """Training and test images read from the decoded-image cache: whole splits are cached
     once per dataset and size, so every sampling rate and seed shares them. With
     `on_device` the loader hands over uint8 images and DeviceAugment does the rest."""
-    identity = OmegaConf.to_container(cfg.target, resolve=True)
-    for key in SAMPLING_KEYS:
-        identity.pop(key, None)
+    identity = data_identity(OmegaConf.to_container(cfg.target, resolve=True))
     common = dict(
         resize=cfg.data.resize,
         crop=cfg.data.crop,

@@ -17,16 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 from filelock import FileLock
-from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.atomic import atomic_write_text
-from safetransfer.fingerprints import fingerprint
+from safetransfer.fingerprints import NOT_IN_KEY
 from safetransfer.methods import SCRATCH, describe_reference, is_scratch, key_of, reference_key
 from safetransfer.paired import paired, paired_text
-
-#: config sections (and the launcher group, which only sets hydra.launcher) that change how a
-#: job runs or where it writes, never its numbers; search: its chosen values are in the config
-NOT_IN_KEY = ("seeds", "runtime", "results", "paths", "hydra", "logger", "search", "launcher")
 
 
 def runtime_only(override: str) -> bool:
@@ -57,16 +52,6 @@ ROW_COLUMNS = [
 #: (paired_note: why a row has none), and a transfer row against the From scratch row
 PAIRED_COLUMNS = ["reference", "paired_n", "paired_diff", "paired_low", "paired_high", "paired_note"]
 SCRATCH_COLUMNS = ["scratch_n", "scratch_diff", "scratch_low", "scratch_high"]
-
-
-def config_key(cfg: DictConfig) -> str:
-    """Fingerprint of everything that determines a row's numbers (not seeds, not runtime)."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    for section in NOT_IN_KEY:
-        container.pop(section, None)
-    container.get("target", {}).pop("sample_list_dir", None)  # where a list is kept, not which list
-    container.get("pretrain", {}).pop("overwrite", None)  # whether a saved source may be replaced
-    return fingerprint(container, 12)
 
 
 def summarize(accuracies: Sequence[float]) -> tuple[float, float]:

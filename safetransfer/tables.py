@@ -30,9 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 from safetransfer.atomic import atomic_write_text, plain, read_json
 from safetransfer.checks import check_writable
 from safetransfer.errors import ConfigError
+from safetransfer.fingerprints import config_key, decisive
 from safetransfer.methods import is_scratch, key_of, method_name, method_structure, reference_key, source_label
 from safetransfer.paired import paired, paired_text, scratch_column
-from safetransfer.results import NOT_IN_KEY, config_key, format_cell, lock_for, short_key, summarize
+from safetransfer.results import format_cell, lock_for, short_key, summarize
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,8 @@ def collect(directories: Iterable[Path]) -> pd.DataFrame:
 
 
 def flat_settings(cfg: DictConfig) -> dict[str, object]:
-    """The config's values that decide a result, as dotted keys."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    for section in NOT_IN_KEY:
-        container.pop(section, None)
+    """The config's values that decide a result (fingerprints.decisive), as dotted keys."""
+    container = decisive(cfg)
     return {
         key: json.dumps(value) if isinstance(value, list) else value
         for key, value in pd.json_normalize(container, sep=".").iloc[0].items()

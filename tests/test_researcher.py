@@ -164,7 +164,7 @@ def test_a_replaced_source_checkpoint_never_mixes_into_one_setting(compose_cfg, 
 
     from safetransfer.errors import ConfigError
     from safetransfer.experiment import finished_seed
-    from safetransfer.results import config_key
+    from safetransfer.fingerprints import config_key
     from safetransfer.tables import collect, select
 
     cfg = compose_cfg("source=pretrained", "source.dataset=vehicles")

@@ -100,7 +100,7 @@ def test_a_crash_before_the_rename_keeps_the_old_file(tmp_path, monkeypatch):
 
 
 def test_config_key_ignores_seeds_and_runtime(compose_cfg):
-    from safetransfer.results import config_key
+    from safetransfer.fingerprints import config_key
 
     base = config_key(compose_cfg())
     assert config_key(compose_cfg("seeds=[0]", "runtime.num_workers=1", "runtime.device=cpu")) == base

@@ -310,7 +310,7 @@ def test_a_damaged_record_of_a_seed_makes_the_rerun_train_it_again(compose_cfg, 
     """A truncated metrics.json (or failed.json) left by a crash: the rerun names the file and
     treats the seed as unfinished (it stopped with a JSONDecodeError that named nothing)."""
     from safetransfer.experiment import failed_seed, finished_seed
-    from safetransfer.results import config_key
+    from safetransfer.fingerprints import config_key
 
     key = config_key(compose_cfg())
     path = tmp_path / "seed_0" / name

@@ -16,18 +16,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from safetransfer.errors import ConfigError
+from safetransfer.fingerprints import SAMPLING_KEYS
 from safetransfer.targets.cache import decode_transform
 from safetransfer.targets.images import read_item
-
-#: the target keys that choose images from its data (sampling, hold-out, lists), not the data itself
-SAMPLING_KEYS = (
-    "sampling_rate",
-    "sampling_seed",
-    "resample_per_seed",
-    "val_fraction",
-    "sample_list",
-    "sample_list_dir",
-)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
