@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,43 +117,34 @@ def plan(table: str, overrides: list[str]) -> tuple[list[Job], DictConfig]:
     return jobs, base
 
 
-#: the method each cell of scripts/benchmark_cell.py trains (BENCHMARKS.md, section cuda-cell)
+#: the method each cell of scripts/benchmark_cell.py trains (BENCHMARKS.json, cuda-cell)
 CELL_METHODS = {"dtnh": "resnet18 l2sp dtnh", "bss": "resnet50 l2_bss sum"}
 
 
-def benchmark_figures(path: Path) -> tuple[str, dict[str, float], float, int, dict] | None:
-    """(device kind, ms per step by 'backbone regularizer direction', px, batch, cell factors)
-    of the measured section of BENCHMARKS.md, the CUDA one when there is one. The cell factors,
-    {(backbone, concurrent seeds): factor}, come from the cuda-cell section: a whole job's
-    seconds per seed and iteration, end to end (start, data, evaluation, and the seeds one after
-    another or concurrently), over the model-only step time of the same method."""
+def benchmark_figures(path: Path) -> tuple[str, dict[str, float], float, int, dict, str] | None:
+    """(device kind, ms per step by 'backbone regularizer direction', px, batch, cell factors,
+    precision) of the figures file scripts/benchmark.py and scripts/benchmark_cell.py write
+    (BENCHMARKS.json), the CUDA figures when there are some. The cell factors,
+    {(backbone, concurrent seeds): factor}, are a whole job's seconds per seed and iteration,
+    end to end (start, data, evaluation, the seeds one after another or concurrently), over the
+    model-only step time of the same method."""
+    import json
+
     if not path.exists():
         return None
-    text = path.read_text()
-    sections = re.split(r"<!-- ([\w-]+) -->", text)[1:]
-    found = dict(zip(sections[::2], sections[1::2]))
+    found = json.loads(path.read_text())
     for kind in ("cuda", "cpu"):
-        if kind in found:
-            body = found[kind]
-            settings = re.search(r"Settings: (\d+) px, batch (\d+)", body)
-            rows = {
-                m.group(1).strip(): float(m.group(2))
-                for m in re.finditer(r"^\| (resnet\d+ \w+ \w+) \| [\d.]+ \| ([\d.]+) \|", body, re.MULTILINE)
-            }
-            if settings and rows:
-                factors = {}
-                for m in re.finditer(
-                    r"^- (\w+), (seeds one after another|concurrent seeds): .*cell-seconds per "
-                    r"iteration ([\d.]+)",
-                    found.get(f"{kind}-cell", ""),
-                    re.MULTILINE,
-                ):
-                    method = CELL_METHODS.get(m.group(1))
-                    if method in rows:
-                        factors[(method.split()[0], m.group(2) == "concurrent seeds")] = (
-                            1000 * float(m.group(3)) / rows[method]
-                        )
-                return kind, rows, float(settings.group(1)), int(settings.group(2)), factors
+        figures = found.get(kind)
+        if not figures or not figures.get("ms_per_step"):
+            continue
+        rows = {name: float(ms) for name, ms in figures["ms_per_step"].items()}
+        factors = {}
+        for cell, modes in found.get(f"{kind}-cell", {}).get("seconds_per_iteration", {}).items():
+            method = CELL_METHODS.get(cell)
+            for mode, seconds in modes.items():
+                if method in rows:
+                    factors[(method.split()[0], mode == "concurrent")] = 1000 * float(seconds) / rows[method]
+        return kind, rows, float(figures["px"]), int(figures["batch"]), factors, str(figures.get("precision", "fp32"))
     return None
 
 
@@ -194,7 +184,7 @@ def print_plan(table: str, jobs: list[Job], figures, concurrent: bool = False) -
     counts = {stage: sum(j.stage == stage for j in jobs) for stage in hours}
     print(f"{counts['search']} search jobs, {counts['final']} final jobs, {len(jobs)} in all")
     if figures:
-        kind, _, px, batch, factors = figures
+        kind, _, px, batch, factors, precision = figures
         mode = "concurrent seeds" if concurrent else "seeds one after another"
         used = {
             b: (f, m)
@@ -206,21 +196,21 @@ def print_plan(table: str, jobs: list[Job], figures, concurrent: bool = False) -
             source = (
                 "measured on a GPU: model-only step times x the end-to-end factor of a measured cell, "
                 + ", ".join(f"{b} {f:.2f} ({m})" for b, (f, m) in sorted(used.items()))
-                + "; BENCHMARKS.md"
+                + f"; {precision} step times, BENCHMARKS.json"
             )
         elif kind == "cuda":
-            source = f"measured on a GPU; model steps only (no measured cell for {mode})"
+            source = f"measured on a GPU, {precision} step times; model steps only (no measured cell for {mode})"
         else:
             source = (
-                f"a CPU projection: BENCHMARKS.md has no GPU figures yet, so its CPU step times ({px:g} px, "
-                f"batch {batch}) are scaled by pixels and batch size; a GPU is far faster; model steps only"
+                f"a CPU projection: BENCHMARKS.json has no GPU figures yet, so its CPU {precision} step times "
+                f"({px:g} px, batch {batch}) are scaled by pixels and batch size; a GPU is far faster; model steps only"
             )
         print(
             f"projected hours: search {hours['search']:.1f} h, final {hours['final']:.1f} h, "
             f"total {sum(hours.values()):.1f} h ({source})" + (f"; {unknown} jobs have no figure" if unknown else "")
         )
     else:
-        print("projected hours: no BENCHMARKS.md found (run python scripts/benchmark.py)")
+        print("projected hours: no BENCHMARKS.json found (run python scripts/benchmark.py)")
 
 
 def run_stage(arguments: list[str]) -> None:
@@ -384,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--benchmarks",
         type=Path,
-        help="the step times the plan projects from (default: the repository's BENCHMARKS.md, else ./BENCHMARKS.md)",
+        help="the step times the plan projects from (default: the repository's BENCHMARKS.json, else "
+        "./BENCHMARKS.json; written by scripts/benchmark.py and scripts/benchmark_cell.py)",
     )
     args = parser.parse_intermixed_args(argv)
     one_line_errors(parser, lambda: run(args))
@@ -409,7 +400,7 @@ def run(args: argparse.Namespace) -> None:
         candidates = (
             [args.benchmarks]
             if args.benchmarks
-            else [Path(__file__).resolve().parents[1] / "BENCHMARKS.md", Path("BENCHMARKS.md")]
+            else [Path(__file__).resolve().parents[1] / "BENCHMARKS.json", Path("BENCHMARKS.json")]
         )
         figures = next((f for f in map(benchmark_figures, candidates) if f), None)
         print_plan(args.table, jobs, figures, bool(base.runtime.concurrent_seeds))

@@ -1,5 +1,6 @@
 """The performance figures, in one process on the same images, as ratios against a
-reference measured in the same run; printed and written to BENCHMARKS.md.
+reference measured in the same run; printed and written to BENCHMARKS.md, the step times
+the plan projects from to BENCHMARKS.json.
 
     python scripts/benchmark.py                      # small defaults on a CPU (64 px, batch 16): a few minutes
     python scripts/benchmark.py --device cuda        # 224 px, batch 48, ResNet-18 and ResNet-50
@@ -758,6 +759,34 @@ def report(args, device, results: list[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the figures `safetransfer-reproduce --plan` projects from: beside BENCHMARKS.md, as JSON
+FIGURES = Path(__file__).resolve().parent.parent / "BENCHMARKS.json"
+
+
+def write_figures(path: Path, kind: str, figures: dict) -> None:
+    """Replace this kind's entry of the figures file (cuda, cpu, cuda-cell, cpu-cell), keeping the
+    others: the numbers the plan reads, beside the prose of BENCHMARKS.md."""
+    import json
+
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**old, kind: figures}, indent=1, sort_keys=True) + "\n")
+
+
+def step_figures(args, results: list[Result]) -> dict:
+    """What the plan needs of a run of this script: the settings and the model-only step time of
+    each 'backbone regularizer direction' row."""
+    return {
+        "px": args.size,
+        "batch": args.batch,
+        "precision": args.precision,
+        "ms_per_step": {
+            r.what: round(r.ms_per_step, 3)
+            for r in results
+            if r.ms_per_step is not None and re.fullmatch(r"resnet\d+ \w+ (sum|dtnh)", r.what)
+        },
+    }
+
+
 def write_section(path: Path, kind: str, text: str, title: str | None = None) -> None:
     """Replace this device kind's section of BENCHMARKS.md, keeping the others."""
     begin, end = f"<!-- {kind} -->", f"<!-- /{kind} -->"
@@ -790,6 +819,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on CUDA")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
+    parser.add_argument("--figures", type=Path, default=FIGURES, help="the plan's figures (JSON)")
     parser.add_argument(
         "--skip",
         nargs="*",
@@ -843,7 +873,8 @@ def main() -> None:
     text = report(args, device, results)
     print(text)
     write_section(args.out, device.type, text)
-    print(f"written to {args.out}")
+    write_figures(args.figures, device.type, step_figures(args, results))
+    print(f"written to {args.out} and {args.figures}")
 
 
 if __name__ == "__main__":

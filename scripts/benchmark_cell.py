@@ -16,8 +16,8 @@ workers' start); the projection to the cell's length adds
 (length - probe) x slope per seed one after another, or once for concurrent seeds (their
 slope is measured while all five share the GPU). The decoded-image cache is built once
 before any timing, as a real run's first job builds it once for every later one.
-Written to BENCHMARKS.md, section cuda-cell (or cpu-cell), which `safetransfer-reproduce
---plan` reads.
+Written to BENCHMARKS.md, section cuda-cell (or cpu-cell), and the cell-seconds per
+iteration to BENCHMARKS.json, which `safetransfer-reproduce --plan` reads.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import machine, write_photos, write_section  # noqa: E402
+from benchmark import FIGURES, machine, write_figures, write_photos, write_section  # noqa: E402
 
 SEEDS = 5
 CELLS = {
@@ -180,6 +180,21 @@ def report(records: list[dict], header: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cell_figures(records: list[dict]) -> dict:
+    """What the plan reads of the cells: per cell and way of running the seeds, the fastest
+    variant's projected wall time per seed and iteration (cell-seconds per iteration)."""
+    figures = {}
+    for cell in CELLS:
+        for concurrent in (False, True):
+            mine = [r for r in records if r["cell"] == cell and not r.get("full") and r["concurrent"] == concurrent]
+            if mine:
+                best = min(mine, key=lambda r: r["projected_s"])
+                figures.setdefault(cell, {})["concurrent" if concurrent else "sequential"] = round(
+                    best["projected_s"] / (SEEDS * best["length"]), 5
+                )
+    return {"seconds_per_iteration": figures}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -202,6 +217,7 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=50, help="log.csv rows (angles every second row)")
     parser.add_argument("--size", type=int, default=224, help="the crop (resize: 8/7 of it)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
+    parser.add_argument("--figures", type=Path, default=FIGURES, help="the plan's figures (JSON)")
     parser.add_argument("--json", type=Path, help="write every measurement here as it is made")
     parser.add_argument(
         "--report",
@@ -223,12 +239,9 @@ def main() -> None:
         header = [files[0]["machine"], data, *(f"Command: `{f['command']}`" for f in files)]
         text = report([r for f in files for r in f["records"]], header)
         print(text)
-        write_section(
-            args.out,
-            "cuda-cell" if "NVIDIA" in files[0]["machine"] else "cpu-cell",
-            text,
-            "One paper cell, end to end (CUDA)",
-        )
+        kind = "cuda-cell" if "NVIDIA" in files[0]["machine"] else "cpu-cell"
+        write_section(args.out, kind, text, "One paper cell, end to end (CUDA)")
+        write_figures(args.figures, kind, cell_figures([r for f in files for r in f["records"]]))
         return
     header = [f"Machine: {machine(device)}.", data, f"Command: `{command}`"]
 
@@ -266,6 +279,7 @@ def main() -> None:
     text = report(records, header)
     print(text)
     write_section(args.out, f"{device.type}-cell", text, f"One paper cell, end to end ({device.type.upper()})")
+    write_figures(args.figures, f"{device.type}-cell", cell_figures(records))
     print(f"written to {args.out}")
 
 

@@ -1,6 +1,7 @@
 """The table command: presets against the papers' protocols, the plan, and the two
 stages (search on validation, then the chosen setting with five seeds) end to end."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -76,35 +77,58 @@ def test_plan_lists_every_job_of_both_stages(tmp_path):
     only = plan("dtnh_table2", ["target=flowers102", "method=l2sp,fine_tuning"])[0]
     assert sum(j.stage == "final" for j in only) == 2 and sum(j.stage == "search" for j in only) == 12
 
-    benchmarks = tmp_path / "BENCHMARKS.md"
-    benchmarks.write_text(
-        "<!-- cpu -->\n## CPU\nSettings: 64 px, batch 16, ...\n\n| measurement | images/s | ms/step |\n"
-        "|---|---:|---:|\n| resnet18 l2sp sum | 90.0 | 100.0 | 1 |  |\n"
-    )
+    # the figures as scripts/benchmark.py and scripts/benchmark_cell.py write them (their own writers)
+    benchmark, cell = scripts()
+    benchmarks = tmp_path / "BENCHMARKS.json"
+    run = argparse.Namespace(size=64, batch=16, precision="fp32")
+    results = [
+        benchmark.Result("resnet18 l2sp sum", 90.0, 100.0),
+        benchmark.Result("resnet18 reference step", 1.0, 5.0),
+    ]
+    benchmark.write_figures(benchmarks, "cpu", benchmark.step_figures(run, results))
     from safetransfer.reproduce import job_hours
 
     figures = benchmark_figures(benchmarks)
-    assert figures[0] == "cpu" and figures[1] == {"resnet18 l2sp sum": 100.0}
+    assert figures[0] == "cpu" and figures[1] == {"resnet18 l2sp sum": 100.0} and figures[5] == "fp32"
     job = next(j for j in only if j.stage == "final" and j.cell["method"] == "l2sp")
     # 100 ms at 64 px, batch 16 -> x (224/64)^2 x 3 at 224 px, batch 48; 5 seeds x 8000 iterations
     assert job_hours(job, figures) == pytest.approx(0.1 * (224 / 64) ** 2 * 3 * 8000 * 5 / 3600)
 
     # a measured cell (scripts/benchmark_cell.py): its end-to-end seconds per seed and iteration over the
     # model-only step of its method scale every job of that backbone, by the way the seeds run
-    benchmarks.write_text(
-        "<!-- cuda -->\n## CUDA\nSettings: 224 px, batch 48, ...\n\n| measurement | images/s | ms/step |\n"
-        "|---|---:|---:|\n| resnet18 l2sp sum | 90.0 | 10.0 | 1 |  |\n"
-        "| resnet18 l2sp dtnh | 90.0 | 12.5 | 1 |  |\n<!-- /cuda -->\n<!-- cuda-cell -->\n"
-        "- dtnh, seeds one after another: fastest bf16: 12.3 min; cell-seconds per iteration 0.0250\n"
-        "- dtnh, concurrent seeds: fastest bf16: 5.4 min; cell-seconds per iteration 0.0100\n"
-        "<!-- /cuda-cell -->\n"
-    )
+    gpu = argparse.Namespace(size=224, batch=48, precision="bf16")
+    steps = [benchmark.Result("resnet18 l2sp sum", 90.0, 10.0), benchmark.Result("resnet18 l2sp dtnh", 90.0, 12.5)]
+    benchmark.write_figures(benchmarks, "cuda", benchmark.step_figures(gpu, steps))
+    records = [  # the fastest of each way of running the seeds counts: 5 seeds x 8000 iterations
+        {"cell": "dtnh", "concurrent": False, "projected_s": 0.025 * 5 * 8000, "length": 8000},
+        {"cell": "dtnh", "concurrent": False, "projected_s": 0.030 * 5 * 8000, "length": 8000},
+        {"cell": "dtnh", "concurrent": True, "projected_s": 0.010 * 5 * 8000, "length": 8000},
+    ]
+    benchmark.write_figures(benchmarks, "cuda-cell", cell.cell_figures(records))
     figures = benchmark_figures(benchmarks)
+    assert figures[0] == "cuda" and figures[5] == "bf16"  # the GPU's figures first; the CPU's are kept
     assert figures[4] == {("resnet18", False): pytest.approx(2.0), ("resnet18", True): pytest.approx(0.8)}
     assert job_hours(job, figures) == pytest.approx(0.010 * 2.0 * 8000 * 5 / 3600)
     assert job_hours(job, figures, concurrent=True) == pytest.approx(0.010 * 0.8 * 8000 * 5 / 3600)
     searched = next(j for j in only if j.stage == "search")  # one seed: it runs alone even when seeds run concurrently
     assert job_hours(searched, figures, concurrent=True) == job_hours(searched, figures)
+
+
+def scripts():
+    """scripts/benchmark.py and scripts/benchmark_cell.py as modules (they are run as files)."""
+    import importlib
+
+    folder = str(Path(__file__).resolve().parent.parent / "scripts")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module("benchmark"), importlib.import_module("benchmark_cell")
+    finally:
+        sys.path.remove(folder)
+
+
+def test_the_repositorys_figures_are_read_by_the_plan():
+    figures = benchmark_figures(Path(__file__).resolve().parent.parent / "BENCHMARKS.json")
+    assert figures is not None and figures[0] in ("cuda", "cpu") and figures[1]
 
 
 def test_plan_command_names_a_cpu_projection(capsys):
