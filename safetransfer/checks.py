@@ -12,8 +12,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from safetransfer.engine import PRECISIONS, milestone_iterations
 from safetransfer.errors import ConfigError, one_line
-from safetransfer.logs import PROGRESS
+from safetransfer.logs import LOGGERS, PROGRESS
 from safetransfer.targets import TEST_CROPS, TRAIN_CROPS, crop_options
+from safetransfer.targets.augment import AUGMENT_ON
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -75,8 +76,8 @@ def check_config(cfg: DictConfig) -> None:
             f"runtime.log_every={cfg.runtime.log_every} (angles are written on log rows)"
         )
     logger = cfg.logger
-    if logger not in ("csv", "tensorboard"):
-        raise ConfigError(f"logger={logger} is not one of csv, tensorboard")
+    if logger not in LOGGERS:
+        raise ConfigError(f"logger={logger} is not one of {', '.join(LOGGERS)}")
     if logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError(
             "logger=tensorboard needs the tensorboard package: pip install tensorboard (or use logger=csv)"
@@ -91,8 +92,8 @@ def check_config(cfg: DictConfig) -> None:
     build_checked(cfg.direction, "direction")
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={cfg.train.precision} is not one of {', '.join(PRECISIONS)}")
-    if cfg.data.augment_on not in ("auto", "device", "workers"):
-        raise ConfigError(f"data.augment_on={cfg.data.augment_on} is not one of auto, device, workers")
+    if cfg.data.augment_on not in AUGMENT_ON:
+        raise ConfigError(f"data.augment_on={cfg.data.augment_on} is not one of {', '.join(AUGMENT_ON)}")
     if cfg.runtime.progress not in PROGRESS:  # the loop's own check would come only once training starts
         raise ConfigError(f"runtime.progress={cfg.runtime.progress} is not one of {', '.join(PROGRESS)}")
     check_optimizer(cfg.optim)

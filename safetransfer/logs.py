@@ -50,6 +50,8 @@ def log_columns(
 
 #: runtime.progress: a tqdm bar on a terminal (auto), always (bar), or log lines (log)
 PROGRESS = ("auto", "bar", "log")
+#: logger: log.csv alone, or also TensorBoard event files (TrainLog's `tensorboard`)
+LOGGERS = ("csv", "tensorboard")
 
 
 def use_bar(progress: str) -> bool:

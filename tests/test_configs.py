@@ -241,3 +241,29 @@ def test_a_papers_absolute_drop_beyond_a_shortened_run_is_one_line(compose_cfg):
     assert list(cfg.optim.scheduler.milestones) == [6000]  # the paper's preset keeps its absolute drop
     with pytest.raises(ConfigError, match=r"milestones=\[6000\] lie beyond train.iterations=300.*milestones=\[0.75\]"):
         check_config(cfg)
+
+
+def test_the_configs_comments_list_exactly_the_choices_the_code_declares():
+    """conf/config.yaml documented `precision: fp16`, which the check refused: each key's comment
+    now lists the choices declared once where they are implemented."""
+    import re
+
+    from safetransfer.engine import PRECISIONS
+    from safetransfer.logs import LOGGERS, PROGRESS
+    from safetransfer.targets.augment import AUGMENT_ON
+
+    text = (resources.files("safetransfer.conf") / "config.yaml").read_text()
+
+    def documented(key):
+        comment = re.search(rf"^\s*{key}: \S+\s+# (.*)$", text, re.MULTILINE).group(1)
+        depth, plain = 0, ""
+        for char in comment:  # the comment without its parenthesised asides
+            depth += char == "("
+            plain += char if depth == 0 else ""
+            depth -= char == ")"
+        return {choice.strip() for choice in plain.split("|")}
+
+    assert documented("precision") == set(PRECISIONS)
+    assert documented("augment_on") == set(AUGMENT_ON)
+    assert documented("progress") == set(PROGRESS)
+    assert documented("logger") == set(LOGGERS)

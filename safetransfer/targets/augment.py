@@ -13,6 +13,11 @@ import torch.nn.functional as F
 SCALE, RATIO, ATTEMPTS = (0.08, 1.0), (3 / 4, 4 / 3), 10  # torchvision's RandomResizedCrop defaults
 
 
+#: data.augment_on: the GPU when training there from the cache (auto), the device always
+#: (device: DeviceAugment, any train crop and test views), or the loader workers (torchvision's own)
+AUGMENT_ON = ("auto", "device", "workers")
+
+
 class DeviceAugment:
     """The training transform's random window and mirror, or the test views, and the
     normalisation, done on a whole uint8 batch where it lives (the GPU when training there),
