@@ -318,38 +318,19 @@ def assemble(
                     (method, "chosen"): cell.chosen if cell is not None else "",
                 }
             )
-            reference = references.get(method)
-            other = found.get((target, rate, reference)) if reference else None
-            n, difference, low, high = (
-                paired(cell.per_seed, other.per_seed)
-                if cell is not None and other is not None
-                else (0, math.nan, math.nan, math.nan)
-            )
-            row.update(
-                {
-                    (method, "reference"): reference or "",
-                    (method, "paired_n"): n,
-                    (method, "paired_diff"): difference,
-                    (method, "paired_low"): low,
-                    (method, "paired_high"): high,
-                }
-            )
-            scratch = scratch_column(method, methods)
-            base = found.get((target, rate, scratch)) if scratch else None
-            n, difference, low, high = (
-                paired(cell.per_seed, base.per_seed)
-                if cell is not None and base is not None
-                else (0, math.nan, math.nan, math.nan)
-            )
-            row.update(
-                {
-                    (method, "scratch"): scratch or "",
-                    (method, "scratch_n"): n,
-                    (method, "scratch_diff"): difference,
-                    (method, "scratch_low"): low,
-                    (method, "scratch_high"): high,
-                }
-            )
+            # against its reference column, and a transfer column against From scratch
+            for name, prefix, other in (
+                ("reference", "paired", references.get(method)),
+                ("scratch", "scratch", scratch_column(method, methods)),
+            ):
+                theirs = found.get((target, rate, other)) if other else None
+                numbers = (
+                    paired(cell.per_seed, theirs.per_seed)
+                    if cell is not None and theirs is not None
+                    else (0, math.nan, math.nan, math.nan)
+                )
+                row[(method, name)] = other or ""
+                row.update({(method, f"{prefix}_{q}"): v for q, v in zip(("n", "diff", "low", "high"), numbers)})
         rows.append(row)
     columns = pd.MultiIndex.from_tuples([(m, q) for m in methods for q in QUANTITIES], names=["method", "quantity"])
     table = pd.DataFrame(
