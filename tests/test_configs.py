@@ -152,10 +152,11 @@ TABLES = {
 
 @pytest.mark.parametrize("table", sorted(TABLES))
 def test_every_cell_of_every_paper_table_composes_and_resolves(table):
-    """Each job of the preset's sweep composes and resolves to the paper's protocol, and the
-    cells the sweep makes are exactly the published table's cells. Every (target, method) is
-    composed at the first sampling rate and the first (target, method) at every rate: the
-    rate changes nothing else of a job (its name comes from the method alone)."""
+    """The preset's jobs compose and resolve to the paper's protocol, and the cells its sweep
+    makes are exactly the published table's cells. A target, a method and a sampling rate are
+    independent overlays of the preset, so every target is composed with the first method, every
+    method with the first target, and the first pair at every rate (a cell is named by its
+    target's dataset and its method's name)."""
     import itertools
 
     from hydra import compose, initialize_config_module
@@ -167,18 +168,10 @@ def test_every_cell_of_every_paper_table_composes_and_resolves(table):
         preset = compose("config", overrides=[f"experiment={table}"], return_hydra_config=True)
         assert str(preset.hydra.mode) == "RunMode.MULTIRUN"
         params = {key: str(value).split(",") for key, value in preset.hydra.sweeper.params.items()}
-        cells, names = set(), {}
-        rates = params.get("target.sampling_rate", [None])
-        for values in itertools.product(*params.values()):
-            chosen = dict(zip(params, values))
-            pair = (chosen.get("target"), chosen.get("method"))
-            if (
-                chosen.get("target.sampling_rate") not in (None, rates[0])
-                and pair in names
-                and pair != next(iter(names))
-            ):
-                cells.add((names[pair][0], float(chosen["target.sampling_rate"]), names[pair][1]))
-                continue
+        first = {key: values[0] for key, values in params.items()}
+        spanning = [{**first, key: value} for key, values in params.items() for value in values]
+        datasets, names = {}, {}
+        for chosen in spanning:
             overrides = [f"experiment={table}", *(f"{k}={v}" for k, v in chosen.items())]
             cfg = OmegaConf.create(OmegaConf.to_container(compose("config", overrides=overrides), resolve=True))
             assert (cfg.backbone.name, cfg.source.name) == (backbone, source)
@@ -188,11 +181,11 @@ def test_every_cell_of_every_paper_table_composes_and_resolves(table):
             assert cfg.optim.optimizer.lr == lr and cfg.optim.optimizer.momentum == momentum
             assert cfg.optim.head_lr_mult == 10 and cfg.optim.scheduler.gamma == 0.1
             assert cfg.results.paper.name == table and cfg.results.paper.published == table
+            assert float(cfg.target.sampling_rate) == float(chosen.get("target.sampling_rate", 100))
             if table.startswith("dtnh"):
                 long = cfg.target.name == "cifar10"
                 assert cfg.train.iterations == (20000 if long else 8000)
                 assert list(cfg.optim.scheduler.milestones) == [6000]  # "divided by 10 after 6000 iterations"
-                assert cfg.target.sampling_rate == 100
             else:
                 assert cfg.train.iterations == 9000 and list(cfg.optim.scheduler.milestones) == [6000]
                 if "bss" in cfg.regularizer.terms:
@@ -200,8 +193,12 @@ def test_every_cell_of_every_paper_table_composes_and_resolves(table):
                 if "l2" in cfg.regularizer.terms:
                     assert cfg.regularizer.terms.l2.alpha == 5e-4
             instantiate(cfg.source)
-            names.setdefault(pair, (cfg.target.name, method_name(cfg)))
-            cells.add((cfg.target.name, float(cfg.target.sampling_rate), method_name(cfg)))
+            datasets[chosen.get("target")] = cfg.target.name
+            names[chosen.get("method")] = method_name(cfg)
+        cells = {
+            (datasets[job.get("target")], float(job.get("target.sampling_rate", 100)), names[job.get("method")])
+            for job in (dict(zip(params, values)) for values in itertools.product(*params.values()))
+        }
     published = published_values(table)
     assert cells == set(zip(published["target"], published["sampling_rate"], published["method"]))
 
