@@ -125,9 +125,8 @@ def run_seed(
     checkpoints and raises resume.Preempted."""
     seed_dir = run_dir / f"seed_{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
-    for stale in seed_dir.glob(
-        ".*.tmp"
-    ):  # an atomic write cut short (SIGKILL mid-checkpoint): only this seed writes here
+    # an atomic write cut short (SIGKILL mid-checkpoint): only this seed writes here
+    for stale in seed_dir.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
         log.info("removed %s, left by an interrupted write", stale)
     built = build_seed(cfg, seed, data, source_state, on_pace)
@@ -286,9 +285,8 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "", stop: StopSigna
             cfg.source.name,
             ", ".join(f"source.{k}" for k in foreign),
         )
-        overrides = " ".join(
-            o for o in overrides.split() if o.lstrip("+~").partition("=")[0] not in {f"source.{k}" for k in foreign}
-        )
+        left_out = {f"source.{k}" for k in foreign}
+        overrides = " ".join(o for o in overrides.split() if o.lstrip("+~").partition("=")[0] not in left_out)
     check_config(cfg)
     check_save_to(cfg, run_dir)
     if apply_chosen(cfg, method_name(cfg)):  # stage 2 of a table's search: the cell's chosen values

@@ -213,22 +213,26 @@ def print_plan(table: str, jobs: list[Job], figures, concurrent: bool = False) -
         print("projected hours: no BENCHMARKS.json found (run python scripts/benchmark.py)")
 
 
-def run_stage(arguments: list[str]) -> None:
-    """One stage: `safetransfer-train -m ARGUMENTS`, in this process (Hydra's multirun and
-    its launcher, the end-of-sweep report included)."""
+def run_train(arguments: list[str]) -> int:
+    """`safetransfer-train ARGUMENTS` in this process (Hydra's multirun and its launcher, the
+    end-of-sweep report included); its exit code."""
     from safetransfer import train
 
-    print("+ safetransfer-train -m " + " ".join(arguments), flush=True)
+    print("+ safetransfer-train " + " ".join(arguments), flush=True)
     saved = sys.argv
-    sys.argv = ["safetransfer-train", "-m", *arguments]
+    sys.argv = ["safetransfer-train", *arguments]
     try:
         train.main()
-        code = 0
+        return 0
     except SystemExit as stop:  # Hydra exits non-zero when a job failed
-        code = stop.code if isinstance(stop.code, int) else 1
+        return stop.code if isinstance(stop.code, int) else 1
     finally:
         sys.argv = saved
-    if code:
+
+
+def run_stage(arguments: list[str]) -> None:
+    """One stage: `safetransfer-train -m ARGUMENTS`, in this process."""
+    if run_train(["-m", *arguments]):
         raise SystemExit(
             "safetransfer-reproduce: a stage ended with failed jobs (listed above); fix them and rerun "
             "the same command: finished seeds are kept"
@@ -262,13 +266,12 @@ def sources_to_make(table: str, overrides: list[str]) -> list[tuple[str, str, Pa
     return list(found.values())
 
 
-def make_sources(table: str, overrides: list[str], root: Path) -> None:
-    """Stage 0: the sources a pretraining run makes, each once (a rerun keeps its finished seed)."""
-    from safetransfer import train
-
+def make_sources(made: list[tuple[str, str, Path, str]], overrides: list[str], root: Path) -> None:
+    """Stage 0: the sources a pretraining run makes (sources_to_make), each once (a rerun keeps
+    its finished seed)."""
     _, plain = split_sweeps(overrides)
     kept = [o for o in plain if o.lstrip("+~").startswith(PRETRAINING_KEYS)]
-    for dataset, backbone, path, _ in sources_to_make(table, overrides):
+    for dataset, backbone, path, _ in made:
         arguments = [
             "experiment=pretrain_source",
             f"target={dataset}",
@@ -277,13 +280,7 @@ def make_sources(table: str, overrides: list[str], root: Path) -> None:
             *kept,
             f"hydra.run.dir={root / 'sources' / f'{backbone}_{dataset}'}",
         ]
-        print("+ safetransfer-train " + " ".join(arguments), flush=True)
-        saved = sys.argv
-        sys.argv = ["safetransfer-train", *arguments]
-        try:
-            train.main()
-        finally:
-            sys.argv = saved
+        run_train(arguments)
         if not path.is_file():
             raise SystemExit(
                 f"safetransfer-reproduce: the source pretraining did not write {path} (see above); "
@@ -291,10 +288,12 @@ def make_sources(table: str, overrides: list[str], root: Path) -> None:
             )
 
 
-def reproduce(table: str, overrides: list[str], root: Path) -> Path:
+def reproduce(table: str, overrides: list[str], root: Path, made: list | None = None) -> Path:
+    """Both stages of `table`, after making the sources a pretraining run makes (`made`, from
+    sources_to_make; found here when not given)."""
     from safetransfer.tables import collect, write_table
 
-    make_sources(table, overrides, root)
+    make_sources(sources_to_make(table, overrides) if made is None else made, overrides, root)
     sweeps, plain = split_sweeps(overrides)
     base = compose_job(table, plain)
     grids = {m: list(g) for m, g in base.search.grids.items()}
@@ -421,16 +420,17 @@ def run(args: argparse.Namespace) -> None:
         return
     # the data, checked once before any job: a missing dataset would fail every job of its row;
     # a source a pretraining run makes is made first (its own inputs are among those checked)
-    made = {name for *_, name in sources_to_make(args.table, args.overrides)}
+    made = sources_to_make(args.table, args.overrides)
+    made_names = {name for *_, name in made}
     outcomes = table_data(args.table, args.overrides, download=False)
-    if any(o.status not in READY and o.artifact not in made for o in outcomes):
-        missing = sum(o.status not in READY and o.artifact not in made for o in outcomes)
+    missing = [o for o in outcomes if o.status not in READY and o.artifact not in made_names]
+    if missing:
         raise SystemExit(
-            f"safetransfer-reproduce: error: {missing} of the {len(outcomes)} artifacts the table's jobs "
+            f"safetransfer-reproduce: error: {len(missing)} of the {len(outcomes)} artifacts the table's jobs "
             f"read are not ready (listed above); nothing was trained: run safetransfer-reproduce "
             f"{args.table} --fetch, or place what cannot be downloaded as listed"
         )
-    reproduce(args.table, args.overrides, args.dir or Path("multirun") / args.table)
+    reproduce(args.table, args.overrides, args.dir or Path("multirun") / args.table, made)
 
 
 def fetch_main(argv: list[str] | None = None) -> None:

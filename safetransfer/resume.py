@@ -146,13 +146,18 @@ class Checkpointer:
 class Preempted(Exception):
     """The job was asked to stop (SIGTERM / SIGINT / SIGUSR1 / SIGUSR2); a checkpoint was written first."""
 
+    #: how a job continues when nothing more is known of how it was started
+    RERUN = "rerun the same command (same output directory) to continue"
+
     def __init__(self, signum: int, iteration: int, path: Path | None):
         self.signum, self.iteration, self.path = signum, iteration, path
-        where = f"checkpoint written to {path}" if path else "no checkpoint (runtime.checkpoint_every=0)"
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} after iteration {iteration}: {where}; "
-            "rerun the same command (same output directory) to continue"
-        )
+        super().__init__(self.text(self.RERUN))
+
+    def text(self, how_to_continue: str) -> str:
+        """The one line, ending in how to continue (a multirun names its sweep folder)."""
+        where = f"checkpoint written to {self.path}" if self.path else "no checkpoint (runtime.checkpoint_every=0)"
+        stopped = f"stopped by {signal.Signals(self.signum).name} after iteration {self.iteration}"
+        return f"{stopped}: {where}; {how_to_continue}"
 
     def __reduce__(self):  # crosses process boundaries (runtime.concurrent_seeds)
         return Preempted, (self.signum, self.iteration, self.path)

@@ -234,10 +234,9 @@ def app(cfg: DictConfig) -> float:
         if num is not None:  # "the same command" would start a new sweep folder: name this one
             from safetransfer.sweeps import SweepReport, continue_command
 
-            message = message.replace(
-                "rerun the same command (same output directory) to continue",
-                "continue the sweep with: "
-                + continue_command(SweepReport.arguments or sys.argv[1:], Path(hydra_cfg.sweep.dir)),
+            arguments = SweepReport.arguments or sys.argv[1:]
+            message = preempted.text(
+                f"continue the sweep with: {continue_command(arguments, Path(hydra_cfg.sweep.dir))}"
             )
         status.write("interrupted" if preempted.signum == signal.SIGINT else "preempted", error=message)
         log.warning("%s", message)
