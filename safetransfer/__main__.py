@@ -1,3 +1,3 @@
-from safetransfer.train import main
+from safetransfer.commands.train import main
 
 main()

@@ -38,14 +38,14 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from safetransfer.backbones import Features, TransferNet
-from safetransfer.build import build_seed, create_loader
-from safetransfer.directions import DTNH, Sum
-from safetransfer.engine import Loop, autocast, fit, training_step
-from safetransfer.preparation import Data, prepare_data
-from safetransfer.regularizers.bss import BSS
-from safetransfer.targets.augment import DeviceAugment
-from safetransfer.targets.imagefolder import ImageFolderTarget
+from safetransfer.data.augment import DeviceAugment
+from safetransfer.data.preparation import Data, prepare_data
+from safetransfer.data.targets.imagefolder import ImageFolderTarget
+from safetransfer.job.build import build_seed, create_loader
+from safetransfer.training.backbones import Features, TransferNet
+from safetransfer.training.directions import DTNH, Sum
+from safetransfer.training.engine import Loop, autocast, fit, training_step
+from safetransfer.training.regularizers.bss import BSS
 
 REGULARIZERS = ["l2", "l2sp", "knowdist", "delta", "l2_bss", "l2sp_bss", "delta_bss"]
 PROFILES = {  # what "small defaults on the CPU" and the papers' scale on a GPU mean
@@ -209,7 +209,7 @@ def reference_transform(resize: int, crop: int):
 
 @dataclass
 class Pieces:
-    """What the engine's training_step takes, built by safetransfer.build as run_seed builds it."""
+    """What the engine's training_step takes, built by safetransfer.job.build as run_seed builds it."""
 
     model: TransferNet
     images: torch.Tensor

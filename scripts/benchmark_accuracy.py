@@ -35,8 +35,8 @@ from scipy import stats
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from safetransfer.experiment import run_job
-from safetransfer.targets.demo import DemoTarget
+from safetransfer.data.targets.demo import DemoTarget
+from safetransfer.job.run import run_job
 
 
 def project(seeds: list[int], args, out: Path, head_lr_mult: float = 1) -> list[dict]:

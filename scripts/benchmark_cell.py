@@ -101,7 +101,7 @@ def job(cell: str, variant: Variant, iterations: int, root: Path, out: Path, arg
     ]
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "safetransfer.train", *arguments],
+        [sys.executable, "-m", "safetransfer.commands.train", *arguments],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

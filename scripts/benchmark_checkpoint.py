@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_module
 
-from safetransfer.build import build_seed
-from safetransfer.engine import Loop, fit
-from safetransfer.preparation import Data
-from safetransfer.resume import Checkpointer
+from safetransfer.data.preparation import Data
+from safetransfer.job.build import build_seed
+from safetransfer.training.checkpoints import Checkpointer
+from safetransfer.training.engine import Loop, fit
 
 
 def synchronize(device: torch.device) -> None:

@@ -26,7 +26,7 @@ import torch
 from hydra import compose, initialize_config_module
 from scipy import stats
 
-from safetransfer.experiment import run_job
+from safetransfer.job.run import run_job
 
 VARIANTS = [("cuda", "fp32"), ("cuda", "bf16"), ("cpu", "fp32")]  # CUDA first: it pretrains the demo source, once
 PAIRS = [

@@ -61,7 +61,7 @@ def cli_process(tmp_path):
 
     def _run(*arguments: str, timeout: float | None = None):
         return subprocess.run(
-            [sys.executable, "-m", "safetransfer.train", *arguments],
+            [sys.executable, "-m", "safetransfer.commands.train", *arguments],
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -76,7 +76,7 @@ def cli_process(tmp_path):
 def train_in_process(tmp_path, monkeypatch, capsys):
     """Run `safetransfer-train ARGUMENTS` through its entry function in this process (no
     interpreter start-up), in a temporary working directory: (exit code, stdout, stderr)."""
-    from safetransfer import train
+    from safetransfer.commands import train
 
     monkeypatch.chdir(tmp_path)
 

@@ -1,63 +1,58 @@
-"""The import graph of the package: no circle, and no arrow running up the layers that the
-README's Architecture section lists (each row may import from its own row and the rows above)."""
+"""The package's folders are its layers: no import runs up them, and the modules' import graph
+has no circle. The layers are the rows of the README's Architecture table, bottom first; a
+module may import from its own folder or a folder below it, never from one above."""
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
 
 import safetransfer
 
 PACKAGE = Path(safetransfer.__file__).parent
-#: the rows of the README's table, bottom layer first: a module may import from its own layer or a lower one
-LAYERS = [
-    {
-        "errors",
-        "atomic",
-        "methods",
-        "paired",
-        "logs",
-        "runtime",
-        "demo",
-        "data",
-        "downloads",
-        "draws",
-        "overrides",
-        "fingerprints",
-    },
-    {"backbones", "directions", "resume"},
-    {"regularizers", "targets", "checkpoints"},
-    {"engine", "checks"},
-    {"results", "tables", "plots", "search", "sources"},
-    {"preparation", "build", "fetch"},
-    {"experiment"},
-    {"train", "sweeps", "reproduce", "__main__"},
-]
+README = PACKAGE.parent / "README.md"
+#: the package's folders, bottom layer first
+LAYERS = ["common", "training", "data", "sources", "reporting", "job", "commands"]
+#: the package's own files at its top: the version and resolver, and `python -m safetransfer`
+TOP = {"__init__": -1, "__main__": len(LAYERS)}
 
 
-def module_of(path: Path) -> str:
-    """The package's top-level module a file belongs to (subpackages count as one)."""
-    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+def module_name(path: Path) -> str:
+    """safetransfer.data.targets.cub200 for safetransfer/data/targets/cub200.py."""
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def imports() -> dict[str, set[str]]:
-    """module -> the package's other top-level modules it imports (at the top or inside functions)."""
+    """module -> the package's other modules it imports (at the top or inside functions); a
+    name imported from a package is the package's module when it is one, else the package."""
+    known = {module_name(path) for path in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for path in PACKAGE.rglob("*.py"):
-        source = module_of(path)
+        source = module_name(path)
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "safetransfer":
-                parts = node.module.split(".")
-                names = [parts[1]] if len(parts) > 1 else [alias.name for alias in node.names]
+                names = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module for a in node.names
+                ]
             elif isinstance(node, ast.Import):
-                names = [a.name.split(".")[1] for a in node.names if a.name.startswith("safetransfer.")]
+                names = [a.name for a in node.names if a.name.startswith("safetransfer.")]
             graph.setdefault(source, set()).update(n for n in names if n != source)
     return graph
 
 
 def layer(module: str) -> int:
-    found = [index for index, modules in enumerate(LAYERS) if module in modules]
-    assert found, f"{module} is in no layer: add it to LAYERS and to the README's Architecture table"
-    return found[0]
+    """The index in LAYERS of the folder a module lies in."""
+    parts = module.split(".")
+    if len(parts) == 2 and parts[1] in TOP:
+        return TOP[parts[1]]
+    assert len(parts) > 2 and parts[1] in LAYERS, (
+        f"{module} lies in no layer's folder: move it into one of {', '.join(LAYERS)} (or add a folder to LAYERS "
+        "and to the README's Architecture table)"
+    )
+    return LAYERS.index(parts[1])
 
 
 def upward(graph: dict[str, set[str]]) -> list[str]:
@@ -65,7 +60,7 @@ def upward(graph: dict[str, set[str]]) -> list[str]:
         f"{source} -> {target}"
         for source, targets in graph.items()
         for target in targets
-        if layer(target) > layer(source)
+        if target != "safetransfer" and layer(target) > layer(source)
     )
 
 
@@ -89,7 +84,7 @@ def circle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_every_import_points_to_the_same_layer_or_below():
+def test_every_module_lies_in_a_layer_and_imports_from_its_own_or_a_lower_one():
     assert upward(imports()) == []
 
 
@@ -97,15 +92,23 @@ def test_the_import_graph_has_no_circle():
     assert circle(imports()) is None
 
 
+def test_the_readme_table_lists_the_folders_in_their_order():
+    section = README.read_text().split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `safetransfer/(\w+)/` \|", section, flags=re.M)
+    assert rows == LAYERS
+
+
 def test_the_checks_find_what_they_look_for():
-    """On made-up graphs: the circle experiment -> sweeps -> tables -> experiment that the
-    package once had, and an arrow from the engine up to the job."""
-    assert circle({"experiment": {"sweeps"}, "sweeps": {"tables"}, "tables": {"experiment"}}) == [
-        "experiment",
-        "sweeps",
-        "tables",
-        "experiment",
-    ]
-    assert circle({"experiment": {"engine"}, "engine": set()}) is None
-    assert upward({"engine": {"experiment"}, "experiment": {"engine"}}) == ["engine -> experiment"]
-    assert {"engine", "preparation", "build"} <= imports()["experiment"]  # the parser sees real imports
+    """On made-up graphs: the circle run -> sweeps -> tables -> run that the package once had,
+    an arrow from the training core up to the job, and a module left at the top."""
+    s = "safetransfer."
+    ring = {s + "job.run": {s + "commands.sweeps"}, s + "commands.sweeps": {s + "reporting.tables"}}
+    ring[s + "reporting.tables"] = {s + "job.run"}
+    assert circle(ring) == [s + "commands.sweeps", s + "reporting.tables", s + "job.run", s + "commands.sweeps"]
+    assert circle({s + "job.run": {s + "training.engine"}, s + "training.engine": set()}) is None
+    assert upward({s + "training.engine": {s + "job.run"}}) == [f"{s}training.engine -> {s}job.run"]
+    with pytest.raises(AssertionError, match="lies in no layer's folder"):
+        layer(s + "engine")
+    graph = imports()  # the parser sees real imports, a package's submodules by their own names
+    assert {s + "training.engine", s + "data.preparation", s + "job.build"} <= graph[s + "job.run"]
+    assert s + "sources.checkpoint_files" in graph[s + "sources.published"]

@@ -109,6 +109,11 @@ def test_single_run_from_the_command_line(cli, tmp_path):
         (["train.batch_size=500"], "fewer than train.batch_size=500"),
         (["runtime.device=tpu"], "runtime.device=tpu is not one of auto, cpu, cuda, cuda:N"),
         (["results.dir=/proc/forbidden"], "results.dir=/proc/forbidden"),
+        (  # a config written before the package's folders names the class by its old path
+            ["regularizer=l2sp", "regularizer.terms.l2sp._target_=safetransfer.regularizers.l2sp.L2SP"],
+            "regularizer.terms.l2sp._target_=safetransfer.regularizers.l2sp.L2SP names a class that has moved: "
+            "set regularizer.terms.l2sp._target_=safetransfer.training.regularizers.l2sp.L2SP",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line_before_training(cli, tmp_path, arguments, expected):
@@ -210,7 +215,7 @@ def test_a_dataset_of_one_class_is_refused_in_one_line(cli, tmp_path):
     ],
 )
 def test_known_keys_pass_the_key_check(arguments):
-    from safetransfer.train import check_keys
+    from safetransfer.commands.train import check_keys
 
     check_keys(arguments)
 

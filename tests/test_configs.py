@@ -7,15 +7,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from safetransfer.build import create_omega, create_optimizer
-from safetransfer.checks import check_config
-from safetransfer.directions import Direction
-from safetransfer.errors import ConfigError
-from safetransfer.methods import method_name
-from safetransfer.regularizers import Omega
-from safetransfer.sources import Source
-from safetransfer.targets import Target
-from safetransfer.train import group_options
+from safetransfer.commands.train import group_options
+from safetransfer.common.errors import ConfigError
+from safetransfer.data.targets.base import Target
+from safetransfer.job.build import create_omega, create_optimizer
+from safetransfer.job.checks import check_config
+from safetransfer.reporting.methods import method_name
+from safetransfer.sources.base import Source
+from safetransfer.training.directions import Direction
+from safetransfer.training.regularizers import Omega
 
 #: choices with a value the user must give (`???` in their YAML)
 MANDATORY = {
@@ -161,7 +161,7 @@ def test_every_cell_of_every_paper_table_composes_and_resolves(table):
 
     from hydra import compose, initialize_config_module
 
-    from safetransfer.tables import published_values
+    from safetransfer.reporting.tables import published_values
 
     backbone, source = TABLES[table]
     with initialize_config_module(config_module="safetransfer.conf", version_base="1.3"):
@@ -245,9 +245,9 @@ def test_the_configs_comments_list_exactly_the_choices_the_code_declares():
     now lists the choices declared once where they are implemented."""
     import re
 
-    from safetransfer.engine import PRECISIONS
-    from safetransfer.logs import LOGGERS, PROGRESS
-    from safetransfer.targets.augment import AUGMENT_ON
+    from safetransfer.data.augment import AUGMENT_ON
+    from safetransfer.training.engine import PRECISIONS
+    from safetransfer.training.train_log import LOGGERS, PROGRESS
 
     text = (resources.files("safetransfer.conf") / "config.yaml").read_text()
 

@@ -11,10 +11,11 @@ from torchvision.transforms import v2
 
 import fixtures
 from conftest import TINY
-from safetransfer import targets
-from safetransfer.engine import evaluate
-from safetransfer.targets import Transformed, augment_transform, train_transform
-from safetransfer.targets.cub200 import CUB200
+from safetransfer.data import transforms
+from safetransfer.data.datasets import Transformed
+from safetransfer.data.targets.cub200 import CUB200
+from safetransfer.data.transforms import augment_transform, train_transform
+from safetransfer.training.engine import evaluate
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.3, 0.25]
 
@@ -31,7 +32,7 @@ def normalized(pixels):
 def test_ten_test_crops_are_corners_and_centre_each_mirrored():
     resize, crop = 12, 8
     image = square(resize)
-    views = targets.test_transform(resize, crop, MEAN, STD, test_crops=10)(v2.functional.to_pil_image(image))
+    views = transforms.test_transform(resize, crop, MEAN, STD, test_crops=10)(v2.functional.to_pil_image(image))
     assert views.shape == (10, 3, crop, crop)
     x = image.numpy()
     centre = int(round((resize - crop) / 2))
@@ -68,7 +69,7 @@ def test_random_resized_crop_option_draws_torchvision_windows_of_the_square():
 
 def test_evaluation_averages_the_logits_of_the_views():
     torch.manual_seed(0)
-    from safetransfer.backbones import TransferNet
+    from safetransfer.training.backbones import TransferNet
 
     model = TransferNet("resnet18", 4).eval()
     images = torch.randn(3, 10, 3, 32, 32)
@@ -82,7 +83,7 @@ def test_evaluation_averages_the_logits_of_the_views():
 
 
 def test_cached_ten_crops_equal_the_direct_path(tmp_path):
-    from safetransfer.preparation import cached_data
+    from safetransfer.data.preparation import cached_data
 
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=5, test_per_class=2)
     target = CUB200(str(tmp_path / "data"), expected_classes=3, expected_split=(15, 6))
@@ -103,7 +104,7 @@ def test_cached_ten_crops_equal_the_direct_path(tmp_path):
         }
     )
     _, cached_test = cached_data(cfg, target.train_set(), target.test_set(), np.arange(15))
-    direct = Transformed(target.test_set(), range(6), targets.test_transform(48, 40, MEAN, STD, test_crops=10))
+    direct = Transformed(target.test_set(), range(6), transforms.test_transform(48, 40, MEAN, STD, test_crops=10))
     for i in range(6):
         assert cached_test[i][0].shape == (10, 3, 40, 40)
         assert torch.equal(direct[i][0], cached_test[i][0])
@@ -136,8 +137,8 @@ def test_a_run_with_the_bss_data_options_scores_ten_crops(cli, tmp_path):
     ],
 )
 def test_bad_crop_options_are_one_line(compose_cfg, override, message):
-    from safetransfer.checks import check_config
-    from safetransfer.errors import ConfigError
+    from safetransfer.common.errors import ConfigError
+    from safetransfer.job.checks import check_config
 
     with pytest.raises(ConfigError, match=message):
         check_config(compose_cfg(override))

@@ -8,32 +8,32 @@ import pandas as pd
 import pytest
 import torch
 
-from safetransfer import demo
+from safetransfer.data import domains
 
 
 def test_domains_are_deterministic_and_balanced():
-    images, labels, classes = demo.make_domain("target", 5, 32, seed=7)
-    again, _, _ = demo.make_domain("target", 5, 32, seed=7)
+    images, labels, classes = domains.make_domain("target", 5, 32, seed=7)
+    again, _, _ = domains.make_domain("target", 5, 32, seed=7)
     assert torch.equal(images, again)
     assert images.shape == (5 * len(classes), 3, 32, 32) and images.dtype == torch.uint8
     assert torch.bincount(labels).tolist() == [5] * len(classes)
-    assert not torch.equal(images, demo.make_domain("target", 5, 32, seed=8)[0])
+    assert not torch.equal(images, domains.make_domain("target", 5, 32, seed=8)[0])
 
 
 def test_source_and_target_label_sets_differ():
-    assert set(demo.SOURCE_CLASSES).isdisjoint(demo.TARGET_CLASSES)
-    assert len(demo.SOURCE_CLASSES) == 12 and len(demo.TARGET_CLASSES) == 6
+    assert set(domains.SOURCE_CLASSES).isdisjoint(domains.TARGET_CLASSES)
+    assert len(domains.SOURCE_CLASSES) == 12 and len(domains.TARGET_CLASSES) == 6
 
 
 def test_shapes_cover_what_their_level_says():
     """A filled circle of radius r covers about pi r^2 pixels; an outline far fewer."""
     generator = torch.Generator().manual_seed(0)
-    filled = demo.render(
+    filled = domains.render(
         torch.zeros(1, dtype=torch.long), outline=False, grating=None, palette="cool", size=64, generator=generator
     )
     assert filled.shape == (1, 3, 64, 64)
     coords = torch.arange(8, dtype=torch.float32)
-    level = demo._shape_level("circle", coords.view(1, -1) / 4 - 1, coords.view(-1, 1) / 4 - 1)
+    level = domains._shape_level("circle", coords.view(1, -1) / 4 - 1, coords.view(-1, 1) / 4 - 1)
     inside = (level <= 1).sum().item()
     assert abs(inside - 3.14159 * 16) < 8  # radius 4 pixels on an 8 x 8 grid of pixel corners
 
@@ -41,7 +41,7 @@ def test_shapes_cover_what_their_level_says():
 @pytest.mark.slow
 def test_full_demo_shows_transfer_beyond_the_seeds_spread(tmp_path):
     result = _train(tmp_path)
-    check_demo_table(pd.read_csv(tmp_path / "results" / "demo.csv"))
+    check_demo_table(pd.read_csv(tmp_path / "results" / "domains.csv"))
     assert "Results table" in result.stdout
 
 
@@ -58,7 +58,7 @@ def _train(tmp_path, *arguments) -> subprocess.CompletedProcess:
     """`safetransfer-train *arguments` in tmp_path, with a cache of its own there."""
     env = {**os.environ, "SAFETRANSFER_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
-        [sys.executable, "-m", "safetransfer.train", *arguments],
+        [sys.executable, "-m", "safetransfer.commands.train", *arguments],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -90,7 +90,7 @@ def test_a_strong_pull_hurts_and_dtnh_removes_little_of_it(tmp_path):
         "runtime.eval_every=0",
         "runtime.log_every=10",
     )
-    frame = pd.read_csv(tmp_path / "results" / "demo.csv").set_index("method")
+    frame = pd.read_csv(tmp_path / "results" / "domains.csv").set_index("method")
     seeds = {
         m: dict(zip(str(frame.loc[m, "seeds"]).split(";"), map(float, str(frame.loc[m, "accuracies"]).split(";"))))
         for m in frame.index

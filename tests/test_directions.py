@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from safetransfer.directions import DTNH, Sum
+from safetransfer.training.directions import DTNH, Sum
 
 SHAPES = [(3,), (2, 2), (1,), (4, 1)]
 # zero or of a size whose square does not underflow (a gradient of norm ~1e-190 counts as zero)
@@ -149,7 +149,7 @@ def test_zero_empirical_gradient_leaves_the_regularizer_alone():
 
 
 def test_method_labels_and_a_bad_granularity():
-    from safetransfer.methods import method_label
+    from safetransfer.reporting.methods import method_label
 
     assert method_label("L2-SP", type(Sum()).__name__) == "L2-SP"
     assert method_label("L2-SP", type(DTNH()).__name__) == "DTNH (L2-SP)"
@@ -161,7 +161,7 @@ def test_method_labels_and_a_bad_granularity():
 def test_the_fast_dtnh_step_is_the_papers_algorithm_line_by_line(seed):
     """DTNH's flat-buffer step against directions.dtnh_reference (Algorithm 1's lines on one
     vector), on conflicting and agreeing gradient pairs of several tensor shapes, in float64."""
-    from safetransfer.directions import DTNH, dtnh_reference
+    from safetransfer.training.directions import DTNH, dtnh_reference
 
     generator = torch.Generator().manual_seed(seed)
     shapes = [(4, 3, 3, 3), (4,), (10, 4), (10,)]

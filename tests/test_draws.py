@@ -1,14 +1,14 @@
-"""Seeded draws (safetransfer.draws): a seed's batches and augmentations do not depend on
+"""Seeded draws (safetransfer.data.draws): a seed's batches and augmentations do not depend on
 the number of loader workers."""
 
 import torch
 
 from conftest import TINY
-from safetransfer.build import build_seed
-from safetransfer.engine import Batches
-from safetransfer.experiment import run_seed
-from safetransfer.preparation import prepare_data
-from safetransfer.targets.demo import DemoTarget
+from safetransfer.data.preparation import prepare_data
+from safetransfer.data.targets.demo import DemoTarget
+from safetransfer.job.build import build_seed
+from safetransfer.job.run import run_seed
+from safetransfer.training.engine import Batches
 
 
 def _data(cfg):

@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY
-from safetransfer.backbones import TransferNet
-from safetransfer.build import create_optimizer
-from safetransfer.directions import Sum
-from safetransfer.engine import training_step
-from safetransfer.experiment import run_seed
-from safetransfer.preparation import prepare_data
-from safetransfer.regularizers import Omega
-from safetransfer.regularizers.l2 import L2
-from safetransfer.targets.demo import DemoTarget
+from safetransfer.data.preparation import prepare_data
+from safetransfer.data.targets.demo import DemoTarget
+from safetransfer.job.build import create_optimizer
+from safetransfer.job.run import run_seed
+from safetransfer.training.backbones import TransferNet
+from safetransfer.training.directions import Sum
+from safetransfer.training.engine import training_step
+from safetransfer.training.regularizers import Omega
+from safetransfer.training.regularizers.l2 import L2
 
 
 def test_sum_step_with_l2_equals_sgd_with_weight_decay():
@@ -112,11 +112,11 @@ def _manual_dtnh(g_J, g_Omega):
 def test_dtnh_step_matches_a_manual_algorithm_1(regularizer):
     """One DTNH step from the engine equals g_J and g_Omega taken apart by hand, projected
     on flat vectors, and one plain SGD step (first momentum step: buffer = d)."""
-    from safetransfer.directions import DTNH
-    from safetransfer.regularizers import BindContext
-    from safetransfer.regularizers.knowdist import KnowDist
-    from safetransfer.regularizers.l2 import HeadL2
-    from safetransfer.regularizers.l2sp import L2SP
+    from safetransfer.training.directions import DTNH
+    from safetransfer.training.regularizers import BindContext
+    from safetransfer.training.regularizers.knowdist import KnowDist
+    from safetransfer.training.regularizers.l2 import HeadL2
+    from safetransfer.training.regularizers.l2sp import L2SP
 
     torch.manual_seed(1)
     model = TransferNet("resnet18", 4).double()
@@ -176,7 +176,7 @@ def test_dtnh_step_matches_a_manual_algorithm_1(regularizer):
 
 
 def test_angles_are_the_angles_between_the_vectors():
-    from safetransfer.engine import angle_diagnostics
+    from safetransfer.training.engine import angle_diagnostics
 
     g_J = [torch.tensor([1.0, 0.0], dtype=torch.float64)]
     g_Omega = [torch.tensor([-1.0, 1.0], dtype=torch.float64)]
@@ -195,8 +195,8 @@ def test_small_angles_match_a_float64_reference(degrees):
     """float32 gradients at 0.01-0.5 degrees apart: the angles agree with NumPy in float64
     (arctan2 of the components along and across) to 2e-5 degrees (float32 arccos was off by
     up to 0.02), and Angle 1 equals Angle 3 when nothing conflicts."""
-    from safetransfer.directions import DTNH
-    from safetransfer.engine import angle_diagnostics
+    from safetransfer.training.directions import DTNH
+    from safetransfer.training.engine import angle_diagnostics
 
     rng = np.random.default_rng(int(degrees * 1000))
     shapes = [(64, 3, 3, 3), (1000,), (10, 64)]
@@ -263,7 +263,7 @@ def test_concurrent_seeds_give_each_seed_the_result_it_gets_alone(compose_cfg, t
     threads (the thread count changes how the CPU sums, so it has to match)."""
     import json
 
-    from safetransfer.experiment import run_job
+    from safetransfer.job.run import run_job
 
     overrides = [*TINY, "seeds=[0,1]", "train.iterations=4", "optim.scheduler.milestones=[3]"]
     threads = torch.get_num_threads()
@@ -341,7 +341,7 @@ def test_eval_every_writes_the_split_columns_on_the_right_rows(compose_cfg, tmp_
 def test_the_pace_is_measured_after_the_first_steps_and_projects_the_job(compose_cfg, tmp_path, caplog):
     """Before most of the training, the job's projected time from the measured step time; a long
     projection says how to shorten it."""
-    from safetransfer import experiment
+    from safetransfer.job import run
 
     heard = []
     cfg = compose_cfg(*TINY, "train.iterations=8", "runtime.log_every=0", "runtime.diagnostics_every=0")
@@ -349,21 +349,21 @@ def test_the_pace_is_measured_after_the_first_steps_and_projects_the_job(compose
     run_seed(cfg, 0, prepare_data(cfg, target), None, tmp_path, on_pace=lambda s, left: heard.append((s, left)))
     assert len(heard) == 1 and heard[0][0] > 0 and heard[0][1] == 8 - 5  # timed steps 2-5, three left
     # the report: 6 s an iteration, 8,000 iterations a seed, 4 seeds after this one
-    report = experiment.pace_report(compose_cfg(), seeds_after=4)
+    report = run.pace_report(compose_cfg(), seeds_after=4)
     with caplog.at_level("INFO"):
         report(6.0, 7995)
     text = caplog.text
     assert "a seed takes about 13 h 20 min (8000 iterations)" in text  # 6 x 8000 s
     assert "this job about 2 d 18 h more (5 seeds to go)" in text  # 6 x 7995 + 4 x 48000 s = 66.6 h
     assert "To shorten it: train.iterations=" in text
-    assert experiment.duration_text(59) == "59 s" and experiment.duration_text(600) == "10 min"
+    assert run.duration_text(59) == "59 s" and run.duration_text(600) == "10 min"
 
 
 def test_save_weights_keeps_the_fine_tuned_network_that_was_scored(compose_cfg, tmp_path):
     """runtime.save_weights=true: seed_<s>/model.pt loads into a fresh network that scores the
     test split exactly as metrics.json says (evaluated again here)."""
-    from safetransfer.backbones import TransferNet
-    from safetransfer.engine import evaluate
+    from safetransfer.training.backbones import TransferNet
+    from safetransfer.training.engine import evaluate
 
     cfg = compose_cfg(
         *TINY,

@@ -21,9 +21,10 @@ import torchvision
 import fixtures
 import published
 from conftest import TINY, TINY_DEMO_SOURCE
-from safetransfer import reproduce
-from safetransfer.downloads import file_digest, mirror_url
-from safetransfer.targets import cub200, mit_indoor67, sample_lists, stanford_dogs
+from safetransfer.commands import reproduce
+from safetransfer.common.downloads import file_digest, mirror_url
+from safetransfer.data import sample_lists
+from safetransfer.data.targets import cub200, mit_indoor67, stanford_dogs
 
 HTML = b"<!DOCTYPE html>\n<html><head><title>Service Unavailable</title></head><body>down</body></html>\n"
 

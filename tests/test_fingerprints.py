@@ -1,12 +1,12 @@
-"""The one hash (safetransfer/fingerprints.py), checked against hashlib on JSON written by hand:
+"""The one hash (safetransfer/common/fingerprints.py), checked against hashlib on JSON written by hand:
 the names it gives (results keys, cache files) are those the separate copies gave before."""
 
 import hashlib
 
 import numpy as np
 
-from safetransfer.fingerprints import fingerprint
-from safetransfer.targets.cache import cache_key
+from safetransfer.common.fingerprints import fingerprint
+from safetransfer.data.cache import cache_key
 
 
 def test_a_fingerprint_is_sha256_of_sorted_json_then_the_bytes():
@@ -28,7 +28,7 @@ def test_what_decides_each_identity_is_declared_once(compose_cfg):
     dataset and no cached term; the sampling changes the result but not the cached dataset."""
     from omegaconf import OmegaConf
 
-    from safetransfer.fingerprints import config_key, data_identity, term_identity
+    from safetransfer.common.fingerprints import config_key, data_identity, term_identity
 
     base = compose_cfg("target=cub200")
     moved = compose_cfg("target=cub200", "target.sample_list_dir=/elsewhere", "pretrain.overwrite=true")
@@ -38,3 +38,72 @@ def test_what_decides_each_identity_is_declared_once(compose_cfg):
     identity = lambda cfg: data_identity(OmegaConf.to_container(cfg.target, resolve=True))  # noqa: E731
     assert identity(moved) == identity(base) == identity(sampled)
     assert identity(compose_cfg("target=cub200", "target.root=/other")) != identity(base)
+
+
+#: config keys, decoded-cache identities and term-cache identities computed at commit 5657c83,
+#: before the package's modules moved into folders (safetransfer.sources.FileSource became
+#: safetransfer.sources.local.FileSource, and so on): a key that changes here means that results
+#: computed before are no longer continued, paired or tabulated with new ones.
+KEYS_BEFORE_THE_MOVE = {
+    ("experiment=demo",): ("b0c29151be8c", "56371c677810a8afef4ebed0", "a932ab126c515854f3a5"),
+    ("experiment=bss_table2", "target=cub200", "method=delta_bss", "target.sampling_rate=30"): (
+        "2e0c31e15e26",
+        "c17e9c8fd1a30c23ebc11044",
+        "a3d640e6617da2d7cc7d",
+    ),
+    ("experiment=dtnh_table2", "target=mit_indoor67", "source=places365", "method=dtnh_knowdist"): (
+        "00c19cfc47e9",
+        "a806da3d3b55d75679ff0452",
+        "105160f2af9fdc1c98b9",
+    ),
+    ("method=from_scratch", "target=stanford_dogs"): (
+        "1c80e5084927",
+        "96ec9959b8d2feb49b79c2ef",
+        "024a30f138d1975228c8",
+    ),
+    ("regularizer=l2sp", "source=file", "source.path=/tmp/x.pt", "target=caltech256_30"): (
+        "a51a3d623690",
+        "68768cedf47ee279227099d0",
+        "adff87f2e14e37d224eb",
+    ),
+}
+
+
+def test_moving_a_class_inside_the_package_changes_no_key(compose_cfg):
+    from omegaconf import OmegaConf
+
+    from safetransfer.common.fingerprints import config_key, data_identity, term_identity
+
+    for overrides, (key, data, terms) in KEYS_BEFORE_THE_MOVE.items():
+        cfg = compose_cfg(*overrides, "paths.data_root=/srv/data", "paths.cache_dir=/srv/cache")
+        assert config_key(cfg) == key, overrides
+        assert fingerprint(data_identity(OmegaConf.to_container(cfg.target, resolve=True)), 24) == data, overrides
+        assert fingerprint(term_identity(cfg), 20) == terms, overrides
+
+
+def test_every_class_a_config_names_exists_under_its_path():
+    """Each `_target_` of conf/ that names one of ours, and each class KEYED_AS keeps a first
+    name for, can be located (a class moved without updating KEYED_AS would fail here)."""
+    from pathlib import Path
+
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    import safetransfer.conf
+    from safetransfer.common.fingerprints import KEYED_AS
+
+    named = set(KEYED_AS)
+    for path in Path(safetransfer.conf.__path__[0]).rglob("*.yaml"):
+        found = [OmegaConf.to_container(OmegaConf.load(path), resolve=False)]
+        while found:
+            node = found.pop()
+            if isinstance(node, dict):
+                target = node.get("_target_")
+                if isinstance(target, str) and target.startswith("safetransfer."):
+                    named.add(target)
+                found.extend(node.values())
+            elif isinstance(node, list):
+                found.extend(node)
+    assert len(named) >= 20
+    for target in sorted(named):
+        assert isinstance(get_class(target), type), target

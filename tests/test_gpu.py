@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_device_augment_on_cuda_crops_mirrors_and_normalises_each_sample():
-    from safetransfer.targets.augment import DeviceAugment
+    from safetransfer.data.augment import DeviceAugment
 
     device = torch.device("cuda")
     images = torch.randint(0, 256, (5, 3, 10, 12), dtype=torch.uint8, device=device)
@@ -32,7 +32,7 @@ def test_device_augment_on_cuda_crops_mirrors_and_normalises_each_sample():
 def test_device_random_resized_crop_and_ten_crops_on_cuda():
     """The BSS protocol's augmentation on CUDA: each window against F.interpolate of the same
     window on the CPU, and the ten test views equal to the CPU's."""
-    from safetransfer.targets.augment import DeviceAugment
+    from safetransfer.data.augment import DeviceAugment
 
     device, cpu = torch.device("cuda"), torch.device("cpu")
     images = torch.randint(0, 256, (6, 3, 20, 24), dtype=torch.uint8)
@@ -81,7 +81,7 @@ def test_a_job_on_cuda_trains_from_the_cache_with_augmentation_on_the_device(cli
 
 
 def test_the_gpu_lease_hands_out_a_real_device(tmp_path):
-    from safetransfer.runtime import lease_device
+    from safetransfer.common.devices import lease_device
 
     with lease_device(torch.cuda.device_count(), tmp_path) as device:
         assert torch.zeros(1, device=device).device.type == "cuda"
@@ -102,11 +102,11 @@ def one_step(
 ):
     """One DTNH step of a ResNet-18 on a fixed batch of 32 px images, from fixed weights: the
     change of each weight, J, each term's value and the angles between d, g_J and g_Omega."""
-    from safetransfer.backbones import TransferNet
-    from safetransfer.build import compile_network, create_direction, create_omega, create_optimizer
-    from safetransfer.engine import autocast, training_step
-    from safetransfer.regularizers import BindContext
-    from safetransfer.targets import TensorImages
+    from safetransfer.data.datasets import TensorImages
+    from safetransfer.job.build import compile_network, create_direction, create_omega, create_optimizer
+    from safetransfer.training.backbones import TransferNet
+    from safetransfer.training.engine import autocast, training_step
+    from safetransfer.training.regularizers import BindContext
 
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(6, 3, 32, 32, generator=generator).to(dtype)
@@ -252,11 +252,11 @@ def test_a_dtnh_step_never_waits_for_the_gpu(compose_cfg, regularizer):
     work without reading anything back from the GPU: the projection's coefficient stays on the
     device. (BSS is left out: it reads its 48 x 48 Gram matrix back to solve it on the host,
     as any CUDA SVD or eigensolver waits for the GPU.)"""
-    from safetransfer.backbones import TransferNet
-    from safetransfer.build import create_direction, create_omega, create_optimizer
-    from safetransfer.engine import training_step
-    from safetransfer.regularizers import BindContext
-    from safetransfer.targets import TensorImages
+    from safetransfer.data.datasets import TensorImages
+    from safetransfer.job.build import create_direction, create_omega, create_optimizer
+    from safetransfer.training.backbones import TransferNet
+    from safetransfer.training.engine import training_step
+    from safetransfer.training.regularizers import BindContext
 
     cfg = compose_cfg(f"regularizer={regularizer}", "direction=dtnh")
     device = torch.device("cuda")

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _show_demo_config(cwd: Path, env: dict) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "safetransfer.train", "experiment=demo", "--cfg", "job"],
+        [sys.executable, "-m", "safetransfer.commands.train", "experiment=demo", "--cfg", "job"],
         cwd=cwd,
         env=env,
         capture_output=True,

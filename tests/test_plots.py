@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from safetransfer.plots import DPI, SIZE, curve_band, load_runs, main, spectrum_curve
+from safetransfer.reporting.plots import DPI, SIZE, curve_band, load_runs, main, spectrum_curve
 
 RNG = np.random.default_rng(0)
 
@@ -80,7 +80,7 @@ def test_angle_figure_adds_the_angle_between_g_J_and_g_Omega(compose_cfg, tmp_pa
     existed get the paper's two panels."""
     import pandas as pd
 
-    from safetransfer import plots
+    from safetransfer.reporting import plots
 
     figures = []
     monkeypatch.setattr(plots, "_save", lambda plt, figure, path: figures.append(figure) or path)
@@ -113,9 +113,9 @@ def test_tensorboard_logger_writes_the_log_scalars(compose_cfg, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from conftest import TINY
-    from safetransfer.experiment import run_seed
-    from safetransfer.preparation import prepare_data
-    from safetransfer.targets.demo import DemoTarget
+    from safetransfer.data.preparation import prepare_data
+    from safetransfer.data.targets.demo import DemoTarget
+    from safetransfer.job.run import run_seed
 
     cfg = compose_cfg(
         *TINY,
@@ -141,8 +141,8 @@ def test_tensorboard_logger_writes_the_log_scalars(compose_cfg, tmp_path):
 def test_tensorboard_logger_missing_is_one_clear_line(compose_cfg, monkeypatch):
     import importlib.util
 
-    from safetransfer.checks import check_config
-    from safetransfer.errors import ConfigError
+    from safetransfer.common.errors import ConfigError
+    from safetransfer.job.checks import check_config
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
@@ -175,7 +175,7 @@ def test_an_unwritable_out_folder_is_one_line(compose_cfg, tmp_path, capsys):
 
 def _figures(monkeypatch):
     """The figures the plot functions draw, captured as _save writes them (legend added, drawn)."""
-    from safetransfer import plots
+    from safetransfer.reporting import plots
 
     captured = {}
 

@@ -10,11 +10,12 @@ import torchvision
 
 import published
 from conftest import TINY, TINY_DEMO_SOURCE
-from safetransfer import checkpoints
-from safetransfer.backbones import create_backbone
-from safetransfer.downloads import file_digest
-from safetransfer.errors import ConfigError
-from safetransfer.sources import FileSource, ImageNetSource, Places365Source
+from safetransfer.common.downloads import file_digest
+from safetransfer.common.errors import ConfigError
+from safetransfer.sources import checkpoint_files
+from safetransfer.sources.local import FileSource
+from safetransfer.sources.published import ImageNetSource, Places365Source
+from safetransfer.training.backbones import create_backbone
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def test_an_html_page_in_place_of_a_checkpoint_is_named_as_such(tmp_path):
         "Unavailable</title></head><body></body></html>\n"
     )
     with pytest.raises(ConfigError, match="is an HTML page, not a checkpoint") as error:
-        checkpoints.read(page)
+        checkpoint_files.read(page)
     assert "convert" not in str(error.value)
 
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from safetransfer.backbones import TransferNet, forward_features
-from safetransfer.errors import ConfigError
-from safetransfer.regularizers import BindContext, Omega
-from safetransfer.regularizers.bss import BSS
-from safetransfer.regularizers.delta import DELTA, attention_from_increases, channel_loss_increase
-from safetransfer.regularizers.knowdist import KnowDist
-from safetransfer.regularizers.l2 import L2, HeadL2
-from safetransfer.regularizers.l2sp import L2SP
+from safetransfer.common.errors import ConfigError
+from safetransfer.training.backbones import TransferNet, forward_features
+from safetransfer.training.regularizers import BindContext, Omega
+from safetransfer.training.regularizers.bss import BSS
+from safetransfer.training.regularizers.delta import DELTA, attention_from_increases, channel_loss_increase
+from safetransfer.training.regularizers.knowdist import KnowDist
+from safetransfer.training.regularizers.l2 import L2, HeadL2
+from safetransfer.training.regularizers.l2sp import L2SP
 
 
 def numpy_params(params):
@@ -215,7 +215,7 @@ def test_knowdist_source_copy_is_frozen():
 
 
 def test_delta_matches_a_hand_computation(monkeypatch):
-    from safetransfer.regularizers import delta as delta_module
+    from safetransfer.training.regularizers import delta as delta_module
 
     source, target, images = shifted_pair()
     term = DELTA(alpha=0.6, layers=["layer1", "layer2"], at="stage")
@@ -303,7 +303,7 @@ HAND_D = torch.tensor(
 
 
 def hand_value(term):
-    from safetransfer.backbones import Features
+    from safetransfer.training.backbones import Features
 
     term.source = PassThrough()
     return float(term.value(None, Features(images=HAND_S, maps={"layer1": HAND_S + HAND_D})))
@@ -332,7 +332,7 @@ def test_knowdist_released_code_convention_is_half_the_batch_sum():
 
 
 def test_delta_hand_worked_from_the_delta_paper(monkeypatch):
-    from safetransfer.regularizers import delta as delta_module
+    from safetransfer.training.regularizers import delta as delta_module
 
     monkeypatch.setattr(
         delta_module,
@@ -371,7 +371,7 @@ def test_delta_last_conv_ablation_equals_zeroing_the_filter():
 
 
 def test_delta_regularizes_the_last_convolution_of_each_stage(monkeypatch):
-    from safetransfer.regularizers import delta as delta_module
+    from safetransfer.training.regularizers import delta as delta_module
 
     torch.manual_seed(0)
     source = TransferNet("resnet50", 3).double().eval()
@@ -398,8 +398,8 @@ def test_delta_regularizes_the_last_convolution_of_each_stage(monkeypatch):
 
 
 def test_delta_attention_on_a_resnet_is_cached(tmp_path, monkeypatch):
-    from safetransfer.regularizers import delta as delta_module
-    from safetransfer.targets import TensorImages
+    from safetransfer.data.datasets import TensorImages
+    from safetransfer.training.regularizers import delta as delta_module
 
     torch.manual_seed(0)
     model = TransferNet("resnet18", 3)
@@ -430,7 +430,7 @@ def test_delta_attention_on_a_resnet_is_cached(tmp_path, monkeypatch):
 
 
 def bss_features(matrix):
-    from safetransfer.backbones import Features
+    from safetransfer.training.backbones import Features
 
     return Features(images=None, maps={}, pooled=matrix)
 

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from conftest import TINY
-from safetransfer.errors import ConfigError
-from safetransfer.reproduce import benchmark_figures, plan
-from safetransfer.search import apply_chosen
+from safetransfer.commands.reproduce import benchmark_figures, plan
+from safetransfer.common.errors import ConfigError
+from safetransfer.reporting.search import apply_chosen
 
 
 def test_dtnh_presets_follow_the_papers_protocol(compose_cfg):
@@ -86,7 +86,7 @@ def test_plan_lists_every_job_of_both_stages(tmp_path):
         benchmark.Result("resnet18 reference step", 1.0, 5.0),
     ]
     benchmark.write_figures(benchmarks, "cpu", benchmark.step_figures(run, results))
-    from safetransfer.reproduce import job_hours
+    from safetransfer.commands.reproduce import job_hours
 
     figures = benchmark_figures(benchmarks)
     assert figures[0] == "cpu" and figures[1] == {"resnet18 l2sp sum": 100.0} and figures[5] == "fp32"
@@ -132,7 +132,7 @@ def test_the_repositorys_figures_are_read_by_the_plan():
 
 
 def test_plan_command_names_a_cpu_projection(capsys):
-    from safetransfer.reproduce import main
+    from safetransfer.commands.reproduce import main
 
     main(["bss_table2", "--plan", "target=cub200", "method=l2_bss"])
     out = capsys.readouterr().out
@@ -169,7 +169,7 @@ def test_two_stages_end_to_end_and_a_rerun_trains_nothing(tmp_path):
     arguments = [
         sys.executable,
         "-m",
-        "safetransfer.reproduce",
+        "safetransfer.commands.reproduce",
         "demo",
         "--dir",
         "tables",
@@ -217,7 +217,7 @@ def test_two_stages_end_to_end_and_a_rerun_trains_nothing(tmp_path):
 
 def test_a_chosen_value_is_checked_like_one_from_the_command_line(compose_cfg, tmp_path):
     """run_job checks the config again when stage 2 set chosen values (apply_chosen says it did)."""
-    from safetransfer.experiment import run_job
+    from safetransfer.job.run import run_job
 
     chosen = tmp_path / "chosen.json"
     chosen.write_text(
@@ -240,7 +240,7 @@ def test_a_chosen_value_is_checked_like_one_from_the_command_line(compose_cfg, t
 def test_a_table_without_its_data_is_refused_before_any_job(tmp_path, monkeypatch, capsys):
     """No data on disk: one error line after the list of what is missing, and no job started
     (it started 60 jobs that all failed, with about 100 kB of repeated output)."""
-    from safetransfer import reproduce
+    from safetransfer.commands import reproduce
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -259,8 +259,8 @@ def test_table_iv_makes_its_stanford_dogs_source_itself(tmp_path, monkeypatch, c
     """`safetransfer-reproduce dtnh_table4` alone: the missing Stanford Dogs source does not stop
     it (its own inputs are checked), it is made first by a pretraining run given only the table's
     where-and-how overrides (not its target), and the stages follow."""
-    from safetransfer import reproduce, train
-    from safetransfer.fetch import Outcome
+    from safetransfer.commands import reproduce, train
+    from safetransfer.job.fetch import Outcome
 
     monkeypatch.chdir(tmp_path)
     cell = ["target=flowers102", "method=fine_tuning", f"paths.cache_dir={tmp_path / 'cache'}", "runtime.device=cpu"]
@@ -285,8 +285,8 @@ def test_table_iv_makes_its_stanford_dogs_source_itself(tmp_path, monkeypatch, c
     monkeypatch.setattr(train, "main", pretraining)
     monkeypatch.setattr(reproduce, "run_stage", lambda arguments: calls.append(["stage", *arguments]))
     monkeypatch.setattr(reproduce, "choose", lambda seeds, grids: {})
-    monkeypatch.setattr("safetransfer.tables.collect", lambda directories: pd.DataFrame(columns=["method"]))
-    monkeypatch.setattr("safetransfer.tables.write_table", lambda *args, **kwargs: "table\n")
+    monkeypatch.setattr("safetransfer.reporting.tables.collect", lambda directories: pd.DataFrame(columns=["method"]))
+    monkeypatch.setattr("safetransfer.reporting.tables.write_table", lambda *args, **kwargs: "table\n")
     reproduce.main(["dtnh_table4", "--dir", "tables", *cell])
     first = calls[0]
     assert first[:4] == [

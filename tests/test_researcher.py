@@ -123,12 +123,13 @@ def test_an_interrupted_multirun_prints_the_command_that_continues_it(train_in_p
     import shlex
     import signal
 
-    from safetransfer import experiment, resume
+    from safetransfer.job import run
+    from safetransfer.training.signals import Preempted
 
     def stopped(*args, **kwargs):
-        raise resume.Preempted(signal.SIGTERM, 7, None)
+        raise Preempted(signal.SIGTERM, 7, None)
 
-    monkeypatch.setattr(experiment, "run_job", stopped)
+    monkeypatch.setattr(run, "run_job", stopped)
     code, out, err = train_in_process("-m", *SHORT, "target.sampling_rate=30,50,100")
     assert code == 128 + signal.SIGTERM
     sweep = next(tmp_path.glob("multirun/*/*"))
@@ -143,7 +144,7 @@ def test_an_interrupted_multirun_prints_the_command_that_continues_it(train_in_p
 def test_planned_jobs_are_the_sweepers_product():
     from omegaconf import OmegaConf
 
-    from safetransfer.sweeps import planned_jobs
+    from safetransfer.commands.sweeps import planned_jobs
 
     config = OmegaConf.create(
         {
@@ -162,10 +163,10 @@ def test_a_replaced_source_checkpoint_never_mixes_into_one_setting(compose_cfg, 
     (they were one cell of two seeds), and a finished seed from the old version is trained again."""
     from omegaconf import OmegaConf
 
-    from safetransfer.errors import ConfigError
-    from safetransfer.experiment import finished_seed
-    from safetransfer.fingerprints import config_key
-    from safetransfer.tables import collect, select
+    from safetransfer.common.errors import ConfigError
+    from safetransfer.common.fingerprints import config_key
+    from safetransfer.job.run import finished_seed
+    from safetransfer.reporting.tables import collect, select
 
     cfg = compose_cfg("source=pretrained", "source.dataset=vehicles")
     for seed, digest in ((0, "a" * 64), (1, "b" * 64)):
@@ -194,8 +195,8 @@ def test_a_replaced_source_checkpoint_never_mixes_into_one_setting(compose_cfg, 
 def test_the_rerun_command_of_a_source_sweeps_job_passes_the_key_check():
     """A job of `-m source=demo,pretrained source.iterations=4` is rerun alone with its own overrides,
     `++source.iterations=4` among them, beside source=pretrained: accepted (the job leaves it out)."""
-    from safetransfer.errors import ConfigError
-    from safetransfer.train import check_keys
+    from safetransfer.commands.train import check_keys
+    from safetransfer.common.errors import ConfigError
 
     check_keys(["source=pretrained", "++source.dataset=x", "++source.iterations=4", "hydra.mode=RUN"])
     with pytest.raises(ConfigError, match="source.iteratons is not a key"):

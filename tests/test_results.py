@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from safetransfer import atomic, results
-from safetransfer.atomic import atomic_write_text
-from safetransfer.results import format_cell, make_row, read_table, summarize, write_row
+from safetransfer.common import atomic
+from safetransfer.common.atomic import atomic_write_text
+from safetransfer.reporting import results
+from safetransfer.reporting.results import format_cell, make_row, read_table, summarize, write_row
 
 #: the structures (methods.method_structure) of the methods these rows stand for, as a job records them
 STRUCTURES = {
@@ -100,7 +101,7 @@ def test_a_crash_before_the_rename_keeps_the_old_file(tmp_path, monkeypatch):
 
 
 def test_config_key_ignores_seeds_and_runtime(compose_cfg):
-    from safetransfer.fingerprints import config_key
+    from safetransfer.common.fingerprints import config_key
 
     base = config_key(compose_cfg())
     assert config_key(compose_cfg("seeds=[0]", "runtime.num_workers=1", "runtime.device=cpu")) == base
@@ -185,7 +186,7 @@ def test_each_job_row_is_compared_with_its_reference_row_seed_by_seed(tmp_path):
 def test_atomic_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
     """mkstemp creates 0600 whatever the umask; results on a shared disk must be readable as
     the umask allows (metrics.json, tables, job.json and checkpoints go through this)."""
-    from safetransfer.atomic import atomic_torch_save, atomic_write_json
+    from safetransfer.common.atomic import atomic_torch_save, atomic_write_json
 
     old = os.umask(umask)
     try:
@@ -218,7 +219,7 @@ def test_atomic_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
     ],
 )
 def test_a_row_leaves_out_the_overrides_of_keys_outside_its_key(override, left_out):
-    from safetransfer.results import runtime_only
+    from safetransfer.reporting.results import runtime_only
 
     assert runtime_only(override) is left_out
 

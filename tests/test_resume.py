@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from conftest import TINY, TINY_DEMO_SOURCE
-from safetransfer.engine import NonFiniteError
-from safetransfer.experiment import run_job
-from safetransfer.regularizers.base import Term
-from safetransfer.resume import load_checkpoint, save_checkpoint
+from safetransfer.job.run import run_job
+from safetransfer.training.checkpoints import load_checkpoint, save_checkpoint
+from safetransfer.training.engine import NonFiniteError
+from safetransfer.training.regularizers.base import Term
 
 #: one seed of 40 iterations, a log row and a chance to be killed at each, a checkpoint every 5
 LONG = [
@@ -33,7 +33,7 @@ LONG = [
 
 def start(tmp_path, run_dir, *extra):
     return subprocess.Popen(
-        [sys.executable, "-m", "safetransfer.train", *LONG, *extra, f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "safetransfer.commands.train", *LONG, *extra, f"hydra.run.dir={run_dir}"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -139,7 +139,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_seed_starts_over(tmp_path, ca
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    from safetransfer.errors import StorageError
+    from safetransfer.common.errors import StorageError
 
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"key": "k", "iteration": 5})
@@ -169,11 +169,11 @@ class Poison(Term):
 
 
 def test_nan_stops_the_seed_names_iteration_and_term_and_stays_out_of_the_table(compose_cfg, tmp_path, monkeypatch):
-    import safetransfer.build as experiment
-    from safetransfer.regularizers import Omega
-    from safetransfer.results import read_table
+    from safetransfer.job import build
+    from safetransfer.reporting.results import read_table
+    from safetransfer.training.regularizers import Omega
 
-    monkeypatch.setattr(experiment, "create_omega", lambda cfg: Omega({"poison": Poison(seed=1, at=3)}))
+    monkeypatch.setattr(build, "create_omega", lambda cfg: Omega({"poison": Poison(seed=1, at=3)}))
     cfg = compose_cfg(*TINY, "seeds=[0,1,2]", "train.iterations=5", "optim.scheduler.milestones=[4]")
     row = run_job(cfg, tmp_path / "job")
     failure = json.loads((tmp_path / "job" / "seed_1" / "failed.json").read_text())
@@ -192,10 +192,10 @@ def test_nan_stops_the_seed_names_iteration_and_term_and_stays_out_of_the_table(
 
 
 def test_every_seed_failing_fails_the_job(compose_cfg, tmp_path, monkeypatch):
-    import safetransfer.build as experiment
-    from safetransfer.regularizers import Omega
+    from safetransfer.job import build
+    from safetransfer.training.regularizers import Omega
 
-    monkeypatch.setattr(experiment, "create_omega", lambda cfg: Omega({"poison": Poison(seed=0, at=1)}))
+    monkeypatch.setattr(build, "create_omega", lambda cfg: Omega({"poison": Poison(seed=0, at=1)}))
     with pytest.raises(NonFiniteError, match="every seed failed"):
         run_job(compose_cfg(*TINY, "train.iterations=3", "optim.scheduler.milestones=[2]"), tmp_path / "job")
 
@@ -253,7 +253,7 @@ def test_submitit_requeues_a_signalled_job_which_continues_from_its_checkpoint(t
         [
             sys.executable,
             "-m",
-            "safetransfer.train",
+            "safetransfer.commands.train",
             "-m",
             *LONG,
             "launcher=submitit_local",
@@ -281,8 +281,8 @@ def test_submitit_requeues_a_signalled_job_which_continues_from_its_checkpoint(t
 
 def test_a_term_value_that_overflows_is_caught_on_a_logged_row(compose_cfg, tmp_path, monkeypatch):
     """An Omega value of inf whose gradient stays finite: found where the values are computed (log rows)."""
-    import safetransfer.build as experiment
-    from safetransfer.regularizers import Omega
+    from safetransfer.job import build
+    from safetransfer.training.regularizers import Omega
 
     class InfValue(Term):
         closed_form = True
@@ -297,7 +297,7 @@ def test_a_term_value_that_overflows_is_caught_on_a_logged_row(compose_cfg, tmp_
         def add_gradient(self, params, grads):
             pass
 
-    monkeypatch.setattr(experiment, "create_omega", lambda cfg: Omega({"huge": InfValue()}))
+    monkeypatch.setattr(build, "create_omega", lambda cfg: Omega({"huge": InfValue()}))
     cfg = compose_cfg(*TINY, "train.iterations=4", "runtime.log_every=2", "optim.scheduler.milestones=[3]")
     with pytest.raises(NonFiniteError, match="every seed failed"):
         run_job(cfg, tmp_path / "job")
@@ -309,8 +309,8 @@ def test_a_term_value_that_overflows_is_caught_on_a_logged_row(compose_cfg, tmp_
 def test_a_damaged_record_of_a_seed_makes_the_rerun_train_it_again(compose_cfg, tmp_path, caplog, name):
     """A truncated metrics.json (or failed.json) left by a crash: the rerun names the file and
     treats the seed as unfinished (it stopped with a JSONDecodeError that named nothing)."""
-    from safetransfer.experiment import failed_seed, finished_seed
-    from safetransfer.fingerprints import config_key
+    from safetransfer.common.fingerprints import config_key
+    from safetransfer.job.run import failed_seed, finished_seed
 
     key = config_key(compose_cfg())
     path = tmp_path / "seed_0" / name
@@ -333,7 +333,7 @@ def test_a_temporary_file_left_by_a_killed_write_is_removed_when_the_seed_starts
 
 @pytest.mark.parametrize("damage", ["iteration,loss_J\n5,0.1\nx", "\x00\xff\x00", "loss_J\n0.3\n"])
 def test_a_damaged_log_csv_does_not_stop_a_resumed_seed(tmp_path, caplog, damage):
-    from safetransfer.logs import _LogWriter
+    from safetransfer.training.train_log import _LogWriter
 
     path = tmp_path / "log.csv"
     path.write_bytes(damage.encode("latin-1"))

@@ -9,10 +9,10 @@ import pytest
 
 import fixtures
 from conftest import TINY
-from safetransfer.errors import ConfigError, DownloadError
-from safetransfer.targets import sample_lists
-from safetransfer.targets.cub200 import CUB200
-from safetransfer.targets.torchvision_datasets import TorchvisionTarget
+from safetransfer.common.errors import ConfigError, DownloadError
+from safetransfer.data import sample_lists
+from safetransfer.data.targets.cub200 import CUB200
+from safetransfer.data.targets.torchvision_datasets import TorchvisionTarget
 
 
 def cub(tmp_path, **sampling):
@@ -131,7 +131,7 @@ def test_a_missing_list_stops_the_run_before_training(cli, tmp_path):
 
 
 def test_mit_indoor_lists_name_files_by_their_class_folder_where_names_repeat(tmp_path):
-    from safetransfer.targets.mit_indoor67 import MITIndoor67
+    from safetransfer.data.targets.mit_indoor67 import MITIndoor67
 
     fixtures.make_mit_indoor67(tmp_path, classes=3, train_per_class=4, test_per_class=2)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from safetransfer.targets import per_class_count, stratified_sample
+from safetransfer.data.sampling import per_class_count, stratified_sample
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,7 @@ def test_draw_is_fixed_by_its_seed():
 
 
 def test_validation_hold_out_is_per_class_and_disjoint():
-    from safetransfer.targets import hold_out
+    from safetransfer.data.sampling import hold_out
 
     indices = np.arange(100, 140)
     labels = np.repeat([0, 1, 2, 3], [20, 10, 9, 1])
@@ -58,7 +58,7 @@ def test_validation_hold_out_is_per_class_and_disjoint():
 def test_splits_are_disjoint_and_stable_across_training_seeds(compose_cfg):
     from hydra.utils import instantiate
 
-    from safetransfer.preparation import prepare_data
+    from safetransfer.data.preparation import prepare_data
 
     cfg = compose_cfg(
         "target.sampling_rate=50",
@@ -84,8 +84,8 @@ def test_validation_metrics_are_written(compose_cfg, tmp_path):
     from hydra.utils import instantiate
 
     from conftest import TINY
-    from safetransfer.experiment import run_seed
-    from safetransfer.preparation import prepare_data
+    from safetransfer.data.preparation import prepare_data
+    from safetransfer.job.run import run_seed
 
     cfg = compose_cfg(*TINY, "target.val_fraction=0.3")
     data = prepare_data(cfg, instantiate(cfg.target))

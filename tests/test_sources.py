@@ -8,11 +8,12 @@ import pytest
 import torch
 import torchvision
 
-from safetransfer import checkpoints, sources
-from safetransfer.backbones import create_backbone
-from safetransfer.downloads import file_digest
-from safetransfer.errors import ConfigError, DownloadError
-from safetransfer.sources import FileSource, ImageNetSource
+from safetransfer.common.downloads import file_digest
+from safetransfer.common.errors import ConfigError, DownloadError
+from safetransfer.sources import checkpoint_files, demo, local, published
+from safetransfer.sources.local import FileSource
+from safetransfer.sources.published import ImageNetSource
+from safetransfer.training.backbones import create_backbone
 
 
 def full_resnet_state(name, seed=0):
@@ -100,7 +101,7 @@ def test_pickled_objects_are_refused_and_the_conversion_command_fixes_them(tmp_p
     torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": state}, tmp_path / "legacy.pth")
     with pytest.raises(ConfigError, match="safetransfer-convert-checkpoint .*legacy.pth"):
         FileSource(str(tmp_path / "legacy.pth")).backbone_state("resnet18")
-    checkpoints.convert_main([str(tmp_path / "legacy.pth"), str(tmp_path / "converted.pt")])
+    checkpoint_files.convert_main([str(tmp_path / "legacy.pth"), str(tmp_path / "converted.pt")])
     assert "csail layout" in capsys.readouterr().out
     assert_same_backbone(FileSource(str(tmp_path / "converted.pt")).backbone_state("resnet18"), state)
 
@@ -119,7 +120,7 @@ def test_the_converter_takes_a_whole_pickled_model(tmp_path, capsys):
     torch.save(model, tmp_path / "whole.pth")
     with pytest.raises(ConfigError, match="safetransfer-convert-checkpoint"):
         FileSource(str(tmp_path / "whole.pth")).backbone_state("resnet18")
-    checkpoints.convert_main([str(tmp_path / "whole.pth"), str(tmp_path / "plain.pt")])
+    checkpoint_files.convert_main([str(tmp_path / "whole.pth"), str(tmp_path / "plain.pt")])
     assert "torchvision layout" in capsys.readouterr().out
     assert_same_backbone(FileSource(str(tmp_path / "plain.pt")).backbone_state("resnet18"), model.state_dict())
 
@@ -130,7 +131,7 @@ def test_the_converter_refuses_what_is_not_a_checkpoint_in_one_line(tmp_path, ca
     if what == "text":
         source.write_text("hello\n")
     with pytest.raises(SystemExit) as stop:
-        checkpoints.convert_main([str(source), str(tmp_path / "out.pt")])
+        checkpoint_files.convert_main([str(source), str(tmp_path / "out.pt")])
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("safetransfer-convert-checkpoint: error: ")
     assert expected in err[0] and not (tmp_path / "out.pt").exists()
@@ -221,42 +222,42 @@ def test_pretraining_mode_makes_a_source_that_a_following_run_loads(cli, tmp_pat
     meta = checkpoint["safetransfer_source"]
     assert meta["backbone"] == "resnet18" and meta["dataset"] == "demo" and meta["iterations"] == 3
     assert meta["source"]["name"] == "scratch" and 0 <= meta["top1"] <= 100
-    assert meta["sha256"] == checkpoints.state_digest(checkpoint["state_dict"])
+    assert meta["sha256"] == checkpoint_files.state_digest(checkpoint["state_dict"])
     assert set(checkpoint["state_dict"]) == set(create_backbone("resnet18").state_dict())
 
-    loaded = sources.PretrainedSource(str(made), dataset="demo").backbone_state("resnet18")
+    loaded = local.PretrainedSource(str(made), dataset="demo").backbone_state("resnet18")
     assert_same_backbone(loaded, checkpoint["state_dict"])
     again = cli(*TINY, "source=pretrained", "source.dataset=demo", f"source.path={made}", "results.dir=res")
     assert again.returncode == 0, again.stderr[-3000:]
 
 
 def test_pretrained_source_failures(tmp_path):
-    missing = sources.PretrainedSource(str(tmp_path / "none.pt"), dataset="stanford_dogs", name="stanford_dogs")
+    missing = local.PretrainedSource(str(tmp_path / "none.pt"), dataset="stanford_dogs", name="stanford_dogs")
     with pytest.raises(
         ConfigError, match="safetransfer-train experiment=pretrain_source target=stanford_dogs backbone=resnet18"
     ):
         missing.backbone_state("resnet18")
 
     state = create_backbone("resnet18").state_dict()
-    meta = {"backbone": "resnet18", "dataset": "demo", "sha256": checkpoints.state_digest(state)}
+    meta = {"backbone": "resnet18", "dataset": "demo", "sha256": checkpoint_files.state_digest(state)}
     torch.save({"safetransfer_source": meta, "state_dict": state}, tmp_path / "ok.pt")
     with pytest.raises(ConfigError, match="not a resnet18 trained on stanford_dogs"):
-        sources.PretrainedSource(str(tmp_path / "ok.pt"), dataset="stanford_dogs").backbone_state("resnet18")
+        local.PretrainedSource(str(tmp_path / "ok.pt"), dataset="stanford_dogs").backbone_state("resnet18")
     state["conv1.weight"] = state["conv1.weight"] + 1e-3  # damaged after writing
     torch.save({"safetransfer_source": meta, "state_dict": state}, tmp_path / "bad.pt")
     with pytest.raises(ConfigError, match="do not match the sha256"):
-        sources.PretrainedSource(str(tmp_path / "bad.pt"), dataset="demo").backbone_state("resnet18")
+        local.PretrainedSource(str(tmp_path / "bad.pt"), dataset="demo").backbone_state("resnet18")
 
 
 def test_state_digest_depends_on_every_value():
     state = {"a": torch.arange(4.0), "b": torch.ones(2, 2)}
-    base = checkpoints.state_digest(state)
-    assert checkpoints.state_digest({"b": torch.ones(2, 2), "a": torch.arange(4.0)}) == base
-    assert checkpoints.state_digest({"a": torch.arange(4.0), "b": torch.ones(4)}) != base  # shape
-    assert checkpoints.state_digest({"a": torch.arange(4.0).double(), "b": torch.ones(2, 2)}) != base  # dtype
+    base = checkpoint_files.state_digest(state)
+    assert checkpoint_files.state_digest({"b": torch.ones(2, 2), "a": torch.arange(4.0)}) == base
+    assert checkpoint_files.state_digest({"a": torch.arange(4.0), "b": torch.ones(4)}) != base  # shape
+    assert checkpoint_files.state_digest({"a": torch.arange(4.0).double(), "b": torch.ones(2, 2)}) != base  # dtype
     changed = {"a": torch.arange(4.0), "b": torch.ones(2, 2)}
     changed["b"][1, 1] = 1.0000001
-    assert checkpoints.state_digest(changed) != base
+    assert checkpoint_files.state_digest(changed) != base
 
 
 # ---------------------------------------------------------------- Places365 (CSAIL checkpoints)
@@ -285,16 +286,16 @@ def test_places365_checks_the_pinned_sha256(torch_home, monkeypatch, backbone):
     path = torch_home / f"{backbone}_places365.pth.tar"
     state = write_csail(path, backbone)
     digest = file_digest(path)
-    assert_same_backbone(sources.Places365Source(sha256={backbone: digest}).backbone_state(backbone), state)
+    assert_same_backbone(published.Places365Source(sha256={backbone: digest}).backbone_state(backbone), state)
     with pytest.raises(DownloadError, match=f"does not match the published {'0' * 64}"):
-        sources.Places365Source(sha256={backbone: "0" * 64}).backbone_state(backbone)
+        published.Places365Source(sha256={backbone: "0" * 64}).backbone_state(backbone)
 
 
 def test_places365_unpinned_logs_the_digest(torch_home, caplog):
     path = torch_home / "resnet18_places365.pth.tar"
     write_csail(path)
     with caplog.at_level("WARNING"):
-        sources.Places365Source().backbone_state("resnet18")
+        published.Places365Source().backbone_state("resnet18")
     assert f"source.sha256.resnet18={file_digest(path)}" in caplog.text
 
 
@@ -304,15 +305,15 @@ def test_places365_offline_names_url_and_path(torch_home, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(DownloadError) as error:
-        sources.Places365Source().backbone_state("resnet50")
+        published.Places365Source().backbone_state("resnet50")
     assert "http://places2.csail.mit.edu/models_places365/resnet50_places365.pth.tar" in str(error.value)
     assert str(torch_home / "resnet50_places365.pth.tar") in str(error.value)
     assert not (torch_home / "resnet50_places365.pth.tar").exists()
 
 
 def test_feature_terms_compare_against_the_same_checkpoint(compose_cfg, tmp_path):
-    from safetransfer.build import create_model, create_omega
-    from safetransfer.regularizers import BindContext
+    from safetransfer.job.build import create_model, create_omega
+    from safetransfer.training.regularizers import BindContext
 
     state = full_resnet_state("resnet18", seed=5)
     torch.save(state, tmp_path / "src.pth")
@@ -355,7 +356,7 @@ def test_stanford_dogs_source_from_the_pretraining_mode(cli, tmp_path):
 def test_a_damaged_cached_demo_source_is_named_and_built_again(tmp_path, caplog):
     """A cut-short demo source file gave a traceback on every run and was never rebuilt: it is
     named in a warning and pretrained again (atomic.built_once, which DELTA's cache shares)."""
-    source = sources.DemoSource(cache_dir=str(tmp_path), iterations=4, images_per_class=4, batch_size=8)
+    source = demo.DemoSource(cache_dir=str(tmp_path), iterations=4, images_per_class=4, batch_size=8)
     first = source.backbone_state("resnet18")
     path = source.cache_path("resnet18")
     path.write_bytes(path.read_bytes()[:1000])  # a copy cut short

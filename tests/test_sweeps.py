@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from conftest import TINY, TINY_DEMO_SOURCE
-from safetransfer.runtime import lease_device
-from safetransfer.sweeps import job_statuses
+from safetransfer.commands.sweeps import job_statuses
+from safetransfer.common.devices import lease_device
 
 #: the tiny demo: one seed pair, 10 training images per class, 30 % of them held out for validation
 TINY_SWEEP = [
@@ -224,7 +224,7 @@ def test_a_method_that_fixes_a_group_refuses_an_explicit_other_choice_before_any
 
 
 def test_jobs_of_one_sweep_that_resolve_to_one_config_are_reported(tmp_path):
-    from safetransfer.sweeps import failure_report
+    from safetransfer.commands.sweeps import failure_report
 
     for num, (overrides, key) in enumerate(
         [(["method=l2sp"], "abc"), (["regularizer=l2sp"], "abc"), (["method=fine_tuning"], "def")]

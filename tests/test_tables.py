@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from safetransfer.errors import ConfigError
-from safetransfer.tables import assemble, collect, main, paper_layout, published_values, select
+from safetransfer.common.errors import ConfigError
+from safetransfer.reporting.tables import assemble, collect, main, paper_layout, published_values, select
 
 
 @pytest.fixture
@@ -216,7 +216,7 @@ def test_each_transfer_column_is_compared_with_from_scratch(compose_cfg, tmp_pat
     t interval), beside its own reference; From scratch itself has neither."""
     from scipy import stats
 
-    from safetransfer.tables import to_markdown
+    from safetransfer.reporting.tables import to_markdown
 
     fine, scratch = {0: 80.0, 1: 83.0, 2: 79.0}, {0: 40.0, 1: 45.5, 2: 38.0}
     for seed in fine:
@@ -257,7 +257,7 @@ def test_paired_differences_against_the_reference_column(compose_cfg, tmp_path):
     assert row[("DTNH (L2-SP)", "paired_low")] == pytest.approx(expected.low)
     assert row[("DTNH (L2-SP)", "paired_high")] == pytest.approx(expected.high)
     assert row[("L2-SP", "reference")] == "Fine-tuning" and row[("L2-SP", "paired_n")] == 0
-    from safetransfer.tables import to_markdown
+    from safetransfer.reporting.tables import to_markdown
 
     markdown = to_markdown(numbers)
     assert "0 common seeds: no interval" in markdown
@@ -270,7 +270,7 @@ def test_a_reference_is_found_from_the_methods_structure_not_its_name(compose_cf
     """reference_key from method_structure: DTNH (X) -> X, X+BSS -> X, the rest -> plain fine-tuning;
     a direction strategy of another name is compared with its sum too (a label rule compared it
     with Fine-tuning)."""
-    from safetransfer.methods import key_of, method_structure, reference_key
+    from safetransfer.reporting.methods import key_of, method_structure, reference_key
 
     def key(*overrides):
         return key_of(method_structure(compose_cfg("source=imagenet", *overrides)))
@@ -338,7 +338,7 @@ def test_the_paper_table_of_a_multirun_accumulates_cells_and_is_never_emptied(co
     """An L2-SP sweep, then an L2-SP+BSS sweep to the same table: both columns stay (the second
     erased the first). A rerun of one cell replaces that cell only; a rerun that finished nothing
     leaves the table as it was."""
-    from safetransfer.tables import write_table
+    from safetransfer.reporting.tables import write_table
 
     results = tmp_path / "results"
     for seed, top1 in enumerate([70.0, 72.0]):
@@ -366,7 +366,7 @@ def test_the_paper_table_of_a_multirun_accumulates_cells_and_is_never_emptied(co
 def test_a_search_gets_a_table_of_every_setting_with_validation_and_test(compose_cfg, tmp_path):
     """One row per setting: the swept value as a column, val and test mean ± std (NumPy), the
     chosen one marked: the best mean validation accuracy, whatever the test accuracy says."""
-    from safetransfer.tables import write_table
+    from safetransfer.reporting.tables import write_table
 
     grid = {0.01: ([80.0, 82.0], [60.0, 61.0]), 0.1: ([85.0, 84.0], [55.0, 57.0])}  # alpha: (val, test) per seed
     for number, (alpha, (vals, tests)) in enumerate(grid.items()):
@@ -386,7 +386,7 @@ def test_a_search_gets_a_table_of_every_setting_with_validation_and_test(compose
 
 
 def test_methods_are_chosen_by_plain_name_or_by_label(compose_cfg, tmp_path):
-    from safetransfer.tables import expand_methods
+    from safetransfer.reporting.tables import expand_methods
 
     labels = ["Fine-tuning [demo]", "Fine-tuning [imagenet]", "L2-SP [demo]", "From scratch"]
     assert expand_methods(["Fine-tuning", "From scratch"], labels) == labels[:2] + ["From scratch"]
@@ -399,7 +399,7 @@ def test_methods_are_chosen_by_plain_name_or_by_label(compose_cfg, tmp_path):
 
 
 def test_a_search_table_that_no_longer_holds_is_removed(compose_cfg, tmp_path):
-    from safetransfer.tables import write_table
+    from safetransfer.reporting.tables import write_table
 
     for number, alpha in enumerate((0.01, 0.1)):
         cfg = compose_cfg("regularizer=l2sp", f"regularizer.terms.l2sp.alpha={alpha}", "target.val_fraction=0.2")

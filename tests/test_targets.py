@@ -10,8 +10,8 @@ from PIL import Image
 
 import fixtures
 from conftest import TINY
-from safetransfer.errors import ConfigError, DownloadError
-from safetransfer.targets.cub200 import CUB200, MD5, URL
+from safetransfer.common.errors import ConfigError, DownloadError
+from safetransfer.data.targets.cub200 import CUB200, MD5, URL
 
 
 def test_cub200_official_split(tmp_path):
@@ -69,7 +69,7 @@ def test_cub200_end_to_end(cli, tmp_path):
 
 LISTED = {
     "mit_indoor67": (
-        "safetransfer.targets.mit_indoor67",
+        "safetransfer.data.targets.mit_indoor67",
         "MITIndoor67",
         fixtures.make_mit_indoor67,
         67,
@@ -77,7 +77,7 @@ LISTED = {
         "indoorCVPR_09.tar",
     ),
     "stanford_dogs": (
-        "safetransfer.targets.stanford_dogs",
+        "safetransfer.data.targets.stanford_dogs",
         "StanfordDogs",
         fixtures.make_stanford_dogs,
         120,
@@ -127,7 +127,7 @@ def test_listed_targets_check_counts_and_say_what_is_missing(tmp_path, name):
 
 @pytest.mark.parametrize("rate", [15, 30, 50, 100])
 def test_sampling_rates_on_a_listed_target(tmp_path, rate):
-    from safetransfer.targets import per_class_count
+    from safetransfer.data.sampling import per_class_count
 
     fixtures.make_mit_indoor67(tmp_path, classes=3, train_per_class=7, test_per_class=1)
     target = listed_target(
@@ -168,7 +168,7 @@ def no_md5(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION))
 def test_torchvision_targets(tmp_path, no_md5, name):
-    from safetransfer.targets.torchvision_datasets import TorchvisionTarget
+    from safetransfer.data.targets.torchvision_datasets import TorchvisionTarget
 
     dataset, train, test, make = TORCHVISION[name]
     sizes = make(tmp_path)
@@ -194,7 +194,7 @@ def test_torchvision_targets(tmp_path, no_md5, name):
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION))
 def test_torchvision_targets_missing_data_message(tmp_path, name):
-    from safetransfer.targets.torchvision_datasets import ORIGINS, TorchvisionTarget
+    from safetransfer.data.targets.torchvision_datasets import ORIGINS, TorchvisionTarget
 
     dataset, train, test, _ = TORCHVISION[name]
     with pytest.raises(ConfigError) as error:
@@ -221,7 +221,7 @@ def test_a_torchvision_target_end_to_end(cli, tmp_path):
 
 
 def test_caltech256_protocol(tmp_path):
-    from safetransfer.targets.caltech256 import Caltech256
+    from safetransfer.data.targets.caltech256 import Caltech256
 
     sizes = fixtures.make_caltech256(tmp_path, classes=3, per_class=(9, 8, 10))
     target = Caltech256(str(tmp_path), train_per_class=5, test_per_class=3, split_seed=1, expected_classes=3)
@@ -250,7 +250,7 @@ def test_caltech256_protocol(tmp_path):
 def cub_with_cache(tmp_path, resize=48, crop=40):
     from omegaconf import OmegaConf
 
-    from safetransfer.preparation import cached_data
+    from safetransfer.data.preparation import cached_data
 
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=5, test_per_class=2)
     target = CUB200(str(tmp_path / "data"), expected_classes=3, expected_split=(15, 6))
@@ -266,7 +266,8 @@ def cub_with_cache(tmp_path, resize=48, crop=40):
 
 
 def test_cache_gives_the_same_pixels_as_the_direct_path(tmp_path):
-    from safetransfer.targets import Transformed, test_transform, train_transform
+    from safetransfer.data.datasets import Transformed
+    from safetransfer.data.transforms import test_transform, train_transform
 
     target, cfg, cached_data = cub_with_cache(tmp_path)
     indices = np.array([0, 3, 7, 14])
@@ -288,7 +289,7 @@ def test_cache_gives_the_same_pixels_as_the_direct_path(tmp_path):
 
 
 def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
-    from safetransfer.targets import cache
+    from safetransfer.data import cache
 
     target, cfg, cached_data = cub_with_cache(tmp_path)
     cached_data(cfg, target.train_set(), target.test_set(), np.arange(15))
@@ -307,7 +308,7 @@ def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
 
 
 def test_a_crash_while_building_leaves_no_file(tmp_path):
-    from safetransfer.targets.cache import cached_split
+    from safetransfer.data.cache import cached_split
 
     target, cfg, _ = cub_with_cache(tmp_path)
 
@@ -331,7 +332,7 @@ def test_a_crash_while_building_leaves_no_file(tmp_path):
 def test_a_damaged_cache_file_is_rebuilt(tmp_path, caplog, damage):
     """A truncated cached .npy ("mmap length is greater than file size") stopped every run
     that used it: it is decoded again, with a warning naming it."""
-    from safetransfer.targets.cache import cached_split
+    from safetransfer.data.cache import cached_split
 
     target, cfg, _ = cub_with_cache(tmp_path)
     first = cached_split(target.train_set(), np.arange(15), "train", 48, 40, tmp_path / "cache", {"x": 1})
@@ -345,7 +346,7 @@ def test_a_damaged_cache_file_is_rebuilt(tmp_path, caplog, damage):
 
 
 def test_device_augment_crops_mirrors_and_normalises_each_sample():
-    from safetransfer.targets.augment import DeviceAugment
+    from safetransfer.data.augment import DeviceAugment
 
     images = torch.randint(0, 256, (5, 3, 10, 12), dtype=torch.uint8)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.25]
@@ -371,7 +372,7 @@ def normalised(images, mean, std):
 def test_device_random_resized_crop_is_each_window_resized_and_mirrored():
     """Against F.interpolate (bilinear, align_corners=False) of each sample's window: the
     device's one grid_sample over the batch reads the same coordinates."""
-    from safetransfer.targets.augment import DeviceAugment
+    from safetransfer.data.augment import DeviceAugment
 
     images = torch.randint(0, 256, (6, 3, 20, 24), dtype=torch.uint8)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.25]
@@ -402,7 +403,7 @@ def test_device_random_resized_crop_draws_torchvision_windows():
     from scipy.stats import ks_2samp
     from torchvision.transforms import v2
 
-    from safetransfer.targets.augment import DeviceAugment
+    from safetransfer.data.augment import DeviceAugment
 
     torch.manual_seed(0)
     for height, width in ((64, 64), (60, 12)):
@@ -433,7 +434,7 @@ def test_device_random_resized_crop_draws_torchvision_windows():
 def test_device_ten_crops_are_torchvisions_ten_crops():
     from torchvision.transforms import v2
 
-    from safetransfer.targets.augment import DeviceAugment
+    from safetransfer.data.augment import DeviceAugment
 
     images = torch.randint(0, 256, (3, 3, 11, 13), dtype=torch.uint8)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.25]
@@ -449,9 +450,9 @@ def test_augmenting_on_the_device_trains_and_is_deterministic(compose_cfg, tmp_p
     from hydra.utils import instantiate
 
     from conftest import TINY
-    from safetransfer.checks import check_config
-    from safetransfer.experiment import run_seed
-    from safetransfer.preparation import prepare_data
+    from safetransfer.data.preparation import prepare_data
+    from safetransfer.job.checks import check_config
+    from safetransfer.job.run import run_seed
 
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=6, test_per_class=2)
     shrink = [o for o in TINY if not o.startswith("target.")]
@@ -483,7 +484,7 @@ def test_downloads_are_checked_against_their_pinned_digest(tmp_path, monkeypatch
 
     import torch
 
-    from safetransfer.targets.files import fetch_archive
+    from safetransfer.common.downloads import fetch_archive
 
     def fake_download(url, dst, **kwargs):
         Path(dst).write_bytes(b"not the real list")
@@ -502,7 +503,7 @@ def test_downloads_are_checked_against_their_pinned_digest(tmp_path, monkeypatch
 
 
 def test_stanford_cars_all_images_release(tmp_path):
-    from safetransfer.targets.stanford_cars import StanfordCars
+    from safetransfer.data.targets.stanford_cars import StanfordCars
 
     sizes = fixtures.make_stanford_cars_all_images(tmp_path, classes=3, train=3, test=2)
     target = StanfordCars(str(tmp_path), expected_classes=3, expected_split=(9, 6))
@@ -526,8 +527,8 @@ def test_stanford_cars_all_images_release(tmp_path):
 
 
 def test_stanford_cars_torchvision_layout_and_what_it_refuses(tmp_path):
-    from safetransfer.errors import MissingData
-    from safetransfer.targets.stanford_cars import StanfordCars
+    from safetransfer.common.errors import MissingData
+    from safetransfer.data.targets.stanford_cars import StanfordCars
 
     with pytest.raises(MissingData, match="car_ims/NNNNNN.jpg,cars_annos.mat.*cars_train/"):
         StanfordCars(str(tmp_path)).check()
@@ -562,8 +563,8 @@ def test_an_imagefolder_target_is_named_after_its_folder_unless_target_name_is_g
 
 def test_two_imagefolder_roots_are_two_rows_of_one_paper_table(compose_cfg, tmp_path):
     """A sweep over two target.roots: each dataset its own row, not one cell with two settings."""
-    from safetransfer.experiment import run_job
-    from safetransfer.tables import write_table
+    from safetransfer.job.run import run_job
+    from safetransfer.reporting.tables import write_table
 
     shrink = [o for o in TINY if not o.startswith("target.")]
     for number, folder in enumerate(("ants_bees", "cats_dogs")):

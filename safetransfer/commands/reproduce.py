@@ -1,0 +1,469 @@
+"""`safetransfer-reproduce TABLE [--plan] [--dir DIR] [overrides...]`: one of the papers'
+tables as its paper made it, in two stages (safetransfer/reporting/search.py):
+
+1. search: for each method with a grid (`search.grids`), every setting of the grid on
+   every cell, trained on the training images minus a validation hold-out
+   (`search.val_fraction`) with `search.seeds`; per cell the setting with the best mean
+   validation top-1 goes into <DIR>/chosen.json;
+2. final: every cell with its chosen setting on its whole training split, the table's
+   seeds, scored on the test split; then <results.dir>/<TABLE>.md in the paper's layout
+   with the published values and the chosen settings listed.
+
+Each stage is a Hydra multirun of `safetransfer-train` (any launcher: launcher=slurm ...)
+into a fixed directory under DIR (default multirun/<TABLE>): rerunning the same command
+keeps every finished seed and trains only what is missing. `--plan` prints every job of
+both stages and the projected GPU hours, without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from safetransfer.common.errors import ConfigError
+from safetransfer.common.overrides import split_sweeps
+from safetransfer.job.fetch import READY, summary
+from safetransfer.reporting.search import choose, chosen_notes, write_chosen
+
+CONFIG_MODULE = "safetransfer.conf"
+TABLES = ("dtnh_table2", "dtnh_table3", "dtnh_table4", "bss_table2")
+
+
+def compose_job(table: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose("config", overrides=[f"experiment={table}", *overrides], return_hydra_config=True)
+
+
+def sweep_axes(cfg: DictConfig, sweeps: dict[str, list[str]], plain: list[str]) -> dict[str, list[str]]:
+    """The table's cells as sweep axes: the preset's sweeper params, with the command line's
+    sweeps and single values of the same keys taking their place."""
+    axes = {k: [v.strip() for v in str(values).split(",")] for k, values in cfg.hydra.sweeper.params.items()}
+    for text in plain:
+        key, _, value = text.partition("=")
+        if key in axes:
+            axes[key] = [value]
+    axes.update(sweeps)
+    return axes
+
+
+@dataclass
+class Job:
+    stage: str  # "search" or "final"
+    cell: dict[str, str]  # the sweep axes' values
+    setting: dict[str, str]  # the grid's values (search) or {} (final: the chosen values)
+    seeds: int
+    iterations: int
+    backbone: str
+    regularizer: str
+    direction: str
+    crop: int
+    batch: int
+
+
+def cells(table: str, overrides: list[str]):
+    """(cell, its composed config) for every cell of the table, the command line's sweeps included."""
+    sweeps, plain = split_sweeps(overrides)
+    axes = sweep_axes(compose_job(table, plain), sweeps, plain)
+    for values in itertools.product(*axes.values()):
+        cell = dict(zip(axes, values))
+        yield cell, compose_job(table, [*plain, *(f"{k}={v}" for k, v in cell.items())])
+
+
+def composer(overrides: list[str]):
+    """compose(more) of the main config with the command line's paths.* overrides (where data lies)."""
+    paths = [o for o in split_sweeps(overrides)[1] if o.lstrip("+").startswith("paths.")]
+
+    def compose_more(more: list[str]) -> DictConfig:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            return compose("config", overrides=[*more, *paths])
+
+    return compose_more
+
+
+def table_data(table: str, overrides: list[str], download: bool) -> list:
+    """Every artifact the table's jobs read, fetched (`download`) or checked (safetransfer/job/fetch.py)."""
+    from safetransfer.job.fetch import fetch_all
+
+    return fetch_all((cfg for _, cfg in cells(table, overrides)), download, composer(overrides))
+
+
+def plan(table: str, overrides: list[str]) -> tuple[list[Job], DictConfig]:
+    _, plain = split_sweeps(overrides)
+    base = compose_job(table, plain)
+    grids = {m: list(g) for m, g in base.search.grids.items()}
+    jobs = []
+    for cell, cfg in cells(table, overrides):
+        choices = cfg.hydra.runtime.choices
+        common = dict(
+            iterations=int(cfg.train.iterations),
+            backbone=cfg.backbone.name,
+            regularizer=choices.regularizer,
+            direction=choices.direction,
+            crop=int(cfg.data.crop),
+            batch=int(cfg.train.batch_size),
+        )
+        grid = grids.get(choices.get("method") or "", [])
+        if grid:
+            grid_axes = {k: v.split(",") for k, v in (o.split("=", 1) for o in grid)}
+            for setting in itertools.product(*grid_axes.values()):
+                jobs.append(Job("search", cell, dict(zip(grid_axes, setting)), len(cfg.search.seeds), **common))
+        jobs.append(Job("final", cell, {}, len(cfg.seeds), **common))
+    return jobs, base
+
+
+#: the method each cell of scripts/benchmark_cell.py trains (BENCHMARKS.json, cuda-cell)
+CELL_METHODS = {"dtnh": "resnet18 l2sp dtnh", "bss": "resnet50 l2_bss sum"}
+
+
+def benchmark_figures(path: Path) -> tuple[str, dict[str, float], float, int, dict, str] | None:
+    """(device kind, ms per step by 'backbone regularizer direction', px, batch, cell factors,
+    precision) of the figures file scripts/benchmark.py and scripts/benchmark_cell.py write
+    (BENCHMARKS.json), the CUDA figures when there are some. The cell factors,
+    {(backbone, concurrent seeds): factor}, are a whole job's seconds per seed and iteration,
+    end to end (start, data, evaluation, the seeds one after another or concurrently), over the
+    model-only step time of the same method."""
+    import json
+
+    if not path.exists():
+        return None
+    found = json.loads(path.read_text())
+    for kind in ("cuda", "cpu"):
+        figures = found.get(kind)
+        if not figures or not figures.get("ms_per_step"):
+            continue
+        rows = {name: float(ms) for name, ms in figures["ms_per_step"].items()}
+        factors = {}
+        for cell, modes in found.get(f"{kind}-cell", {}).get("seconds_per_iteration", {}).items():
+            method = CELL_METHODS.get(cell)
+            for mode, seconds in modes.items():
+                if method in rows:
+                    factors[(method.split()[0], mode == "concurrent")] = 1000 * float(seconds) / rows[method]
+        return kind, rows, float(figures["px"]), int(figures["batch"]), factors, str(figures.get("precision", "fp32"))
+    return None
+
+
+def job_hours(job: Job, figures, concurrent: bool = False) -> float | None:
+    """Model-only step time scaled to the job's pixels and batch, times the measured cell's
+    end-to-end factor for the job's backbone and way of running seeds, when there is one."""
+    kind, rows, px, batch = figures[:4]
+    ms = rows.get(f"{job.backbone} {job.regularizer} {job.direction}")
+    if ms is None:
+        return None
+    scale = (job.crop / px) ** 2 * (job.batch / batch)  # pixels and images per step
+    concurrent = concurrent and job.seeds > 1  # a single seed runs alone (runtime.concurrent_seeds)
+    factors = figures[4] if len(figures) > 4 else {}
+    # no measured cell for concurrent seeds: the sequential one (the slower), else model steps only
+    factor = factors.get((job.backbone, concurrent), factors.get((job.backbone, False), 1.0))
+    return ms * scale * factor * job.iterations * job.seeds / 3.6e6
+
+
+def print_plan(table: str, jobs: list[Job], figures, concurrent: bool = False) -> None:
+    hours = {"search": 0.0, "final": 0.0}
+    unknown = 0
+    print(f"{table}: every job of both stages (cells x settings; seeds x iterations each)")
+    for job in jobs:
+        h = job_hours(job, figures, concurrent) if figures else None
+        if h is None:
+            unknown += 1
+        else:
+            hours[job.stage] += h
+        cell = " ".join(f"{k}={v}" for k, v in job.cell.items())
+        setting = " ".join(f"{k}={v}" for k, v in job.setting.items()) or (
+            "chosen on validation" if job.stage == "final" else ""
+        )
+        print(
+            f"  {job.stage:6} {cell} | {setting} | {job.seeds} x {job.iterations} it"
+            + (f" | {h:.2f} h" if h is not None else "")
+        )
+    counts = {stage: sum(j.stage == stage for j in jobs) for stage in hours}
+    print(f"{counts['search']} search jobs, {counts['final']} final jobs, {len(jobs)} in all")
+    if figures:
+        kind, _, px, batch, factors, precision = figures
+        mode = "concurrent seeds" if concurrent else "seeds one after another"
+        used = {
+            b: (f, m)
+            for (b, c), f in factors.items()
+            for m in [mode if c else "seeds one after another"]
+            if c == concurrent or (b, concurrent) not in factors
+        }
+        if kind == "cuda" and used:
+            source = (
+                "measured on a GPU: model-only step times x the end-to-end factor of a measured cell, "
+                + ", ".join(f"{b} {f:.2f} ({m})" for b, (f, m) in sorted(used.items()))
+                + f"; {precision} step times, BENCHMARKS.json"
+            )
+        elif kind == "cuda":
+            source = f"measured on a GPU, {precision} step times; model steps only (no measured cell for {mode})"
+        else:
+            source = (
+                f"a CPU projection: BENCHMARKS.json has no GPU figures yet, so its CPU {precision} step times "
+                f"({px:g} px, batch {batch}) are scaled by pixels and batch size; a GPU is far faster; model steps only"
+            )
+        print(
+            f"projected hours: search {hours['search']:.1f} h, final {hours['final']:.1f} h, "
+            f"total {sum(hours.values()):.1f} h ({source})" + (f"; {unknown} jobs have no figure" if unknown else "")
+        )
+    else:
+        print("projected hours: no BENCHMARKS.json found (run python scripts/benchmark.py)")
+
+
+def run_train(arguments: list[str]) -> int:
+    """`safetransfer-train ARGUMENTS` in this process (Hydra's multirun and its launcher, the
+    end-of-sweep report included); its exit code."""
+    from safetransfer.commands import train
+
+    print("+ safetransfer-train " + " ".join(arguments), flush=True)
+    saved = sys.argv
+    sys.argv = ["safetransfer-train", *arguments]
+    try:
+        train.main()
+        return 0
+    except SystemExit as stop:  # Hydra exits non-zero when a job failed
+        return stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = saved
+
+
+def run_stage(arguments: list[str]) -> None:
+    """One stage: `safetransfer-train -m ARGUMENTS`, in this process."""
+    if run_train(["-m", *arguments]):
+        raise SystemExit(
+            "safetransfer-reproduce: a stage ended with failed jobs (listed above); fix them and rerun "
+            "the same command: finished seeds are kept"
+        )
+
+
+#: the overrides a source's pretraining takes from the table's command line: where and how it
+#: runs, never what (a table's target=... is not the source's dataset)
+PRETRAINING_KEYS = ("paths.", "runtime.", "hydra.launcher")
+
+
+def sources_to_make(table: str, overrides: list[str]) -> list[tuple[str, str, Path, str]]:
+    """(dataset, backbone, path, the artifact's name in fetch's report) of each source the table's
+    jobs read that a pretraining run makes (experiment=pretrain_source: Table IV's Stanford Dogs
+    source) and that is not there yet."""
+    from hydra.utils import instantiate
+
+    from safetransfer.sources.base import own_keys
+    from safetransfer.sources.local import PretrainedSource
+
+    found = {}
+    for _, cfg in cells(table, overrides):
+        own_keys(cfg.source)
+        source = instantiate(cfg.source)
+        if isinstance(source, PretrainedSource) and not source.path.exists():
+            found[source.path] = (
+                source.dataset,
+                cfg.backbone.name,
+                source.path,
+                f"source={cfg.source.name} backbone={cfg.backbone.name}",
+            )
+    return list(found.values())
+
+
+def make_sources(made: list[tuple[str, str, Path, str]], overrides: list[str], root: Path) -> None:
+    """Stage 0: the sources a pretraining run makes (sources_to_make), each once (a rerun keeps
+    its finished seed)."""
+    _, plain = split_sweeps(overrides)
+    kept = [o for o in plain if o.lstrip("+~").startswith(PRETRAINING_KEYS)]
+    for dataset, backbone, path, _ in made:
+        arguments = [
+            "experiment=pretrain_source",
+            f"target={dataset}",
+            f"backbone={backbone}",
+            f"pretrain.save_to={path}",
+            *kept,
+            f"hydra.run.dir={root / 'sources' / f'{backbone}_{dataset}'}",
+        ]
+        run_train(arguments)
+        if not path.is_file():
+            raise SystemExit(
+                f"safetransfer-reproduce: the source pretraining did not write {path} (see above); "
+                "fix it and rerun the same command"
+            )
+
+
+def reproduce(table: str, overrides: list[str], root: Path, made: list | None = None) -> Path:
+    """Both stages of `table`, after making the sources a pretraining run makes (`made`, from
+    sources_to_make; found here when not given)."""
+    from safetransfer.reporting.tables import collect, write_table
+
+    make_sources(sources_to_make(table, overrides) if made is None else made, overrides, root)
+    sweeps, plain = split_sweeps(overrides)
+    base = compose_job(table, plain)
+    grids = {m: list(g) for m, g in base.search.grids.items()}
+    searched_dirs = []
+    methods = sweep_axes(base, sweeps, plain).get("method", [])
+    for method in methods:
+        grid = grids.get(method)
+        if not grid:
+            continue
+        directory = root / "search" / method
+        searched_dirs.append(directory)
+        run_stage(
+            [
+                f"experiment={table}",
+                *overrides,
+                f"method={method}",
+                *grid,
+                f"target.val_fraction={base.search.val_fraction}",
+                f"seeds=[{','.join(map(str, base.search.seeds))}]",
+                f"hydra.sweep.dir={directory}",
+                f"results.table={table}_search",
+                f"results.paper.name={table}_search_{method}",
+                "results.paper.published=null",
+            ]
+        )
+    chosen_path = root / "chosen.json"
+    if searched_dirs:
+        seeds = collect(searched_dirs)
+        cells = choose(seeds, grids)
+        chosen = write_chosen(chosen_path, table, cells, sorted(set(seeds["method"])))
+    else:
+        chosen = write_chosen(chosen_path, table, {}, [])
+    run_stage(
+        [
+            f"experiment={table}",
+            *overrides,
+            f"search.chosen={chosen_path.resolve()}",
+            "target.val_fraction=0",
+            f"hydra.sweep.dir={root / 'final'}",
+        ]
+    )
+    notes = (
+        ["Chosen on the validation split in stage 1 (the test split never took part):", "", *chosen_notes(chosen)]
+        if chosen["cells"]
+        else []
+    )
+    markdown = write_table(
+        [root / "final"],
+        Path(base.results.dir),
+        str(base.results.paper.name),
+        base.results.paper.published or None,
+        notes=notes,
+        accumulate=True,
+    )
+    print(markdown, end="")
+    return Path(base.results.dir) / f"{base.results.paper.name}.md"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="safetransfer-reproduce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("table", help=f"an experiment preset with a search: {', '.join(TABLES)}")
+    parser.add_argument("overrides", nargs="*", help="safetransfer-train overrides for both stages")
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print every job, the projected hours and whether the data is ready; train nothing",
+    )
+    parser.add_argument(
+        "--fetch",
+        action="store_true",
+        help="download and verify every checkpoint, dataset and list "
+        "the table's jobs read (on a login node); train nothing",
+    )
+    parser.add_argument("--dir", type=Path, help="where both stages run (default multirun/<table>)")
+    parser.add_argument(
+        "--benchmarks",
+        type=Path,
+        help="the step times the plan projects from (default: the repository's BENCHMARKS.json, else "
+        "./BENCHMARKS.json; written by scripts/benchmark.py and scripts/benchmark_cell.py)",
+    )
+    args = parser.parse_intermixed_args(argv)
+    one_line_errors(parser, lambda: run(args))
+
+
+def one_line_errors(parser: argparse.ArgumentParser, action):
+    """action(), a ConfigError or a bad override or preset name (Hydra's message) reported in one line."""
+    try:
+        return action()
+    except ConfigError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except Exception as error:
+        if type(error).__module__.startswith(("hydra", "omegaconf")):
+            parser.exit(2, f"{parser.prog}: error: {'; '.join(filter(None, str(error).splitlines()[:2]))}\n")
+        raise
+
+
+def run(args: argparse.Namespace) -> None:
+    """safetransfer-reproduce's three modes: --plan, --fetch, and both stages."""
+    if args.plan:
+        jobs, base = plan(args.table, args.overrides)
+        candidates = (
+            [args.benchmarks]
+            if args.benchmarks
+            else [Path(__file__).resolve().parents[1] / "BENCHMARKS.json", Path("BENCHMARKS.json")]
+        )
+        figures = next((f for f in map(benchmark_figures, candidates) if f), None)
+        print_plan(args.table, jobs, figures, bool(base.runtime.concurrent_seeds))
+        for dataset, backbone, path, _ in sources_to_make(args.table, args.overrides):
+            print(
+                f"Made first: the source {path} (experiment=pretrain_source target={dataset} backbone={backbone}, "
+                "one seed, every training image; not in the hours above)"
+            )
+        print(f"{args.table}: the data its jobs read (checked, nothing downloaded)")
+        outcomes = table_data(args.table, args.overrides, download=False)
+        print(summary(outcomes, f"safetransfer-reproduce {args.table} --fetch"))
+        return
+    if args.fetch:
+        outcomes = table_data(args.table, args.overrides, download=True)
+        print(summary(outcomes, f"rerunning safetransfer-reproduce {args.table} --fetch"))
+        if any(o.status not in READY for o in outcomes):
+            sys.exit(1)
+        return
+    # the data, checked once before any job: a missing dataset would fail every job of its row;
+    # a source a pretraining run makes is made first (its own inputs are among those checked)
+    made = sources_to_make(args.table, args.overrides)
+    made_names = {name for *_, name in made}
+    outcomes = table_data(args.table, args.overrides, download=False)
+    missing = [o for o in outcomes if o.status not in READY and o.artifact not in made_names]
+    if missing:
+        raise SystemExit(
+            f"safetransfer-reproduce: error: {len(missing)} of the {len(outcomes)} artifacts the table's jobs "
+            f"read are not ready (listed above); nothing was trained: run safetransfer-reproduce "
+            f"{args.table} --fetch, or place what cannot be downloaded as listed"
+        )
+    reproduce(args.table, args.overrides, args.dir or Path("multirun") / args.table, made)
+
+
+def fetch_main(argv: list[str] | None = None) -> None:
+    """safetransfer-fetch [overrides]: download and verify what the jobs of these overrides read."""
+    from safetransfer.job.fetch import fetch_all
+
+    parser = argparse.ArgumentParser(
+        prog="safetransfer-fetch",
+        description=(
+            "Download and verify every source checkpoint, target dataset and sample list that safetransfer-train "
+            "with the same overrides would read (comma sweeps included), one line each; exit 1 when anything is "
+            "not ready. For a paper's table: safetransfer-reproduce TABLE --fetch."
+        ),
+    )
+    parser.add_argument("overrides", nargs="*", help="safetransfer-train overrides, e.g. source=imagenet target=cub200")
+    parser.add_argument("--check", action="store_true", help="only check what is there; download nothing")
+    args = parser.parse_args(argv)
+
+    def fetch_configs():
+        sweeps, plain = split_sweeps(args.overrides)
+        compose_more = composer(args.overrides)
+        configs = (
+            compose_more([*plain, *(f"{k}={v}" for k, v in zip(sweeps, values))])
+            for values in itertools.product(*sweeps.values())
+        )
+        return fetch_all(configs, not args.check, compose_more)
+
+    outcomes = one_line_errors(parser, fetch_configs)
+    print(summary(outcomes, "safetransfer-fetch with the same overrides"))
+    if any(o.status not in READY for o in outcomes):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

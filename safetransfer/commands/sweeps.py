@@ -1,0 +1,178 @@
+"""Multiruns: each job's status file and the report when a sweep ends (the paper-layout
+table of all its jobs and the jobs that failed, with the command that reruns each).
+
+Jobs are launched by Hydra's launchers (basic, joblib, submitit); nothing here schedules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from safetransfer.common.atomic import atomic_write_json
+from safetransfer.common.errors import ConfigError
+from safetransfer.common.overrides import sweep_jobs
+from safetransfer.reporting.results import table_paths
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "job.json"
+
+
+class JobStatus:
+    """`<job dir>/job.json`: running | finished | failed, the job's overrides and, on failure, the error."""
+
+    def __init__(self, job_dir: Path, overrides: list[str], num: int | None = None):
+        self.path = Path(job_dir) / STATUS_FILE
+        self.record = {"overrides": list(overrides), "num": num, "job_dir": str(job_dir)}
+
+    def write(self, status: str, **details: Any) -> None:
+        self.record.update(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details)
+        atomic_write_json(self.path, self.record)
+
+
+def job_statuses(sweep_dir: Path) -> list[dict]:
+    """The status of every job under a sweep directory, in job order."""
+    records = [json.loads(p.read_text()) for p in Path(sweep_dir).rglob(STATUS_FILE)]
+    return sorted(records, key=lambda r: (r.get("num") is None, r.get("num") or 0, r["job_dir"]))
+
+
+def rerun_command(record: dict) -> str:
+    """One failed job alone, into its own directory: its finished seeds are kept, the rest run."""
+    arguments = [*record["overrides"], "hydra.mode=RUN", f"hydra.run.dir={record['job_dir']}"]
+    return "safetransfer-train " + " ".join(shlex.quote(a) for a in arguments)
+
+
+def duplicate_report(records: list[dict]) -> list[str]:
+    """Lines naming finished jobs that resolved to the same config (one key): the table holds
+    one row for them, the last to finish."""
+    by_key: dict[str, list[dict]] = {}
+    for record in records:
+        if record["status"] == "finished" and record.get("key"):
+            by_key.setdefault(record["key"], []).append(record)
+    return [
+        f"Jobs {', '.join(str(r.get('num')) for r in same)} resolve to the same config (key {key}): the table "
+        f"holds one row for them; their overrides: " + " | ".join(" ".join(r["overrides"]) for r in same)
+        for key, same in by_key.items()
+        if len(same) > 1
+    ]
+
+
+def planned_jobs(config: DictConfig) -> list[list[str]]:
+    """The overrides of every job a multirun of `config` launches, in job order, as Hydra's basic
+    sweeper expands them (the sweeper's params, then the command line's, which win)."""
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = {str(k): f"{k}={v}" for k, v in params.items()}
+    for override in config.hydra.overrides.task:
+        arguments[str(override).split("=", 1)[0].lstrip("+~")] = str(override)
+    return sweep_jobs(list(arguments.values()))
+
+
+def continue_command(arguments: list[str], sweep_dir: Path) -> str:
+    """The command that continues a multirun in its own folder: finished seeds kept, the rest run."""
+    kept = [a for a in arguments if not a.startswith(("hydra.sweep.dir=", "+hydra.sweep.dir=", "++hydra.sweep.dir="))]
+    return "safetransfer-train " + " ".join(
+        shlex.quote(a) for a in [*kept, f"hydra.sweep.dir={Path(sweep_dir).resolve()}"]
+    )
+
+
+def failure_report(sweep_dir: Path, planned: int | None = None, arguments: list[str] | None = None) -> str:
+    """Lines naming each failed or unfinished job, its overrides, its error and how to rerun it,
+    the jobs not started (of `planned`), the command that continues the sweep (from its
+    `arguments`), and jobs that resolved to the same config."""
+    records = job_statuses(sweep_dir)
+    total = max(planned or 0, len(records))
+    failed = [r for r in records if r["status"] != "finished"]
+    duplicates = duplicate_report(records)
+    if not failed and total == len(records):
+        return "\n".join([f"All {total} jobs of {sweep_dir} finished.", *duplicates])
+    unfinished = len(failed) + total - len(records)
+    lines = [f"{unfinished} of {total} jobs of {sweep_dir} did not finish:"]
+    for record in failed:
+        reason = record.get("error", "interrupted while running (killed or preempted?)")
+        lines += [
+            f"- job {record.get('num')} [{' '.join(record['overrides'])}]: {record['status']}: {reason}",
+            f"  rerun it alone: {rerun_command(record)}",
+        ]
+    if total > len(records):
+        lines.append(f"- {total - len(records)} job{'s' if total - len(records) > 1 else ''} not started")
+    whole = continue_command(arguments, sweep_dir) if arguments is not None else f"... hydra.sweep.dir={sweep_dir}"
+    lines.append(f"Continue the whole sweep (finished seeds are kept, not rerun): {whole}")
+    return "\n".join([*lines, *duplicates])
+
+
+def sweep_report(
+    config: DictConfig, sweep_dir: Path, planned: int | None = None, arguments: list[str] | None = None
+) -> str:
+    """The paper-layout table of everything under `sweep_dir`, then the failed jobs."""
+    from safetransfer.reporting.tables import write_table
+
+    parts = []
+    paper = config.results.paper
+    name = str(paper.name)
+    try:
+        markdown = write_table(
+            [sweep_dir],
+            Path(config.results.dir),
+            name,
+            str(paper.published) if paper.published else None,
+            accumulate=True,
+        )
+        parts.append(
+            f"Paper-layout table {Path(config.results.dir) / (name + '.md')} (the jobs of {sweep_dir}, "
+            "beside the cells of earlier sweeps written to it):"
+            f"\n\n{markdown}"
+        )
+    except ConfigError as error:
+        parts.append(f"No paper-layout table: {error}")
+    parts.append(failure_report(sweep_dir, planned, arguments))
+    return "\n".join(parts)
+
+
+class SweepReport(Callback):
+    """When a run ends: print its results table. When a multirun ends, normally or with
+    failed jobs (safetransfer.commands.train.main calls `finish` then): assemble and print the
+    paper-layout table of all its jobs and list the jobs that failed."""
+
+    active: tuple[DictConfig, Path] | None = None
+    planned: int | None = None  # how many jobs the multirun launches
+    arguments: list[str] | None = None  # safetransfer-train's command line (set by train.main)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        print_results_table(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepReport.active = (config, Path(str(config.hydra.sweep.dir)))
+        try:
+            SweepReport.planned = len(planned_jobs(config))
+        except Exception:  # a sweeper of another kind: the jobs found are counted
+            SweepReport.planned = None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepReport.finish()
+
+    @staticmethod
+    def finish() -> None:
+        if SweepReport.active is None:
+            return
+        config, sweep_dir = SweepReport.active
+        SweepReport.active = None
+        if sweep_dir.is_dir():
+            print_results_table(config)
+            print("\n" + sweep_report(config, sweep_dir, SweepReport.planned, SweepReport.arguments), flush=True)
+
+
+def print_results_table(config: DictConfig) -> None:
+    """The job rows of `results.table`, if there are any."""
+    with contextlib.suppress(Exception):  # interpolations that cannot resolve here: nothing to print
+        _, md_path = table_paths(Path(config.results.dir), str(config.results.table))
+        if md_path.exists():
+            print(f"\nResults table {md_path}:\n\n{md_path.read_text()}", flush=True)

@@ -1,0 +1,286 @@
+"""`safetransfer-train`: the Hydra entrypoint.
+
+With no arguments it runs the embedded demo (`experiment=demo`). Otherwise it composes
+conf/config.yaml with the command-line overrides, fine-tunes once per seed and writes
+the job's row to the results table.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from importlib import resources
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from safetransfer.common.errors import ConfigError, SafetransferError, one_line
+from safetransfer.common.overrides import group_values, parse_overrides
+
+log = logging.getLogger(__name__)
+
+CONFIG_PACKAGE = "safetransfer.conf"
+
+
+def cuda_device_count() -> int:
+    """For launcher=gpus: as many parallel jobs as this machine has visible GPUs (at least one)."""
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+OmegaConf.register_new_resolver("safetransfer.cuda_device_count", cuda_device_count, replace=True)
+
+
+def group_options(group: str) -> list[str] | None:
+    """The choices of a config group shipped with the package, or None if `group` is not one."""
+    folder = resources.files(CONFIG_PACKAGE).joinpath(group)
+    if not folder.is_dir():
+        return None
+    return sorted(entry.name[: -len(".yaml")] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def check_group_choices(arguments: list[str]) -> None:
+    """Refuse an unknown choice for a config group in one line, before Hydra composes anything."""
+    for override in parse_overrides(arguments) or []:
+        options = group_options(override.key_or_group)
+        if options is None or override.is_delete():
+            continue
+        for choice in group_values(override) or []:
+            if choice not in options and choice != "null":
+                raise ConfigError(
+                    f"{override.key_or_group}={choice} is not a known choice; allowed: {', '.join(options)}"
+                )
+
+
+#: maps meant to take new keys with `+`, e.g. +search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.1,1"]
+OPEN_MAPS = ("search.grids", "bss_lists")
+
+
+def _dotted_keys(node, prefix: str = "") -> set[str]:
+    keys = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            keys.add(name)
+            keys |= _dotted_keys(value, name + ".")
+    return keys
+
+
+def _has_key(cfg: DictConfig, dotted: str) -> bool:
+    """Whether `dotted` names a node of `cfg`, a missing value (???) included."""
+    parent_key, _, leaf = dotted.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, default=None, throw_on_resolution_failure=False) if parent_key else cfg
+    return isinstance(parent, DictConfig) and leaf in list(parent.keys())
+
+
+def check_keys(arguments: list[str]) -> None:
+    """Refuse an override of a key the config does not have, in one line naming the closest
+    known keys, before Hydra composes anything. Hydra's own message suggests `+key=value`,
+    which adds a key nothing reads: a `+` key is refused too, except under OPEN_MAPS."""
+    import difflib
+    import itertools
+
+    from hydra import compose, initialize_config_module
+
+    overrides = parse_overrides(arguments)
+    if overrides is None:
+        return
+    choices, keyed = {}, []
+    for override in overrides:
+        key = override.key_or_group
+        if key == "hydra" or key.startswith("hydra.") or override.is_delete():
+            continue
+        if group_options(key) is None:
+            keyed.append(override)
+            continue
+        values = group_values(override)
+        if values is None:
+            return  # range() or glob() over a group: left to Hydra
+        choices[key] = values
+    if not keyed:
+        return
+    configs = []
+    with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
+        # the first combination of the swept groups, then more only while a key is not found
+        for combination in itertools.islice(itertools.product(*choices.values()), 32):
+            try:
+                configs.append(compose("config", overrides=[f"{g}={v}" for g, v in zip(choices, combination)]))
+            except Exception:
+                return  # Hydra reports what is wrong with the composition itself
+            keyed = [o for o in keyed if not _has_key(configs[-1], o.key_or_group)]
+            if not keyed:
+                return
+    for override in keyed:
+        key, added = override.key_or_group, override.is_add() or override.is_force_add()
+        if added and key.rpartition(".")[0] in OPEN_MAPS:
+            continue
+        if override.is_force_add() and key.startswith("source.") and key.split(".")[1] in source_keys():
+            continue  # a source sweep's key, in a rerun of one of its jobs: the job keeps what its source takes
+        known = sorted(set().union(*(_dotted_keys(OmegaConf.to_container(c, resolve=False)) for c in configs)))
+        scores = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in known}
+        best = max(scores.values(), default=0)
+        close = sorted((k for k, r in scores.items() if r >= max(0.6, best - 0.03)), key=lambda k: -scores[k])[:3]
+        hint = f"did you mean {' or '.join(close)}?" if close else "`safetransfer-train --cfg job` prints every key"
+        raise ConfigError(f"{key} is not a key{' (a + would add a key nothing reads)' if added else ''}; {hint}")
+
+
+def method_groups(method: str) -> dict[str, str]:
+    """The groups a method preset fixes ({group: choice}) that a command-line choice of the same
+    group would override. A group whose node the preset also sets in its body (from_scratch's
+    source) is not among them: the preset's node wins over any choice."""
+    preset = OmegaConf.load(str(resources.files(CONFIG_PACKAGE).joinpath("method", f"{method}.yaml")))
+    fixed = {}
+    for entry in preset.get("defaults", []):
+        for key, value in entry.items() if isinstance(entry, DictConfig) else []:
+            group = str(key).removeprefix("override /")
+            pinned = isinstance(preset.get(group), DictConfig) and "_target_" in preset[group]
+            if str(key).startswith("override /") and not pinned:
+                fixed[group] = str(value)
+    return fixed
+
+
+def source_keys() -> set[str]:
+    """The keys of every source config shipped with the package."""
+    folder = resources.files(CONFIG_PACKAGE).joinpath("source")
+    return {
+        str(k) for name in group_options("source") or [] for k in OmegaConf.load(str(folder.joinpath(f"{name}.yaml")))
+    }
+
+
+def check_method_choices(choices) -> None:
+    """A method preset fixes groups (method=l2sp: regularizer=l2sp, ...); a choice given on the
+    command line wins over it and would make the job another method under the method's name.
+    Refuse that in one line."""
+    method = choices.get("method")
+    if not method:
+        return
+    for group, value in method_groups(method).items():
+        if choices.get(group) != value:
+            raise ConfigError(
+                f"method={method} sets {group}={value}, but {group}={choices.get(group)} is given too "
+                f"and would win, training another method under this one's name: drop {group}=... "
+                f"or choose a method without it"
+            )
+
+
+def swept_source_keys(arguments: list[str]) -> list[str]:
+    """In a sweep over sources (source=pretrained,demo,scratch), `source.dataset=x` belongs to some
+    of them only: it is force-added (`++`) so that Hydra composes every job, and each job keeps
+    only the keys its source takes (sources.own_keys). check_keys has made sure some swept source
+    has the key."""
+    overrides = parse_overrides(arguments) or []
+    swept = any(o.key_or_group == "source" and len(group_values(o) or []) > 1 for o in overrides)
+    if not swept:
+        return arguments
+    return [f"++{a}" if a.startswith("source.") and "=" in a else a for a in arguments]
+
+
+def check_method_presets(arguments: list[str]) -> None:
+    """A method preset that fixes a group (method=l2sp: regularizer=l2sp) beside the same group on
+    the command line (regularizer=bss) would run under the method's name with the other choice:
+    refused in one line before any job starts (a multirun would find it only at that job)."""
+    overrides = parse_overrides(arguments) or []
+    given = {o.key_or_group: group_values(o) or [] for o in overrides if group_options(o.key_or_group) is not None}
+    methods = list(given.pop("method", []))
+    experiment = (given.get("experiment") or [None])[0]
+    if not methods and experiment and experiment in (group_options("experiment") or []):
+        preset = OmegaConf.load(str(resources.files(CONFIG_PACKAGE).joinpath("experiment", f"{experiment}.yaml")))
+        swept = OmegaConf.select(preset, "hydra.sweeper.params.method")
+        methods = [m.strip() for m in str(swept).split(",")] if swept else []
+    for method in methods:
+        if method not in (group_options("method") or []):
+            continue
+        for group, value in method_groups(method).items():
+            other = [v for v in given.get(group, []) if v != value]
+            if other:
+                raise ConfigError(
+                    f"method={method} sets {group}={value}, but {group}={','.join(other)} is given for "
+                    f"every job and would win, training another method under this one's name: drop "
+                    f"{group}=... or run method={method} in a command of its own"
+                )
+
+
+def job_overrides() -> str:
+    """The job's own command-line overrides that change its numbers, for the table."""
+    if not HydraConfig.initialized():
+        return ""
+    from safetransfer.reporting.results import runtime_only
+
+    return " ".join(o for o in HydraConfig.get().overrides.task if not runtime_only(o))
+
+
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
+def app(cfg: DictConfig) -> float:
+    from safetransfer.commands.sweeps import JobStatus
+    from safetransfer.job.run import run_job
+    from safetransfer.training import signals
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    num = hydra_cfg.job.get("num") if hydra_cfg.mode == RunMode.MULTIRUN else None
+    status = JobStatus(run_dir, list(hydra_cfg.overrides.task), num)
+    status.write("running")
+    try:
+        with signals.StopSignals() as stop:
+            check_method_choices(hydra_cfg.runtime.choices)
+            row = run_job(cfg, run_dir, job_overrides(), stop=stop)
+    except signals.Preempted as preempted:
+        message = str(preempted)
+        if num is not None:  # "the same command" would start a new sweep folder: name this one
+            from safetransfer.commands.sweeps import SweepReport, continue_command
+
+            arguments = SweepReport.arguments or sys.argv[1:]
+            message = preempted.text(
+                f"continue the sweep with: {continue_command(arguments, Path(hydra_cfg.sweep.dir))}"
+            )
+        status.write("interrupted" if preempted.signum == signal.SIGINT else "preempted", error=message)
+        log.warning("%s", message)
+        print(f"safetransfer-train: {message}", file=sys.stderr, flush=True)
+        stop.forward(preempted.signum)  # under submitit: its handler requeues the job
+        sys.exit(128 + preempted.signum)
+    except SafetransferError as error:  # bad input, a full disk, a failed download: one line
+        status.write("failed", error=one_line(error))
+        print(f"safetransfer-train: error: {one_line(error)}", file=sys.stderr, flush=True)
+        if num is not None:
+            raise  # in a multirun: this job failed, the others go on; the end-of-sweep report lists it
+        sys.exit(2)
+    except BaseException as error:
+        status.write("failed", error=f"{type(error).__name__}: {error}")
+        raise
+    status.write("finished", mean=row["mean"], n_seeds=row["n_seeds"], key=row["key"])
+    return row["mean"]  # what a sweeper optimises
+
+
+def main() -> None:
+    arguments = sys.argv[1:]
+    if not arguments:
+        print(
+            "safetransfer-train: no arguments, running the embedded demo "
+            "(same as `safetransfer-train experiment=demo`)",
+            flush=True,
+        )
+        arguments = ["experiment=demo"]
+    try:
+        check_group_choices(arguments)
+        check_keys(arguments)
+        check_method_presets(arguments)
+    except ConfigError as error:
+        print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    sys.argv = [sys.argv[0], *swept_source_keys(arguments)]
+    from safetransfer.commands.sweeps import SweepReport
+
+    SweepReport.arguments = list(arguments)
+    try:
+        app()
+    finally:  # a multirun stopped by a failed job still gets its table and the list of failures
+        SweepReport.finish()
+
+
+if __name__ == "__main__":
+    main()

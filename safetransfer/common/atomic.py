@@ -1,0 +1,118 @@
+"""Files written whole or not at all, and JSON files read back without trusting them.
+
+Every result, checkpoint and cache file of a run goes through here: a crash, a kill or a
+full disk leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safetransfer.common.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file.
+    The file gets the mode a plain open() gives (0666 less the umask), not mkstemp's 0600,
+    so that results on a shared disk are readable by whoever the umask lets read them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def plain(value):
+    """A NumPy scalar (as pandas gives them) as the Python value it holds, for JSON."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_json(path: Path, needs: Sequence[str] = ()) -> dict | None:
+    """A JSON file written by a run (metrics.json, spectrum.json), or None with a warning that
+    names it when it is truncated, malformed or lacks a key of `needs` (a crash or a full disk
+    can leave such a file; the caller skips it, or trains that seed again)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        missing = [key for key in needs if key not in data]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        return data
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        log.warning("%s is unreadable (%s: %s); skipped", path, type(error).__name__, error)
+        return None
+
+
+def built_once(path: Path, build: Callable[[], Any], what: str) -> Any:
+    """The torch object cached at `path`: built by `build()` and written atomically on first
+    use, under a file lock so that concurrent jobs build it once, then read back (CPU
+    tensors, weights_only). A file that cannot be read (damaged: a full disk, a copy cut short)
+    is named in a warning and built again."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # truncated zip, unpickling error, ...
+                first = str(error).splitlines()[0] if str(error) else ""
+                log.warning("%s cannot be read (%s: %s); %s is built again", path, type(error).__name__, first, what)
+                path.unlink()
+        atomic_torch_save(build(), path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_writable(directory: Path, key: str, example: str = "safetransfer-results") -> None:
+    """`directory` exists (made if need be), is a directory and takes a file; else one line.
+    `key` names the setting: `results.dir`, or a command's option such as `--out`."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        join = " " if key.startswith("-") else "="  # a command's option, or a config key
+        raise ConfigError(
+            f"{key}{join}{directory} is not a writable directory ({error.strerror or error}); "
+            f"choose one you can write to, e.g. {key}{join}{Path.home() / example}"
+        ) from None

@@ -1,0 +1,140 @@
+"""A decoded-image cache: each image is decoded and resized once, stored as uint8 in a
+memory-mapped .npy file, and read from there by every later seed and run.
+
+Training images are stored resized to resize x resize (the random crop and mirror are
+applied afterwards, on tensors); test images are stored after their deterministic
+resize and centre crop. The file's name is a hash of the dataset's config, the split,
+the indices and the sizes, so any change of these makes a new file; it is written to a
+temporary name and renamed, under a lock, so a crash never leaves a file a later run
+would trust.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+from torch.utils.data import DataLoader, Dataset
+
+from safetransfer.common.fingerprints import fingerprint
+from safetransfer.data.images import read_item
+from safetransfer.data.transforms import decode_transform
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(identity: dict, split: str, indices: np.ndarray, geometry: dict) -> str:
+    return fingerprint(
+        {"identity": identity, "split": split, "geometry": geometry}, 24, np.asarray(indices, dtype=np.int64).tobytes()
+    )
+
+
+class _Decoded(Dataset):
+    def __init__(self, dataset: Dataset, indices, transform):
+        self.dataset, self.indices, self.transform = dataset, list(map(int, indices)), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, label = read_item(self.dataset, self.indices[i])
+        return self.transform(image).as_subclass(torch.Tensor), label
+
+
+class CachedImages(Dataset):
+    """uint8 images (3, H, W) and labels read from the memory-mapped cache."""
+
+    def __init__(self, images_path: Path, labels: np.ndarray):
+        self.images = np.load(images_path, mmap_mode="r")
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(np.array(self.images[i])), int(self.labels[i])  # a copy: the map is read-only
+
+
+def cached_split(
+    dataset: Dataset,
+    indices: np.ndarray,
+    split: str,
+    resize: int,
+    crop: int,
+    cache_dir: Path,
+    identity: dict,
+    num_workers: int = 0,
+    test_crops: int = 1,
+) -> CachedImages:
+    """The images `indices` of `dataset`, decoded once into the cache (built on first use)."""
+    geometry = {"resize": resize, "crop": crop}
+    if split != "train" and test_crops != 1:
+        geometry["test_crops"] = test_crops
+    key = cache_key(identity, split, indices, geometry)
+    folder = Path(cache_dir) / "decoded"
+    images_path, labels_path = folder / f"{key}.images.npy", folder / f"{key}.labels.npy"
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / f"{key}.lock")):
+        cached = open_cached(images_path, labels_path, len(indices))
+        if cached is None:
+            build(
+                dataset,
+                indices,
+                decode_transform(split, resize, crop, test_crops),
+                images_path,
+                labels_path,
+                num_workers,
+            )
+            cached = CachedImages(images_path, np.load(labels_path))
+    return cached
+
+
+def open_cached(images_path: Path, labels_path: Path, count: int) -> CachedImages | None:
+    """The cached split, or None when it is not there or damaged (truncated, not a .npy, the
+    wrong length: a full disk or a copy cut short); a damaged one is removed, to be rebuilt."""
+    if not (images_path.exists() and labels_path.exists()):
+        return None
+    try:
+        cached = CachedImages(images_path, np.load(labels_path))
+        if len(cached.images) != count or len(cached.labels) != count:
+            raise ValueError(f"{len(cached.images)} images and {len(cached.labels)} labels, expected {count}")
+        return cached
+    except (ValueError, OSError, EOFError) as error:
+        log.warning("the cached images %s are damaged (%s); they are decoded again", images_path, error)
+        images_path.unlink(missing_ok=True)
+        labels_path.unlink(missing_ok=True)
+        return None
+
+
+def build(dataset: Dataset, indices, transform, images_path: Path, labels_path: Path, num_workers: int) -> None:
+    start = time.perf_counter()
+    loader = DataLoader(_Decoded(dataset, indices, transform), batch_size=64, num_workers=num_workers)
+    images_tmp = images_path.with_name(images_path.name + f".{os.getpid()}.tmp")
+    labels = np.empty(len(indices), dtype=np.int64)
+    array = None
+    try:
+        position = 0
+        for batch, batch_labels in loader:
+            if array is None:
+                array = np.lib.format.open_memmap(
+                    images_tmp, mode="w+", dtype=np.uint8, shape=(len(indices), *batch.shape[1:])
+                )
+            array[position : position + len(batch)] = batch.numpy()
+            labels[position : position + len(batch)] = batch_labels.numpy()
+            position += len(batch)
+        array.flush()
+        del array
+        with open(labels_path.with_name(labels_path.name + ".tmp"), "wb") as handle:
+            np.save(handle, labels)
+        os.replace(images_tmp, images_path)
+        os.replace(labels_path.with_name(labels_path.name + ".tmp"), labels_path)
+    except BaseException:
+        images_tmp.unlink(missing_ok=True)
+        labels_path.with_name(labels_path.name + ".tmp").unlink(missing_ok=True)
+        raise
+    log.info("decoded %d images once into %s (%.1f s)", len(indices), images_path, time.perf_counter() - start)

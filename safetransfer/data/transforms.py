@@ -1,0 +1,77 @@
+"""The image transforms: the deterministic part of each split (decoded once, and cached by
+data/cache.py), the training augmentation, the test views and the normalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def decode_transform(split: str, resize: int, crop: int, test_crops: int = 1) -> v2.Compose:
+    """The deterministic part of each split's transform, ending in uint8 pixels. Ten test
+    crops are taken from the image resized to resize x resize (the BSS authors' code)."""
+    if split == "train" or test_crops != 1:
+        return v2.Compose([v2.ToImage(), v2.Resize((resize, resize), antialias=True)])
+    return v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])
+
+
+TRAIN_CROPS = ("random_crop", "random_resized_crop")
+
+
+TEST_CROPS = (1, 10)
+
+
+def crop_options(data) -> tuple[str, int]:
+    """(data.train_crop, data.test_crops), their defaults where a config has neither."""
+    return data.get("train_crop", TRAIN_CROPS[0]), data.get("test_crops", TEST_CROPS[0])
+
+
+def train_transform(
+    resize: int, crop: int, mean: Sequence[float], std: Sequence[float], train_crop: str = "random_crop"
+) -> v2.Compose:
+    """Resize to resize x resize, random crop (or random resized crop), random mirror, normalise."""
+    return v2.Compose([decode_transform("train", resize, crop), augment_transform(crop, mean, std, train_crop)])
+
+
+def test_transform(
+    resize: int, crop: int, mean: Sequence[float], std: Sequence[float], test_crops: int = 1
+) -> v2.Compose:
+    """1 crop: shorter side to resize, centre crop, normalise. 10 crops: resize x resize, the
+    four corners and the centre, each also mirrored, stacked as (10, 3, crop, crop)."""
+    return v2.Compose(
+        [decode_transform("test", resize, crop, test_crops), views_transform(crop, mean, std, test_crops)]
+    )
+
+
+def augment_transform(
+    crop: int, mean: Sequence[float], std: Sequence[float], train_crop: str = "random_crop"
+) -> v2.Compose:
+    """The random part of the training transform, on uint8 images already resized to a square.
+    random_crop: a crop x crop window (the DTNH protocol); random_resized_crop: torchvision's
+    RandomResizedCrop(crop), scale (0.08, 1) and aspect ratio (3/4, 4/3) of that square, as the
+    BSS authors' released code (ResizeImage(256) then RandomResizedCrop(224))."""
+    window = v2.RandomResizedCrop(crop, antialias=True) if train_crop == "random_resized_crop" else v2.RandomCrop(crop)
+    return v2.Compose([window, v2.RandomHorizontalFlip(), normalize_transform(mean, std)])
+
+
+def views_transform(crop: int, mean: Sequence[float], std: Sequence[float], test_crops: int = 1):
+    """The test-time views of an image already resized (and centre-cropped for one view)."""
+    if test_crops == 1:
+        return normalize_transform(mean, std)
+    return v2.Compose([v2.TenCrop(crop), stack_views, normalize_transform(mean, std)])
+
+
+def stack_views(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """TenCrop's tuple of views as one (views, 3, H, W) tensor."""
+    return torch.stack([v.as_subclass(torch.Tensor) for v in views])
+
+
+def normalize_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])

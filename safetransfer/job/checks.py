@@ -1,0 +1,204 @@
+"""Checks of a composed config, run before any training: each failure is one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from safetransfer.common.atomic import check_writable
+from safetransfer.common.errors import ConfigError, one_line
+from safetransfer.common.fingerprints import KEYED_AS
+from safetransfer.data.augment import AUGMENT_ON
+from safetransfer.data.transforms import TEST_CROPS, TRAIN_CROPS, crop_options
+from safetransfer.training.engine import PRECISIONS, milestone_iterations
+from safetransfer.training.train_log import LOGGERS, PROGRESS
+
+
+def check_moved_classes(cfg: DictConfig) -> None:
+    """A config written for an earlier version may name one of our classes by the path it had
+    before the package took its folders (KEYED_AS): say where it is now."""
+    moved = {before: now for now, before in KEYED_AS.items()}
+    found = [("", OmegaConf.to_container(cfg, resolve=False))]
+    while found:
+        where, node = found.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            if key == "_target_" and value in moved:
+                raise ConfigError(
+                    f"{where}_target_={value} names a class that has moved: set {where}_target_={moved[value]}"
+                )
+            found.append((f"{where}{key}.", value))
+
+
+def check_config(cfg: DictConfig) -> None:
+    check_moved_classes(cfg)
+    seeds = cfg.seeds
+    if not isinstance(seeds, (list, ListConfig)) or len(seeds) == 0:
+        raise ConfigError(f"seeds={seeds} must be a non-empty list of integers, e.g. seeds=[0,1,2,3,4]")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seeds={list(seeds)} must hold integers only, e.g. seeds=[0,1,2,3,4]")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds={list(seeds)} repeats a seed; give each seed once")
+
+    for key in cfg.source.keys():  # `key in cfg` would skip missing values
+        if OmegaConf.is_missing(cfg.source, key):
+            example = "/path/to/checkpoint.pth" if key == "path" else "<value>"
+            raise ConfigError(f"source={cfg.source.name} needs source.{key}: set source.{key}={example}")
+
+    rate = cfg.target.sampling_rate
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 100:
+        raise ConfigError(
+            f"target.sampling_rate={rate} is outside (0, 100]; give a percentage such as 15, 30, 50 or 100"
+        )
+
+    fraction = cfg.target.val_fraction
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
+        raise ConfigError(
+            f"target.val_fraction={fraction} is outside [0, 1); e.g. target.val_fraction=0.2 holds out "
+            "20 % of each class's sampled training images"
+        )
+
+    _positive_int(cfg.train.batch_size, "train.batch_size", "e.g. train.batch_size=48")
+    _positive_int(cfg.train.iterations, "train.iterations", "e.g. train.iterations=8000")
+    _positive_int(cfg.data.crop, "data.crop", "e.g. data.crop=224")
+    _positive_int(cfg.data.resize, "data.resize", "e.g. data.resize=256")
+    if cfg.data.crop > cfg.data.resize:
+        raise ConfigError(
+            f"data.crop={cfg.data.crop} is larger than data.resize={cfg.data.resize}; "
+            "the crop is taken from the resized image, so set data.crop <= data.resize"
+        )
+    train_crop, test_crops = crop_options(cfg.data)
+    if train_crop not in TRAIN_CROPS:
+        raise ConfigError(f"data.train_crop={train_crop} is not a known choice; allowed: {', '.join(TRAIN_CROPS)}")
+    if test_crops not in TEST_CROPS:
+        raise ConfigError(
+            f"data.test_crops={test_crops} is not a known choice; allowed: {', '.join(map(str, TEST_CROPS))}"
+        )
+    if cfg.runtime.log_every < 0:
+        raise ConfigError(f"runtime.log_every={cfg.runtime.log_every} must be >= 0 (0 logs only the last iteration)")
+    if cfg.runtime.checkpoint_every < 0:
+        raise ConfigError(
+            f"runtime.checkpoint_every={cfg.runtime.checkpoint_every} must be >= 0 "
+            "(iterations between checkpoints; 0: none)"
+        )
+    if cfg.runtime.num_workers < 0:
+        raise ConfigError(f"runtime.num_workers={cfg.runtime.num_workers} must be >= 0 (0 loads in the main process)")
+    every = cfg.runtime.diagnostics_every
+    if every < 0 or (every and (not cfg.runtime.log_every or every % cfg.runtime.log_every)):
+        raise ConfigError(
+            f"runtime.diagnostics_every={every} must be 0 or a multiple of "
+            f"runtime.log_every={cfg.runtime.log_every} (angles are written on log rows)"
+        )
+    logger = cfg.logger
+    if logger not in LOGGERS:
+        raise ConfigError(f"logger={logger} is not one of {', '.join(LOGGERS)}")
+    if logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "logger=tensorboard needs the tensorboard package: pip install tensorboard (or use logger=csv)"
+        )
+    evaluation = cfg.runtime.eval_every
+    if evaluation < 0 or (evaluation and (not cfg.runtime.log_every or evaluation % cfg.runtime.log_every)):
+        raise ConfigError(
+            f"runtime.eval_every={evaluation} must be 0 or a multiple of "
+            f"runtime.log_every={cfg.runtime.log_every} (the evaluation is written on log rows)"
+        )
+    check_regularizer(cfg)
+    build_checked(cfg.direction, "direction")
+    if cfg.train.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision={cfg.train.precision} is not one of {', '.join(PRECISIONS)}")
+    if cfg.data.augment_on not in AUGMENT_ON:
+        raise ConfigError(f"data.augment_on={cfg.data.augment_on} is not one of {', '.join(AUGMENT_ON)}")
+    if cfg.runtime.progress not in PROGRESS:  # the loop's own check would come only once training starts
+        raise ConfigError(f"runtime.progress={cfg.runtime.progress} is not one of {', '.join(PROGRESS)}")
+    check_optimizer(cfg.optim)
+    milestones = list(cfg.optim.scheduler.get("milestones", []))  # a scheduler without milestones has none
+    if any(isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 for m in milestones):
+        raise ConfigError(
+            f"optim.scheduler.milestones={milestones} must hold fractions of the run in (0, 1), e.g. "
+            "[0.75], or iterations, e.g. [6000]"
+        )
+    if any(m > cfg.train.iterations for m in milestone_iterations(milestones, cfg.train.iterations)):
+        raise ConfigError(
+            f"optim.scheduler.milestones={milestones} lie beyond train.iterations="
+            f"{cfg.train.iterations}; the lr is divided at these iterations: give fractions of the run "
+            f"(optim.scheduler.milestones=[0.75]) or iterations up to {cfg.train.iterations}"
+        )
+    check_device(str(cfg.runtime.device))
+    check_writable(Path(cfg.results.dir), "results.dir")
+    check_writable(Path(str(cfg.paths.cache_dir)).expanduser(), "paths.cache_dir", ".cache/safetransfer")
+
+
+def build_checked(node: DictConfig, key: str) -> object:
+    """Build a config node's object, which checks its own settings; its complaint ("alpha=-1
+    must be ...") is reported under the node's key (regularizer.terms.l2sp.alpha=-1 ...)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        if isinstance(cause, ValueError):
+            raise ConfigError(f"{key}.{cause}") from None
+        raise ConfigError(f"{key}: {one_line(cause)}") from None
+
+
+def check_regularizer(cfg: DictConfig) -> None:
+    """Each term of Omega built from its config (the term checks its own coefficients and
+    settings); then what depends on the rest of the config: BSS's k counts singular values of
+    a batch x features matrix, so it must be fewer than both sizes."""
+    from safetransfer.training.backbones import BACKBONES
+    from safetransfer.training.regularizers.bss import BSS
+
+    if not cfg.regularizer.terms:
+        raise ConfigError("regularizer.terms is empty; choose a regularizer, e.g. regularizer=l2")
+    for name, node in cfg.regularizer.terms.items():
+        term = build_checked(node, f"regularizer.terms.{name}")
+        limit = min(cfg.train.batch_size, BACKBONES.get(cfg.backbone.name, 1 << 30))
+        if isinstance(term, BSS) and not term.k < limit:
+            raise ConfigError(
+                f"regularizer.terms.{name}.k={term.k} must be an integer in [1, {limit - 1}]: fewer than "
+                f"train.batch_size={cfg.train.batch_size} and the feature dimension (the paper uses k=1)"
+            )
+
+
+def check_optimizer(optim: DictConfig) -> None:
+    """The SGD settings: lr and head_lr_mult finite and > 0, momentum and weight_decay finite in range."""
+    ranges = {
+        "optimizer.lr": (0, math.inf, "> 0", "e.g. optim.optimizer.lr=0.01"),
+        "head_lr_mult": (0, math.inf, "> 0", "e.g. optim.head_lr_mult=10"),
+        "optimizer.momentum": (0, 1, "in [0, 1)", "e.g. optim.optimizer.momentum=0.9"),
+        "optimizer.weight_decay": (0, math.inf, ">= 0", "e.g. optim.optimizer.weight_decay=0"),
+    }
+    for key, (low, high, allowed, example) in ranges.items():
+        value = OmegaConf.select(optim, key)
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        inside = number and (low < value < high if allowed == "> 0" else low <= value < high)
+        if not inside:
+            raise ConfigError(f"optim.{key}={value} must be a finite number {allowed} ({example})")
+
+
+def _positive_int(value, key: str, example: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}={value} must be an integer >= 1 ({example})")
+
+
+def check_device(spec: str) -> None:
+    if spec in ("auto", "cpu"):
+        return
+    if spec == "cuda" or spec.startswith("cuda:") or spec == "lease":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"runtime.device={spec} but CUDA is not available here; use runtime.device=auto or cpu")
+        index = int(spec.split(":")[1]) if spec.startswith("cuda:") else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"runtime.device={spec} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return
+    raise ConfigError(
+        f"runtime.device={spec} is not one of auto, cpu, cuda, cuda:N, lease (a GPU no other job on this machine holds)"
+    )

@@ -1,0 +1,418 @@
+"""One job: a config, its seeds run one after another (or at once, runtime.concurrent_seeds),
+one row in the results table. `run_job` is what the Hydra entrypoint calls; `run_seed`
+trains one seed (built by safetransfer.job.build) and evaluates it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from safetransfer.common.atomic import atomic_torch_save, atomic_write_json, read_json
+from safetransfer.common.devices import job_device, resolve_device
+from safetransfer.common.downloads import file_digest, mirrored
+from safetransfer.common.errors import ConfigError
+from safetransfer.common.fingerprints import config_key
+from safetransfer.data.preparation import Data, check_classes, check_training_set, prepare_data, save_indices, seed_data
+from safetransfer.data.targets.base import Target
+from safetransfer.job.build import build_seed, train_log
+from safetransfer.job.checks import check_config
+from safetransfer.reporting.methods import method_name, method_structure, source_label
+from safetransfer.reporting.results import format_cell, make_row, write_row
+from safetransfer.reporting.search import apply_chosen
+from safetransfer.sources.base import own_keys, provenance
+from safetransfer.sources.local import save_source_checkpoint
+from safetransfer.training.backbones import TransferNet
+from safetransfer.training.checkpoints import CHECKPOINT, Checkpointer
+from safetransfer.training.engine import NonFiniteError, evaluate, fit, test_forward
+from safetransfer.training.signals import StopSignals
+
+log = logging.getLogger(__name__)
+
+FAILED = "failed.json"  # in a seed's directory: it stopped on a NaN or inf, and why
+
+
+@torch.no_grad()
+def save_spectrum(
+    path: Path, model: TransferNet, loader: DataLoader, device: torch.device, batches: int, batch_transform=None
+) -> None:
+    """The singular values (descending) of the pooled feature matrix of each of the first
+    `batches` test batches (fixed: the test loader is not shuffled), as in the BSS paper's analysis."""
+    if batches <= 0:
+        return
+    model.eval()
+    spectra = []
+    for index, (images, _) in enumerate(loader):
+        if index == batches:
+            break
+        images = images.to(device, non_blocking=True)
+        if batch_transform is not None:
+            images = batch_transform(images)
+        pooled = test_forward(model, images)[1].double()
+        spectra.append(torch.linalg.svdvals(pooled).cpu().tolist())
+    model.train()
+    atomic_write_json(path, {"batch_size": loader.batch_size, "split": "test", "singular_values": spectra})
+
+
+def duration_text(seconds: float) -> str:
+    """'45 s', '12 min', '3 h 20 min', '2 d 7 h'."""
+    minutes = seconds / 60
+    if minutes < 1:
+        return f"{seconds:.0f} s"
+    if minutes < 60:
+        return f"{minutes:.0f} min"
+    hours, minutes = divmod(round(minutes), 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+#: a projected job longer than this gets the ways to shorten it
+LONG_JOB_S = 30 * 60
+
+
+def pace_report(cfg: DictConfig, seeds_after: int):
+    """engine.Loop.on_pace for a job's first seed: the projected time of the seed and of the
+    job, and, when long, how to shorten it."""
+
+    def report(seconds_per_iteration: float, left: int) -> None:
+        seed_s = seconds_per_iteration * cfg.train.iterations
+        job_s = seconds_per_iteration * left + seed_s * seeds_after
+        log.info(
+            "pace: %.3g s per iteration on %s: a seed takes about %s (%d iterations); this job about %s more "
+            "(%d seed%s to go)",
+            seconds_per_iteration,
+            resolve_device(str(cfg.runtime.device)),
+            duration_text(seed_s),
+            cfg.train.iterations,
+            duration_text(job_s),
+            seeds_after + 1,
+            "s" if seeds_after else "",
+        )
+        if job_s > LONG_JOB_S:
+            fits = max(1, int(LONG_JOB_S / 4 / seconds_per_iteration / (seeds_after + 1)))
+            smaller = ", smaller images (data.resize=128 data.crop=112)" if cfg.data.crop > 112 else ""
+            log.warning(
+                "this job will take about %s. To shorten it: train.iterations=%d (the lr drop moves with it "
+                "when optim.scheduler.milestones is a fraction of the run, as by default), fewer seeds "
+                "(seeds=[0])%s, or a GPU (runtime.device=cuda)",
+                duration_text(job_s),
+                fits,
+                smaller,
+            )
+
+    return report
+
+
+def run_seed(
+    cfg: DictConfig,
+    seed: int,
+    data: Data,
+    source_state: dict | None,
+    run_dir: Path,
+    stop: StopSignals | None = None,
+    on_pace=None,
+    origin: dict | None = None,
+) -> dict | None:
+    """Fine-tune once and evaluate the final weights (never the best test epoch). Continues
+    from the seed's checkpoint when an earlier run left one. A NaN or inf stops the seed:
+    it is recorded in failed.json and None returned. A stop request (`stop`, a signal)
+    checkpoints and raises resume.Preempted."""
+    seed_dir = run_dir / f"seed_{seed}"
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    # an atomic write cut short (SIGKILL mid-checkpoint): only this seed writes here
+    for stale in seed_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted write", stale)
+    built = build_seed(cfg, seed, data, source_state, on_pace)
+    model, device, precision = built.parts.model, built.parts.device, cfg.train.precision
+    key = config_key(cfg)
+    checkpointer = Checkpointer(seed_dir / CHECKPOINT, key, cfg.runtime.checkpoint_every)
+    start = time.perf_counter()
+    try:
+        fit(
+            built.parts,
+            built.loop,
+            train_log(cfg, built, seed_dir, f"seed {seed}"),
+            checkpointer,
+            built.evaluator,
+            stop,
+        )
+    except NonFiniteError as error:
+        atomic_write_json(seed_dir / FAILED, {"seed": seed, "key": key, "error": str(error)})
+        log.error("%s: the seed is recorded as failed (%s) and left out of the table", error, seed_dir / FAILED)
+        return None
+    top1, test_loss = evaluate(model, built.test_loader, device, precision, built.test_batches)
+    save_spectrum(
+        seed_dir / "spectrum.json", model, built.test_loader, device, cfg.runtime.spectrum_batches, built.test_batches
+    )
+    validation = {}
+    if built.val_loader is not None:
+        val_top1, val_loss = evaluate(model, built.val_loader, device, precision)
+        validation = {"val_top1": val_top1, "val_loss": val_loss, "val_images": len(data.val)}
+    metrics = {
+        "seed": seed,
+        "method": method_name(cfg),
+        "structure": method_structure(cfg),  # what the method is: its table name and reference come from it
+        "top1": top1,
+        "test_loss": test_loss,
+        "iterations": cfg.train.iterations,
+        "wall_time_s": time.perf_counter() - start,
+        "device": str(device),
+        "precision": precision if device.type == "cuda" else "fp32",
+        "train_images": len(data.train),
+        "test_images": len(data.test),
+        **validation,
+        "source_checkpoint": origin,  # sources.provenance: the file the weights came from and its sha256
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if cfg.runtime.get("save_weights"):  # before metrics.json: a finished seed has its weights
+        atomic_torch_save(
+            {
+                "backbone": cfg.backbone.name,
+                "num_classes": data.num_classes,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            },
+            seed_dir / "model.pt",
+        )
+    atomic_write_json(seed_dir / "metrics.json", metrics)
+    if not cfg.runtime.keep_checkpoints:
+        checkpointer.remove()
+    if cfg.pretrain.save_to and seed == cfg.seeds[0]:
+        export_source(cfg, model, seed, top1, test_loss, run_dir)
+    log.info("seed %d: top-1 %.2f%%, test loss %.4f (%.0f s)", seed, top1, test_loss, metrics["wall_time_s"])
+    return metrics
+
+
+def export_source(cfg: DictConfig, model: TransferNet, seed: int, top1: float, test_loss: float, run_dir: Path) -> None:
+    """pretrain.save_to: the fine-tuned backbone as a source checkpoint (experiment=pretrain_source)."""
+    save_to = Path(cfg.pretrain.save_to).expanduser()
+    metadata = save_source_checkpoint(
+        model,
+        save_to,
+        {
+            "dataset": cfg.target.name,
+            "sampling_rate": cfg.target.sampling_rate,
+            "source": OmegaConf.to_container(cfg.source, resolve=True),
+            "iterations": cfg.train.iterations,
+            "seed": seed,
+            "top1": top1,
+            "test_loss": test_loss,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config_key": config_key(cfg),
+            "run_dir": str(run_dir),
+        },
+    )
+    log.info(
+        "source checkpoint written to %s (sha256 of the file %s, of its weights %s; runs fine-tuned from it "
+        "record the file's)",
+        save_to,
+        file_digest(save_to),
+        metadata["sha256"],
+    )
+
+
+def check_save_to(cfg: DictConfig, run_dir: Path) -> None:
+    """pretrain.save_to must not replace a source checkpoint that other runs may have started
+    from, unless pretrain.overwrite=true: refused before training. The job that wrote the file,
+    rerun into its own directory, goes on."""
+    if not cfg.pretrain.save_to or cfg.pretrain.get("overwrite", False):
+        return
+    path = Path(cfg.pretrain.save_to).expanduser()
+    if not path.exists():
+        return
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True).get("safetransfer_source", {})
+    except Exception:
+        meta = {}
+    if meta.get("config_key") == config_key(cfg) and meta.get("run_dir") == str(run_dir):
+        return
+    made = f" (a {meta.get('backbone')} trained on {meta.get('dataset')}, {meta.get('created')})" if meta else ""
+    raise ConfigError(
+        f"pretrain.save_to={path} already holds a source checkpoint{made}, which other runs may have "
+        "started from: set pretrain.overwrite=true to replace it, or pretrain.save_to=<another path>"
+    )
+
+
+def finished_seed(run_dir: Path, seed: int, key: str, origin: dict | None = None) -> dict | None:
+    """The metrics of `seed` if an earlier run of this same config, from the same source
+    checkpoint (`origin`'s sha256), finished it in `run_dir`."""
+    path = run_dir / f"seed_{seed}" / "metrics.json"
+    if not path.exists():
+        return None
+    metrics = read_json(path, needs=("config", "top1"))
+    if metrics is None:  # a damaged file (read_json said which): the seed is trained again
+        return None
+    if config_key(OmegaConf.create(metrics["config"])) != key:
+        log.warning("%s holds seed %d of another config; it is run again and replaced", path.parent, seed)
+        return None
+    before = (metrics.get("source_checkpoint") or {}).get("sha256")
+    if origin is not None and before and before != origin.get("sha256"):
+        log.warning(
+            "%s: seed %d was fine-tuned from another version of %s (sha256 %s, now %s); it is run again",
+            path.parent,
+            seed,
+            origin.get("file"),
+            before[:12],
+            str(origin.get("sha256"))[:12],
+        )
+        return None
+    return metrics
+
+
+def failed_seed(run_dir: Path, seed: int, key: str) -> str | None:
+    """Why `seed` failed, if an earlier run of this same config recorded it failed in `run_dir`."""
+    path = run_dir / f"seed_{seed}" / FAILED
+    if not path.exists():
+        return None
+    record = read_json(path, needs=("key", "error"))  # damaged: the seed is tried again
+    return record["error"] if record is not None and record["key"] == key else None
+
+
+def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "", stop: StopSignals | None = None) -> dict:
+    """Check the config, run every seed not finished yet, write the row; returns the row.
+    `stop` (safetransfer.training.signals.StopSignals) asks the running seed to checkpoint and stop."""
+    foreign = own_keys(cfg.source)
+    if foreign:  # a sweep over sources: each takes its own keys
+        log.info(
+            "source=%s leaves out the keys it does not take (given for the other sources of the sweep, or "
+            "by the source the method replaces): %s",
+            cfg.source.name,
+            ", ".join(f"source.{k}" for k in foreign),
+        )
+        left_out = {f"source.{k}" for k in foreign}
+        overrides = " ".join(o for o in overrides.split() if o.lstrip("+~").partition("=")[0] not in left_out)
+    check_config(cfg)
+    check_save_to(cfg, run_dir)
+    if apply_chosen(cfg, method_name(cfg)):  # stage 2 of a table's search: the cell's chosen values
+        check_config(cfg)
+    with job_device(cfg), mirrored(cfg.paths.get("mirror")):
+        return _run_job(cfg, run_dir, overrides, stop)
+
+
+def run_seeds_concurrently(cfg: DictConfig, seeds: list[int], run_dir: Path) -> dict[int, dict | None]:
+    """runtime.concurrent_seeds: each seed in a process of its own, all at once (on one GPU,
+    they share it). Each process loads the source and the cached data itself."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    context = torch.multiprocessing.get_context("spawn")
+    # the job's CPU threads shared out: each process with all of them oversubscribes the cores
+    threads = max(1, torch.get_num_threads() // len(seeds))
+    log.info("seeds %s run concurrently, a process each; CPU threads per process: %d", seeds, threads)
+    with ProcessPoolExecutor(max_workers=len(seeds), mp_context=context) as pool:
+        futures = {seed: pool.submit(_seed_process, container, seed, str(run_dir), threads) for seed in seeds}
+        return {seed: future.result() for seed, future in futures.items()}
+
+
+def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dict | None:
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][seed {seed}][%(name)s][%(levelname)s] - %(message)s")
+    torch.set_num_threads(threads)
+    cfg = OmegaConf.create(container)
+    target: Target = instantiate(cfg.target)
+    with mirrored(cfg.paths.get("mirror")):
+        source = instantiate(cfg.source)
+        source_state = source.backbone_state(cfg.backbone.name)
+    data = seed_data(cfg, target, seed, Path(run_dir), None)
+    with StopSignals() as stop:
+        return run_seed(
+            cfg, seed, data, source_state, Path(run_dir), stop, origin=provenance(source, cfg.backbone.name)
+        )
+
+
+def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals | None) -> dict:
+    target: Target = instantiate(cfg.target)
+    target.check()
+    check_classes(cfg.target.name, len(target.classes))
+    method = method_name(cfg)
+    check_training_set(len(target.split_train_val()[0]), cfg.train.batch_size)
+    # the source before the data: a missing checkpoint is reported before any cache is built
+    source = instantiate(cfg.source)
+    source_state = source.backbone_state(cfg.backbone.name)
+    origin = provenance(source, cfg.backbone.name)
+    data = prepare_data(cfg, target)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_indices(run_dir / "sampled_train_indices.json", cfg, data)
+    log.info(
+        "%s | %s -> %s at %g%% (%d training images) | %d seeds",
+        method,
+        source_label(cfg.source),
+        cfg.target.name,
+        cfg.target.sampling_rate,
+        len(data.train),
+        len(cfg.seeds),
+    )
+
+    every, iterations = cfg.runtime.log_every, cfg.train.iterations
+    if every and iterations // every < 2:  # the last iteration's row only: no curve to draw
+        log.warning(
+            "runtime.log_every=%d over %d iterations logs one row a seed: safetransfer-plot needs two or more "
+            "for its loss curves (e.g. runtime.log_every=%d)",
+            every,
+            iterations,
+            max(1, iterations // 10),
+        )
+    key = config_key(cfg)
+    outcomes: dict[int, dict | None] = {}
+    for seed in cfg.seeds:
+        done, error = finished_seed(run_dir, seed, key, origin), failed_seed(run_dir, seed, key)
+        if done is not None:
+            log.info("seed %d: finished earlier in %s (top-1 %.2f%%), kept", seed, run_dir, done["top1"])
+            outcomes[seed] = done
+        elif error is not None:
+            log.warning(
+                "seed %d failed earlier and is skipped (delete %s to try again): %s",
+                seed,
+                run_dir / f"seed_{seed}" / FAILED,
+                error,
+            )
+            outcomes[seed] = None
+    pending = [seed for seed in cfg.seeds if seed not in outcomes]
+    if cfg.runtime.concurrent_seeds and len(pending) > 1:
+        outcomes.update(run_seeds_concurrently(cfg, pending, run_dir))
+    for number, seed in enumerate(pending):
+        if seed in outcomes:
+            continue
+        pace = pace_report(cfg, len(pending) - 1) if number == 0 else None
+        outcomes[seed] = run_seed(
+            cfg, seed, seed_data(cfg, target, seed, run_dir, data), source_state, run_dir, stop, pace, origin
+        )
+    finished = [seed for seed in cfg.seeds if outcomes[seed] is not None]
+    failed = [seed for seed in cfg.seeds if outcomes[seed] is None]
+    accuracies = [outcomes[seed]["top1"] for seed in finished]
+    if not finished:
+        raise NonFiniteError(f"every seed failed ({run_dir}/seed_*/{FAILED} says why); nothing is written to the table")
+    row = make_row(
+        backbone=cfg.backbone.name,
+        source=source_label(cfg.source),
+        target=cfg.target.name,
+        sampling_rate=cfg.target.sampling_rate,
+        method=method,
+        seeds=finished,
+        accuracies=accuracies,
+        overrides=overrides,
+        key=key,
+        run_dir=str(run_dir),
+        failed=failed,
+        structure=method_structure(cfg),
+    )
+    write_row(Path(cfg.results.dir), str(cfg.results.table), row)
+    log.info(
+        "%s: %s over %d seed%s -> %s",
+        method,
+        format_cell(row["mean"], row["std"]),
+        row["n_seeds"],
+        "s" if row["n_seeds"] > 1 else "",
+        Path(cfg.results.dir) / f"{cfg.results.table}.md",
+    )
+    return row
+
+
+__all__ = ["run_job", "run_seed"]

@@ -1,0 +1,102 @@
+"""A method's name in results tables: a pure function of the regularizer's name and the
+direction strategy, e.g. ('L2-SP', 'Sum') -> 'L2-SP', ('L2-SP', 'DTNH') -> 'DTNH (L2-SP)';
+plain fine-tuning from a random initialisation is 'From scratch'. A source's name in tables carries
+what it was trained on (`pretrained:vehicles`).
+
+Tables and plots name the methods of finished runs from their saved configs, so this
+module imports nothing of the project: reading results never builds a model or a term.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePath
+
+#: direction strategy (its class name) -> how it dresses the regularizer's name
+LABELS = {"Sum": "{regularizer}", "DTNH": "DTNH ({regularizer})"}
+#: the no-transfer baseline's name: plain fine-tuning (or the BSS paper's L2) from random weights
+SCRATCH = "From scratch"
+PLAIN = ("Fine-tuning", "L2")
+
+
+def method_label(regularizer: str, direction: str) -> str:
+    """The table name of `regularizer` stepped by the direction strategy named `direction`
+    (a class name of safetransfer.training.directions; another strategy is named after its class)."""
+    return LABELS.get(direction, direction + " ({regularizer})").format(regularizer=regularizer)
+
+
+def from_scratch(source) -> bool:
+    """Whether a source config is the random initialisation (source=scratch)."""
+    return str(source.get("_target_", "")).rsplit(".", 1)[-1] == "Scratch"
+
+
+#: the terms of plain fine-tuning (Fine-tuning, the BSS paper's L2): every other method's reference
+#: unless it is a DTNH or a +BSS variant; BSS's term name; the direction of a plain sum
+PLAIN_TERMS, BSS_TERM, SUM = ("l2",), "bss", "Sum"
+
+
+def method_structure(cfg) -> dict:
+    """What a method is, recorded in metrics.json: its regularizer's name, the names of its terms,
+    its direction strategy (a class of safetransfer.training.directions) and whether it starts from scratch.
+    Its table name (structure_label) and its reference (reference_key) are derived from it."""
+    return {
+        "regularizer": str(cfg.regularizer.name),
+        "terms": sorted(str(term) for term in cfg.regularizer.terms),
+        "direction": str(cfg.direction._target_).rsplit(".", 1)[-1],
+        "scratch": from_scratch(cfg.source),
+    }
+
+
+def structure_label(structure: dict) -> str:
+    """The table name: plain fine-tuning from source=scratch is the no-transfer baseline, 'From
+    scratch' (another method from scratch keeps its name; the source column says scratch)."""
+    label = method_label(structure["regularizer"], structure["direction"])
+    return SCRATCH if structure.get("scratch") and label in PLAIN else label
+
+
+def method_name(cfg) -> str:
+    """The method's name for a composed config."""
+    return structure_label(method_structure(cfg))
+
+
+def reference_key(structure: dict) -> tuple[frozenset, str] | None:
+    """(terms, direction) of the method a method is compared with, seed by seed: the same terms
+    summed for another direction (DTNH (L2-SP) -> L2-SP, and any new strategy likewise), the terms
+    without BSS for a +BSS method (L2-SP+BSS -> L2-SP), plain fine-tuning for the rest; None for
+    plain fine-tuning itself and for the From scratch baseline."""
+    terms = frozenset(structure["terms"])
+    if structure.get("scratch") and structure_label(structure) == SCRATCH:
+        return None
+    if structure["direction"] != SUM:
+        return terms, SUM
+    if BSS_TERM in terms and len(terms) > 1:
+        return terms - {BSS_TERM}, SUM
+    return None if terms == frozenset(PLAIN_TERMS) else (frozenset(PLAIN_TERMS), SUM)
+
+
+def key_of(structure: dict) -> tuple[frozenset, str]:
+    """(terms, direction) of a method, to match against a reference_key."""
+    return frozenset(structure["terms"]), structure["direction"]
+
+
+def describe_reference(structure: dict) -> str:
+    """The reference in words, for a line saying it is missing."""
+    if structure["direction"] != SUM:
+        return f"{structure['regularizer']} without {structure['direction']}"
+    if BSS_TERM in structure["terms"]:
+        return f"{structure['regularizer']} without BSS"
+    return "plain fine-tuning (Fine-tuning or L2)"
+
+
+def is_scratch(method: str) -> bool:
+    """Whether a method name (a table column, with or without its [..] suffix) is the From scratch baseline."""
+    return method.partition(" [")[0] == SCRATCH
+
+
+def source_label(source) -> str:
+    """A source's name in tables: with the dataset a pretrained source was trained on
+    (`pretrained:vehicles`) or a local file's name (`file:resnet18_custom`)."""
+    name = str(source.get("name"))
+    detail = source.get("dataset")
+    if detail is None and source.get("path") is not None and name == "file":
+        detail = PurePath(str(source.get("path"))).stem
+    return f"{name}:{detail}" if detail and str(detail) != name else name

@@ -1,0 +1,59 @@
+"""A source: where the backbone's initial weights w_S^0 come from.
+
+A source is one class in this folder plus one YAML in conf/source/; it returns a backbone
+state_dict (or None for random initialisation).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from safetransfer.common.downloads import file_digest
+
+
+class Source:
+    def __init__(self, name: str):
+        self.name = name
+
+    #: whether a missing checkpoint is downloaded (from its publisher) on first use
+    downloadable = False
+
+    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor] | None:
+        """The source weights for `backbone`, or None to keep the random initialisation."""
+        raise NotImplementedError
+
+    def local_file(self, backbone: str) -> Path | None:
+        """The checkpoint file `backbone_state` reads (None: it reads none, or makes its own)."""
+        return None
+
+    def read_file(self, backbone: str) -> Path | None:
+        """The file `backbone_state` read its weights from (its own making included), for provenance."""
+        return self.local_file(backbone)
+
+
+def own_keys(source_cfg) -> list[str]:
+    """The keys of a source config its class does not take (`source.dataset` given to a sweep over
+    source=pretrained,demo,scratch belongs to pretrained only): removed from `source_cfg`, returned."""
+    import inspect
+
+    from hydra.utils import get_class
+    from omegaconf import open_dict
+
+    parameters = inspect.signature(get_class(source_cfg._target_)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return []
+    foreign = [k for k in source_cfg.keys() if not str(k).startswith("_") and k not in parameters]
+    with open_dict(source_cfg):
+        for key in foreign:
+            del source_cfg[key]
+    return [str(k) for k in foreign]
+
+
+def provenance(source: Source, backbone: str) -> dict:
+    """What a run started from: the source's name and, when it reads one, its checkpoint file
+    and that file's sha256 (recorded in each seed's metrics.json)."""
+    path = source.read_file(backbone)
+    found = path is not None and Path(path).is_file()
+    return {"name": source.name, "file": str(path) if found else None, "sha256": file_digest(path) if found else None}

@@ -1,0 +1,89 @@
+"""Sources on this machine: none (random initialisation), any checkpoint file, and a source
+checkpoint this project made (`experiment=pretrain_source`) with the writer of such files."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from safetransfer.common.atomic import atomic_torch_save
+from safetransfer.common.errors import ConfigError, MissingData
+from safetransfer.sources import checkpoint_files
+from safetransfer.sources.base import Source
+from safetransfer.training.backbones import TransferNet
+
+log = logging.getLogger(__name__)
+
+
+class Scratch(Source):
+    """Random initialisation (seeded by the training seed): the no-transfer baseline."""
+
+    def __init__(self, name: str = "scratch"):
+        super().__init__(name)
+
+    def backbone_state(self, backbone: str) -> None:
+        return None
+
+
+class FileSource(Source):
+    """Any local checkpoint: torchvision, CSAIL Places365 or safetransfer layout, recognised automatically."""
+
+    def __init__(self, path: str, name: str = "file", strict: bool = True):
+        super().__init__(name)
+        self.path, self.strict = Path(path).expanduser(), bool(strict)
+
+    def local_file(self, backbone: str) -> Path:
+        return self.path
+
+    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+        state, layout = checkpoint_files.load_backbone(self.path, backbone, strict=self.strict)
+        log.info("source: %s (%s layout, %d tensors)", self.path, layout, len(state))
+        return state
+
+
+class PretrainedSource(Source):
+    """A source checkpoint this project made with `experiment=pretrain_source` (the DTNH
+    paper's Stanford Dogs model: ImageNet weights fine-tuned on all of Stanford Dogs).
+    Its metadata must name the same backbone and dataset, and its weights must match the
+    digest recorded when it was written."""
+
+    def __init__(self, path: str, dataset: str, name: str = "pretrained"):
+        super().__init__(name)
+        self.path, self.dataset = Path(path).expanduser(), dataset
+
+    def local_file(self, backbone: str) -> Path:
+        return self.path
+
+    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+        command = (
+            f"safetransfer-train experiment=pretrain_source target={self.dataset} backbone={backbone} "
+            f"pretrain.save_to={self.path}"
+        )
+        if not self.path.is_file():
+            raise MissingData(f"source={self.name}: no source checkpoint at {self.path}; create it with: {command}")
+        checkpoint = checkpoint_files.read(self.path)
+        meta = checkpoint.get("safetransfer_source") if isinstance(checkpoint, dict) else None
+        if not isinstance(meta, dict):
+            raise ConfigError(f"{self.path} is not a safetransfer source checkpoint; create one with: {command}")
+        if (meta.get("backbone"), meta.get("dataset")) != (backbone, self.dataset):
+            raise ConfigError(
+                f"{self.path} holds a {meta.get('backbone')} trained on {meta.get('dataset')}, "
+                f"not a {backbone} trained on {self.dataset}; create the right one with: {command}"
+            )
+        state, _ = checkpoint_files.backbone_state(checkpoint, origin=str(self.path))
+        if checkpoint_files.state_digest(state) != meta.get("sha256"):
+            raise ConfigError(
+                f"{self.path}: the weights do not match the sha256 in their metadata "
+                f"({meta.get('sha256')}); the file is damaged, create it again with: {command}"
+            )
+        return checkpoint_files.match_backbone(state, backbone, strict=True, origin=str(self.path), hint="")
+
+
+def save_source_checkpoint(model: TransferNet, path: Path, metadata: dict) -> dict:
+    """Write the backbone as a safetransfer source checkpoint; returns the metadata written."""
+    state = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
+    metadata = {**metadata, "backbone": model.backbone_name, "sha256": checkpoint_files.state_digest(state)}
+    atomic_torch_save({"safetransfer_source": metadata, "state_dict": state}, Path(path).expanduser())
+    return metadata

@@ -1,0 +1,71 @@
+"""KnowDist (DTNH paper, Equation 3): keep the target network's feature maps close to
+those of the frozen source network on the same images.
+
+    Omega(w) = alpha * 1/B sum_b sum_l ||FM_l(x_b; w) - FM_l(x_b; w^0)||^2
+
+a mean over the batch's images and a SUM over the filters and positions of each map, as
+the paper writes it (alpha is its regularization coefficient lambda). FM_l is the output
+of stage l (layer1..layer4 by default), w^0 the source weights; the source network runs
+in eval mode without gradient.
+
+`convention: released_code` instead computes alpha * 1/2 sum_b sum_l ||...||^2, the
+"fea_map" term of the DELTA authors' released code (lixingjian/DELTA, train.py) and
+TLlib's BehavioralRegularization (both sum over the batch and halve): an alpha taken from
+those codes means the same there; in the paper convention it corresponds to
+alpha_paper = alpha_code * B / 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from safetransfer.training.backbones import STAGES, Features, TransferNet, at_least_fp32, forward_features, frozen_copy
+from safetransfer.training.regularizers.base import BindContext, Term
+
+CONVENTIONS = ("paper", "released_code")
+
+
+def source_maps(source: torch.nn.Module, features: Features, taps: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return forward_features(source, features.images, taps).maps
+
+
+def check_layers(layers: Sequence[str]) -> list[str]:
+    layers = list(layers)
+    unknown = [layer for layer in layers if layer not in STAGES]
+    if unknown or not layers:
+        raise ValueError(f"layers={layers}: choose one or more of {', '.join(STAGES)}")
+    return layers
+
+
+def check_convention(convention: str) -> str:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention={convention!r}; allowed: {', '.join(CONVENTIONS)}")
+    return convention
+
+
+def batch_reduction(per_image: torch.Tensor, convention: str) -> torch.Tensor:
+    """The paper's mean over the batch's images, or the released codes' half sum."""
+    return per_image.mean() if convention == "paper" else per_image.sum() / 2
+
+
+class KnowDist(Term):
+    coefficients = ("alpha",)
+
+    def __init__(self, alpha: float, layers: Sequence[str] = STAGES, convention: str = "paper", decay: float = 1.0):
+        super().__init__(decay)
+        self.alpha = self.coefficient("alpha", alpha)
+        self.layers = check_layers(layers)
+        self.convention = check_convention(convention)
+
+    def bind(self, model: TransferNet, context: BindContext) -> None:
+        self.source = frozen_copy(model.backbone)
+
+    def value(self, model: TransferNet, features: Features) -> torch.Tensor:
+        reference = source_maps(self.source, features)
+        per_image = sum(
+            at_least_fp32(features.maps[layer] - reference[layer]).square().sum(dim=(1, 2, 3)) for layer in self.layers
+        )
+        return self.alpha * self.scale * batch_reduction(per_image, self.convention)
