@@ -16,6 +16,7 @@ from safetransfer.training.regularizers.delta import DELTA, attention_from_incre
 from safetransfer.training.regularizers.knowdist import KnowDist
 from safetransfer.training.regularizers.l2 import L2, HeadL2
 from safetransfer.training.regularizers.l2sp import L2SP
+from tiny import STAGES, resnet_shaped
 
 
 def numpy_params(params):
@@ -44,29 +45,17 @@ def closed_form_grads(term, params):
     return grads
 
 
-class TinyNet(nn.Module):
-    """A stand-in for TransferNet: a two-layer 'backbone' of 1x1 convolutions and a head."""
-
-    def __init__(self, seed=0, with_bn=False):
-        super().__init__()
-        torch.manual_seed(seed)
-        backbone = nn.Module()
-        backbone.conv1 = nn.Identity()
-        backbone.bn1 = nn.BatchNorm2d(2) if with_bn else nn.Identity()
-        backbone.relu = nn.Identity()
-        backbone.maxpool = nn.Identity()
-        backbone.layer1 = nn.Conv2d(2, 3, 1, bias=False)
-        backbone.layer2 = nn.Conv2d(3, 2, 1, bias=False)
-        backbone.layer3 = nn.Identity()
-        backbone.layer4 = nn.Identity()
-        backbone.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.backbone = backbone
-        self.head = nn.Linear(2, 3)
-        self.double()
-
-    def forward(self, images):
-        features = forward_features(self.backbone, images)
-        return self.head(features.pooled), features
+def TinyNet(seed=0, with_bn=False):
+    """A stand-in for a ResNet TransferNet: a 'backbone' of two 1x1 convolutions (layer1,
+    layer2; the other stages the identity) and a head, in float64."""
+    torch.manual_seed(seed)
+    backbone = resnet_shaped(
+        2,
+        bn1=nn.BatchNorm2d(2) if with_bn else nn.Identity(),
+        layer1=nn.Conv2d(2, 3, 1, bias=False),
+        layer2=nn.Conv2d(3, 2, 1, bias=False),
+    )
+    return TransferNet(backbone, 3, stages=STAGES).double()
 
 
 # ---------------------------------------------------------------- weight-space terms
@@ -211,7 +200,7 @@ def test_knowdist_source_copy_is_frozen():
         source.backbone.layer2.weight.add_(1.0)  # the live network moves; the copy does not
     assert not any(p.requires_grad for p in term.source.parameters())
     assert not term.source.training
-    assert float(term.value(source, source(images)[1])) > 0
+    assert float(term.value(source, source(images)[1]).detach()) > 0
 
 
 def test_delta_matches_a_hand_computation(monkeypatch):
@@ -281,16 +270,6 @@ def test_batched_channel_ablation_equals_one_channel_at_a_time():
                 assert float(batched[c]) == pytest.approx(float(ablated - baseline), rel=1e-9, abs=1e-12)
 
 
-class PassThrough(nn.Module):
-    """A 'backbone' whose layer1 map is its input: the source's maps are the images given."""
-
-    def __init__(self):
-        super().__init__()
-        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
-            setattr(self, name, nn.Identity())
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-
-
 # two images, two channels, 2x2 maps: target map T = source map S + D, with D per image and channel
 HAND_S = torch.full((2, 2, 2, 2), 0.5, dtype=torch.float64)
 HAND_D = torch.tensor(
@@ -305,8 +284,9 @@ HAND_D = torch.tensor(
 def hand_value(term):
     from safetransfer.training.backbones import Features
 
-    term.source = PassThrough()
-    return float(term.value(None, Features(images=HAND_S, maps={"layer1": HAND_S + HAND_D})))
+    model = TransferNet(resnet_shaped(2), 2, stages=STAGES).double()  # every stage the identity:
+    term.bind(model, BindContext())  # the source's maps are the images given
+    return float(term.value(model, Features(images=HAND_S, maps={"layer1": HAND_S + HAND_D})))
 
 
 def test_knowdist_hand_worked_from_dtnh_equation_3():
@@ -323,7 +303,7 @@ def test_knowdist_released_code_convention_is_half_the_batch_sum():
     for term in (paper, code):
         term.bind(source, BindContext())
     features = target(images)[1]
-    reference = {k: v.detach().numpy() for k, v in forward_features(source.backbone, images).maps.items()}
+    reference = {k: v.detach().numpy() for k, v in forward_features(source.backbone, images, STAGES).maps.items()}
     tllib = 0.3 * sum(0.5 * np.sum((features.maps[k].detach().numpy() - reference[k]) ** 2) for k in reference)
     assert float(code.value(target, features)) == pytest.approx(tllib, rel=1e-12)
     assert float(paper.value(target, features)) == pytest.approx(tllib * 2 / len(images), rel=1e-12)

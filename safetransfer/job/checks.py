@@ -150,15 +150,25 @@ def build_checked(node: DictConfig, key: str) -> object:
 def check_regularizer(cfg: DictConfig) -> None:
     """Each term of Omega built from its config (the term checks its own coefficients and
     settings); then what depends on the rest of the config: BSS's k counts singular values of
-    a batch x features matrix, so it must be fewer than both sizes."""
-    from safetransfer.training.backbones import BACKBONES
+    a batch x features matrix, so it must be fewer than both sizes; the feature-space terms
+    read modules the backbone has."""
+    from safetransfer.training.backbones import check_backbone_name, outline
     from safetransfer.training.regularizers.bss import BSS
 
+    try:
+        check_backbone_name(cfg.backbone.name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if not cfg.regularizer.terms:
         raise ConfigError("regularizer.terms is empty; choose a regularizer, e.g. regularizer=l2")
+    model = outline(cfg.backbone.name)
     for name, node in cfg.regularizer.terms.items():
         term = build_checked(node, f"regularizer.terms.{name}")
-        limit = min(cfg.train.batch_size, BACKBONES.get(cfg.backbone.name, 1 << 30))
+        try:
+            term.check_backbone(model)
+        except ValueError as error:
+            raise ConfigError(f"regularizer.terms.{name}.{error}") from None
+        limit = min(cfg.train.batch_size, model.backbone.num_features)
         if isinstance(term, BSS) and not term.k < limit:
             raise ConfigError(
                 f"regularizer.terms.{name}.k={term.k} must be an integer in [1, {limit - 1}]: fewer than "

@@ -1,35 +1,79 @@
-"""Backbones (torchvision ResNets) and the transfer network: backbone w_S plus a new head.
+"""Backbones (torchvision classification models) and the transfer network: backbone w_S
+plus a new head.
 
-The names in the config (`backbone=resnet18`) are torchvision's model names, and they
-are the names that appear in the results tables.
+The names in the config (`backbone=resnet18`, `backbone.name=convnext_tiny`) are
+torchvision's model names, and they are the names that appear in the results tables. Any
+of torchvision's classification models can be named: its last linear layer (the source
+task's classifier) is replaced by the identity, so that its own forward returns the pooled
+features, and the feature maps the feature-space terms compare are taken from modules by
+name, with forward hooks. ResNet-18 and ResNet-50 are the papers' backbones and the defaults.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torchvision
 from torch import nn
 
-BACKBONES = {"resnet18": 512, "resnet50": 2048}  # name -> dimension of the pooled features
-STAGES = ("layer1", "layer2", "layer3", "layer4")  # the feature maps the feature-space terms compare
+#: the maps KnowDist and DELTA compare by default, per family (module names, shallow to deep:
+#: the output of each stage, where the resolution has just been halved for the last time);
+#: a backbone of another family has no default: its terms name their modules (`layers=`)
+FAMILY_STAGES = {
+    "resnet": ("layer1", "layer2", "layer3", "layer4"),  # also ResNeXt and Wide ResNet
+    "regnet": ("trunk_output.block1", "trunk_output.block2", "trunk_output.block3", "trunk_output.block4"),
+    "convnext": ("features.1", "features.3", "features.5", "features.7"),
+    "densenet": ("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.denseblock4"),
+}
+FAMILY_PREFIXES = {"resnet": "resnet", "resnext": "resnet", "wide_resnet": "resnet", "regnet_": "regnet"}
+FAMILY_PREFIXES.update({"convnext_": "convnext", "densenet": "densenet"})
+#: the papers' backbones (conf/backbone/)
+PAPERS = ("resnet18", "resnet50")
+
+
+def known_backbones() -> list[str]:
+    """torchvision's classification models (not its detection, segmentation or video models)."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def family(name: str) -> str | None:
+    """The family of a torchvision model name whose stages are declared (FAMILY_STAGES), or None."""
+    return next((found for prefix, found in FAMILY_PREFIXES.items() if name.startswith(prefix)), None)
+
+
+def default_stages(name: str) -> tuple[str, ...]:
+    """The modules whose outputs the feature-space terms compare by default for backbone `name`."""
+    return FAMILY_STAGES.get(family(name) or "", ())
+
+
+def check_backbone_name(name: str) -> None:
+    if name not in known_backbones():
+        raise ValueError(
+            f"backbone.name={name} is not one of torchvision's classification models; e.g. "
+            f"{', '.join(PAPERS)} (the papers'), convnext_tiny, efficientnet_b0: see "
+            "torchvision.models.list_models(module=torchvision.models)"
+        )
 
 
 def create_backbone(name: str) -> nn.Module:
-    """A randomly initialised torchvision backbone whose forward returns pooled features."""
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    """A randomly initialised torchvision classification model whose forward returns pooled
+    features: its last linear layer (the classifier) replaced by the identity. The number of
+    those features is its `num_features` (timm's name)."""
+    check_backbone_name(name)
     backbone = torchvision.models.get_model(name, weights=None)
-    backbone.fc = nn.Identity()
+    where, classifier = [(n, m) for n, m in backbone.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent, _, attribute = where.rpartition(".")
+    setattr(backbone.get_submodule(parent), attribute, nn.Identity())
+    backbone.num_features = classifier.in_features
     return backbone
 
 
 @dataclass
 class Features:
-    """What one forward pass saw: the input images, the stage outputs and the pooled features."""
+    """What one forward pass saw: the input images, the maps of the tapped modules and the pooled features."""
 
     images: torch.Tensor
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -37,17 +81,31 @@ class Features:
 
 
 def last_conv(stage: str, backbone: nn.Module) -> str:
-    """The name of a stage's last convolution (`layer4.1.conv2` in ResNet-18, `layer4.2.conv3`
-    in ResNet-50): the map the DELTA authors' released code regularizes, before its BatchNorm
-    and the residual sum."""
+    """The name of a ResNet stage's last convolution (`layer4.1.conv2` in ResNet-18,
+    `layer4.2.conv3` in ResNet-50): the map the DELTA authors' released code regularizes,
+    before its BatchNorm and the residual sum."""
     block = getattr(backbone, stage)[-1]
     conv = "conv3" if hasattr(block, "conv3") else "conv2"
     return f"{stage}.{len(getattr(backbone, stage)) - 1}.{conv}"
 
 
+def check_modules(backbone: nn.Module, names: Sequence[str], key: str, hint: Sequence[str] = ()) -> list[str]:
+    """`names` as a list, each the name of a module of `backbone`; else a ValueError naming `key`."""
+    names = [str(name) for name in names]
+    known = {name for name, _ in backbone.named_modules()}
+    missing = [name for name in names if name not in known]
+    if missing or not names:
+        example = (
+            f"its stages are {', '.join(hint)} ({key}=null takes them)" if hint else "name modules of the backbone"
+        )
+        raise ValueError(f"{key}={names}: {'no module ' + ', '.join(missing) if missing else 'empty'}; {example}")
+    return names
+
+
 def forward_features(backbone: nn.Module, images: torch.Tensor, taps: Iterable[str] = ()) -> Features:
-    """Run a torchvision ResNet stage by stage, keeping each stage's output map, and the
-    outputs of the modules named in `taps` (e.g. `layer4.1.conv2`) under their names."""
+    """The backbone's own forward (its pooled features), keeping the outputs of the modules
+    named in `taps` (e.g. `layer3`, `layer4.1.conv2`) under their names (a module called more
+    than once in a forward keeps its last output)."""
     maps = {}
     handles = [
         backbone.get_submodule(name).register_forward_hook(
@@ -56,31 +114,34 @@ def forward_features(backbone: nn.Module, images: torch.Tensor, taps: Iterable[s
         for name in taps
     ]
     try:
-        x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
-        for stage in STAGES:
-            x = getattr(backbone, stage)(x)
-            maps[stage] = x
+        pooled = backbone(images)
     finally:
         for handle in handles:
             handle.remove()
-    return Features(images, maps, torch.flatten(backbone.avgpool(x), 1))
+    return Features(images, maps, torch.flatten(pooled, 1))
 
 
 class TransferNet(nn.Module):
-    """The target network: shared backbone (w_S, initialised from the source) and a new head."""
+    """The target network: shared backbone (w_S, initialised from the source) and a new head.
+    `backbone` is a torchvision model name, or a module whose forward returns pooled features
+    and that has `num_features` (a test's tiny network); `stages` are its default maps."""
 
-    def __init__(self, backbone_name: str, num_classes: int):
+    def __init__(self, backbone: str | nn.Module, num_classes: int, stages: Sequence[str] | None = None):
         super().__init__()
-        self.backbone_name = backbone_name
-        self.backbone = create_backbone(backbone_name)
-        self.head = nn.Linear(BACKBONES[backbone_name], num_classes)
-        #: inner maps (module names of the backbone) that a term reads besides the stage outputs
+        if isinstance(backbone, str):
+            self.backbone_name, backbone, default = backbone, create_backbone(backbone), default_stages(backbone)
+        else:
+            self.backbone_name, default = type(backbone).__name__, ()
+        self.backbone = backbone
+        self.stages = tuple(default if stages is None else stages)
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        #: modules of the backbone whose outputs a term reads besides the stages (added by its bind)
         self.taps: set[str] = set()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Features]:
-        """Logits and the features the regularizers read (stage maps and taps for KnowDist
-        and DELTA, pooled features for BSS)."""
-        features = forward_features(self.backbone, images, sorted(self.taps))
+        """Logits and the features the regularizers read (the stages' maps and those the terms
+        tapped, for KnowDist and DELTA; the pooled features, for BSS)."""
+        features = forward_features(self.backbone, images, sorted({*self.stages, *self.taps}))
         return self.head(features.pooled), features
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -88,6 +149,17 @@ class TransferNet(nn.Module):
             "backbone": [p for p in self.backbone.parameters() if p.requires_grad],
             "head": [p for p in self.head.parameters() if p.requires_grad],
         }
+
+
+def outline(name: str, num_classes: int = 2) -> TransferNet:
+    """A TransferNet of backbone `name` for checking a config against (its module names, its
+    number of features), on the meta device where the model's builder allows: no weights."""
+    with torch.device("meta"):
+        try:
+            return TransferNet(name, num_classes)
+        except NotImplementedError:  # a builder that computes its widths with tensors (RegNet)
+            pass
+    return TransferNet(name, num_classes)
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -43,11 +43,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from safetransfer.training.backbones import STAGES, Features, TransferNet, at_least_fp32, frozen_copy, last_conv
+from safetransfer.training.backbones import FAMILY_STAGES, Features, TransferNet, at_least_fp32, frozen_copy, last_conv
 from safetransfer.training.regularizers.base import BindContext, Term
-from safetransfer.training.regularizers.knowdist import batch_reduction, check_convention, check_layers, source_maps
+from safetransfer.training.regularizers.knowdist import (
+    batch_reduction,
+    check_convention,
+    check_layers,
+    source_maps,
+    tapped_layers,
+)
 
 log = logging.getLogger(__name__)
+
+#: the channel ablation below runs a ResNet stage by stage (as the DELTA authors' code does)
+STAGES = FAMILY_STAGES["resnet"]
 
 
 def forward_from(backbone: nn.Module, stage: str, x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +217,7 @@ class DELTA(Term):
     def __init__(
         self,
         alpha: float,
-        layers: Sequence[str] = STAGES,
+        layers: Sequence[str] | None = None,
         at: str = "last_conv",
         temperature: float = 5.0,
         convention: str = "paper",
@@ -234,17 +243,29 @@ class DELTA(Term):
         )
         self.max_copies = int(max_copies)
 
+    def check_backbone(self, model: TransferNet) -> list[str]:
+        """DELTA's channel ablation and its `last_conv` maps follow the blocks of a ResNet (its
+        authors' code); its layers are stages of one. Returns them."""
+        layers = tapped_layers(self.layers, model)
+        resnet = all(hasattr(model.backbone, name) for name in ("conv1", "bn1", "relu", "maxpool", "avgpool", *STAGES))
+        if not resnet or any(layer not in STAGES for layer in layers):
+            raise ValueError(
+                f"layers={layers} of backbone {model.backbone_name}: DELTA's channel attention ablates channels "
+                f"of ResNet stages ({', '.join(STAGES)}); choose a ResNet backbone, or KnowDist for this one"
+            )
+        return layers
+
     def bind(self, model: TransferNet, context: BindContext) -> None:
         from safetransfer.common.atomic import built_once
 
+        layers = self.check_backbone(model)
+        self.settings["layers"] = layers
         self.source = frozen_copy(model.backbone)
         self.maps = {
-            layer: last_conv(layer, model.backbone) if self.settings["at"] == "last_conv" else layer
-            for layer in self.layers
+            layer: last_conv(layer, model.backbone) if self.settings["at"] == "last_conv" else layer for layer in layers
         }
-        self.taps = [name for name in self.maps.values() if name not in STAGES]
-        if self.taps:
-            model.taps.update(self.taps)
+        self.taps = sorted(self.maps.values())
+        model.taps.update(set(self.taps) - set(model.stages))
         # the recipe's name is part of the cache key: attention cached by an earlier recipe is recomputed
         path = context.cache_path("delta_attention", {**self.settings, "recipe": RECIPE})
         compute = lambda: channel_attention(  # noqa: E731
@@ -252,7 +273,7 @@ class DELTA(Term):
         )
         attention = compute() if path is None else built_once(path, compute, "DELTA's channel attention")
         device = next(model.parameters()).device
-        self.attention = {layer: attention[layer].to(device) for layer in self.layers}
+        self.attention = {layer: attention[layer].to(device) for layer in layers}
 
     def value(self, model: TransferNet, features: Features) -> torch.Tensor:
         reference = source_maps(self.source, features, self.taps)

@@ -5,8 +5,9 @@ those of the frozen source network on the same images.
 
 a mean over the batch's images and a SUM over the filters and positions of each map, as
 the paper writes it (alpha is its regularization coefficient lambda). FM_l is the output
-of stage l (layer1..layer4 by default), w^0 the source weights; the source network runs
-in eval mode without gradient.
+of stage l (by default the backbone family's stages, layer1..layer4 for a ResNet; any
+modules of the backbone by name with `layers=`), w^0 the source weights; the source
+network runs in eval mode without gradient.
 
 `convention: released_code` instead computes alpha * 1/2 sum_b sum_l ||...||^2, the
 "fea_map" term of the DELTA authors' released code (lixingjian/DELTA, train.py) and
@@ -21,7 +22,14 @@ from collections.abc import Sequence
 
 import torch
 
-from safetransfer.training.backbones import STAGES, Features, TransferNet, at_least_fp32, forward_features, frozen_copy
+from safetransfer.training.backbones import (
+    Features,
+    TransferNet,
+    at_least_fp32,
+    check_modules,
+    forward_features,
+    frozen_copy,
+)
 from safetransfer.training.regularizers.base import BindContext, Term
 
 CONVENTIONS = ("paper", "released_code")
@@ -32,12 +40,19 @@ def source_maps(source: torch.nn.Module, features: Features, taps: Sequence[str]
         return forward_features(source, features.images, taps).maps
 
 
-def check_layers(layers: Sequence[str]) -> list[str]:
-    layers = list(layers)
-    unknown = [layer for layer in layers if layer not in STAGES]
-    if unknown or not layers:
-        raise ValueError(f"layers={layers}: choose one or more of {', '.join(STAGES)}")
-    return layers
+def check_layers(layers: Sequence[str] | None) -> list[str] | None:
+    """None (the backbone's stages) or a non-empty list of module names; which modules the
+    backbone has is checked by `check_backbone`."""
+    if layers is None:
+        return None
+    if isinstance(layers, str) or not layers or not all(isinstance(layer, str) for layer in layers):
+        raise ValueError(f"layers={layers} must be a non-empty list of module names, e.g. [layer3, layer4]")
+    return list(layers)
+
+
+def tapped_layers(layers: list[str] | None, model: TransferNet) -> list[str]:
+    """The modules a feature-space term compares: `layers`, or the backbone's stages."""
+    return check_modules(model.backbone, model.stages if layers is None else layers, "layers", model.stages)
 
 
 def check_convention(convention: str) -> str:
@@ -54,18 +69,25 @@ def batch_reduction(per_image: torch.Tensor, convention: str) -> torch.Tensor:
 class KnowDist(Term):
     coefficients = ("alpha",)
 
-    def __init__(self, alpha: float, layers: Sequence[str] = STAGES, convention: str = "paper", decay: float = 1.0):
+    def __init__(
+        self, alpha: float, layers: Sequence[str] | None = None, convention: str = "paper", decay: float = 1.0
+    ):
         super().__init__(decay)
         self.alpha = self.coefficient("alpha", alpha)
         self.layers = check_layers(layers)
         self.convention = check_convention(convention)
 
+    def check_backbone(self, model: TransferNet) -> None:
+        tapped_layers(self.layers, model)
+
     def bind(self, model: TransferNet, context: BindContext) -> None:
+        self.maps = tapped_layers(self.layers, model)
+        model.taps.update(set(self.maps) - set(model.stages))
         self.source = frozen_copy(model.backbone)
 
     def value(self, model: TransferNet, features: Features) -> torch.Tensor:
-        reference = source_maps(self.source, features)
+        reference = source_maps(self.source, features, self.maps)
         per_image = sum(
-            at_least_fp32(features.maps[layer] - reference[layer]).square().sum(dim=(1, 2, 3)) for layer in self.layers
+            at_least_fp32(features.maps[layer] - reference[layer]).square().sum(dim=(1, 2, 3)) for layer in self.maps
         )
         return self.alpha * self.scale * batch_reduction(per_image, self.convention)
