@@ -136,7 +136,7 @@ def test_no_arguments_means_the_demo(tmp_path):
     import sys
 
     code = (
-        "import sys; from safetransfer import train; sys.argv=['safetransfer-train'];"
+        "import sys; from safetransfer.commands import train; sys.argv=['safetransfer-train'];"
         "train.app = lambda: print('ARGV', sys.argv[1:]); train.main()"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)

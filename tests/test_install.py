@@ -67,8 +67,8 @@ def test_regular_install_ships_the_conf_tree(tmp_path):
     assert install.returncode == 0, install.stderr
     shipped = {p.relative_to(site / "safetransfer" / "conf") for p in (site / "safetransfer" / "conf").rglob("*.yaml")}
     assert shipped == {p.relative_to(ROOT / "conf") for p in (ROOT / "conf").rglob("*.yaml")}
-    published = site / "safetransfer" / "data" / "published.csv"  # the papers' values travel with the package
-    assert published.read_text() == (ROOT / "safetransfer" / "data" / "published.csv").read_text()
+    published = site / "safetransfer" / "reporting" / "published.csv"  # the papers' values travel with the package
+    assert published.read_text() == (ROOT / "safetransfer" / "reporting" / "published.csv").read_text()
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -83,3 +83,13 @@ def test_regular_install_ships_the_conf_tree(tmp_path):
     assert Path(where.stdout.strip()).resolve().is_relative_to(site.resolve())
     shown = _show_demo_config(elsewhere, env)
     assert "sampling_rate: 30" in shown and "name: demo" in shown
+
+
+def test_every_folder_of_the_package_is_listed_for_installation():
+    """pyproject.toml lists the packages by hand (conf/ is mapped into the package): a folder
+    left out would be missing from a regular install."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "safetransfer").rglob("__init__.py")}
+    assert folders and folders <= listed, sorted(folders - listed)
