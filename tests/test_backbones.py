@@ -133,3 +133,19 @@ def test_a_job_trains_and_reports_another_backbone_by_its_torchvision_name(cli, 
     assert result.returncode == 0, result.stderr[-2000:]
     row = pd.read_csv(tmp_path / "res" / "demo.csv").iloc[0]
     assert row["backbone"] == "mobilenet_v3_small" and row["method"] == "L2+BSS" and 0 <= row["mean"] <= 100
+
+
+def test_a_torchvision_checkpoint_of_another_family_loads_without_its_classifier(tmp_path):
+    """torchvision's weights for its newer models (e.g. mobilenet_v3_small-047dcff4.pth) hold
+    the classification model's whole state_dict, BatchNorm counters and the 1000-class
+    classifier (here `classifier.3`) included; the classifier is dropped, the rest must match."""
+    from safetransfer.sources.local import FileSource
+
+    torch.manual_seed(0)
+    published = torchvision.models.get_model("mobilenet_v3_small", weights=None).state_dict()
+    assert "classifier.3.weight" in published and published["classifier.3.weight"].shape == (1000, 1024)
+    torch.save(published, tmp_path / "mobilenet_v3_small.pth")
+    state = FileSource(str(tmp_path / "mobilenet_v3_small.pth")).backbone_state("mobilenet_v3_small")
+    assert set(state) == set(create_backbone("mobilenet_v3_small").state_dict())
+    assert "classifier.0.weight" in state and not any(k.startswith("classifier.3.") for k in state)
+    assert torch.equal(state["features.0.0.weight"], published["features.0.0.weight"])

@@ -21,7 +21,7 @@ import torch
 
 from safetransfer.common.downloads import is_html
 from safetransfer.common.errors import ConfigError, MissingData
-from safetransfer.training.backbones import create_backbone
+from safetransfer.training.backbones import create_backbone, family
 
 CONVERT_COMMAND = "safetransfer-convert-checkpoint"
 
@@ -103,14 +103,17 @@ def match_backbone(
     fills them when it loads a state_dict without version metadata (they only count steps
     and are not used with a momentum). Anything else missing or unexpected is refused when
     `strict`, the message ending in `hint` (the fix a source offers, or none)."""
-    expected = create_backbone(backbone).state_dict()
+    model = create_backbone(backbone)
+    expected = model.state_dict()
+    # the source task's classifier, replaced by the new head (`fc` of a ResNet, `classifier.2` of a ConvNeXt)
+    state = {k: v for k, v in state.items() if not k.startswith(model.classifier_name + ".")}
     bottleneck = any(k.endswith("conv3.weight") for k in state)
-    if bottleneck != any(k.endswith("conv3.weight") for k in expected) or any(
-        k in expected and expected[k].shape != v.shape for k, v in state.items()
-    ):
+    misfit = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
+    if family(backbone) == "resnet" and bottleneck != any(k.endswith("conv3.weight") for k in expected) or misfit:
         kind = "a bottleneck ResNet (ResNet-50 or deeper)" if bottleneck else "a basic-block ResNet (ResNet-18/34)"
+        held = f"weights of {kind}" if family(backbone) == "resnet" else f"weights whose {misfit[0]} has another shape"
         raise ConfigError(
-            f"{origin} holds weights of {kind}, which do not fit backbone={backbone}; "
+            f"{origin} holds {held}, which do not fit backbone={backbone}; "
             "choose the matching backbone or another checkpoint"
         )
     counters = {

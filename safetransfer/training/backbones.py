@@ -67,7 +67,7 @@ def create_backbone(name: str) -> nn.Module:
     where, classifier = [(n, m) for n, m in backbone.named_modules() if isinstance(m, nn.Linear)][-1]
     parent, _, attribute = where.rpartition(".")
     setattr(backbone.get_submodule(parent), attribute, nn.Identity())
-    backbone.num_features = classifier.in_features
+    backbone.num_features, backbone.classifier_name = classifier.in_features, where
     return backbone
 
 
