@@ -342,7 +342,7 @@ def test_a_damaged_cache_file_is_rebuilt(tmp_path, caplog, damage):
     images.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not an array\n")
     again = cached_split(target.train_set(), np.arange(15), "train", 48, 40, tmp_path / "cache", {"x": 1})
     assert len(again) == 15 and all(torch.equal(again[i][0], expected[i]) for i in range(15))
-    assert str(images) in caplog.text and "decoded again" in caplog.text
+    assert str(images) in caplog.text and "the decoded split is built again" in caplog.text
 
 
 def test_device_augment_crops_mirrors_and_normalises_each_sample():

@@ -82,11 +82,22 @@ def read_json(path: Path, needs: Sequence[str] = ()) -> dict | None:
         return None
 
 
-def built_once(path: Path, build: Callable[[], Any], what: str) -> Any:
-    """The torch object cached at `path`: built by `build()` and written atomically on first
-    use, under a file lock so that concurrent jobs build it once, then read back (CPU
-    tensors, weights_only). A file that cannot be read (damaged: a full disk, a copy cut short)
-    is named in a warning and built again."""
+def read_torch(path: Path) -> Any:
+    """A cached torch object read back as CPU tensors, without unpickling code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def built_once(
+    path: Path,
+    build: Callable[[], Any],
+    what: str,
+    read: Callable[[Path], Any] = read_torch,
+    write: Callable[[Any, Path], None] = lambda built, path: atomic_torch_save(built, path),
+) -> Any:
+    """The object cached at `path`: built by `build()` and written atomically by `write` on
+    first use, under a file lock so that concurrent jobs build it once, then `read` back. A
+    file that cannot be read (damaged: a full disk, a copy cut short) is named in a warning
+    and built again. Used by the demo source, the terms' caches and the decoded images."""
     from filelock import FileLock
 
     path = Path(path)
@@ -94,13 +105,13 @@ def built_once(path: Path, build: Callable[[], Any], what: str) -> Any:
     with FileLock(str(path) + ".lock"):
         if path.exists():
             try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as error:  # truncated zip, unpickling error, ...
+                return read(path)
+            except Exception as error:  # truncated zip or .npy, unpickling error, the wrong length ...
                 first = str(error).splitlines()[0] if str(error) else ""
                 log.warning("%s cannot be read (%s: %s); %s is built again", path, type(error).__name__, first, what)
                 path.unlink()
-        atomic_torch_save(build(), path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        write(build(), path)
+        return read(path)
 
 
 def check_writable(directory: Path, key: str, example: str = "safetransfer-results") -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset
 
+from safetransfer.common.atomic import built_once
 from safetransfer.common.fingerprints import fingerprint
 from safetransfer.data.images import read_item
 from safetransfer.data.transforms import decode_transform
@@ -78,37 +78,20 @@ def cached_split(
     key = cache_key(identity, split, indices, geometry)
     folder = Path(cache_dir) / "decoded"
     images_path, labels_path = folder / f"{key}.images.npy", folder / f"{key}.labels.npy"
-    folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder / f"{key}.lock")):
-        cached = open_cached(images_path, labels_path, len(indices))
-        if cached is None:
-            build(
-                dataset,
-                indices,
-                decode_transform(split, resize, crop, test_crops),
-                images_path,
-                labels_path,
-                num_workers,
-            )
-            cached = CachedImages(images_path, np.load(labels_path))
-    return cached
 
-
-def open_cached(images_path: Path, labels_path: Path, count: int) -> CachedImages | None:
-    """The cached split, or None when it is not there or damaged (truncated, not a .npy, the
-    wrong length: a full disk or a copy cut short); a damaged one is removed, to be rebuilt."""
-    if not (images_path.exists() and labels_path.exists()):
-        return None
-    try:
+    def read(_: Path) -> CachedImages:
+        """The cached split; a truncated file, not a .npy or the wrong length raises."""
         cached = CachedImages(images_path, np.load(labels_path))
-        if len(cached.images) != count or len(cached.labels) != count:
-            raise ValueError(f"{len(cached.images)} images and {len(cached.labels)} labels, expected {count}")
+        if len(cached.images) != len(indices) or len(cached.labels) != len(indices):
+            raise ValueError(f"{len(cached.images)} images and {len(cached.labels)} labels, expected {len(indices)}")
         return cached
-    except (ValueError, OSError, EOFError) as error:
-        log.warning("the cached images %s are damaged (%s); they are decoded again", images_path, error)
-        images_path.unlink(missing_ok=True)
-        labels_path.unlink(missing_ok=True)
-        return None
+
+    def write(_: None, __: Path) -> None:  # decoded straight into a memory-mapped file, batch by batch
+        build(
+            dataset, indices, decode_transform(split, resize, crop, test_crops), images_path, labels_path, num_workers
+        )
+
+    return built_once(images_path, lambda: None, "the decoded split", read, write)
 
 
 def build(dataset: Dataset, indices, transform, images_path: Path, labels_path: Path, num_workers: int) -> None:
