@@ -107,11 +107,12 @@ def match_backbone(
     expected = model.state_dict()
     # the source task's classifier, replaced by the new head (`fc` of a ResNet, `classifier.2` of a ConvNeXt)
     state = {k: v for k, v in state.items() if not k.startswith(model.classifier_name + ".")}
-    bottleneck = any(k.endswith("conv3.weight") for k in state)
     misfit = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
-    if family(backbone) == "resnet" and bottleneck != any(k.endswith("conv3.weight") for k in expected) or misfit:
+    bottleneck = any(k.endswith("conv3.weight") for k in state)
+    resnet = family(backbone) == "resnet"
+    if misfit or resnet and bottleneck != any(k.endswith("conv3.weight") for k in expected):
         kind = "a bottleneck ResNet (ResNet-50 or deeper)" if bottleneck else "a basic-block ResNet (ResNet-18/34)"
-        held = f"weights of {kind}" if family(backbone) == "resnet" else f"weights whose {misfit[0]} has another shape"
+        held = f"weights of {kind}" if resnet else f"weights whose {misfit[0]} has another shape"
         raise ConfigError(
             f"{origin} holds {held}, which do not fit backbone={backbone}; "
             "choose the matching backbone or another checkpoint"
