@@ -325,7 +325,6 @@ def test_delta_hand_worked_from_the_delta_paper(monkeypatch):
         ("released_code", 0.1 * 0.5 * 2 / 4 * (5 + 5.25)),
     ]:  # 1/2 sum_b C/(HW) ...
         term = DELTA(alpha=0.1, layers=["layer1"], at="stage", convention=convention)
-        term.bind(TinyNet(), BindContext())
         assert hand_value(term) == pytest.approx(expected, rel=1e-12)
 
 
