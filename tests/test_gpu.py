@@ -248,14 +248,16 @@ def test_a_compiled_network_takes_the_same_dtnh_step(compose_cfg, no_tf32, regul
 
 @pytest.mark.parametrize("regularizer", ["l2sp", "knowdist"])
 def test_a_dtnh_step_never_waits_for_the_gpu(compose_cfg, regularizer):
-    """Apart from the finiteness check (one deliberate wait per step), a DTNH step launches its
-    work without reading anything back from the GPU: the projection's coefficient stays on the
-    device. (BSS is left out: it reads its 48 x 48 Gram matrix back to solve it on the host,
+    """A DTNH step, its finiteness guard included (deferred on CUDA: the verdict, the skipped
+    update and the failing step are kept on the device), launches its work without reading
+    anything back from the GPU: the projection's coefficient stays on the device. (BSS is left
+    out: it reads its 48 x 48 Gram matrix back to solve it on the host,
     as any CUDA SVD or eigensolver waits for the GPU.)"""
     from safetransfer.data.datasets import TensorImages
     from safetransfer.job.build import create_direction, create_omega, create_optimizer
     from safetransfer.training.backbones import TransferNet
     from safetransfer.training.engine import training_step
+    from safetransfer.training.finite import FiniteGuard
     from safetransfer.training.regularizers import BindContext
 
     cfg = compose_cfg(f"regularizer={regularizer}", "direction=dtnh")
@@ -268,16 +270,9 @@ def test_a_dtnh_step_never_waits_for_the_gpu(compose_cfg, regularizer):
     params = [p for p in model.parameters() if p.requires_grad]
     images, labels = images.to(device), labels.to(device)
     direction = create_direction(cfg)
-    step = lambda: training_step(
-        model,
-        images,
-        labels,
-        omega,
-        direction,
-        optimizer,
-        params,
-        check_finite=False,
-    )
+    guard = FiniteGuard(model, device)
+    assert guard.deferred
+    step = lambda: training_step(model, images, labels, omega, direction, optimizer, params, guard=guard)
     step()  # the first step allocates (cuDNN's plans, the optimizer's momentum)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -285,3 +280,18 @@ def test_a_dtnh_step_never_waits_for_the_gpu(compose_cfg, regularizer):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_finiteness_guard_on_cuda_leaves_the_weights_of_step_k_minus_1():
+    """The deferred guard (CUDA's default) on the GPU: a NaN from step 3 on, reported at the row of step 4."""
+    from safetransfer.training.engine import Loop, fit
+    from safetransfer.training.finite import NonFiniteError
+    from test_finite import parts, state
+
+    device = torch.device("cuda")
+    reference, poisoned = parts(None, device), parts(3, device)
+    fit(reference, Loop(iterations=2, log_every=0))
+    with pytest.raises(NonFiniteError, match=r"iteration 3 \(epoch 0\): Omega term poison is nan.*seen at iteration 4"):
+        fit(poisoned, Loop(iterations=8, log_every=4))
+    expected, got = state(reference.model), state(poisoned.model)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from safetransfer.training.backbones import TransferNet
 from safetransfer.training.checkpoints import Checkpointer, TrainingState, rng_state, set_rng_state
 from safetransfer.training.directions import Direction
+from safetransfer.training.finite import FiniteGuard, NonFiniteError
 from safetransfer.training.regularizers import Omega
 from safetransfer.training.signals import Preempted, StopSignals
 from safetransfer.training.train_log import TrainLog
@@ -60,14 +61,16 @@ def training_step(
     precision_context=None,
     record: bool = False,
     angles: bool = False,
-    check_finite: bool = True,
+    guard: FiniteGuard | None = None,
 ) -> StepResult:
     """One iteration of DTNH Algorithm 1.
 
     `record` also returns each term's value; `angles` also returns the angles between
     d, g_J and g_Omega (which makes a `sum` step compute g_J and g_Omega apart too).
-    `check_finite` refuses to step when J or d is NaN or infinite (NonFiniteError).
+    `guard` (finite.FiniteGuard) skips the update when J or d is NaN or infinite, and remembers the step.
     """
+    if guard is not None:
+        guard.hold()
     with precision_context or contextlib.nullcontext():
         logits, features = model(images)
         loss_J = F.cross_entropy(logits, labels)
@@ -87,10 +90,6 @@ def training_step(
         d = _grad(loss_J if omega_autograd is None else loss_J + omega_autograd, params)
         omega.add_closed_form_gradient(params, d)
 
-    if check_finite and not bool(torch.isfinite(loss_J) & torch.stack(torch._foreach_norm(d)).isfinite().all()):
-        # never step along a non-finite d: say which part is to blame, at these weights
-        raise NonFiniteError(diagnose_nonfinite(model, images, labels, omega, params, precision_context))
-
     result = StepResult(loss_J.detach(), (logits.detach().argmax(dim=1) == labels).sum())
     if record:  # at the weights the gradients were taken at, before the step
         values = {name: value.detach() for name, value in feature_terms.items()}
@@ -99,15 +98,14 @@ def training_step(
     if angles:
         result.angles = angle_diagnostics(g_J, g_Omega, d)
 
-    # step along d
+    # step along d (never along a non-finite d: the guard skips it, and the loop reports it at its next row)
     for p, d_p in zip(params, d):
         p.grad = d_p
-    optimizer.step()
+    if guard is None:
+        optimizer.step()
+    else:
+        guard.step(optimizer, guard.verdict(loss_J, d), images, labels)
     return result
-
-
-class NonFiniteError(FloatingPointError):
-    """J, a term of Omega or a gradient is NaN or infinite; the message names which."""
 
 
 def term_problem(omega: Omega, name: str, value: float) -> str:
@@ -265,7 +263,7 @@ class Loop:
     log_every: int = 100
     diagnostics_every: int = 0
     eval_every: int = 0
-    check_finite: bool = True
+    check_finite: bool = True  # a finite.FiniteGuard skips non-finite steps; reported at the next log row
     #: called once with (seconds per iteration, iterations left) when PACE_STEPS steps after the
     #: first have been timed (the first is left out: it warms up caches and kernels)
     on_pace: Callable[[float, int], None] | None = None
@@ -324,11 +322,29 @@ def fit(
         done, elapsed = state.iteration, state.elapsed_s
         set_rng_state(state.rng)  # after the replayed batches, which drew from it
         log.info("%s: resumed after iteration %d of %d", logger.desc, done, loop.iterations)
+    guard = FiniteGuard(model, parts.device) if loop.check_finite else None
+    if guard is not None:
+        guard.start(done)
     logger.open(done)
     start = time.perf_counter()
     paced_from = None  # when the first step of this call ended
 
+    def verify(iteration: int) -> None:
+        """Raise NonFiniteError when a step up to `iteration` was not finite (the guard skipped its update)."""
+        failure = guard.failure() if guard is not None else None
+        if failure is None:
+            return
+        omega.set_epoch(failure.epoch)  # say what is not finite at the failing step's weights, batch and epoch
+        problem = diagnose_nonfinite(model, failure.images, failure.labels, omega, params, precision_context)
+        guard.put_back()
+        seen = "" if iteration == failure.iteration else f"; seen at iteration {iteration}"
+        raise NonFiniteError(
+            f"{logger.desc}: iteration {failure.iteration} (epoch {failure.epoch}): {problem} "
+            f"(no update was made from it on{seen})"
+        )
+
     def save(iteration: int) -> None:
+        verify(iteration)  # never checkpoint a failed run
         checkpointer.save(
             TrainingState(
                 key=checkpointer.key,
@@ -350,6 +366,8 @@ def fit(
             if epoch != current_epoch:
                 current_epoch = epoch
                 omega.set_epoch(epoch)
+                if guard is not None:
+                    guard.set_epoch(epoch)
             logged = (loop.log_every and iteration % loop.log_every == 0) or iteration == loop.iterations
             diagnosed = logged and bool(loop.diagnostics_every) and iteration % loop.diagnostics_every == 0
             lr = optimizer.param_groups[0]["lr"]
@@ -358,25 +376,23 @@ def fit(
                 images = parts.batch_transform(images)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            try:
-                step = training_step(
-                    model,
-                    images,
-                    labels.to(parts.device, non_blocking=True),
-                    omega,
-                    parts.direction,
-                    optimizer,
-                    params,
-                    precision_context,
-                    record=logged,
-                    angles=diagnosed,
-                    check_finite=loop.check_finite,
-                )
-            except NonFiniteError as error:
-                raise NonFiniteError(f"{logger.desc}: iteration {iteration} (epoch {epoch}): {error}") from None
+            step = training_step(
+                model,
+                images,
+                labels.to(parts.device, non_blocking=True),
+                omega,
+                parts.direction,
+                optimizer,
+                params,
+                precision_context,
+                record=logged,
+                angles=diagnosed,
+                guard=guard,
+            )
             scheduler.step()
             logger.step(step.loss_J, step.correct, len(labels))
             if logged:
+                verify(iteration)
                 values = {name: float(value) for name, value in (step.omega or {}).items()}
                 bad = [name for name in omega.terms if not math.isfinite(values[name])]
                 if loop.check_finite and bad:  # a term whose value (not only its gradient) overflowed
