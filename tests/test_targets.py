@@ -469,7 +469,7 @@ def test_augmenting_on_the_device_trains_and_is_deterministic(compose_cfg, tmp_p
     )
     check_config(cfg)  # the check refused the BSS crops on the device, which the device augmentation does
     data = prepare_data(cfg, instantiate(cfg.target))
-    assert data.on_device and data.train[0][0].dtype == torch.uint8
+    assert data.device_augment and data.train[0][0].dtype == torch.uint8
     # the test split is cached as its views' source: the centre crop, or the resize x resize square for ten crops
     assert data.test[0][0].shape[-1] == (cfg.data.resize if crops else cfg.data.crop)
     first = run_seed(cfg, 0, data, None, tmp_path / "a")

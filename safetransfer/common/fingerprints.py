@@ -24,8 +24,8 @@ def fingerprint(payload: object, length: int, data: bytes = b"") -> str:
 #: job runs or where it writes, never its numbers; search: its chosen values are in the config
 NOT_IN_KEY = ("seeds", "runtime", "results", "paths", "hydra", "logger", "search", "launcher")
 #: single keys of that kind inside the other sections: where a list is kept (not which list),
-#: whether a saved source may be replaced
-WHERE_ONLY = ("target.sample_list_dir", "pretrain.overwrite")
+#: whether a saved source may be replaced, whether the images are held on the device (the same batches)
+WHERE_ONLY = ("target.sample_list_dir", "pretrain.overwrite", "data.on_device")
 #: the target keys that choose images from its data (sampling, hold-out, lists), not the data itself
 SAMPLING_KEYS = (
     "sampling_rate",

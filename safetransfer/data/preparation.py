@@ -3,7 +3,7 @@ set, read through the decoded-image cache where there is one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from safetransfer.common.errors import ConfigError
 from safetransfer.common.fingerprints import data_identity
 from safetransfer.data.cache import cached_split
 from safetransfer.data.datasets import TensorImages, Transformed
+from safetransfer.data.resident import fits, held_bytes, to_device
 from safetransfer.data.targets.base import Target
 from safetransfer.data.transforms import (
     augment_transform,
@@ -37,7 +38,28 @@ class Data:
     train_plain: Dataset  # the training images with the test-time transform (for DELTA's attention)
     val: Dataset | None = None
     val_indices: np.ndarray | None = None
-    on_device: bool = False  # train/test hold uint8 images; crop, mirror and normalise happen on the device
+    device_augment: bool = False  # train/test hold uint8 images; crop, mirror and normalise happen on the device
+    resident: bool = False  # data.on_device: train/test are also held on the device, once per job (held_on)
+    held: dict = field(default_factory=dict, repr=False)
+
+    def held_on(self, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The uint8 training sample and test set, with their labels, on `device` (copied on first use)."""
+        key = str(device)
+        if key not in self.held:
+            train, test = self.train, self.test  # Transformed(cached split, indices), the cached test split
+            self.held = {
+                key: {
+                    "train": (
+                        to_device(train.dataset.images, np.asarray(train.indices), device),
+                        torch.as_tensor(train.dataset.labels[train.indices], dtype=torch.long, device=device),
+                    ),
+                    "test": (
+                        to_device(test.images, np.arange(len(test)), device),
+                        torch.as_tensor(test.labels, dtype=torch.long, device=device),
+                    ),
+                }
+            }
+        return self.held[key]
 
     @classmethod
     def from_tensors(cls, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Data:
@@ -63,6 +85,27 @@ def augment_on_device(cfg: DictConfig, cached: bool) -> bool:
     return choice == "device" and cached
 
 
+def hold_on_device(cfg: DictConfig, cached: bool, nbytes: int) -> bool:
+    """data.on_device: hold the decoded training sample and test set on the device. auto: on
+    CUDA, when they take at most resident.FREE_MEMORY_SHARE of its free memory (split among
+    concurrent seeds) and the augmentation may run there."""
+    choice = cfg.data.on_device
+    if choice is False or (choice == "auto" and cfg.data.augment_on == "workers"):
+        return False
+    if not cached:
+        if choice is True:
+            raise ConfigError(
+                "data.on_device=true holds the decoded-image cache on the device, and this target's images are "
+                "not cached (data.cache=false, or images held in memory as the demo's): set data.cache=true, "
+                "or data.on_device=auto"
+            )
+        return False
+    if choice is True:
+        return True
+    sharing = len(cfg.seeds) if cfg.runtime.concurrent_seeds else 1
+    return fits(nbytes, resolve_device(str(cfg.runtime.device)), sharing)
+
+
 def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Data:
     """The sampled training set (minus the validation hold-out), validation and test sets;
     `seed` redraws the sample (target.resample_per_seed)."""
@@ -72,7 +115,10 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
     train_crop, test_crops = crop_options(cfg.data)
     train_set, test_set = target.train_set(), target.test_set()
     cached = bool(cfg.data.cache) and not isinstance(train_set, TensorImages)  # in-memory images need no cache
-    on_device = augment_on_device(cfg, cached)
+    test_side = cfg.data.resize if test_crops != 1 else cfg.data.crop
+    nbytes = held_bytes((len(indices), len(test_set)), (3, cfg.data.resize, cfg.data.resize), (3, test_side, test_side))
+    resident = hold_on_device(cfg, cached, nbytes)
+    on_device = resident or augment_on_device(cfg, cached)
     if cached:
         train, test = cached_data(cfg, train_set, test_set, indices, on_device)
     else:
@@ -86,7 +132,8 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
         train_plain=Transformed(train_set, indices, test_transform(*geometry)),
         val=Transformed(train_set, val_indices, test_transform(*geometry, test_crops)) if len(val_indices) else None,
         val_indices=val_indices,
-        on_device=on_device,
+        device_augment=on_device,
+        resident=resident,
     )
 
 

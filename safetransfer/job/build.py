@@ -23,6 +23,7 @@ from safetransfer.common.fingerprints import term_identity
 from safetransfer.data.augment import DeviceAugment
 from safetransfer.data.draws import Seeded, SeededDraws
 from safetransfer.data.preparation import Data
+from safetransfer.data.resident import ResidentLoader
 from safetransfer.data.transforms import crop_options
 from safetransfer.training.backbones import TransferNet
 from safetransfer.training.directions import Direction
@@ -70,6 +71,11 @@ def create_optimizer(cfg: DictConfig, model: TransferNet) -> tuple[torch.optim.O
     return optimizer, instantiate(schedule)(optimizer)
 
 
+def training_order(size: int, seed: int) -> SeededDraws:
+    """The training images' order and draws, epoch by epoch, from the seed alone (loader or device-held)."""
+    return SeededDraws(size, torch.Generator().manual_seed(seed))
+
+
 def create_loader(dataset: Dataset, cfg: DictConfig, *, train: bool, seed: int, device: torch.device) -> DataLoader:
     """The training loader draws its order and each image's augmentation from the seed alone
     (safetransfer.data.draws): 0, 2 or 4 workers give the same batches, and a resumed run (a fresh
@@ -86,7 +92,7 @@ def create_loader(dataset: Dataset, cfg: DictConfig, *, train: bool, seed: int, 
         return DataLoader(dataset, shuffle=False, **common)
     return DataLoader(
         Seeded(dataset),
-        sampler=SeededDraws(len(dataset), torch.Generator().manual_seed(seed)),
+        sampler=training_order(len(dataset), seed),
         drop_last=True,
         persistent_workers=workers > 0,
         **common,
@@ -143,21 +149,19 @@ def build_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None
         compile_network(model)  # after bind, so the frozen copies stay eager
     optimizer, scheduler = create_optimizer(cfg, model)
     train_batches = test_batches = None
-    if data.on_device:
+    if data.device_augment:
         train_crop, test_crops = crop_options(cfg.data)
         geometry = (cfg.data.crop, cfg.data.mean, cfg.data.std, seed, device)
         train_batches = DeviceAugment(*geometry, train_crop=train_crop)
         test_batches = DeviceAugment(*geometry, train=False, test_crops=test_crops)
-    parts = Parts(
-        model,
-        omega,
-        create_direction(cfg),
-        optimizer,
-        scheduler,
-        create_loader(data.train, cfg, train=True, seed=seed, device=device),
-        device,
-        train_batches,
-    )
+    if data.resident:  # data.on_device: batches gathered from images held on the device
+        held = data.held_on(device)
+        train_loader = ResidentLoader(*held["train"], cfg.train.batch_size, training_order(len(data.train), seed))
+        test_loader = ResidentLoader(*held["test"], cfg.train.batch_size)
+    else:
+        train_loader = create_loader(data.train, cfg, train=True, seed=seed, device=device)
+        test_loader = create_loader(data.test, cfg, train=False, seed=seed, device=device)
+    parts = Parts(model, omega, create_direction(cfg), optimizer, scheduler, train_loader, device, train_batches)
     loop = Loop(
         iterations=cfg.train.iterations,
         precision=cfg.train.precision,
@@ -167,7 +171,6 @@ def build_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None
         check_finite=cfg.runtime.check_finite,
         on_pace=on_pace,
     )
-    test_loader = create_loader(data.test, cfg, train=False, seed=seed, device=device)
     val_loader = create_loader(data.val, cfg, train=False, seed=seed, device=device) if data.val is not None else None
     evaluator = (
         Evaluator("test", model, test_loader, device, cfg.train.precision, test_batches)

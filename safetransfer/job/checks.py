@@ -13,6 +13,7 @@ from safetransfer.common.atomic import check_writable
 from safetransfer.common.errors import ConfigError, one_line
 from safetransfer.common.fingerprints import KEYED_AS
 from safetransfer.data.augment import AUGMENT_ON
+from safetransfer.data.resident import ON_DEVICE
 from safetransfer.data.transforms import TEST_CROPS, TRAIN_CROPS, crop_options
 from safetransfer.training.engine import PRECISIONS, milestone_iterations
 from safetransfer.training.train_log import LOGGERS, PROGRESS
@@ -112,6 +113,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"train.precision={cfg.train.precision} is not one of {', '.join(PRECISIONS)}")
     if cfg.data.augment_on not in AUGMENT_ON:
         raise ConfigError(f"data.augment_on={cfg.data.augment_on} is not one of {', '.join(AUGMENT_ON)}")
+    check_on_device(cfg.data)
     if cfg.runtime.progress not in PROGRESS:  # the loop's own check would come only once training starts
         raise ConfigError(f"runtime.progress={cfg.runtime.progress} is not one of {', '.join(PROGRESS)}")
     check_optimizer(cfg.optim)
@@ -197,6 +199,20 @@ def check_optimizer(optim: DictConfig) -> None:
 def _positive_int(value, key: str, example: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{key}={value} must be an integer >= 1 ({example})")
+
+
+def check_on_device(data: DictConfig) -> None:
+    """data.on_device: auto, true or false; true needs the decoded cache and the augmentation on the device."""
+    choice = data.get("on_device", "auto")
+    if not (isinstance(choice, bool) or choice == "auto"):
+        raise ConfigError(f"data.on_device={choice} is not one of {', '.join(str(c).lower() for c in ON_DEVICE)}")
+    if choice is True and data.augment_on == "workers":
+        raise ConfigError(
+            "data.on_device=true gathers batches on the device, where they are augmented: it cannot take "
+            "data.augment_on=workers; set data.augment_on=auto (or device), or data.on_device=false"
+        )
+    if choice is True and not data.cache:
+        raise ConfigError("data.on_device=true holds the decoded-image cache on the device: set data.cache=true")
 
 
 def check_device(spec: str) -> None:
