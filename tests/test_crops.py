@@ -142,3 +142,60 @@ def test_bad_crop_options_are_one_line(compose_cfg, override, message):
 
     with pytest.raises(ConfigError, match=message):
         check_config(compose_cfg(override))
+
+
+@pytest.mark.parametrize("test_resize", ["square", "shorter_side"])
+def test_one_test_view_is_torchvisions_resize_then_centre_crop_on_a_non_square_image(tmp_path, test_resize):
+    """The DTNH text's test transform (every image to 256 x 256, then the centre crop; here 48
+    and 40) against torchvision's v2.Resize((48, 48)) and v2.CenterCrop(40), on photos 70 x 44
+    (another aspect ratio); shorter_side against v2.Resize(48). Both data paths: the decoded
+    cache and the direct transform."""
+    from PIL import Image
+
+    from safetransfer.data.preparation import prepare_data
+
+    fixtures.make_cub200(tmp_path / "data", classes=2, train_per_class=4, test_per_class=2)
+    for path in (tmp_path / "data" / "CUB_200_2011" / "images").rglob("*.jpg"):  # a wide photo instead
+        pixels = np.random.default_rng(len(path.name)).integers(0, 256, (44, 70, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, quality=90)
+    size = (48, 48) if test_resize == "square" else 48
+    expected_transform = v2.Compose(
+        [v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(40), v2.ToDtype(torch.float32, scale=True)]
+    )
+    target = CUB200(str(tmp_path / "data"), expected_classes=2, expected_split=(8, 4))
+    for cache in (True, False):
+        cfg = OmegaConf.create(
+            {
+                "train": {"batch_size": 2},
+                "target": {"name": "cub200", "root": str(tmp_path / "data"), "sampling_rate": 100},
+                "data": {
+                    "resize": 48,
+                    "crop": 40,
+                    "mean": MEAN,
+                    "std": STD,
+                    "cache": cache,
+                    "test_resize": test_resize,
+                    "augment_on": "workers",
+                    "on_device": False,
+                },
+                "paths": {"cache_dir": str(tmp_path / "cache")},
+                "runtime": {"num_workers": 0, "device": "cpu"},
+            }
+        )
+        data = prepare_data(cfg, target)
+        for i in range(4):
+            image, label = target.test_set()[i]
+            pixels = expected_transform(image)
+            expected = (pixels - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+            got, got_label = data.test[i]
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+            assert got_label == label
+    square_view = v2.Compose([v2.Resize((48, 48), antialias=True), v2.CenterCrop(40)])(v2.ToImage()(image))
+    shorter_view = v2.Compose([v2.Resize(48, antialias=True), v2.CenterCrop(40)])(v2.ToImage()(image))
+    assert not torch.equal(square_view, shorter_view)  # the two choices differ on this photo
+
+
+def test_the_dtnh_presets_resize_test_images_to_a_square_and_keep_mean_and_std(compose_cfg):
+    cfg = compose_cfg("experiment=dtnh_table2", "target=flowers102")
+    assert cfg.data.test_resize == "square" and (cfg.data.resize, cfg.data.crop) == (256, 224)
+    assert list(cfg.data.std) == [0.229, 0.224, 0.225]

@@ -40,28 +40,47 @@ def test_what_decides_each_identity_is_declared_once(compose_cfg):
     assert identity(compose_cfg("target=cub200", "target.root=/other")) != identity(base)
 
 
-#: config keys, decoded-cache identities and term-cache identities computed at commit 5657c83,
+#: config keys, decoded-cache identities and term-cache identities computed at commit 5657c83
+#: (the one-view configs with data.test_resize=shorter_side, the test transform of that time),
 #: before the package's modules moved into folders (safetransfer.sources.FileSource became
 #: safetransfer.sources.local.FileSource, and so on): a key that changes here means that results
 #: computed before are no longer continued, paired or tabulated with new ones.
 KEYS_BEFORE_THE_MOVE = {
-    ("experiment=demo",): ("b0c29151be8c", "56371c677810a8afef4ebed0", "a932ab126c515854f3a5"),
-    ("experiment=bss_table2", "target=cub200", "method=delta_bss", "target.sampling_rate=30"): (
-        "2e0c31e15e26",
+    ("experiment=demo", "data.test_resize=shorter_side"): (
+        "b0c29151be8c",
+        "56371c677810a8afef4ebed0",
+        "a932ab126c515854f3a5",
+    ),
+    # computed at c544d9f (which kept 5657c83's keys): the DELTA+BSS cell this entry held at first
+    # changed its key on purpose when bss_table2 took DELTA's released-code convention
+    ("experiment=bss_table2", "target=cub200", "method=l2_bss", "target.sampling_rate=30"): (
+        "4ab0b53a310e",
         "c17e9c8fd1a30c23ebc11044",
         "a3d640e6617da2d7cc7d",
     ),
-    ("experiment=dtnh_table2", "target=mit_indoor67", "source=places365", "method=dtnh_knowdist"): (
+    (
+        "experiment=dtnh_table2",
+        "target=mit_indoor67",
+        "source=places365",
+        "method=dtnh_knowdist",
+        "data.test_resize=shorter_side",
+    ): (
         "00c19cfc47e9",
         "a806da3d3b55d75679ff0452",
         "105160f2af9fdc1c98b9",
     ),
-    ("method=from_scratch", "target=stanford_dogs"): (
+    ("method=from_scratch", "target=stanford_dogs", "data.test_resize=shorter_side"): (
         "1c80e5084927",
         "96ec9959b8d2feb49b79c2ef",
         "024a30f138d1975228c8",
     ),
-    ("regularizer=l2sp", "source=file", "source.path=/tmp/x.pt", "target=caltech256_30"): (
+    (
+        "regularizer=l2sp",
+        "source=file",
+        "source.path=/tmp/x.pt",
+        "target=caltech256_30",
+        "data.test_resize=shorter_side",
+    ): (
         "a51a3d623690",
         "68768cedf47ee279227099d0",
         "adff87f2e14e37d224eb",
@@ -79,6 +98,23 @@ def test_moving_a_class_inside_the_package_changes_no_key(compose_cfg):
         assert config_key(cfg) == key, overrides
         assert fingerprint(data_identity(OmegaConf.to_container(cfg.target, resolve=True)), 24) == data, overrides
         assert fingerprint(term_identity(cfg), 20) == terms, overrides
+
+
+def test_bss_table2_trains_delta_in_the_released_codes_form_under_a_new_key(compose_cfg):
+    """Its DELTA cells (alpha 0.01 from the DELTA authors' run.sh) compute their code's form, so
+    their key is not the one they had in the paper's form (2e0c31e15e26 at 5657c83); DELTA outside
+    the preset keeps the paper's form and its key."""
+    from safetransfer.common.fingerprints import config_key
+
+    cell = ("experiment=bss_table2", "target=cub200", "target.sampling_rate=30")
+    where = ("paths.data_root=/srv/data", "paths.cache_dir=/srv/cache")
+    for method in ("delta", "delta_bss"):
+        cfg = compose_cfg(*cell, f"method={method}", *where)
+        assert cfg.regularizer.terms.delta.convention == "released_code"
+    assert config_key(compose_cfg(*cell, "method=delta_bss", *where)) != "2e0c31e15e26"
+    assert config_key(compose_cfg(*cell, "method=delta_bss", "delta_convention=paper", *where)) == "2e0c31e15e26"
+    plain = compose_cfg("method=delta", "target=cub200", "data.test_resize=shorter_side", *where)
+    assert plain.regularizer.terms.delta.convention == "paper" and config_key(plain) == "6d6d232df1e7"
 
 
 def test_every_class_a_config_names_exists_under_its_path():

@@ -26,6 +26,10 @@ NOT_IN_KEY = ("seeds", "runtime", "results", "paths", "hydra", "logger", "search
 #: single keys of that kind inside the other sections: where a list is kept (not which list),
 #: whether a saved source may be replaced, whether the images are held on the device (the same batches)
 WHERE_ONLY = ("target.sample_list_dir", "pretrain.overwrite", "data.on_device")
+#: top-level settings a preset gives that are read only through interpolations: their resolved
+#: values are keyed where they are read (delta_convention: regularizer.terms.delta.convention),
+#: so a job that does not read them (an L2 cell of the same table) keeps its key
+READ_THROUGH = ("delta_convention",)
 #: the target keys that choose images from its data (sampling, hold-out, lists), not the data itself
 SAMPLING_KEYS = (
     "sampling_rate",
@@ -79,17 +83,28 @@ def keyed_names(node):
     return node
 
 
+def as_before(container: dict) -> None:
+    """Leave out the keys added after results were keyed where they compute what was computed
+    before they existed, so that those results keep their keys: data.test_resize at
+    shorter_side (the one-view test transform before it), or beside ten test crops (always
+    taken from the resize x resize square)."""
+    data = container.get("data", {})
+    if data.get("test_resize") == "shorter_side" or data.get("test_crops", 1) != 1:
+        data.pop("test_resize", None)
+
+
 def decisive(cfg) -> dict:
-    """The resolved config without what never changes a result (NOT_IN_KEY, WHERE_ONLY), its
-    classes under their KEYED_AS names."""
+    """The resolved config without what never changes a result (NOT_IN_KEY, WHERE_ONLY,
+    READ_THROUGH, as_before), its classes under their KEYED_AS names."""
     from omegaconf import OmegaConf
 
     container = keyed_names(OmegaConf.to_container(cfg, resolve=True))
-    for section in NOT_IN_KEY:
+    for section in (*NOT_IN_KEY, *READ_THROUGH):
         container.pop(section, None)
     for dotted in WHERE_ONLY:
         section, key = dotted.split(".")
         container.get(section, {}).pop(key, None)
+    as_before(container)
     return container
 
 

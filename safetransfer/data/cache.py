@@ -70,11 +70,14 @@ def cached_split(
     identity: dict,
     num_workers: int = 0,
     test_crops: int = 1,
+    test_resize: str = "square",
 ) -> CachedImages:
     """The images `indices` of `dataset`, decoded once into the cache (built on first use)."""
     geometry = {"resize": resize, "crop": crop}
     if split != "train" and test_crops != 1:
         geometry["test_crops"] = test_crops
+    if split != "train" and test_crops == 1 and test_resize != "shorter_side":  # the earlier files' transform
+        geometry["test_resize"] = test_resize
     key = cache_key(identity, split, indices, geometry)
     folder = Path(cache_dir) / "decoded"
     images_path, labels_path = folder / f"{key}.images.npy", folder / f"{key}.labels.npy"
@@ -88,7 +91,12 @@ def cached_split(
 
     def write(_: None, __: Path) -> None:  # decoded straight into a memory-mapped file, batch by batch
         build(
-            dataset, indices, decode_transform(split, resize, crop, test_crops), images_path, labels_path, num_workers
+            dataset,
+            indices,
+            decode_transform(split, resize, crop, test_crops, test_resize),
+            images_path,
+            labels_path,
+            num_workers,
         )
 
     return built_once(images_path, lambda: None, "the decoded split", read, write)

@@ -112,7 +112,7 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
     indices, val_indices = target.split_train_val(seed)
     check_training_set(len(indices), cfg.train.batch_size)
     geometry = (cfg.data.resize, cfg.data.crop, cfg.data.mean, cfg.data.std)
-    train_crop, test_crops = crop_options(cfg.data)
+    train_crop, test_crops, test_resize = crop_options(cfg.data)
     train_set, test_set = target.train_set(), target.test_set()
     cached = bool(cfg.data.cache) and not isinstance(train_set, TensorImages)  # in-memory images need no cache
     test_side = cfg.data.resize if test_crops != 1 else cfg.data.crop
@@ -123,14 +123,18 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
         train, test = cached_data(cfg, train_set, test_set, indices, on_device)
     else:
         train = Transformed(train_set, indices, train_transform(*geometry, train_crop))
-        test = Transformed(test_set, range(len(test_set)), test_transform(*geometry, test_crops))
+        test = Transformed(test_set, range(len(test_set)), test_transform(*geometry, test_crops, test_resize))
     return Data(
         train=train,
         test=test,
         num_classes=len(target.classes),
         train_indices=indices,
-        train_plain=Transformed(train_set, indices, test_transform(*geometry)),
-        val=Transformed(train_set, val_indices, test_transform(*geometry, test_crops)) if len(val_indices) else None,
+        train_plain=Transformed(train_set, indices, test_transform(*geometry, test_resize=test_resize)),
+        val=(
+            Transformed(train_set, val_indices, test_transform(*geometry, test_crops, test_resize))
+            if len(val_indices)
+            else None
+        ),
         val_indices=val_indices,
         device_augment=on_device,
         resident=resident,
@@ -151,9 +155,11 @@ def cached_data(
         identity=identity,
         num_workers=cfg.runtime.num_workers,
     )
-    train_crop, test_crops = crop_options(cfg.data)
+    train_crop, test_crops, test_resize = crop_options(cfg.data)
     train_all = cached_split(train_set, np.arange(len(train_set)), "train", **common)
-    test_all = cached_split(test_set, np.arange(len(test_set)), "test", **common, test_crops=test_crops)
+    test_all = cached_split(
+        test_set, np.arange(len(test_set)), "test", **common, test_crops=test_crops, test_resize=test_resize
+    )
     if on_device:
         return Transformed(train_all, indices, nn.Identity()), test_all
     crop, mean, std = cfg.data.crop, cfg.data.mean, cfg.data.std

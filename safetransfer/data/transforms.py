@@ -14,12 +14,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def decode_transform(split: str, resize: int, crop: int, test_crops: int = 1) -> v2.Compose:
+def decode_transform(
+    split: str, resize: int, crop: int, test_crops: int = 1, test_resize: str = "square"
+) -> v2.Compose:
     """The deterministic part of each split's transform, ending in uint8 pixels. Ten test
-    crops are taken from the image resized to resize x resize (the BSS authors' code)."""
+    crops are taken from the image resized to resize x resize (the BSS authors' code); one
+    test view is the centre crop of the image resized as `test_resize` says (TEST_RESIZES)."""
     if split == "train" or test_crops != 1:
         return v2.Compose([v2.ToImage(), v2.Resize((resize, resize), antialias=True)])
-    return v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])
+    size = (resize, resize) if test_resize == "square" else resize
+    return v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(crop)])
 
 
 TRAIN_CROPS = ("random_crop", "random_resized_crop")
@@ -28,9 +32,20 @@ TRAIN_CROPS = ("random_crop", "random_resized_crop")
 TEST_CROPS = (1, 10)
 
 
-def crop_options(data) -> tuple[str, int]:
-    """(data.train_crop, data.test_crops), their defaults where a config has neither."""
-    return data.get("train_crop", TRAIN_CROPS[0]), data.get("test_crops", TEST_CROPS[0])
+#: data.test_resize, how an image is resized before its one centre crop: square, to resize x
+#: resize (the DTNH text: every image "re-sized to 256 x 256"; the BSS authors' ResizeImage) |
+#: shorter_side, the shorter side to resize with the aspect ratio kept (torchvision's ImageNet
+#: evaluation; safetransfer's test transform before it followed the DTNH text)
+TEST_RESIZES = ("square", "shorter_side")
+
+
+def crop_options(data) -> tuple[str, int, str]:
+    """(data.train_crop, data.test_crops, data.test_resize), their defaults where a config has none."""
+    return (
+        data.get("train_crop", TRAIN_CROPS[0]),
+        data.get("test_crops", TEST_CROPS[0]),
+        data.get("test_resize", "square"),
+    )
 
 
 def train_transform(
@@ -41,12 +56,18 @@ def train_transform(
 
 
 def test_transform(
-    resize: int, crop: int, mean: Sequence[float], std: Sequence[float], test_crops: int = 1
+    resize: int,
+    crop: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    test_crops: int = 1,
+    test_resize: str = "square",
 ) -> v2.Compose:
-    """1 crop: shorter side to resize, centre crop, normalise. 10 crops: resize x resize, the
-    four corners and the centre, each also mirrored, stacked as (10, 3, crop, crop)."""
+    """1 crop: resize (to resize x resize, or the shorter side to resize), centre crop, normalise.
+    10 crops: resize x resize, the four corners and the centre, each also mirrored, stacked as
+    (10, 3, crop, crop)."""
     return v2.Compose(
-        [decode_transform("test", resize, crop, test_crops), views_transform(crop, mean, std, test_crops)]
+        [decode_transform("test", resize, crop, test_crops, test_resize), views_transform(crop, mean, std, test_crops)]
     )
 
 

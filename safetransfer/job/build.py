@@ -150,7 +150,7 @@ def build_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None
     optimizer, scheduler = create_optimizer(cfg, model)
     train_batches = test_batches = None
     if data.device_augment:
-        train_crop, test_crops = crop_options(cfg.data)
+        train_crop, test_crops, _ = crop_options(cfg.data)
         geometry = (cfg.data.crop, cfg.data.mean, cfg.data.std, seed, device)
         train_batches = DeviceAugment(*geometry, train_crop=train_crop)
         test_batches = DeviceAugment(*geometry, train=False, test_crops=test_crops)

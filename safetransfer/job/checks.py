@@ -14,7 +14,7 @@ from safetransfer.common.errors import ConfigError, one_line
 from safetransfer.common.fingerprints import KEYED_AS
 from safetransfer.data.augment import AUGMENT_ON
 from safetransfer.data.resident import ON_DEVICE
-from safetransfer.data.transforms import TEST_CROPS, TRAIN_CROPS, crop_options
+from safetransfer.data.transforms import TEST_CROPS, TEST_RESIZES, TRAIN_CROPS, crop_options
 from safetransfer.training.engine import PRECISIONS, milestone_iterations
 from safetransfer.training.train_log import LOGGERS, PROGRESS
 
@@ -72,7 +72,9 @@ def check_config(cfg: DictConfig) -> None:
             f"data.crop={cfg.data.crop} is larger than data.resize={cfg.data.resize}; "
             "the crop is taken from the resized image, so set data.crop <= data.resize"
         )
-    train_crop, test_crops = crop_options(cfg.data)
+    train_crop, test_crops, test_resize = crop_options(cfg.data)
+    if test_resize not in TEST_RESIZES:
+        raise ConfigError(f"data.test_resize={test_resize} is not a known choice; allowed: {', '.join(TEST_RESIZES)}")
     if train_crop not in TRAIN_CROPS:
         raise ConfigError(f"data.train_crop={train_crop} is not a known choice; allowed: {', '.join(TRAIN_CROPS)}")
     if test_crops not in TEST_CROPS:
