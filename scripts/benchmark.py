@@ -43,7 +43,7 @@ from safetransfer.data.preparation import Data, prepare_data
 from safetransfer.data.targets.imagefolder import ImageFolderTarget
 from safetransfer.job.build import build_seed, create_loader
 from safetransfer.training.backbones import Features, TransferNet
-from safetransfer.training.directions import DTNH, Sum
+from safetransfer.training.directions import DTNH, Dots64, Sum
 from safetransfer.training.engine import Loop, autocast, fit, training_step
 from safetransfer.training.regularizers.bss import BSS
 
@@ -362,6 +362,29 @@ def host_overhead(args, device, backbone: str) -> list[Result]:
     results = compare(steps, argparse.Namespace(steps=max(args.steps, 10) * 50, warmup=args.warmup * 10), 1, device)
     for r in results:
         r.notes["us per step"] = f"{1000 * r.ms_per_step:.0f}"
+    return results
+
+
+def dtnh_dots(args, device, backbone: str) -> list[Result]:
+    """DTNH's two dot products, <g_J, g_Omega> and ||g_J||^2, over all trainable parameters as
+    one vector: float32 BLAS (which accumulates in float32) against Dots64 (exact products,
+    float64 sums), with the relative error of each one's ||g_J||^2 against NumPy's float64 sum
+    of the same float32 values."""
+    count = sum(p.numel() for p in TransferNet(backbone, args.classes).parameters() if p.requires_grad)
+    generator = torch.Generator().manual_seed(0)
+    g_J = (1e-3 * torch.randn(count, generator=generator)).to(device)
+    g_Omega = (1e-3 * torch.randn(count, generator=generator) - 2e-4).to(device)
+    dots = Dots64()
+    steps = {
+        f"{backbone} DTNH dots: float32 (torch.dot)": lambda: (torch.dot(g_J, g_Omega), torch.dot(g_J, g_J)),
+        f"{backbone} DTNH dots: float64 sums (Dots64)": lambda: dots(g_J, g_Omega),
+    }
+    results = compare(steps, argparse.Namespace(steps=max(args.steps, 10) * 5, warmup=args.warmup), 1, device)
+    values = g_J.cpu().double().numpy()
+    exact = float(np.dot(values, values))
+    for r, squared in zip(results, (torch.dot(g_J, g_J), dots(g_J, g_Omega)[1])):
+        r.notes["||g_J||^2 relative error"] = f"{abs(float(squared) - exact) / exact:.1e}"
+        r.notes["parameters"] = count
     return results
 
 
@@ -700,6 +723,16 @@ def report(args, device, results: list[Result]) -> str:
                 f"- {backbone} host time per step of the direction (one-element tensors): Sum "
                 f"{host[0].notes['us per step']} us, zero g_Omega + DTNH {host[1].notes['us per step']} us"
             )
+        dots = [r for r in results if r.what.startswith(f"{backbone} DTNH dots: ")]
+        if dots:
+            extra = dots[1].ms_per_step - dots[0].ms_per_step
+            share = [r for r in results if r.what == f"{backbone} l2sp dtnh"]
+            lines.append(
+                f"- {backbone} DTNH's dot products in float64: {extra:+.2f} ms a step against float32"
+                + (f", {100 * extra / share[0].ms_per_step:.1f} % of a DTNH (L2-SP) step" if share else "")
+                + f"; ||g_J||^2 relative error {dots[0].notes['||g_J||^2 relative error']} (float32) -> "
+                f"{dots[1].notes['||g_J||^2 relative error']} (float64)"
+            )
         if "l2_bss" in args.regularizers:
             svd, term = (find(results, f"{backbone} BSS spectrum: {what}") for what in SPECTRUM_ROWS)
             bss = find(results, f"{backbone} l2_bss sum")
@@ -824,7 +857,7 @@ def main() -> None:
         "--skip",
         nargs="*",
         default=[],
-        choices=["end_to_end", "pipeline", "regularizers", "backward", "attention", "host"],
+        choices=["end_to_end", "pipeline", "regularizers", "backward", "attention", "host", "dots"],
     )
     parser.add_argument("--compile", action="store_true", help="also time the Fine-tuning step under torch.compile")
     import sys
@@ -861,6 +894,8 @@ def main() -> None:
             add(model_only(args, device, backbone))
             if "host" not in args.skip:
                 add(host_overhead(args, device, backbone))
+            if "dots" not in args.skip:
+                add(dtnh_dots(args, device, backbone))
             if "backward" not in args.skip:
                 add(backward_passes(args, device, backbone))
             if "attention" not in args.skip and "delta" in args.regularizers:

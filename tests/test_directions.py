@@ -178,3 +178,32 @@ def test_the_fast_dtnh_step_is_the_papers_algorithm_line_by_line(seed):
         assert abs(float(torch.dot(flat_J, expected - flat_J))) < 1e-9  # the kept pull is orthogonal to g_J
     else:
         torch.testing.assert_close(expected, flat_J + flat_O)
+
+
+def test_the_projection_sums_are_float64_exact_on_10_million_float32_values():
+    """10 M float32 gradient entries that are multiples of 2^-12 in (-1, 1): every product is a
+    multiple of 2^-24 and every partial sum an integer below 2^53 times 2^-24, so NumPy's int64
+    arithmetic gives the two sums exactly (the known sums). Dots64 must return them to the last
+    bit; float32 accumulation (torch.dot) is far off on this many values; DTNH's d must be
+    (1 - c) g_J + g_Omega, with c from the exact sums, to float32 rounding."""
+    from safetransfer.training.directions import Dots64
+
+    rng = np.random.default_rng(0)
+    n = 10_000_000
+    k_J = rng.integers(-4095, 4096, n, dtype=np.int64)
+    k_Omega = rng.integers(-4095, 4096, n, dtype=np.int64) - 600  # leans against g_J's direction on average
+    k_Omega[: n // 2] = -k_J[: n // 2]  # half of it pulls straight back: the angle is obtuse
+    J = torch.from_numpy((k_J * 2.0**-12).astype(np.float32))
+    Omega = torch.from_numpy((k_Omega * 2.0**-12).astype(np.float32))
+    dot_known = float(np.sum(k_J * k_Omega)) * 2.0**-24
+    squared_known = float(np.sum(k_J * k_J)) * 2.0**-24
+    assert dot_known < 0, "the case must exercise the projection"
+
+    dot, squared = Dots64()(J, Omega)
+    assert float(dot) == dot_known and float(squared) == squared_known
+    assert abs(float(torch.dot(J, J)) - squared_known) / squared_known > 1e-6  # what float32 sums would give
+
+    c = dot_known / squared_known
+    d = torch.cat([t.flatten() for t in DTNH()([J.clone()], [Omega.clone()])])
+    expected = (1 - c) * J.double() + Omega.double()
+    torch.testing.assert_close(d.double(), expected, rtol=3e-7, atol=3e-7)

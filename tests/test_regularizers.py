@@ -474,6 +474,34 @@ def test_bss_in_float32_at_the_papers_batch_matches_a_float64_svd():
     assert term.diagnostics()["sigma_max"] == pytest.approx(S[0], rel=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12)])
+def test_bss_in_float64_is_exact_at_condition_1e8(shape):
+    """Float64 features with singular values from 1 down to 1e-8: the term and its gradient
+    (2 sigma_min u v^T) against the singular values and vectors the matrix was built from, to
+    float64 rounding. Through the Gram matrix (float32's route) the same gradient is off by
+    whole percents: its smallest eigenvalue, 1e-16, is at float64's rounding of the largest."""
+    rng = np.random.default_rng(3)
+    rank = min(shape)
+    u, _ = np.linalg.qr(rng.standard_normal((shape[0], rank)))
+    v, _ = np.linalg.qr(rng.standard_normal((shape[1], rank)))
+    sigma = np.logspace(0, -8, rank)
+    matrix = torch.tensor((u * sigma) @ v.T, dtype=torch.float64, requires_grad=True)
+    value = BSS(eta=1.0, k=1).value(None, bss_features(matrix))
+    (grad,) = torch.autograd.grad(value, [matrix])
+    expected = 2 * sigma[-1] * np.outer(u[:, -1], v[:, -1])  # the sign of u v^T is the pair's, whatever the solver's
+    assert float(value.detach()) == pytest.approx(sigma[-1] ** 2, rel=1e-6)
+    np.testing.assert_allclose(grad.numpy(), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+    wide = shape[0] <= shape[1]
+    exact = matrix.detach()
+    gram = exact @ exact.T if wide else exact.T @ exact
+    _, vectors = BSS.by_gram(gram, wide)
+    smallest = vectors[:, :1]
+    projected = smallest.T @ exact if wide else exact @ smallest
+    through_gram = 2 * (smallest @ projected if wide else projected @ smallest.T)
+    assert np.abs(through_gram.numpy() - expected).max() > 0.01 * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("case", ["repeated", "zero"])
 def test_bss_gradient_is_finite_for_repeated_and_zero_singular_values(case):
     if case == "repeated":  # rows of equal norm, mutually orthogonal: all singular values equal
