@@ -806,8 +806,14 @@ def write_figures(path: Path, kind: str, figures: dict) -> None:
 
 
 def step_figures(args, results: list[Result]) -> dict:
-    """What the plan needs of a run of this script: the settings and the model-only step time of
-    each 'backbone regularizer direction' row."""
+    """What the plan needs of a run of this script: the settings, the model-only step time of
+    each 'backbone regularizer direction' row (at args.precision), and the Fine-tuning step in
+    each precision measured beside them (which scales those rows to the precision a job uses)."""
+    by_precision: dict[str, dict[str, float]] = {}
+    for r in results:
+        found = re.fullmatch(r"(resnet\d+) Fine-tuning step \((fp32|bf16)\)", r.what)
+        if found and r.ms_per_step is not None:
+            by_precision.setdefault(found[1], {})[found[2]] = round(r.ms_per_step, 3)
     return {
         "px": args.size,
         "batch": args.batch,
@@ -817,6 +823,7 @@ def step_figures(args, results: list[Result]) -> dict:
             for r in results
             if r.ms_per_step is not None and re.fullmatch(r"resnet\d+ \w+ (sum|dtnh)", r.what)
         },
+        "fine_tuning_ms_by_precision": by_precision,
     }
 
 

@@ -182,17 +182,18 @@ def report(records: list[dict], header: list[str]) -> str:
 
 def cell_figures(records: list[dict]) -> dict:
     """What the plan reads of the cells: per cell and way of running the seeds, the fastest
-    variant's projected wall time per seed and iteration (cell-seconds per iteration)."""
-    figures = {}
+    variant's projected wall time per seed and iteration (cell-seconds per iteration), and the
+    precision that variant trained in."""
+    figures, precisions = {}, {}
     for cell in CELLS:
         for concurrent in (False, True):
             mine = [r for r in records if r["cell"] == cell and not r.get("full") and r["concurrent"] == concurrent]
             if mine:
                 best = min(mine, key=lambda r: r["projected_s"])
-                figures.setdefault(cell, {})["concurrent" if concurrent else "sequential"] = round(
-                    best["projected_s"] / (SEEDS * best["length"]), 5
-                )
-    return {"seconds_per_iteration": figures}
+                mode = "concurrent" if concurrent else "sequential"
+                figures.setdefault(cell, {})[mode] = round(best["projected_s"] / (SEEDS * best["length"]), 5)
+                precisions.setdefault(cell, {})[mode] = best.get("precision", "bf16")
+    return {"seconds_per_iteration": figures, "precision": precisions}
 
 
 def main() -> None:

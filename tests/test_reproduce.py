@@ -2,6 +2,7 @@
 stages (search on validation, then the chosen setting with five seeds) end to end."""
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 
 from conftest import TINY
-from safetransfer.commands.reproduce import benchmark_figures, plan
+from safetransfer.commands.reproduce import benchmark_figures, plan, precision_note
 from safetransfer.common.errors import ConfigError
 from safetransfer.reporting.search import apply_chosen
 
@@ -112,6 +113,28 @@ def test_plan_lists_every_job_of_both_stages(tmp_path):
     assert job_hours(job, figures, concurrent=True) == pytest.approx(0.010 * 0.8 * 8000 * 5 / 3600)
     searched = next(j for j in only if j.stage == "search")  # one seed: it runs alone even when seeds run concurrently
     assert job_hours(searched, figures, concurrent=True) == job_hours(searched, figures)
+    assert job.precision == "fp32"
+    assert "these hours assume bf16" in precision_note([job], figures)  # no fp32 step measured beside them
+
+    # the Fine-tuning step measured in both precisions scales the bf16 rows to the job's fp32, and a cell
+    # that trained in fp32 is taken over the fp32 model-only step (not counted twice)
+    steps += [benchmark.Result("resnet18 Fine-tuning step (fp32)", 1.0, 13.0)]
+    steps += [benchmark.Result("resnet18 Fine-tuning step (bf16)", 1.0, 10.0)]
+    benchmark.write_figures(benchmarks, "cuda", benchmark.step_figures(gpu, steps))
+    records[1]["precision"], records[0]["precision"], records[2]["precision"] = "fp32", "bf16", "fp32"
+    records[1]["projected_s"] = 0.020 * 5 * 8000  # now the fastest sequential variant, in fp32
+    benchmark.write_figures(benchmarks, "cuda-cell", cell.cell_figures(records))
+    figures = benchmark_figures(benchmarks)
+    assert figures[6][("resnet18", "fp32")] == pytest.approx(1.3)
+    # the cell (resnet18 l2sp dtnh, 12.5 ms in bf16, so 16.25 ms in fp32) took 20 ms a seed and iteration in fp32
+    assert figures[4][("resnet18", False)] == pytest.approx(20 / (12.5 * 1.3))
+    # the job (l2sp sum): 10 ms bf16 x 1.3 = 13 ms fp32, x the fp32 cell's end-to-end factor
+    assert job_hours(job, figures) == pytest.approx(0.013 * 20 / 16.25 * 8000 * 5 / 3600)
+    note = precision_note([job], figures)
+    assert "the jobs train in fp32" in note and "measured in bf16" in note and "resnet18 1.30x" in note
+    bf16_job = dataclasses.replace(job, precision="bf16")
+    assert job_hours(bf16_job, figures) == pytest.approx(0.010 * 20 / 16.25 * 8000 * 5 / 3600)
+    assert "measured in it" in precision_note([bf16_job], figures)
 
 
 def scripts():

@@ -64,6 +64,7 @@ class Job:
     direction: str
     crop: int
     batch: int
+    precision: str = "fp32"  # train.precision
 
 
 def cells(table: str, overrides: list[str]):
@@ -107,6 +108,7 @@ def plan(table: str, overrides: list[str]) -> tuple[list[Job], DictConfig]:
             direction=choices.direction,
             crop=int(cfg.data.crop),
             batch=int(cfg.train.batch_size),
+            precision=str(cfg.train.precision),
         )
         grid = grids.get(choices.get("method") or "", [])
         if grid:
@@ -121,13 +123,15 @@ def plan(table: str, overrides: list[str]) -> tuple[list[Job], DictConfig]:
 CELL_METHODS = {"dtnh": "resnet18 l2sp dtnh", "bss": "resnet50 l2_bss sum"}
 
 
-def benchmark_figures(path: Path) -> tuple[str, dict[str, float], float, int, dict, str] | None:
+def benchmark_figures(path: Path) -> tuple[str, dict[str, float], float, int, dict, str, dict] | None:
     """(device kind, ms per step by 'backbone regularizer direction', px, batch, cell factors,
-    precision) of the figures file scripts/benchmark.py and scripts/benchmark_cell.py write
-    (BENCHMARKS.json), the CUDA figures when there are some. The cell factors,
-    {(backbone, concurrent seeds): factor}, are a whole job's seconds per seed and iteration,
-    end to end (start, data, evaluation, the seeds one after another or concurrently), over the
-    model-only step time of the same method."""
+    precision, precision factors) of the figures file scripts/benchmark.py and
+    scripts/benchmark_cell.py write (BENCHMARKS.json), the CUDA figures when there are some.
+    The cell factors, {(backbone, concurrent seeds): factor}, are a whole job's seconds per seed
+    and iteration, end to end (start, data, evaluation, the seeds one after another or
+    concurrently), over the model-only step time of the same method. The precision factors,
+    {(backbone, precision): factor}, are the Fine-tuning step in that precision over the step in
+    the figures' precision, measured in the same run."""
     import json
 
     if not path.exists():
@@ -138,29 +142,74 @@ def benchmark_figures(path: Path) -> tuple[str, dict[str, float], float, int, di
         if not figures or not figures.get("ms_per_step"):
             continue
         rows = {name: float(ms) for name, ms in figures["ms_per_step"].items()}
+        precision = str(figures.get("precision", "fp32"))
+        scales = {
+            (backbone, other): float(ms) / float(steps[precision])
+            for backbone, steps in figures.get("fine_tuning_ms_by_precision", {}).items()
+            if precision in steps
+            for other, ms in steps.items()
+        }
         factors = {}
-        for cell, modes in found.get(f"{kind}-cell", {}).get("seconds_per_iteration", {}).items():
+        cells = found.get(f"{kind}-cell", {})
+        for cell, modes in cells.get("seconds_per_iteration", {}).items():
             method = CELL_METHODS.get(cell)
             for mode, seconds in modes.items():
-                if method in rows:
-                    factors[(method.split()[0], mode == "concurrent")] = 1000 * float(seconds) / rows[method]
-        return kind, rows, float(figures["px"]), int(figures["batch"]), factors, str(figures.get("precision", "fp32"))
+                backbone = (method or "").split(" ")[0]
+                cell_precision = cells.get("precision", {}).get(cell, {}).get(mode, precision)
+                # over the model-only step in the precision the cell trained in
+                model_only = 1.0 if cell_precision == precision else scales.get((backbone, cell_precision))
+                if method in rows and model_only is not None:
+                    factors[(backbone, mode == "concurrent")] = 1000 * float(seconds) / (rows[method] * model_only)
+        return kind, rows, float(figures["px"]), int(figures["batch"]), factors, precision, scales
     return None
 
 
+def precision_factor(job: Job, figures) -> float | None:
+    """The job's precision over the figures' (1 when they are the same), None when not measured."""
+    if job.precision == figures[5]:
+        return 1.0
+    return (figures[6] if len(figures) > 6 else {}).get((job.backbone, job.precision))
+
+
 def job_hours(job: Job, figures, concurrent: bool = False) -> float | None:
-    """Model-only step time scaled to the job's pixels and batch, times the measured cell's
-    end-to-end factor for the job's backbone and way of running seeds, when there is one."""
+    """Model-only step time scaled to the job's pixels and batch and to its precision (the
+    figures' own when no other was measured beside them, see print_plan), times the measured
+    cell's end-to-end factor for the job's backbone and way of running seeds, when there is one."""
     kind, rows, px, batch = figures[:4]
     ms = rows.get(f"{job.backbone} {job.regularizer} {job.direction}")
     if ms is None:
         return None
+    ms *= precision_factor(job, figures) or 1.0
     scale = (job.crop / px) ** 2 * (job.batch / batch)  # pixels and images per step
     concurrent = concurrent and job.seeds > 1  # a single seed runs alone (runtime.concurrent_seeds)
     factors = figures[4] if len(figures) > 4 else {}
     # no measured cell for concurrent seeds: the sequential one (the slower), else model steps only
     factor = factors.get((job.backbone, concurrent), factors.get((job.backbone, False), 1.0))
     return ms * scale * factor * job.iterations * job.seeds / 3.6e6
+
+
+def precision_note(jobs: list[Job], figures) -> str:
+    """Which precision the hours assume: the jobs' own (train.precision), measured or scaled by
+    the Fine-tuning step measured in both, or the figures' when nothing scales them."""
+    measured = figures[5]
+    lines = []
+    for precision in sorted({job.precision for job in jobs}):
+        backbones = sorted({job.backbone for job in jobs if job.precision == precision})
+        factors = {b: precision_factor(Job("", {}, {}, 1, 1, b, "", "", 0, 0, precision), figures) for b in backbones}
+        if precision == measured:
+            lines.append(f"the jobs train in {precision} (train.precision) and the step times were measured in it")
+        elif all(f is not None for f in factors.values()):
+            ratios = ", ".join(f"{b} {f:.2f}x" for b, f in factors.items())
+            lines.append(
+                f"the jobs train in {precision} (train.precision); the step times were measured in {measured} and "
+                f"are scaled by the {precision}/{measured} Fine-tuning step measured beside them ({ratios})"
+            )
+        else:
+            lines.append(
+                f"the jobs train in {precision} (train.precision) but the step times were measured in {measured} "
+                f"with no {precision} step beside them: these hours assume {measured}"
+            )
+    return "precision: " + "; ".join(lines)
 
 
 def print_plan(table: str, jobs: list[Job], figures, concurrent: bool = False) -> None:
@@ -184,7 +233,7 @@ def print_plan(table: str, jobs: list[Job], figures, concurrent: bool = False) -
     counts = {stage: sum(j.stage == stage for j in jobs) for stage in hours}
     print(f"{counts['search']} search jobs, {counts['final']} final jobs, {len(jobs)} in all")
     if figures:
-        kind, _, px, batch, factors, precision = figures
+        kind, _, px, batch, factors, precision = figures[:6]
         mode = "concurrent seeds" if concurrent else "seeds one after another"
         used = {
             b: (f, m)
@@ -209,6 +258,7 @@ def print_plan(table: str, jobs: list[Job], figures, concurrent: bool = False) -
             f"projected hours: search {hours['search']:.1f} h, final {hours['final']:.1f} h, "
             f"total {sum(hours.values()):.1f} h ({source})" + (f"; {unknown} jobs have no figure" if unknown else "")
         )
+        print(precision_note(jobs, figures))
     else:
         print("projected hours: no BENCHMARKS.json found (run python scripts/benchmark.py)")
 
