@@ -328,6 +328,53 @@ def test_delta_hand_worked_from_the_delta_paper(monkeypatch):
         assert hand_value(term) == pytest.approx(expected, rel=1e-12)
 
 
+def test_delta_released_code_form_is_b_over_2_times_c_over_hw_of_the_papers_per_stage(monkeypatch):
+    """Stage by stage, on maps of 16x16 down to 2x2 (a tiny ResNet-shaped network, 4 channels,
+    3 images): the paper's form against NumPy (alpha mean_b sum_c a_c ||D_c||^2) and the
+    released code's against B/2 x C/(HW) times it. Then the factor at the BSS preset's
+    settings (ResNet-50's last-convolution maps at 224 px, batch 48), read off torchvision's
+    network on the meta device: about 2, 16, 125 and 1000, as the preset and the README say."""
+    import copy
+
+    from safetransfer.training.regularizers import delta as delta_module
+    from tiny import tiny_resnet
+
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    monkeypatch.setattr(delta_module, "channel_attention", lambda *args, **kwargs: {name: weights for name in STAGES})
+    torch.manual_seed(0)
+    source = tiny_resnet(3).double()
+    target = copy.deepcopy(source)
+    with torch.no_grad():
+        for p in target.backbone.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    images = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    source.eval(), target.eval()  # BatchNorm by its running statistics, as the term's frozen source copy runs
+    target_maps = forward_features(target.backbone, images, STAGES).maps
+    source_maps = forward_features(source.backbone, images, STAGES).maps
+    for layer, side in zip(STAGES, (16, 8, 4, 2)):
+        values = {}
+        for convention in ("paper", "released_code"):
+            term = DELTA(alpha=0.5, layers=[layer], at="stage", convention=convention)
+            term.bind(source, BindContext())
+            value = term.value(target, forward_features(target.backbone, images, STAGES))
+            values[convention] = float(value.detach())
+        difference = (target_maps[layer] - source_maps[layer]).detach().numpy()
+        assert difference.shape[-2:] == (side, side)
+        per_image = (np.square(difference).sum(axis=(2, 3)) * weights.numpy()).sum(axis=1)
+        assert values["paper"] == pytest.approx(0.5 * per_image.mean(), rel=1e-12)
+        assert values["released_code"] == pytest.approx(3 / 2 * 4 / side**2 * values["paper"], rel=1e-12)
+
+    resnet50 = TransferNet("resnet50", 10).to("meta")
+    shapes = {}
+    for layer in STAGES:  # the last convolution of each stage's last block (DELTA's at: last_conv)
+        resnet50.backbone.get_submodule(layer)[-1].conv3.register_forward_hook(
+            lambda module, args, out, layer=layer: shapes.__setitem__(layer, out.shape[1:])
+        )
+    resnet50.backbone(torch.empty(48, 3, 224, 224, device="meta"))
+    factors = [48 / 2 * c / (h * w) for c, h, w in (shapes[layer] for layer in STAGES)]
+    assert [round(f) for f in factors] == [2, 16, 125, 1003]
+
+
 def test_delta_last_conv_ablation_equals_zeroing_the_filter():
     """The authors' code zeroes filter j of each stage's last convolution; the batched masks must
     give the same loss increases."""
