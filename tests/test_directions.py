@@ -180,7 +180,8 @@ def test_the_fast_dtnh_step_is_the_papers_algorithm_line_by_line(seed):
         torch.testing.assert_close(expected, flat_J + flat_O)
 
 
-def test_the_projection_sums_are_float64_exact_on_10_million_float32_values():
+@pytest.mark.parametrize("chunk", [2**20, 2**30])  # the CPU's chunks (the last one short), or whole as on a GPU
+def test_the_projection_sums_are_float64_exact_on_10_million_float32_values(monkeypatch, chunk):
     """10 M float32 gradient entries that are multiples of 2^-12 in (-1, 1): every product is a
     multiple of 2^-24 and every partial sum an integer below 2^53 times 2^-24, so NumPy's int64
     arithmetic gives the two sums exactly (the known sums). Dots64 must return them to the last
@@ -188,6 +189,7 @@ def test_the_projection_sums_are_float64_exact_on_10_million_float32_values():
     (1 - c) g_J + g_Omega, with c from the exact sums, to float32 rounding."""
     from safetransfer.training.directions import Dots64
 
+    monkeypatch.setattr(Dots64, "CPU_CHUNK", chunk)
     rng = np.random.default_rng(0)
     n = 10_000_000
     k_J = rng.integers(-4095, 4096, n, dtype=np.int64)
