@@ -34,8 +34,8 @@ class Dots64:
     parameters ||g_J||^2 came out 1e-4 to 4e-4 off (relative), d 6.5e-6 off the formula. The
     float32 vectors are copied into kept float64 buffers (a float32 product is exact in float64)
     and dotted there: on a GPU whole (four kernels: a step there is bound by launching them),
-    on a CPU a chunk of CPU_CHUNK elements at a time, so that the copies stay in the cache (whole,
-    they cost 12 ms a ResNet-18 step on 2 cores; in chunks 2-3 ms: scripts/benchmark.py, DTNH dots)."""
+    on a CPU a chunk of CPU_CHUNK elements at a time, so that the copies stay in the cache (on 2
+    cores, ResNet-18: whole +12 ms a step over the float32 dots, in chunks +5 ms; BENCHMARKS.md)."""
 
     CPU_CHUNK = 2**20
 
