@@ -341,3 +341,136 @@ def test_a_damaged_log_csv_does_not_stop_a_resumed_seed(tmp_path, caplog, damage
     writer.write({"iteration": 6, "loss_J": 0.5})
     writer.close()
     assert path.read_text().splitlines()[-1] == "6,0.5" and str(path) in caplog.text
+
+
+# ---------------------------------------------------------------- concurrent seeds under signals
+
+CONCURRENT = ("seeds=[0,1]", "runtime.concurrent_seeds=true")
+
+
+def seed_processes(parent: int) -> list[int]:
+    """The job's seed processes: children of `parent` started by multiprocessing's spawn (not
+    its resource tracker), from /proc, in the order they were started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                command = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == parent and b"spawn_main" in command:
+                found.append((int(fields[19]), int(entry.name)))  # by start time
+    return [pid for _, pid in sorted(found)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def outcomes(run_dir: Path) -> list:
+    return [json.loads((run_dir / f"seed_{s}" / "metrics.json").read_text())["test_loss"] for s in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_concurrent(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("concurrent")
+    code, _, err = finish(start(tmp_path, "reference", *CONCURRENT))
+    assert code == 0, err[-3000:]
+    return outcomes(tmp_path / "reference")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the seed processes through /proc")
+@pytest.mark.e2e
+def test_sigterm_to_the_main_process_alone_stops_concurrent_seeds_and_the_rerun_continues(
+    tmp_path, uninterrupted_concurrent
+):
+    """`kill PID` (what timeout and container stops send) reached the main process only: the
+    seeds trained to the end and the job exited 0. Now the stop is forwarded to each seed."""
+    process = start(tmp_path, "run", *CONCURRENT, "runtime.checkpoint_every=0")
+    wait_for_iteration(tmp_path / "run" / "seed_1" / "log.csv", 8, process)
+    wait_for_iteration(tmp_path / "run" / "seed_0" / "log.csv", 8, process)
+    process.send_signal(signal.SIGTERM)
+    code, _, err = finish(process, timeout=300)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM after iteration" in err and "Traceback" not in err
+    for seed in (0, 1):
+        assert (tmp_path / "run" / f"seed_{seed}" / "checkpoint.pt").exists()
+        assert not (tmp_path / "run" / f"seed_{seed}" / "metrics.json").exists()
+    assert json.loads((tmp_path / "run" / "job.json").read_text())["status"] == "preempted"
+    code, _, err = finish(start(tmp_path, "run", *CONCURRENT, "runtime.checkpoint_every=0"))
+    assert code == 0, err[-3000:]
+    assert outcomes(tmp_path / "run") == uninterrupted_concurrent
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the seed processes through /proc")
+@pytest.mark.e2e
+def test_sigkill_of_the_main_process_stops_the_seed_processes(tmp_path, uninterrupted_concurrent):
+    """The seed processes outlived a SIGKILLed job for ever (0.9 GB each); now each sees its
+    parent gone, checkpoints and exits, and the rerun continues from those checkpoints."""
+    process = start(tmp_path, "run", *CONCURRENT, "runtime.checkpoint_every=0")
+    wait_for_iteration(tmp_path / "run" / "seed_0" / "log.csv", 8, process)
+    wait_for_iteration(tmp_path / "run" / "seed_1" / "log.csv", 8, process)
+    seeds = seed_processes(process.pid)
+    assert len(seeds) == 2, seeds
+    process.kill()
+    finish(process)
+    deadline = time.time() + 120
+    while any(alive(pid) for pid in seeds) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in seeds), "seed processes outlived the job"
+    assert all((tmp_path / "run" / f"seed_{s}" / "checkpoint.pt").exists() for s in (0, 1))
+    code, _, err = finish(start(tmp_path, "run", *CONCURRENT, "runtime.checkpoint_every=0"))
+    assert code == 0, err[-3000:]
+    assert "resumed after iteration" in err
+    assert outcomes(tmp_path / "run") == uninterrupted_concurrent
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the seed processes through /proc")
+@pytest.mark.e2e
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_group_signal_after_one_seed_finished_stops_the_job_and_one_seed_left_resumes_exactly(
+    tmp_path, uninterrupted_concurrent, signum
+):
+    """The hang: seed 1 held back (SIGSTOP) until seed 0 finished, then a signal to the whole
+    process group (Ctrl-C in a terminal, `kill -TERM -PGID`). The job waited for ever. Now it
+    stops; the rerun has one seed left, which runs with the threads it had (an exact resume)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "safetransfer.commands.train", *LONG, *CONCURRENT, "hydra.run.dir=run"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    )
+    wait_for_iteration(tmp_path / "run" / "seed_1" / "log.csv", 3, process)
+    seeds = seed_processes(process.pid)
+    assert len(seeds) == 2, seeds
+    held_back = seeds[1]  # the second started: seed 1
+    os.kill(held_back, signal.SIGSTOP)
+    try:
+        deadline = time.time() + 600
+        while (
+            not (tmp_path / "run" / "seed_0" / "metrics.json").exists()
+            and not (tmp_path / "run" / "seed_1" / "metrics.json").exists()
+        ):
+            assert time.time() < deadline and process.poll() is None
+            time.sleep(0.1)
+    finally:
+        os.kill(held_back, signal.SIGCONT)
+    os.killpg(process.pid, signum)
+    code, _, err = finish(process, timeout=300)
+    assert code == 128 + signum, err[-3000:]
+    assert "Traceback" not in err
+    assert not any(alive(pid) for pid in seeds)
+    finished = [s for s in (0, 1) if (tmp_path / "run" / f"seed_{s}" / "metrics.json").exists()]
+    assert finished == [0]
+
+    code, _, err = finish(start(tmp_path, "run", *CONCURRENT))
+    assert code == 0, err[-3000:]
+    assert outcomes(tmp_path / "run") == uninterrupted_concurrent

@@ -19,6 +19,7 @@ from safetransfer.common.devices import job_device, resolve_device
 from safetransfer.common.downloads import file_digest, mirrored
 from safetransfer.common.errors import ConfigError
 from safetransfer.common.fingerprints import config_key
+from safetransfer.common.processes import run_each
 from safetransfer.data.preparation import Data, check_classes, check_training_set, prepare_data, save_indices, seed_data
 from safetransfer.data.targets.base import Target
 from safetransfer.job.build import build_seed, train_log
@@ -31,7 +32,7 @@ from safetransfer.sources.local import save_source_checkpoint
 from safetransfer.training.backbones import TransferNet
 from safetransfer.training.checkpoints import CHECKPOINT, Checkpointer
 from safetransfer.training.engine import NonFiniteError, evaluate, fit, test_forward
-from safetransfer.training.signals import StopSignals
+from safetransfer.training.signals import Preempted, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -297,31 +298,58 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "", stop: StopSigna
         return _run_job(cfg, run_dir, overrides, stop)
 
 
-def run_seeds_concurrently(cfg: DictConfig, seeds: list[int], run_dir: Path) -> dict[int, dict | None]:
-    """runtime.concurrent_seeds: each seed in a process of its own, all at once (on one GPU,
-    they share it). Each process loads the source and the cached data itself."""
-    from concurrent.futures import ProcessPoolExecutor
+def seed_threads(cfg: DictConfig) -> int:
+    """CPU threads of each seed's process under runtime.concurrent_seeds: the job's threads shared
+    out over all of its seeds, not only over those left, so that a rerun with fewer seeds left
+    gives each the threads it had before (the same float rounding: an exact resume)."""
+    return max(1, torch.get_num_threads() // len(cfg.seeds))
 
+
+def run_seeds_concurrently(
+    cfg: DictConfig, seeds: list[int], run_dir: Path, stop: StopSignals | None = None
+) -> dict[int, dict | None]:
+    """runtime.concurrent_seeds: each seed in a process of its own, all at once (on one GPU,
+    they share it); a single seed left too, so that it runs as it ran before. Each process loads
+    the source and the cached data itself; stop requests reach them through this process, and
+    they stop when it dies (safetransfer.common.processes). A seed stopped by a signal raises
+    Preempted here once all have ended; an error in one is raised once all have ended."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    context = torch.multiprocessing.get_context("spawn")
-    # the job's CPU threads shared out: each process with all of them oversubscribes the cores
-    threads = max(1, torch.get_num_threads() // len(seeds))
+    threads = seed_threads(cfg)
     log.info("seeds %s run concurrently, a process each; CPU threads per process: %d", seeds, threads)
-    with ProcessPoolExecutor(max_workers=len(seeds), mp_context=context) as pool:
-        futures = {seed: pool.submit(_seed_process, container, seed, str(run_dir), threads) for seed in seeds}
-        return {seed: future.result() for seed, future in futures.items()}
+    outcomes = run_each(_seed_process, {seed: (container, seed, str(run_dir), threads) for seed in seeds}, stop)
+    results, stopped, errors = {}, [], []
+    for seed, outcome in outcomes.items():
+        if isinstance(outcome.error, Preempted):
+            stopped.append(outcome.error)
+        elif outcome.error is not None:
+            errors.append(outcome.error)
+        elif outcome.exitcode is not None:
+            how = f"signal {-outcome.exitcode}" if outcome.exitcode < 0 else f"exit code {outcome.exitcode}"
+            problem = f"seed {seed}'s process ended ({how}) before it reported"
+            if stop is not None and stop.requested is not None:
+                stopped.append(Preempted(stop.requested, 0, None))
+                log.warning("%s; rerun the same command to continue it", problem)
+            else:
+                errors.append(RuntimeError(f"{problem}; rerun the same command to continue from its last checkpoint"))
+        else:
+            results[seed] = outcome.value
+    if errors:
+        raise errors[0]
+    if stopped:
+        raise min(stopped, key=lambda p: p.iteration)
+    return results
 
 
 def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dict | None:
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][seed {seed}][%(name)s][%(levelname)s] - %(message)s")
     torch.set_num_threads(threads)
-    cfg = OmegaConf.create(container)
-    target: Target = instantiate(cfg.target)
-    with mirrored(cfg.paths.get("mirror")):
-        source = instantiate(cfg.source)
-        source_state = source.backbone_state(cfg.backbone.name)
-    data = seed_data(cfg, target, seed, Path(run_dir), None)
-    with StopSignals() as stop:
+    with StopSignals() as stop:  # first, so that a stop request during the loading is not lost
+        cfg = OmegaConf.create(container)
+        target: Target = instantiate(cfg.target)
+        with mirrored(cfg.paths.get("mirror")):
+            source = instantiate(cfg.source)
+            source_state = source.backbone_state(cfg.backbone.name)
+        data = seed_data(cfg, target, seed, Path(run_dir), None)
         return run_seed(
             cfg, seed, data, source_state, Path(run_dir), stop, origin=provenance(source, cfg.backbone.name)
         )
@@ -375,8 +403,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
             )
             outcomes[seed] = None
     pending = [seed for seed in cfg.seeds if seed not in outcomes]
-    if cfg.runtime.concurrent_seeds and len(pending) > 1:
-        outcomes.update(run_seeds_concurrently(cfg, pending, run_dir))
+    if cfg.runtime.concurrent_seeds and pending:
+        outcomes.update(run_seeds_concurrently(cfg, pending, run_dir, stop))
     for number, seed in enumerate(pending):
         if seed in outcomes:
             continue
