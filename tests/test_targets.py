@@ -288,6 +288,48 @@ def test_cache_gives_the_same_pixels_as_the_direct_path(tmp_path):
     assert np.load(next((tmp_path / "cache" / "decoded").glob("*.images.npy")), mmap_mode="r").dtype == np.uint8
 
 
+def test_a_disk_without_room_for_the_cache_is_one_line_before_any_write(tmp_path, monkeypatch):
+    """A full disk under the memory-mapped cache killed the job with a SIGBUS ("Bus error", exit 135)
+    and left a split-sized .tmp: the free space is checked first, and the space needed named."""
+    import shutil
+    from collections import namedtuple
+
+    from safetransfer.common.errors import StorageError
+
+    target, cfg, cached_data = cub_with_cache(tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+    with pytest.raises(StorageError) as caught:
+        cached_data(cfg, target.train_set(), target.test_set(), np.arange(15))
+    message = str(caught.value)
+    folder = tmp_path / "cache" / "decoded"
+    assert f"needs 0.1 MiB in {folder} and 1.0 MiB are free" in message and "paths.cache_dir" in message
+    assert "\n" not in message
+    assert not [p.name for p in folder.iterdir() if not p.name.endswith(".lock")]  # no .tmp, no .npy
+
+
+def test_a_disk_that_fills_while_the_cache_is_allocated_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """The file's blocks are allocated before the mapped writes: a disk that fills up in between
+    (another job writing) is refused there, as an error, not as a SIGBUS in the middle of the writes."""
+    import errno
+    import os
+
+    from safetransfer.common.errors import StorageError
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this platform")
+    target, cfg, cached_data = cub_with_cache(tmp_path)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(StorageError, match="could not allocate .*No space left on device.*free space in"):
+        cached_data(cfg, target.train_set(), target.test_set(), np.arange(15))
+    folder = tmp_path / "cache" / "decoded"
+    assert not [p.name for p in folder.iterdir() if not p.name.endswith(".lock")]
+
+
 def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     from safetransfer.data import cache
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from safetransfer.common.errors import ConfigError
+from safetransfer.common.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +34,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     The file gets the mode a plain open() gives (0666 less the umask), not mkstemp's 0600,
     so that results on a shared disk are readable by whoever the umask lets read them."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # a full disk, a folder that is not writable: one line
+            reason = error.strerror or str(error)
+            raise StorageError(
+                f"writing {path} failed ({reason}); "
+                f"{'the earlier file is kept; ' if path.exists() else ''}free space in {path.parent} "
+                "(or make it writable) and rerun the same command: what is finished is kept",
+                reason,
+            ) from None
         raise
 
 

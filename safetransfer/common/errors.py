@@ -17,7 +17,15 @@ class MissingData(ConfigError):
 
 
 class StorageError(SafetransferError):
-    """A file could not be written (a full disk, a folder without write permission)."""
+    """A file could not be written (a full disk, a folder without write permission); `reason`
+    is the system's word for it ("No space left on device")."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # crosses process boundaries (runtime.concurrent_seeds)
+        return StorageError, (str(self), self.reason)
 
 
 class DownloadError(SafetransferError):

@@ -11,8 +11,10 @@ would trust.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from safetransfer.common.atomic import built_once
+from safetransfer.common.errors import StorageError
 from safetransfer.common.fingerprints import fingerprint
 from safetransfer.data.images import read_item
 from safetransfer.data.transforms import decode_transform
@@ -102,6 +105,39 @@ def cached_split(
     return built_once(images_path, lambda: None, "the decoded split", read, write)
 
 
+#: bytes kept free beyond what the cache's files take (the logs, checkpoints and results written beside them)
+HEADROOM = 64 * 2**20
+
+
+def reserve(path: Path, nbytes: int) -> None:
+    """Refuse, in one line, to start a file of `nbytes` where the disk has not that much free."""
+    free = shutil.disk_usage(path.parent).free
+    if free < nbytes + HEADROOM:
+        raise StorageError(
+            f"the decoded-image cache needs {nbytes / 2**20:.1f} MiB in {path.parent} and {free / 2**20:.1f} MiB "
+            "are free: free space there, point paths.cache_dir at a disk with room, or set data.cache=false",
+            "No space left on device",
+        )
+
+
+def claim(path: Path) -> None:
+    """Allocate the memory-mapped file's blocks now: a write into a mapped page the disk has no room
+    for is not an error but a SIGBUS that kills the job ("Bus error") with nothing said."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        with open(path, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+    except OSError as error:
+        if error.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # a filesystem without it: written as mapped
+            return
+        raise StorageError(
+            f"the decoded-image cache could not allocate {path} ({error.strerror}): free space in {path.parent}, "
+            "point paths.cache_dir at a disk with room, or set data.cache=false",
+            error.strerror,
+        ) from None
+
+
 def build(dataset: Dataset, indices, transform, images_path: Path, labels_path: Path, num_workers: int) -> None:
     start = time.perf_counter()
     loader = DataLoader(_Decoded(dataset, indices, transform), batch_size=64, num_workers=num_workers)
@@ -112,9 +148,10 @@ def build(dataset: Dataset, indices, transform, images_path: Path, labels_path: 
         position = 0
         for batch, batch_labels in loader:
             if array is None:
-                array = np.lib.format.open_memmap(
-                    images_tmp, mode="w+", dtype=np.uint8, shape=(len(indices), *batch.shape[1:])
-                )
+                shape = (len(indices), *batch.shape[1:])
+                reserve(images_tmp, int(np.prod(shape)) + len(indices) * 8)
+                array = np.lib.format.open_memmap(images_tmp, mode="w+", dtype=np.uint8, shape=shape)
+                claim(images_tmp)
             array[position : position + len(batch)] = batch.numpy()
             labels[position : position + len(batch)] = batch_labels.numpy()
             position += len(batch)
@@ -124,8 +161,14 @@ def build(dataset: Dataset, indices, transform, images_path: Path, labels_path: 
             np.save(handle, labels)
         os.replace(images_tmp, images_path)
         os.replace(labels_path.with_name(labels_path.name + ".tmp"), labels_path)
-    except BaseException:
+    except BaseException as error:
         images_tmp.unlink(missing_ok=True)
         labels_path.with_name(labels_path.name + ".tmp").unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno is not None:  # a full disk while writing the labels
+            raise StorageError(
+                f"writing the decoded-image cache in {images_path.parent} failed ({error.strerror}): free space "
+                "there, point paths.cache_dir at a disk with room, or set data.cache=false",
+                error.strerror,
+            ) from None
         raise
     log.info("decoded %d images once into %s (%.1f s)", len(indices), images_path, time.perf_counter() - start)

@@ -60,9 +60,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write atomically: a crash or a full disk leaves the previous checkpoint as it was."""
     try:
         atomic_torch_save(state, path)
-    except OSError as error:
+    except (OSError, StorageError) as error:
+        reason = error.strerror if isinstance(error, OSError) else error.reason
         raise StorageError(
-            f"writing the checkpoint {path} failed ({error.strerror or error}); the previous checkpoint "
+            f"writing the checkpoint {path} failed ({reason}); the previous checkpoint "
             "is kept: free space in the run directory and rerun the same command to continue"
         ) from None
 
