@@ -109,6 +109,19 @@ def test_single_run_from_the_command_line(cli, tmp_path):
         (["train.batch_size=500"], "fewer than train.batch_size=500"),
         (["runtime.device=tpu"], "runtime.device=tpu is not one of auto, cpu, cuda, cuda:N"),
         (["results.dir=/proc/forbidden"], "results.dir=/proc/forbidden"),
+        (["results.table=../../escaped"], "results.table=../../escaped is not a table name: it holds a path"),
+        (["results.table=/some/other/place"], "results.table=/some/other/place is not a table name: it holds a path"),
+        (["results.table=" + "t" * 300], "is not a table name: it is 300 bytes long, more than 180"),
+        (["results.paper.name=../x"], "results.paper.name=../x is not a table name: it holds a path"),
+        (["seeds=[-1]"], "seeds=[-1] must hold integers in [0, 2^32)"),
+        (["target.sampling_seed=-1"], "target.sampling_seed=-1 must be an integer in [0, 2^32)"),
+        (["train.batch_size=1"], "train.batch_size=1 is too small: BatchNorm needs two or more images a batch"),
+        (
+            ["regularizer=l2sp", "regularizer.terms.l2sp.alpha=1e308"],
+            "regularizer.terms.l2sp.alpha=1e+308 is beyond float32's range",
+        ),
+        (["hydra.run.dir=/proc/forbidden/run"], "hydra.run.dir=/proc/forbidden/run is not a writable directory"),
+        (["hydra.run.dir=" + "r" * 300], "hydra.run.dir=" + "r" * 300 + " is not a writable directory (File name"),
         (  # a config written before the package's folders names the class by its old path
             ["regularizer=l2sp", "regularizer.terms.l2sp._target_=safetransfer.regularizers.l2sp.L2SP"],
             "regularizer.terms.l2sp._target_=safetransfer.regularizers.l2sp.L2SP names a class that has moved: "
@@ -228,3 +241,13 @@ def test_a_cache_dir_that_cannot_be_a_directory_is_one_line_before_training(cli,
     assert result.returncode != 0 and len(lines) == 1, result.stderr
     assert lines[0].startswith("safetransfer-train: error: paths.cache_dir=afile/cache is not a writable directory")
     assert not list(tmp_path.rglob("seed_*"))
+
+
+def test_every_seed_failing_is_one_line_naming_the_first_failure(cli):
+    """alpha=1e30 makes every seed's first step overflow: it was a NonFiniteError traceback."""
+    result = cli(*TINY, "seeds=[0,1]", "regularizer.terms.l2.alpha=1e30")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [x for x in result.stderr.splitlines() if x.startswith("safetransfer-train: error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "every seed failed, nothing is written to the table; seed 0: iteration 1 (epoch 0)" in lines[0]
+    assert "Omega term l2" in lines[0] and "alpha=1e+30" in lines[0] and "failed.json" in lines[0]

@@ -10,6 +10,7 @@ import pytest
 
 from safetransfer.common import atomic
 from safetransfer.common.atomic import atomic_write_text
+from safetransfer.common.errors import StorageError
 from safetransfer.reporting import results
 from safetransfer.reporting.results import format_cell, make_row, read_table, summarize, write_row
 
@@ -94,7 +95,7 @@ def test_a_crash_before_the_rename_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError("disk gone")
 
     monkeypatch.setattr(atomic.os, "replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match=r"writing .*table.csv failed \(disk gone\); the earlier file is kept"):
         atomic_write_text(path, "new,half")
     assert path.read_text() == "old,complete\n"
     assert os.listdir(tmp_path) == ["table.csv"]  # no temporary file left behind

@@ -200,13 +200,31 @@ def test_every_seed_failing_fails_the_job(compose_cfg, tmp_path, monkeypatch):
         run_job(compose_cfg(*TINY, "train.iterations=3", "optim.scheduler.milestones=[2]"), tmp_path / "job")
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_an_image_that_cannot_be_decoded_is_one_line_naming_it(cli, tmp_path, workers):
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG signature and an IHDR chunk (8-bit RGB) declaring width x height pixels, then IEND:
+    what PIL reads to size an image before it decodes any pixel (the PNG specification's layout)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("workers,damage", [(0, "truncated"), (2, "truncated"), (0, "bomb")])
+def test_an_image_that_cannot_be_decoded_is_one_line_naming_it(cli, tmp_path, workers, damage):
+    """A JPEG cut short mid-file; a PNG declaring 50000 x 50000 pixels (PIL's decompression-bomb
+    error, a traceback before)."""
     from fixtures import make_cub200
 
     make_cub200(tmp_path / "data")
     broken = sorted((tmp_path / "data" / "CUB_200_2011" / "images").rglob("*.jpg"))[1]
-    broken.write_bytes(broken.read_bytes()[:300])  # truncated mid-file
+    if damage == "truncated":
+        broken.write_bytes(broken.read_bytes()[:300])  # truncated mid-file
+    else:
+        broken.write_bytes(png_declaring(50000, 50000))
     result = cli(
         "seeds=[0]",
         "train.iterations=2",
@@ -227,7 +245,8 @@ def test_an_image_that_cannot_be_decoded_is_one_line_naming_it(cli, tmp_path, wo
     assert result.returncode == 2
     lines = [x for x in result.stderr.splitlines() if x.startswith("safetransfer-train: error:")]
     assert len(lines) == 1, result.stderr[-3000:]
-    assert f"{broken} cannot be read as an image (OSError:" in lines[0] and "replace the file" in lines[0]
+    kind = "OSError" if damage == "truncated" else "DecompressionBombError"
+    assert f"{broken} cannot be read as an image ({kind}:" in lines[0] and "replace the file" in lines[0]
     assert not list((tmp_path / "cache").rglob("*.npy"))  # no half-built cache left to trust
 
 

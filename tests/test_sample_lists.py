@@ -152,3 +152,23 @@ def test_mit_indoor_lists_name_files_by_their_class_folder_where_names_repeat(tm
         with pytest.raises(ConfigError, match=f"{entry} is ambiguous: 3 training files end in"):
             target(entry).sampled_train_indices()
     assert len(target("train/scene_a/img_002.jpg").sampled_train_indices()) == 1
+
+
+def test_a_list_that_is_not_utf8_is_one_line_naming_the_file_and_the_line(tmp_path):
+    """Latin-1 bytes (an accented class name saved by an old editor) gave a UnicodeDecodeError traceback."""
+    (tmp_path / "latin1.txt").write_bytes(b"train/001.Bird_0/Bird_0_0000.jpg\ntrain/caf\xe9/Bird_0_0001.jpg\n")
+    with pytest.raises(ConfigError) as error:
+        cub(tmp_path, sample_list=str(tmp_path / "latin1.txt")).sampled_train_indices()
+    message = str(error.value)
+    assert "target.sample_list" in message and "latin1.txt is not UTF-8 text: line 2" in message
+    assert "\n" not in message
+
+
+def test_mit_indoor_split_files_that_are_not_utf8_are_one_line(tmp_path):
+    from safetransfer.data.targets.mit_indoor67 import MITIndoor67
+
+    fixtures.make_mit_indoor67(tmp_path, classes=3, train_per_class=4, test_per_class=2)
+    train_list = tmp_path / "mit_indoor67" / "TrainImages.txt"
+    train_list.write_bytes(train_list.read_bytes() + b"scene_a/\xff\xfe.jpg\n")
+    with pytest.raises(ConfigError, match=r"target=mit_indoor67: .*TrainImages.txt is not UTF-8 text: line 13"):
+        _ = MITIndoor67(str(tmp_path), expected_classes=3).classes

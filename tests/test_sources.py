@@ -69,6 +69,53 @@ def test_architecture_mismatch_is_named(tmp_path):
         FileSource(str(tmp_path / "r50.pth")).backbone_state("resnet18")
 
 
+def test_a_resnet18_checkpoint_of_other_shapes_names_the_tensor_and_both_shapes(tmp_path):
+    """The message was a contradiction: "holds weights of a basic-block ResNet ... do not fit resnet18"."""
+    state = full_resnet_state("resnet18")
+    state["layer1.0.conv1.weight"] = torch.zeros(32, 64, 3, 3)  # a ResNet-18 of another width
+    torch.save(state, tmp_path / "narrow.pth")
+    with pytest.raises(ConfigError) as caught:
+        FileSource(str(tmp_path / "narrow.pth")).backbone_state("resnet18")
+    message = str(caught.value)
+    assert "layer1.0.conv1.weight has shape [32, 64, 3, 3] where backbone=resnet18 has [64, 64, 3, 3]" in message
+    assert "basic-block" not in message
+
+
+@pytest.mark.parametrize("value", [5, "x", [1, 2]])
+def test_a_checkpoint_holding_values_that_are_not_tensors_is_one_line(tmp_path, value):
+    """CSAIL's layout (a state_dict under "state_dict") whose entries are not all tensors: it
+    was an AttributeError traceback ('int' object has no attribute 'shape')."""
+    state = {f"module.{k}": v for k, v in full_resnet_state("resnet18").items()}
+    state["module.conv1.weight"] = value
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": state}, tmp_path / "odd.pth.tar")
+    with pytest.raises(ConfigError, match=r"weights hold values that are not tensors \(\[module.conv1.weight\]"):
+        FileSource(str(tmp_path / "odd.pth.tar")).backbone_state("resnet18")
+
+
+def test_a_small_file_declaring_gigabytes_is_refused_before_it_is_unpacked(tmp_path, monkeypatch):
+    """torch.save writes a zip whose entries are stored, not compressed; a deflated entry of
+    zeros can declare far more than it takes (45 MB declaring 2 GiB took 2.9 GB of memory before
+    it was refused). Here 512 MiB of zeros, deflated to about 0.5 MB, inside a real ResNet-18
+    file: refused from the zip's own directory, torch.load never called."""
+    import zipfile
+
+    path = tmp_path / "inflated.pth"
+    torch.save(full_resnet_state("resnet18"), path)
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("inflated/data/999", "w", force_zip64=True) as entry:
+            zeros = bytes(2**24)
+            for _ in range(32):
+                entry.write(zeros)
+    assert path.stat().st_size < 50 * 2**20
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load must not run on such a file")
+
+    monkeypatch.setattr(torch, "load", never)
+    with pytest.raises(ConfigError, match=r"declares \d+ MiB once unpacked, more than a backbone=resnet18"):
+        FileSource(str(path)).backbone_state("resnet18")
+
+
 def test_missing_and_unexpected_keys(tmp_path):
     state = full_resnet_state("resnet18")
     del state["layer4.1.bn2.running_var"]

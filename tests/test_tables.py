@@ -4,6 +4,7 @@ beside each cell; the choice of a setting by validation accuracy, never by test.
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -322,6 +323,19 @@ def test_an_unwritable_results_folder_is_one_line(compose_cfg, tmp_path, capsys)
     assert err[0].startswith(
         f"safetransfer-tables: error: --results {tmp_path / 'afile' / 'results'} is not a writable"
     )
+
+
+@pytest.mark.parametrize("name", ["../../x", "/some/other/place", "sub/table", ".."])
+def test_a_table_name_that_is_a_path_is_refused_and_nothing_written_outside(compose_cfg, tmp_path, capsys, name):
+    """--name ../../x wrote ../../x.md beside the results folder's parent and exited 0."""
+    write_seed(tmp_path / "run", compose_cfg(), 0, 70.0)
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "run"), "--results", str(tmp_path / "a" / "results"), "--name", name])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert err[0].startswith(f"safetransfer-tables: error: --name {name} is not a table name")
+    assert set(tmp_path.rglob("*")) == before and not Path("/some/other/place.md").exists()
 
 
 def test_settings_that_differ_without_validation_say_what_differs(compose_cfg, tmp_path):

@@ -626,3 +626,39 @@ def test_two_imagefolder_roots_are_two_rows_of_one_paper_table(compose_cfg, tmp_
     markdown = write_table([tmp_path / "sweep"], tmp_path / "results", "mine_paper")
     rows = {line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| ")}
     assert {"ants_bees", "cats_dogs"} <= rows
+
+
+def test_a_folder_link_looping_inside_an_imagefolder_is_not_followed_and_is_counted(tmp_path, caplog):
+    """`ln -s . train/ants/loop` made torchvision's walk (followlinks=True) read the ants again at
+    every turn of the loop: 40 training images became 840. A link to a folder outside the tree is
+    still followed (class folders linked to where the images lie), once; the order of the images
+    is torchvision's wherever there is no loop (names such as sub and sub-a sort as its walk sorts)."""
+    import os
+
+    from torchvision.datasets import ImageFolder
+
+    from safetransfer.data.targets.imagefolder import ImageFolderTarget
+
+    root = tmp_path / "hymenoptera"
+    for split in ("train", "test"):
+        for name in ("ants", "bees"):
+            for i in range(4):
+                fixtures.write_jpeg(root / split / name / f"{i}.jpg", seed=i)
+    for sub in ("sub", "sub-a"):  # nested folders whose names sort differently as paths and as names
+        fixtures.write_jpeg(root / "train" / "ants" / sub / "x.jpg", seed=9)
+    elsewhere = tmp_path / "more_bees"
+    fixtures.write_jpeg(elsewhere / "b.jpg", seed=7)
+    os.symlink(elsewhere, root / "train" / "bees" / "linked")  # outside the tree: followed
+    reference = [(os.path.relpath(p, root), c) for p, c in ImageFolder(str(root / "train")).samples]
+    assert len(reference) == 4 + 2 + 4 + 1
+
+    os.symlink(".", root / "train" / "ants" / "loop")  # inside the tree: a loop
+    os.symlink(elsewhere, elsewhere / "round")  # a loop outside the tree, reached through bees/linked
+    assert len(ImageFolder(str(root / "train")).samples) > 100  # what torchvision makes of them
+    caplog.set_level("WARNING")
+    target = ImageFolderTarget(str(root), name="hymenoptera")
+    samples = [(os.path.relpath(p, root), c) for p, c in target.train_set().samples]
+    assert samples == reference
+    skipped = sorted((os.path.basename(link), n) for link, _, n in target.train_set().skipped)
+    assert skipped == [("loop", 6), ("round", 1)]  # the ants' 4 + 2 nested; the linked bee
+    assert "2 folder links not followed" in caplog.text

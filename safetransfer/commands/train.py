@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from safetransfer.common.atomic import check_writable
 from safetransfer.common.errors import ConfigError, SafetransferError, one_line
 from safetransfer.common.overrides import group_values, parse_overrides
 
@@ -76,6 +77,33 @@ def _has_key(cfg: DictConfig, dotted: str) -> bool:
     parent_key, _, leaf = dotted.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key, default=None, throw_on_resolution_failure=False) if parent_key else cfg
     return isinstance(parent, DictConfig) and leaf in list(parent.keys())
+
+
+def exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long to look up
+        return False
+
+
+def check_output_dirs(arguments: list[str]) -> None:
+    """hydra.run.dir and hydra.sweep.dir, when given, can be made and written: Hydra makes them
+    before any of ours runs, and its refusal is a traceback (a read-only place, a name too long).
+    Tried by making them, then removing what the trial made: a refused command leaves nothing."""
+    for argument in arguments:
+        key, _, value = argument.lstrip("+").partition("=")
+        if key not in ("hydra.run.dir", "hydra.sweep.dir") or not value or "${" in value:
+            continue
+        path = Path(value).expanduser()
+        made = [folder for folder in (path.absolute(), *path.absolute().parents) if not exists(folder)]  # deepest first
+        try:
+            check_writable(path, key, "safetransfer-runs")
+        finally:
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def check_keys(arguments: list[str]) -> None:
@@ -269,6 +297,7 @@ def main() -> None:
         check_group_choices(arguments)
         check_keys(arguments)
         check_method_presets(arguments)
+        check_output_dirs(arguments)
     except ConfigError as error:
         print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from PIL import Image
 from torch.utils.data import Dataset
 
 from safetransfer.common.errors import ConfigError
@@ -23,7 +24,8 @@ def read_item(dataset: Dataset, index: int):
     """dataset[index], with an image that cannot be decoded reported as one line naming its file."""
     try:
         return dataset[index]
-    except (OSError, SyntaxError, ValueError) as error:  # PIL: truncated, not an image, broken header
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        # PIL: truncated, not an image, a broken header, more pixels declared than it opens
         if isinstance(error, ConfigError):
             raise
         raise ConfigError(

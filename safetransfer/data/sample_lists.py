@@ -22,6 +22,7 @@ import numpy as np
 
 from safetransfer.common.downloads import fetch_archive
 from safetransfer.common.errors import ConfigError
+from safetransfer.data.lists import list_lines
 
 BSS_URL = "https://raw.githubusercontent.com/thuml/Batch-Spectral-Shrinkage/master/ft-datalist/{file}"
 #: our target name -> the prefix of the authors' list files
@@ -84,13 +85,12 @@ def bss_list(target: str, rate: float, directory: Path) -> Path:
 
 def read_list(path: Path) -> list[str]:
     try:
-        lines = Path(path).read_text().splitlines()
+        return list_lines(path, "target.sample_list")
     except OSError as error:
         raise ConfigError(
             f"target.sample_list={path}: cannot read it ({error.strerror}); give a list file with one "
             "<split>/<class folder>/<file name> per line"
         ) from None
-    return [line.strip() for line in lines if line.strip()]
 
 
 def listed_indices(entries: Sequence[str], files: Sequence[str], labels: np.ndarray, origin: str) -> np.ndarray:

@@ -15,6 +15,7 @@ from safetransfer.common.fingerprints import KEYED_AS
 from safetransfer.data.augment import AUGMENT_ON
 from safetransfer.data.resident import ON_DEVICE
 from safetransfer.data.transforms import TEST_CROPS, TEST_RESIZES, TRAIN_CROPS, crop_options
+from safetransfer.reporting.results import check_table_name
 from safetransfer.training.engine import PRECISIONS, milestone_iterations
 from safetransfer.training.train_log import LOGGERS, PROGRESS
 
@@ -35,6 +36,10 @@ def check_moved_classes(cfg: DictConfig) -> None:
             found.append((f"{where}{key}.", value))
 
 
+#: seeds (training and sampling) are seeds of NumPy's and Python's generators: in [0, 2^32)
+SEED_LIMIT = 2**32
+
+
 def check_config(cfg: DictConfig) -> None:
     check_moved_classes(cfg)
     seeds = cfg.seeds
@@ -44,6 +49,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"seeds={list(seeds)} must hold integers only, e.g. seeds=[0,1,2,3,4]")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds={list(seeds)} repeats a seed; give each seed once")
+    if not all(0 <= s < SEED_LIMIT for s in seeds):  # NumPy's and Python's seeding refuse the others
+        raise ConfigError(f"seeds={list(seeds)} must hold integers in [0, 2^32), e.g. seeds=[0,1,2,3,4]")
+    sampling_seed = cfg.target.get("sampling_seed", 0)
+    if not isinstance(sampling_seed, int) or isinstance(sampling_seed, bool) or not 0 <= sampling_seed < SEED_LIMIT:
+        raise ConfigError(f"target.sampling_seed={sampling_seed} must be an integer in [0, 2^32), e.g. 0")
 
     for key in cfg.source.keys():  # `key in cfg` would skip missing values
         if OmegaConf.is_missing(cfg.source, key):
@@ -64,6 +74,11 @@ def check_config(cfg: DictConfig) -> None:
         )
 
     _positive_int(cfg.train.batch_size, "train.batch_size", "e.g. train.batch_size=48")
+    if cfg.train.batch_size < 2:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is too small: BatchNorm needs two or more images a batch "
+            "in training; e.g. train.batch_size=48"
+        )
     _positive_int(cfg.train.iterations, "train.iterations", "e.g. train.iterations=8000")
     _positive_int(cfg.data.crop, "data.crop", "e.g. data.crop=224")
     _positive_int(cfg.data.resize, "data.resize", "e.g. data.resize=256")
@@ -132,6 +147,9 @@ def check_config(cfg: DictConfig) -> None:
             f"(optim.scheduler.milestones=[0.75]) or iterations up to {cfg.train.iterations}"
         )
     check_device(str(cfg.runtime.device))
+    check_table_name(str(cfg.results.table), "results.table")
+    if cfg.results.get("paper") is not None:
+        check_table_name(str(cfg.results.paper.name), "results.paper.name")
     check_writable(Path(cfg.results.dir), "results.dir")
     check_writable(Path(str(cfg.paths.cache_dir)).expanduser(), "paths.cache_dir", ".cache/safetransfer")
 

@@ -416,7 +416,10 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
     failed = [seed for seed in cfg.seeds if outcomes[seed] is None]
     accuracies = [outcomes[seed]["top1"] for seed in finished]
     if not finished:
-        raise NonFiniteError(f"every seed failed ({run_dir}/seed_*/{FAILED} says why); nothing is written to the table")
+        first = failed_seed(run_dir, failed[0], key) or "see its failed.json"
+        raise NonFiniteError(
+            f"every seed failed, nothing is written to the table; {first} ({run_dir}/seed_*/{FAILED} says why for each)"
+        )
     row = make_row(
         backbone=cfg.backbone.name,
         source=source_label(cfg.source),

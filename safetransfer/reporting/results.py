@@ -19,6 +19,7 @@ import pandas as pd
 from filelock import FileLock
 
 from safetransfer.common.atomic import atomic_write_text
+from safetransfer.common.errors import ConfigError
 from safetransfer.common.fingerprints import NOT_IN_KEY
 from safetransfer.reporting.methods import SCRATCH, describe_reference, is_scratch, key_of, reference_key
 from safetransfer.reporting.paired import paired, paired_text
@@ -97,6 +98,30 @@ def make_row(
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "structure": json.dumps(structure, sort_keys=True) if structure else "",
     }
+
+
+#: the longest table name, in bytes: room for what is added to it (`_paper`, `_search_<method>`,
+#: `.csv`, a temporary file's `.<name>.csv.XXXXXXXX.tmp`) within a file name's 255 bytes
+TABLE_NAME_BYTES = 180
+
+
+def check_table_name(name: str, key: str) -> None:
+    """A table name is a file name inside the results folder: no folders, no `..`, not too long.
+    `key` names the setting (results.table, results.paper.name, --name)."""
+    join = " " if key.startswith("-") else "="
+    why = None
+    if not name or name in (".", ".."):
+        why = "it is empty or a folder's name"
+    elif any(c in name for c in ("/", "\\", "\0")) or name.startswith("~"):
+        why = "it holds a path (a table is written inside the results folder)"
+    elif len(name.encode()) > TABLE_NAME_BYTES:
+        why = f"it is {len(name.encode())} bytes long, more than {TABLE_NAME_BYTES}"
+    if why:
+        where = "--results" if key.startswith("-") else "results.dir"
+        raise ConfigError(
+            f"{key}{join}{name} is not a table name: {why}; give a plain file name such as {key}{join}my_table "
+            f"(written as <name>.csv and <name>.md in {where}, which chooses the folder)"
+        )
 
 
 def table_paths(results_dir: Path, table: str) -> tuple[Path, Path]:

@@ -39,7 +39,7 @@ from safetransfer.reporting.methods import (
     source_label,
 )
 from safetransfer.reporting.paired import paired, paired_text, scratch_column
-from safetransfer.reporting.results import format_cell, lock_for, short_key, summarize
+from safetransfer.reporting.results import check_table_name, format_cell, lock_for, short_key, summarize
 
 log = logging.getLogger(__name__)
 
@@ -602,6 +602,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="*", help="the columns, in order (missing ones are shown)")
     parser.add_argument("--targets", nargs="*", help="the rows, in order (missing ones are shown)")
     args = parser.parse_args(argv)
+    try:
+        check_table_name(args.name, "--name")
+    except ConfigError as error:
+        parser.exit(2, f"safetransfer-tables: error: {error}\n")
     missing = [str(d) for d in args.directories if not d.is_dir()]
     if missing:
         parser.exit(2, f"safetransfer-tables: error: no such directory: {', '.join(missing)}\n")

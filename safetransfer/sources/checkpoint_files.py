@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ from safetransfer.common.errors import ConfigError, MissingData
 from safetransfer.training.backbones import create_backbone, family
 
 CONVERT_COMMAND = "safetransfer-convert-checkpoint"
+#: a checkpoint may hold its weights and an optimizer's state (momentum) for them, and a little more
+LIMIT_FACTOR, LIMIT_MARGIN = 3, 64 * 2**20
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -43,8 +46,26 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def read(path: Path, key: str = "source.path"):
-    """torch.load with weights_only=True, every failure turned into one line."""
+def backbone_bytes(backbone: str) -> int:
+    """The bytes of a backbone's state_dict (float32), from its outline on the meta device."""
+    from safetransfer.training.backbones import outline
+
+    return sum(t.numel() * t.element_size() for t in outline(backbone).backbone.state_dict().values())
+
+
+def declared_bytes(path: Path) -> int | None:
+    """What a checkpoint in torch's zip format declares it unpacks to (None for the legacy format)."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        return sum(info.file_size for info in archive.infolist())
+
+
+def read(path: Path, key: str = "source.path", backbone: str | None = None):
+    """torch.load with weights_only=True, every failure turned into one line. With `backbone`,
+    a file declaring far more than that backbone's weights (LIMIT_FACTOR times, plus a margin
+    for an optimizer's state) is refused before anything is unpacked: a small deflated file can
+    declare gigabytes."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise MissingData(f"{key}={path}: no such file")
@@ -53,6 +74,14 @@ def read(path: Path, key: str = "source.path"):
             f"{key}={path} is an HTML page, not a checkpoint (a server's error page saved in its "
             "place?); download the checkpoint again"
         )
+    if backbone is not None:
+        declared, limit = declared_bytes(path), LIMIT_FACTOR * backbone_bytes(backbone) + LIMIT_MARGIN
+        if declared is not None and declared > limit:
+            raise ConfigError(
+                f"{key}={path} declares {declared / 2**20:.0f} MiB once unpacked, more than a backbone={backbone} "
+                f"checkpoint holds (at most {limit / 2**20:.0f} MiB with an optimizer's state); it is another "
+                "model's or a damaged file: point to a checkpoint of this backbone"
+            )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -83,6 +112,13 @@ def backbone_state(checkpoint, *, origin: str = "checkpoint") -> tuple[dict[str,
             f"{origin}: not a recognised checkpoint layout (a torchvision state_dict, a CSAIL "
             "Places365 checkpoint or a safetransfer source checkpoint)"
         )
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        kinds = sorted({type(state[k]).__name__ for k in not_tensors})
+        raise ConfigError(
+            f"{origin}: its weights hold values that are not tensors ({_few(not_tensors)}: {', '.join(kinds)}); "
+            "a checkpoint's state_dict maps each name to a tensor: point to another file"
+        )
     state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
     return {k: v for k, v in state.items() if not k.startswith("fc.")}, layout
 
@@ -109,12 +145,17 @@ def match_backbone(
     state = {k: v for k, v in state.items() if not k.startswith(model.classifier_name + ".")}
     misfit = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
     bottleneck = any(k.endswith("conv3.weight") for k in state)
-    resnet = family(backbone) == "resnet"
-    if misfit or resnet and bottleneck != any(k.endswith("conv3.weight") for k in expected):
+    if family(backbone) == "resnet" and bottleneck != any(k.endswith("conv3.weight") for k in expected):
         kind = "a bottleneck ResNet (ResNet-50 or deeper)" if bottleneck else "a basic-block ResNet (ResNet-18/34)"
-        held = f"weights of {kind}" if resnet else f"weights whose {misfit[0]} has another shape"
         raise ConfigError(
-            f"{origin} holds {held}, which do not fit backbone={backbone}; "
+            f"{origin} holds weights of {kind}, which do not fit backbone={backbone}; "
+            "choose the matching backbone or another checkpoint"
+        )
+    if misfit:
+        first = misfit[0]
+        raise ConfigError(
+            f"{origin}: {first} has shape {list(state[first].shape)} where backbone={backbone} has "
+            f"{list(expected[first].shape)} ({len(misfit)} tensor{'s' if len(misfit) > 1 else ''} of another shape); "
             "choose the matching backbone or another checkpoint"
         )
     counters = {
@@ -138,7 +179,7 @@ def load_backbone(
 ) -> tuple[dict, str]:
     """Read `path` safely, convert its layout and match it to `backbone`: (state, layout)."""
     origin = f"{key}={path}"
-    state, layout = backbone_state(read(path, key=key), origin=origin)
+    state, layout = backbone_state(read(path, key=key, backbone=backbone), origin=origin)
     return match_backbone(state, backbone, strict=strict, origin=origin, hint=hint), layout
 
 

@@ -63,7 +63,7 @@ class PretrainedSource(Source):
         )
         if not self.path.is_file():
             raise MissingData(f"source={self.name}: no source checkpoint at {self.path}; create it with: {command}")
-        checkpoint = checkpoint_files.read(self.path)
+        checkpoint = checkpoint_files.read(self.path, backbone=backbone)
         meta = checkpoint.get("safetransfer_source") if isinstance(checkpoint, dict) else None
         if not isinstance(meta, dict):
             raise ConfigError(f"{self.path} is not a safetransfer source checkpoint; create one with: {command}")

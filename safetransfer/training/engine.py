@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from safetransfer.training.backbones import TransferNet
 from safetransfer.training.checkpoints import Checkpointer, TrainingState, rng_state, set_rng_state
 from safetransfer.training.directions import Direction
-from safetransfer.training.finite import FiniteGuard, NonFiniteError
+from safetransfer.training.finite import FiniteGuard, NonFiniteError, verdict
 from safetransfer.training.regularizers import Omega
 from safetransfer.training.signals import Preempted, StopSignals
 from safetransfer.training.train_log import TrainLog
@@ -127,8 +127,10 @@ def diagnose_nonfinite(
 ) -> str:
     """Which of J, the terms of Omega and their gradients is not finite, at the current weights."""
 
-    def finite(tensors) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+    def finite(tensors) -> bool:  # the guard's test: every element finite and each tensor's norm within range
+        return all(bool(torch.isfinite(t).all()) for t in tensors) and bool(
+            verdict(torch.zeros(()), [t.float() for t in tensors])
+        )
 
     with precision_context or contextlib.nullcontext():
         logits, features = model(images)
@@ -148,8 +150,8 @@ def diagnose_nonfinite(
         else:
             grads = _grad(values[name], params, retain_graph=True)
         if not finite(grads):
-            return f"the gradient of {term_problem(omega, name, 'not finite')}"
-    return "the direction d is not finite although J, Omega and their gradients are"
+            return f"the gradient of {term_problem(omega, name, 'not finite or beyond float32 range')}"
+    return "the direction d is not finite (or beyond float32 range) although J, Omega and their gradients are"
 
 
 @torch.no_grad()

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from safetransfer.common.errors import SafetransferError
 
-class NonFiniteError(FloatingPointError):
-    """J, a term of Omega or a gradient is NaN or infinite; the message names which."""
+
+class NonFiniteError(SafetransferError, FloatingPointError):
+    """J, a term of Omega or a gradient is NaN or infinite; the message (one line) names which."""
 
 
 @dataclass
@@ -30,6 +32,13 @@ class Failure:
     epoch: int
     images: torch.Tensor
     labels: torch.Tensor
+
+
+def verdict(loss_J: torch.Tensor, d: Sequence[torch.Tensor]) -> torch.Tensor:
+    """J finite and each tensor of d of finite norm, as a device bool: a NaN or inf element makes
+    its tensor's norm so, and so does an element beyond about 1.8e19 in float32 (its square
+    overflows), a step no training survives either."""
+    return torch.isfinite(loss_J) & torch.stack(torch._foreach_norm(list(d))).isfinite().all()
 
 
 class FiniteGuard:
@@ -55,9 +64,7 @@ class FiniteGuard:
 
     @staticmethod
     def verdict(loss_J: torch.Tensor, d: Sequence[torch.Tensor]) -> torch.Tensor:
-        """J and every element of d finite, as a device bool (the norms overflow only where an element is not finite
-        or d is beyond float range, which no step survives either)."""
-        return torch.isfinite(loss_J) & torch.stack(torch._foreach_norm(list(d))).isfinite().all()
+        return verdict(loss_J, d)
 
     @torch.no_grad()
     def hold(self) -> None:
@@ -70,12 +77,14 @@ class FiniteGuard:
         """optimizer.step() unless this step or an earlier one was not ok (then put back what was held)."""
         self.iteration.add_(1)
         if not self.deferred:
-            if not bool(self.failed) and bool(ok):
-                optimizer.step()
-                return
-            if not bool(self.failed):
-                self._record(ok, images, labels)
-            self.put_back()
+            if bool(self.failed) or not bool(ok):
+                if not bool(self.failed):
+                    self._record(ok, images, labels)
+                self.put_back()
+                for group in optimizer.param_groups:  # a step without gradients changes nothing (and the
+                    for p in group["params"]:  # scheduler, stepped after it, sees the optimizer stepped)
+                        p.grad = None
+            optimizer.step()
             return
         self._record(ok, images, labels)
         optimizer.step()

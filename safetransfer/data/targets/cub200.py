@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetransfer.data.lists import list_lines
 from safetransfer.data.targets.files import ListedTarget
 
 URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
@@ -12,7 +13,7 @@ MD5 = "97eceeb196236b17998738112f37df78"
 
 def numbered(path: Path) -> dict[int, str]:
     """CUB's '<id> <value>' list files."""
-    rows = (line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip())
+    rows = (line.split(maxsplit=1) for line in list_lines(path, "target=cub200"))
     return {int(index): value.strip() for index, value in rows}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetransfer.data.lists import list_lines
 from safetransfer.data.targets.files import ListedTarget
 
 IMAGES_URL = "http://groups.csail.mit.edu/vision/LabelMe/NewImages/indoorCVPR_09.tar"
@@ -31,7 +32,7 @@ class MITIndoor67(ListedTarget):
 
     def _listed(self, split: str) -> list[str]:
         path = self.base / ("TrainImages.txt" if split == "train" else "TestImages.txt")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return list_lines(path, f"target={self.name}")
 
     @property
     def classes(self) -> list[str]:

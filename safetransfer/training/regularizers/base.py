@@ -37,6 +37,10 @@ class BindContext:
         return Path(self.cache_dir) / kind / f"{fingerprint({'identity': self.identity, 'settings': settings}, 20)}.pt"
 
 
+#: the largest coefficient a term takes: float32's largest number (gradients are float32)
+COEFFICIENT_LIMIT = float(torch.finfo(torch.float32).max)
+
+
 class Term:
     """One summand of Omega. Its coefficients are scaled by decay**epoch (lambda_e = lambda * decay^e).
 
@@ -63,6 +67,8 @@ class Term:
         """A coefficient's value, checked: a finite number >= 0 (a ConfigError naming it otherwise)."""
         if not _number(value) or not math.isfinite(value) or value < 0:
             raise ConfigError(f"{name}={value} must be a finite number >= 0")
+        if value > COEFFICIENT_LIMIT:  # gradients are float32: such a coefficient overflows at once
+            raise ConfigError(f"{name}={value} is beyond float32's range; give a value <= {COEFFICIENT_LIMIT:.1e}")
         return float(value)
 
     def coefficient_values(self) -> dict[str, float]:
