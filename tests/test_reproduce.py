@@ -238,6 +238,28 @@ def test_two_stages_end_to_end_and_a_rerun_trains_nothing(tmp_path):
     assert "finished earlier" in again.stderr + again.stdout
 
 
+@pytest.mark.parametrize("signum", [15, 2])
+def test_a_stage_stopped_by_a_signal_stops_the_command_with_its_code_and_says_how_to_continue(
+    monkeypatch, capsys, signum
+):
+    """SIGTERM in a stage's job exited 1 with "a stage ended with failed jobs ... fix them"."""
+    import signal
+
+    from safetransfer.commands import reproduce
+
+    monkeypatch.setattr(reproduce, "run_train", lambda arguments: 128 + signum)
+    with pytest.raises(SystemExit) as stop:
+        reproduce.run_stage(["experiment=demo", "hydra.sweep.dir=tables/final"])
+    assert stop.value.code == 128 + signum
+    err = capsys.readouterr().err
+    name = signal.Signals(signum).name
+    assert f"stopped by {name} in the stage of tables/final; rerun the same command to continue" in err
+    assert "failed jobs" not in err
+    monkeypatch.setattr(reproduce, "run_train", lambda arguments: 1)  # a failed job is still a failure
+    with pytest.raises(SystemExit, match="a stage ended with failed jobs"):
+        reproduce.run_stage(["experiment=demo"])
+
+
 def test_a_chosen_value_is_checked_like_one_from_the_command_line(compose_cfg, tmp_path):
     """run_job checks the config again when stage 2 set chosen values (apply_chosen says it did)."""
     from safetransfer.job.run import run_job

@@ -533,3 +533,64 @@ def test_a_full_disk_while_writing_a_result_is_one_line_and_keeps_what_is_finish
         again = cli(*TINY, "runtime.spectrum_batches=1", "results.dir=res", "hydra.run.dir=run")
         assert again.returncode == 0 and (tmp_path / "res" / "demo.csv").exists()
         assert finished.stat().st_mtime_ns == written  # kept, not trained again
+
+
+@pytest.mark.e2e  # a second process holds the run directory
+def test_a_second_job_on_a_run_directory_in_use_is_refused_and_touches_nothing(cli, tmp_path):
+    """Two identical commands shared a run directory: the second removed the first's checkpoint
+    temporary file as stale and both wrote log.csv. Now the second is refused in one line, before
+    it writes anything; once the holder has ended, the directory is free (and its stale files go)."""
+    run = tmp_path / "run"
+    (run / "seed_0").mkdir(parents=True)
+    in_flight = run / "seed_0" / ".checkpoint.pt.abcd1234.tmp"  # the holder's write, in progress
+    in_flight.write_bytes(b"half")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from safetransfer.job.lock import holding\n"
+            f"with holding({str(run)!r}):\n    print('held', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = cli(*TINY, f"hydra.run.dir={run}")
+        assert result.returncode == 2
+        lines = [x for x in result.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1 and f"{run} is in use by another job (pid {holder.pid} on" in lines[0], lines
+        assert in_flight.exists() and not (run / "job.json").exists() and not (run / "seed_0" / "log.csv").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = cli(*TINY, f"hydra.run.dir={run}")  # the holder died: its lock went with it
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not in_flight.exists() and (run / "seed_0" / "metrics.json").exists()
+
+
+def test_stale_temporaries_in_the_cache_and_the_results_folder_are_removed_under_their_lock(tmp_path, caplog):
+    """A killed cache build left `<file>.<pid>.tmp` (split-sized) in the cache, a killed table
+    write `.<table>.csv.XXXXXXXX.tmp` in results/; they were never removed. The next build or
+    write of the same file, holding that file's lock, removes them."""
+    from safetransfer.common.atomic import built_once
+    from safetransfer.reporting.results import write_row
+
+    cached = tmp_path / "cache" / "thing.pt"
+    cached.parent.mkdir()
+    left = [cached.parent / "thing.pt.4242.tmp", cached.parent / ".thing.pt.x1y2z3.tmp"]
+    other = cached.parent / "other.pt.4242.tmp"  # another file's: not this lock's to remove
+    for path in [*left, other]:
+        path.write_bytes(b"x" * 100)
+    caplog.set_level("INFO")
+    assert built_once(cached, lambda: {"a": torch.ones(1)}, "a thing")["a"].item() == 1.0
+    assert not any(p.exists() for p in left) and other.exists()
+    assert f"removed {left[0]}, left by an interrupted write" in caplog.text
+
+    results = tmp_path / "results"
+    results.mkdir()
+    stale = [results / ".demo.csv.q9w8e7r6.tmp", results / ".demo.md.a1b2c3d4.tmp"]
+    for path in stale:
+        path.write_text("half a table")
+    write_row(results, "demo", {"key": "k1", "method": "L2", "mean": 1.0})
+    assert not any(p.exists() for p in stale) and (results / "demo.csv").exists()

@@ -30,6 +30,7 @@ from safetransfer.common.errors import ConfigError
 from safetransfer.common.overrides import split_sweeps
 from safetransfer.job.fetch import READY, summary
 from safetransfer.reporting.search import choose, chosen_notes, write_chosen
+from safetransfer.training.signals import STOP_SIGNALS
 
 CONFIG_MODULE = "safetransfer.conf"
 TABLES = ("dtnh_table2", "dtnh_table3", "dtnh_table4", "bss_table2")
@@ -281,8 +282,20 @@ def run_train(arguments: list[str]) -> int:
 
 
 def run_stage(arguments: list[str]) -> None:
-    """One stage: `safetransfer-train -m ARGUMENTS`, in this process."""
-    if run_train(["-m", *arguments]):
+    """One stage: `safetransfer-train -m ARGUMENTS`, in this process. A stage stopped by a signal
+    (its job exits 128 + the signal, its checkpoint written) stops the command with that code."""
+    code = run_train(["-m", *arguments])
+    stopped = {128 + s: s.name for s in STOP_SIGNALS}
+    where = next((a.split("=", 1)[1] for a in arguments if a.startswith("hydra.sweep.dir=")), "its folder")
+    if code in stopped:
+        print(
+            f"safetransfer-reproduce: stopped by {stopped[code]} in the stage of {where}; rerun the same "
+            "command to continue: finished seeds are kept and the stopped seed resumes from its checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(code)
+    if code:
         raise SystemExit(
             "safetransfer-reproduce: a stage ended with failed jobs (listed above); fix them and rerun "
             "the same command: finished seeds are kept"

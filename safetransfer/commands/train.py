@@ -7,6 +7,7 @@ the job's row to the results table.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -244,13 +245,28 @@ def job_overrides() -> str:
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
 def app(cfg: DictConfig) -> float:
-    from safetransfer.commands.sweeps import JobStatus
-    from safetransfer.job.run import run_job
-    from safetransfer.training import signals
+    from safetransfer.job.lock import holding
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     num = hydra_cfg.job.get("num") if hydra_cfg.mode == RunMode.MULTIRUN else None
+    with contextlib.ExitStack() as held:
+        try:  # the run directory to this job alone, before its job.json is written
+            held.enter_context(holding(run_dir))
+        except ConfigError as error:
+            print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
+            if num is not None:
+                raise
+            sys.exit(2)
+        return run_held(cfg, hydra_cfg, run_dir, num)
+
+
+def run_held(cfg: DictConfig, hydra_cfg, run_dir: Path, num: int | None) -> float:
+    """The job in its run directory, held: its status in job.json, a stop or a failure in one line."""
+    from safetransfer.commands.sweeps import JobStatus
+    from safetransfer.job.run import run_job
+    from safetransfer.training import signals
+
     status = JobStatus(run_dir, list(hydra_cfg.overrides.task), num)
     status.write("running")
     try:

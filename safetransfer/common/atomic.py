@@ -6,6 +6,7 @@ full disk leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import logging
@@ -56,6 +57,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
                 reason,
             ) from None
         raise
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files interrupted writes of `path` left beside it (atomic_write_bytes's
+    `.<name>.XXXXXXXX.tmp`, a cache builder's `<name>.<pid>.tmp` or `<name>.tmp`). Only while holding
+    the lock every writer of `path` holds: then none of them belongs to a live writer."""
+    name = glob.escape(Path(path).name)
+    folder = Path(path).parent
+    for pattern in (f".{name}.*.tmp", f"{name}.*.tmp", f"{name}.tmp"):
+        for stale in folder.glob(pattern):
+            stale.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted write", stale)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -120,6 +133,7 @@ def built_once(
                 first = str(error).splitlines()[0] if str(error) else ""
                 log.warning("%s cannot be read (%s: %s); %s is built again", path, type(error).__name__, first, what)
                 path.unlink()
+        remove_stale_temporaries(path)  # under the lock: no live builder's
         write(build(), path)
         return read(path)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from safetransfer.common.atomic import built_once
+from safetransfer.common.atomic import built_once, remove_stale_temporaries
 from safetransfer.common.errors import StorageError
 from safetransfer.common.fingerprints import fingerprint
 from safetransfer.data.images import read_item
@@ -93,6 +93,7 @@ def cached_split(
         return cached
 
     def write(_: None, __: Path) -> None:  # decoded straight into a memory-mapped file, batch by batch
+        remove_stale_temporaries(labels_path)  # built_once removed the images' (both under its lock)
         build(
             dataset,
             indices,

@@ -24,6 +24,7 @@ from safetransfer.data.preparation import Data, check_classes, check_training_se
 from safetransfer.data.targets.base import Target
 from safetransfer.job.build import build_seed, train_log
 from safetransfer.job.checks import check_config
+from safetransfer.job.lock import holding
 from safetransfer.reporting.methods import method_name, method_structure, source_label
 from safetransfer.reporting.results import format_cell, make_row, write_row
 from safetransfer.reporting.search import apply_chosen
@@ -128,7 +129,8 @@ def run_seed(
     checkpoints and raises resume.Preempted."""
     seed_dir = run_dir / f"seed_{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
-    # an atomic write cut short (SIGKILL mid-checkpoint): only this seed writes here
+    # an atomic write cut short (SIGKILL mid-checkpoint): this job holds the run directory (job.lock),
+    # so no live writer's
     for stale in seed_dir.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
         log.info("removed %s, left by an interrupted write", stale)
@@ -294,7 +296,7 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "", stop: StopSigna
     check_save_to(cfg, run_dir)
     if apply_chosen(cfg, method_name(cfg)):  # stage 2 of a table's search: the cell's chosen values
         check_config(cfg)
-    with job_device(cfg), mirrored(cfg.paths.get("mirror")):
+    with holding(run_dir), job_device(cfg), mirrored(cfg.paths.get("mirror")):
         return _run_job(cfg, run_dir, overrides, stop)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from filelock import FileLock
 
-from safetransfer.common.atomic import atomic_write_text
+from safetransfer.common.atomic import atomic_write_text, remove_stale_temporaries
 from safetransfer.common.errors import ConfigError
 from safetransfer.common.fingerprints import NOT_IN_KEY
 from safetransfer.reporting.methods import SCRATCH, describe_reference, is_scratch, key_of, reference_key
@@ -149,6 +149,8 @@ def write_row(results_dir: Path, table: str, row: dict) -> pd.DataFrame:
     csv_path, md_path = table_paths(results_dir, table)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(lock_for(results_dir, table)):
+        for path in (csv_path, md_path):
+            remove_stale_temporaries(path)  # under the table's lock: no live writer's
         frame = read_table(results_dir, table)
         frame = frame[frame["key"] != row["key"]]
         frame = pd.concat([frame, pd.DataFrame([row], columns=ROW_COLUMNS)], ignore_index=True)

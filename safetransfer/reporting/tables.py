@@ -27,7 +27,7 @@ import pandas as pd
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from safetransfer.common.atomic import atomic_write_text, check_writable, plain, read_json
+from safetransfer.common.atomic import atomic_write_text, check_writable, plain, read_json, remove_stale_temporaries
 from safetransfer.common.errors import ConfigError
 from safetransfer.common.fingerprints import config_key, decisive
 from safetransfer.reporting.methods import (
@@ -505,6 +505,8 @@ def write_table(
     if not accumulate:
         return write_seeds_table(seeds, results_dir, name, published, methods, targets, published_file, notes)
     with FileLock(lock_for(Path(results_dir), name)):
+        for suffix in (".csv", ".md", ".seeds.json"):  # under the table's lock: no live writer's
+            remove_stale_temporaries(Path(results_dir) / f"{name}{suffix}")
         if seeds.empty:
             raise ConfigError(f"no finished seed; {Path(results_dir) / (name + '.md')} is left as it was")
         merged = accumulated(seeds, Path(results_dir), name)

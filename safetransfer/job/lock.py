@@ -1,0 +1,57 @@
+"""A run directory belongs to one job at a time.
+
+Two jobs in one directory (the same command started twice, a copy started by mistake)
+trained everything twice, interleaved their log rows, and one removed the other's checkpoint
+as "left by an interrupted write". A job holds its directory's lock for its whole lifetime;
+a second job on it is refused in one line before it writes anything. The lock is the
+operating system's (flock, through filelock), released when the holder ends however it
+ends, so the files a crashed job left are cleaned only by the job that holds the lock next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from safetransfer.common.atomic import atomic_write_text
+from safetransfer.common.errors import ConfigError
+
+LOCK, HOLDER = ".job.lock", ".job.holder"
+
+#: the run directories this process holds: taken again (train's entry point, then run_job) it is the same hold
+_held: set[Path] = set()
+
+
+@contextlib.contextmanager
+def holding(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` for this job; a ConfigError naming the holder when another job holds it."""
+    run_dir = Path(run_dir).absolute()
+    if run_dir in _held:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = run_dir / HOLDER
+        who = holder.read_text().strip() if holder.exists() else "another process"
+        raise ConfigError(
+            f"{run_dir} is in use by another job ({who}); wait for it to end, or run this one in another "
+            "folder (hydra.run.dir=... or hydra.sweep.dir=...)"
+        ) from None
+    try:
+        atomic_write_text(
+            run_dir / HOLDER, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        )
+        _held.add(run_dir)
+        yield
+    finally:
+        _held.discard(run_dir)
+        lock.release()
