@@ -424,3 +424,26 @@ def test_a_search_table_that_no_longer_holds_is_removed(compose_cfg, tmp_path):
     write_seed(tmp_path / "again" / "0", cfg, 0, 70.0, val_top1=85.0)
     write_table([tmp_path / "again"], tmp_path / "results", "t", accumulate=True)  # the cell: alpha 0.05 only
     assert not (tmp_path / "results" / "t_search.md").exists() and not (tmp_path / "results" / "t_search.csv").exists()
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_shared_tables_show_no_local_paths_unless_asked(compose_cfg, tmp_path, local):
+    """The CSV had the absolute run_dir, and target.root / source.path / target.sample_list as given
+    on the command line (home folders, user names) in the CSV and the Markdown."""
+    import fixtures
+    from conftest import TINY
+    from safetransfer.job.run import run_job
+    from safetransfer.reporting.results import shown_path
+
+    fixtures.make_cub200(tmp_path / "private" / "data", classes=3, train_per_class=4, test_per_class=2)
+    root = tmp_path / "private" / "data"
+    shrink = [o for o in TINY if not o.startswith("target.")]
+    overrides = ["target=cub200", f"target.root={root}", "target.expected_classes=3", "target.expected_split=[12,6]"]
+    cfg = compose_cfg(*shrink, *overrides, "train.batch_size=4", f"results.local_paths={str(local).lower()}")
+    run_job(cfg, tmp_path / "private" / "run", overrides=" ".join(overrides))
+    written = (tmp_path / "results" / "cub200.csv").read_text() + (tmp_path / "results" / "cub200.md").read_text()
+    assert (str(tmp_path / "private") in written) == local
+    if not local:
+        assert "target.root=.../data" in written and ".../run" in written
+    assert shown_path("relative/folder") == "relative/folder"
+    assert shown_path(str(Path.cwd() / "outputs" / "x")) == "outputs/x"

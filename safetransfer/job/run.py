@@ -435,6 +435,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
         run_dir=str(run_dir),
         failed=failed,
         structure=method_structure(cfg),
+        local_paths=bool(cfg.results.get("local_paths", False)),
     )
     write_row(Path(cfg.results.dir), str(cfg.results.table), row)
     log.info(

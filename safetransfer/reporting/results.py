@@ -62,6 +62,32 @@ def summarize(accuracies: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
+#: overrides whose values are paths on this machine: a shared table shows them by name (shown_path)
+PATH_KEYS = ("target.root", "source.path", "target.sample_list", "pretrain.save_to")
+
+
+def shown_path(value: str) -> str:
+    """A path as a table meant to be shared shows it: as given when relative, relative to the
+    working folder when under it, else its last part only (`.../ants_bees`): no home folders,
+    user names or mount points of this machine."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        return value
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return f".../{path.name}" if path.name else value
+
+
+def shared_overrides(overrides: str) -> str:
+    """`overrides` with the values of PATH_KEYS shown by shown_path."""
+    shown = []
+    for override in overrides.split():
+        key, equals, value = override.partition("=")
+        shown.append(f"{key}={shown_path(value)}" if equals and key.lstrip("+~") in PATH_KEYS else override)
+    return " ".join(shown)
+
+
 def make_row(
     *,
     backbone: str,
@@ -76,9 +102,14 @@ def make_row(
     run_dir: str,
     failed: Sequence[int] = (),
     structure: dict | None = None,
+    local_paths: bool = False,
 ) -> dict:
     """A job's row: mean and sample std over its finished seeds; failed seeds only listed;
-    `structure` (methods.method_structure) finds its reference row."""
+    `structure` (methods.method_structure) finds its reference row. Paths of this machine (the
+    run folder, PATH_KEYS in the overrides) are shown as shown_path shows them unless
+    `local_paths` (results.local_paths); the run's own files keep them whole."""
+    if not local_paths:
+        overrides, run_dir = shared_overrides(overrides), shown_path(run_dir)
     mean, std = summarize(accuracies)
     return {
         "backbone": backbone,
