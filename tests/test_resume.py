@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -594,3 +595,40 @@ def test_stale_temporaries_in_the_cache_and_the_results_folder_are_removed_under
         path.write_text("half a table")
     write_row(results, "demo", {"key": "k1", "method": "L2", "mean": 1.0})
     assert not any(p.exists() for p in stale) and (results / "demo.csv").exists()
+
+
+def test_a_stop_while_the_cache_is_decoded_or_the_demo_source_pretrained_ends_it_at_once(tmp_path):
+    """SIGTERM during the demo source's pretraining took effect 122 s later, and a cache being
+    decoded ignored it until it was whole. Both now look at the stop request every batch or step:
+    Preempted, saying what was under way, and nothing half made is kept."""
+    from omegaconf import OmegaConf
+
+    from fixtures import make_cub200
+    from safetransfer.data.preparation import cached_data
+    from safetransfer.data.targets.cub200 import CUB200
+    from safetransfer.sources.demo import DemoSource
+    from safetransfer.training.signals import Preempted, StopSignals
+
+    make_cub200(tmp_path / "data", classes=3, train_per_class=4, test_per_class=2)
+    target = CUB200(str(tmp_path / "data"), expected_classes=3)
+    cfg = OmegaConf.create(
+        {
+            "target": {"name": "cub200", "root": str(tmp_path / "data")},
+            "data": {"resize": 36, "crop": 32, "mean": [0.5] * 3, "std": [0.2] * 3, "cache": True},
+            "paths": {"cache_dir": str(tmp_path / "cache")},
+            "runtime": {"num_workers": 0},
+        }
+    )
+    with StopSignals() as stop:
+        stop.requested = signal.SIGTERM  # as its handler sets it
+        with pytest.raises(Preempted) as caught:
+            cached_data(cfg, target.train_set(), target.test_set(), np.arange(12))
+        assert "stopped by SIGTERM while decoding the image cache into" in str(caught.value)
+        assert not [p for p in (tmp_path / "cache" / "decoded").iterdir() if not p.name.endswith(".lock")]
+
+        source = DemoSource(str(tmp_path / "cache"), iterations=10_000, images_per_class=2, batch_size=8)
+        start = time.perf_counter()
+        with pytest.raises(Preempted, match="stopped by SIGTERM while pretraining the demo source model: none"):
+            source.backbone_state("resnet18")
+        assert time.perf_counter() - start < 60  # one step, not 10,000
+        assert not source.cache_path("resnet18").exists()

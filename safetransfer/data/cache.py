@@ -27,6 +27,7 @@ from safetransfer.common.errors import StorageError
 from safetransfer.common.fingerprints import fingerprint
 from safetransfer.data.images import read_item
 from safetransfer.data.transforms import decode_transform
+from safetransfer.training.signals import check_stop
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ def build(dataset: Dataset, indices, transform, images_path: Path, labels_path: 
     try:
         position = 0
         for batch, batch_labels in loader:
+            check_stop(f"decoding the image cache into {images_path.parent}")
             if array is None:
                 shape = (len(indices), *batch.shape[1:])
                 reserve(images_tmp, int(np.prod(shape)) + len(indices) * 8)

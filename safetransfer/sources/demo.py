@@ -62,6 +62,7 @@ class DemoSource(Source):
     def pretrain(self, backbone: str) -> dict[str, torch.Tensor]:
         from safetransfer.data.datasets import TensorImages, Transformed
         from safetransfer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
+        from safetransfer.training import signals
         from safetransfer.training.directions import Sum
         from safetransfer.training.engine import Loop, Parts, fit
         from safetransfer.training.regularizers import Omega
@@ -86,9 +87,13 @@ class DemoSource(Source):
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, s["iterations"])
             omega = Omega({"l2": L2(alpha=1e-4)})
             cpu = torch.device("cpu")
-            fit(
-                Parts(model, omega, Sum(), optimizer, scheduler, loader, cpu),
-                Loop(s["iterations"], log_every=max(1, s["iterations"] // 4)),
-                TrainLog(None, [], cpu, total=s["iterations"], desc="demo source"),
-            )
+            try:  # a stop request ends it within a step: nothing is cached, the next run pretrains again
+                fit(
+                    Parts(model, omega, Sum(), optimizer, scheduler, loader, cpu),
+                    Loop(s["iterations"], log_every=max(1, s["iterations"] // 4)),
+                    TrainLog(None, [], cpu, total=s["iterations"], desc="demo source"),
+                    stop=signals.current(),
+                )
+            except signals.Preempted as stopped:
+                raise signals.Preempted(stopped.signum, 0, None, during="pretraining the demo source model") from None
         return model.backbone.state_dict()

@@ -24,18 +24,42 @@ class Preempted(Exception):
     #: how a job continues when nothing more is known of how it was started
     RERUN = "rerun the same command (same output directory) to continue"
 
-    def __init__(self, signum: int, iteration: int, path: Path | None):
-        self.signum, self.iteration, self.path = signum, iteration, path
+    def __init__(self, signum: int, iteration: int, path: Path | None, during: str | None = None):
+        self.signum, self.iteration, self.path, self.during = signum, iteration, path, during
         super().__init__(self.text(self.RERUN))
 
     def text(self, how_to_continue: str) -> str:
         """The one line, ending in how to continue (a multirun names its sweep folder)."""
+        name = signal.Signals(self.signum).name
+        if self.during is not None:  # before training: a cache or a source being made, none of it kept
+            return f"stopped by {name} while {self.during}: none of it is kept; {how_to_continue}"
         where = f"checkpoint written to {self.path}" if self.path else "no checkpoint (runtime.checkpoint_every=0)"
-        stopped = f"stopped by {signal.Signals(self.signum).name} after iteration {self.iteration}"
-        return f"{stopped}: {where}; {how_to_continue}"
+        return f"stopped by {name} after iteration {self.iteration}: {where}; {how_to_continue}"
 
     def __reduce__(self):  # crosses process boundaries (runtime.concurrent_seeds)
-        return Preempted, (self.signum, self.iteration, self.path)
+        return Preempted, (self.signum, self.iteration, self.path, self.during)
+
+
+#: the StopSignals in force in this process, innermost last
+_active: list[StopSignals] = []
+
+
+def current() -> StopSignals | None:
+    """The StopSignals in force in this process, if any."""
+    return _active[-1] if _active else None
+
+
+def requested() -> int | None:
+    """The stop signal received by the StopSignals in force, if any: for work before training
+    (a cache being decoded, the demo source being pretrained) that stops within a few seconds."""
+    return _active[-1].requested if _active else None
+
+
+def check_stop(during: str) -> None:
+    """Raise Preempted (nothing kept) when a stop was requested; `during` says what was under way."""
+    signum = requested()
+    if signum is not None:
+        raise Preempted(signum, 0, None, during=during)
 
 
 class StopSignals:
@@ -49,6 +73,7 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
+        _active.append(self)
         if threading.current_thread() is not threading.main_thread():
             return self  # signal handlers can only be set from the main thread
         for signum in STOP_SIGNALS:
@@ -56,6 +81,8 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self in _active:
+            _active.remove(self)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
