@@ -82,27 +82,25 @@ def test_evaluation_averages_the_logits_of_the_views():
     assert top1 == pytest.approx(expected_top1) and loss == pytest.approx(expected_loss, rel=1e-5)
 
 
+def cub_config(tmp_path, **data):
+    """The keys the data preparation reads, for the CUB fixture under tmp_path/data at 48 -> 40 px."""
+    return OmegaConf.create(
+        {
+            "train": {"batch_size": 2},
+            "target": {"name": "cub200", "root": str(tmp_path / "data"), "sampling_rate": 100},
+            "data": {"resize": 48, "crop": 40, "mean": MEAN, "std": STD, **data},
+            "paths": {"cache_dir": str(tmp_path / "cache")},
+            "runtime": {"num_workers": 0, "device": "cpu"},
+        }
+    )
+
+
 def test_cached_ten_crops_equal_the_direct_path(tmp_path):
     from safetransfer.data.preparation import cached_data
 
     fixtures.make_cub200(tmp_path / "data", classes=3, train_per_class=5, test_per_class=2)
     target = CUB200(str(tmp_path / "data"), expected_classes=3, expected_split=(15, 6))
-    cfg = OmegaConf.create(
-        {
-            "target": {"name": "cub200", "root": str(tmp_path / "data"), "sampling_rate": 100},
-            "data": {
-                "resize": 48,
-                "crop": 40,
-                "mean": MEAN,
-                "std": STD,
-                "cache": True,
-                "test_crops": 10,
-                "train_crop": "random_resized_crop",
-            },
-            "paths": {"cache_dir": str(tmp_path / "cache")},
-            "runtime": {"num_workers": 0},
-        }
-    )
+    cfg = cub_config(tmp_path, cache=True, test_crops=10, train_crop="random_resized_crop")
     _, cached_test = cached_data(cfg, target.train_set(), target.test_set(), np.arange(15))
     direct = Transformed(target.test_set(), range(6), transforms.test_transform(48, 40, MEAN, STD, test_crops=10))
     for i in range(6):
@@ -164,24 +162,7 @@ def test_one_test_view_is_torchvisions_resize_then_centre_crop_on_a_non_square_i
     )
     target = CUB200(str(tmp_path / "data"), expected_classes=2, expected_split=(8, 4))
     for cache in (True, False):
-        cfg = OmegaConf.create(
-            {
-                "train": {"batch_size": 2},
-                "target": {"name": "cub200", "root": str(tmp_path / "data"), "sampling_rate": 100},
-                "data": {
-                    "resize": 48,
-                    "crop": 40,
-                    "mean": MEAN,
-                    "std": STD,
-                    "cache": cache,
-                    "test_resize": test_resize,
-                    "augment_on": "workers",
-                    "on_device": False,
-                },
-                "paths": {"cache_dir": str(tmp_path / "cache")},
-                "runtime": {"num_workers": 0, "device": "cpu"},
-            }
-        )
+        cfg = cub_config(tmp_path, cache=cache, test_resize=test_resize, augment_on="workers", on_device=False)
         data = prepare_data(cfg, target)
         for i in range(4):
             image, label = target.test_set()[i]
