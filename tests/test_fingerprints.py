@@ -53,7 +53,13 @@ KEYS_BEFORE_THE_MOVE = {
     ),
     # computed at c544d9f (which kept 5657c83's keys): the DELTA+BSS cell this entry held at first
     # changed its key on purpose when bss_table2 took DELTA's released-code convention
-    ("experiment=bss_table2", "target=cub200", "method=l2_bss", "target.sampling_rate=30"): (
+    (
+        "experiment=bss_table2",
+        "target=cub200",
+        "method=l2_bss",
+        "target.sampling_rate=30",
+        "data.test_resize=shorter_side",
+    ): (
         "4ab0b53a310e",
         "c17e9c8fd1a30c23ebc11044",
         "a3d640e6617da2d7cc7d",
@@ -98,6 +104,19 @@ def test_moving_a_class_inside_the_package_changes_no_key(compose_cfg):
         assert config_key(cfg) == key, overrides
         assert fingerprint(data_identity(OmegaConf.to_container(cfg.target, resolve=True)), 24) == data, overrides
         assert fingerprint(term_identity(cfg), 20) == terms, overrides
+
+
+def test_the_test_resize_keys_what_it_changes(compose_cfg):
+    """data.test_resize changes the one-view test images, and the images DELTA's attention is
+    computed from (the training images through that transform), also beside ten test crops;
+    beside ten crops the test images themselves do not change, so the result's key does not."""
+    from safetransfer.common.fingerprints import config_key, term_identity
+
+    where = ("paths.data_root=/srv/data", "paths.cache_dir=/srv/cache", "target=cub200")
+    for crops in ("data.test_crops=1", "data.test_crops=10"):
+        square, shorter = (compose_cfg(*where, crops, f"data.test_resize={r}") for r in ("square", "shorter_side"))
+        assert term_identity(square) != term_identity(shorter)
+        assert (config_key(square) != config_key(shorter)) == (crops == "data.test_crops=1")
 
 
 def test_bss_table2_trains_delta_in_the_released_codes_form_under_a_new_key(compose_cfg):

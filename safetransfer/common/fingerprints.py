@@ -122,4 +122,10 @@ def term_identity(cfg) -> dict:
     """What a regularizer term may cache from before training (DELTA's attention): the backbone,
     source, target and data sections that decide it."""
     container = decisive(cfg)
-    return {key: container.get(key) for key in ("backbone", "source", "target", "data")}
+    identity = {key: container.get(key) for key in ("backbone", "source", "target", "data")}
+    # the terms read the training images through the one-view test transform (data.train_plain),
+    # also beside ten test crops, where as_before leaves test_resize out of the result's key
+    resize = cfg.data.get("test_resize", "shorter_side")
+    if resize != "shorter_side" and identity["data"] is not None:
+        identity["data"] = {**identity["data"], "test_resize": resize}
+    return identity
