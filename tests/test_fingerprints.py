@@ -117,6 +117,11 @@ def test_the_test_resize_keys_what_it_changes(compose_cfg):
         square, shorter = (compose_cfg(*where, crops, f"data.test_resize={r}") for r in ("square", "shorter_side"))
         assert term_identity(square) != term_identity(shorter)
         assert (config_key(square) != config_key(shorter)) == (crops == "data.test_crops=1")
+        # DELTA's numbers depend on it beside ten crops too (its attention): so does its key
+        square, shorter = (
+            compose_cfg(*where, crops, "method=delta", f"data.test_resize={r}") for r in ("square", "shorter_side")
+        )
+        assert config_key(square) != config_key(shorter)
 
 
 def test_bss_table2_trains_delta_in_the_released_codes_form_under_a_new_key(compose_cfg):
@@ -131,7 +136,8 @@ def test_bss_table2_trains_delta_in_the_released_codes_form_under_a_new_key(comp
         cfg = compose_cfg(*cell, f"method={method}", *where)
         assert cfg.regularizer.terms.delta.convention == "released_code"
     assert config_key(compose_cfg(*cell, "method=delta_bss", *where)) != "2e0c31e15e26"
-    assert config_key(compose_cfg(*cell, "method=delta_bss", "delta_convention=paper", *where)) == "2e0c31e15e26"
+    before = ("delta_convention=paper", "data.test_resize=shorter_side")  # the forms of 5657c83
+    assert config_key(compose_cfg(*cell, "method=delta_bss", *before, *where)) == "2e0c31e15e26"
     plain = compose_cfg("method=delta", "target=cub200", "data.test_resize=shorter_side", *where)
     assert plain.regularizer.terms.delta.convention == "paper" and config_key(plain) == "6d6d232df1e7"
 

@@ -47,7 +47,7 @@ def cub_cfg(compose_cfg, tmp_path):
     return make
 
 
-HELD = ("data.on_device=true",)
+HELD = ("data.on_device=true", "data.augment_on=device")  # on the CPU, auto augments in the workers
 LOADED = ("data.on_device=false", "data.augment_on=device")  # the loader path with the same augmentation
 
 
@@ -148,11 +148,15 @@ def test_auto_holds_nothing_on_the_cpu_and_the_size_is_counted_by_hand(cub_cfg):
         (("data.on_device=maybe",), "data.on_device=maybe is not one of auto, true, false"),
         (("data.on_device=true", "data.augment_on=workers"), "cannot take data.augment_on=workers"),
         (("data.on_device=true", "data.cache=false"), "set data.cache=true"),
+        (("data.on_device=true",), "augments in the loader workers here: set data.augment_on=device"),
     ],
 )
 def test_bad_on_device_settings_are_one_line_before_training(cub_cfg, overrides, expected):
+    """The last: on the CPU augment_on=auto augments in the workers, whose pixels differ from the
+    device's under the same key; holding the images would silently change them."""
     with pytest.raises(ConfigError, match=expected):
         check_config(cub_cfg(*overrides))
+        prepare_data(cub_cfg(*overrides), instantiate(cub_cfg(*overrides).target))
 
 
 def test_on_device_true_for_images_held_in_memory_says_they_are_not_cached(compose_cfg):

@@ -562,6 +562,7 @@ def test_a_second_job_on_a_run_directory_in_use_is_refused_and_touches_nothing(c
         lines = [x for x in result.stderr.splitlines() if x.strip()]
         assert len(lines) == 1 and f"{run} is in use by another job (pid {holder.pid} on" in lines[0], lines
         assert in_flight.exists() and not (run / "job.json").exists() and not (run / "seed_0" / "log.csv").exists()
+        assert not (run / ".hydra").exists()  # refused before Hydra writes the job's config beside the holder's
     finally:
         holder.kill()
         holder.wait()

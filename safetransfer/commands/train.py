@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 from importlib import resources
@@ -87,6 +88,22 @@ def exists(path: Path) -> bool:
         return False
 
 
+def check_dirs_free(arguments: list[str]) -> None:
+    """The run directory (or a job directory of the sweep folder) another job holds is refused
+    before Hydra writes this job's .hydra/ files over the running job's."""
+    from safetransfer.job.lock import check_free
+
+    for argument in arguments:
+        key, _, value = argument.lstrip("+").partition("=")
+        if not value or "${" in value:
+            continue
+        if key == "hydra.run.dir":
+            check_free(Path(value).expanduser())
+        elif key == "hydra.sweep.dir" and Path(value).expanduser().is_dir():
+            for job_dir in sorted(p for p in Path(value).expanduser().iterdir() if p.is_dir()):
+                check_free(job_dir)
+
+
 def check_output_dirs(arguments: list[str]) -> None:
     """hydra.run.dir and hydra.sweep.dir, when given, can be made and written: Hydra makes them
     before any of ours runs, and its refusal is a traceback (a read-only place, a name too long).
@@ -96,7 +113,8 @@ def check_output_dirs(arguments: list[str]) -> None:
         if key not in ("hydra.run.dir", "hydra.sweep.dir") or not value or "${" in value:
             continue
         path = Path(value).expanduser()
-        made = [folder for folder in (path.absolute(), *path.absolute().parents) if not exists(folder)]  # deepest first
+        whole = Path(os.path.abspath(path))  # `..` resolved as the file system will
+        made = [folder for folder in (whole, *whole.parents) if not exists(folder)]  # deepest first
         try:
             check_writable(path, key, "safetransfer-runs")
         finally:
@@ -314,6 +332,7 @@ def main() -> None:
         check_keys(arguments)
         check_method_presets(arguments)
         check_output_dirs(arguments)
+        check_dirs_free(arguments)
     except ConfigError as error:
         print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)

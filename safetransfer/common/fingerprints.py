@@ -83,13 +83,22 @@ def keyed_names(node):
     return node
 
 
+#: the terms that read the training images through the one-view test transform (BindContext.train_data),
+#: by their keyed names (KEYED_AS)
+TRAIN_IMAGE_TERMS = ("safetransfer.regularizers.delta.DELTA",)
+
+
 def as_before(container: dict) -> None:
     """Leave out the keys added after results were keyed where they compute what was computed
     before they existed, so that those results keep their keys: data.test_resize at
     shorter_side (the one-view test transform before it), or beside ten test crops (always
     taken from the resize x resize square)."""
     data = container.get("data", {})
-    if data.get("test_resize") == "shorter_side" or data.get("test_crops", 1) != 1:
+    terms = (container.get("regularizer") or {}).get("terms") or {}
+    reads_train_images = any(
+        isinstance(t, dict) and t.get("_target_") in TRAIN_IMAGE_TERMS for t in terms.values()
+    )  # DELTA's attention sees the training images through the one-view transform, ten test crops or not
+    if data.get("test_resize") == "shorter_side" or (data.get("test_crops", 1) != 1 and not reads_train_images):
         data.pop("test_resize", None)
 
 
@@ -125,7 +134,7 @@ def term_identity(cfg) -> dict:
     identity = {key: container.get(key) for key in ("backbone", "source", "target", "data")}
     # the terms read the training images through the one-view test transform (data.train_plain),
     # also beside ten test crops, where as_before leaves test_resize out of the result's key
-    resize = cfg.data.get("test_resize", "shorter_side")
+    resize = cfg.data.get("test_resize", "square")
     if resize != "shorter_side" and identity["data"] is not None:
         identity["data"] = {**identity["data"], "test_resize": resize}
     return identity

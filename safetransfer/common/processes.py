@@ -61,7 +61,7 @@ def _child(task: Callable, args: tuple, parent: int, results) -> None:
         outcome = Outcome(value=task(*args))
     except BaseException as error:  # sent back: the parent decides (Preempted, a one-line error, ...)
         try:
-            pickle.dumps(error)
+            pickle.loads(pickle.dumps(error))  # some exceptions pickle but cannot be rebuilt
             outcome = Outcome(error=error)
         except Exception:
             outcome = Outcome(error=RuntimeError(f"{type(error).__name__}: {error}"))
@@ -94,6 +94,8 @@ def run_each(task: Callable, work: dict[Any, tuple], stop=None, poll_s: float = 
                 except EOFError:  # it ended without a word (killed, or it died before its task began)
                     processes[key].join()
                     outcomes[key] = Outcome(exitcode=processes[key].exitcode)
+                except Exception as error:  # an outcome that cannot be read back: that child's failure alone
+                    outcomes[key] = Outcome(error=RuntimeError(f"{key}: its outcome could not be read back ({error})"))
             signum = stop.requested if stop is not None else None
             if signum is not None and forwarded is None:
                 forwarded = signum
@@ -106,8 +108,12 @@ def run_each(task: Callable, work: dict[Any, tuple], stop=None, poll_s: float = 
             if process.is_alive():
                 process.kill()
         raise
-    for process in processes.values():
-        process.join()
+    for process in processes.values():  # each has sent its outcome: it is ending
+        process.join(GRACE_S)
+        if process.is_alive():
+            log.warning("%s did not exit %.0f s after sending its outcome: killed", process.name, GRACE_S)
+            process.kill()
+            process.join()
     return outcomes
 
 

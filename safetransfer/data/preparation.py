@@ -101,7 +101,14 @@ def hold_on_device(cfg: DictConfig, cached: bool, nbytes: int) -> bool:
             )
         return False
     if choice is True:
+        if not augment_on_device(cfg, cached):  # else the loader path's pixels would differ under one key
+            raise ConfigError(
+                "data.on_device=true augments on the device, and data.augment_on="
+                f"{cfg.data.augment_on} augments in the loader workers here: set data.augment_on=device"
+            )
         return True
+    if not augment_on_device(cfg, cached):
+        return False
     sharing = len(cfg.seeds) if cfg.runtime.concurrent_seeds else 1
     return fits(nbytes, resolve_device(str(cfg.runtime.device)), sharing)
 
@@ -118,7 +125,7 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
     test_side = cfg.data.resize if test_crops != 1 else cfg.data.crop
     nbytes = held_bytes((len(indices), len(test_set)), (3, cfg.data.resize, cfg.data.resize), (3, test_side, test_side))
     resident = hold_on_device(cfg, cached, nbytes)
-    on_device = resident or augment_on_device(cfg, cached)
+    on_device = augment_on_device(cfg, cached)
     if cached:
         train, test = cached_data(cfg, train_set, test_set, indices, on_device)
     else:

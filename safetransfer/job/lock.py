@@ -28,6 +28,16 @@ LOCK, HOLDER = ".job.lock", ".job.holder"
 _held: set[Path] = set()
 
 
+def check_free(run_dir: Path) -> None:
+    """Refuse (the ConfigError of `holding`) when another job holds `run_dir`; for a check before
+    Hydra writes the job's .hydra/ files into it."""
+    run_dir = Path(run_dir).absolute()
+    if run_dir in _held or not (run_dir / LOCK).exists():
+        return
+    with holding(run_dir):
+        pass
+
+
 @contextlib.contextmanager
 def holding(run_dir: Path) -> Iterator[None]:
     """Hold `run_dir` for this job; a ConfigError naming the holder when another job holds it."""

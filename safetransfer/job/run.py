@@ -410,6 +410,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
     for number, seed in enumerate(pending):
         if seed in outcomes:
             continue
+        if stop is not None and stop.requested is not None:  # asked to stop while the seed before ended
+            raise Preempted(stop.requested, 0, None, during=f"starting seed {seed}")
         pace = pace_report(cfg, len(pending) - 1) if number == 0 else None
         outcomes[seed] = run_seed(
             cfg, seed, seed_data(cfg, target, seed, run_dir, data), source_state, run_dir, stop, pace, origin

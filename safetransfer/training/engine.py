@@ -430,6 +430,7 @@ def fit(
             ):
                 save(iteration)
             if signum is not None and iteration < loop.iterations:
+                verify(iteration)  # a failed seed is recorded as failed, not as stopped
                 raise Preempted(signum, iteration, checkpointer.path if checkpointer is not None else None)
     finally:
         logger.close()

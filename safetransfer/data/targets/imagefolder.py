@@ -16,17 +16,25 @@ from safetransfer.data.targets.base import Target
 
 log = logging.getLogger(__name__)
 
+
+def nested(a: str, b: str) -> bool:
+    """Whether one of two real paths is the other or lies inside it."""
+    common = os.path.commonpath([a, b])
+    return common in (a, b)
+
+
 LAYOUT = "<root>/train/<class>/<image> and <root>/test/<class>/<image>"
 
 
 class LinkSafeImageFolder(ImageFolder):
     """torchvision's ImageFolder, whose walk follows every folder link: one back into the tree
     (`ln -s . train/ants/loop`) reads the same images again at each turn of the loop (40
-    training images became 840). Here a link to a folder inside the split's tree is not
-    followed (its images are read where they lie), and a link to one outside it is followed
-    once per class folder (a class folder may link to where its images lie; a loop out there
-    is cut at its second turn); `skipped` lists the links not followed and the image files under
-    each. Otherwise the images and their order are torchvision's."""
+    training images became 840). Here a folder link is not followed when it leads into the
+    split's tree or to a folder holding it (the dataset's root: the test images would come
+    in), nor to a folder this class folder's walk has read already, holds or is inside of (a
+    loop out there); a class folder may still link to where its images lie. `skipped` lists
+    the links not followed and the image files under each. Otherwise the images and their
+    order are torchvision's."""
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         def valid(path: str) -> bool:
@@ -36,19 +44,18 @@ class LinkSafeImageFolder(ImageFolder):
         self.skipped: list[tuple[str, str, int]] = []
         instances = []
         for name in sorted(class_to_idx):
-            found, walked, followed = 0, [], set()
+            found, walked, read = 0, [], set()  # read: the real paths of the folders walked
             for folder, folders, files in os.walk(os.path.join(directory, name), followlinks=True):
                 walked.append((folder, files))
+                read.add(os.path.realpath(folder))
                 kept = []
                 for sub in sorted(folders):
                     path = os.path.join(folder, sub)
                     real = os.path.realpath(path)
-                    inside = os.path.commonpath([top, real]) == top
-                    if os.path.islink(path) and (inside or real in followed):
+                    if os.path.islink(path) and any(nested(real, other) for other in (top, *read)):
                         files_there = sum(valid(f) for _, _, fs in os.walk(real) for f in fs)
                         self.skipped.append((path, real, files_there))
                         continue
-                    followed.add(real)
                     kept.append(sub)
                 folders[:] = kept
             for folder, files in sorted(walked):  # torchvision's order: the folders' paths sorted, then the names
@@ -61,11 +68,13 @@ class LinkSafeImageFolder(ImageFolder):
                 raise FileNotFoundError(f"found no valid image file for the class folder {name} in {directory}")
         if self.skipped:
             log.warning(
-                "%s: %d folder link%s not followed, back into the tree or followed already (%s); the %d image "
-                "files there are read once, where they lie",
+                "%s: %d folder link%s not followed: %s lead%s back into the dataset or to a folder read already "
+                "(%s); the %d image files under them are not read through them",
                 directory,
                 len(self.skipped),
                 "" if len(self.skipped) == 1 else "s",
+                "it" if len(self.skipped) == 1 else "they",
+                "s" if len(self.skipped) == 1 else "",
                 ", ".join(f"{link} -> {real}" for link, real, _ in self.skipped[:3]),
                 sum(n for _, _, n in self.skipped),
             )
