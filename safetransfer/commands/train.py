@@ -88,19 +88,26 @@ def exists(path: Path) -> bool:
         return False
 
 
+def output_dirs(arguments: list[str]) -> list[tuple[str, Path]]:
+    """(key, folder) of each hydra.run.dir / hydra.sweep.dir the command line gives as a plain path."""
+    found = []
+    for argument in arguments:
+        key, _, value = argument.lstrip("+").partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            found.append((key, Path(value).expanduser()))
+    return found
+
+
 def check_dirs_free(arguments: list[str]) -> None:
     """The run directory (or a job directory of the sweep folder) another job holds is refused
     before Hydra writes this job's .hydra/ files over the running job's."""
     from safetransfer.job.lock import check_free
 
-    for argument in arguments:
-        key, _, value = argument.lstrip("+").partition("=")
-        if not value or "${" in value:
-            continue
+    for key, path in output_dirs(arguments):
         if key == "hydra.run.dir":
-            check_free(Path(value).expanduser())
-        elif key == "hydra.sweep.dir" and Path(value).expanduser().is_dir():
-            for job_dir in sorted(p for p in Path(value).expanduser().iterdir() if p.is_dir()):
+            check_free(path)
+        elif path.is_dir():
+            for job_dir in sorted(p for p in path.iterdir() if p.is_dir()):
                 check_free(job_dir)
 
 
@@ -108,11 +115,7 @@ def check_output_dirs(arguments: list[str]) -> None:
     """hydra.run.dir and hydra.sweep.dir, when given, can be made and written: Hydra makes them
     before any of ours runs, and its refusal is a traceback (a read-only place, a name too long).
     Tried by making them, then removing what the trial made: a refused command leaves nothing."""
-    for argument in arguments:
-        key, _, value = argument.lstrip("+").partition("=")
-        if key not in ("hydra.run.dir", "hydra.sweep.dir") or not value or "${" in value:
-            continue
-        path = Path(value).expanduser()
+    for key, path in output_dirs(arguments):
         whole = Path(os.path.abspath(path))  # `..` resolved as the file system will
         made = [folder for folder in (whole, *whole.parents) if not exists(folder)]  # deepest first
         try:
