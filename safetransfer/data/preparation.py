@@ -85,29 +85,25 @@ def augment_on_device(cfg: DictConfig, cached: bool) -> bool:
     return choice == "device" and cached
 
 
-def hold_on_device(cfg: DictConfig, cached: bool, nbytes: int) -> bool:
-    """data.on_device: hold the decoded training sample and test set on the device. auto: on
-    CUDA, when they take at most resident.FREE_MEMORY_SHARE of its free memory (split among
-    concurrent seeds) and the augmentation may run there."""
+def hold_on_device(cfg: DictConfig, cached: bool, device_augment: bool, nbytes: int) -> bool:
+    """data.on_device: hold the decoded training sample and test set on the device, where they are
+    augmented (`device_augment`, augment_on_device's choice). auto: when so, on CUDA, and they take
+    at most resident.FREE_MEMORY_SHARE of its free memory (split among concurrent seeds)."""
     choice = cfg.data.on_device
-    if choice is False or (choice == "auto" and cfg.data.augment_on == "workers"):
-        return False
-    if not cached:
-        if choice is True:
+    if choice is True:
+        if not cached:
             raise ConfigError(
                 "data.on_device=true holds the decoded-image cache on the device, and this target's images are "
                 "not cached (data.cache=false, or images held in memory as the demo's): set data.cache=true, "
                 "or data.on_device=auto"
             )
-        return False
-    if choice is True:
-        if not augment_on_device(cfg, cached):  # else the loader path's pixels would differ under one key
+        if not device_augment:  # else the loader path's pixels would differ under one key
             raise ConfigError(
                 "data.on_device=true augments on the device, and data.augment_on="
                 f"{cfg.data.augment_on} augments in the loader workers here: set data.augment_on=device"
             )
         return True
-    if not augment_on_device(cfg, cached):
+    if choice is False or not device_augment:
         return False
     sharing = len(cfg.seeds) if cfg.runtime.concurrent_seeds else 1
     return fits(nbytes, resolve_device(str(cfg.runtime.device)), sharing)
@@ -124,8 +120,8 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
     cached = bool(cfg.data.cache) and not isinstance(train_set, TensorImages)  # in-memory images need no cache
     test_side = cfg.data.resize if test_crops != 1 else cfg.data.crop
     nbytes = held_bytes((len(indices), len(test_set)), (3, cfg.data.resize, cfg.data.resize), (3, test_side, test_side))
-    resident = hold_on_device(cfg, cached, nbytes)
     on_device = augment_on_device(cfg, cached)
+    resident = hold_on_device(cfg, cached, on_device, nbytes)
     if cached:
         train, test = cached_data(cfg, train_set, test_set, indices, on_device)
     else:
