@@ -120,6 +120,11 @@ def test_single_run_from_the_command_line(cli, tmp_path):
             ["regularizer=l2sp", "regularizer.terms.l2sp.alpha=1e308"],
             "regularizer.terms.l2sp.alpha=1e+308 is beyond float32's range",
         ),
+        (  # an optimising sweeper sees the validation split only: without one there is nothing to optimise
+            ["-m", "hydra/sweeper=optuna", "regularizer=l2sp", "regularizer.terms.l2sp.alpha=interval(0.01, 1)"],
+            "hydra/sweeper=optuna optimises each job's mean validation top-1, and these jobs hold out no validation "
+            "split (target.val_fraction=0.0)",
+        ),
         (["hydra.run.dir=/proc/forbidden/run"], "hydra.run.dir=/proc/forbidden/run is not a writable directory"),
         (["hydra.run.dir=" + "r" * 300], "hydra.run.dir=" + "r" * 300 + " is not a writable directory (File name"),
         (  # a config written before the package's folders names the class by its old path
@@ -251,3 +256,16 @@ def test_every_seed_failing_is_one_line_naming_the_first_failure(cli):
     assert len(lines) == 1, result.stderr[-3000:]
     assert "every seed failed, nothing is written to the table; seed 0: iteration 1 (epoch 0)" in lines[0]
     assert "Omega term l2" in lines[0] and "alpha=1e+30" in lines[0] and "failed.json" in lines[0]
+
+
+@pytest.mark.parametrize("group", ["hydra/launcher=basic", "hydra/job_logging=disabled", "hydra/sweeper=optuna"])
+def test_hydras_own_groups_are_taken_on_the_command_line(cli, group):
+    """Hydra documents `hydra/<group>=<choice>` overrides; the key check before Hydra leaves them to it."""
+    result = cli(group, "--cfg", "hydra")
+    assert result.returncode == 0, result.stderr
+    expected = {
+        "hydra/launcher=basic": "BasicLauncher",
+        "hydra/job_logging=disabled": "disable_existing_loggers: false",
+        "hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
+    }[group]
+    assert expected in result.stdout

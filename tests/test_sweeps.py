@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import TINY, TINY_DEMO_SOURCE
 from safetransfer.commands.sweeps import job_statuses
@@ -286,3 +287,56 @@ def test_reproduce_script_finds_the_quick_starts_environment_unactivated(tmp_pat
     assert (tmp_path / "calls").read_text().splitlines() == [
         f"{repository / '.venv' / 'bin' / 'safetransfer-reproduce'} dtnh_table2 --plan"
     ]
+
+
+@pytest.mark.e2e  # a sweeper plugin's whole search: three trials of two seeds
+def test_an_optuna_search_optimises_validation_top1_never_test(cli, tmp_path, monkeypatch):
+    """Each Optuna trial's value is what the job returned: the mean val_top1 of its seeds, read back
+    here from their metrics.json, and not their test top-1 (the trials below are chosen so that the
+    two differ, or the assertion could not tell them apart)."""
+    import optuna
+
+    studies = []
+    create_study = optuna.create_study
+
+    def keep(*args, **kwargs):  # the sweeper's study, in memory, to read each trial's value
+        studies.append(create_study(*args, **kwargs))
+        return studies[-1]
+
+    monkeypatch.setattr(optuna, "create_study", keep)
+    arguments = [
+        "-m",
+        *[o for o in TINY_SWEEP if not o.startswith(("experiment=", "source"))],
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.direction=maximize",
+        "hydra.sweeper.sampler.seed=0",
+        "regularizer.terms.l2sp.alpha=tag(log, interval(0.001, 10))",
+        "method=l2sp",
+        "source=scratch",
+        "target.val_fraction=0.3",
+        "hydra.sweep.dir=sweep",
+    ]
+    result = cli(*arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (study,) = studies
+    trials = [t for t in study.trials if t.value is not None]
+    assert len(trials) == 3
+    runs = pd.DataFrame(
+        {
+            "alpha": m["config"]["regularizer"]["terms"]["l2sp"]["alpha"],
+            "val": m["val_top1"],
+            "test": m["top1"],
+        }
+        for m in metrics_of(tmp_path / "sweep")
+    )
+    means = runs.groupby("alpha")[["val", "test"]].mean()
+    assert len(means) == 3
+    differs = 0
+    for trial in trials:
+        expected = means.loc[trial.params["regularizer.terms.l2sp.alpha"]]
+        assert trial.value == pytest.approx(expected["val"])
+        differs += expected["val"] != pytest.approx(expected["test"])
+    assert differs >= 1  # the value could have been told apart from the test top-1
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(means["val"].max())

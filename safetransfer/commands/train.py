@@ -143,8 +143,8 @@ def check_keys(arguments: list[str]) -> None:
     choices, keyed = {}, []
     for override in overrides:
         key = override.key_or_group
-        if key == "hydra" or key.startswith("hydra.") or override.is_delete():
-            continue
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or override.is_delete():
+            continue  # Hydra's own keys and groups (hydra/sweeper=optuna): Hydra judges them
         if group_options(key) is None:
             keyed.append(override)
             continue
@@ -255,6 +255,56 @@ def check_method_presets(arguments: list[str]) -> None:
                 )
 
 
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def first_job(arguments: list[str]) -> DictConfig | None:
+    """The config (with Hydra's) of the first job the command line describes: a swept value as its
+    first choice, a search space (interval, range) left out; None when it does not compose (Hydra
+    then reports why itself)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.types import ChoiceSweep, Override
+
+    overrides = parse_overrides(arguments)
+    if overrides is None:
+        return None
+    first = []
+    for override in overrides:
+        value = override.value()
+        if isinstance(value, ChoiceSweep) and value.list:
+            first.append(f"{override.get_key_element()}={Override._get_value_element_as_str(value.list[0])}")
+        elif not override.is_sweep_override():
+            first.append(override.input_line)
+    try:
+        with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
+            return compose("config", overrides=first, return_hydra_config=True)
+    except Exception:
+        return None
+
+
+def check_sweeper(arguments: list[str]) -> None:
+    """A sweeper that optimises (Optuna, Ax, Nevergrad) optimises what each job returns: its mean
+    validation top-1. Jobs that hold out no validation split return nothing to optimise, and the test
+    split is never what a search chooses on: such a sweep is refused in one line before any job."""
+    cfg = first_job(arguments)
+    if cfg is None:
+        return
+    multirun = any(a in ("-m", "--multirun") for a in arguments) or cfg.hydra.mode == RunMode.MULTIRUN
+    if not multirun or cfg.hydra.sweeper.get("_target_") == BASIC_SWEEPER:
+        return
+    fractions = [cfg.target.val_fraction]
+    for override in parse_overrides(arguments) or []:
+        if override.key_or_group == "target.val_fraction" and override.is_sweep_override():
+            fractions = list(getattr(override.value(), "list", [0.0]))  # a searched fraction: refused too
+    if any(not isinstance(f, (int, float)) or f <= 0 for f in fractions):
+        sweeper = cfg.hydra.runtime.choices.get("hydra/sweeper") or cfg.hydra.sweeper.get("_target_")
+        raise ConfigError(
+            f"hydra/sweeper={sweeper} optimises each job's mean validation top-1, and these jobs hold out no "
+            f"validation split (target.val_fraction={fractions[0]}): set target.val_fraction=0.2, say; a search "
+            "never chooses on the test split"
+        )
+
+
 def job_overrides() -> str:
     """The job's own command-line overrides that change its numbers, for the table."""
     if not HydraConfig.initialized():
@@ -317,8 +367,8 @@ def run_held(cfg: DictConfig, hydra_cfg, run_dir: Path, num: int | None) -> floa
     except BaseException as error:
         status.write("failed", error=f"{type(error).__name__}: {error}")
         raise
-    status.write("finished", mean=row["mean"], n_seeds=row["n_seeds"], key=row["key"])
-    return row["mean"]  # what a sweeper optimises
+    status.write("finished", mean=row["mean"], val_mean=row["val_mean"], n_seeds=row["n_seeds"], key=row["key"])
+    return row["val_mean"]  # what a sweeper optimises: validation only (None without a held-out split)
 
 
 def main() -> None:
@@ -334,6 +384,7 @@ def main() -> None:
         check_group_choices(arguments)
         check_keys(arguments)
         check_method_presets(arguments)
+        check_sweeper(swept_source_keys(arguments))
         check_output_dirs(arguments)
         check_dirs_free(arguments)
     except ConfigError as error:

@@ -6,6 +6,7 @@ trains one seed (built by safetransfer.job.build) and evaluates it.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -440,6 +441,9 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
         local_paths=bool(cfg.results.get("local_paths", False)),
     )
     write_row(Path(cfg.results.dir), str(cfg.results.table), row)
+    validation = [outcomes[seed].get("val_top1") for seed in finished]
+    # what a sweeper optimises (commands/train.py): the validation split's, never the test split's
+    row["val_mean"] = statistics.fmean(validation) if None not in validation else None
     log.info(
         "%s: %s over %d seed%s -> %s",
         method,
