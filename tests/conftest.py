@@ -92,3 +92,25 @@ def train_in_process(tmp_path, monkeypatch, capsys):
         return code, out, err
 
     return _run
+
+
+def table_rows(results_dir, table: str):
+    """One row per setting of a table's store (results/<table>.seeds.csv): its cell, the mean and sample
+    std of its seeds' test top-1, their number, and the seeds and accuracies as lists (a groupby here)."""
+    import pandas as pd
+
+    records = pd.read_csv(Path(results_dir) / f"{table}.seeds.csv", dtype={"setting": str, "key": str})
+    grouped = records.sort_values("seed").groupby("setting", sort=False)
+    return grouped.agg(
+        backbone=("backbone", "first"),
+        source=("source", "first"),
+        target=("target", "first"),
+        sampling_rate=("sampling_rate", "first"),
+        method=("method", "first"),
+        key=("key", "first"),
+        mean=("top1", "mean"),
+        std=("top1", "std"),
+        n_seeds=("seed", "size"),
+        seeds=("seed", list),
+        accuracies=("top1", list),
+    ).reset_index()

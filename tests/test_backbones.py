@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import TINY
+from conftest import TINY, table_rows
 from safetransfer.common.errors import ConfigError
 from safetransfer.job.checks import check_config
 from safetransfer.training.backbones import (
@@ -127,11 +127,10 @@ def test_knowdist_on_another_family_reads_its_stages_or_the_modules_named(compos
 
 
 def test_a_job_trains_and_reports_another_backbone_by_its_torchvision_name(cli, tmp_path):
-    import pandas as pd
 
     result = cli(*TINY, "backbone.name=mobilenet_v3_small", "source=scratch", "regularizer=l2_bss", "results.dir=res")
     assert result.returncode == 0, result.stderr[-2000:]
-    row = pd.read_csv(tmp_path / "res" / "demo.csv").iloc[0]
+    row = table_rows(tmp_path / "res", "demo").iloc[0]
     assert row["backbone"] == "mobilenet_v3_small" and row["method"] == "L2+BSS" and 0 <= row["mean"] <= 100
 
 

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import TINY, TINY_DEMO_SOURCE
+from conftest import TINY, TINY_DEMO_SOURCE, table_rows
 
 
 @pytest.mark.e2e  # two multiruns of two jobs each: the long one (multiruns are also tested in-process)
@@ -25,25 +25,27 @@ def test_end_to_end_multirun_writes_the_table(cli, tmp_path):
     ]
     result = cli(*arguments)
     assert result.returncode == 0, result.stderr[-3000:]
-    frame = pd.read_csv(tmp_path / "res" / "demo.csv")
+    frame = table_rows(tmp_path / "res", "demo")
     assert sorted(frame["sampling_rate"]) == [50, 100]
     assert set(frame["n_seeds"]) == {2} and set(frame["method"]) == {"Fine-tuning"}
     assert set(frame["source"]) == {"demo"}
+    records = pd.read_csv(tmp_path / "res" / "demo.seeds.csv")
     for _, row in frame.iterrows():
-        per_seed = [float(a) for a in row["accuracies"].split(";")]
+        per_seed = row["accuracies"]
         assert row["mean"] == pytest.approx(sum(per_seed) / 2, abs=0.01)
-        seed_dirs = sorted((tmp_path / row["run_dir"]).glob("seed_*/metrics.json"))
+        run_dir = records[records["setting"] == row["setting"]]["run_dir"].iloc[0]
+        seed_dirs = sorted((tmp_path / run_dir).glob("seed_*/metrics.json"))
         assert len(seed_dirs) == 2
         metrics = [json.loads(p.read_text()) for p in seed_dirs]
-        assert [m["top1"] for m in metrics] == per_seed  # the CSV keeps full precision
+        assert [m["top1"] for m in metrics] == per_seed  # the store keeps full precision
         assert {m["train_images"] for m in metrics} == {6 * 10 * row["sampling_rate"] // 100}
     markdown = (tmp_path / "res" / "demo.md").read_text()
     assert markdown.count(" ± ") == 2 and "Results table" in result.stdout
 
-    # rerunning the same configs replaces their rows instead of adding new ones
+    # rerunning the same configs replaces their records instead of adding new ones
     again = cli(*arguments)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(pd.read_csv(tmp_path / "res" / "demo.csv")) == 2
+    assert len(pd.read_csv(tmp_path / "res" / "demo.seeds.csv")) == 4
 
 
 def test_single_run_from_the_command_line(cli, tmp_path):
@@ -59,9 +61,9 @@ def test_single_run_from_the_command_line(cli, tmp_path):
         "results.table=mine",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    frame = pd.read_csv(tmp_path / "out" / "mine.csv", dtype={"seeds": str})
-    assert len(frame) == 1 and frame.loc[0, "seeds"] == "5" and frame.loc[0, "source"] == "scratch"
-    assert "seeds=[5]" not in frame.loc[0, "overrides"]  # runtime keys stay out of the overrides column
+    frame = table_rows(tmp_path / "out", "mine")
+    assert len(frame) == 1 and frame.loc[0, "seeds"] == [5] and frame.loc[0, "source"] == "scratch"
+    assert "seeds" not in frame.loc[0, "setting"]  # the seeds are not part of a setting
 
 
 @pytest.mark.parametrize(
@@ -112,7 +114,10 @@ def test_single_run_from_the_command_line(cli, tmp_path):
         (["results.table=../../escaped"], "results.table=../../escaped is not a table name: it holds a path"),
         (["results.table=/some/other/place"], "results.table=/some/other/place is not a table name: it holds a path"),
         (["results.table=" + "t" * 300], "is not a table name: it is 300 bytes long, more than 180"),
-        (["results.paper.name=../x"], "results.paper.name=../x is not a table name: it holds a path"),
+        (
+            ["results.published=dtnh_table9"],
+            "results.published=dtnh_table9 is not a published table; known: bss_table2",
+        ),
         (["seeds=[-1]"], "seeds=[-1] must hold integers in [0, 2^32)"),
         (["target.sampling_seed=-1"], "target.sampling_seed=-1 must be an integer in [0, 2^32)"),
         (["train.batch_size=1"], "train.batch_size=1 is too small: BatchNorm needs two or more images a batch"),
@@ -182,7 +187,7 @@ def test_dtnh_run_never_steps_further_from_g_J_than_the_sum(cli, tmp_path):
     assert (rows["angle_d_J"] <= 90 + 1e-6).all()
     conflicting = rows[rows["conflict"] == 1]
     assert (conflicting["angle_d_J"] < conflicting["angle_sum_J"] + 1e-6).all()
-    assert pd.read_csv(tmp_path / "res" / "demo.csv").loc[0, "method"] == "DTNH (L2-SP+BSS)"
+    assert table_rows(tmp_path / "res", "demo").loc[0, "method"] == "DTNH (L2-SP+BSS)"
 
 
 def test_resample_per_seed_saves_each_seeds_draw(cli, tmp_path):

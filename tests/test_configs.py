@@ -21,7 +21,7 @@ from safetransfer.training.regularizers import Omega
 MANDATORY = {
     ("source", "file"): ["source.path=/some/checkpoint.pth"],
     ("source", "pretrained"): ["source.dataset=demo"],
-    ("experiment", "dtnh_tables"): ["results.paper.name=dtnh_table2"],
+    ("experiment", "dtnh_tables"): ["results.table=dtnh_table2"],
 }
 GROUPS = ["backbone", "source", "target", "regularizer", "direction", "optim", "experiment", "method"]
 
@@ -180,7 +180,7 @@ def test_every_cell_of_every_paper_table_composes_and_resolves(table):
             lr, momentum = (0.01, 0.9) if table.startswith("dtnh") else (0.001, 0.95)
             assert cfg.optim.optimizer.lr == lr and cfg.optim.optimizer.momentum == momentum
             assert cfg.optim.head_lr_mult == 10 and cfg.optim.scheduler.gamma == 0.1
-            assert cfg.results.paper.name == table and cfg.results.paper.published == table
+            assert cfg.results.table == table and cfg.results.published == table
             assert float(cfg.target.sampling_rate) == float(chosen.get("target.sampling_rate", 100))
             if table.startswith("dtnh"):
                 long = cfg.target.name == "cifar10"

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import table_rows
 from safetransfer.data import domains
 
 
@@ -41,7 +42,7 @@ def test_shapes_cover_what_their_level_says():
 @pytest.mark.slow
 def test_full_demo_shows_transfer_beyond_the_seeds_spread(tmp_path):
     result = _train(tmp_path)
-    check_demo_table(pd.read_csv(tmp_path / "results" / "domains.csv"))
+    check_demo_table(table_rows(tmp_path / "results", "demo"))
     assert "Results table" in result.stdout
 
 
@@ -90,11 +91,8 @@ def test_a_strong_pull_hurts_and_dtnh_removes_little_of_it(tmp_path):
         "runtime.eval_every=0",
         "runtime.log_every=10",
     )
-    frame = pd.read_csv(tmp_path / "results" / "domains.csv").set_index("method")
-    seeds = {
-        m: dict(zip(str(frame.loc[m, "seeds"]).split(";"), map(float, str(frame.loc[m, "accuracies"]).split(";"))))
-        for m in frame.index
-    }
+    frame = table_rows(tmp_path / "results", "demo").set_index("method")
+    seeds = {m: dict(zip(frame.loc[m, "seeds"], frame.loc[m, "accuracies"])) for m in frame.index}
     gap = [seeds["L2-SP"][s] - seeds["Fine-tuning"][s] for s in seeds["Fine-tuning"]]
     assert len(gap) == 5
     assert stats.ttest_1samp(gap, 0.0).confidence_interval(0.95).high < -5, gap

@@ -223,11 +223,10 @@ def test_concurrent_seeds_share_the_gpu_and_each_writes_its_metrics(cli, tmp_pat
     for seed in (0, 1, 2):
         metrics = json.loads((tmp_path / "run" / f"seed_{seed}" / "metrics.json").read_text())
         assert metrics["seed"] == seed and metrics["device"].startswith("cuda")
-    import csv
+    from conftest import table_rows
 
-    with open(tmp_path / "res" / "cub200.csv", newline="") as handle:
-        (row,) = list(csv.DictReader(handle))
-    assert int(row["n_seeds"]) == 3
+    (n_seeds,) = table_rows(tmp_path / "res", "cub200")["n_seeds"]
+    assert n_seeds == 3
 
 
 @pytest.mark.parametrize("regularizer", ["l2sp", "knowdist"])

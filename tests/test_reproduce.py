@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from conftest import TINY
@@ -274,8 +273,10 @@ def test_a_chosen_value_is_checked_like_one_from_the_command_line(compose_cfg, t
             }
         )
     )
-    assert apply_chosen(compose_cfg(f"search.chosen={chosen}"), "Fine-tuning") is False
-    assert apply_chosen(compose_cfg("regularizer=l2sp", f"search.chosen={chosen}"), "L2-SP") is True
+    assert apply_chosen(compose_cfg(f"search.chosen={chosen}"), "Fine-tuning") == ""
+    assert apply_chosen(compose_cfg("regularizer=l2sp", f"search.chosen={chosen}"), "L2-SP") == (
+        "regularizer.terms.l2sp.alpha=-1"
+    )
     cfg = compose_cfg("regularizer=l2sp", f"search.chosen={chosen}", f"results.dir={tmp_path / 'results'}")
     with pytest.raises(ConfigError, match="regularizer.terms.l2sp.alpha=-1 must be a finite number >= 0"):
         run_job(cfg, tmp_path / "job")
@@ -330,8 +331,9 @@ def test_table_iv_makes_its_stanford_dogs_source_itself(tmp_path, monkeypatch, c
     monkeypatch.setattr(train, "main", pretraining)
     monkeypatch.setattr(reproduce, "run_stage", lambda arguments: calls.append(["stage", *arguments]))
     monkeypatch.setattr(reproduce, "choose", lambda seeds, grids: {})
-    monkeypatch.setattr("safetransfer.reporting.tables.collect", lambda directories: pd.DataFrame(columns=["method"]))
-    monkeypatch.setattr("safetransfer.reporting.tables.write_table", lambda *args, **kwargs: "table\n")
+    monkeypatch.setattr("safetransfer.reporting.store.records_under", lambda directories: [])
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "dtnh_table4_paper.md").write_text("table\n")  # what the final stage's jobs write
     reproduce.main(["dtnh_table4", "--dir", "tables", *cell])
     first = calls[0]
     assert first[:4] == [

@@ -171,7 +171,7 @@ class Poison(Term):
 
 def test_nan_stops_the_seed_names_iteration_and_term_and_stays_out_of_the_table(compose_cfg, tmp_path, monkeypatch):
     from safetransfer.job import build
-    from safetransfer.reporting.results import read_table
+    from safetransfer.reporting.store import read
     from safetransfer.training.regularizers import Omega
 
     monkeypatch.setattr(build, "create_omega", lambda cfg: Omega({"poison": Poison(seed=1, at=3)}))
@@ -182,14 +182,13 @@ def test_nan_stops_the_seed_names_iteration_and_term_and_stays_out_of_the_table(
     assert "alpha=0.5" in failure["error"]
     assert not (tmp_path / "job" / "seed_1" / "metrics.json").exists()
     finished = [json.loads((tmp_path / "job" / f"seed_{s}" / "metrics.json").read_text())["top1"] for s in (0, 2)]
-    assert row["n_seeds"] == 2 and row["seeds"] == "0;2" and row["failed"] == "1"
-    assert row["mean"] == pytest.approx(sum(finished) / 2)
-    table = read_table(tmp_path / "results", "demo")
-    assert table.loc[0, "failed"] == "1" and table.loc[0, "n_seeds"] == 2
+    assert row["n_seeds"] == 2 and row["mean"] == pytest.approx(sum(finished) / 2)
+    records = read(tmp_path / "results", "demo")
+    assert list(records["seed"]) == [0, 2] and list(records["top1"]) == finished  # the failed seed is not in it
 
     # a rerun keeps both finished seeds and does not retry the failed one
     again = run_job(cfg, tmp_path / "job")
-    assert again["seeds"] == "0;2" and again["failed"] == "1"
+    assert again["seeds"] == [0, 2] and again["failed"] == [1]
 
 
 def test_every_seed_failing_fails_the_job(compose_cfg, tmp_path, monkeypatch):
@@ -496,9 +495,9 @@ def test_a_group_signal_after_one_seed_finished_stops_the_job_and_one_seed_left_
     assert outcomes(tmp_path / "run") == uninterrupted_concurrent
 
 
-@pytest.mark.parametrize("name", ["spectrum.json", "metrics.json", "demo.csv"])
+@pytest.mark.parametrize("name", ["spectrum.json", "metrics.json", "demo.seeds.csv"])
 def test_a_full_disk_while_writing_a_result_is_one_line_and_keeps_what_is_finished(cli, tmp_path, monkeypatch, name):
-    """spectrum.json, metrics.json or the table (demo.csv) hitting a full disk gave 2-4 chained
+    """spectrum.json, metrics.json or the table's store (demo.seeds.csv) hitting a full disk gave 2-4 chained
     tracebacks. The disk is full (fsync fails with ENOSPC) only for the temporary file of `name`."""
     import tempfile
 
@@ -528,11 +527,11 @@ def test_a_full_disk_while_writing_a_result_is_one_line_and_keeps_what_is_finish
     assert len(lines) == 1 and f"{name} failed (No space left on device)" in lines[0] and "free space in" in lines[0]
     assert json.loads((tmp_path / "run" / "job.json").read_text())["status"] == "failed"
     assert not list(tmp_path.rglob("*.tmp"))
-    if name == "demo.csv":  # the seed finished before the table: kept, and a rerun only writes the table
+    if name == "demo.seeds.csv":  # the seed finished before the table: kept, and a rerun only writes the table
         finished = tmp_path / "run" / "seed_0" / "metrics.json"
         written = finished.stat().st_mtime_ns
         again = cli(*TINY, "runtime.spectrum_batches=1", "results.dir=res", "hydra.run.dir=run")
-        assert again.returncode == 0 and (tmp_path / "res" / "demo.csv").exists()
+        assert again.returncode == 0 and (tmp_path / "res" / "demo.seeds.csv").exists()
         assert finished.stat().st_mtime_ns == written  # kept, not trained again
 
 
@@ -573,10 +572,10 @@ def test_a_second_job_on_a_run_directory_in_use_is_refused_and_touches_nothing(c
 
 def test_stale_temporaries_in_the_cache_and_the_results_folder_are_removed_under_their_lock(tmp_path, caplog):
     """A killed cache build left `<file>.<pid>.tmp` (split-sized) in the cache, a killed table
-    write `.<table>.csv.XXXXXXXX.tmp` in results/; they were never removed. The next build or
+    write `.<table>.seeds.csv.XXXXXXXX.tmp` in results/; they were never removed. The next build or
     write of the same file, holding that file's lock, removes them."""
     from safetransfer.common.atomic import built_once
-    from safetransfer.reporting.results import write_row
+    from safetransfer.reporting.store import COLUMNS, append
 
     cached = tmp_path / "cache" / "thing.pt"
     cached.parent.mkdir()
@@ -591,11 +590,11 @@ def test_stale_temporaries_in_the_cache_and_the_results_folder_are_removed_under
 
     results = tmp_path / "results"
     results.mkdir()
-    stale = [results / ".demo.csv.q9w8e7r6.tmp", results / ".demo.md.a1b2c3d4.tmp"]
+    stale = [results / ".demo.seeds.csv.q9w8e7r6.tmp", results / ".demo.md.a1b2c3d4.tmp"]
     for path in stale:
         path.write_text("half a table")
-    write_row(results, "demo", {"key": "k1", "method": "L2", "mean": 1.0})
-    assert not any(p.exists() for p in stale) and (results / "demo.csv").exists()
+    append(results, "demo", [{**dict.fromkeys(COLUMNS, ""), "setting": "k1", "seed": 0, "top1": 1.0}])
+    assert not stale[0].exists() and (results / "demo.seeds.csv").exists()
 
 
 def test_a_stop_while_the_cache_is_decoded_or_the_demo_source_pretrained_ends_it_at_once(tmp_path):

@@ -235,14 +235,13 @@ def test_imagenet_v2_does_not_exist_for_resnet18():
 
 
 def test_end_to_end_run_from_a_file_source(cli, tmp_path):
-    from conftest import TINY
+    from conftest import TINY, table_rows
 
     torch.save(full_resnet_state("resnet18", seed=3), tmp_path / "source.pth")
     result = cli(*TINY, "source=file", f"source.path={tmp_path / 'source.pth'}", "regularizer=l2sp", "results.dir=res")
     assert result.returncode == 0, result.stderr[-3000:]
-    import pandas as pd
 
-    row = pd.read_csv(tmp_path / "res" / "demo.csv").iloc[0]
+    row = table_rows(tmp_path / "res", "demo").iloc[0]
     assert row["source"] == "file:source" and row["method"] == "L2-SP"  # a file source is named with its file
 
 

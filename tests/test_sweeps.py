@@ -45,7 +45,7 @@ def test_grid_search_gives_a_paper_layout_table_chosen_on_validation(cli, tmp_pa
         "target.val_fraction=0.3",
         "method=l2sp,dtnh_l2sp",
         "regularizer.terms.l2sp.alpha=0.01,10.0",
-        "results.paper.name=grid",
+        "results.table=grid",
         "hydra.sweep.dir=sweep",
     ]
     result = cli(*arguments)
@@ -65,20 +65,20 @@ def test_grid_search_gives_a_paper_layout_table_chosen_on_validation(cli, tmp_pa
             for m in runs
         ]
     )
-    table = pd.read_csv(tmp_path / "res" / "grid.csv")
-    assert len(table) == 1 and table["target"].tolist() == ["demo"]
+    table = pd.read_csv(tmp_path / "res" / "grid_paper.csv", keep_default_na=False).set_index("column")
+    assert set(table["target"]) == {"demo"} and len(table) == 2
     decided = 0
     for method, group in frame.groupby("method"):
         means = group.groupby("alpha")[["val", "test"]].mean()
         best = means["val"].idxmax()
-        if (means["val"] == means["val"].max()).sum() == 1:  # a clear winner (a tie keeps the first config key)
+        if (means["val"] == means["val"].max()).sum() == 1:  # a clear winner (a tie keeps the first setting)
             decided += 1
-            assert table[f"{method} chosen"].tolist() == [f"regularizer.terms.l2sp.alpha={best}"]
-            assert table[f"{method} mean"].tolist() == [pytest.approx(means.loc[best, "test"])]
-            assert table[f"{method} val_mean"].tolist() == [pytest.approx(means.loc[best, "val"])]
-        assert table[f"{method} settings"].tolist() == [2] and table[f"{method} seeds"].tolist() == [2]
+            assert table.loc[method, "chosen"] == f"l2sp.alpha={best}"
+            assert table.loc[method, "mean"] == pytest.approx(means.loc[best, "test"])
+            assert table.loc[method, "val_mean"] == pytest.approx(means.loc[best, "val"])
+        assert table.loc[method, "settings_tried"] == 2 and table.loc[method, "seeds"] == 2
     assert decided >= 1, frame  # the choice was exercised, not only ties
-    markdown = (tmp_path / "res" / "grid.md").read_text()
+    markdown = (tmp_path / "res" / "grid_paper.md").read_text()
     assert "(of 2 settings)" in markdown and markdown in result.stdout
     assert "All 4 jobs of" in result.stdout
     assert {r["status"] for r in job_statuses(tmp_path / "sweep")} == {"finished"}
@@ -136,11 +136,11 @@ def test_two_job_sweep_through_submitit_local_executor(cli_process, tmp_path):
     runs = metrics_of(tmp_path / "sweep")
     assert sorted(m["config"]["regularizer"]["name"] for m in runs) == ["Fine-tuning", "L2-SP"]
     assert (tmp_path / "sweep" / ".submitit").is_dir()  # the jobs went through submitit
-    table = pd.read_csv(tmp_path / "res" / "demo_paper.csv")
+    table = pd.read_csv(tmp_path / "res" / "demo_paper.csv").set_index("column")
     for m in runs:
         column = "Fine-tuning" if m["config"]["regularizer"]["name"] == "Fine-tuning" else "L2-SP"
-        assert table[f"{column} mean"].tolist() == [pytest.approx(m["top1"])]
-    assert np.all(table.filter(like="seeds").to_numpy() == 1)
+        assert table.loc[column, "mean"] == pytest.approx(m["top1"])
+    assert np.all(table["seeds"].to_numpy() == 1)
 
 
 @pytest.mark.parametrize("table", ["dtnh_table2", "dtnh_table3", "dtnh_table4", "bss_table2"])

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from safetransfer.common.errors import ConfigError
 from safetransfer.common.overrides import split_sweeps
 from safetransfer.job.fetch import READY, summary
-from safetransfer.reporting.search import choose, chosen_notes, write_chosen
+from safetransfer.reporting.search import choose, write_chosen
 from safetransfer.training.signals import STOP_SIGNALS
 
 CONFIG_MODULE = "safetransfer.conf"
@@ -355,7 +355,9 @@ def make_sources(made: list[tuple[str, str, Path, str]], overrides: list[str], r
 def reproduce(table: str, overrides: list[str], root: Path, made: list | None = None) -> Path:
     """Both stages of `table`, after making the sources a pretraining run makes (`made`, from
     sources_to_make; found here when not given)."""
-    from safetransfer.reporting.tables import collect, write_table
+    import pandas as pd
+
+    from safetransfer.reporting import store
 
     make_sources(sources_to_make(table, overrides) if made is None else made, overrides, root)
     sweeps, plain = split_sweeps(overrides)
@@ -378,18 +380,16 @@ def reproduce(table: str, overrides: list[str], root: Path, made: list | None = 
                 f"target.val_fraction={base.search.val_fraction}",
                 f"seeds=[{','.join(map(str, base.search.seeds))}]",
                 f"hydra.sweep.dir={directory}",
-                f"results.table={table}_search",
-                f"results.paper.name={table}_search_{method}",
-                "results.paper.published=null",
+                f"results.table={base.results.table}_search",
+                "results.published=null",
             ]
         )
     chosen_path = root / "chosen.json"
     if searched_dirs:
-        seeds = collect(searched_dirs)
-        cells = choose(seeds, grids)
-        chosen = write_chosen(chosen_path, table, cells, sorted(set(seeds["method"])))
+        records = pd.DataFrame(store.records_under(searched_dirs), columns=store.COLUMNS)
+        write_chosen(chosen_path, table, choose(records, grids), sorted(set(records["method"])))
     else:
-        chosen = write_chosen(chosen_path, table, {}, [])
+        write_chosen(chosen_path, table, {}, [])
     run_stage(
         [
             f"experiment={table}",
@@ -399,21 +399,9 @@ def reproduce(table: str, overrides: list[str], root: Path, made: list | None = 
             f"hydra.sweep.dir={root / 'final'}",
         ]
     )
-    notes = (
-        ["Chosen on the validation split in stage 1 (the test split never took part):", "", *chosen_notes(chosen)]
-        if chosen["cells"]
-        else []
-    )
-    markdown = write_table(
-        [root / "final"],
-        Path(base.results.dir),
-        str(base.results.paper.name),
-        base.results.paper.published or None,
-        notes=notes,
-        accumulate=True,
-    )
-    print(markdown, end="")
-    return Path(base.results.dir) / f"{base.results.paper.name}.md"
+    path = Path(base.results.dir) / f"{base.results.table}_paper.md"
+    print(path.read_text(), end="")
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,9 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from safetransfer.common.atomic import atomic_write_json
-from safetransfer.common.errors import ConfigError
 from safetransfer.common.overrides import sweep_jobs
-from safetransfer.reporting.results import table_paths
 
 log = logging.getLogger(__name__)
 
@@ -112,27 +110,15 @@ def failure_report(sweep_dir: Path, planned: int | None = None, arguments: list[
 def sweep_report(
     config: DictConfig, sweep_dir: Path, planned: int | None = None, arguments: list[str] | None = None
 ) -> str:
-    """The paper-layout table of everything under `sweep_dir`, then the failed jobs."""
-    from safetransfer.reporting.tables import write_table
-
+    """The paper layout of each table the sweep's jobs wrote to (with the cells of earlier sweeps
+    in it), then the jobs that did not finish."""
+    results = Path(config.results.dir)
     parts = []
-    paper = config.results.paper
-    name = str(paper.name)
-    try:
-        markdown = write_table(
-            [sweep_dir],
-            Path(config.results.dir),
-            name,
-            str(paper.published) if paper.published else None,
-            accumulate=True,
-        )
-        parts.append(
-            f"Paper-layout table {Path(config.results.dir) / (name + '.md')} (the jobs of {sweep_dir}, "
-            "beside the cells of earlier sweeps written to it):"
-            f"\n\n{markdown}"
-        )
-    except ConfigError as error:
-        parts.append(f"No paper-layout table: {error}")
+    for table in dict.fromkeys(r["table"] for r in job_statuses(sweep_dir) if r.get("table")):
+        path = results / f"{table}_paper.md"
+        if path.exists():
+            parts.append(f"Paper-layout table {path} (the jobs of {sweep_dir} and all else in {table}):\n")
+            parts.append(path.read_text())
     parts.append(failure_report(sweep_dir, planned, arguments))
     return "\n".join(parts)
 
@@ -171,8 +157,8 @@ class SweepReport(Callback):
 
 
 def print_results_table(config: DictConfig) -> None:
-    """The job rows of `results.table`, if there are any."""
+    """The job view of `results.table`, if there is one."""
     with contextlib.suppress(Exception):  # interpolations that cannot resolve here: nothing to print
-        _, md_path = table_paths(Path(config.results.dir), str(config.results.table))
-        if md_path.exists():
-            print(f"\nResults table {md_path}:\n\n{md_path.read_text()}", flush=True)
+        path = Path(config.results.dir) / f"{config.results.table}.md"
+        if path.exists():
+            print(f"\nResults table {path}:\n\n{path.read_text()}", flush=True)

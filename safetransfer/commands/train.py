@@ -305,15 +305,6 @@ def check_sweeper(arguments: list[str]) -> None:
         )
 
 
-def job_overrides() -> str:
-    """The job's own command-line overrides that change its numbers, for the table."""
-    if not HydraConfig.initialized():
-        return ""
-    from safetransfer.reporting.results import runtime_only
-
-    return " ".join(o for o in HydraConfig.get().overrides.task if not runtime_only(o))
-
-
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
 def app(cfg: DictConfig) -> float:
     from safetransfer.job.lock import holding
@@ -343,7 +334,7 @@ def run_held(cfg: DictConfig, hydra_cfg, run_dir: Path, num: int | None) -> floa
     try:
         with signals.StopSignals() as stop:
             check_method_choices(hydra_cfg.runtime.choices)
-            row = run_job(cfg, run_dir, job_overrides(), stop=stop)
+            row = run_job(cfg, run_dir, stop=stop)
     except signals.Preempted as preempted:
         message = str(preempted)
         if num is not None:  # "the same command" would start a new sweep folder: name this one
@@ -367,7 +358,7 @@ def run_held(cfg: DictConfig, hydra_cfg, run_dir: Path, num: int | None) -> floa
     except BaseException as error:
         status.write("failed", error=f"{type(error).__name__}: {error}")
         raise
-    status.write("finished", mean=row["mean"], val_mean=row["val_mean"], n_seeds=row["n_seeds"], key=row["key"])
+    status.write("finished", **{k: row[k] for k in ("mean", "val_mean", "n_seeds", "seeds", "failed", "key", "table")})
     return row["val_mean"]  # what a sweeper optimises: validation only (None without a held-out split)
 
 

@@ -15,7 +15,8 @@ from safetransfer.common.fingerprints import KEYED_AS
 from safetransfer.data.augment import AUGMENT_ON
 from safetransfer.data.resident import ON_DEVICE
 from safetransfer.data.transforms import TEST_CROPS, TEST_RESIZES, TRAIN_CROPS, crop_options
-from safetransfer.reporting.results import check_table_name
+from safetransfer.reporting.store import check_table_name
+from safetransfer.reporting.tables import published_values
 from safetransfer.training.engine import PRECISIONS, milestone_iterations
 from safetransfer.training.train_log import LOGGERS, PROGRESS
 
@@ -148,8 +149,8 @@ def check_config(cfg: DictConfig) -> None:
         )
     check_device(str(cfg.runtime.device))
     check_table_name(str(cfg.results.table), "results.table")
-    if cfg.results.get("paper") is not None:
-        check_table_name(str(cfg.results.paper.name), "results.paper.name")
+    if cfg.results.published:
+        published_values(str(cfg.results.published))
     check_writable(Path(cfg.results.dir), "results.dir")
     check_writable(Path(str(cfg.paths.cache_dir)).expanduser(), "paths.cache_dir", ".cache/safetransfer")
 

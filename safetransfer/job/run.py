@@ -5,6 +5,7 @@ trains one seed (built by safetransfer.job.build) and evaluates it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import statistics
 import time
@@ -26,9 +27,10 @@ from safetransfer.data.targets.base import Target
 from safetransfer.job.build import build_seed, train_log
 from safetransfer.job.checks import check_config
 from safetransfer.job.lock import holding
+from safetransfer.reporting import tables
 from safetransfer.reporting.methods import method_name, method_structure, source_label
-from safetransfer.reporting.results import format_cell, make_row, write_row
 from safetransfer.reporting.search import apply_chosen
+from safetransfer.reporting.store import record
 from safetransfer.sources.base import own_keys, provenance
 from safetransfer.sources.local import save_source_checkpoint
 from safetransfer.training.backbones import TransferNet
@@ -280,25 +282,33 @@ def failed_seed(run_dir: Path, seed: int, key: str) -> str | None:
     return record["error"] if record is not None and record["key"] == key else None
 
 
-def run_job(cfg: DictConfig, run_dir: Path, overrides: str = "", stop: StopSignals | None = None) -> dict:
-    """Check the config, run every seed not finished yet, write the row; returns the row.
-    `stop` (safetransfer.training.signals.StopSignals) asks the running seed to checkpoint and stop."""
+def resolved(cfg: DictConfig) -> tuple[DictConfig, str]:
+    """The job's own config, made once before it runs and validated once: without the source keys its
+    source does not take (given to a sweep over sources), with its cell's values chosen by stage 1 of a
+    table's search (search.chosen); and those chosen values as text, for the table."""
+    cfg = copy.deepcopy(cfg)
     foreign = own_keys(cfg.source)
-    if foreign:  # a sweep over sources: each takes its own keys
+    if foreign:
         log.info(
             "source=%s leaves out the keys it does not take (given for the other sources of the sweep, or "
             "by the source the method replaces): %s",
             cfg.source.name,
             ", ".join(f"source.{k}" for k in foreign),
         )
-        left_out = {f"source.{k}" for k in foreign}
-        overrides = " ".join(o for o in overrides.split() if o.lstrip("+~").partition("=")[0] not in left_out)
+    chosen = apply_chosen(cfg, method_name(cfg))
+    if chosen:
+        log.info("the values stage 1 chose for this cell: %s", chosen)
     check_config(cfg)
+    return cfg, chosen
+
+
+def run_job(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None) -> dict:
+    """Check the config, run every seed not finished yet, add them to the table; returns the job's
+    numbers. `stop` (safetransfer.training.signals.StopSignals) asks the running seed to checkpoint and stop."""
+    cfg, chosen = resolved(cfg)
     check_save_to(cfg, run_dir)
-    if apply_chosen(cfg, method_name(cfg)):  # stage 2 of a table's search: the cell's chosen values
-        check_config(cfg)
     with holding(run_dir), job_device(cfg), mirrored(cfg.paths.get("mirror")):
-        return _run_job(cfg, run_dir, overrides, stop)
+        return _run_job(cfg, run_dir, chosen, stop)
 
 
 def seed_threads(cfg: DictConfig) -> int:
@@ -358,7 +368,7 @@ def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dic
         )
 
 
-def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals | None) -> dict:
+def _run_job(cfg: DictConfig, run_dir: Path, chosen: str, stop: StopSignals | None) -> dict:
     target: Target = instantiate(cfg.target)
     target.check()
     check_classes(cfg.target.name, len(target.classes))
@@ -425,34 +435,32 @@ def _run_job(cfg: DictConfig, run_dir: Path, overrides: str, stop: StopSignals |
         raise NonFiniteError(
             f"every seed failed, nothing is written to the table; {first} ({run_dir}/seed_*/{FAILED} says why for each)"
         )
-    row = make_row(
-        backbone=cfg.backbone.name,
-        source=source_label(cfg.source),
-        target=cfg.target.name,
-        sampling_rate=cfg.target.sampling_rate,
-        method=method,
-        seeds=finished,
-        accuracies=accuracies,
-        overrides=overrides,
-        key=key,
-        run_dir=str(run_dir),
-        failed=failed,
-        structure=method_structure(cfg),
-        local_paths=bool(cfg.results.get("local_paths", False)),
-    )
-    write_row(Path(cfg.results.dir), str(cfg.results.table), row)
+    records = [
+        record(outcomes[seed], run_dir, chosen, local_paths=bool(cfg.results.get("local_paths", False)))
+        for seed in finished
+    ]
+    tables.write(Path(cfg.results.dir), str(cfg.results.table), records)
+    mean, std = tables.summarize(accuracies)
     validation = [outcomes[seed].get("val_top1") for seed in finished]
-    # what a sweeper optimises (commands/train.py): the validation split's, never the test split's
-    row["val_mean"] = statistics.fmean(validation) if None not in validation else None
     log.info(
         "%s: %s over %d seed%s -> %s",
         method,
-        format_cell(row["mean"], row["std"]),
-        row["n_seeds"],
-        "s" if row["n_seeds"] > 1 else "",
+        tables.format_cell(mean, std),
+        len(finished),
+        "s" if len(finished) > 1 else "",
         Path(cfg.results.dir) / f"{cfg.results.table}.md",
     )
-    return row
+    return {
+        "mean": mean,
+        "std": std,
+        "n_seeds": len(finished),
+        "seeds": finished,
+        "failed": failed,
+        "key": key,
+        "table": str(cfg.results.table),
+        # what a sweeper optimises (commands/train.py): the validation split's, never the test split's
+        "val_mean": statistics.fmean(validation) if None not in validation else None,
+    }
 
 
 __all__ = ["run_job", "run_seed"]

@@ -87,11 +87,6 @@ def describe_reference(structure: dict) -> str:
     return "plain fine-tuning (Fine-tuning or L2)"
 
 
-def is_scratch(method: str) -> bool:
-    """Whether a method name (a table column, with or without its [..] suffix) is the From scratch baseline."""
-    return method.partition(" [")[0] == SCRATCH
-
-
 def source_label(source) -> str:
     """A source's name in tables: with the dataset a pretrained source was trained on
     (`pretrained:vehicles`) or a local file's name (`file:resnet18_custom`)."""

@@ -25,9 +25,9 @@ import pandas as pd
 
 from safetransfer.common.atomic import read_json
 from safetransfer.common.fingerprints import config_key
-from safetransfer.reporting.methods import is_scratch, method_name, source_label
-from safetransfer.reporting.results import short_key
-from safetransfer.reporting.tables import flat_settings, varied_keys
+from safetransfer.reporting.methods import SCRATCH, method_name, source_label
+from safetransfer.reporting.store import flat_settings
+from safetransfer.reporting.tables import short_key, varied_keys
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def series_name(run: Run, runs: Sequence[Run], settings: bool = True) -> str:
     mix sources (From scratch needs none), and (`settings`) the values a grid varied when the
     method's runs hold several settings (`L2-SP l2sp.alpha=0.1`: settings are never averaged)."""
     name = run.method
-    if len({r.source for r in runs if not is_scratch(r.method)}) > 1 and not is_scratch(run.method):
+    if len({r.source for r in runs if r.method != SCRATCH}) > 1 and run.method != SCRATCH:
         name += f" [{run.source}]"
     same = [
         r
@@ -336,8 +336,16 @@ def plot_spectra(runs: Sequence[Run], path: Path, colors: dict[str, str] | None 
     return _save(plt, figure, path)
 
 
+def numbers_of(frame: pd.DataFrame) -> pd.DataFrame:
+    """The paper layout's long frame (tables.paper_view) as plot_table reads it: rows (target, rate),
+    columns (column, quantity)."""
+    wide = frame.set_index(["target", "sampling_rate", "column"]).unstack("column")
+    wide.columns = wide.columns.swaplevel().set_names(["method", "quantity"])
+    return wide.reindex(columns=list(dict.fromkeys(frame["column"])), level="method")
+
+
 def plot_table(numbers: pd.DataFrame, path: Path, colors: dict[str, str] | None = None) -> Path | None:
-    """Grouped bars from tables.assemble's numbers: one group per (target, rate), one bar per method."""
+    """Grouped bars from numbers_of's numbers: one group per (target, rate), one bar per method."""
     if numbers.empty:
         return None
     methods = list(dict.fromkeys(numbers.columns.get_level_values("method")))
@@ -389,7 +397,7 @@ def plot_table(numbers: pd.DataFrame, path: Path, colors: dict[str, str] | None 
                 fmt="o",
                 capsize=3,
                 color=colors[method],
-                label=f"{method} − {next(r for r in numbers[(method, 'reference')] if r)}",
+                label=f"{method} − {next(r for r in numbers[(method, 'reference')] if isinstance(r, str) and r)}",
             )
         paired_axis.axhline(0, color="black", linewidth=0.8)
         paired_axis.set_xticks(x, rows, rotation=20, ha="right")
@@ -404,7 +412,8 @@ def plot_table(numbers: pd.DataFrame, path: Path, colors: dict[str, str] | None 
 def main(argv: list[str] | None = None) -> None:
     from safetransfer.common.atomic import check_writable
     from safetransfer.common.errors import ConfigError
-    from safetransfer.reporting.tables import assemble, collect, published_values, select
+    from safetransfer.reporting import store
+    from safetransfer.reporting.tables import paper_view, published_values
 
     parser = argparse.ArgumentParser(
         prog="safetransfer-plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -426,9 +435,10 @@ def main(argv: list[str] | None = None) -> None:
     if not runs:
         parser.exit(2, "safetransfer-plot: error: no seed_*/log.csv under the given directories\n")
     try:
-        numbers = assemble(
-            select(collect(args.directories)), published_values(args.published) if args.published else None
-        )
+        if args.published:
+            published_values(args.published)
+        records = pd.DataFrame(store.records_under(args.directories, args.published), columns=store.COLUMNS)
+        numbers = numbers_of(paper_view(records)[0]) if len(records) else pd.DataFrame()
     except ConfigError as error:
         numbers = None
         print(f"safetransfer-plot: no table figure: {error}")

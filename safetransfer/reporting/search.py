@@ -34,11 +34,11 @@ def grid_keys(grid: list[str]) -> list[str]:
     return [override.split("=", 1)[0].lstrip("+") for override in grid]
 
 
-def apply_chosen(cfg: DictConfig, method: str) -> bool:
-    """Stage 2: set this job's cell's chosen values (search.chosen); whether any were set."""
+def apply_chosen(cfg: DictConfig, method: str) -> str:
+    """Stage 2: set this job's cell's chosen values (search.chosen); returns them as text ("" for none)."""
     path = cfg.search.chosen
     if not path:
-        return False
+        return ""
     try:
         chosen = json.loads(Path(path).read_text())
         cells, searched = chosen["cells"], chosen["searched"]
@@ -54,52 +54,41 @@ def apply_chosen(cfg: DictConfig, method: str) -> bool:
                 f"search.chosen={path} has no setting for {cell_id(cfg, method)}: its search did not "
                 "finish; rerun the table command (finished search jobs are kept)"
             )
-        return False  # a method without a grid keeps its preset values
+        return ""  # a method without a grid keeps its preset values
     for key, value in entry["values"].items():
         OmegaConf.update(cfg, key, value, merge=False)
-    return True
+    tried = f" (of {entry['settings_tried']} settings)" if entry.get("settings_tried", 1) > 1 else ""
+    return " ".join(f"{k}={v}" for k, v in entry["values"].items()) + tried
 
 
-def choose(seeds: pd.DataFrame, grids: dict[str, list[str]]) -> dict:
-    """Per cell of stage 1's finished seeds, the setting with the best mean validation top-1
-    (ties: the first by config key) and its values of the searched keys."""
-    from safetransfer.reporting.tables import CELL, best_by_validation
+def choose(records: pd.DataFrame, grids: dict[str, list[str]]) -> dict:
+    """Per cell of stage 1's finished seeds (the store's records), the setting with the best mean
+    validation top-1 (tables.select) and its values of the searched keys."""
+    from safetransfer.reporting.tables import cells as settings_of
+    from safetransfer.reporting.tables import select
 
-    settings = seeds.attrs.get("settings", {})
+    table = settings_of(records)
+    missing = table[table["val_mean"].isna()]
+    if len(missing):
+        cell = missing.iloc[0]
+        raise ConfigError(
+            f"{cell['target']} / {cell['method']}: search seeds without validation accuracy; the search "
+            "needs search.val_fraction > 0"
+        )
     keys = sorted({k for grid in grids.values() for k in grid_keys(grid)})
-    cells = {}
-    for cell, group in seeds.groupby(CELL, sort=True):
-        if group["val_top1"].isna().any():
-            raise ConfigError(
-                f"{' / '.join(map(str, cell))}: search seeds without validation accuracy; the search "
-                "needs search.val_fraction > 0"
-            )
-        best, means = best_by_validation(group)
-        backbone, source, target, rate, method = cell
-        values = {k: plain(settings[best][k]) for k in keys if k in settings[best]}
-        cells[f"{backbone}|{source}|{target}|{float(rate):g}|{method}"] = {
-            "values": values,
-            "val_top1": float(means[best]),
-            "settings_tried": int(len(means)),
-            "seeds": int((group["key"] == best).sum()),
+    chosen, _, _ = select(table)
+    return {
+        f"{c.backbone}|{c.source}|{c.target}|{float(c.sampling_rate):g}|{c.method}": {
+            "values": {k: plain(c.settings[k]) for k in keys if k in c.settings},
+            "val_top1": float(c.val_mean),
+            "settings_tried": int(c.settings_tried),
+            "seeds": int(c.seeds),
         }
-    return cells
+        for c in chosen.itertuples()
+    }
 
 
 def write_chosen(path: Path, table: str, cells: dict, searched: list[str]) -> dict:
     chosen = {"table": table, "searched": sorted(searched), "cells": cells}
     atomic_write_json(path, chosen)
     return chosen
-
-
-def chosen_notes(chosen: dict) -> list[str]:
-    """Lines for the table: the values chosen per cell and the validation top-1 they reached."""
-    lines = []
-    for cell, entry in sorted(chosen["cells"].items()):
-        _, _, target, rate, method = cell.split("|")
-        values = " ".join(f"{k}={v}" for k, v in entry["values"].items())
-        lines.append(
-            f"- {target} {rate}% {method}: {values} (mean validation top-1 {entry['val_top1']:.2f}, "
-            f"best of {entry['settings_tried']} settings)"
-        )
-    return lines

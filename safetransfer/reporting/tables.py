@@ -1,391 +1,355 @@
-"""Paper-layout tables assembled from finished seeds: rows = target (x sampling rate),
-columns = method, cells = mean ± std over the seeds found (with their count), and
-beside each cell the paper's published value and our difference to it.
+"""Every view of a table's store (safetransfer/reporting/store.py): pandas groupbys of its records.
+
+- `<table>.md`: one row per setting (a config, from one source file), the settings that differ
+  between rows as columns, and each row paired seed by seed with its reference and with From scratch;
+- `<table>_paper.md` and `.csv`: the paper layout, rows = target x sampling rate, columns = methods,
+  beside the paper's published values; a cell searched over several settings on a validation split
+  shows the setting with the best mean validation top-1 (the test split never takes part);
+- `<table>_search.md` and `.csv`: every setting of each searched cell, validation and test top-1.
+
+A cell is its settings: settings that differ between columns of one row are shown in the column's
+label, and a comparison is made only between rows of one setting (a method's own coefficients
+compared where both have them).
 
     safetransfer-tables multirun/2026-11-22/10-00-00-000000 --name dtnh_table2 --published dtnh_table2
-
-Every `seed_*/metrics.json` under the given directories counts (partial sweeps too);
-the same seed of the same setting found twice counts once (the newest file wins).
-
-Hyper-parameter search: when a cell holds several settings (a grid over alpha, beta,
-eta, k, ...), the setting with the best mean *validation* accuracy is chosen (runs need
-target.val_fraction > 0) and that setting's test accuracy is reported, with the chosen
-values in the CSV. The test accuracy never takes part in the choice.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-from collections.abc import Iterable, Sequence
+import statistics
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 import pandas as pd
-from filelock import FileLock
-from omegaconf import DictConfig, OmegaConf
 
-from safetransfer.common.atomic import atomic_write_text, check_writable, plain, read_json, remove_stale_temporaries
+from safetransfer.common.atomic import atomic_write_text, check_writable, remove_stale_temporaries
 from safetransfer.common.errors import ConfigError
-from safetransfer.common.fingerprints import config_key, decisive
-from safetransfer.reporting.methods import (
-    is_scratch,
-    key_of,
-    method_name,
-    method_structure,
-    reference_key,
-    source_label,
-)
-from safetransfer.reporting.paired import paired, paired_text, scratch_column
-from safetransfer.reporting.results import check_table_name, format_cell, lock_for, short_key, summarize
+from safetransfer.reporting import store
+from safetransfer.reporting.methods import SCRATCH, describe_reference, key_of, reference_key
 
-log = logging.getLogger(__name__)
-
-CELL = ["backbone", "source", "target", "sampling_rate", "method"]
-ROWS = ["target", "sampling_rate"]
-QUANTITIES = [
-    "mean",
-    "std",
-    "seeds",
-    "published",
-    "published_std",
-    "diff",
-    "within",
-    "val_mean",
-    "settings",
-    "chosen",
-    "reference",
-    "paired_n",
-    "paired_diff",
-    "paired_low",
-    "paired_high",
-    "scratch",
-    "scratch_n",
-    "scratch_diff",
-    "scratch_low",
-    "scratch_high",
-]
-#: A row of a paper's table that stands for several of our rows. The DTNH tables print one
-#: "Caltech 256" row although the paper trains on 30 or 60 images per class and does not say
-#: which its table shows: its value is shown beside both, with a footnote.
+#: paired intervals from fewer seeds are shown, never flagged
+FLAGGED_FROM = 3
+#: settings shown in columns of their own, and those that only name a method's parts
+OWN_COLUMNS = ("backbone.name", "target.name", "target.sampling_rate")
+METHOD_PREFIXES = ("regularizer.", "direction.")
+#: A row of a paper's table that stands for several of ours. The DTNH tables print one "Caltech 256"
+#: row although the paper trains on 30 or 60 images per class and does not say which it shows.
 SHARED_PAPER_ROWS = {"caltech256": ("caltech256_30", "caltech256_60")}
 SHARED_ROW_NOTE = (
     "† The paper's table has one Caltech 256 row and does not say whether it is the 30 or the "
     "60 images per class split; its value is shown beside both."
 )
+PAIRED_NOTE = (
+    "Paired differences (seeds are shared across methods: same seed, sampled subset and data order): mean of "
+    "the row − its reference over the common seeds, its 95 % t interval and the number of seeds; * when the "
+    f"interval excludes zero (from {FLAGGED_FROM} seeds on). A transfer row is also compared with From scratch."
+)
 
 
-def collect(directories: Iterable[Path]) -> pd.DataFrame:
-    """One row per finished seed: its cell, its setting (config key), seed, test and validation top-1."""
-    rows, settings, structures = {}, {}, {}
-    for directory in directories:
-        for path in sorted(Path(directory).rglob("seed_*/metrics.json"), key=lambda p: p.stat().st_mtime):
-            metrics = read_json(path, needs=("config", "seed", "top1"))
-            if metrics is None:
-                continue
-            cfg = OmegaConf.create(metrics["config"])
-            key, digest = config_key(cfg), (metrics.get("source_checkpoint") or {}).get("sha256")
-            if digest:  # one config fine-tuned from two versions of a source file: two settings, not one
-                key = f"{key}:{digest[:12]}"
-            cell = (
-                cfg.backbone.name,
-                source_label(cfg.source),
-                cfg.target.name,
-                float(cfg.target.sampling_rate),
-                metrics.get("method") or method_name(cfg),
-            )  # runs before the name was saved: from the config
-            rows[(key, metrics["seed"])] = (
-                *cell,
-                key,
-                metrics["seed"],
-                metrics["top1"],
-                metrics.get("val_top1", math.nan),
-            )
-            settings[key] = {**flat_settings(cfg), **({"source_checkpoint.sha256": digest} if digest else {})}
-            structures[key] = metrics.get("structure") or method_structure(cfg)  # older runs: from the config
-    frame = pd.DataFrame(list(rows.values()), columns=[*CELL, "key", "seed", "top1", "val_top1"])
-    frame.attrs["settings"], frame.attrs["structures"] = settings, structures
+def summarize(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); the std of a single value is NaN."""
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def paired(ours: dict[int, float], reference: dict[int, float]) -> tuple[int, float, float, float]:
+    """(common seeds, mean of ours - reference over them, its 95 % t interval); NaN below two seeds."""
+    from scipy import stats
+
+    common = sorted(set(ours) & set(reference))
+    if len(common) < 2:
+        return len(common), math.nan, math.nan, math.nan
+    differences = [ours[s] - reference[s] for s in common]
+    mean = statistics.fmean(differences)
+    half = stats.t.ppf(0.975, len(common) - 1) * statistics.stdev(differences) / math.sqrt(len(common))
+    return len(common), mean, mean - half, mean + half
+
+
+def paired_text(n: int, difference: float, low: float, high: float) -> str:
+    """'+1.20 [+0.35, +2.05] (5) *': * when the interval excludes zero, from FLAGGED_FROM seeds on."""
+    if n < 2:
+        return f"{n} common seed{'s' if n != 1 else ''}: no interval"
+    mark = " *" if n >= FLAGGED_FROM and (low > 0 or high < 0) else ""
+    return f"{difference:+.2f} [{low:+.2f}, {high:+.2f}] ({n}){mark}"
+
+
+def format_cell(mean: float, std: float) -> str:
+    return f"{mean:.2f}" if pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def short_key(key: str, keys) -> str:
+    """The shortest tail of a dotted key that no other key ends with: regularizer.terms.l2sp.alpha -> l2sp.alpha."""
+    parts = key.split(".")
+    for length in range(min(2, len(parts)), len(parts) + 1):
+        tail = ".".join(parts[-length:])
+        if not any(k != key and (k == tail or k.endswith("." + tail)) for k in keys):
+            return tail
+    return key
+
+
+def cells(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting: its cell, numbers over its seeds, and what it is (structure, settings)."""
+    rows = []
+    for setting, group in records.groupby("setting", sort=False):
+        group = group.sort_values("seed")
+        first = group.iloc[-1]
+        mean, std = summarize(group["top1"])
+        has_val = bool(group["val_top1"].notna().all())
+        rows.append(
+            {
+                **{c: first[c] for c in store.CELL},
+                "setting": setting,
+                "mean": mean,
+                "std": std,
+                "seeds": len(group),
+                "val_mean": group["val_top1"].mean() if has_val else math.nan,
+                "val_std": summarize(group["val_top1"])[1] if has_val else math.nan,
+                "per_seed": dict(zip(group["seed"].astype(int), group["top1"].astype(float))),
+                "structure": json.loads(first["structure"]),
+                "settings": json.loads(first["settings"]),
+                "chosen": first["chosen"],
+            }
+        )
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        frame["sampling_rate"] = frame["sampling_rate"].astype(float)
     return frame
 
 
-def flat_settings(cfg: DictConfig) -> dict[str, object]:
-    """The config's values that decide a result (fingerprints.decisive), as dotted keys."""
-    container = decisive(cfg)
-    return {
-        key: json.dumps(value) if isinstance(value, list) else value
-        for key, value in pd.json_normalize(container, sep=".").iloc[0].items()
-    }
-
-
-def varied_keys(settings: Sequence[dict[str, object]]) -> list[str]:
-    """The keys whose values differ between settings (what a grid search varied)."""
-    keys = sorted(set().union(*settings))
-    return [k for k in keys if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
-
-
-def best_by_validation(group: pd.DataFrame) -> tuple[str, pd.Series]:
-    """The setting (config key) of a cell's seeds with the best mean validation top-1, ties going
-    to the first by key, and every setting's mean; the test top-1 is never looked at."""
-    means = group.groupby("key", sort=True)["val_top1"].mean()
-    return str(means.idxmax()), means
-
-
-def select(seeds: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell. A cell with several settings keeps the one with the best mean
-    validation top-1 (ties: the first by config key); the test top-1 is never looked at."""
-    settings = seeds.attrs.get("settings", {})
-    cells = []
-    for cell, group in seeds.groupby(CELL, sort=True):
-        by_setting = {key: g for key, g in group.groupby("key", sort=True)}
-        if len(by_setting) > 1:
-            missing = [k for k, g in by_setting.items() if g["val_top1"].isna().any()]
-            if missing:
-                varied = varied_keys([settings.get(k, {}) for k in by_setting])
-                raise ConfigError(
-                    f"{' / '.join(map(str, cell))} holds {len(by_setting)} settings that differ in "
-                    f"{', '.join(varied) or 'their configs'}, and some have no validation accuracy to choose between "
-                    "them: settings meant as rows of their own need names of their own (e.g. target.name=... for "
-                    "datasets) or a table each; a grid search needs target.val_fraction=0.2 (the test split is "
-                    "never used to choose)"
-                )
-            chosen = best_by_validation(group)[0]
-        else:
-            chosen = next(iter(by_setting))
-        best = by_setting[chosen].sort_values("seed")
-        varied = varied_keys([settings.get(k, {}) for k in by_setting]) if len(by_setting) > 1 else []
-        mean, std = summarize(list(best["top1"]))
-        cells.append(
-            {
-                **dict(zip(CELL, cell)),
-                "mean": mean,
-                "std": std,
-                "seeds": len(best),
-                "val_mean": best["val_top1"].mean() if best["val_top1"].notna().all() else math.nan,
-                "settings": len(by_setting),
-                "key": chosen,
-                "per_seed": dict(zip(best["seed"].astype(int), best["top1"].astype(float))),
-                "chosen": " ".join(f"{k}={settings[chosen][k]}" for k in varied),
-                "structure": seeds.attrs.get("structures", {}).get(chosen),
-            }
-        )
-    frame = pd.DataFrame(
-        cells,
-        columns=[*CELL, "mean", "std", "seeds", "val_mean", "settings", "key", "chosen", "per_seed", "structure"],
-    )
-    return frame.assign(method=column_labels(frame))
-
-
-def search_table(seeds: pd.DataFrame) -> pd.DataFrame:
-    """Every setting of every cell that holds several (a grid search): one row each, the swept
-    values as columns, validation and test top-1 as mean ± std over its seeds, the chosen one
-    (best mean validation top-1, as select chooses) marked. Empty when no cell was searched."""
-    settings = seeds.attrs.get("settings", {})
-    rows, keys = [], set()
-    for cell, group in seeds.groupby(CELL, sort=True):
-        if group["key"].nunique() < 2 or group["val_top1"].isna().any():
+def same_setting(ours: dict, theirs: dict, ignore=frozenset(), sources: bool = True) -> bool:
+    """Whether two settings differ only in what makes their methods differ: every key equal but the
+    methods' own (their terms' coefficients compared where both have them), the source's keys only
+    when `sources`, and the keys in `ignore` (those a search chose)."""
+    for key in set(ours) | set(theirs):
+        if key in ignore or key in OWN_COLUMNS or (key.startswith("source.") and not sources):
             continue
-        chosen, _ = best_by_validation(group)
-        varied = varied_keys([settings.get(k, {}) for k in group["key"].unique()])
-        keys.update(varied)
-
-        def order(item, varied=varied):  # the settings in the order of their swept values (numbers as numbers)
-            return tuple(
-                (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
-                for v in (settings.get(item[0], {}).get(k) for k in varied)
-            )
-
-        for key, runs in sorted(group.groupby("key", sort=True), key=order):
-            val, test = summarize(list(runs["val_top1"])), summarize(list(runs["top1"]))
-            rows.append(
-                {
-                    **dict(zip(CELL, cell)),
-                    **{k: settings.get(key, {}).get(k) for k in varied},
-                    "val top-1 (%)": format_cell(*val),
-                    "test top-1 (%)": format_cell(*test),
-                    "seeds": len(runs),
-                    "chosen": "✓" if key == chosen else "",
-                    "key": key,
-                }
-            )
-    if not rows:
-        return pd.DataFrame()
-    frame = pd.DataFrame(rows)
-    frame["sampling_rate"] = frame["sampling_rate"].map(lambda r: f"{float(r):g}")
-    frame = frame.rename(columns={**{k: short_key(k, keys) for k in keys}, "sampling_rate": "sampling (%)"})
-    return frame.drop(columns=[c for c in ("backbone", "source") if frame[c].nunique() == 1])
+        if key.startswith(METHOD_PREFIXES):
+            if key.startswith("regularizer.terms.") and key in ours and key in theirs and ours[key] != theirs[key]:
+                return False
+        elif ours.get(key) != theirs.get(key):
+            return False
+    return True
 
 
-def column_labels(cells: pd.DataFrame) -> list[str]:
-    """The method, with its source (and backbone) in brackets when the table mixes several:
-    `L2-SP [pretrained:vehicles]` beside `L2-SP [demo]`. From scratch needs no source, and
-    does not count as one: beside it, the transfer columns of one source keep plain names."""
-    transfer = cells[[not is_scratch(m) for m in cells["method"]]]
-    parts = [c for c in ("backbone", "source") if (cells if c == "backbone" else transfer)[c].nunique() > 1]
-    labels = []
-    for method, (_, row) in zip(cells["method"], cells.iterrows()):
-        shown = [str(row[p]) for p in parts if not (p == "source" and is_scratch(method))]
-        labels.append(f"{method} [{', '.join(shown)}]" if shown else method)
-    return labels
+def varied_keys(settings: Sequence[dict], sources: Sequence[str] | None = None) -> list[str]:
+    """The settings that tell these apart: a key with two values among those that have it, or (outside a
+    method's own keys) one that some lack. A method's parts (its class names, its terms) are its name;
+    a source's keys count only between settings of one source (`sources`: their labels, shown apart)."""
+    keys = sorted(set().union(*settings)) if settings else []
+    sources = list(sources) if sources is not None else [""] * len(settings)
+    varied = []
+    for key in keys:
+        if key in OWN_COLUMNS or key.endswith("_target_") or key == "regularizer.name":
+            continue
+        groups = {}
+        for source, found in zip(sources, settings):
+            if key in found:
+                groups.setdefault(source if key.startswith("source.") else "", set()).add(
+                    json.dumps(found[key], default=str)
+                )
+        missing = any(key not in s for s in settings) and not key.startswith((*METHOD_PREFIXES, "source."))
+        if any(len(values) > 1 for values in groups.values()) or missing:
+            varied.append(key)
+    return varied
 
 
-def expand_methods(methods: Sequence[str] | None, labels: Sequence[str]) -> list[str] | None:
-    """--methods as typed: a column label (`Fine-tuning [demo]`) is itself; a plain method name
-    (`Fine-tuning`) stands for every column of that method (`Fine-tuning [demo]`, `[imagenet]`)."""
-    if not methods:
-        return None
-    expanded = []
-    for name in methods:
-        matches = [label for label in dict.fromkeys(labels) if label == name or label.partition(" [")[0] == name]
-        if not matches:
-            log.warning(
-                "--methods %r matches no column (the columns: %s); it is shown as missing",
-                name,
-                ", ".join(dict.fromkeys(labels)),
-            )
-        expanded += matches if name not in labels and matches else [name]
-    return list(dict.fromkeys(expanded))
+def setting_text(settings: dict, keys: Sequence[str], names) -> str:
+    return ", ".join(f"{short_key(k, names)}={settings[k]}" for k in keys if k in settings)
+
+
+def pairs(table: pd.DataFrame, searched: dict | None = None) -> pd.DataFrame:
+    """Each row against its reference (methods.reference_key) and a transfer row against From scratch,
+    among the rows of its backbone, target and sampling rate with the same setting (same_setting,
+    leaving out the keys a search chose in either)."""
+    searched = searched or {}
+    found = {q: [] for q in ("reference", "paired", "note", "scratch", "scratch_paired")}
+    for index, row in table.iterrows():
+        peers = table[
+            (table["backbone"] == row["backbone"])
+            & (table["target"] == row["target"])
+            & (table["sampling_rate"] == row["sampling_rate"])
+            & (table.index != index)
+        ]
+
+        def alike(other, sources=True, row=row):
+            ignore = searched.get(row["setting"], set()) | searched.get(other["setting"], set())
+            return same_setting(row["settings"], other["settings"], frozenset(ignore), sources)
+
+        structure, wanted = row["structure"], reference_key(row["structure"])
+        reference, numbers, note = None, None, ""
+        if wanted is not None:
+            candidates = [
+                other
+                for _, other in peers.iterrows()
+                if other["source"] == row["source"]
+                and other["method"] != SCRATCH
+                and key_of(other["structure"]) == wanted
+                and alike(other)
+            ]
+            if len(candidates) == 1:
+                reference, numbers = candidates[0], paired(row["per_seed"], candidates[0]["per_seed"])
+            else:
+                how = f"{len(candidates)} rows of" if candidates else "no row of"
+                note = f"{how} {describe_reference(structure)} from {row['source']} with the same setting"
+        scratch = [o for _, o in peers.iterrows() if o["method"] == SCRATCH and alike(o, sources=False)]
+        against = (
+            paired(row["per_seed"], scratch[0]["per_seed"]) if len(scratch) == 1 and row["method"] != SCRATCH else None
+        )
+        found["reference"].append(reference["label"] if reference is not None else "")
+        found["paired"].append(numbers)
+        found["note"].append(note)
+        found["scratch"].append(scratch[0]["label"] if against is not None else "")
+        found["scratch_paired"].append(against)
+    return pd.DataFrame(found, index=table.index)
+
+
+def labelled(table: pd.DataFrame, searched: dict | None = None) -> pd.DataFrame:
+    """`table` with each row's label: the method, its backbone and source in brackets where the table
+    mixes several (From scratch has no source), and the settings that tell it apart from other rows
+    of its target and sampling rate, except those a search chose (listed under the table)."""
+    searched = searched or {}
+    transfer = table[table["method"] != SCRATCH]
+    parts = [c for c in ("backbone", "source") if (table if c == "backbone" else transfer)[c].nunique() > 1]
+    labels = {}
+    for _, group in table.groupby(["target", "sampling_rate"], sort=False):
+        keys = varied_keys(list(group["settings"]), list(group["source"]))
+        names = set().union(*group["settings"])
+        for index, row in group.iterrows():
+            shown = [str(row[p]) for p in parts if not (p == "source" and row["method"] == SCRATCH)]
+            label = f"{row['method']} [{', '.join(shown)}]" if shown else row["method"]
+            text = setting_text(row["settings"], [k for k in keys if k not in searched.get(row["setting"], ())], names)
+            labels[index] = f"{label} ({text})" if text else label
+    return table.assign(label=pd.Series(labels))
+
+
+def select(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, set], pd.DataFrame]:
+    """(one setting per cell, {chosen setting: the keys its search varied}, every setting of the searched
+    cells). A cell whose settings all hold out a validation split is a search: the best mean validation
+    top-1 is kept (ties: the first by setting). Settings without one stay side by side, labelled."""
+    kept, searched, tried = [], {}, []
+    for _, group in table.groupby(store.CELL, sort=False):
+        if len(group) < 2 or group["val_mean"].isna().any():
+            kept.append(group.assign(settings_tried=1))
+            continue
+        best = group.sort_values("setting")["val_mean"].idxmax()
+        keys = set(varied_keys(list(group["settings"]), list(group["source"])))
+        searched[group.loc[best, "setting"]] = keys
+        kept.append(group.loc[[best]].assign(settings_tried=len(group)))
+        tried.append(group.assign(chosen_here=group.index == best, searched_keys=[sorted(keys)] * len(group)))
+    empty = table.iloc[0:0]
+    return (
+        (pd.concat(kept) if kept else empty.assign(settings_tried=[])),
+        searched,
+        (pd.concat(tried) if tried else empty),
+    )
 
 
 def published_values(table: str, path: Path | None = None) -> pd.DataFrame:
-    """The paper's values of `table`: target, sampling_rate, method, top1, std and paper_row
-    (the paper's own row name; it differs from target where one paper row stands for
-    several of ours, see SHARED_PAPER_ROWS). NaN where a value is not known."""
+    """The paper's values of `table`: target, sampling_rate, method, top1, std, paper_row (the paper's own
+    row name where one of its rows stands for several of ours, SHARED_PAPER_ROWS)."""
     if path is None:
         path = resources.files("safetransfer.reporting").joinpath("published.csv")
     with Path(str(path)).open() as handle:
         frame = pd.read_csv(handle, comment="#", dtype={"table": str, "target": str, "method": str})
     known = sorted(frame["table"].unique())
     if table not in known:
-        raise ConfigError(f"results.paper.published={table} is not a published table; known: {', '.join(known)}")
+        raise ConfigError(f"results.published={table} is not a published table; known: {', '.join(known)}")
     frame = frame[frame["table"] == table].assign(sampling_rate=lambda f: f["sampling_rate"].astype(float))
     if "std" not in frame:
         frame = frame.assign(std=math.nan)
     frame = frame.assign(
         paper_row=frame["target"], target=frame["target"].map(lambda t: list(SHARED_PAPER_ROWS.get(t, (t,))))
     )
-    frame = frame.explode("target")
-    return frame[["target", "sampling_rate", "method", "top1", "std", "paper_row"]].reset_index(drop=True)
+    return frame.explode("target")[["target", "sampling_rate", "method", "top1", "std", "paper_row"]]
 
 
 def within_spread(diff: float, std: float, published_std: float) -> bool | None:
-    """Whether |ours - paper| <= sqrt(std_ours^2 + std_paper^2), the spread of a difference
-    of two independent means each as spread as its seeds; None when a spread is unknown."""
+    """|ours - paper| <= sqrt(std_ours^2 + std_paper^2), the spread of a difference of two independent
+    means each as spread as its seeds; None when a spread is unknown."""
     if any(pd.isna(v) for v in (diff, std, published_std)):
         return None
     return bool(abs(diff) <= math.hypot(std, published_std))
 
 
-def assemble(
-    cells: pd.DataFrame,
-    published: pd.DataFrame | None = None,
-    methods: Sequence[str] | None = None,
-    targets: Sequence[str] | None = None,
+def paper_frame(
+    chosen: pd.DataFrame, published: pd.DataFrame | None, searched: dict, methods=None, targets=None
 ) -> pd.DataFrame:
-    """The paper layout as numbers: rows = (target, sampling rate), columns = (method, quantity).
-    The rows and columns of the published table are all kept, found or not."""
-    published = (
-        published
-        if published is not None
-        else pd.DataFrame(columns=["target", "sampling_rate", "method", "top1", "std", "paper_row"])
-    )
-    methods = list(methods or _ordered(published["method"], cells["method"]))
-    targets = list(targets or _ordered(published["target"], cells["target"]))
-    rates = sorted(set(published["sampling_rate"]) | set(cells["sampling_rate"])) or [100.0]
-    found = {(c.target, c.sampling_rate, c.method): c for c in cells.itertuples()}
-    paper = {(p.target, p.sampling_rate, p.method): (p.top1, p.std) for p in published.itertuples()}
-    index = [
-        (t, r)
-        for t in targets
-        for r in rates
-        if any((t, r, m) in found or (t, r, m) in paper for m in methods) or not paper
-    ]
-    references = reference_columns(cells, methods)
-    rows = []
-    for target, rate in index:
-        row = {}
-        for method in methods:
-            cell = found.get((target, rate, method))
-            value, value_std = paper.get((target, rate, method), (math.nan, math.nan))
-            mean = cell.mean if cell is not None else math.nan
-            std = cell.std if cell is not None else math.nan
-            row.update(
-                {
-                    (method, "mean"): mean,
-                    (method, "std"): std,
-                    (method, "seeds"): cell.seeds if cell is not None else 0,
-                    (method, "published"): value,
-                    (method, "published_std"): value_std,
-                    (method, "diff"): mean - value,
-                    (method, "within"): within_spread(mean - value, std, value_std),
-                    (method, "val_mean"): cell.val_mean if cell is not None else math.nan,
-                    (method, "settings"): cell.settings if cell is not None else 0,
-                    (method, "chosen"): cell.chosen if cell is not None else "",
-                }
-            )
-            # against its reference column, and a transfer column against From scratch
-            for name, prefix, other in (
-                ("reference", "paired", references.get(method)),
-                ("scratch", "scratch", scratch_column(method, methods)),
-            ):
-                theirs = found.get((target, rate, other)) if other else None
-                numbers = (
-                    paired(cell.per_seed, theirs.per_seed)
-                    if cell is not None and theirs is not None
+    """The paper layout in long form: one row per (target, sampling rate, column) found or published."""
+    ours = labelled(chosen, searched) if len(chosen) else chosen.assign(label=[])
+    paired_with = pairs(ours, searched) if len(ours) else pd.DataFrame()
+    paper = published if published is not None else pd.DataFrame(columns=["target", "sampling_rate", "method"])
+    columns = list(dict.fromkeys([*paper["method"], *ours.get("label", [])]))
+    if methods:  # as typed: a column's label, or a method's name for every column of that method
+        of_method = {label: method for label, method in zip(ours.get("label", []), ours.get("method", []))}
+        picked = [[c for c in columns if c == m or of_method.get(c) == m] or [m] for m in methods]
+        columns = list(dict.fromkeys(c for found in picked for c in found))
+    rows = list(dict.fromkeys([*paper["target"], *ours.get("target", [])]))
+    rows = list(targets) if targets else rows
+    rates = sorted(set(paper["sampling_rate"]) | set(ours.get("sampling_rate", []))) or [100.0]
+    found = {(r.target, r.sampling_rate, r.label): (i, r) for i, r in zip(ours.index, ours.itertuples())}
+    values = {(p.target, p.sampling_rate, p.method): (p.top1, p.std) for p in paper.itertuples()}
+    out = []
+    for target in rows:
+        for rate in rates:
+            here = [c for c in columns if (target, rate, c) in found or (target, rate, c) in values]
+            if not here and (values or not found):
+                continue
+            for column in columns:
+                index, cell = found.get((target, rate, column), (None, None))
+                top1, top1_std = values.get((target, rate, column), (math.nan, math.nan))
+                mean = cell.mean if cell is not None else math.nan
+                std = cell.std if cell is not None else math.nan
+                link = paired_with.loc[index] if index is not None else None
+                numbers = link["paired"] if link is not None and link["paired"] else (0, math.nan, math.nan, math.nan)
+                scratch = (
+                    link["scratch_paired"]
+                    if link is not None and link["scratch_paired"]
                     else (0, math.nan, math.nan, math.nan)
                 )
-                row[(method, name)] = other or ""
-                row.update({(method, f"{prefix}_{q}"): v for q, v in zip(("n", "diff", "low", "high"), numbers)})
-        rows.append(row)
-    columns = pd.MultiIndex.from_tuples([(m, q) for m in methods for q in QUANTITIES], names=["method", "quantity"])
-    table = pd.DataFrame(
-        rows, index=pd.MultiIndex.from_tuples(index, names=["target", "sampling (%)"]), columns=columns
-    )
-    table.attrs["shared_rows"] = sorted({p.target for p in published.itertuples() if p.paper_row != p.target})
-    return table
+                out.append(
+                    {
+                        "target": target,
+                        "sampling_rate": rate,
+                        "column": column,
+                        "method": cell.method if cell is not None else column,
+                        "mean": mean,
+                        "std": std,
+                        "seeds": cell.seeds if cell is not None else 0,
+                        "val_mean": cell.val_mean if cell is not None else math.nan,
+                        "settings_tried": cell.settings_tried if cell is not None else 0,
+                        "chosen": chosen_text(cell, searched),
+                        "published": top1,
+                        "published_std": top1_std,
+                        "diff": mean - top1,
+                        "within": within_spread(mean - top1, std, top1_std),
+                        "reference": link["reference"] if link is not None else "",
+                        **dict(zip(("paired_n", "paired_diff", "paired_low", "paired_high"), numbers)),
+                        "scratch": link["scratch"] if link is not None else "",
+                        **dict(zip(("scratch_n", "scratch_diff", "scratch_low", "scratch_high"), scratch)),
+                    }
+                )
+    frame = pd.DataFrame(out)
+    frame.attrs["shared_rows"] = sorted({p.target for p in paper.itertuples() if p.paper_row != p.target})
+    return frame
 
 
-def reference_columns(cells: pd.DataFrame, methods: Sequence[str]) -> dict[str, str]:
-    """Each column's reference column, found from the methods' structures (methods.reference_key):
-    the column of the same backbone and source whose terms and direction are the reference's."""
-    info = {}
-    for cell in cells.itertuples():
-        if isinstance(cell.structure, dict):
-            info.setdefault(cell.method, (cell.structure, cell.backbone, cell.source))
-    references = {}
-    for method in methods:
-        if method not in info:
-            continue
-        structure, *where = info[method]
-        wanted = reference_key(structure)
-        references[method] = next(
-            (
-                other
-                for other in methods
-                if other != method
-                and other in info
-                and list(info[other][1:]) == where
-                and not is_scratch(other)
-                and key_of(info[other][0]) == wanted
-            ),
-            None,
-        )
-    return {method: reference for method, reference in references.items() if reference}
-
-
-def _ordered(*columns: pd.Series) -> list[str]:
-    """Values in order of first appearance, the published table's order first."""
-    return list(dict.fromkeys(v for column in columns for v in column))
+def chosen_text(cell, searched: dict) -> str:
+    """The values a search chose for this cell (in this table, or in stage 1 of safetransfer-reproduce)."""
+    if cell is None:
+        return ""
+    if cell.setting in searched:
+        return setting_text(cell.settings, sorted(searched[cell.setting]), set(cell.settings))
+    return cell.chosen or ""
 
 
 def cell_text(mean: float, std: float, seeds: int, published: float, published_std: float = math.nan) -> str:
     """'81.20 ± 0.41 (5) · paper 82.00 ± 0.20 · Δ -0.80 ✗'; 'missing' when no seed has finished.
     ✓ / ✗: the difference is inside / outside the two spreads combined (within_spread)."""
-    if not seeds:
-        ours = "missing"
-    else:
-        ours = f"{mean:.2f}" + ("" if pd.isna(std) else f" ± {std:.2f}") + f" ({seeds})"
+    ours = "missing" if not seeds else f"{mean:.2f}" + ("" if pd.isna(std) else f" ± {std:.2f}") + f" ({seeds})"
     if pd.isna(published):
         return ours
     text = ours + f" · paper {published:.2f}" + ("" if pd.isna(published_std) else f" ± {published_std:.2f}")
@@ -395,237 +359,214 @@ def cell_text(mean: float, std: float, seeds: int, published: float, published_s
     return text
 
 
-def paper_layout(table: pd.DataFrame) -> pd.DataFrame:
-    """The table for reading: one text cell per (row, method)."""
-    methods = list(dict.fromkeys(table.columns.get_level_values("method")))
-    return pd.DataFrame(
-        {
-            m: [
-                cell_text(r[(m, "mean")], r[(m, "std")], r[(m, "seeds")], r[(m, "published")], r[(m, "published_std")])
-                for _, r in table.iterrows()
-            ]
-            for m in methods
-        },
-        index=table.index,
+def rows_of(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.assign(**{"sampling (%)": frame["sampling_rate"].map(lambda r: f"{float(r):g}")})
+
+
+def paper_markdown(frame: pd.DataFrame, published: str | None) -> str:
+    shared = set(frame.attrs.get("shared_rows", ()))
+    shown = rows_of(frame).assign(
+        target=lambda f: f["target"].map(lambda t: f"{t} †" if t in shared else t),
+        text=[cell_text(r.mean, r.std, r.seeds, r.published, r.published_std) for r in frame.itertuples()],
     )
-
-
-def to_markdown(table: pd.DataFrame, published: str | None = None, notes: Sequence[str] = ()) -> str:
-    text = paper_layout(table).reset_index()
-    text["sampling (%)"] = text["sampling (%)"].map(lambda r: f"{r:g}")
-    shared = set(table.attrs.get("shared_rows", ()))
-    text["target"] = text["target"].map(lambda t: f"{t} †" if t in shared else t)
-    lines = [text.to_markdown(index=False, disable_numparse=True), ""]
-    lines.append(
+    columns = list(dict.fromkeys(frame["column"]))
+    layout = shown.pivot_table(
+        index=["target", "sampling (%)"], columns="column", values="text", aggfunc="first", sort=False
+    )
+    layout = layout.reindex(columns=columns).fillna("").reset_index()
+    layout.columns.name = None
+    lines = [
+        layout.to_markdown(index=False, disable_numparse=True),
+        "",
         "Cells: mean ± sample std of the test top-1 (%) over the seeds found (their count in brackets)"
         + (
-            f"; `paper`: mean ± std published in {published} (safetransfer/reporting/published.csv); "
-            "Δ = ours - paper, ✓ when |Δ| ≤ √(std_ours² + std_paper²), ✗ when outside (no mark: a "
-            "spread is unknown, e.g. one seed)"
+            f"; `paper`: mean ± std published in {published} (safetransfer/reporting/published.csv); Δ = ours - "
+            "paper, ✓ when |Δ| ≤ √(std_ours² + std_paper²), ✗ when outside (no mark: a spread is unknown)"
             if published
             else ""
         )
-        + "."
-    )
+        + ".",
+    ]
     if shared:
         lines += ["", SHARED_ROW_NOTE]
-    chosen = [
-        (idx, m, table.loc[idx, (m, "chosen")], table.loc[idx, (m, "settings")])
-        for idx in table.index
-        for m in dict.fromkeys(table.columns.get_level_values("method"))
-        if table.loc[idx, (m, "settings")] > 1
-    ]
-    if chosen:
-        lines += ["", "Chosen on the validation split (best mean validation top-1 among the settings tried):", ""]
-        lines += [f"- {t} {r:g}% {m}: {c} (of {n} settings)" for (t, r), m, c, n in chosen]
-    lines += paired_markdown(table)
-    views = table.attrs.get("test_crops")
-    if views:
+    chosen = frame[(frame["chosen"] != "") & (frame["seeds"] > 0)]
+    if len(chosen):
+        lines += ["", "Chosen on the validation split (the best mean validation top-1 of the settings tried):", ""]
         lines += [
-            "",
-            "Test-time views: "
-            + ", ".join(
-                "the centre crop" if v == 1 else f"{v} crops (corners and centre, each mirrored; mean logits)"
-                for v in views
-            )
-            + " (data.test_crops).",
+            f"- {r.target} {float(r.sampling_rate):g}% {r.column}: {r.chosen}"
+            + (f" (of {r.settings_tried} settings)" if r.settings_tried > 1 else "")
+            for r in chosen.itertuples()
         ]
-    if notes:
-        lines += ["", *notes]
+    compared = [
+        {
+            "target": r.target,
+            "sampling (%)": f"{float(r.sampling_rate):g}",
+            "ours − reference": f"{r.column} − {other}",
+            "difference, 95 % interval (seeds)": paired_text(int(n), d, lo, hi),
+        }
+        for r in frame[frame["seeds"] > 0].itertuples()
+        for other, n, d, lo, hi in (
+            (r.reference, r.paired_n, r.paired_diff, r.paired_low, r.paired_high),
+            (r.scratch, r.scratch_n, r.scratch_diff, r.scratch_low, r.scratch_high),
+        )
+        if other
+    ]
+    if compared:
+        lines += ["", PAIRED_NOTE, "", pd.DataFrame(compared).to_markdown(index=False, disable_numparse=True)]
     return "\n".join(lines) + "\n"
 
 
-def paired_markdown(table: pd.DataFrame) -> list[str]:
-    """A second table: each column against its reference column, and each transfer column
-    against From scratch where the table has it, seed by seed."""
-    columns = {}
-    methods = list(dict.fromkeys(table.columns.get_level_values("method")))
-    for prefix, name in (("paired", "reference"), ("scratch", "scratch")):
-        for m in methods:
-            if not (table[(m, name)] != "").any():
-                continue
-            reference = next(r for r in table[(m, name)] if r)
-            columns[f"{m} − {reference}"] = [
-                paired_text(
-                    r[(m, f"{prefix}_n")], r[(m, f"{prefix}_diff")], r[(m, f"{prefix}_low")], r[(m, f"{prefix}_high")]
-                )
-                if r[(m, name)] and r[(m, "seeds")]
-                else ""
-                for _, r in table.iterrows()
-            ]
-    if not columns:
-        return []
-    frame = pd.DataFrame(columns, index=table.index).reset_index()
-    frame["sampling (%)"] = frame["sampling (%)"].map(lambda r: f"{r:g}")
-    return [
-        "",
-        "Paired differences (seeds are shared across methods: same seed, sampled subset and data order): "
-        "mean of ours − the reference column over the common seeds, its 95 % t interval and the number of "
-        "seeds; * when the interval excludes zero.",
-        "",
-        frame.to_markdown(index=False, disable_numparse=True),
-    ]
-
-
-def write_table(
-    directories: Iterable[Path],
-    results_dir: Path,
-    name: str,
-    published: str | None = None,
-    methods: Sequence[str] | None = None,
-    targets: Sequence[str] | None = None,
-    published_file: Path | None = None,
-    notes: Sequence[str] = (),
-    accumulate: bool = False,
-) -> str:
-    """Collect, select, assemble; writes <results_dir>/<name>.csv and .md and returns the Markdown.
-    `accumulate`: the table also keeps the cells of earlier writes under the same name (see
-    accumulated); with no finished seed, nothing is written."""
-    seeds = collect(directories)
-    if not accumulate:
-        return write_seeds_table(seeds, results_dir, name, published, methods, targets, published_file, notes)
-    with FileLock(lock_for(Path(results_dir), name)):
-        for suffix in (".csv", ".md", ".seeds.json"):  # under the table's lock: no live writer's
-            remove_stale_temporaries(Path(results_dir) / f"{name}{suffix}")
-        if seeds.empty:
-            raise ConfigError(f"no finished seed; {Path(results_dir) / (name + '.md')} is left as it was")
-        merged = accumulated(seeds, Path(results_dir), name)
-        return write_seeds_table(merged, results_dir, name, published, methods, targets, published_file, notes)
-
-
-#: beside an accumulating table: the seeds it is made of, and their settings
-STORE = "{name}.seeds.json"
-
-
-def accumulated(seeds: pd.DataFrame, results_dir: Path, name: str) -> pd.DataFrame:
-    """A paper-layout table that accumulates, as the per-job table does: `seeds` (one sweep's)
-    replace the earlier seeds of their own cells, every other cell is kept. In a cell of this
-    sweep, earlier seeds of a setting this sweep has are kept too (the same config: the same
-    numbers), those of other settings dropped. Stored in <name>.seeds.json (caller holds the lock)."""
-    store = Path(results_dir) / STORE.format(name=name)
-    old = read_json(store, needs=("seeds", "settings")) if store.exists() else None
-    columns = [*CELL, "key", "seed", "top1", "val_top1"]
-    earlier = pd.DataFrame(old["seeds"] if old else [], columns=columns)
-    settings = {**(old["settings"] if old else {}), **seeds.attrs.get("settings", {})}
-    structures = {**((old or {}).get("structures") or {}), **seeds.attrs.get("structures", {})}
-    if len(earlier):
-        earlier["sampling_rate"] = earlier["sampling_rate"].astype(float)
-        renewed = {cell: set(group["key"]) for cell, group in seeds.groupby(CELL)}
-        earlier = earlier[
-            [
-                tuple(r)[: len(CELL)] not in renewed or r.key in renewed[tuple(r)[: len(CELL)]]
-                for r in earlier[columns].itertuples(index=False)
-            ]
-        ]
-    merged = pd.concat([earlier, seeds[columns]], ignore_index=True).drop_duplicates(["key", "seed"], keep="last")
-    merged = merged.reset_index(drop=True)
-    merged.attrs["settings"] = {k: v for k, v in settings.items() if k in set(merged["key"])}
-    merged.attrs["structures"] = {k: v for k, v in structures.items() if k in set(merged["key"])}
-    record = {
-        "seeds": merged.astype(object).where(merged.notna(), None).to_dict("records"),
-        "settings": merged.attrs["settings"],
-        "structures": merged.attrs["structures"],
-    }
-    atomic_write_text(store, json.dumps(record, default=plain) + "\n")
-    return merged
-
-
-def write_seeds_table(
-    seeds: pd.DataFrame,
-    results_dir: Path,
-    name: str,
-    published: str | None = None,
-    methods: Sequence[str] | None = None,
-    targets: Sequence[str] | None = None,
-    published_file: Path | None = None,
-    notes: Sequence[str] = (),
-) -> str:
-    """write_table from seeds already collected; a search (cells with several settings) also gets
-    <name>_search.md and .csv, every setting's validation and test accuracy (returned after the table)."""
-    reference = published_values(published, published_file) if published else None
-    cells = select(seeds)
-    table = assemble(cells, reference, expand_methods(methods, list(cells["method"])), targets)
-    settings = seeds.attrs.get("settings", {})
-    table.attrs["test_crops"] = sorted({int(settings[k].get("data.test_crops", 1)) for k in cells["key"]})
-    flat = table.copy()
-    flat.columns = [f"{m} {q}" for m, q in table.columns]
-    searched = search_table(seeds)
-    search_name = f"{name}_search"
-    if len(searched):
-        notes = [*notes, f"Every setting of the search, its validation and test accuracy: {search_name}.md"]
-    atomic_write_text(Path(results_dir) / f"{name}.csv", flat.to_csv())
-    markdown = to_markdown(table, published, notes)
-    atomic_write_text(Path(results_dir) / f"{name}.md", markdown)
-    if not len(searched):  # a search table of an earlier write would contradict this one
-        for suffix in (".md", ".csv"):
-            (Path(results_dir) / f"{search_name}{suffix}").unlink(missing_ok=True)
-        return markdown
-    atomic_write_text(Path(results_dir) / f"{search_name}.csv", searched.to_csv(index=False))
-    search_markdown = (
-        searched.drop(columns=["key"]).to_markdown(index=False, disable_numparse=True) + "\n\n"
-        "One row per setting: validation and test top-1 (%), mean ± sample std over its seeds; ✓ the "
-        "setting chosen (best mean validation top-1; the test split never takes part).\n"
+def job_markdown(table: pd.DataFrame) -> str:
+    """Every setting of the store, one row each, the settings that differ between rows as columns."""
+    table = labelled(table)
+    keys = varied_keys(list(table["settings"]), list(table["source"]))
+    names = set().union(*table["settings"])
+    shown = rows_of(table)
+    frame = pd.DataFrame(
+        {
+            "backbone": shown["backbone"],
+            "source": shown["source"],
+            "target": shown["target"],
+            "sampling (%)": shown["sampling (%)"],
+            "method": shown["method"],
+            **{short_key(k, names): [str(s.get(k, "")) for s in table["settings"]] for k in keys},
+            "top-1 (%)": [format_cell(m, s) for m, s in zip(table["mean"], table["std"])],
+            **(
+                {
+                    "val top-1 (%)": [
+                        format_cell(m, s) if not pd.isna(m) else "" for m, s in zip(table["val_mean"], table["val_std"])
+                    ]
+                }
+                if table["val_mean"].notna().any()
+                else {}
+            ),
+            "seeds": table["seeds"],
+            "per seed": [", ".join(f"{v:.2f}" for v in s.values()) for s in table["per_seed"]],
+        }
     )
-    atomic_write_text(Path(results_dir) / f"{search_name}.md", search_markdown)
-    return markdown + f"\nSearch ({Path(results_dir) / search_name}.md):\n\n" + search_markdown
+    lines = [frame.to_markdown(index=False, disable_numparse=True)]
+    compared = []
+    for (_, row), (_, link) in zip(table.iterrows(), pairs(table).iterrows()):
+        where = f"{row['target']} {float(row['sampling_rate']):g}% {row['source']}"
+        if link["reference"]:
+            compared.append((where, row["label"], link["reference"], paired_text(*link["paired"])))
+        elif link["note"]:
+            compared.append((where, row["label"], "", f"none: {link['note']}"))
+        if link["scratch"]:
+            compared.append((where, row["label"], link["scratch"], paired_text(*link["scratch_paired"])))
+    if compared:
+        columns = ["target, sampling, source", "row", "reference", "row − reference, 95 % interval (seeds)"]
+        lines += ["", PAIRED_NOTE, "", pd.DataFrame(compared, columns=columns).to_markdown(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def search_frame(tried: pd.DataFrame) -> pd.DataFrame:
+    """Every setting of the searched cells: the varied values, validation and test top-1, the chosen one."""
+    if not len(tried):
+        return pd.DataFrame()
+    keys = sorted(set().union(*tried["searched_keys"]))
+    names = set().union(*tried["settings"])
+    frame = rows_of(tried)
+    return pd.DataFrame(
+        {
+            "target": frame["target"],
+            "sampling (%)": frame["sampling (%)"],
+            "method": frame["method"],
+            **{short_key(k, names): [s.get(k, "") for s in frame["settings"]] for k in keys},
+            "val top-1 (%)": [format_cell(m, s) for m, s in zip(frame["val_mean"], frame["val_std"])],
+            "test top-1 (%)": [format_cell(m, s) for m, s in zip(frame["mean"], frame["std"])],
+            "seeds": frame["seeds"],
+            "chosen": ["✓" if c else "" for c in frame["chosen_here"]],
+            "setting": frame["setting"],
+        }
+    )
+
+
+def paper_view(records: pd.DataFrame, methods=None, targets=None) -> tuple[pd.DataFrame, pd.DataFrame, str | None]:
+    """(the paper layout in long form, every setting of the searched cells, the published table shown)."""
+    chosen, searched, tried = select(cells(records))
+    published = next((p for p in reversed(list(records["published"])) if p), None)
+    frame = paper_frame(chosen, published_values(published) if published else None, searched, methods, targets)
+    return frame, tried, published
+
+
+def render(records: pd.DataFrame, results_dir: Path, name: str, methods=None, targets=None) -> str:
+    """Every view of `records` written beside the store as <name>.md, <name>_paper.md/.csv and, for
+    searched cells, <name>_search.md/.csv; returns the paper layout's Markdown. The caller holds the lock."""
+    results_dir = Path(results_dir)
+    for suffix in (".md", "_paper.md", "_paper.csv", "_search.md", "_search.csv"):
+        remove_stale_temporaries(results_dir / f"{name}{suffix}")
+    table = cells(records)
+    atomic_write_text(results_dir / f"{name}.md", job_markdown(table))
+    frame, tried, published = paper_view(records, methods, targets)
+    markdown = paper_markdown(frame, published)
+    searches = search_frame(tried)
+    if len(searches):
+        markdown += f"\nEvery setting searched, its validation and test top-1: {name}_search.md\n"
+        atomic_write_text(results_dir / f"{name}_search.csv", searches.to_csv(index=False))
+        atomic_write_text(
+            results_dir / f"{name}_search.md",
+            searches.drop(columns="setting").to_markdown(index=False, disable_numparse=True)
+            + "\n\nOne row per setting: validation and test top-1 (%), mean ± sample std over its seeds; ✓ the "
+            "setting chosen (best mean validation top-1; the test split never takes part).\n",
+        )
+    else:  # a search of an earlier write would contradict this one
+        for suffix in ("_search.md", "_search.csv"):
+            (results_dir / f"{name}{suffix}").unlink(missing_ok=True)
+    atomic_write_text(results_dir / f"{name}_paper.csv", frame.to_csv(index=False))
+    atomic_write_text(results_dir / f"{name}_paper.md", markdown)
+    return markdown
+
+
+def write(results_dir: Path, name: str, records: Sequence[dict]) -> str:
+    """Add `records` to the store `name` and write its views; returns the paper layout's Markdown."""
+    written = {}
+    store.append(results_dir, name, records, lambda frame: written.update(md=render(frame, results_dir, name)))
+    return written["md"]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="safetransfer-tables", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("directories", nargs="+", type=Path, help="run or sweep directories")
-    parser.add_argument("--name", default="table", help="writes <results>/<name>.md and .csv")
+    parser.add_argument("directories", nargs="*", type=Path, help="run or sweep directories to add to the table")
+    parser.add_argument("--name", default="table", help="the store <results>/<name>.seeds.csv and its views")
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument(
-        "--published", help="show the paper's values: dtnh_table2 | dtnh_table3 | dtnh_table4 | bss_table2"
+        "--published", help="the paper's values beside: dtnh_table2 | dtnh_table3 | dtnh_table4 | bss_table2"
     )
-    parser.add_argument("--published-file", type=Path, help="a CSV like safetransfer/reporting/published.csv")
     parser.add_argument("--methods", nargs="*", help="the columns, in order (missing ones are shown)")
     parser.add_argument("--targets", nargs="*", help="the rows, in order (missing ones are shown)")
     args = parser.parse_args(argv)
+
+    def fail(message: str):
+        parser.exit(2, f"safetransfer-tables: error: {message}\n")
+
     try:
-        check_table_name(args.name, "--name")
+        store.check_table_name(args.name, "--name")
+        check_writable(args.results, "--results")
+        if args.published:
+            published_values(args.published)
     except ConfigError as error:
-        parser.exit(2, f"safetransfer-tables: error: {error}\n")
+        fail(str(error))
     missing = [str(d) for d in args.directories if not d.is_dir()]
     if missing:
-        parser.exit(2, f"safetransfer-tables: error: no such directory: {', '.join(missing)}\n")
-    seeds = collect(args.directories)  # read once: the check below and the table use the same seeds
-    if seeds.empty:
-        parser.exit(
-            2,
-            f"safetransfer-tables: error: no finished seed (seed_*/metrics.json) under "
-            f"{', '.join(map(str, args.directories))}; nothing written\n",
-        )
+        fail(f"no such directory: {', '.join(missing)}")
+    found = store.records_under(args.directories, args.published)
+    if args.directories and not found:
+        fail(f"no finished seed (seed_*/metrics.json) under {', '.join(map(str, args.directories))}; nothing written")
+    with store.lock_for(args.results, args.name):
+        records = store.read(args.results, args.name)
+    if not found and not len(records):
+        fail(f"{store.store_path(args.results, args.name)} holds no seed: give the run or sweep directories to add")
     try:
-        check_writable(args.results, "--results")
+        if found:
+            store.append(args.results, args.name, found)
+        with store.lock_for(args.results, args.name):
+            records = store.read(args.results, args.name)
+            if args.published:
+                records["published"] = args.published
+            markdown = render(records, args.results, args.name, args.methods, args.targets)
     except ConfigError as error:
-        parser.exit(2, f"safetransfer-tables: error: {error}\n")
-    try:
-        markdown = write_seeds_table(
-            seeds, args.results, args.name, args.published, args.methods, args.targets, args.published_file
-        )
-    except ConfigError as error:
-        parser.exit(2, f"safetransfer-tables: error: {error}\n")
+        fail(str(error))
     print(markdown, end="")
