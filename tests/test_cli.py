@@ -132,11 +132,8 @@ def test_single_run_from_the_command_line(cli, tmp_path):
         ),
         (["hydra.run.dir=/proc/forbidden/run"], "hydra.run.dir=/proc/forbidden/run is not a writable directory"),
         (["hydra.run.dir=" + "r" * 300], "hydra.run.dir=" + "r" * 300 + " is not a writable directory (File name"),
-        (  # a config written before the package's folders names the class by its old path
-            ["regularizer=l2sp", "regularizer.terms.l2sp._target_=safetransfer.regularizers.l2sp.L2SP"],
-            "regularizer.terms.l2sp._target_=safetransfer.regularizers.l2sp.L2SP names a class that has moved: "
-            "set regularizer.terms.l2sp._target_=safetransfer.training.regularizers.l2sp.L2SP",
-        ),
+        (["regularizer=l2sp", "++regularizer.terms.l2sp._target_=os.system"], "regularizer.terms.l2sp._target_ is not"),
+        (["direction.kind=orthogonal"], "direction.kind=orthogonal is not a known direction; allowed: dtnh, sum"),
     ],
 )
 def test_bad_input_is_one_clear_line_before_training(cli, tmp_path, arguments, expected):
@@ -274,3 +271,26 @@ def test_hydras_own_groups_are_taken_on_the_command_line(cli, group):
         "hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
     }[group]
     assert expected in result.stdout
+
+
+def test_a_file_that_names_code_to_run_is_refused_and_nothing_runs(cli, tmp_path, monkeypatch):
+    """An experiment file of the user's own (--config-dir, where Hydra alone knows the keys) that gives
+    a term a `_target_`: refused in one line naming the registered kinds; the named function never runs."""
+    import os
+
+    called = []
+    monkeypatch.setattr(os, "getcwdb", lambda *a: called.append(a))
+    folder = tmp_path / "mine" / "experiment"
+    folder.mkdir(parents=True)
+    (folder / "evil.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /regularizer: l2sp\n"
+        "regularizer:\n  terms:\n    l2sp:\n      _target_: os.getcwdb\n"
+    )
+    result = cli("--config-dir", str(tmp_path / "mine"), "experiment=evil", *TINY)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert lines[0] == (
+        "safetransfer-train: error: regularizer.terms.l2sp._target_=os.getcwdb names code to run; a config names "
+        "a regularizer term by its registered name: regularizer.terms.l2sp.kind=<bss, delta, head, knowdist, l2, l2sp>"
+    )
+    assert not called

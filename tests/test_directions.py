@@ -151,8 +151,8 @@ def test_zero_empirical_gradient_leaves_the_regularizer_alone():
 def test_method_labels_and_a_bad_granularity():
     from safetransfer.reporting.methods import method_label
 
-    assert method_label("L2-SP", type(Sum()).__name__) == "L2-SP"
-    assert method_label("L2-SP", type(DTNH()).__name__) == "DTNH (L2-SP)"
+    assert method_label("L2-SP", "sum") == "L2-SP" and method_label("L2-SP", "dtnh") == "DTNH (L2-SP)"
+    assert method_label("L2-SP", "spd") == "SPD (L2-SP)"  # a strategy without a label of its own
     with pytest.raises(ValueError, match="granularity"):
         DTNH("layer")
 

@@ -40,94 +40,61 @@ def test_what_decides_each_identity_is_declared_once(compose_cfg):
     assert identity(compose_cfg("target=cub200", "target.root=/other")) != identity(base)
 
 
-#: config keys, decoded-cache identities and term-cache identities computed at commit 5657c83
-#: (the one-view configs with data.test_resize=shorter_side, the test transform of that time),
-#: before the package's modules moved into folders (safetransfer.sources.FileSource became
-#: safetransfer.sources.local.FileSource, and so on): a key that changes here means that results
-#: computed before are no longer continued, paired or tabulated with new ones.
-KEYS_BEFORE_THE_MOVE = {
-    ("experiment=demo", "data.test_resize=shorter_side"): (
-        "b0c29151be8c",
-        "56371c677810a8afef4ebed0",
-        "a932ab126c515854f3a5",
-    ),
-    # computed at c544d9f (which kept 5657c83's keys): the DELTA+BSS cell this entry held at first
-    # changed its key on purpose when bss_table2 took DELTA's released-code convention
-    (
-        "experiment=bss_table2",
-        "target=cub200",
-        "method=l2_bss",
-        "target.sampling_rate=30",
-        "data.test_resize=shorter_side",
-    ): (
-        "4ab0b53a310e",
-        "c17e9c8fd1a30c23ebc11044",
-        "a3d640e6617da2d7cc7d",
-    ),
-    (
-        "experiment=dtnh_table2",
-        "target=mit_indoor67",
-        "source=places365",
-        "method=dtnh_knowdist",
-        "data.test_resize=shorter_side",
-    ): (
-        "00c19cfc47e9",
-        "a806da3d3b55d75679ff0452",
-        "105160f2af9fdc1c98b9",
-    ),
-    ("method=from_scratch", "target=stanford_dogs", "data.test_resize=shorter_side"): (
-        "1c80e5084927",
-        "96ec9959b8d2feb49b79c2ef",
-        "024a30f138d1975228c8",
-    ),
-    (
-        "regularizer=l2sp",
-        "source=file",
-        "source.path=/tmp/x.pt",
-        "target=caltech256_30",
-        "data.test_resize=shorter_side",
-    ): (
-        "a51a3d623690",
-        "68768cedf47ee279227099d0",
-        "adff87f2e14e37d224eb",
-    ),
-}
+def test_a_config_key_is_a_hash_of_names_and_values_never_of_where_a_class_lives(compose_cfg, monkeypatch):
+    """The key, recomputed here with hashlib over the config's JSON without the sections that never
+    change a number; the config names its classes by registered names, so no value holds a module
+    path, and a class moved to another module (its __module__ changed, registered again under the
+    same name) gives the same key and is the class a job builds."""
+    import json
 
-
-def test_moving_a_class_inside_the_package_changes_no_key(compose_cfg):
     from omegaconf import OmegaConf
 
-    from safetransfer.common.fingerprints import config_key, data_identity, term_identity
+    from safetransfer.common import registry
+    from safetransfer.common.fingerprints import config_key
+    from safetransfer.training.directions import DTNH
 
-    for overrides, (key, data, terms) in KEYS_BEFORE_THE_MOVE.items():
-        cfg = compose_cfg(*overrides, "paths.data_root=/srv/data", "paths.cache_dir=/srv/cache")
-        assert config_key(cfg) == key, overrides
-        assert fingerprint(data_identity(OmegaConf.to_container(cfg.target, resolve=True)), 24) == data, overrides
-        assert fingerprint(term_identity(cfg), 20) == terms, overrides
+    cfg = compose_cfg("method=dtnh_l2sp", "target=cub200", "paths.data_root=/srv/data")
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for section in (
+        "seeds",
+        "runtime",
+        "results",
+        "paths",
+        "hydra",
+        "logger",
+        "search",
+        "launcher",
+        "delta_convention",
+    ):
+        container.pop(section, None)
+    for section, key in (("target", "sample_list_dir"), ("pretrain", "overwrite"), ("data", "on_device")):
+        container[section].pop(key, None)
+    written = json.dumps(container, sort_keys=True).encode()
+    assert config_key(cfg) == hashlib.sha256(written).hexdigest()[:12]
+    assert "safetransfer." not in written.decode() and "torch.optim" not in written.decode()
+    assert container["direction"]["kind"] == "dtnh" and container["regularizer"]["terms"]["l2sp"]["kind"] == "l2sp"
+
+    before = config_key(cfg)
+    moved = type("DTNH", (DTNH,), {"__module__": "safetransfer.somewhere_else"})
+    monkeypatch.setitem(registry._REGISTERED["direction"], "dtnh", moved)
+    assert config_key(compose_cfg("method=dtnh_l2sp", "target=cub200", "paths.data_root=/srv/data")) == before
+    assert type(registry.build("direction", cfg.direction, "direction")) is moved
 
 
 def test_the_test_resize_keys_what_it_changes(compose_cfg):
-    """data.test_resize changes the one-view test images, and the images DELTA's attention is
-    computed from (the training images through that transform), also beside ten test crops;
-    beside ten crops the test images themselves do not change, so the result's key does not."""
+    """data.test_resize changes the one-view test images and the images DELTA's attention is
+    computed from (the training images through that transform): the result's and the terms' keys."""
     from safetransfer.common.fingerprints import config_key, term_identity
 
     where = ("paths.data_root=/srv/data", "paths.cache_dir=/srv/cache", "target=cub200")
-    for crops in ("data.test_crops=1", "data.test_crops=10"):
-        square, shorter = (compose_cfg(*where, crops, f"data.test_resize={r}") for r in ("square", "shorter_side"))
-        assert term_identity(square) != term_identity(shorter)
-        assert (config_key(square) != config_key(shorter)) == (crops == "data.test_crops=1")
-        # DELTA's numbers depend on it beside ten crops too (its attention): so does its key
-        square, shorter = (
-            compose_cfg(*where, crops, "method=delta", f"data.test_resize={r}") for r in ("square", "shorter_side")
-        )
-        assert config_key(square) != config_key(shorter)
+    for method in ("method=fine_tuning", "method=delta"):
+        square, shorter = (compose_cfg(*where, method, f"data.test_resize={r}") for r in ("square", "shorter_side"))
+        assert term_identity(square) != term_identity(shorter) and config_key(square) != config_key(shorter)
 
 
-def test_bss_table2_trains_delta_in_the_released_codes_form_under_a_new_key(compose_cfg):
-    """Its DELTA cells (alpha 0.01 from the DELTA authors' run.sh) compute their code's form, so
-    their key is not the one they had in the paper's form (2e0c31e15e26 at 5657c83); DELTA outside
-    the preset keeps the paper's form and its key."""
+def test_bss_table2_trains_delta_in_the_released_codes_form_under_its_own_key(compose_cfg):
+    """Its DELTA cells (alpha 0.01 from the DELTA authors' run.sh) compute their code's form, a key of
+    their own; delta_convention is keyed where it is read, so its L2 cells keep theirs."""
     from safetransfer.common.fingerprints import config_key
 
     cell = ("experiment=bss_table2", "target=cub200", "target.sampling_rate=30")
@@ -135,36 +102,36 @@ def test_bss_table2_trains_delta_in_the_released_codes_form_under_a_new_key(comp
     for method in ("delta", "delta_bss"):
         cfg = compose_cfg(*cell, f"method={method}", *where)
         assert cfg.regularizer.terms.delta.convention == "released_code"
-    assert config_key(compose_cfg(*cell, "method=delta_bss", *where)) != "2e0c31e15e26"
-    before = ("delta_convention=paper", "data.test_resize=shorter_side")  # the forms of 5657c83
-    assert config_key(compose_cfg(*cell, "method=delta_bss", *before, *where)) == "2e0c31e15e26"
-    plain = compose_cfg("method=delta", "target=cub200", "data.test_resize=shorter_side", *where)
-    assert plain.regularizer.terms.delta.convention == "paper" and config_key(plain) == "6d6d232df1e7"
+        paper = compose_cfg(*cell, f"method={method}", "delta_convention=paper", *where)
+        assert paper.regularizer.terms.delta.convention == "paper" and config_key(paper) != config_key(cfg)
+    l2 = compose_cfg(*cell, "method=l2", *where)
+    assert config_key(l2) == config_key(compose_cfg(*cell, "method=l2", "delta_convention=paper", *where))
 
 
-def test_every_class_a_config_names_exists_under_its_path():
-    """Each `_target_` of conf/ that names one of ours, and each class KEYED_AS keeps a first
-    name for, can be located (a class moved without updating KEYED_AS would fail here)."""
+def test_every_kind_a_config_names_is_registered_and_no_config_names_code():
+    """Each node of conf/ that builds an object names a registered kind; no `_target_` of ours is
+    left (Hydra's own callback is Hydra's)."""
     from pathlib import Path
 
-    from hydra.utils import get_class
     from omegaconf import OmegaConf
 
     import safetransfer.conf
-    from safetransfer.common.fingerprints import KEYED_AS
+    from safetransfer.common import registry
 
-    named = set(KEYED_AS)
+    kinds = {"direction": "direction", "source": "source", "target": "target", "optimizer": "optimizer"}
+    kinds.update(scheduler="scheduler")
+    found_kinds = 0
     for path in Path(safetransfer.conf.__path__[0]).rglob("*.yaml"):
-        found = [OmegaConf.to_container(OmegaConf.load(path), resolve=False)]
-        while found:
-            node = found.pop()
+        tree = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        group = path.parent.name
+        nodes = [(group, tree)]
+        while nodes:
+            where, node = nodes.pop()
             if isinstance(node, dict):
-                target = node.get("_target_")
-                if isinstance(target, str) and target.startswith("safetransfer."):
-                    named.add(target)
-                found.extend(node.values())
-            elif isinstance(node, list):
-                found.extend(node)
-    assert len(named) >= 20
-    for target in sorted(named):
-        assert isinstance(get_class(target), type), target
+                assert "_target_" not in node or node["_target_"] == "safetransfer.commands.sweeps.SweepReport", path
+                if "kind" in node:
+                    kind = "term" if "terms" in str(where) or group == "regularizer" else kinds.get(where, where)
+                    assert node["kind"] in registry.known(kind), (path, node["kind"])
+                    found_kinds += 1
+                nodes.extend((k if k in kinds or k == "terms" else where, v) for k, v in node.items())
+    assert found_kinds >= 29  # 12 targets, 7 sources, 6 terms, 2 directions, the optimizer and its schedule

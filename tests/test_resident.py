@@ -9,11 +9,11 @@ import signal
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 
 import fixtures
 from conftest import TINY
 from safetransfer.common.errors import ConfigError
+from safetransfer.common.registry import build
 from safetransfer.data.preparation import prepare_data
 from safetransfer.data.resident import ResidentLoader, fits, held_bytes
 from safetransfer.job.build import build_seed
@@ -53,7 +53,7 @@ LOADED = ("data.on_device=false", "data.augment_on=device")  # the loader path w
 
 def _prepared(cfg):
     check_config(cfg)
-    return prepare_data(cfg, instantiate(cfg.target))
+    return prepare_data(cfg, build("target", cfg.target, "target"))
 
 
 def _augmented_batches(cfg, count):
@@ -156,7 +156,7 @@ def test_bad_on_device_settings_are_one_line_before_training(cub_cfg, overrides,
     device's under the same key; holding the images would silently change them."""
     with pytest.raises(ConfigError, match=expected):
         check_config(cub_cfg(*overrides))
-        prepare_data(cub_cfg(*overrides), instantiate(cub_cfg(*overrides).target))
+        prepare_data(cub_cfg(*overrides), build("target", cub_cfg(*overrides).target, "target"))
 
 
 def test_on_device_true_for_images_held_in_memory_says_they_are_not_cached(compose_cfg):

@@ -56,8 +56,7 @@ def test_validation_hold_out_is_per_class_and_disjoint():
 
 
 def test_splits_are_disjoint_and_stable_across_training_seeds(compose_cfg):
-    from hydra.utils import instantiate
-
+    from safetransfer.common.registry import build
     from safetransfer.data.preparation import prepare_data
 
     cfg = compose_cfg(
@@ -67,7 +66,7 @@ def test_splits_are_disjoint_and_stable_across_training_seeds(compose_cfg):
         "target.test_images_per_class=5",
         "train.batch_size=8",
     )
-    target = instantiate(cfg.target)
+    target = build("target", cfg.target, "target")
     first, second = prepare_data(cfg, target), prepare_data(cfg, target)
     assert np.array_equal(first.train_indices, second.train_indices)  # nothing depends on the training seed
     assert set(first.train_indices).isdisjoint(first.val_indices)
@@ -81,14 +80,13 @@ def test_splits_are_disjoint_and_stable_across_training_seeds(compose_cfg):
 
 
 def test_validation_metrics_are_written(compose_cfg, tmp_path):
-    from hydra.utils import instantiate
-
     from conftest import TINY
+    from safetransfer.common.registry import build
     from safetransfer.data.preparation import prepare_data
     from safetransfer.job.run import run_seed
 
     cfg = compose_cfg(*TINY, "target.val_fraction=0.3")
-    data = prepare_data(cfg, instantiate(cfg.target))
+    data = prepare_data(cfg, build("target", cfg.target, "target"))
     metrics = run_seed(cfg, 0, data, None, tmp_path)
     assert metrics["val_images"] == 6 * 3 and 0 <= metrics["val_top1"] <= 100
     assert metrics["train_images"] == 6 * 7

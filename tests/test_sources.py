@@ -364,9 +364,9 @@ def test_feature_terms_compare_against_the_same_checkpoint(compose_cfg, tmp_path
     state = full_resnet_state("resnet18", seed=5)
     torch.save(state, tmp_path / "src.pth")
     cfg = compose_cfg("source=file", f"source.path={tmp_path / 'src.pth'}", "regularizer=knowdist")
-    from hydra.utils import instantiate
+    from safetransfer.common.registry import build
 
-    loaded = instantiate(cfg.source).backbone_state("resnet18")
+    loaded = build("source", cfg.source, "source").backbone_state("resnet18")
     model = create_model(cfg, 3, loaded)
     omega = create_omega(cfg)
     omega.bind(model, BindContext())

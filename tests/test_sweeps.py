@@ -57,7 +57,7 @@ def test_grid_search_gives_a_paper_layout_table_chosen_on_validation(cli, tmp_pa
     frame = pd.DataFrame(
         [
             {
-                "method": "DTNH (L2-SP)" if m["config"]["direction"]["_target_"].endswith("DTNH") else "L2-SP",
+                "method": "DTNH (L2-SP)" if m["config"]["direction"]["kind"] == "dtnh" else "L2-SP",
                 "alpha": m["config"]["regularizer"]["terms"]["l2sp"]["alpha"],
                 "val": m["val_top1"],
                 "test": m["top1"],

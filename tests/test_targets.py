@@ -488,9 +488,8 @@ def test_device_ten_crops_are_torchvisions_ten_crops():
 
 @pytest.mark.parametrize("crops", [(), ("data.train_crop=random_resized_crop", "data.test_crops=10")])
 def test_augmenting_on_the_device_trains_and_is_deterministic(compose_cfg, tmp_path, crops):
-    from hydra.utils import instantiate
-
     from conftest import TINY
+    from safetransfer.common.registry import build
     from safetransfer.data.preparation import prepare_data
     from safetransfer.job.checks import check_config
     from safetransfer.job.run import run_seed
@@ -509,7 +508,7 @@ def test_augmenting_on_the_device_trains_and_is_deterministic(compose_cfg, tmp_p
         *crops,
     )
     check_config(cfg)  # the check refused the BSS crops on the device, which the device augmentation does
-    data = prepare_data(cfg, instantiate(cfg.target))
+    data = prepare_data(cfg, build("target", cfg.target, "target"))
     assert data.device_augment and data.train[0][0].dtype == torch.uint8
     # the test split is cached as its views' source: the centre crop, or the resize x resize square for ten crops
     assert data.test[0][0].shape[-1] == (cfg.data.resize if crops else cfg.data.crop)

@@ -311,15 +311,14 @@ def sources_to_make(table: str, overrides: list[str]) -> list[tuple[str, str, Pa
     """(dataset, backbone, path, the artifact's name in fetch's report) of each source the table's
     jobs read that a pretraining run makes (experiment=pretrain_source: Table IV's Stanford Dogs
     source) and that is not there yet."""
-    from hydra.utils import instantiate
-
+    from safetransfer.common.registry import build
     from safetransfer.sources.base import own_keys
     from safetransfer.sources.local import PretrainedSource
 
     found = {}
     for _, cfg in cells(table, overrides):
         own_keys(cfg.source)
-        source = instantiate(cfg.source)
+        source = build("source", cfg.source, "source")
         if isinstance(source, PretrainedSource) and not source.path.exists():
             found[source.path] = (
                 source.dataset,

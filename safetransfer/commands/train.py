@@ -188,7 +188,7 @@ def method_groups(method: str) -> dict[str, str]:
     for entry in preset.get("defaults", []):
         for key, value in entry.items() if isinstance(entry, DictConfig) else []:
             group = str(key).removeprefix("override /")
-            pinned = isinstance(preset.get(group), DictConfig) and "_target_" in preset[group]
+            pinned = isinstance(preset.get(group), DictConfig) and "kind" in preset[group]
             if str(key).startswith("override /") and not pinned:
                 fixed[group] = str(value)
     return fixed

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from safetransfer.common.devices import resolve_device
 from safetransfer.common.fingerprints import term_identity
+from safetransfer.common.registry import build
 from safetransfer.data.augment import DeviceAugment
 from safetransfer.data.draws import Seeded, SeededDraws
 from safetransfer.data.preparation import Data
@@ -39,11 +39,13 @@ def seed_everything(seed: int) -> None:
 
 
 def create_omega(cfg: DictConfig) -> Omega:
-    return Omega({name: instantiate(term) for name, term in cfg.regularizer.terms.items()})
+    return Omega(
+        {name: build("term", term, f"regularizer.terms.{name}") for name, term in cfg.regularizer.terms.items()}
+    )
 
 
 def create_direction(cfg: DictConfig) -> Direction:
-    return instantiate(cfg.direction)
+    return build("direction", cfg.direction, "direction")
 
 
 def create_model(cfg: DictConfig, num_classes: int, source_state: dict | None) -> TransferNet:
@@ -57,18 +59,19 @@ def create_optimizer(cfg: DictConfig, model: TransferNet) -> tuple[torch.optim.O
     """SGD over two groups, the new head at head_lr_mult times the backbone's lr; and its schedule."""
     lr = cfg.optim.optimizer.lr
     groups = model.parameter_groups()
-    optimizer = instantiate(cfg.optim.optimizer)(
-        [
+    optimizer = build(
+        "optimizer",
+        cfg.optim.optimizer,
+        "optim.optimizer",
+        params=[
             {"params": groups["backbone"], "lr": lr},
             {"params": groups["head"], "lr": lr * cfg.optim.head_lr_mult},
-        ]
+        ],
     )
-    schedule = cfg.optim.scheduler
+    schedule = OmegaConf.to_container(cfg.optim.scheduler, resolve=True)
     if "milestones" in schedule:
-        return optimizer, instantiate(
-            schedule, milestones=milestone_iterations(schedule.milestones, cfg.train.iterations)
-        )(optimizer)
-    return optimizer, instantiate(schedule)(optimizer)
+        schedule["milestones"] = milestone_iterations(schedule["milestones"], cfg.train.iterations)
+    return optimizer, build("scheduler", schedule, "optim.scheduler", optimizer=optimizer)
 
 
 def training_order(size: int, seed: int) -> SeededDraws:

@@ -10,8 +10,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from safetransfer.common.atomic import check_writable
-from safetransfer.common.errors import ConfigError, one_line
-from safetransfer.common.fingerprints import KEYED_AS
+from safetransfer.common.errors import ConfigError
+from safetransfer.common.registry import build
 from safetransfer.data.augment import AUGMENT_ON
 from safetransfer.data.resident import ON_DEVICE
 from safetransfer.data.transforms import TEST_CROPS, TEST_RESIZES, TRAIN_CROPS, crop_options
@@ -20,29 +20,11 @@ from safetransfer.reporting.tables import published_values
 from safetransfer.training.engine import PRECISIONS, milestone_iterations
 from safetransfer.training.train_log import LOGGERS, PROGRESS
 
-
-def check_moved_classes(cfg: DictConfig) -> None:
-    """A config written for an earlier version may name one of our classes by the path it had
-    before the package took its folders (KEYED_AS): say where it is now."""
-    moved = {before: now for now, before in KEYED_AS.items()}
-    found = [("", OmegaConf.to_container(cfg, resolve=False))]
-    while found:
-        where, node = found.pop()
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-        for key, value in items:
-            if key == "_target_" and value in moved:
-                raise ConfigError(
-                    f"{where}_target_={value} names a class that has moved: set {where}_target_={moved[value]}"
-                )
-            found.append((f"{where}{key}.", value))
-
-
 #: seeds (training and sampling) are seeds of NumPy's and Python's generators: in [0, 2^32)
 SEED_LIMIT = 2**32
 
 
 def check_config(cfg: DictConfig) -> None:
-    check_moved_classes(cfg)
     seeds = cfg.seeds
     if not isinstance(seeds, (list, ListConfig)) or len(seeds) == 0:
         raise ConfigError(f"seeds={seeds} must be a non-empty list of integers, e.g. seeds=[0,1,2,3,4]")
@@ -126,7 +108,7 @@ def check_config(cfg: DictConfig) -> None:
             f"runtime.log_every={cfg.runtime.log_every} (the evaluation is written on log rows)"
         )
     check_regularizer(cfg)
-    build_checked(cfg.direction, "direction")
+    build("direction", cfg.direction, "direction")
     if cfg.train.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={cfg.train.precision} is not one of {', '.join(PRECISIONS)}")
     if cfg.data.augment_on not in AUGMENT_ON:
@@ -155,21 +137,6 @@ def check_config(cfg: DictConfig) -> None:
     check_writable(Path(str(cfg.paths.cache_dir)).expanduser(), "paths.cache_dir", ".cache/safetransfer")
 
 
-def build_checked(node: DictConfig, key: str) -> object:
-    """Build a config node's object, which checks its own settings; its complaint ("alpha=-1
-    must be ...") is reported under the node's key (regularizer.terms.l2sp.alpha=-1 ...)."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(node)
-    except InstantiationException as error:
-        cause = error.__cause__ or error
-        if isinstance(cause, ValueError):
-            raise ConfigError(f"{key}.{cause}") from None
-        raise ConfigError(f"{key}: {one_line(cause)}") from None
-
-
 def check_regularizer(cfg: DictConfig) -> None:
     """Each term of Omega built from its config (the term checks its own coefficients and
     settings); then what depends on the rest of the config: BSS's k counts singular values of
@@ -186,7 +153,7 @@ def check_regularizer(cfg: DictConfig) -> None:
         raise ConfigError("regularizer.terms is empty; choose a regularizer, e.g. regularizer=l2")
     model = outline(cfg.backbone.name)
     for name, node in cfg.regularizer.terms.items():
-        term = build_checked(node, f"regularizer.terms.{name}")
+        term = build("term", node, f"regularizer.terms.{name}")
         try:
             term.check_backbone(model)
         except ValueError as error:

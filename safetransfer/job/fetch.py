@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.common.downloads import mirrored
 from safetransfer.common.errors import MissingData, SafetransferError, one_line
 from safetransfer.common.fingerprints import data_identity
+from safetransfer.common.registry import build
 from safetransfer.data import sample_lists
 from safetransfer.sources.base import own_keys
 from safetransfer.sources.local import PretrainedSource
@@ -64,7 +64,7 @@ def _key(node) -> str:
 
 def source_artifacts(cfg: DictConfig, compose: Callable[[list[str]], DictConfig] | None = None) -> list[Artifact]:
     own_keys(cfg.source)  # a job of a sweep over sources: its source's own keys, as the job keeps
-    source, backbone = instantiate(cfg.source), cfg.backbone.name
+    source, backbone = build("source", cfg.source, "source"), cfg.backbone.name
     path = source.local_file(backbone)
     if path is None:  # random or generated weights: nothing to fetch
         return []
@@ -86,7 +86,7 @@ def source_artifacts(cfg: DictConfig, compose: Callable[[list[str]], DictConfig]
 
 
 def target_artifacts(cfg: DictConfig) -> list[Artifact]:
-    target = instantiate(cfg.target)
+    target = build("target", cfg.target, "target")
     if not target.reads_files:
         return []
     settings = OmegaConf.to_container(cfg.target, resolve=True)

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -22,6 +21,7 @@ from safetransfer.common.downloads import file_digest, mirrored
 from safetransfer.common.errors import ConfigError
 from safetransfer.common.fingerprints import config_key
 from safetransfer.common.processes import run_each
+from safetransfer.common.registry import build
 from safetransfer.data.preparation import Data, check_classes, check_training_set, prepare_data, save_indices, seed_data
 from safetransfer.data.targets.base import Target
 from safetransfer.job.build import build_seed, train_log
@@ -358,9 +358,9 @@ def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dic
     torch.set_num_threads(threads)
     with StopSignals() as stop:  # first, so that a stop request during the loading is not lost
         cfg = OmegaConf.create(container)
-        target: Target = instantiate(cfg.target)
+        target: Target = build("target", cfg.target, "target")
         with mirrored(cfg.paths.get("mirror")):
-            source = instantiate(cfg.source)
+            source = build("source", cfg.source, "source")
             source_state = source.backbone_state(cfg.backbone.name)
         data = seed_data(cfg, target, seed, Path(run_dir), None)
         return run_seed(
@@ -369,13 +369,13 @@ def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dic
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, chosen: str, stop: StopSignals | None) -> dict:
-    target: Target = instantiate(cfg.target)
+    target: Target = build("target", cfg.target, "target")
     target.check()
     check_classes(cfg.target.name, len(target.classes))
     method = method_name(cfg)
     check_training_set(len(target.split_train_val()[0]), cfg.train.batch_size)
     # the source before the data: a missing checkpoint is reported before any cache is built
-    source = instantiate(cfg.source)
+    source = build("source", cfg.source, "source")
     source_state = source.backbone_state(cfg.backbone.name)
     origin = provenance(source, cfg.backbone.name)
     data = prepare_data(cfg, target)

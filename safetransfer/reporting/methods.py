@@ -1,5 +1,5 @@
 """A method's name in results tables: a pure function of the regularizer's name and the
-direction strategy, e.g. ('L2-SP', 'Sum') -> 'L2-SP', ('L2-SP', 'DTNH') -> 'DTNH (L2-SP)';
+direction strategy, e.g. ('L2-SP', 'sum') -> 'L2-SP', ('L2-SP', 'dtnh') -> 'DTNH (L2-SP)';
 plain fine-tuning from a random initialisation is 'From scratch'. A source's name in tables carries
 what it was trained on (`pretrained:vehicles`).
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import PurePath
 
-#: direction strategy (its class name) -> how it dresses the regularizer's name
-LABELS = {"Sum": "{regularizer}", "DTNH": "DTNH ({regularizer})"}
+#: direction strategy (its registered name) -> how it dresses the regularizer's name
+LABELS = {"sum": "{regularizer}", "dtnh": "DTNH ({regularizer})"}
 #: the no-transfer baseline's name: plain fine-tuning (or the BSS paper's L2) from random weights
 SCRATCH = "From scratch"
 PLAIN = ("Fine-tuning", "L2")
@@ -20,28 +20,28 @@ PLAIN = ("Fine-tuning", "L2")
 
 def method_label(regularizer: str, direction: str) -> str:
     """The table name of `regularizer` stepped by the direction strategy named `direction`
-    (a class name of safetransfer.training.directions; another strategy is named after its class)."""
-    return LABELS.get(direction, direction + " ({regularizer})").format(regularizer=regularizer)
+    (its registered name, `direction.kind`; another strategy is named after its name in capitals)."""
+    return LABELS.get(direction, direction.upper() + " ({regularizer})").format(regularizer=regularizer)
 
 
 def from_scratch(source) -> bool:
     """Whether a source config is the random initialisation (source=scratch)."""
-    return str(source.get("_target_", "")).rsplit(".", 1)[-1] == "Scratch"
+    return source.get("kind") == "scratch"
 
 
 #: the terms of plain fine-tuning (Fine-tuning, the BSS paper's L2): every other method's reference
 #: unless it is a DTNH or a +BSS variant; BSS's term name; the direction of a plain sum
-PLAIN_TERMS, BSS_TERM, SUM = ("l2",), "bss", "Sum"
+PLAIN_TERMS, BSS_TERM, SUM = ("l2",), "bss", "sum"
 
 
 def method_structure(cfg) -> dict:
     """What a method is, recorded in metrics.json: its regularizer's name, the names of its terms,
-    its direction strategy (a class of safetransfer.training.directions) and whether it starts from scratch.
+    its direction strategy (its registered name) and whether it starts from scratch.
     Its table name (structure_label) and its reference (reference_key) are derived from it."""
     return {
         "regularizer": str(cfg.regularizer.name),
         "terms": sorted(str(term) for term in cfg.regularizer.terms),
-        "direction": str(cfg.direction._target_).rsplit(".", 1)[-1],
+        "direction": str(cfg.direction.kind),
         "scratch": from_scratch(cfg.source),
     }
 

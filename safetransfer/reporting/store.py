@@ -108,6 +108,8 @@ def record(metrics: dict, run_dir: Path | str, chosen: str = "", local_paths: bo
     if not local_paths:
         settings = {k: shown_path(str(v)) if k in PATH_KEYS and v is not None else v for k, v in settings.items()}
     results = cfg.get("results") or {}
+    structure = metrics.get("structure") or method_structure(cfg)
+    structure["direction"] = str(structure["direction"]).lower()  # versions before the registry: its class name
     return {
         "setting": f"{key}:{digest[:DIGEST]}" if digest else key,
         "key": key,
@@ -127,7 +129,7 @@ def record(metrics: dict, run_dir: Path | str, chosen: str = "", local_paths: bo
         "published": str(results.get("published") or (results.get("paper") or {}).get("published") or ""),
         "chosen": chosen,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "structure": json.dumps(metrics.get("structure") or method_structure(cfg), sort_keys=True),
+        "structure": json.dumps(structure, sort_keys=True),
         "settings": json.dumps(settings, sort_keys=True, default=str),
     }
 

@@ -143,7 +143,7 @@ def varied_keys(settings: Sequence[dict], sources: Sequence[str] | None = None) 
     sources = list(sources) if sources is not None else [""] * len(settings)
     varied = []
     for key in keys:
-        if key in OWN_COLUMNS or key.endswith("_target_") or key == "regularizer.name":
+        if key in OWN_COLUMNS or key.endswith(("_target_", ".kind")) or key == "regularizer.name":
             continue
         groups = {}
         for source, found in zip(sources, settings):
@@ -466,7 +466,13 @@ def search_frame(tried: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     keys = sorted(set().union(*tried["searched_keys"]))
     names = set().union(*tried["settings"])
-    frame = rows_of(tried)
+
+    def order(settings):  # the settings in the order of their swept values, numbers as numbers
+        values = (settings.get(k) for k in keys)
+        return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in values)
+
+    tried = tried.assign(order=tried["settings"].map(order))
+    frame = rows_of(tried.sort_values([*store.CELL, "order"], kind="stable"))
     return pd.DataFrame(
         {
             "target": frame["target"],

@@ -36,19 +36,16 @@ class Source:
 def own_keys(source_cfg) -> list[str]:
     """The keys of a source config its class does not take (`source.dataset` given to a sweep over
     source=pretrained,demo,scratch belongs to pretrained only): removed from `source_cfg`, returned."""
-    import inspect
-
-    from hydra.utils import get_class
     from omegaconf import open_dict
 
-    parameters = inspect.signature(get_class(source_cfg._target_)).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return []
-    foreign = [k for k in source_cfg.keys() if not str(k).startswith("_") and k not in parameters]
+    from safetransfer.common.registry import parameters
+
+    taken = parameters("source", source_cfg, "source")
+    foreign = [str(k) for k in source_cfg.keys() if taken is not None and k not in taken]
     with open_dict(source_cfg):
         for key in foreign:
             del source_cfg[key]
-    return [str(k) for k in foreign]
+    return foreign
 
 
 def provenance(source: Source, backbone: str) -> dict:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from safetransfer.common.atomic import built_once
 from safetransfer.common.fingerprints import fingerprint
+from safetransfer.common.registry import register
 from safetransfer.data import domains
 from safetransfer.sources.base import Source
 from safetransfer.training.backbones import TransferNet
@@ -18,6 +19,7 @@ from safetransfer.training.backbones import TransferNet
 log = logging.getLogger(__name__)
 
 
+@register("source", "demo")
 class DemoSource(Source):
     """The demo's source model: pretrained on the generated source domain on first use, then cached."""
 

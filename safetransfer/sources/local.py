@@ -10,6 +10,7 @@ import torch
 
 from safetransfer.common.atomic import atomic_torch_save
 from safetransfer.common.errors import ConfigError, MissingData
+from safetransfer.common.registry import register
 from safetransfer.sources import checkpoint_files
 from safetransfer.sources.base import Source
 from safetransfer.training.backbones import TransferNet
@@ -17,6 +18,7 @@ from safetransfer.training.backbones import TransferNet
 log = logging.getLogger(__name__)
 
 
+@register("source", "scratch")
 class Scratch(Source):
     """Random initialisation (seeded by the training seed): the no-transfer baseline."""
 
@@ -27,6 +29,7 @@ class Scratch(Source):
         return None
 
 
+@register("source", "file")
 class FileSource(Source):
     """Any local checkpoint: torchvision, CSAIL Places365 or safetransfer layout, recognised automatically."""
 
@@ -43,6 +46,7 @@ class FileSource(Source):
         return state
 
 
+@register("source", "pretrained")
 class PretrainedSource(Source):
     """A source checkpoint this project made with `experiment=pretrain_source` (the DTNH
     paper's Stanford Dogs model: ImageNet weights fine-tuned on all of Stanford Dogs).

@@ -11,12 +11,14 @@ import torch
 
 from safetransfer.common.downloads import download, file_digest
 from safetransfer.common.errors import ConfigError
+from safetransfer.common.registry import register
 from safetransfer.sources import checkpoint_files
 from safetransfer.sources.base import Source
 
 log = logging.getLogger(__name__)
 
 
+@register("source", "imagenet")
 class ImageNetSource(Source):
     """torchvision's ImageNet weights (`weights`: IMAGENET1K_V1, or IMAGENET1K_V2 for ResNet-50).
 
@@ -61,6 +63,7 @@ class ImageNetSource(Source):
         return checkpoint_files.load_backbone(path, backbone, key="file", hint=not_published(path))[0]
 
 
+@register("source", "places365")
 class Places365Source(Source):
     """The CSAIL Places365 ResNets (`<backbone>_places365.pth.tar` of the places365 model
     release), cached beside torchvision's files ($TORCH_HOME/hub/checkpoints). The file's

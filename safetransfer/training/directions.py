@@ -12,6 +12,7 @@ import torch
 from torch._utils import _unflatten_dense_tensors
 
 from safetransfer.common.errors import ConfigError
+from safetransfer.common.registry import register
 
 
 def zeros_like_all(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -116,6 +117,7 @@ class Direction:
         return zeros_like_all(params)
 
 
+@register("direction", "sum")
 class Sum(Direction):
     """d = g_J + g_Omega: ordinary regularized fine-tuning."""
 
@@ -126,6 +128,7 @@ class Sum(Direction):
         return g_J
 
 
+@register("direction", "dtnh")
 class DTNH(Direction):
     """DTNH Algorithm 1: when <g_J, g_Omega> < 0, replace g_Omega by its component
     orthogonal to g_J, g_Omega - (<g_J, g_Omega> / ||g_J||^2) g_J; then d = g_J + g_Omega.

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from safetransfer.common.registry import register
 from safetransfer.training.backbones import TransferNet
 from safetransfer.training.checkpoints import Checkpointer, TrainingState, rng_state, set_rng_state
 from safetransfer.training.directions import Direction
@@ -485,3 +486,7 @@ def evaluate(
             count += len(labels)
     model.train()
     return 100.0 * float(correct) / count, float(total_loss) / count
+
+
+register("optimizer", "sgd")(torch.optim.SGD)
+register("scheduler", "multistep")(torch.optim.lr_scheduler.MultiStepLR)

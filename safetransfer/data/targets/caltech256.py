@@ -13,12 +13,14 @@ import numpy as np
 import torchvision
 
 from safetransfer.common.errors import ConfigError
+from safetransfer.common.registry import register
 from safetransfer.data.targets.files import ImageList, ImageListTarget, check_class_count
 
 URL = "https://data.caltech.edu/records/nyy15-4j048/files/256_ObjectCategories.tar"
 CLUTTER = "257.clutter"
 
 
+@register("target", "caltech256")
 class Caltech256(ImageListTarget):
     read_caches = ("_files", "_splits")  # fetch: torchvision's download from CaltechDATA, its md5 checked
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetransfer.common.registry import register
 from safetransfer.data.lists import list_lines
 from safetransfer.data.targets.files import ListedTarget
 
@@ -17,6 +18,7 @@ def numbered(path: Path) -> dict[int, str]:
     return {int(index): value.strip() for index, value in rows}
 
 
+@register("target", "cub200")
 class CUB200(ListedTarget):
     name = "cub200"
     official_classes = 200

@@ -6,11 +6,13 @@ from functools import cached_property
 
 import numpy as np
 
+from safetransfer.common.registry import register
 from safetransfer.data import domains
 from safetransfer.data.datasets import TensorImages
 from safetransfer.data.targets.base import Target
 
 
+@register("target", "demo")
 class DemoTarget(Target):
     reads_files = False
 

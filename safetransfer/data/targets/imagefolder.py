@@ -12,6 +12,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import has_file_allowed_extension
 
 from safetransfer.common.errors import ConfigError, MissingData
+from safetransfer.common.registry import register
 from safetransfer.data.targets.base import Target
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class LinkSafeImageFolder(ImageFolder):
         return instances
 
 
+@register("target", "imagefolder")
 class ImageFolderTarget(Target):
     def __init__(self, root: str, name: str = "imagefolder", **sampling):
         super().__init__(name, **sampling)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetransfer.common.registry import register
 from safetransfer.data.lists import list_lines
 from safetransfer.data.targets.files import ListedTarget
 
@@ -15,6 +16,7 @@ TRAIN_LIST_URL = "http://web.mit.edu/torralba/www/TrainImages.txt"
 TEST_LIST_URL = "http://web.mit.edu/torralba/www/TestImages.txt"
 
 
+@register("target", "mit_indoor67")
 class MITIndoor67(ListedTarget):
     name = "mit_indoor67"
     official_classes = 67

@@ -19,6 +19,7 @@ from functools import cached_property
 from pathlib import Path
 
 from safetransfer.common.errors import ConfigError, MissingData
+from safetransfer.common.registry import register
 from safetransfer.data.targets.files import ImageList, ImageListTarget, check_class_count, split_sizes
 
 FOLDER = "stanford_cars"
@@ -26,6 +27,7 @@ ALL_IMAGES = "{car_ims/NNNNNN.jpg,cars_annos.mat}"
 TORCHVISION = "{cars_train/,cars_test/,devkit/cars_meta.mat,devkit/cars_train_annos.mat,cars_test_annos_withlabels.mat}"
 
 
+@register("target", "stanford_cars")
 class StanfordCars(ImageListTarget):
     def __init__(
         self,

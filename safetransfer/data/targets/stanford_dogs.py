@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetransfer.common.registry import register
 from safetransfer.data.targets.files import ListedTarget
 
 IMAGES_URL = "http://vision.stanford.edu/aditya86/ImageNetDogs/images.tar"
 LISTS_URL = "http://vision.stanford.edu/aditya86/ImageNetDogs/lists.tar"
 
 
+@register("target", "stanford_dogs")
 class StanfordDogs(ListedTarget):
     name = "stanford_dogs"
     official_classes = 120

@@ -16,6 +16,7 @@ import numpy as np
 import torchvision
 
 from safetransfer.common.errors import ConfigError
+from safetransfer.common.registry import register
 from safetransfer.data.targets.base import Target
 from safetransfer.data.targets.files import check_class_count, split_sizes
 
@@ -58,6 +59,7 @@ def dataset_files(dataset, name: str) -> list[str]:
     raise ConfigError(f"target={name} keeps no image files to match a list against; set target.sample_list=null")
 
 
+@register("target", "torchvision")
 class TorchvisionTarget(Target):
     read_caches = ("_splits",)  # fetch: torchvision's own download, its md5s checked
 

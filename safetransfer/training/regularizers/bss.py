@@ -32,10 +32,12 @@ import math
 import torch
 
 from safetransfer.common.errors import ConfigError
+from safetransfer.common.registry import register
 from safetransfer.training.backbones import Features, TransferNet, at_least_fp32
 from safetransfer.training.regularizers.base import Term
 
 
+@register("term", "bss")
 class BSS(Term):
     diagnostic_names = ("sigma_min", "sigma_max")
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from safetransfer.common.registry import register
 from safetransfer.training.backbones import FAMILY_STAGES, Features, TransferNet, at_least_fp32, frozen_copy, last_conv
 from safetransfer.training.regularizers.base import BindContext, Term
 from safetransfer.training.regularizers.knowdist import (
@@ -210,6 +211,7 @@ def channel_attention(
 RECIPE = "population-std"  # change when channel_attention computes something else for the same settings
 
 
+@register("term", "delta")
 class DELTA(Term):
     PLACES = ("last_conv", "stage")
     coefficients = ("alpha",)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from safetransfer.common.registry import register
 from safetransfer.training.backbones import (
     Features,
     TransferNet,
@@ -66,6 +67,7 @@ def batch_reduction(per_image: torch.Tensor, convention: str) -> torch.Tensor:
     return per_image.mean() if convention == "paper" else per_image.sum() / 2
 
 
+@register("term", "knowdist")
 class KnowDist(Term):
     coefficients = ("alpha",)
 

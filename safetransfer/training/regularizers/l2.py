@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from safetransfer.common.registry import register
 from safetransfer.training.backbones import TransferNet
 from safetransfer.training.regularizers.base import BindContext, Selection, Term
 
@@ -22,6 +23,7 @@ def squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(list(tensors))).square().sum()
 
 
+@register("term", "l2")
 class L2(Term):
     closed_form = True
     coefficients = ("alpha",)
@@ -39,6 +41,7 @@ class L2(Term):
         torch._foreach_add_(grads, list(params), alpha=self.alpha * self.scale)
 
 
+@register("term", "head")
 class HeadL2(Term):
     closed_form = True
     coefficients = ("beta",)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from safetransfer.common.registry import register
 from safetransfer.training.backbones import TransferNet
 from safetransfer.training.regularizers.base import BindContext, Selection, Term
 from safetransfer.training.regularizers.l2 import squared_norm
@@ -30,6 +31,7 @@ def backbone_parameters(backbone: nn.Module, bn_affine: bool) -> list[nn.Paramet
     return chosen
 
 
+@register("term", "l2sp")
 class L2SP(Term):
     closed_form = True
     coefficients = ("alpha",)
