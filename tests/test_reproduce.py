@@ -89,7 +89,7 @@ def test_plan_lists_every_job_of_both_stages(tmp_path):
     from safetransfer.commands.reproduce import job_hours
 
     figures = benchmark_figures(benchmarks)
-    assert figures[0] == "cpu" and figures[1] == {"resnet18 l2sp sum": 100.0} and figures[5] == "fp32"
+    assert figures.kind == "cpu" and figures.ms_per_step == {"resnet18 l2sp sum": 100.0} and figures.precision == "fp32"
     job = next(j for j in only if j.stage == "final" and j.cell["method"] == "l2sp")
     # 100 ms at 64 px, batch 16 -> x (224/64)^2 x 3 at 224 px, batch 48; 5 seeds x 8000 iterations
     assert job_hours(job, figures) == pytest.approx(0.1 * (224 / 64) ** 2 * 3 * 8000 * 5 / 3600)
@@ -106,8 +106,8 @@ def test_plan_lists_every_job_of_both_stages(tmp_path):
     ]
     benchmark.write_figures(benchmarks, "cuda-cell", cell.cell_figures(records))
     figures = benchmark_figures(benchmarks)
-    assert figures[0] == "cuda" and figures[5] == "bf16"  # the GPU's figures first; the CPU's are kept
-    assert figures[4] == {("resnet18", False): pytest.approx(2.0), ("resnet18", True): pytest.approx(0.8)}
+    assert figures.kind == "cuda" and figures.precision == "bf16"  # the GPU's figures first; the CPU's are kept
+    assert figures.cell_factors == {("resnet18", False): pytest.approx(2.0), ("resnet18", True): pytest.approx(0.8)}
     assert job_hours(job, figures) == pytest.approx(0.010 * 2.0 * 8000 * 5 / 3600)
     assert job_hours(job, figures, concurrent=True) == pytest.approx(0.010 * 0.8 * 8000 * 5 / 3600)
     searched = next(j for j in only if j.stage == "search")  # one seed: it runs alone even when seeds run concurrently
@@ -124,9 +124,9 @@ def test_plan_lists_every_job_of_both_stages(tmp_path):
     records[1]["projected_s"] = 0.020 * 5 * 8000  # now the fastest sequential variant, in fp32
     benchmark.write_figures(benchmarks, "cuda-cell", cell.cell_figures(records))
     figures = benchmark_figures(benchmarks)
-    assert figures[6][("resnet18", "fp32")] == pytest.approx(1.3)
+    assert figures.precision_scales[("resnet18", "fp32")] == pytest.approx(1.3)
     # the cell (resnet18 l2sp dtnh, 12.5 ms in bf16, so 16.25 ms in fp32) took 20 ms a seed and iteration in fp32
-    assert figures[4][("resnet18", False)] == pytest.approx(20 / (12.5 * 1.3))
+    assert figures.cell_factors[("resnet18", False)] == pytest.approx(20 / (12.5 * 1.3))
     # the job (l2sp sum): 10 ms bf16 x 1.3 = 13 ms fp32, x the fp32 cell's end-to-end factor
     assert job_hours(job, figures) == pytest.approx(0.013 * 20 / 16.25 * 8000 * 5 / 3600)
     note = precision_note([job], figures)
@@ -150,7 +150,7 @@ def scripts():
 
 def test_the_repositorys_figures_are_read_by_the_plan():
     figures = benchmark_figures(Path(__file__).resolve().parent.parent / "BENCHMARKS.json")
-    assert figures is not None and figures[0] in ("cuda", "cpu") and figures[1]
+    assert figures is not None and figures.kind in ("cuda", "cpu") and figures.ms_per_step
 
 
 def test_plan_command_names_a_cpu_projection(capsys):

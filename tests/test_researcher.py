@@ -123,8 +123,8 @@ def test_an_interrupted_multirun_prints_the_command_that_continues_it(train_in_p
     import shlex
     import signal
 
+    from safetransfer.common.signals import Preempted
     from safetransfer.job import run
-    from safetransfer.training.signals import Preempted
 
     def stopped(*args, **kwargs):
         raise Preempted(signal.SIGTERM, 7, None)

@@ -14,13 +14,13 @@ import fixtures
 from conftest import TINY
 from safetransfer.common.errors import ConfigError
 from safetransfer.common.registry import build
+from safetransfer.common.signals import Preempted
 from safetransfer.data.preparation import prepare_data
 from safetransfer.data.resident import ResidentLoader, fits, held_bytes
 from safetransfer.job.build import build_seed
 from safetransfer.job.checks import check_config
 from safetransfer.job.run import run_seed
 from safetransfer.training.engine import Batches
-from safetransfer.training.signals import Preempted
 
 
 @pytest.fixture

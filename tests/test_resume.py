@@ -604,10 +604,10 @@ def test_a_stop_while_the_cache_is_decoded_or_the_demo_source_pretrained_ends_it
     from omegaconf import OmegaConf
 
     from fixtures import make_cub200
+    from safetransfer.common.signals import Preempted, StopSignals
     from safetransfer.data.preparation import cached_data
     from safetransfer.data.targets.cub200 import CUB200
     from safetransfer.sources.demo import DemoSource
-    from safetransfer.training.signals import Preempted, StopSignals
 
     make_cub200(tmp_path / "data", classes=3, train_per_class=4, test_per_class=2)
     target = CUB200(str(tmp_path / "data"), expected_classes=3)

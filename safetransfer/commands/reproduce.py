@@ -28,9 +28,9 @@ from omegaconf import DictConfig
 
 from safetransfer.common.errors import ConfigError
 from safetransfer.common.overrides import split_sweeps
+from safetransfer.common.signals import STOP_SIGNALS
 from safetransfer.job.fetch import READY, summary
 from safetransfer.reporting.search import choose, write_chosen
-from safetransfer.training.signals import STOP_SIGNALS
 
 CONFIG_MODULE = "safetransfer.conf"
 TABLES = ("dtnh_table2", "dtnh_table3", "dtnh_table4", "bss_table2")
@@ -124,15 +124,25 @@ def plan(table: str, overrides: list[str]) -> tuple[list[Job], DictConfig]:
 CELL_METHODS = {"dtnh": "resnet18 l2sp dtnh", "bss": "resnet50 l2_bss sum"}
 
 
-def benchmark_figures(path: Path) -> tuple[str, dict[str, float], float, int, dict, str, dict] | None:
-    """(device kind, ms per step by 'backbone regularizer direction', px, batch, cell factors,
-    precision, precision factors) of the figures file scripts/benchmark.py and
-    scripts/benchmark_cell.py write (BENCHMARKS.json), the CUDA figures when there are some.
-    The cell factors, {(backbone, concurrent seeds): factor}, are a whole job's seconds per seed
-    and iteration, end to end (start, data, evaluation, the seeds one after another or
-    concurrently), over the model-only step time of the same method. The precision factors,
-    {(backbone, precision): factor}, are the Fine-tuning step in that precision over the step in
-    the figures' precision, measured in the same run."""
+@dataclass(frozen=True)
+class Figures:
+    """The step times scripts/benchmark.py and scripts/benchmark_cell.py wrote to BENCHMARKS.json, for
+    one kind of device (the CUDA figures when there are some)."""
+
+    kind: str  # "cuda" or "cpu"
+    ms_per_step: dict[str, float]  # by "backbone regularizer direction"
+    px: float
+    batch: int
+    #: {(backbone, concurrent seeds): a whole job's seconds per seed and iteration, end to end (start, data,
+    #: evaluation, the seeds one after another or concurrently), over the model-only step of the same method}
+    cell_factors: dict
+    precision: str  # the precision the step times were measured in
+    #: {(backbone, precision): the Fine-tuning step in that precision over the step in `precision`}
+    precision_scales: dict
+
+
+def benchmark_figures(path: Path) -> Figures | None:
+    """The figures of BENCHMARKS.json at `path`, None when it has none."""
     import json
 
     if not path.exists():
@@ -161,38 +171,37 @@ def benchmark_figures(path: Path) -> tuple[str, dict[str, float], float, int, di
                 model_only = 1.0 if cell_precision == precision else scales.get((backbone, cell_precision))
                 if method in rows and model_only is not None:
                     factors[(backbone, mode == "concurrent")] = 1000 * float(seconds) / (rows[method] * model_only)
-        return kind, rows, float(figures["px"]), int(figures["batch"]), factors, precision, scales
+        return Figures(kind, rows, float(figures["px"]), int(figures["batch"]), factors, precision, scales)
     return None
 
 
-def precision_factor(job: Job, figures) -> float | None:
+def precision_factor(job: Job, figures: Figures) -> float | None:
     """The job's precision over the figures' (1 when they are the same), None when not measured."""
-    if job.precision == figures[5]:
+    if job.precision == figures.precision:
         return 1.0
-    return (figures[6] if len(figures) > 6 else {}).get((job.backbone, job.precision))
+    return figures.precision_scales.get((job.backbone, job.precision))
 
 
-def job_hours(job: Job, figures, concurrent: bool = False) -> float | None:
+def job_hours(job: Job, figures: Figures, concurrent: bool = False) -> float | None:
     """Model-only step time scaled to the job's pixels and batch and to its precision (the
     figures' own when no other was measured beside them, see print_plan), times the measured
     cell's end-to-end factor for the job's backbone and way of running seeds, when there is one."""
-    kind, rows, px, batch = figures[:4]
-    ms = rows.get(f"{job.backbone} {job.regularizer} {job.direction}")
+    ms = figures.ms_per_step.get(f"{job.backbone} {job.regularizer} {job.direction}")
     if ms is None:
         return None
     ms *= precision_factor(job, figures) or 1.0
-    scale = (job.crop / px) ** 2 * (job.batch / batch)  # pixels and images per step
+    scale = (job.crop / figures.px) ** 2 * (job.batch / figures.batch)  # pixels and images per step
     concurrent = concurrent and job.seeds > 1  # a single seed runs alone (runtime.concurrent_seeds)
-    factors = figures[4] if len(figures) > 4 else {}
+    factors = figures.cell_factors
     # no measured cell for concurrent seeds: the sequential one (the slower), else model steps only
     factor = factors.get((job.backbone, concurrent), factors.get((job.backbone, False), 1.0))
     return ms * scale * factor * job.iterations * job.seeds / 3.6e6
 
 
-def precision_note(jobs: list[Job], figures) -> str:
+def precision_note(jobs: list[Job], figures: Figures) -> str:
     """Which precision the hours assume: the jobs' own (train.precision), measured or scaled by
     the Fine-tuning step measured in both, or the figures' when nothing scales them."""
-    measured = figures[5]
+    measured = figures.precision
     lines = []
     for precision in sorted({job.precision for job in jobs}):
         backbones = sorted({job.backbone for job in jobs if job.precision == precision})
@@ -213,7 +222,7 @@ def precision_note(jobs: list[Job], figures) -> str:
     return "precision: " + "; ".join(lines)
 
 
-def print_plan(table: str, jobs: list[Job], figures, concurrent: bool = False) -> None:
+def print_plan(table: str, jobs: list[Job], figures: Figures | None, concurrent: bool = False) -> None:
     hours = {"search": 0.0, "final": 0.0}
     unknown = 0
     print(f"{table}: every job of both stages (cells x settings; seeds x iterations each)")
@@ -234,7 +243,13 @@ def print_plan(table: str, jobs: list[Job], figures, concurrent: bool = False) -
     counts = {stage: sum(j.stage == stage for j in jobs) for stage in hours}
     print(f"{counts['search']} search jobs, {counts['final']} final jobs, {len(jobs)} in all")
     if figures:
-        kind, _, px, batch, factors, precision = figures[:6]
+        kind, px, batch, factors, precision = (
+            figures.kind,
+            figures.px,
+            figures.batch,
+            figures.cell_factors,
+            figures.precision,
+        )
         mode = "concurrent seeds" if concurrent else "seeds one after another"
         used = {
             b: (f, m)

@@ -326,8 +326,8 @@ def app(cfg: DictConfig) -> float:
 def run_held(cfg: DictConfig, hydra_cfg, run_dir: Path, num: int | None) -> float:
     """The job in its run directory, held: its status in job.json, a stop or a failure in one line."""
     from safetransfer.commands.sweeps import JobStatus
+    from safetransfer.common import signals
     from safetransfer.job.run import run_job
-    from safetransfer.training import signals
 
     status = JobStatus(run_dir, list(hydra_cfg.overrides.task), num)
     status.write("running")

@@ -71,7 +71,7 @@ def _child(task: Callable, args: tuple, parent: int, results) -> None:
 
 def run_each(task: Callable, work: dict[Any, tuple], stop=None, poll_s: float = 0.2) -> dict[Any, Outcome]:
     """task(*work[key]) for every key at once, a spawned process each; `stop` (a
-    training.signals.StopSignals of this process) is forwarded to the children when it is raised.
+    common.signals.StopSignals of this process) is forwarded to the children when it is raised.
     A second Ctrl-C here (KeyboardInterrupt) is forwarded too, then the children get GRACE_S
     seconds before they are killed."""
     context = torch.multiprocessing.get_context("spawn")

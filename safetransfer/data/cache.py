@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from safetransfer.common.atomic import built_once, remove_stale_temporaries
 from safetransfer.common.errors import StorageError
 from safetransfer.common.fingerprints import fingerprint
+from safetransfer.common.signals import check_stop
 from safetransfer.data.images import read_item
 from safetransfer.data.transforms import decode_transform
-from safetransfer.training.signals import check_stop
 
 log = logging.getLogger(__name__)
 

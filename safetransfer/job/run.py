@@ -22,6 +22,7 @@ from safetransfer.common.errors import ConfigError
 from safetransfer.common.fingerprints import config_key
 from safetransfer.common.processes import run_each
 from safetransfer.common.registry import build
+from safetransfer.common.signals import Preempted, StopSignals
 from safetransfer.data.preparation import Data, check_classes, check_training_set, prepare_data, save_indices, seed_data
 from safetransfer.data.targets.base import Target
 from safetransfer.job.build import build_seed, train_log
@@ -36,7 +37,6 @@ from safetransfer.sources.local import save_source_checkpoint
 from safetransfer.training.backbones import TransferNet
 from safetransfer.training.checkpoints import CHECKPOINT, Checkpointer
 from safetransfer.training.engine import NonFiniteError, evaluate, fit, test_forward
-from safetransfer.training.signals import Preempted, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def run_seed(
     """Fine-tune once and evaluate the final weights (never the best test epoch). Continues
     from the seed's checkpoint when an earlier run left one. A NaN or inf stops the seed:
     it is recorded in failed.json and None returned. A stop request (`stop`, a signal)
-    checkpoints and raises resume.Preempted."""
+    checkpoints and raises common.signals.Preempted."""
     seed_dir = run_dir / f"seed_{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
     # an atomic write cut short (SIGKILL mid-checkpoint): this job holds the run directory (job.lock),
@@ -304,7 +304,7 @@ def resolved(cfg: DictConfig) -> tuple[DictConfig, str]:
 
 def run_job(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None) -> dict:
     """Check the config, run every seed not finished yet, add them to the table; returns the job's
-    numbers. `stop` (safetransfer.training.signals.StopSignals) asks the running seed to checkpoint and stop."""
+    numbers. `stop` (safetransfer.common.signals.StopSignals) asks the running seed to checkpoint and stop."""
     cfg, chosen = resolved(cfg)
     check_save_to(cfg, run_dir)
     with holding(run_dir), job_device(cfg), mirrored(cfg.paths.get("mirror")):

@@ -413,6 +413,11 @@ def paper_markdown(frame: pd.DataFrame, published: str | None) -> str:
     ]
     if compared:
         lines += ["", PAIRED_NOTE, "", pd.DataFrame(compared).to_markdown(index=False, disable_numparse=True)]
+    views = frame.attrs.get("test_crops")
+    if views:
+        crops = "{} crops (corners and centre, each mirrored; mean logits)"
+        shown = ", ".join("the centre crop" if v == 1 else crops.format(v) for v in views)
+        lines += ["", f"Test-time views: {shown} (data.test_crops)."]
     return "\n".join(lines) + "\n"
 
 
@@ -493,6 +498,7 @@ def paper_view(records: pd.DataFrame, methods=None, targets=None) -> tuple[pd.Da
     chosen, searched, tried = select(cells(records))
     published = next((p for p in reversed(list(records["published"])) if p), None)
     frame = paper_frame(chosen, published_values(published) if published else None, searched, methods, targets)
+    frame.attrs["test_crops"] = sorted({int(s.get("data.test_crops", 1)) for s in chosen.get("settings", [])})
     return frame, tried, published
 
 

@@ -62,9 +62,9 @@ class DemoSource(Source):
         return state
 
     def pretrain(self, backbone: str) -> dict[str, torch.Tensor]:
+        from safetransfer.common import signals
         from safetransfer.data.datasets import TensorImages, Transformed
         from safetransfer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
-        from safetransfer.training import signals
         from safetransfer.training.directions import Sum
         from safetransfer.training.engine import Loop, Parts, fit
         from safetransfer.training.regularizers import Omega

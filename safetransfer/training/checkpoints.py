@@ -105,7 +105,7 @@ class TrainingState:
     position: dict  # the data order (engine.Batches.position)
     rng: dict  # every global RNG (rng_state)
     augment: torch.Tensor | None  # the on-device augmentation's generator state
-    window: dict  # the log row being accumulated (logs.TrainLog.window)
+    window: dict  # the log row being accumulated (train_log.TrainLog.window)
     elapsed_s: float  # training time so far
 
     def as_dict(self) -> dict[str, Any]:

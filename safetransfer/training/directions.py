@@ -35,8 +35,8 @@ class Dots64:
     parameters ||g_J||^2 came out 1e-4 to 4e-4 off (relative), d 6.5e-6 off the formula. The
     float32 vectors are copied into kept float64 buffers (a float32 product is exact in float64)
     and dotted there: on a GPU whole (four kernels: a step there is bound by launching them),
-    on a CPU a chunk of CPU_CHUNK elements at a time, so that the copies stay in the cache (on 2
-    cores, ResNet-18: whole +12 ms a step over the float32 dots, in chunks +5 ms; BENCHMARKS.md)."""
+    on a CPU a chunk of CPU_CHUNK elements at a time, so that the copies stay in the cache (what each
+    costs a step: BENCHMARKS.md)."""
 
     CPU_CHUNK = 2**20
 
@@ -71,7 +71,7 @@ class FlatBuffer:
     multi-tensor kernels on their fast path), like each. Kept from step to step and made
     again only when the layout changes; the same list object passed again is taken to have
     the same layout. A new parameter-sized buffer at every step costs page faults on a CPU
-    (glibc maps blocks over 32 MB afresh: about 12 ms for ResNet-18's 45 MB on one machine)
+    (glibc maps blocks over 32 MB afresh, ResNet-18's gradients among them)
     and allocations and launches on a GPU; one kept buffer costs neither."""
 
     def __init__(self):

@@ -1,7 +1,7 @@
 """The training engine: one step of DTNH Algorithm 1, the iteration loop, evaluation.
 
 Nothing here knows about Hydra: safetransfer.job.build makes the Parts from a config. The loop
-hands its rows to a logs.TrainLog and its state to a resume.Checkpointer.
+hands its rows to a train_log.TrainLog and its state to a checkpoints.Checkpointer.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from safetransfer.common.registry import register
+from safetransfer.common.signals import Preempted, StopSignals
 from safetransfer.training.backbones import TransferNet
 from safetransfer.training.checkpoints import Checkpointer, TrainingState, rng_state, set_rng_state
 from safetransfer.training.directions import Direction
 from safetransfer.training.finite import FiniteGuard, NonFiniteError, verdict
 from safetransfer.training.regularizers import Omega
-from safetransfer.training.signals import Preempted, StopSignals
 from safetransfer.training.train_log import TrainLog
 
 log = logging.getLogger(__name__)
@@ -293,9 +293,9 @@ def fit(
 
     loss_J and train_acc of a row are means over the steps since the previous row; lr is the
     one the row's step used; loss_Omega and its terms are the values at the row's step.
-    `logger` (logs.TrainLog) writes the rows (without it they are only returned and logged); `evaluator` (the
+    `logger` (train_log.TrainLog) writes the rows (without it they are only returned and logged); `evaluator` (the
     validation split when there is one, else the test split) gives the evaluation columns.
-    `checkpointer` (resume.Checkpointer) saves the training state at its interval and, when
+    `checkpointer` (checkpoints.Checkpointer) saves the training state at its interval and, when
     it holds the state of an interrupted run, the loop continues from it. A stop request
     (`stop`, resume.StopSignals) saves the state after the current step and raises Preempted.
     """

@@ -16,7 +16,7 @@ gradient 2 U_k U_k^T F is exactly the derivative of that sum (where the k-th and
 eigenvalues differ; where they tie, the sum has no derivative and this is one of its
 subgradients), finite for repeated and zero singular values. Why not the GPU's SVD: on
 CUDA every SVD or eigensolver waits for the GPU anyway, and for such a small matrix
-cuSOLVER's fixed costs made `svdvals` 1.4-1.8 ms of a 13-21 ms step on an H100.
+cuSOLVER's fixed costs are a large part of a step (BENCHMARKS.md has the figures).
 
 The Gram matrix squares F's condition number: for float32 features (every training run) its
 float64 eigenvalues keep more digits than a float32 SVD has, but for float64 features (the
