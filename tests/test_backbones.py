@@ -153,3 +153,29 @@ def test_a_torchvision_checkpoint_of_another_family_loads_without_its_classifier
     assert set(state) == set(create_backbone("mobilenet_v3_small").state_dict())
     assert "classifier.0.weight" in state and not any(k.startswith("classifier.3.") for k in state)
     assert torch.equal(state["features.0.0.weight"], published["features.0.0.weight"])
+
+
+def test_the_source_head_is_kept_beside_the_new_head_frozen_or_trained():
+    """TransferNet.keep_source_head: the source model's predictions are the pooled features times the
+    source classifier (NumPy); frozen it is in no parameter group, trained it learns with the new head;
+    a network that does not keep it has the state_dict it always had."""
+    import numpy as np
+
+    from tiny import tiny_resnet
+
+    torch.manual_seed(0)
+    model = tiny_resnet(num_classes=3)
+    plain_keys = set(model.state_dict())
+    head = {"weight": torch.randn(5, 4), "bias": torch.randn(5)}
+    kept = model.keep_source_head(head)
+    images = torch.randn(2, 3, 8, 8)
+    _, features = model(images)
+    expected = features.pooled.detach().numpy() @ head["weight"].numpy().T + head["bias"].numpy()
+    np.testing.assert_allclose(kept(features.pooled).detach().numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert not any(p is kept.weight for p in model.parameter_groups()["head"]) and not kept.weight.requires_grad
+    trained = model.keep_source_head(head, trainable=True)
+    assert any(p is trained.weight for p in model.parameter_groups()["head"])
+    assert set(model.state_dict()) == plain_keys | {"source_head.weight", "source_head.bias"}
+    assert set(tiny_resnet(num_classes=3).state_dict()) == plain_keys
+    with pytest.raises(ValueError, match="the source head takes 7 features, the backbone gives 4"):
+        model.keep_source_head({"weight": torch.randn(5, 7), "bias": torch.randn(5)})

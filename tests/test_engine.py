@@ -5,6 +5,7 @@ import csv
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -383,3 +384,25 @@ def test_save_weights_keeps_the_fine_tuned_network_that_was_scored(compose_cfg, 
     loader = torch.utils.data.DataLoader(data.test, batch_size=8)
     top1, loss = evaluate(model, loader, torch.device("cpu"))
     assert top1 == metrics["top1"] and loss == pytest.approx(metrics["test_loss"])
+
+
+def test_a_source_head_given_changes_nothing_for_a_method_that_does_not_read_it(compose_cfg, tmp_path):
+    """Fine-tuning from a source that brings its classifier trains exactly as from its backbone alone:
+    the same top-1, test loss and log (the head reaches only the terms that ask for it)."""
+    from safetransfer.common.registry import build
+    from safetransfer.data.preparation import prepare_data
+    from safetransfer.job.run import run_seed
+    from safetransfer.sources.base import SourceWeights
+    from safetransfer.training.backbones import create_backbone
+
+    cfg = compose_cfg(*TINY, "runtime.spectrum_batches=0")
+    data = prepare_data(cfg, build("target", cfg.target, "target"))
+    torch.manual_seed(3)
+    backbone = create_backbone("resnet18").state_dict()
+    head = {"weight": torch.randn(7, 512), "bias": torch.randn(7)}
+    alone = run_seed(cfg, 0, data, SourceWeights(backbone), tmp_path / "alone")
+    beside = run_seed(cfg, 0, data, SourceWeights(backbone, head, [f"c{i}" for i in range(7)]), tmp_path / "beside")
+    assert (alone["top1"], alone["test_loss"]) == (beside["top1"], beside["test_loss"])
+    logs = [pd.read_csv(tmp_path / run / "seed_0" / "log.csv") for run in ("alone", "beside")]
+    numbers = [c for c in logs[0].columns if c != "elapsed_s"]  # all but the clock
+    pd.testing.assert_frame_equal(logs[0][numbers], logs[1][numbers])

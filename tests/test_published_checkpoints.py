@@ -112,3 +112,28 @@ def test_published_files_train_end_to_end(torch_home, tmp_path, train_in_process
     )
     assert code == 0, err[-3000:]
     assert (tmp_path / "run" / "seed_0" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("layout", ["imagenet", "places365"])
+def test_a_source_keeps_its_own_classifier_and_class_names(torch_home, layout):
+    """The source's head is kept apart from the backbone, not thrown away: torchvision's 1000-way `fc`
+    with the weights' own category names (torchvision's ImageNet meta), CSAIL's 365-way `module.fc`
+    (its names are a separate file, not fetched); the tensors are the file's own."""
+    if layout == "imagenet":
+        path = torch_home / published.IMAGENET_V1_FILES["resnet18"]
+        written = published.torchvision_v1_checkpoint(path, "resnet18")
+        found = ImageNetSource(sha256=file_digest(path)).load("resnet18")
+        categories = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+        assert found.classes == categories and len(found.classes) == 1000 and found.classes[0] == "tench"
+    else:
+        path = torch_home / "resnet18_places365.pth.tar"
+        written = published.csail_places365_checkpoint(path, "resnet18")
+        found = Places365Source(sha256={"resnet18": file_digest(path)}).load("resnet18")
+        assert found.classes is None
+    assert sorted(found.head) == ["bias", "weight"]
+    assert torch.equal(found.head["weight"], written["fc.weight"]) and torch.equal(
+        found.head["bias"], written["fc.bias"]
+    )
+    assert not any(k.startswith("fc.") for k in found.backbone)
+    from_file = FileSource(str(path)).load("resnet18")
+    assert torch.equal(from_file.head["weight"], written["fc.weight"]) and from_file.classes is None

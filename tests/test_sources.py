@@ -271,8 +271,10 @@ def test_pretraining_mode_makes_a_source_that_a_following_run_loads(cli, tmp_pat
     assert meta["sha256"] == checkpoint_files.state_digest(checkpoint["state_dict"])
     assert set(checkpoint["state_dict"]) == set(create_backbone("resnet18").state_dict())
 
-    loaded = local.PretrainedSource(str(made), dataset="demo").backbone_state("resnet18")
-    assert_same_backbone(loaded, checkpoint["state_dict"])
+    loaded = local.PretrainedSource(str(made), dataset="demo").load("resnet18")
+    assert_same_backbone(loaded.backbone, checkpoint["state_dict"])
+    # the head it was trained with comes along: the demo target's six classes over 512 features
+    assert loaded.head["weight"].shape == (6, 512) and torch.equal(loaded.head["bias"], checkpoint["head"]["bias"])
     again = cli(*TINY, "source=pretrained", "source.dataset=demo", f"source.path={made}", "results.dir=res")
     assert again.returncode == 0, again.stderr[-3000:]
 
@@ -366,7 +368,7 @@ def test_feature_terms_compare_against_the_same_checkpoint(compose_cfg, tmp_path
     cfg = compose_cfg("source=file", f"source.path={tmp_path / 'src.pth'}", "regularizer=knowdist")
     from safetransfer.common.registry import build
 
-    loaded = build("source", cfg.source, "source").backbone_state("resnet18")
+    loaded = build("source", cfg.source, "source").load("resnet18")
     model = create_model(cfg, 3, loaded)
     omega = create_omega(cfg)
     omega.bind(model, BindContext())

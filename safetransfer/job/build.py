@@ -25,6 +25,7 @@ from safetransfer.data.draws import Seeded, SeededDraws
 from safetransfer.data.preparation import Data
 from safetransfer.data.resident import ResidentLoader
 from safetransfer.data.transforms import crop_options
+from safetransfer.sources.base import SourceWeights
 from safetransfer.training.backbones import TransferNet
 from safetransfer.training.directions import Direction
 from safetransfer.training.engine import Evaluator, Loop, Parts, milestone_iterations
@@ -48,10 +49,10 @@ def create_direction(cfg: DictConfig) -> Direction:
     return build("direction", cfg.direction, "direction")
 
 
-def create_model(cfg: DictConfig, num_classes: int, source_state: dict | None) -> TransferNet:
+def create_model(cfg: DictConfig, num_classes: int, source: SourceWeights | None) -> TransferNet:
     model = TransferNet(cfg.backbone.name, num_classes)
-    if source_state is not None:
-        model.backbone.load_state_dict(source_state)
+    if source is not None:
+        model.backbone.load_state_dict(source.backbone)
     return model
 
 
@@ -102,15 +103,16 @@ def create_loader(dataset: Dataset, cfg: DictConfig, *, train: bool, seed: int, 
     )
 
 
-def bind_context(cfg: DictConfig, data: Data, device: torch.device) -> BindContext:
+def bind_context(cfg: DictConfig, data: Data, device: torch.device, source: SourceWeights | None) -> BindContext:
     """What regularizer terms may use before training; `identity` keys their caches."""
-    identity = term_identity(cfg)
     return BindContext(
         device=device,
         train_data=data.train_plain,
         batch_size=cfg.train.batch_size,
         cache_dir=Path(cfg.paths.cache_dir).expanduser(),
-        identity=identity,
+        identity=term_identity(cfg),
+        source_head=source.head if source is not None else None,
+        source_classes=source.classes if source is not None else None,
     )
 
 
@@ -136,18 +138,18 @@ class Seed:
     evaluator: Evaluator  # during training: the validation split if any (never choose on test)
 
 
-def build_seed(cfg: DictConfig, seed: int, data: Data, source_state: dict | None, on_pace=None) -> Seed:
+def build_seed(cfg: DictConfig, seed: int, data: Data, source: SourceWeights | None, on_pace=None) -> Seed:
     """The seed's pieces, built in the order the module docstring gives; `on_pace` (see
     engine.Loop) hears the measured time per iteration after the first few steps."""
     device = resolve_device(str(cfg.runtime.device))
     seed_everything(seed)
-    model = create_model(cfg, data.num_classes, source_state).to(device)
+    model = create_model(cfg, data.num_classes, source).to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the fastest convolution algorithms for these shapes
         if cfg.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)  # before bind: frozen source copies follow
     omega = create_omega(cfg)
-    omega.bind(model, bind_context(cfg, data, device))
+    omega.bind(model, bind_context(cfg, data, device, source))
     if cfg.runtime.compile:
         compile_network(model)  # after bind, so the frozen copies stay eager
     optimizer, scheduler = create_optimizer(cfg, model)

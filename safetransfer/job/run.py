@@ -32,7 +32,7 @@ from safetransfer.reporting import tables
 from safetransfer.reporting.methods import method_name, method_structure, source_label
 from safetransfer.reporting.search import apply_chosen
 from safetransfer.reporting.store import record
-from safetransfer.sources.base import own_keys, provenance
+from safetransfer.sources.base import SourceWeights, own_keys, provenance
 from safetransfer.sources.local import save_source_checkpoint
 from safetransfer.training.backbones import TransferNet
 from safetransfer.training.checkpoints import CHECKPOINT, Checkpointer
@@ -120,7 +120,7 @@ def run_seed(
     cfg: DictConfig,
     seed: int,
     data: Data,
-    source_state: dict | None,
+    source: SourceWeights | None,
     run_dir: Path,
     stop: StopSignals | None = None,
     on_pace=None,
@@ -137,7 +137,7 @@ def run_seed(
     for stale in seed_dir.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
         log.info("removed %s, left by an interrupted write", stale)
-    built = build_seed(cfg, seed, data, source_state, on_pace)
+    built = build_seed(cfg, seed, data, source, on_pace)
     model, device, precision = built.parts.model, built.parts.device, cfg.train.precision
     key = config_key(cfg)
     checkpointer = Checkpointer(seed_dir / CHECKPOINT, key, cfg.runtime.checkpoint_every)
@@ -361,11 +361,9 @@ def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dic
         target: Target = build("target", cfg.target, "target")
         with mirrored(cfg.paths.get("mirror")):
             source = build("source", cfg.source, "source")
-            source_state = source.backbone_state(cfg.backbone.name)
+            weights = source.load(cfg.backbone.name)
         data = seed_data(cfg, target, seed, Path(run_dir), None)
-        return run_seed(
-            cfg, seed, data, source_state, Path(run_dir), stop, origin=provenance(source, cfg.backbone.name)
-        )
+        return run_seed(cfg, seed, data, weights, Path(run_dir), stop, origin=provenance(source, cfg.backbone.name))
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, chosen: str, stop: StopSignals | None) -> dict:
@@ -376,7 +374,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, chosen: str, stop: StopSignals | No
     check_training_set(len(target.split_train_val()[0]), cfg.train.batch_size)
     # the source before the data: a missing checkpoint is reported before any cache is built
     source = build("source", cfg.source, "source")
-    source_state = source.backbone_state(cfg.backbone.name)
+    weights = source.load(cfg.backbone.name)
     origin = provenance(source, cfg.backbone.name)
     data = prepare_data(cfg, target)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -425,7 +423,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, chosen: str, stop: StopSignals | No
             raise Preempted(stop.requested, 0, None, during=f"starting seed {seed}")
         pace = pace_report(cfg, len(pending) - 1) if number == 0 else None
         outcomes[seed] = run_seed(
-            cfg, seed, seed_data(cfg, target, seed, run_dir, data), source_state, run_dir, stop, pace, origin
+            cfg, seed, seed_data(cfg, target, seed, run_dir, data), weights, run_dir, stop, pace, origin
         )
     finished = [seed for seed in cfg.seeds if outcomes[seed] is not None]
     failed = [seed for seed in cfg.seeds if outcomes[seed] is None]

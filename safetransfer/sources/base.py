@@ -1,16 +1,29 @@
 """A source: where the backbone's initial weights w_S^0 come from.
 
-A source is one class in this folder plus one YAML in conf/source/; it returns a backbone
-state_dict (or None for random initialisation).
+A source is one class in this folder plus one YAML in conf/source/; it returns the backbone's
+weights and, where it has them, its own classifier and class names (or None for random
+initialisation).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from safetransfer.common.downloads import file_digest
+
+
+@dataclass
+class SourceWeights:
+    """What a source gives: the backbone's weights w_S^0 and, where the source has them, its own
+    classifier (the source task's head: `weight`, classes x features, and `bias`) and the names of
+    its classes, for the methods that read the source model's predictions (LwF, Co-Tuning)."""
+
+    backbone: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor] | None = None
+    classes: list[str] | None = None
 
 
 class Source:
@@ -20,16 +33,21 @@ class Source:
     #: whether a missing checkpoint is downloaded (from its publisher) on first use
     downloadable = False
 
-    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor] | None:
-        """The source weights for `backbone`, or None to keep the random initialisation."""
+    def load(self, backbone: str) -> SourceWeights | None:
+        """The source's weights for `backbone` (None: keep the random initialisation)."""
         raise NotImplementedError
 
+    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor] | None:
+        """The backbone's weights alone."""
+        found = self.load(backbone)
+        return None if found is None else found.backbone
+
     def local_file(self, backbone: str) -> Path | None:
-        """The checkpoint file `backbone_state` reads (None: it reads none, or makes its own)."""
+        """The checkpoint file `load` reads (None: it reads none, or makes its own)."""
         return None
 
     def read_file(self, backbone: str) -> Path | None:
-        """The file `backbone_state` read its weights from (its own making included), for provenance."""
+        """The file `load` read from (its own making included), for provenance."""
         return self.local_file(backbone)
 
 

@@ -8,7 +8,8 @@ run code here. Recognised layouts:
   DataParallel's `module.` prefix;
 - safetransfer's own source checkpoints: `{"safetransfer_source": metadata, "state_dict": backbone}`.
 
-The classification head of the checkpoint (`fc.*`) is dropped: the target gets a new one.
+The classification head of the checkpoint (`fc.*` of a ResNet) is kept apart from the backbone: the
+target gets a new head, and the source's own is there for the methods that read it.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def read(path: Path, key: str = "source.path", backbone: str | None = None):
 
 
 def backbone_state(checkpoint, *, origin: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
-    """The backbone's tensors from any recognised layout, and the layout's name."""
+    """The checkpoint's tensors (its classifier's among them) from any recognised layout, and the layout's name."""
     if isinstance(checkpoint, dict) and "safetransfer_source" in checkpoint:
         state, layout = checkpoint["state_dict"], "safetransfer"
     elif isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
@@ -119,8 +120,7 @@ def backbone_state(checkpoint, *, origin: str = "checkpoint") -> tuple[dict[str,
             f"{origin}: its weights hold values that are not tensors ({_few(not_tensors)}: {', '.join(kinds)}); "
             "a checkpoint's state_dict maps each name to a tensor: point to another file"
         )
-    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}, layout
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}, layout
 
 
 #: the buffer BatchNorm layers gained in PyTorch 0.4.1; checkpoints older than that (torchvision's
@@ -132,8 +132,9 @@ STRICT_HINT = "set source.strict=false to load what matches"
 
 def match_backbone(
     state: dict[str, torch.Tensor], backbone: str, *, strict: bool, origin: str, hint: str = STRICT_HINT
-) -> dict[str, torch.Tensor]:
-    """`state` checked against `backbone`'s keys and shapes (beyond the replaced head).
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """`state` checked against `backbone`'s keys and shapes, and the source's classifier kept apart:
+    (the backbone's state, the classifier's `weight` and `bias`, or None when the file has none).
 
     Missing BatchNorm `num_batches_tracked` counters are filled with 0, as torch's BatchNorm
     fills them when it loads a state_dict without version metadata (they only count steps
@@ -141,8 +142,10 @@ def match_backbone(
     `strict`, the message ending in `hint` (the fix a source offers, or none)."""
     model = create_backbone(backbone)
     expected = model.state_dict()
-    # the source task's classifier, replaced by the new head (`fc` of a ResNet, `classifier.2` of a ConvNeXt)
-    state = {k: v for k, v in state.items() if not k.startswith(model.classifier_name + ".")}
+    # the source task's classifier, beside the new head (`fc` of a ResNet, `classifier.2` of a ConvNeXt)
+    prefix = model.classifier_name + "."
+    head = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    state = {k: v for k, v in state.items() if not k.startswith(prefix)}
     misfit = [k for k, v in state.items() if k in expected and expected[k].shape != v.shape]
     bottleneck = any(k.endswith("conv3.weight") for k in state)
     if family(backbone) == "resnet" and bottleneck != any(k.endswith("conv3.weight") for k in expected):
@@ -171,16 +174,17 @@ def match_backbone(
             f"{origin} does not match backbone={backbone}: missing keys {_few(missing)}, "
             f"unexpected keys {_few(unexpected)}" + (f"; {hint}" if hint else "")
         )
-    return state
+    return state, (head if set(head) == {"weight", "bias"} else None)
 
 
 def load_backbone(
     path: Path, backbone: str, *, strict: bool = True, key: str = "source.path", hint: str = STRICT_HINT
-) -> tuple[dict, str]:
-    """Read `path` safely, convert its layout and match it to `backbone`: (state, layout)."""
+) -> tuple[dict, str, dict | None]:
+    """Read `path` safely, convert its layout and match it to `backbone`: (state, layout, source head)."""
     origin = f"{key}={path}"
     state, layout = backbone_state(read(path, key=key, backbone=backbone), origin=origin)
-    return match_backbone(state, backbone, strict=strict, origin=origin, hint=hint), layout
+    matched, head = match_backbone(state, backbone, strict=strict, origin=origin, hint=hint)
+    return matched, layout, head
 
 
 def _few(keys: list[str], shown: int = 6) -> str:

@@ -13,7 +13,7 @@ from safetransfer.common.atomic import built_once
 from safetransfer.common.fingerprints import fingerprint
 from safetransfer.common.registry import register
 from safetransfer.data import domains
-from safetransfer.sources.base import Source
+from safetransfer.sources.base import Source, SourceWeights
 from safetransfer.training.backbones import TransferNet
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,11 @@ class DemoSource(Source):
         key = fingerprint({"backbone": backbone, **self.settings}, 16)
         return self.cache_dir / "demo_source" / f"{backbone}-{key}.pt"
 
-    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+    def load(self, backbone: str) -> SourceWeights:
+        """The pretrained backbone (the demo's cache keeps the backbone alone: no source head)."""
+        return SourceWeights(self.pretrained_backbone(backbone))
+
+    def pretrained_backbone(self, backbone: str) -> dict[str, torch.Tensor]:
         path = self.cache_path(backbone)
         built = not path.exists()
         state = built_once(path, lambda: self.pretrain(backbone), "the demo source model")

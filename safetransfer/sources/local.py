@@ -6,13 +6,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from safetransfer.common.atomic import atomic_torch_save
 from safetransfer.common.errors import ConfigError, MissingData
 from safetransfer.common.registry import register
 from safetransfer.sources import checkpoint_files
-from safetransfer.sources.base import Source
+from safetransfer.sources.base import Source, SourceWeights
 from safetransfer.training.backbones import TransferNet
 
 log = logging.getLogger(__name__)
@@ -25,7 +23,7 @@ class Scratch(Source):
     def __init__(self, name: str = "scratch"):
         super().__init__(name)
 
-    def backbone_state(self, backbone: str) -> None:
+    def load(self, backbone: str) -> None:
         return None
 
 
@@ -40,10 +38,10 @@ class FileSource(Source):
     def local_file(self, backbone: str) -> Path:
         return self.path
 
-    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
-        state, layout = checkpoint_files.load_backbone(self.path, backbone, strict=self.strict)
-        log.info("source: %s (%s layout, %d tensors)", self.path, layout, len(state))
-        return state
+    def load(self, backbone: str) -> SourceWeights:
+        state, layout, head = checkpoint_files.load_backbone(self.path, backbone, strict=self.strict)
+        log.info("source: %s (%s layout, %d tensors%s)", self.path, layout, len(state), ", its head" if head else "")
+        return SourceWeights(state, head)
 
 
 @register("source", "pretrained")
@@ -60,7 +58,7 @@ class PretrainedSource(Source):
     def local_file(self, backbone: str) -> Path:
         return self.path
 
-    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+    def load(self, backbone: str) -> SourceWeights:
         command = (
             f"safetransfer-train experiment=pretrain_source target={self.dataset} backbone={backbone} "
             f"pretrain.save_to={self.path}"
@@ -82,12 +80,15 @@ class PretrainedSource(Source):
                 f"{self.path}: the weights do not match the sha256 in their metadata "
                 f"({meta.get('sha256')}); the file is damaged, create it again with: {command}"
             )
-        return checkpoint_files.match_backbone(state, backbone, strict=True, origin=str(self.path), hint="")
+        state = checkpoint_files.match_backbone(state, backbone, strict=True, origin=str(self.path), hint="")[0]
+        head = checkpoint.get("head")  # the head it was trained with (files written before it kept none)
+        return SourceWeights(state, head if isinstance(head, dict) and set(head) == {"weight", "bias"} else None)
 
 
 def save_source_checkpoint(model: TransferNet, path: Path, metadata: dict) -> dict:
     """Write the backbone as a safetransfer source checkpoint; returns the metadata written."""
     state = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
     metadata = {**metadata, "backbone": model.backbone_name, "sha256": checkpoint_files.state_digest(state)}
-    atomic_torch_save({"safetransfer_source": metadata, "state_dict": state}, Path(path).expanduser())
+    head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}  # the source's own head
+    atomic_torch_save({"safetransfer_source": metadata, "state_dict": state, "head": head}, Path(path).expanduser())
     return metadata

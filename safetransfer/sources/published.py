@@ -13,7 +13,7 @@ from safetransfer.common.downloads import download, file_digest
 from safetransfer.common.errors import ConfigError
 from safetransfer.common.registry import register
 from safetransfer.sources import checkpoint_files
-from safetransfer.sources.base import Source
+from safetransfer.sources.base import Source, SourceWeights
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,11 @@ class ImageNetSource(Source):
         expected = self.sha256 or (prefix.group(1) if prefix else None)
         return url, hub_path(url), f"sha256:{expected}" if self.verify and expected else None
 
-    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+    def load(self, backbone: str) -> SourceWeights:
         url, path, checksum = self.published(backbone)
         download(url, path, checksum)
-        return checkpoint_files.load_backbone(path, backbone, key="file", hint=not_published(path))[0]
+        state, _, head = checkpoint_files.load_backbone(path, backbone, key="file", hint=not_published(path))
+        return SourceWeights(state, head, list(self.resolve(backbone).meta.get("categories") or []) or None)
 
 
 @register("source", "places365")
@@ -68,7 +69,7 @@ class Places365Source(Source):
     """The CSAIL Places365 ResNets (`<backbone>_places365.pth.tar` of the places365 model
     release), cached beside torchvision's files ($TORCH_HOME/hub/checkpoints). The file's
     sha256 is checked against `sha256[<backbone>]` after download and before every use;
-    the checkpoint's `module.` prefix, dict layout and 365-way head are converted away."""
+    the checkpoint's `module.` prefix and dict layout are converted, its 365-way head kept apart."""
 
     URL = "http://places2.csail.mit.edu/models_places365/{backbone}_places365.pth.tar"
 
@@ -86,7 +87,9 @@ class Places365Source(Source):
         pinned = self.sha256.get(backbone)
         return url, hub_path(url), f"sha256:{pinned}" if pinned else None
 
-    def backbone_state(self, backbone: str) -> dict[str, torch.Tensor]:
+    def load(self, backbone: str) -> SourceWeights:
+        """The backbone and CSAIL's 365-way classifier (the category names are a file of their own,
+        categories_places365.txt, which this source does not fetch: `classes` is None)."""
         url, path, checksum = self.published(backbone)
         download(url, path, checksum)
         if checksum is None:
@@ -98,7 +101,8 @@ class Places365Source(Source):
                 backbone,
                 actual,
             )
-        return checkpoint_files.load_backbone(path, backbone, key="file", hint=not_published(path))[0]
+        state, _, head = checkpoint_files.load_backbone(path, backbone, key="file", hint=not_published(path))
+        return SourceWeights(state, head)
 
 
 def not_published(path: Path) -> str:

@@ -144,10 +144,26 @@ class TransferNet(nn.Module):
         features = forward_features(self.backbone, images, sorted({*self.stages, *self.taps}))
         return self.head(features.pooled), features
 
+    def keep_source_head(self, head: dict[str, torch.Tensor], trainable: bool = False) -> nn.Linear:
+        """Keep the source task's classifier beside the new head (`source_head`: the source model's
+        predictions, for the methods that read them), frozen or trained as the method asks. A network
+        without it has the state_dict it always had."""
+        weight = head["weight"]
+        if weight.shape[1] != self.backbone.num_features:
+            raise ValueError(
+                f"the source head takes {weight.shape[1]} features, the backbone gives {self.backbone.num_features}"
+            )
+        source_head = nn.Linear(weight.shape[1], weight.shape[0], device=self.head.weight.device)
+        source_head.load_state_dict(head)
+        source_head.requires_grad_(trainable)
+        self.source_head = source_head
+        return source_head
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        heads = [self.head, *([self.source_head] if hasattr(self, "source_head") else [])]
         return {
             "backbone": [p for p in self.backbone.parameters() if p.requires_grad],
-            "head": [p for p in self.head.parameters() if p.requires_grad],
+            "head": [p for head in heads for p in head.parameters() if p.requires_grad],
         }
 
 

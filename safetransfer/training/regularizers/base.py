@@ -30,6 +30,10 @@ class BindContext:
     batch_size: int = 48
     cache_dir: Path | None = None
     identity: dict = field(default_factory=dict)
+    #: the source's own classifier (`weight`, `bias`) and class names, where the source has them; a term
+    #: that reads the source model's predictions keeps it on the network (TransferNet.keep_source_head)
+    source_head: dict | None = None
+    source_classes: list[str] | None = None
 
     def cache_path(self, kind: str, settings: dict) -> Path | None:
         if self.cache_dir is None:
