@@ -810,19 +810,19 @@ def step_figures(args, results: list[Result]) -> dict:
     each 'backbone regularizer direction' row (at args.precision), and the Fine-tuning step in
     each precision measured beside them (which scales those rows to the precision a job uses)."""
     by_precision: dict[str, dict[str, float]] = {}
+    steps: dict[str, dict[str, dict[str, float]]] = {}  # backbone -> regularizer -> direction -> ms
     for r in results:
         found = re.fullmatch(r"(resnet\d+) Fine-tuning step \((fp32|bf16)\)", r.what)
         if found and r.ms_per_step is not None:
             by_precision.setdefault(found[1], {})[found[2]] = round(r.ms_per_step, 3)
+        row = re.fullmatch(r"(resnet\d+) (\w+) (sum|dtnh)", r.what)  # this script's own row names
+        if row and r.ms_per_step is not None:
+            steps.setdefault(row[1], {}).setdefault(row[2], {})[row[3]] = round(r.ms_per_step, 3)
     return {
         "px": args.size,
         "batch": args.batch,
         "precision": args.precision,
-        "ms_per_step": {
-            r.what: round(r.ms_per_step, 3)
-            for r in results
-            if r.ms_per_step is not None and re.fullmatch(r"resnet\d+ \w+ (sum|dtnh)", r.what)
-        },
+        "ms_per_step": steps,
         "fine_tuning_ms_by_precision": by_precision,
     }
 

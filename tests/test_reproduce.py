@@ -89,7 +89,11 @@ def test_plan_lists_every_job_of_both_stages(tmp_path):
     from safetransfer.commands.reproduce import job_hours
 
     figures = benchmark_figures(benchmarks)
-    assert figures.kind == "cpu" and figures.ms_per_step == {"resnet18 l2sp sum": 100.0} and figures.precision == "fp32"
+    assert (
+        figures.kind == "cpu"
+        and figures.ms_per_step == {("resnet18", "l2sp", "sum"): 100.0}
+        and figures.precision == "fp32"
+    )
     job = next(j for j in only if j.stage == "final" and j.cell["method"] == "l2sp")
     # 100 ms at 64 px, batch 16 -> x (224/64)^2 x 3 at 224 px, batch 48; 5 seeds x 8000 iterations
     assert job_hours(job, figures) == pytest.approx(0.1 * (224 / 64) ** 2 * 3 * 8000 * 5 / 3600)

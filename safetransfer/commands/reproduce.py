@@ -121,7 +121,7 @@ def plan(table: str, overrides: list[str]) -> tuple[list[Job], DictConfig]:
 
 
 #: the method each cell of scripts/benchmark_cell.py trains (BENCHMARKS.json, cuda-cell)
-CELL_METHODS = {"dtnh": "resnet18 l2sp dtnh", "bss": "resnet50 l2_bss sum"}
+CELL_METHODS = {"dtnh": ("resnet18", "l2sp", "dtnh"), "bss": ("resnet50", "l2_bss", "sum")}
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ class Figures:
     one kind of device (the CUDA figures when there are some)."""
 
     kind: str  # "cuda" or "cpu"
-    ms_per_step: dict[str, float]  # by "backbone regularizer direction"
+    ms_per_step: dict[tuple[str, str, str], float]  # by (backbone, regularizer, direction)
     px: float
     batch: int
     #: {(backbone, concurrent seeds): a whole job's seconds per seed and iteration, end to end (start, data,
@@ -152,7 +152,12 @@ def benchmark_figures(path: Path) -> Figures | None:
         figures = found.get(kind)
         if not figures or not figures.get("ms_per_step"):
             continue
-        rows = {name: float(ms) for name, ms in figures["ms_per_step"].items()}
+        rows = {
+            (backbone, regularizer, direction): float(ms)
+            for backbone, regularizers in figures["ms_per_step"].items()
+            for regularizer, directions in regularizers.items()
+            for direction, ms in directions.items()
+        }
         precision = str(figures.get("precision", "fp32"))
         scales = {
             (backbone, other): float(ms) / float(steps[precision])
@@ -165,7 +170,7 @@ def benchmark_figures(path: Path) -> Figures | None:
         for cell, modes in cells.get("seconds_per_iteration", {}).items():
             method = CELL_METHODS.get(cell)
             for mode, seconds in modes.items():
-                backbone = (method or "").split(" ")[0]
+                backbone = method[0] if method else ""
                 cell_precision = cells.get("precision", {}).get(cell, {}).get(mode, precision)
                 # over the model-only step in the precision the cell trained in
                 model_only = 1.0 if cell_precision == precision else scales.get((backbone, cell_precision))
@@ -186,7 +191,7 @@ def job_hours(job: Job, figures: Figures, concurrent: bool = False) -> float | N
     """Model-only step time scaled to the job's pixels and batch and to its precision (the
     figures' own when no other was measured beside them, see print_plan), times the measured
     cell's end-to-end factor for the job's backbone and way of running seeds, when there is one."""
-    ms = figures.ms_per_step.get(f"{job.backbone} {job.regularizer} {job.direction}")
+    ms = figures.ms_per_step.get((job.backbone, job.regularizer, job.direction))
     if ms is None:
         return None
     ms *= precision_factor(job, figures) or 1.0
