@@ -82,6 +82,8 @@ def test_cells_are_mean_std_and_count_of_the_seeds_found(compose_cfg, tmp_path):
     results = tmp_path / "results"
     main([str(tmp_path / "old"), str(tmp_path / "sweep"), "--results", str(results), "--name", "t"])
     assert len(store.read(results, "t")) == 6  # one record per seed
+    main(["--results", str(results), "--name", "t", "--targets", "demo", "cub200"])
+    assert (table_of(results).loc["cub200", "seeds"] == 0).all()  # a target asked for keeps its rows, missing
     table = table_of(results)
     values = [70.0, 72.5, 71.0]
     assert table.loc[("demo", 30.0, "Fine-tuning"), "mean"] == pytest.approx(np.mean(values))

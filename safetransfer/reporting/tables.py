@@ -296,8 +296,8 @@ def paper_frame(
     for target in rows:
         for rate in rates:
             here = [c for c in columns if (target, rate, c) in found or (target, rate, c) in values]
-            if not here and (values or not found):
-                continue
+            if not here and not (targets and target in targets and rate in set(ours.get("sampling_rate", []))):
+                continue  # nothing run or published here (a target asked for by --targets keeps its rows)
             for column in columns:
                 index, cell = found.get((target, rate, column), (None, None))
                 top1, top1_std = values.get((target, rate, column), (math.nan, math.nan))
