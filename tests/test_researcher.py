@@ -142,19 +142,10 @@ def test_an_interrupted_multirun_prints_the_command_that_continues_it(train_in_p
 
 
 def test_planned_jobs_are_the_sweepers_product():
-    from omegaconf import OmegaConf
 
     from safetransfer.commands.sweeps import planned_jobs
 
-    config = OmegaConf.create(
-        {
-            "hydra": {
-                "sweeper": {"params": {"method": "fine_tuning,l2sp,from_scratch"}},
-                "overrides": {"task": ["target.sampling_rate=30,50", "seeds=[0]"]},
-            }
-        }
-    )
-    jobs = planned_jobs(config)
+    jobs = planned_jobs({"method": "fine_tuning,l2sp,from_scratch"}, ["-m", "target.sampling_rate=30,50", "seeds=[0]"])
     assert len(jobs) == 3 * 2 and ["method=fine_tuning", "target.sampling_rate=30", "seeds=[0]"] in jobs
 
 

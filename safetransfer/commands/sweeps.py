@@ -11,10 +11,10 @@ import json
 import logging
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from safetransfer.common.atomic import atomic_write_json
@@ -64,14 +64,14 @@ def duplicate_report(records: list[dict]) -> list[str]:
     ]
 
 
-def planned_jobs(config: DictConfig) -> list[list[str]]:
-    """The overrides of every job a multirun of `config` launches, in job order, as Hydra's basic
-    sweeper expands them (the sweeper's params, then the command line's, which win)."""
-    params = config.hydra.sweeper.get("params") or {}
-    arguments = {str(k): f"{k}={v}" for k, v in params.items()}
-    for override in config.hydra.overrides.task:
-        arguments[str(override).split("=", 1)[0].lstrip("+~")] = str(override)
-    return sweep_jobs(list(arguments.values()))
+def planned_jobs(params: dict, arguments: list[str]) -> list[list[str]]:
+    """The overrides of every job a multirun launches, in job order, as Hydra's basic sweeper expands
+    them: the sweeper's `params`, then the command line's `arguments`, which win."""
+    planned = {str(k): f"{k}={v}" for k, v in params.items()}
+    for argument in arguments:
+        if "=" in argument and not argument.startswith("-"):
+            planned[argument.split("=", 1)[0].lstrip("+~")] = argument
+    return sweep_jobs(list(planned.values()))
 
 
 def continue_command(arguments: list[str], sweep_dir: Path) -> str:
@@ -123,37 +123,23 @@ def sweep_report(
     return "\n".join(parts)
 
 
-class SweepReport(Callback):
-    """When a run ends: print its results table. When a multirun ends, normally or with
-    failed jobs (safetransfer.commands.train.main calls `finish` then): assemble and print the
-    paper-layout table of all its jobs and list the jobs that failed."""
+@dataclass
+class Report:
+    """What safetransfer-train prints when Hydra is done: the results table of a run, or after a
+    multirun (ended normally or by a failed job) the paper layout of its tables and the jobs that
+    did not finish. The entry point makes it from the command line before Hydra runs."""
 
-    active: tuple[DictConfig, Path] | None = None
-    planned: int | None = None  # how many jobs the multirun launches
-    arguments: list[str] | None = None  # safetransfer-train's command line (set by train.main)
+    config: DictConfig  # the first job's config, Hydra's included
+    arguments: list[str]  # the command line as typed
+    sweep_dir: Path | None  # the multirun's folder (None: a single run)
+    planned: int | None = None  # how many jobs the multirun launches (None: a sweeper that decides)
 
-    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        print_results_table(config)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        SweepReport.active = (config, Path(str(config.hydra.sweep.dir)))
-        try:
-            SweepReport.planned = len(planned_jobs(config))
-        except Exception:  # a sweeper of another kind: the jobs found are counted
-            SweepReport.planned = None
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        SweepReport.finish()
-
-    @staticmethod
-    def finish() -> None:
-        if SweepReport.active is None:
-            return
-        config, sweep_dir = SweepReport.active
-        SweepReport.active = None
-        if sweep_dir.is_dir():
-            print_results_table(config)
-            print("\n" + sweep_report(config, sweep_dir, SweepReport.planned, SweepReport.arguments), flush=True)
+    def print(self) -> None:
+        if self.sweep_dir is None:
+            print_results_table(self.config)
+        elif self.sweep_dir.is_dir():
+            print_results_table(self.config)
+            print("\n" + sweep_report(self.config, self.sweep_dir, self.planned, self.arguments), flush=True)
 
 
 def print_results_table(config: DictConfig) -> None:

@@ -282,15 +282,15 @@ def first_job(arguments: list[str]) -> DictConfig | None:
         return None
 
 
-def check_sweeper(arguments: list[str]) -> None:
+def is_multirun(cfg: DictConfig, arguments: list[str]) -> bool:
+    return any(a in ("-m", "--multirun") for a in arguments) or cfg.hydra.mode == RunMode.MULTIRUN
+
+
+def check_sweeper(cfg: DictConfig, arguments: list[str]) -> None:
     """A sweeper that optimises (Optuna, Ax, Nevergrad) optimises what each job returns: its mean
     validation top-1. Jobs that hold out no validation split return nothing to optimise, and the test
     split is never what a search chooses on: such a sweep is refused in one line before any job."""
-    cfg = first_job(arguments)
-    if cfg is None:
-        return
-    multirun = any(a in ("-m", "--multirun") for a in arguments) or cfg.hydra.mode == RunMode.MULTIRUN
-    if not multirun or cfg.hydra.sweeper.get("_target_") == BASIC_SWEEPER:
+    if not is_multirun(cfg, arguments) or cfg.hydra.sweeper.get("_target_") == BASIC_SWEEPER:
         return
     fractions = [cfg.target.val_fraction]
     for override in parse_overrides(arguments) or []:
@@ -338,11 +338,10 @@ def run_held(cfg: DictConfig, hydra_cfg, run_dir: Path, num: int | None) -> floa
     except signals.Preempted as preempted:
         message = str(preempted)
         if num is not None:  # "the same command" would start a new sweep folder: name this one
-            from safetransfer.commands.sweeps import SweepReport, continue_command
+            from safetransfer.commands.sweeps import continue_command
 
-            arguments = SweepReport.arguments or sys.argv[1:]
             message = preempted.text(
-                f"continue the sweep with: {continue_command(arguments, Path(hydra_cfg.sweep.dir))}"
+                f"continue the sweep with: {continue_command(sys.argv[1:], Path(hydra_cfg.sweep.dir))}"
             )
         status.write("interrupted" if preempted.signum == signal.SIGINT else "preempted", error=message)
         log.warning("%s", message)
@@ -362,6 +361,26 @@ def run_held(cfg: DictConfig, hydra_cfg, run_dir: Path, num: int | None) -> floa
     return row["val_mean"]  # what a sweeper optimises: validation only (None without a held-out split)
 
 
+def report_of(arguments: list[str]):
+    """The report printed when Hydra is done (commands.sweeps.Report), made from the command line
+    before Hydra runs: a multirun's folder resolved here and given to Hydra (`hydra.sweep.dir`), so
+    that the report names the folder Hydra writes. None where the first job does not compose (Hydra
+    then says why) or the config folders are the user's own."""
+    from safetransfer.commands.sweeps import Report, planned_jobs
+
+    shown = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc")
+    cfg = None if any(a in shown or a.startswith(("--cfg=", "--info=")) for a in arguments) else first_job(arguments)
+    if cfg is None:  # nothing runs, or Hydra reports what does not compose
+        return None
+    if not is_multirun(cfg, arguments):
+        return Report(cfg, arguments, None)
+    try:
+        planned = len(planned_jobs(cfg.hydra.sweeper.get("params") or {}, arguments))
+    except Exception:  # a sweeper of another kind (Optuna's search spaces): the jobs found are counted
+        planned = None
+    return Report(cfg, arguments, Path(str(cfg.hydra.sweep.dir)), planned)
+
+
 def main() -> None:
     arguments = sys.argv[1:]
     if not arguments:
@@ -375,20 +394,25 @@ def main() -> None:
         check_group_choices(arguments)
         check_keys(arguments)
         check_method_presets(arguments)
-        check_sweeper(swept_source_keys(arguments))
+        report = report_of(swept_source_keys(arguments))
+        if report is not None:
+            check_sweeper(report.config, arguments)
         check_output_dirs(arguments)
         check_dirs_free(arguments)
     except ConfigError as error:
         print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     sys.argv = [sys.argv[0], *swept_source_keys(arguments)]
-    from safetransfer.commands.sweeps import SweepReport
-
-    SweepReport.arguments = list(arguments)
+    given = any(key == "hydra.sweep.dir" for key, _ in output_dirs(arguments))
+    if report is not None and report.sweep_dir is not None and not given:
+        sys.argv.append(f"hydra.sweep.dir={report.sweep_dir}")  # the folder the report names
+    finished = False
     try:
         app()
+        finished = True
     finally:  # a multirun stopped by a failed job still gets its table and the list of failures
-        SweepReport.finish()
+        if report is not None and (finished or report.sweep_dir is not None):
+            report.print()
 
 
 if __name__ == "__main__":
