@@ -112,3 +112,18 @@ def test_the_checks_find_what_they_look_for():
     graph = imports()  # the parser sees real imports, a package's submodules by their own names
     assert {s + "training.engine", s + "data.preparation", s + "job.build"} <= graph[s + "job.run"]
     assert s + "sources.checkpoint_files" in graph[s + "sources.published"]
+
+
+def test_the_shape_the_readme_gives_names_modules_that_exist_and_hold_it():
+    """The Architecture section's few lines name real modules, and what they say holds: the store and
+    its views are the only writers of results/ tables, and the registry is the only place that builds
+    a config node (no module calls Hydra's instantiate)."""
+    section = README.read_text().split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(safetransfer/[\w/]+\.py)`", section))
+    assert len(named) >= 7
+    for path in named:
+        assert (PACKAGE.parent / path).is_file(), path
+    sources = {module_name(p): p.read_text() for p in PACKAGE.rglob("*.py")}
+    assert not [m for m, text in sources.items() if "hydra.utils import instantiate" in text or "instantiate(" in text]
+    writers = [m for m, text in sources.items() if ".seeds.csv" in text or "_paper.md" in text]
+    assert set(writers) <= {"safetransfer.reporting.store", "safetransfer.reporting.tables"}, writers

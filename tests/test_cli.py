@@ -160,7 +160,7 @@ def test_no_arguments_means_the_demo(tmp_path):
         "train.app = lambda: print('ARGV', sys.argv[1:]); train.main()"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
-    assert "ARGV ['experiment=demo']" in result.stdout
+    assert "ARGV ['experiment=demo', 'hydra.sweep.dir=multirun/" in result.stdout  # the folder its report names
     assert "running the embedded demo" in result.stdout
 
 

@@ -377,6 +377,7 @@ def reproduce(table: str, overrides: list[str], root: Path, made: list | None = 
     import pandas as pd
 
     from safetransfer.reporting import store
+    from safetransfer.reporting.tables import view_path
 
     make_sources(sources_to_make(table, overrides) if made is None else made, overrides, root)
     sweeps, plain = split_sweeps(overrides)
@@ -418,7 +419,7 @@ def reproduce(table: str, overrides: list[str], root: Path, made: list | None = 
             f"hydra.sweep.dir={root / 'final'}",
         ]
     )
-    path = Path(base.results.dir) / f"{base.results.table}_paper.md"
+    path = view_path(Path(base.results.dir), str(base.results.table), "paper")
     print(path.read_text(), end="")
     return path
 

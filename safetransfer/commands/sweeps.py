@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from safetransfer.common.atomic import atomic_write_json
 from safetransfer.common.overrides import sweep_jobs
+from safetransfer.reporting.tables import view_path
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def sweep_report(
     results = Path(config.results.dir)
     parts = []
     for table in dict.fromkeys(r["table"] for r in job_statuses(sweep_dir) if r.get("table")):
-        path = results / f"{table}_paper.md"
+        path = view_path(results, table, "paper")
         if path.exists():
             parts.append(f"Paper-layout table {path} (the jobs of {sweep_dir} and all else in {table}):\n")
             parts.append(path.read_text())
@@ -145,6 +146,6 @@ class Report:
 def print_results_table(config: DictConfig) -> None:
     """The job view of `results.table`, if there is one."""
     with contextlib.suppress(Exception):  # interpolations that cannot resolve here: nothing to print
-        path = Path(config.results.dir) / f"{config.results.table}.md"
+        path = view_path(Path(config.results.dir), str(config.results.table))
         if path.exists():
             print(f"\nResults table {path}:\n\n{path.read_text()}", flush=True)

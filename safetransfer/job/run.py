@@ -446,7 +446,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, chosen: str, stop: StopSignals | No
         tables.format_cell(mean, std),
         len(finished),
         "s" if len(finished) > 1 else "",
-        Path(cfg.results.dir) / f"{cfg.results.table}.md",
+        tables.view_path(Path(cfg.results.dir), str(cfg.results.table)),
     )
     return {
         "mean": mean,

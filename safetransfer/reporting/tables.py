@@ -502,6 +502,11 @@ def paper_view(records: pd.DataFrame, methods=None, targets=None) -> tuple[pd.Da
     return frame, tried, published
 
 
+def view_path(results_dir: Path, table: str, view: str = "") -> Path:
+    """Where a view of a table is written: the job's rows (`view` ""), "paper" or "search"."""
+    return Path(results_dir) / f"{table}{'_' + view if view else ''}.md"
+
+
 def render(records: pd.DataFrame, results_dir: Path, name: str, methods=None, targets=None) -> str:
     """Every view of `records` written beside the store as <name>.md, <name>_paper.md/.csv and, for
     searched cells, <name>_search.md/.csv; returns the paper layout's Markdown. The caller holds the lock."""
