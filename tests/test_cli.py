@@ -94,6 +94,11 @@ def test_single_run_from_the_command_line(cli, tmp_path):
         (["target.sampling_rate=150"], "target.sampling_rate=150 is outside (0, 100]"),
         (["seeds=[]"], "seeds=[] must be a non-empty list of integers"),
         (["train.batch_size=0"], "train.batch_size=0 must be an integer >= 1"),
+        (  # the schema's types (safetransfer/job/schema.py), for every value: one line with the key
+            ["train.batch_size=abc"],
+            "train.batch_size=abc: Value 'abc' of type 'str' could not be converted to Integer",
+        ),
+        (["runtime.keep_checkpoints=maybe"], "runtime.keep_checkpoints=maybe: Value 'maybe' is not a valid bool"),
         (["train.iteratons=10"], "train.iteratons is not a key; did you mean train.iterations?"),
         (
             ["+train.iteratons=10"],

@@ -260,8 +260,8 @@ BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 def first_job(arguments: list[str]) -> DictConfig | None:
     """The config (with Hydra's) of the first job the command line describes: a swept value as its
-    first choice, a search space (interval, range) left out; None when it does not compose (Hydra
-    then reports why itself)."""
+    first choice, a search space (interval, range) left out; a value of the wrong type is one line
+    naming its key; None when it does not compose otherwise (Hydra then reports why itself)."""
     from hydra import compose, initialize_config_module
     from hydra.core.override_parser.types import ChoiceSweep, Override
 
@@ -275,10 +275,15 @@ def first_job(arguments: list[str]) -> DictConfig | None:
             first.append(f"{override.get_key_element()}={Override._get_value_element_as_str(value.list[0])}")
         elif not override.is_sweep_override():
             first.append(override.input_line)
+    from omegaconf.errors import ValidationError
+
     try:
         with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
             return compose("config", overrides=first, return_hydra_config=True)
-    except Exception:
+    except Exception as error:
+        if isinstance(error.__cause__, ValidationError):  # a value of the wrong type (safetransfer/job/schema.py)
+            cause = error.__cause__
+            raise ConfigError(f"{cause.full_key}={cause.value}: {str(cause.msg).splitlines()[0]}") from None
         return None
 
 
