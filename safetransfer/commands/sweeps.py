@@ -136,10 +136,10 @@ class Report:
     planned: int | None = None  # how many jobs the multirun launches (None: a sweeper that decides)
 
     def print(self) -> None:
-        if self.sweep_dir is None:
-            print_results_table(self.config)
-        elif self.sweep_dir.is_dir():
-            print_results_table(self.config)
+        if self.sweep_dir is not None and not self.sweep_dir.is_dir():
+            return  # the multirun wrote nothing
+        print_results_table(self.config)
+        if self.sweep_dir is not None:
             print("\n" + sweep_report(self.config, self.sweep_dir, self.planned, self.arguments), flush=True)
 
 

@@ -1,8 +1,10 @@
 """The config's schema: the root's own sections as Hydra structured configs, registered in Hydra's
 ConfigStore as the base of conf/config.yaml (`defaults: [schema, _self_, ...]`).
 
-OmegaConf refuses a value of the wrong type and a key the schema does not have, with the key's full
-name, wherever the value comes from (a YAML file, a preset, the command line). Ranges and rules across
+The schema gives the types; the values, and the comments that explain them, stay in conf/config.yaml,
+which fills every field (one it left out would be refused as missing). OmegaConf refuses a value of
+the wrong type and a key the schema does not have, with the key's full name, wherever the value comes
+from (a YAML file, a preset, the command line). Ranges and rules across
 keys are checked in one pass over the composed config (safetransfer/job/checks.py); the group nodes
 (backbone, source, target, regularizer, direction, optim) are checked by the registered classes they
 build (safetransfer/common/registry.py), which know their own keys.
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 #: the name conf/config.yaml gives the schema in its defaults list
 SCHEMA = "schema"
@@ -21,76 +24,76 @@ SCHEMA = "schema"
 
 @dataclass
 class Train:
-    iterations: int = 8000
-    batch_size: int = 48
-    precision: str = "fp32"
+    iterations: int = MISSING
+    batch_size: int = MISSING
+    precision: str = MISSING
 
 
 @dataclass
 class Data:
-    resize: int = 256
-    crop: int = 224
-    test_resize: str = "square"
-    train_crop: str = "random_crop"
-    test_crops: int = 1
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    cache: bool = True
-    augment_on: str = "auto"
-    on_device: Any = "auto"  # auto | true | false
+    resize: int = MISSING
+    crop: int = MISSING
+    test_resize: str = MISSING
+    train_crop: str = MISSING
+    test_crops: int = MISSING
+    mean: list[float] = MISSING
+    std: list[float] = MISSING
+    cache: bool = MISSING
+    augment_on: str = MISSING
+    on_device: Any = MISSING  # auto | true | false
 
 
 @dataclass
 class Runtime:
-    device: str = "auto"
-    num_workers: int = 4
-    log_every: int = 100
-    diagnostics_every: int = 100
-    eval_every: int = 0
-    spectrum_batches: int = 4
-    progress: str = "auto"
-    checkpoint_every: int = 500
-    keep_checkpoints: bool = False
-    save_weights: bool = False
-    check_finite: bool = True
-    channels_last: bool = True
-    concurrent_seeds: bool = False
-    compile: bool = False
+    device: str = MISSING
+    num_workers: int = MISSING
+    log_every: int = MISSING
+    diagnostics_every: int = MISSING
+    eval_every: int = MISSING
+    spectrum_batches: int = MISSING
+    progress: str = MISSING
+    checkpoint_every: int = MISSING
+    keep_checkpoints: bool = MISSING
+    save_weights: bool = MISSING
+    check_finite: bool = MISSING
+    channels_last: bool = MISSING
+    concurrent_seeds: bool = MISSING
+    compile: bool = MISSING
 
 
 @dataclass
 class Pretrain:
-    save_to: str | None = None
-    overwrite: bool = False
+    save_to: str | None = MISSING
+    overwrite: bool = MISSING
 
 
 @dataclass
 class Results:
-    dir: str = "results"
-    table: str = "table"
-    local_paths: bool = False
-    published: str | None = None
+    dir: str = MISSING
+    table: str = MISSING
+    local_paths: bool = MISSING
+    published: str | None = MISSING
 
 
 @dataclass
 class Search:
-    grids: dict[str, list[str]] = field(default_factory=dict)
-    val_fraction: float = 0.2
-    seeds: list[int] = field(default_factory=lambda: [0])
-    chosen: str | None = None
+    grids: dict[str, list[str]] = MISSING
+    val_fraction: float = MISSING
+    seeds: list[int] = MISSING
+    chosen: str | None = MISSING
 
 
 @dataclass
 class Paths:
-    cache_dir: str = "~/.cache/safetransfer"
-    data_root: str = "data"
-    mirror: str | None = None
+    cache_dir: str = MISSING
+    data_root: str = MISSING
+    mirror: str | None = MISSING
 
 
 @dataclass
 class Config:
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    logger: str = "csv"
+    seeds: list[int] = MISSING
+    logger: str = MISSING
     train: Train = field(default_factory=Train)
     data: Data = field(default_factory=Data)
     runtime: Runtime = field(default_factory=Runtime)

@@ -108,7 +108,7 @@ def record(metrics: dict, run_dir: Path | str, chosen: str = "", local_paths: bo
     if not local_paths:
         settings = {k: shown_path(str(v)) if k in PATH_KEYS and v is not None else v for k, v in settings.items()}
     results = cfg.get("results") or {}
-    structure = metrics.get("structure") or method_structure(cfg)
+    structure = dict(metrics.get("structure") or method_structure(cfg))
     structure["direction"] = str(structure["direction"]).lower()  # versions before the registry: its class name
     return {
         "setting": f"{key}:{digest[:DIGEST]}" if digest else key,

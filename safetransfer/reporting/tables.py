@@ -96,12 +96,12 @@ def cells(records: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for setting, group in records.groupby("setting", sort=False):
         group = group.sort_values("seed")
-        first = group.iloc[-1]
+        latest = group.iloc[-1]
         mean, std = summarize(group["top1"])
         has_val = bool(group["val_top1"].notna().all())
         rows.append(
             {
-                **{c: first[c] for c in store.CELL},
+                **{c: latest[c] for c in store.CELL},
                 "setting": setting,
                 "mean": mean,
                 "std": std,
@@ -109,9 +109,9 @@ def cells(records: pd.DataFrame) -> pd.DataFrame:
                 "val_mean": group["val_top1"].mean() if has_val else math.nan,
                 "val_std": summarize(group["val_top1"])[1] if has_val else math.nan,
                 "per_seed": dict(zip(group["seed"].astype(int), group["top1"].astype(float))),
-                "structure": json.loads(first["structure"]),
-                "settings": json.loads(first["settings"]),
-                "chosen": first["chosen"],
+                "structure": json.loads(latest["structure"]),
+                "settings": json.loads(latest["settings"]),
+                "chosen": latest["chosen"],
             }
         )
     frame = pd.DataFrame(rows)
@@ -572,18 +572,21 @@ def main(argv: list[str] | None = None) -> None:
     found = store.records_under(args.directories, args.published)
     if args.directories and not found:
         fail(f"no finished seed (seed_*/metrics.json) under {', '.join(map(str, args.directories))}; nothing written")
-    with store.lock_for(args.results, args.name):
-        records = store.read(args.results, args.name)
-    if not found and not len(records):
-        fail(f"{store.store_path(args.results, args.name)} holds no seed: give the run or sweep directories to add")
+    written = {}
+
+    def views(records: pd.DataFrame) -> None:  # under the table's lock, the store as it now is
+        if not len(records):
+            fail(f"{store.store_path(args.results, args.name)} holds no seed: give the run or sweep directories to add")
+        if args.published:
+            records = records.assign(published=args.published)
+        written["markdown"] = render(records, args.results, args.name, args.methods, args.targets)
+
     try:
         if found:
-            store.append(args.results, args.name, found)
-        with store.lock_for(args.results, args.name):
-            records = store.read(args.results, args.name)
-            if args.published:
-                records["published"] = args.published
-            markdown = render(records, args.results, args.name, args.methods, args.targets)
+            store.append(args.results, args.name, found, views)
+        else:
+            with store.lock_for(args.results, args.name):
+                views(store.read(args.results, args.name))
     except ConfigError as error:
         fail(str(error))
-    print(markdown, end="")
+    print(written["markdown"], end="")
