@@ -232,7 +232,7 @@ def test_a_dataset_of_one_class_is_refused_in_one_line(cli, tmp_path):
     "arguments",
     [
         ["regularizer=l2sp", "regularizer.terms.l2sp.alpha=1"],  # a key its group choice brings
-        ["-m", "regularizer=l2,l2sp", "regularizer.terms.l2sp.alpha=1"],  # ... in one of the swept choices
+        ["-m", "regularizer=l2sp,l2sp_bss", "regularizer.terms.l2sp.alpha=1"],  # ... in each swept choice
         ["method=dtnh_l2sp", "regularizer.terms.l2sp.decay=0.9"],  # a method preset's regularizer
         ["experiment=dtnh_tables", "schedule.cifar10.iterations=5"],  # a key the preset adds
         ['+search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.1,1"]'],  # a map meant to take new keys
@@ -240,9 +240,18 @@ def test_a_dataset_of_one_class_is_refused_in_one_line(cli, tmp_path):
     ],
 )
 def test_known_keys_pass_the_key_check(arguments):
-    from safetransfer.commands.train import check_keys
+    from safetransfer.commands.train import job_configs
 
-    check_keys(arguments)
+    assert job_configs(arguments)
+
+
+def test_a_key_one_swept_choice_lacks_is_refused_naming_that_job():
+    """Hydra would compose the job regularizer=l2 with regularizer.terms.l2sp.alpha and fail there."""
+    from safetransfer.commands.train import job_configs
+    from safetransfer.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^regularizer.terms.l2sp.alpha is not a key of the job regularizer=l2; "):
+        job_configs(["-m", "regularizer=l2sp,l2", "regularizer.terms.l2sp.alpha=1"])
 
 
 def test_a_cache_dir_that_cannot_be_a_directory_is_one_line_before_training(cli, tmp_path):

@@ -2,12 +2,14 @@
 
 With no arguments it runs the embedded demo (`experiment=demo`). Otherwise it composes
 conf/config.yaml with the command-line overrides, fine-tunes once per seed and writes
-the job's row to the results table.
+the job's records to the results table. Before Hydra runs anything, the jobs the command line
+describes are composed here once and checked: a bad choice, key or value is one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 import signal
@@ -27,6 +29,11 @@ from safetransfer.common.overrides import group_values, parse_overrides
 log = logging.getLogger(__name__)
 
 CONFIG_PACKAGE = "safetransfer.conf"
+#: maps meant to take new keys with `+`, e.g. +search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.1,1"]
+OPEN_MAPS = ("search.grids", "bss_lists")
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+#: at most this many combinations of the swept groups are composed before Hydra runs
+COMPOSED_JOBS = 64
 
 
 def cuda_device_count() -> int:
@@ -47,30 +54,40 @@ def group_options(group: str) -> list[str] | None:
     return sorted(entry.name[: -len(".yaml")] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
 
 
-def check_group_choices(arguments: list[str]) -> None:
-    """Refuse an unknown choice for a config group in one line, before Hydra composes anything."""
-    for override in parse_overrides(arguments) or []:
-        options = group_options(override.key_or_group)
-        if options is None or override.is_delete():
-            continue
-        for choice in group_values(override) or []:
-            if choice not in options and choice != "null":
-                raise ConfigError(
-                    f"{override.key_or_group}={choice} is not a known choice; allowed: {', '.join(options)}"
-                )
+class UnknownKey(Exception):
+    """An override of a key the composed config does not have."""
 
 
-#: maps meant to take new keys with `+`, e.g. +search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.1,1"]
-OPEN_MAPS = ("search.grids", "bss_lists")
+def compose(overrides: list[str]) -> DictConfig:
+    """The config (Hydra's included) these overrides compose to. An unknown group choice or a value of
+    the wrong type (the schema, safetransfer/job/schema.py) is a ConfigError naming it; an unknown key
+    raises UnknownKey; what else Hydra refuses passes (Hydra reports it itself)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    try:
+        with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
+            return hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    except MissingConfigException as error:
+        group, _, choice = str(error.missing_cfg_file).rpartition("/")
+        if not error.options:
+            raise
+        raise ConfigError(f"{group}={choice} is not a known choice; allowed: {', '.join(error.options)}") from None
+    except ConfigCompositionException as error:
+        cause = error.__cause__
+        if isinstance(cause, ValidationError):
+            raise ConfigError(f"{cause.full_key}={cause.value}: {str(cause.msg).splitlines()[0]}") from None
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+            raise UnknownKey(cause.full_key) from None
+        raise
 
 
 def _dotted_keys(node, prefix: str = "") -> set[str]:
     keys = set()
-    if isinstance(node, dict):
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            keys.add(name)
-            keys |= _dotted_keys(value, name + ".")
+    for key, value in node.items() if isinstance(node, dict) else ():
+        keys |= {f"{prefix}{key}", *_dotted_keys(value, f"{prefix}{key}.")}
     return keys
 
 
@@ -81,102 +98,32 @@ def _has_key(cfg: DictConfig, dotted: str) -> bool:
     return isinstance(parent, DictConfig) and leaf in list(parent.keys())
 
 
-def exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except OSError:  # a name too long to look up
-        return False
+def not_a_key(key: str, cfg: DictConfig, added: bool = False, where: str = "") -> ConfigError:
+    """The one line refusing `key`, naming the closest keys of `cfg`."""
+    known = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
+    scores = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in known}
+    best = max(scores.values(), default=0)
+    close = sorted((k for k, r in scores.items() if r >= max(0.6, best - 0.03)), key=lambda k: -scores[k])[:3]
+    hint = f"did you mean {' or '.join(close)}?" if close else "`safetransfer-train --cfg job` prints every key"
+    why = " (a + would add a key nothing reads)" if added else ""
+    return ConfigError(f"{key} is not a key{where}{why}; {hint}")
 
 
-def output_dirs(arguments: list[str]) -> list[tuple[str, Path]]:
-    """(key, folder) of each hydra.run.dir / hydra.sweep.dir the command line gives as a plain path."""
-    found = []
-    for argument in arguments:
-        key, _, value = argument.lstrip("+").partition("=")
-        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
-            found.append((key, Path(value).expanduser()))
-    return found
+def source_keys() -> set[str]:
+    """The keys of every source config shipped with the package."""
+    folder = resources.files(CONFIG_PACKAGE).joinpath("source")
+    return {str(k) for name in group_options("source") or [] for k in OmegaConf.load(str(folder / f"{name}.yaml"))}
 
 
-def check_dirs_free(arguments: list[str]) -> None:
-    """The run directory (or a job directory of the sweep folder) another job holds is refused
-    before Hydra writes this job's .hydra/ files over the running job's."""
-    from safetransfer.job.lock import check_free
-
-    for key, path in output_dirs(arguments):
-        if key == "hydra.run.dir":
-            check_free(path)
-        elif path.is_dir():
-            for job_dir in sorted(p for p in path.iterdir() if p.is_dir()):
-                check_free(job_dir)
-
-
-def check_output_dirs(arguments: list[str]) -> None:
-    """hydra.run.dir and hydra.sweep.dir, when given, can be made and written: Hydra makes them
-    before any of ours runs, and its refusal is a traceback (a read-only place, a name too long).
-    Tried by making them, then removing what the trial made: a refused command leaves nothing."""
-    for key, path in output_dirs(arguments):
-        whole = Path(os.path.abspath(path))  # `..` resolved as the file system will
-        made = [folder for folder in (whole, *whole.parents) if not exists(folder)]  # deepest first
-        try:
-            check_writable(path, key, "safetransfer-runs")
-        finally:
-            for folder in made:
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-
-
-def check_keys(arguments: list[str]) -> None:
-    """Refuse an override of a key the config does not have, in one line naming the closest
-    known keys, before Hydra composes anything. Hydra's own message suggests `+key=value`,
-    which adds a key nothing reads: a `+` key is refused too, except under OPEN_MAPS."""
-    import difflib
-    import itertools
-
-    from hydra import compose, initialize_config_module
-
-    overrides = parse_overrides(arguments)
-    if overrides is None:
-        return
-    choices, keyed = {}, []
-    for override in overrides:
-        key = override.key_or_group
-        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or override.is_delete():
-            continue  # Hydra's own keys and groups (hydra/sweeper=optuna): Hydra judges them
-        if group_options(key) is None:
-            keyed.append(override)
-            continue
-        values = group_values(override)
-        if values is None:
-            return  # range() or glob() over a group: left to Hydra
-        choices[key] = values
-    if not keyed:
-        return
-    configs = []
-    with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
-        # the first combination of the swept groups, then more only while a key is not found
-        for combination in itertools.islice(itertools.product(*choices.values()), 32):
-            try:
-                configs.append(compose("config", overrides=[f"{g}={v}" for g, v in zip(choices, combination)]))
-            except Exception:
-                return  # Hydra reports what is wrong with the composition itself
-            keyed = [o for o in keyed if not _has_key(configs[-1], o.key_or_group)]
-            if not keyed:
-                return
-    for override in keyed:
-        key, added = override.key_or_group, override.is_add() or override.is_force_add()
-        if added and key.rpartition(".")[0] in OPEN_MAPS:
-            continue
-        if override.is_force_add() and key.startswith("source.") and key.split(".")[1] in source_keys():
-            continue  # a source sweep's key, in a rerun of one of its jobs: the job keeps what its source takes
-        known = sorted(set().union(*(_dotted_keys(OmegaConf.to_container(c, resolve=False)) for c in configs)))
-        scores = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in known}
-        best = max(scores.values(), default=0)
-        close = sorted((k for k, r in scores.items() if r >= max(0.6, best - 0.03)), key=lambda k: -scores[k])[:3]
-        hint = f"did you mean {' or '.join(close)}?" if close else "`safetransfer-train --cfg job` prints every key"
-        raise ConfigError(f"{key} is not a key{' (a + would add a key nothing reads)' if added else ''}; {hint}")
+def swept_source_keys(arguments: list[str]) -> list[str]:
+    """In a sweep over sources (source=pretrained,demo,scratch), `source.dataset=x` belongs to some
+    of them only: it is force-added (`++`) so that Hydra composes every job, and each job keeps
+    only the keys its source takes (sources.own_keys)."""
+    overrides = parse_overrides(arguments) or []
+    swept = any(o.key_or_group == "source" and len(group_values(o) or []) > 1 for o in overrides)
+    if not swept:
+        return arguments
+    return [f"++{a}" if a.startswith("source.") and "=" in a else a for a in arguments]
 
 
 def method_groups(method: str) -> dict[str, str]:
@@ -194,97 +141,115 @@ def method_groups(method: str) -> dict[str, str]:
     return fixed
 
 
-def source_keys() -> set[str]:
-    """The keys of every source config shipped with the package."""
-    folder = resources.files(CONFIG_PACKAGE).joinpath("source")
-    return {
-        str(k) for name in group_options("source") or [] for k in OmegaConf.load(str(folder.joinpath(f"{name}.yaml")))
-    }
-
-
 def check_method_choices(choices) -> None:
     """A method preset fixes groups (method=l2sp: regularizer=l2sp, ...); a choice given on the
-    command line wins over it and would make the job another method under the method's name.
-    Refuse that in one line."""
+    command line wins over it and would make the job another method under the method's name."""
     method = choices.get("method")
-    if not method:
-        return
-    for group, value in method_groups(method).items():
+    for group, value in method_groups(method).items() if method else ():
         if choices.get(group) != value:
             raise ConfigError(
-                f"method={method} sets {group}={value}, but {group}={choices.get(group)} is given too "
-                f"and would win, training another method under this one's name: drop {group}=... "
-                f"or choose a method without it"
+                f"method={method} sets {group}={value}, but {group}={choices.get(group)} is given too and would "
+                f"win, training another method under this one's name: drop {group}=... or run method={method} "
+                "in a command of its own"
             )
 
 
-def swept_source_keys(arguments: list[str]) -> list[str]:
-    """In a sweep over sources (source=pretrained,demo,scratch), `source.dataset=x` belongs to some
-    of them only: it is force-added (`++`) so that Hydra composes every job, and each job keeps
-    only the keys its source takes (sources.own_keys). check_keys has made sure some swept source
-    has the key."""
-    overrides = parse_overrides(arguments) or []
-    swept = any(o.key_or_group == "source" and len(group_values(o) or []) > 1 for o in overrides)
-    if not swept:
-        return arguments
-    return [f"++{a}" if a.startswith("source.") and "=" in a else a for a in arguments]
+def is_hydras(override) -> bool:
+    key = override.key_or_group
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
 
 
-def check_method_presets(arguments: list[str]) -> None:
-    """A method preset that fixes a group (method=l2sp: regularizer=l2sp) beside the same group on
-    the command line (regularizer=bss) would run under the method's name with the other choice:
-    refused in one line before any job starts (a multirun would find it only at that job)."""
-    overrides = parse_overrides(arguments) or []
-    given = {o.key_or_group: group_values(o) or [] for o in overrides if group_options(o.key_or_group) is not None}
-    methods = list(given.pop("method", []))
-    experiment = (given.get("experiment") or [None])[0]
-    if not methods and experiment and experiment in (group_options("experiment") or []):
-        preset = OmegaConf.load(str(resources.files(CONFIG_PACKAGE).joinpath("experiment", f"{experiment}.yaml")))
-        swept = OmegaConf.select(preset, "hydra.sweeper.params.method")
-        methods = [m.strip() for m in str(swept).split(",")] if swept else []
-    for method in methods:
-        if method not in (group_options("method") or []):
-            continue
-        for group, value in method_groups(method).items():
-            other = [v for v in given.get(group, []) if v != value]
-            if other:
-                raise ConfigError(
-                    f"method={method} sets {group}={value}, but {group}={','.join(other)} is given for "
-                    f"every job and would win, training another method under this one's name: drop "
-                    f"{group}=... or run method={method} in a command of its own"
-                )
-
-
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
-
-
-def first_job(arguments: list[str]) -> DictConfig | None:
-    """The config (with Hydra's) of the first job the command line describes: a swept value as its
-    first choice, a search space (interval, range) left out; a value of the wrong type is one line
-    naming its key; None when it does not compose otherwise (Hydra then reports why itself)."""
-    from hydra import compose, initialize_config_module
+def first_value(override) -> str | None:
+    """An override as its job takes it: a comma sweep at its first value; None for a search space
+    (interval, range), which the sweeper chooses."""
     from hydra.core.override_parser.types import ChoiceSweep, Override
+
+    value = override.value()
+    if isinstance(value, ChoiceSweep) and value.list:
+        return f"{override.get_key_element()}={Override._get_value_element_as_str(value.list[0])}"
+    return None if override.is_sweep_override() else override.input_line
+
+
+def job_configs(arguments: list[str]) -> list[DictConfig]:
+    """The configs (Hydra's included) of the first job the command line describes and of each other
+    combination of the config groups its multirun sweeps (the sweeper's own `params` included), composed
+    once before Hydra runs and checked: a group choice, a key, a value's type, a method preset
+    contradicted. A key added with `+` must be one some job has (nothing would read it), except under
+    OPEN_MAPS. Empty where Hydra judges the command line itself (its own config folders, a syntax error)."""
+    from safetransfer.commands.sweeps import planned_jobs
 
     overrides = parse_overrides(arguments)
     if overrides is None:
-        return None
-    first = []
-    for override in overrides:
-        value = override.value()
-        if isinstance(value, ChoiceSweep) and value.list:
-            first.append(f"{override.get_key_element()}={Override._get_value_element_as_str(value.list[0])}")
-        elif not override.is_sweep_override():
-            first.append(override.input_line)
-    from omegaconf.errors import ValidationError
+        return []
+    added = [o for o in overrides if (o.is_add() or o.is_force_add()) and not is_hydras(o) and not o.is_delete()]
+    kept = [a for a in arguments if "=" in a and not a.startswith("-") and a not in {o.input_line for o in added}]
+    groups = [o.key_or_group for o in overrides if group_options(o.key_or_group) is not None]
+    jobs = [[first for first in map(first_value, parse_overrides(kept)) if first]]
+    configs: list[DictConfig] = []
+    while jobs and len(configs) < COMPOSED_JOBS:
+        job = jobs.pop(0)
+        where = "" if not configs else f" of the job {' '.join(a for a in job if a.split('=')[0] in groups)}"
+        try:
+            cfg = compose(job)
+        except UnknownKey as unknown:  # Hydra names the first node missing: the key is the override's
+            keys = [a.split("=")[0].lstrip("~") for a in job]
+            key = next((k for k in keys if k == str(unknown) or k.startswith(f"{unknown}.")), str(unknown))
+            raise not_a_key(key, compose([a for a in job if a.split("=")[0] in groups]), where=where) from None
+        except ConfigError:
+            raise
+        except Exception:  # Hydra reports what else is wrong with the composition, at that job
+            break
+        check_method_choices(cfg.hydra.runtime.choices)
+        if not configs and is_multirun(cfg, arguments):  # the other combinations of the swept groups
+            with contextlib.suppress(Exception):  # a sweeper's search space: the first job alone
+                planned = planned_jobs(cfg.hydra.sweeper.get("params") or {}, kept)
+                groups += [str(k) for k in cfg.hydra.sweeper.get("params") or {} if group_options(str(k))]
+                combos = {tuple(a for a in p if a.split("=")[0] in groups): p for p in planned}
+                jobs = list(combos.values())
+        configs.append(cfg)
+    for override in added if configs else ():
+        key = override.key_or_group
+        if key.rpartition(".")[0] in OPEN_MAPS or any(_has_key(c, key) for c in configs):
+            continue
+        if override.is_force_add() and key.startswith("source.") and key.split(".")[1] in source_keys():
+            continue  # a source sweep's key, in a rerun of one of its jobs: the job keeps what its source takes
+        raise not_a_key(key, configs[0], added=True)
+    return configs
 
-    try:
-        with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
-            return compose("config", overrides=first, return_hydra_config=True)
-    except Exception as error:
-        if isinstance(error.__cause__, ValidationError):  # a value of the wrong type (safetransfer/job/schema.py)
-            cause = error.__cause__
-            raise ConfigError(f"{cause.full_key}={cause.value}: {str(cause.msg).splitlines()[0]}") from None
-        return None
+
+def output_dirs(arguments: list[str]) -> list[tuple[str, Path]]:
+    """(key, folder) of each hydra.run.dir / hydra.sweep.dir the command line gives as a plain path."""
+    found = []
+    for argument in arguments:
+        key, _, value = argument.lstrip("+").partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            found.append((key, Path(value).expanduser()))
+    return found
+
+
+def check_output_dirs(arguments: list[str]) -> None:
+    """hydra.run.dir and hydra.sweep.dir, when given, can be made and written (Hydra makes them before
+    any of ours runs, and its refusal is a traceback), and are not another job's: Hydra would write this
+    job's .hydra/ files over the running job's. Tried by making them, then removing what the trial
+    made: a refused command leaves nothing."""
+    from safetransfer.job.lock import check_free
+
+    for key, path in output_dirs(arguments):
+        whole = Path(os.path.abspath(path))  # `..` resolved as the file system will
+        made = []
+        with contextlib.suppress(OSError):  # a name too long to look up: check_writable says so
+            made = [folder for folder in (whole, *whole.parents) if not folder.exists()]  # deepest first
+        try:
+            check_writable(path, key, "safetransfer-runs")
+        finally:
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        if path.is_dir():
+            for job_dir in [path] if key == "hydra.run.dir" else sorted(p for p in path.iterdir() if p.is_dir()):
+                check_free(job_dir)
 
 
 def is_multirun(cfg: DictConfig, arguments: list[str]) -> bool:
@@ -311,40 +276,28 @@ def check_sweeper(cfg: DictConfig, arguments: list[str]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="config")
-def app(cfg: DictConfig) -> float:
+def app(cfg: DictConfig) -> float | None:
+    """One job in its run directory, held (safetransfer/job/lock.py): its status in job.json, a stop
+    or a failure in one line. Returns what a sweeper optimises: the mean validation top-1 of its seeds
+    (None without a held-out split), never the test split's."""
+    from safetransfer.commands.sweeps import JobStatus, continue_command
+    from safetransfer.common import signals
     from safetransfer.job.lock import holding
+    from safetransfer.job.run import run_job
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     num = hydra_cfg.job.get("num") if hydra_cfg.mode == RunMode.MULTIRUN else None
-    with contextlib.ExitStack() as held:
-        try:  # the run directory to this job alone, before its job.json is written
-            held.enter_context(holding(run_dir))
-        except ConfigError as error:
-            print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
-            if num is not None:
-                raise
-            sys.exit(2)
-        return run_held(cfg, hydra_cfg, run_dir, num)
-
-
-def run_held(cfg: DictConfig, hydra_cfg, run_dir: Path, num: int | None) -> float:
-    """The job in its run directory, held: its status in job.json, a stop or a failure in one line."""
-    from safetransfer.commands.sweeps import JobStatus
-    from safetransfer.common import signals
-    from safetransfer.job.run import run_job
-
-    status = JobStatus(run_dir, list(hydra_cfg.overrides.task), num)
-    status.write("running")
+    status = None
     try:
-        with signals.StopSignals() as stop:
+        with holding(run_dir), signals.StopSignals() as stop:  # the folder to this job alone, before job.json
+            status = JobStatus(run_dir, list(hydra_cfg.overrides.task), num)
+            status.write("running")
             check_method_choices(hydra_cfg.runtime.choices)
             row = run_job(cfg, run_dir, stop=stop)
     except signals.Preempted as preempted:
         message = str(preempted)
         if num is not None:  # "the same command" would start a new sweep folder: name this one
-            from safetransfer.commands.sweeps import continue_command
-
             message = preempted.text(
                 f"continue the sweep with: {continue_command(sys.argv[1:], Path(hydra_cfg.sweep.dir))}"
             )
@@ -353,40 +306,28 @@ def run_held(cfg: DictConfig, hydra_cfg, run_dir: Path, num: int | None) -> floa
         print(f"safetransfer-train: {message}", file=sys.stderr, flush=True)
         stop.forward(preempted.signum)  # under submitit: its handler requeues the job
         sys.exit(128 + preempted.signum)
-    except SafetransferError as error:  # bad input, a full disk, a failed download: one line
-        status.write("failed", error=one_line(error))
+    except SafetransferError as error:  # bad input, a full disk, a failed download, a held folder: one line
+        if status is not None:  # None: another job holds the folder, and its job.json
+            status.write("failed", error=one_line(error))
         print(f"safetransfer-train: error: {one_line(error)}", file=sys.stderr, flush=True)
         if num is not None:
             raise  # in a multirun: this job failed, the others go on; the end-of-sweep report lists it
         sys.exit(2)
     except BaseException as error:
-        status.write("failed", error=f"{type(error).__name__}: {error}")
+        if status is not None:
+            status.write("failed", error=f"{type(error).__name__}: {error}")
         raise
     status.write("finished", **{k: row[k] for k in ("mean", "val_mean", "n_seeds", "seeds", "failed", "key", "table")})
-    return row["val_mean"]  # what a sweeper optimises: validation only (None without a held-out split)
+    return row["val_mean"]
 
 
-def report_of(arguments: list[str]):
-    """The report printed when Hydra is done (commands.sweeps.Report), made from the command line
-    before Hydra runs: a multirun's folder resolved here and given to Hydra (`hydra.sweep.dir`), so
-    that the report names the folder Hydra writes. None where the first job does not compose (Hydra
-    then says why) or the config folders are the user's own."""
-    from safetransfer.commands.sweeps import Report, planned_jobs
-
-    shown = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc")
-    cfg = None if any(a in shown or a.startswith(("--cfg=", "--info=")) for a in arguments) else first_job(arguments)
-    if cfg is None:  # nothing runs, or Hydra reports what does not compose
-        return None
-    if not is_multirun(cfg, arguments):
-        return Report(cfg, arguments, None)
-    try:
-        planned = len(planned_jobs(cfg.hydra.sweeper.get("params") or {}, arguments))
-    except Exception:  # a sweeper of another kind (Optuna's search spaces): the jobs found are counted
-        planned = None
-    return Report(cfg, arguments, Path(str(cfg.hydra.sweep.dir)), planned)
+#: options that show something and run no job
+SHOWN = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc")
 
 
 def main() -> None:
+    from safetransfer.commands.sweeps import Report, planned_jobs
+
     arguments = sys.argv[1:]
     if not arguments:
         print(
@@ -395,19 +336,23 @@ def main() -> None:
             flush=True,
         )
         arguments = ["experiment=demo"]
+    arguments = swept_source_keys(arguments)
+    report = None
     try:
-        check_group_choices(arguments)
-        check_keys(arguments)
-        check_method_presets(arguments)
-        report = report_of(swept_source_keys(arguments))
-        if report is not None:
-            check_sweeper(report.config, arguments)
+        configs = job_configs(arguments)
+        if configs and not any(a in SHOWN or a.startswith(("--cfg=", "--info=")) for a in arguments):
+            cfg, sweep_dir, planned = configs[0], None, None
+            check_sweeper(cfg, arguments)
+            if is_multirun(cfg, arguments):  # its folder resolved here and given to Hydra: the report names it
+                sweep_dir = Path(str(cfg.hydra.sweep.dir))
+                with contextlib.suppress(Exception):  # a sweeper that decides (Optuna): the jobs found are counted
+                    planned = len(planned_jobs(cfg.hydra.sweeper.get("params") or {}, arguments))
+            report = Report(cfg, arguments, sweep_dir, planned)
         check_output_dirs(arguments)
-        check_dirs_free(arguments)
     except ConfigError as error:
         print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    sys.argv = [sys.argv[0], *swept_source_keys(arguments)]
+    sys.argv = [sys.argv[0], *arguments]
     given = any(key == "hydra.sweep.dir" for key, _ in output_dirs(arguments))
     if report is not None and report.sweep_dir is not None and not given:
         sys.argv.append(f"hydra.sweep.dir={report.sweep_dir}")  # the folder the report names
