@@ -218,9 +218,7 @@ def test_a_method_that_fixes_a_group_refuses_an_explicit_other_choice_before_any
     )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert (
-        len(lines) == 1 and "method=l2sp sets regularizer=l2sp, but regularizer=l2 is given too" in lines[0]
-    )
+    assert len(lines) == 1 and "method=l2sp sets regularizer=l2sp, but regularizer=l2 is given too" in lines[0]
     assert not (tmp_path / "sweep").exists()
 
 
