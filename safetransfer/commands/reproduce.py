@@ -19,26 +19,25 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
+from safetransfer.commands.train import compose
 from safetransfer.common.errors import ConfigError
 from safetransfer.common.overrides import split_sweeps
 from safetransfer.common.signals import STOP_SIGNALS
 from safetransfer.job.fetch import READY, summary
 from safetransfer.reporting.search import choose, write_chosen
 
-CONFIG_MODULE = "safetransfer.conf"
 TABLES = ("dtnh_table2", "dtnh_table3", "dtnh_table4", "bss_table2")
 
 
 def compose_job(table: str, overrides: list[str]) -> DictConfig:
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose("config", overrides=[f"experiment={table}", *overrides], return_hydra_config=True)
+    return compose([f"experiment={table}", *overrides])
 
 
 def sweep_axes(cfg: DictConfig, sweeps: dict[str, list[str]], plain: list[str]) -> dict[str, list[str]]:
@@ -80,12 +79,7 @@ def cells(table: str, overrides: list[str]):
 def composer(overrides: list[str]):
     """compose(more) of the main config with the command line's paths.* overrides (where data lies)."""
     paths = [o for o in split_sweeps(overrides)[1] if o.lstrip("+").startswith("paths.")]
-
-    def compose_more(more: list[str]) -> DictConfig:
-        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            return compose("config", overrides=[*more, *paths])
-
-    return compose_more
+    return lambda more: compose([*more, *paths])
 
 
 def table_data(table: str, overrides: list[str], download: bool) -> list:
@@ -143,58 +137,46 @@ class Figures:
 
 def benchmark_figures(path: Path) -> Figures | None:
     """The figures of BENCHMARKS.json at `path`, None when it has none."""
-    import json
-
-    if not path.exists():
-        return None
-    found = json.loads(path.read_text())
+    found = json.loads(path.read_text()) if path.exists() else {}
     for kind in ("cuda", "cpu"):
-        figures = found.get(kind)
-        if not figures or not figures.get("ms_per_step"):
+        figures = found.get(kind) or {}
+        steps = figures.get("ms_per_step", {})
+        rows = {(b, r, d): float(ms) for b, rs in steps.items() for r, ds in rs.items() for d, ms in ds.items()}
+        if not rows:
             continue
-        rows = {
-            (backbone, regularizer, direction): float(ms)
-            for backbone, regularizers in figures["ms_per_step"].items()
-            for regularizer, directions in regularizers.items()
-            for direction, ms in directions.items()
-        }
         precision = str(figures.get("precision", "fp32"))
         scales = {
-            (backbone, other): float(ms) / float(steps[precision])
-            for backbone, steps in figures.get("fine_tuning_ms_by_precision", {}).items()
-            if precision in steps
-            for other, ms in steps.items()
+            (backbone, other): float(ms) / float(by[precision])
+            for backbone, by in figures.get("fine_tuning_ms_by_precision", {}).items()
+            if precision in by
+            for other, ms in by.items()
         }
-        factors = {}
-        cells = found.get(f"{kind}-cell", {})
+        cells, factors = found.get(f"{kind}-cell", {}), {}
         for cell, modes in cells.get("seconds_per_iteration", {}).items():
             method = CELL_METHODS.get(cell)
-            for mode, seconds in modes.items():
-                backbone = method[0] if method else ""
-                cell_precision = cells.get("precision", {}).get(cell, {}).get(mode, precision)
+            for mode, seconds in modes.items() if method in rows else ():
                 # over the model-only step in the precision the cell trained in
-                model_only = 1.0 if cell_precision == precision else scales.get((backbone, cell_precision))
-                if method in rows and model_only is not None:
-                    factors[(backbone, mode == "concurrent")] = 1000 * float(seconds) / (rows[method] * model_only)
+                trained = cells.get("precision", {}).get(cell, {}).get(mode, precision)
+                model_only = 1.0 if trained == precision else scales.get((method[0], trained))
+                if model_only is not None:
+                    factors[(method[0], mode == "concurrent")] = 1000 * float(seconds) / (rows[method] * model_only)
         return Figures(kind, rows, float(figures["px"]), int(figures["batch"]), factors, precision, scales)
     return None
 
 
-def precision_factor(job: Job, figures: Figures) -> float | None:
-    """The job's precision over the figures' (1 when they are the same), None when not measured."""
-    if job.precision == figures.precision:
-        return 1.0
-    return figures.precision_scales.get((job.backbone, job.precision))
+def precision_factor(backbone: str, precision: str, figures: Figures) -> float | None:
+    """A step in `precision` over the figures' (1 when they are the same), None when not measured."""
+    return 1.0 if precision == figures.precision else figures.precision_scales.get((backbone, precision))
 
 
 def job_hours(job: Job, figures: Figures, concurrent: bool = False) -> float | None:
     """Model-only step time scaled to the job's pixels and batch and to its precision (the
-    figures' own when no other was measured beside them, see print_plan), times the measured
+    figures' own when no other was measured beside them, see precision_note), times the measured
     cell's end-to-end factor for the job's backbone and way of running seeds, when there is one."""
     ms = figures.ms_per_step.get((job.backbone, job.regularizer, job.direction))
     if ms is None:
         return None
-    ms *= precision_factor(job, figures) or 1.0
+    ms *= precision_factor(job.backbone, job.precision, figures) or 1.0
     scale = (job.crop / figures.px) ** 2 * (job.batch / figures.batch)  # pixels and images per step
     concurrent = concurrent and job.seeds > 1  # a single seed runs alone (runtime.concurrent_seeds)
     factors = figures.cell_factors
@@ -206,82 +188,72 @@ def job_hours(job: Job, figures: Figures, concurrent: bool = False) -> float | N
 def precision_note(jobs: list[Job], figures: Figures) -> str:
     """Which precision the hours assume: the jobs' own (train.precision), measured or scaled by
     the Fine-tuning step measured in both, or the figures' when nothing scales them."""
-    measured = figures.precision
-    lines = []
+    measured, lines = figures.precision, []
     for precision in sorted({job.precision for job in jobs}):
         backbones = sorted({job.backbone for job in jobs if job.precision == precision})
-        factors = {b: precision_factor(Job("", {}, {}, 1, 1, b, "", "", 0, 0, precision), figures) for b in backbones}
+        factors = {b: precision_factor(b, precision, figures) for b in backbones}
+        said = f"the jobs train in {precision} (train.precision)"
         if precision == measured:
-            lines.append(f"the jobs train in {precision} (train.precision) and the step times were measured in it")
+            lines.append(f"{said} and the step times were measured in it")
         elif all(f is not None for f in factors.values()):
             ratios = ", ".join(f"{b} {f:.2f}x" for b, f in factors.items())
             lines.append(
-                f"the jobs train in {precision} (train.precision); the step times were measured in {measured} and "
-                f"are scaled by the {precision}/{measured} Fine-tuning step measured beside them ({ratios})"
+                f"{said}; the step times were measured in {measured} and are scaled by the {precision}/{measured} "
+                f"Fine-tuning step measured beside them ({ratios})"
             )
         else:
             lines.append(
-                f"the jobs train in {precision} (train.precision) but the step times were measured in {measured} "
-                f"with no {precision} step beside them: these hours assume {measured}"
+                f"{said} but the step times were measured in {measured} with no {precision} step beside them: "
+                f"these hours assume {measured}"
             )
     return "precision: " + "; ".join(lines)
 
 
+def figures_source(figures: Figures, concurrent: bool) -> str:
+    """Where the projected hours come from, in words."""
+    mode = "concurrent seeds" if concurrent else "seeds one after another"
+    used = [
+        f"{b} {f:.2f} ({mode if c else 'seeds one after another'})"
+        for (b, c), f in sorted(figures.cell_factors.items())
+        if c == concurrent or (b, concurrent) not in figures.cell_factors
+    ]
+    if figures.kind == "cuda" and used:
+        return (
+            "measured on a GPU: model-only step times x the end-to-end factor of a measured cell, "
+            f"{', '.join(used)}; {figures.precision} step times, BENCHMARKS.json"
+        )
+    if figures.kind == "cuda":
+        return f"measured on a GPU, {figures.precision} step times; model steps only (no measured cell for {mode})"
+    return (
+        f"a CPU projection: BENCHMARKS.json has no GPU figures yet, so its CPU {figures.precision} step times "
+        f"({figures.px:g} px, batch {figures.batch}) are scaled by pixels and batch size; a GPU is far faster; "
+        "model steps only"
+    )
+
+
 def print_plan(table: str, jobs: list[Job], figures: Figures | None, concurrent: bool = False) -> None:
-    hours = {"search": 0.0, "final": 0.0}
-    unknown = 0
+    hours, unknown = {"search": 0.0, "final": 0.0}, 0
     print(f"{table}: every job of both stages (cells x settings; seeds x iterations each)")
     for job in jobs:
         h = job_hours(job, figures, concurrent) if figures else None
-        if h is None:
-            unknown += 1
-        else:
-            hours[job.stage] += h
+        unknown += h is None
+        hours[job.stage] += h or 0.0
         cell = " ".join(f"{k}={v}" for k, v in job.cell.items())
-        setting = " ".join(f"{k}={v}" for k, v in job.setting.items()) or (
-            "chosen on validation" if job.stage == "final" else ""
-        )
-        print(
-            f"  {job.stage:6} {cell} | {setting} | {job.seeds} x {job.iterations} it"
-            + (f" | {h:.2f} h" if h is not None else "")
-        )
+        setting = " ".join(f"{k}={v}" for k, v in job.setting.items())
+        setting = setting or ("chosen on validation" if job.stage == "final" else "")
+        hours_text = f" | {h:.2f} h" if h is not None else ""
+        print(f"  {job.stage:6} {cell} | {setting} | {job.seeds} x {job.iterations} it{hours_text}")
     counts = {stage: sum(j.stage == stage for j in jobs) for stage in hours}
     print(f"{counts['search']} search jobs, {counts['final']} final jobs, {len(jobs)} in all")
-    if figures:
-        kind, px, batch, factors, precision = (
-            figures.kind,
-            figures.px,
-            figures.batch,
-            figures.cell_factors,
-            figures.precision,
-        )
-        mode = "concurrent seeds" if concurrent else "seeds one after another"
-        used = {
-            b: (f, m)
-            for (b, c), f in factors.items()
-            for m in [mode if c else "seeds one after another"]
-            if c == concurrent or (b, concurrent) not in factors
-        }
-        if kind == "cuda" and used:
-            source = (
-                "measured on a GPU: model-only step times x the end-to-end factor of a measured cell, "
-                + ", ".join(f"{b} {f:.2f} ({m})" for b, (f, m) in sorted(used.items()))
-                + f"; {precision} step times, BENCHMARKS.json"
-            )
-        elif kind == "cuda":
-            source = f"measured on a GPU, {precision} step times; model steps only (no measured cell for {mode})"
-        else:
-            source = (
-                f"a CPU projection: BENCHMARKS.json has no GPU figures yet, so its CPU {precision} step times "
-                f"({px:g} px, batch {batch}) are scaled by pixels and batch size; a GPU is far faster; model steps only"
-            )
-        print(
-            f"projected hours: search {hours['search']:.1f} h, final {hours['final']:.1f} h, "
-            f"total {sum(hours.values()):.1f} h ({source})" + (f"; {unknown} jobs have no figure" if unknown else "")
-        )
-        print(precision_note(jobs, figures))
-    else:
+    if not figures:
         print("projected hours: no BENCHMARKS.json found (run python scripts/benchmark.py)")
+        return
+    print(
+        f"projected hours: search {hours['search']:.1f} h, final {hours['final']:.1f} h, total "
+        f"{sum(hours.values()):.1f} h ({figures_source(figures, concurrent)})"
+        + (f"; {unknown} jobs have no figure" if unknown else "")
+    )
+    print(precision_note(jobs, figures))
 
 
 def run_train(arguments: list[str]) -> int:
@@ -438,8 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--fetch",
         action="store_true",
-        help="download and verify every checkpoint, dataset and list "
-        "the table's jobs read (on a login node); train nothing",
+        help="download and verify every checkpoint, dataset and list the table's jobs read; train nothing",
     )
     parser.add_argument("--dir", type=Path, help="where both stages run (default multirun/<table>)")
     parser.add_argument(
@@ -468,11 +439,8 @@ def run(args: argparse.Namespace) -> None:
     """safetransfer-reproduce's three modes: --plan, --fetch, and both stages."""
     if args.plan:
         jobs, base = plan(args.table, args.overrides)
-        candidates = (
-            [args.benchmarks]
-            if args.benchmarks
-            else [Path(__file__).resolve().parents[1] / "BENCHMARKS.json", Path("BENCHMARKS.json")]
-        )
+        repository = Path(__file__).resolve().parents[1] / "BENCHMARKS.json"
+        candidates = [args.benchmarks] if args.benchmarks else [repository, Path("BENCHMARKS.json")]
         figures = next((f for f in map(benchmark_figures, candidates) if f), None)
         print_plan(args.table, jobs, figures, bool(base.runtime.concurrent_seeds))
         for dataset, backbone, path, _ in sources_to_make(args.table, args.overrides):

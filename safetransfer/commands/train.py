@@ -54,8 +54,12 @@ def group_options(group: str) -> list[str] | None:
     return sorted(entry.name[: -len(".yaml")] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
 
 
-class UnknownKey(Exception):
-    """An override of a key the composed config does not have."""
+class UnknownKey(ConfigError):
+    """An override of a key the composed config does not have (`key`: the first node missing)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"{key} is not a key")
+        self.key = key
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -193,7 +197,7 @@ def job_configs(arguments: list[str]) -> list[DictConfig]:
             cfg = compose(job)
         except UnknownKey as unknown:  # Hydra names the first node missing: the key is the override's
             keys = [a.split("=")[0].lstrip("~") for a in job]
-            key = next((k for k in keys if k == str(unknown) or k.startswith(f"{unknown}.")), str(unknown))
+            key = next((k for k in keys if k == unknown.key or k.startswith(f"{unknown.key}.")), unknown.key)
             raise not_a_key(key, compose([a for a in job if a.split("=")[0] in groups]), where=where) from None
         except ConfigError:
             raise
