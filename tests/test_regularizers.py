@@ -572,9 +572,14 @@ def test_bss_of_non_finite_features_is_nan_not_an_error():
     assert term.diagnostics() == {}
 
 
-def test_bss_refuses_k_not_below_the_batch():
-    with pytest.raises(ConfigError, match="smaller than the batch size"):
-        BSS(k=4).value(None, bss_features(torch.randn(4, 10)))
+def test_bss_refuses_k_not_below_the_batch_or_the_features():
+    from safetransfer.training.backbones import outline
+
+    with pytest.raises(ValueError, match=r"k=4 must be an integer in \[1, 3\]: fewer than train.batch_size=4"):
+        BSS(k=4).check_backbone(outline("resnet18"), 4)
+    with pytest.raises(ValueError, match=r"k=512 must be an integer in \[1, 511\]: .* feature dimension 512"):
+        BSS(k=512).check_backbone(outline("resnet18"), 1024)
+    BSS(k=3).check_backbone(outline("resnet18"), 4)
     with pytest.raises(ConfigError, match="k=0"):
         BSS(k=0)
 

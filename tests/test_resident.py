@@ -145,7 +145,7 @@ def test_auto_holds_nothing_on_the_cpu_and_the_size_is_counted_by_hand(cub_cfg):
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (("data.on_device=maybe",), "data.on_device=maybe is not one of auto, true, false"),
+        (("data.on_device=maybe",), "data.on_device=maybe is not a known choice; allowed: auto, true, false"),
         (("data.on_device=true", "data.augment_on=workers"), "cannot take data.augment_on=workers"),
         (("data.on_device=true", "data.cache=false"), "set data.cache=true"),
         (("data.on_device=true",), "augments in the loader workers here: set data.augment_on=device"),

@@ -20,6 +20,7 @@ from safetransfer.reporting.tables import published_values
 from safetransfer.training.engine import PRECISIONS, milestone_iterations
 from safetransfer.training.train_log import LOGGERS, PROGRESS
 
+ON_DEVICE_TEXT = tuple(str(choice).lower() for choice in ON_DEVICE)
 #: seeds (training and sampling) are seeds of NumPy's and Python's generators: in [0, 2^32)
 SEED_LIMIT = 2**32
 
@@ -56,66 +57,59 @@ def check_config(cfg: DictConfig) -> None:
             "20 % of each class's sampled training images"
         )
 
-    _positive_int(cfg.train.batch_size, "train.batch_size", "e.g. train.batch_size=48")
+    for key, example in (
+        ("train.batch_size", 48),
+        ("train.iterations", 8000),
+        ("data.crop", 224),
+        ("data.resize", 256),
+    ):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be an integer >= 1 (e.g. {key}={example})")
     if cfg.train.batch_size < 2:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is too small: BatchNorm needs two or more images a batch "
             "in training; e.g. train.batch_size=48"
         )
-    _positive_int(cfg.train.iterations, "train.iterations", "e.g. train.iterations=8000")
-    _positive_int(cfg.data.crop, "data.crop", "e.g. data.crop=224")
-    _positive_int(cfg.data.resize, "data.resize", "e.g. data.resize=256")
     if cfg.data.crop > cfg.data.resize:
         raise ConfigError(
             f"data.crop={cfg.data.crop} is larger than data.resize={cfg.data.resize}; "
             "the crop is taken from the resized image, so set data.crop <= data.resize"
         )
     train_crop, test_crops, test_resize = crop_options(cfg.data)
-    if test_resize not in TEST_RESIZES:
-        raise ConfigError(f"data.test_resize={test_resize} is not a known choice; allowed: {', '.join(TEST_RESIZES)}")
-    if train_crop not in TRAIN_CROPS:
-        raise ConfigError(f"data.train_crop={train_crop} is not a known choice; allowed: {', '.join(TRAIN_CROPS)}")
-    if test_crops not in TEST_CROPS:
-        raise ConfigError(
-            f"data.test_crops={test_crops} is not a known choice; allowed: {', '.join(map(str, TEST_CROPS))}"
-        )
-    if cfg.runtime.log_every < 0:
-        raise ConfigError(f"runtime.log_every={cfg.runtime.log_every} must be >= 0 (0 logs only the last iteration)")
-    if cfg.runtime.checkpoint_every < 0:
-        raise ConfigError(
-            f"runtime.checkpoint_every={cfg.runtime.checkpoint_every} must be >= 0 "
-            "(iterations between checkpoints; 0: none)"
-        )
-    if cfg.runtime.num_workers < 0:
-        raise ConfigError(f"runtime.num_workers={cfg.runtime.num_workers} must be >= 0 (0 loads in the main process)")
-    every = cfg.runtime.diagnostics_every
-    if every < 0 or (every and (not cfg.runtime.log_every or every % cfg.runtime.log_every)):
-        raise ConfigError(
-            f"runtime.diagnostics_every={every} must be 0 or a multiple of "
-            f"runtime.log_every={cfg.runtime.log_every} (angles are written on log rows)"
-        )
-    logger = cfg.logger
-    if logger not in LOGGERS:
-        raise ConfigError(f"logger={logger} is not one of {', '.join(LOGGERS)}")
-    if logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+    on_device = cfg.data.get("on_device", "auto")
+    for key, value, allowed in (
+        ("data.test_resize", test_resize, TEST_RESIZES),
+        ("data.train_crop", train_crop, TRAIN_CROPS),
+        ("data.test_crops", test_crops, TEST_CROPS),
+        ("data.augment_on", cfg.data.augment_on, AUGMENT_ON),
+        ("data.on_device", str(on_device).lower() if isinstance(on_device, bool) else on_device, ON_DEVICE_TEXT),
+        ("train.precision", cfg.train.precision, PRECISIONS),
+        ("logger", cfg.logger, LOGGERS),
+        ("runtime.progress", cfg.runtime.progress, PROGRESS),  # the loop's own check would come only in training
+    ):
+        if value not in allowed:
+            raise ConfigError(f"{key}={value} is not a known choice; allowed: {', '.join(map(str, allowed))}")
+    for key, meaning in (
+        ("log_every", "0 logs only the last iteration"),
+        ("checkpoint_every", "iterations between checkpoints; 0: none"),
+        ("num_workers", "0 loads in the main process"),
+    ):
+        if cfg.runtime[key] < 0:
+            raise ConfigError(f"runtime.{key}={cfg.runtime[key]} must be >= 0 ({meaning})")
+    for key, what in (("diagnostics_every", "angles are"), ("eval_every", "the evaluation is")):
+        every, log_every = cfg.runtime[key], cfg.runtime.log_every
+        if every < 0 or (every and (not log_every or every % log_every)):
+            raise ConfigError(
+                f"runtime.{key}={every} must be 0 or a multiple of runtime.log_every={log_every} "
+                f"({what} written on log rows)"
+            )
+    if cfg.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError(
             "logger=tensorboard needs the tensorboard package: pip install tensorboard (or use logger=csv)"
         )
-    evaluation = cfg.runtime.eval_every
-    if evaluation < 0 or (evaluation and (not cfg.runtime.log_every or evaluation % cfg.runtime.log_every)):
-        raise ConfigError(
-            f"runtime.eval_every={evaluation} must be 0 or a multiple of "
-            f"runtime.log_every={cfg.runtime.log_every} (the evaluation is written on log rows)"
-        )
     check_regularizer(cfg)
     build("direction", cfg.direction, "direction")
-    if cfg.train.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision={cfg.train.precision} is not one of {', '.join(PRECISIONS)}")
-    if cfg.data.augment_on not in AUGMENT_ON:
-        raise ConfigError(f"data.augment_on={cfg.data.augment_on} is not one of {', '.join(AUGMENT_ON)}")
     check_on_device(cfg.data)
-    if cfg.runtime.progress not in PROGRESS:  # the loop's own check would come only once training starts
-        raise ConfigError(f"runtime.progress={cfg.runtime.progress} is not one of {', '.join(PROGRESS)}")
     check_optimizer(cfg.optim)
     milestones = list(cfg.optim.scheduler.get("milestones", []))  # a scheduler without milestones has none
     if any(isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 for m in milestones):
@@ -138,12 +132,10 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_regularizer(cfg: DictConfig) -> None:
-    """Each term of Omega built from its config (the term checks its own coefficients and
-    settings); then what depends on the rest of the config: BSS's k counts singular values of
-    a batch x features matrix, so it must be fewer than both sizes; the feature-space terms
-    read modules the backbone has."""
+    """Each term of Omega built from its config (the term checks its own coefficients and settings),
+    then checked against an outline of the backbone and the batch size (the modules a feature-space
+    term reads, BSS's k below both sizes of the batch x features matrix)."""
     from safetransfer.training.backbones import check_backbone_name, outline
-    from safetransfer.training.regularizers.bss import BSS
 
     try:
         check_backbone_name(cfg.backbone.name)
@@ -155,15 +147,9 @@ def check_regularizer(cfg: DictConfig) -> None:
     for name, node in cfg.regularizer.terms.items():
         term = build("term", node, f"regularizer.terms.{name}")
         try:
-            term.check_backbone(model)
+            term.check_backbone(model, cfg.train.batch_size)
         except ValueError as error:
             raise ConfigError(f"regularizer.terms.{name}.{error}") from None
-        limit = min(cfg.train.batch_size, model.backbone.num_features)
-        if isinstance(term, BSS) and not term.k < limit:
-            raise ConfigError(
-                f"regularizer.terms.{name}.k={term.k} must be an integer in [1, {limit - 1}]: fewer than "
-                f"train.batch_size={cfg.train.batch_size} and the feature dimension (the paper uses k=1)"
-            )
 
 
 def check_optimizer(optim: DictConfig) -> None:
@@ -184,16 +170,9 @@ def check_optimizer(optim: DictConfig) -> None:
             raise ConfigError(f"optim.{key}={value} must be a finite number {allowed} ({example})")
 
 
-def _positive_int(value: int, key: str, example: str) -> None:
-    if value < 1:
-        raise ConfigError(f"{key}={value} must be an integer >= 1 ({example})")
-
-
 def check_on_device(data: DictConfig) -> None:
-    """data.on_device: auto, true or false; true needs the decoded cache and the augmentation on the device."""
+    """data.on_device=true needs the decoded cache and the augmentation on the device."""
     choice = data.get("on_device", "auto")
-    if not (isinstance(choice, bool) or choice == "auto"):
-        raise ConfigError(f"data.on_device={choice} is not one of {', '.join(str(c).lower() for c in ON_DEVICE)}")
     if choice is True and data.augment_on == "workers":
         raise ConfigError(
             "data.on_device=true gathers batches on the device, where they are augmented: it cannot take "

@@ -24,15 +24,11 @@ from safetransfer.common.errors import ConfigError
 
 LOCK, HOLDER = ".job.lock", ".job.holder"
 
-#: the run directories this process holds: taken again (train's entry point, then run_job) it is the same hold
-_held: set[Path] = set()
-
-
 def check_free(run_dir: Path) -> None:
     """Refuse (the ConfigError of `holding`) when another job holds `run_dir`; for a check before
     Hydra writes the job's .hydra/ files into it."""
     run_dir = Path(run_dir).absolute()
-    if run_dir in _held or not (run_dir / LOCK).exists():
+    if not (run_dir / LOCK).exists():
         return
     with holding(run_dir):
         pass
@@ -42,9 +38,6 @@ def check_free(run_dir: Path) -> None:
 def holding(run_dir: Path) -> Iterator[None]:
     """Hold `run_dir` for this job; a ConfigError naming the holder when another job holds it."""
     run_dir = Path(run_dir).absolute()
-    if run_dir in _held:
-        yield
-        return
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(run_dir / LOCK))
     try:
@@ -60,8 +53,6 @@ def holding(run_dir: Path) -> Iterator[None]:
         atomic_write_text(
             run_dir / HOLDER, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
         )
-        _held.add(run_dir)
         yield
     finally:
-        _held.discard(run_dir)
         lock.release()

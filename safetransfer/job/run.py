@@ -23,11 +23,10 @@ from safetransfer.common.fingerprints import config_key
 from safetransfer.common.processes import run_each
 from safetransfer.common.registry import build
 from safetransfer.common.signals import Preempted, StopSignals
-from safetransfer.data.preparation import Data, check_classes, check_training_set, prepare_data, save_indices, seed_data
+from safetransfer.data.preparation import Data, check_classes, prepare_data, save_indices, seed_data
 from safetransfer.data.targets.base import Target
 from safetransfer.job.build import build_seed, train_log
 from safetransfer.job.checks import check_config
-from safetransfer.job.lock import holding
 from safetransfer.reporting import tables
 from safetransfer.reporting.methods import method_name, method_structure, source_label
 from safetransfer.reporting.search import apply_chosen
@@ -304,10 +303,11 @@ def resolved(cfg: DictConfig) -> tuple[DictConfig, str]:
 
 def run_job(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None) -> dict:
     """Check the config, run every seed not finished yet, add them to the table; returns the job's
-    numbers. `stop` (safetransfer.common.signals.StopSignals) asks the running seed to checkpoint and stop."""
+    numbers. `stop` (safetransfer.common.signals.StopSignals) asks the running seed to checkpoint and stop.
+    The caller holds `run_dir` (safetransfer/job/lock.py: the entry point does, for the job's lifetime)."""
     cfg, chosen = resolved(cfg)
     check_save_to(cfg, run_dir)
-    with holding(run_dir), job_device(cfg), mirrored(cfg.paths.get("mirror")):
+    with job_device(cfg), mirrored(cfg.paths.get("mirror")):
         return _run_job(cfg, run_dir, chosen, stop)
 
 
@@ -371,7 +371,6 @@ def _run_job(cfg: DictConfig, run_dir: Path, chosen: str, stop: StopSignals | No
     target.check()
     check_classes(cfg.target.name, len(target.classes))
     method = method_name(cfg)
-    check_training_set(len(target.split_train_val()[0]), cfg.train.batch_size)
     # the source before the data: a missing checkpoint is reported before any cache is built
     source = build("source", cfg.source, "source")
     weights = source.load(cfg.backbone.name)

@@ -85,9 +85,9 @@ class Term:
     def set_epoch(self, epoch: int) -> None:
         self.scale = self.decay**epoch
 
-    def check_backbone(self, model: TransferNet) -> None:
-        """Raise ValueError (naming the setting) when the term cannot read this network; called
-        before training on an outline of it (no weights) and again by `bind`."""
+    def check_backbone(self, model: TransferNet, batch_size: int | None = None) -> None:
+        """Raise ValueError (naming the setting) when the term cannot run on this network (and batch
+        size); called before training on an outline of it (no weights) and again by `bind`."""
 
     def bind(self, model: TransferNet, context: BindContext) -> None:
         """Called once with the target network, after the source weights are loaded."""

@@ -50,13 +50,20 @@ class BSS(Term):
         self.eta, self.k = self.coefficient("eta", eta), k
         self.singular_values = None
 
+    def check_backbone(self, model: TransferNet, batch_size: int | None = None) -> None:
+        """k counts singular values of a batch x features matrix: fewer than both sizes."""
+        limit = min(batch_size or math.inf, model.backbone.num_features)
+        if not self.k < limit:
+            raise ValueError(
+                f"k={self.k} must be an integer in [1, {limit - 1}]: fewer than train.batch_size={batch_size} and "
+                f"the feature dimension {model.backbone.num_features} (the paper uses k=1)"
+            )
+
+    def bind(self, model: TransferNet, context) -> None:
+        self.check_backbone(model, context.batch_size)
+
     def value(self, model: TransferNet, features: Features) -> torch.Tensor:
         matrix = at_least_fp32(features.pooled)  # SVD in bf16 is neither supported nor accurate
-        if self.k >= min(matrix.shape):
-            raise ConfigError(
-                f"regularizer.terms.bss.k={self.k} must be smaller than the batch size and the feature "
-                f"dimension (batch features are {tuple(matrix.shape)}); lower k or raise train.batch_size"
-            )
         wide = matrix.shape[0] <= matrix.shape[1]
         exact = matrix.double()
         with torch.no_grad():  # U_k is a constant of the term's graph

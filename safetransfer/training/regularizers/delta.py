@@ -245,7 +245,7 @@ class DELTA(Term):
         )
         self.max_copies = int(max_copies)
 
-    def check_backbone(self, model: TransferNet) -> list[str]:
+    def check_backbone(self, model: TransferNet, batch_size: int | None = None) -> list[str]:
         """DELTA's channel ablation and its `last_conv` maps follow the blocks of a ResNet (its
         authors' code); its layers are stages of one. Returns them."""
         layers = tapped_layers(self.layers, model)

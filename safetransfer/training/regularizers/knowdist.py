@@ -79,7 +79,7 @@ class KnowDist(Term):
         self.layers = check_layers(layers)
         self.convention = check_convention(convention)
 
-    def check_backbone(self, model: TransferNet) -> None:
+    def check_backbone(self, model: TransferNet, batch_size: int | None = None) -> None:
         tapped_layers(self.layers, model)
 
     def bind(self, model: TransferNet, context: BindContext) -> None:
