@@ -24,6 +24,7 @@ from safetransfer.common.errors import ConfigError
 
 LOCK, HOLDER = ".job.lock", ".job.holder"
 
+
 def check_free(run_dir: Path) -> None:
     """Refuse (the ConfigError of `holding`) when another job holds `run_dir`; for a check before
     Hydra writes the job's .hydra/ files into it."""

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from safetransfer.common.atomic import atomic_torch_save, atomic_write_json, read_json
 from safetransfer.common.devices import job_device, resolve_device
-from safetransfer.common.downloads import file_digest, mirrored
-from safetransfer.common.errors import ConfigError
+from safetransfer.common.downloads import mirrored
 from safetransfer.common.fingerprints import config_key
 from safetransfer.common.processes import run_each
 from safetransfer.common.registry import build
@@ -32,36 +30,13 @@ from safetransfer.reporting.methods import method_name, method_structure, source
 from safetransfer.reporting.search import apply_chosen
 from safetransfer.reporting.store import record
 from safetransfer.sources.base import SourceWeights, own_keys, provenance
-from safetransfer.sources.local import save_source_checkpoint
-from safetransfer.training.backbones import TransferNet
+from safetransfer.sources.local import check_save_to, export_source
 from safetransfer.training.checkpoints import CHECKPOINT, Checkpointer
-from safetransfer.training.engine import NonFiniteError, evaluate, fit, test_forward
+from safetransfer.training.engine import NonFiniteError, evaluate, fit, save_spectrum
 
 log = logging.getLogger(__name__)
 
 FAILED = "failed.json"  # in a seed's directory: it stopped on a NaN or inf, and why
-
-
-@torch.no_grad()
-def save_spectrum(
-    path: Path, model: TransferNet, loader: DataLoader, device: torch.device, batches: int, batch_transform=None
-) -> None:
-    """The singular values (descending) of the pooled feature matrix of each of the first
-    `batches` test batches (fixed: the test loader is not shuffled), as in the BSS paper's analysis."""
-    if batches <= 0:
-        return
-    model.eval()
-    spectra = []
-    for index, (images, _) in enumerate(loader):
-        if index == batches:
-            break
-        images = images.to(device, non_blocking=True)
-        if batch_transform is not None:
-            images = batch_transform(images)
-        pooled = test_forward(model, images)[1].double()
-        spectra.append(torch.linalg.svdvals(pooled).cpu().tolist())
-    model.train()
-    atomic_write_json(path, {"batch_size": loader.batch_size, "split": "test", "singular_values": spectra})
 
 
 def duration_text(seconds: float) -> str:
@@ -194,56 +169,6 @@ def run_seed(
         export_source(cfg, model, seed, top1, test_loss, run_dir)
     log.info("seed %d: top-1 %.2f%%, test loss %.4f (%.0f s)", seed, top1, test_loss, metrics["wall_time_s"])
     return metrics
-
-
-def export_source(cfg: DictConfig, model: TransferNet, seed: int, top1: float, test_loss: float, run_dir: Path) -> None:
-    """pretrain.save_to: the fine-tuned backbone as a source checkpoint (experiment=pretrain_source)."""
-    save_to = Path(cfg.pretrain.save_to).expanduser()
-    metadata = save_source_checkpoint(
-        model,
-        save_to,
-        {
-            "dataset": cfg.target.name,
-            "sampling_rate": cfg.target.sampling_rate,
-            "source": OmegaConf.to_container(cfg.source, resolve=True),
-            "iterations": cfg.train.iterations,
-            "seed": seed,
-            "top1": top1,
-            "test_loss": test_loss,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "config_key": config_key(cfg),
-            "run_dir": str(run_dir),
-        },
-    )
-    log.info(
-        "source checkpoint written to %s (sha256 of the file %s, of its weights %s; runs fine-tuned from it "
-        "record the file's)",
-        save_to,
-        file_digest(save_to),
-        metadata["sha256"],
-    )
-
-
-def check_save_to(cfg: DictConfig, run_dir: Path) -> None:
-    """pretrain.save_to must not replace a source checkpoint that other runs may have started
-    from, unless pretrain.overwrite=true: refused before training. The job that wrote the file,
-    rerun into its own directory, goes on."""
-    if not cfg.pretrain.save_to or cfg.pretrain.get("overwrite", False):
-        return
-    path = Path(cfg.pretrain.save_to).expanduser()
-    if not path.exists():
-        return
-    try:
-        meta = torch.load(path, map_location="cpu", weights_only=True).get("safetransfer_source", {})
-    except Exception:
-        meta = {}
-    if meta.get("config_key") == config_key(cfg) and meta.get("run_dir") == str(run_dir):
-        return
-    made = f" (a {meta.get('backbone')} trained on {meta.get('dataset')}, {meta.get('created')})" if meta else ""
-    raise ConfigError(
-        f"pretrain.save_to={path} already holds a source checkpoint{made}, which other runs may have "
-        "started from: set pretrain.overwrite=true to replace it, or pretrain.save_to=<another path>"
-    )
 
 
 def finished_seed(run_dir: Path, seed: int, key: str, origin: dict | None = None) -> dict | None:

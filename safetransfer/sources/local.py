@@ -1,13 +1,20 @@
 """Sources on this machine: none (random initialisation), any checkpoint file, and a source
-checkpoint this project made (`experiment=pretrain_source`) with the writer of such files."""
+checkpoint this project made (`experiment=pretrain_source`) with the writer of such files
+(`export_source`, for pretrain.save_to) and the guard against replacing one (`check_save_to`)."""
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
+import torch
+from omegaconf import DictConfig, OmegaConf
+
 from safetransfer.common.atomic import atomic_torch_save
+from safetransfer.common.downloads import file_digest
 from safetransfer.common.errors import ConfigError, MissingData
+from safetransfer.common.fingerprints import config_key
 from safetransfer.common.registry import register
 from safetransfer.sources import checkpoint_files
 from safetransfer.sources.base import Source, SourceWeights
@@ -92,3 +99,53 @@ def save_source_checkpoint(model: TransferNet, path: Path, metadata: dict) -> di
     head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}  # the source's own head
     atomic_torch_save({"safetransfer_source": metadata, "state_dict": state, "head": head}, Path(path).expanduser())
     return metadata
+
+
+def export_source(cfg: DictConfig, model: TransferNet, seed: int, top1: float, test_loss: float, run_dir: Path) -> None:
+    """pretrain.save_to: the fine-tuned backbone as a source checkpoint (experiment=pretrain_source)."""
+    save_to = Path(cfg.pretrain.save_to).expanduser()
+    metadata = save_source_checkpoint(
+        model,
+        save_to,
+        {
+            "dataset": cfg.target.name,
+            "sampling_rate": cfg.target.sampling_rate,
+            "source": OmegaConf.to_container(cfg.source, resolve=True),
+            "iterations": cfg.train.iterations,
+            "seed": seed,
+            "top1": top1,
+            "test_loss": test_loss,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config_key": config_key(cfg),
+            "run_dir": str(run_dir),
+        },
+    )
+    log.info(
+        "source checkpoint written to %s (sha256 of the file %s, of its weights %s; runs fine-tuned from it "
+        "record the file's)",
+        save_to,
+        file_digest(save_to),
+        metadata["sha256"],
+    )
+
+
+def check_save_to(cfg: DictConfig, run_dir: Path) -> None:
+    """pretrain.save_to must not replace a source checkpoint that other runs may have started
+    from, unless pretrain.overwrite=true: refused before training. The job that wrote the file,
+    rerun into its own directory, goes on."""
+    if not cfg.pretrain.save_to or cfg.pretrain.get("overwrite", False):
+        return
+    path = Path(cfg.pretrain.save_to).expanduser()
+    if not path.exists():
+        return
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True).get("safetransfer_source", {})
+    except Exception:
+        meta = {}
+    if meta.get("config_key") == config_key(cfg) and meta.get("run_dir") == str(run_dir):
+        return
+    made = f" (a {meta.get('backbone')} trained on {meta.get('dataset')}, {meta.get('created')})" if meta else ""
+    raise ConfigError(
+        f"pretrain.save_to={path} already holds a source checkpoint{made}, which other runs may have "
+        "started from: set pretrain.overwrite=true to replace it, or pretrain.save_to=<another path>"
+    )

@@ -12,12 +12,14 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from safetransfer.common.atomic import atomic_write_json
 from safetransfer.common.registry import register
 from safetransfer.common.signals import Preempted, StopSignals
 from safetransfer.training.backbones import TransferNet
@@ -486,6 +488,28 @@ def evaluate(
             count += len(labels)
     model.train()
     return 100.0 * float(correct) / count, float(total_loss) / count
+
+
+@torch.no_grad()
+def save_spectrum(
+    path: Path, model: TransferNet, loader: DataLoader, device: torch.device, batches: int, batch_transform=None
+) -> None:
+    """The singular values (descending) of the pooled feature matrix of each of the first
+    `batches` test batches (fixed: the test loader is not shuffled), as in the BSS paper's analysis."""
+    if batches <= 0:
+        return
+    model.eval()
+    spectra = []
+    for index, (images, _) in enumerate(loader):
+        if index == batches:
+            break
+        images = images.to(device, non_blocking=True)
+        if batch_transform is not None:
+            images = batch_transform(images)
+        pooled = test_forward(model, images)[1].double()
+        spectra.append(torch.linalg.svdvals(pooled).cpu().tolist())
+    model.train()
+    atomic_write_json(path, {"batch_size": loader.batch_size, "split": "test", "singular_values": spectra})
 
 
 register("optimizer", "sgd")(torch.optim.SGD)
