@@ -10,6 +10,7 @@ import torchvision
 
 import published
 from conftest import TINY, TINY_DEMO_SOURCE
+from safetransfer.common import downloads
 from safetransfer.common.downloads import file_digest
 from safetransfer.common.errors import ConfigError
 from safetransfer.sources import checkpoint_files
@@ -22,7 +23,7 @@ from safetransfer.training.backbones import create_backbone
 def torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("a present file was downloaded"))
+    monkeypatch.setattr(downloads, "stream", lambda *a, **k: pytest.fail("a present file was downloaded"))
     return tmp_path / "torch" / "hub" / "checkpoints"
 
 

@@ -2,7 +2,6 @@
 pinned download, and one line for a list that does not fit the dataset."""
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,16 +78,16 @@ def test_a_list_that_does_not_fit_is_one_line_naming_the_file(tmp_path, lines, m
 
 
 def test_the_bss_list_is_downloaded_once_and_checked_against_its_pin(tmp_path, monkeypatch):
-    import torch
+    from safetransfer.common import downloads
 
     content = b"train/001.Bird_0/Bird_0_0001.jpg\ntrain/002.Bird_1/Bird_1_0002.jpg\n"
     requested = []
 
-    def fake_download(url, dst, **kwargs):  # stands in for the network (test_fetch.py serves it for real)
+    def fake_stream(url, handle, settings):  # stands in for the network (test_fetch.py serves it for real)
         requested.append(url)
-        Path(dst).write_bytes(content)
+        return handle.write(content)
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr(downloads, "stream", fake_stream)
     monkeypatch.setitem(sample_lists.BSS_SHA256, "cub200_15_train.txt", hashlib.sha256(content).hexdigest())
     target = cub(tmp_path, sample_list="bss", sampling_rate=15, sample_list_dir=str(tmp_path / "lists"))
     assert len(target.sampled_train_indices()) == 2

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 
+from safetransfer.common import downloads
 from safetransfer.common.downloads import file_digest
 from safetransfer.common.errors import ConfigError, DownloadError
 from safetransfer.sources import checkpoint_files, demo, local, published
@@ -206,7 +207,7 @@ def test_imagenet_uses_the_file_in_torchvisions_cache(torch_home, monkeypatch, b
     def no_network(*args, **kwargs):
         raise AssertionError("a cached file must not be downloaded again")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(downloads, "stream", no_network)
     torch_home.mkdir(parents=True)
     state = full_resnet_state(backbone)
     torch.save(state, torch_home / file_name)
@@ -218,10 +219,10 @@ def test_imagenet_uses_the_file_in_torchvisions_cache(torch_home, monkeypatch, b
 
 
 def test_imagenet_offline_names_url_and_path(torch_home, monkeypatch):
-    def offline(url, dst, **kwargs):
+    def offline(url, handle, settings):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(downloads, "stream", offline)
     with pytest.raises(DownloadError) as error:
         ImageNetSource().backbone_state("resnet18")
     message = str(error.value)
@@ -330,7 +331,7 @@ def write_csail(path, backbone="resnet18", seed=2):
 
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
 def test_places365_checks_the_pinned_sha256(torch_home, monkeypatch, backbone):
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("must not download"))
+    monkeypatch.setattr(downloads, "stream", lambda *a, **k: pytest.fail("must not download"))
     path = torch_home / f"{backbone}_places365.pth.tar"
     state = write_csail(path, backbone)
     digest = file_digest(path)
@@ -348,10 +349,10 @@ def test_places365_unpinned_logs_the_digest(torch_home, caplog):
 
 
 def test_places365_offline_names_url_and_path(torch_home, monkeypatch):
-    def offline(url, dst, **kwargs):
+    def offline(url, handle, settings):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(downloads, "stream", offline)
     with pytest.raises(DownloadError) as error:
         published.Places365Source().backbone_state("resnet50")
     assert "http://places2.csail.mit.edu/models_places365/resnet50_places365.pth.tar" in str(error.value)

@@ -1,8 +1,6 @@
 """Target datasets parsed from fixtures in their official layouts: class counts, split
 sizes, sampling, and the missing-data messages."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -522,14 +520,13 @@ def test_downloads_are_checked_against_their_pinned_digest(tmp_path, monkeypatch
     """The download itself is replaced (no network): a file that does not match is refused and removed."""
     import hashlib
 
-    import torch
-
+    from safetransfer.common import downloads
     from safetransfer.common.downloads import fetch_archive
 
-    def fake_download(url, dst, **kwargs):
-        Path(dst).write_bytes(b"not the real list")
+    def fake_stream(url, handle, settings):
+        return handle.write(b"not the real list")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr(downloads, "stream", fake_stream)
     good = hashlib.sha1(b"not the real list").hexdigest()
     assert fetch_archive("http://example.org/TrainImages.txt", tmp_path, f"sha1:{good}")
     assert (tmp_path / "TrainImages.txt").read_bytes() == b"not the real list"

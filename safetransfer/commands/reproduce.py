@@ -18,6 +18,7 @@ both stages and the projected GPU hours, without training.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
@@ -29,7 +30,7 @@ from omegaconf import DictConfig
 from safetransfer.commands.train import compose
 from safetransfer.common.errors import ConfigError
 from safetransfer.common.overrides import split_sweeps
-from safetransfer.common.signals import STOP_SIGNALS
+from safetransfer.common.signals import STOP_SIGNALS, Preempted, StopSignals
 from safetransfer.job.fetch import READY, summary
 from safetransfer.reporting.search import choose, write_chosen
 
@@ -420,13 +421,17 @@ def main(argv: list[str] | None = None) -> None:
         "./BENCHMARKS.json; written by scripts/benchmark.py and scripts/benchmark_cell.py)",
     )
     args = parser.parse_intermixed_args(argv)
-    one_line_errors(parser, lambda: run(args))
+    one_line_errors(parser, lambda: run(args), stops=args.plan or args.fetch)
 
 
-def one_line_errors(parser: argparse.ArgumentParser, action):
-    """action(), a ConfigError or a bad override or preset name (Hydra's message) reported in one line."""
+def one_line_errors(parser: argparse.ArgumentParser, action, stops: bool = False):
+    """action(), a ConfigError or a bad override or preset name (Hydra's message) reported in one line;
+    `stops`: a stop request (Ctrl-C, SIGTERM) ends it at once in one line, exit 128 + the signal."""
     try:
-        return action()
+        with StopSignals() if stops else contextlib.nullcontext():
+            return action()
+    except Preempted as stopped:
+        parser.exit(128 + stopped.signum, f"{parser.prog}: {stopped.text('run the same command to continue')}\n")
     except ConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except Exception as error:
@@ -498,7 +503,7 @@ def fetch_main(argv: list[str] | None = None) -> None:
         )
         return fetch_all(configs, not args.check, compose_more)
 
-    outcomes = one_line_errors(parser, fetch_configs)
+    outcomes = one_line_errors(parser, fetch_configs, stops=True)
     print(summary(outcomes, "safetransfer-fetch with the same overrides"))
     if any(o.status not in READY for o in outcomes):
         sys.exit(1)

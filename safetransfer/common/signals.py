@@ -4,9 +4,11 @@ checkpoint is written."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,22 @@ def check_stop(during: str) -> None:
         raise Preempted(signum, 0, None, during=during)
 
 
+@contextlib.contextmanager
+def at_once(during: str) -> Iterator[None]:
+    """Within it, a stop request raises Preempted (nothing kept) at once, even inside a blocking read:
+    for work that cannot checkpoint and may wait long (a download, an extraction)."""
+    check_stop(during)
+    stop = current()
+    if stop is None:
+        yield
+        return
+    previous, stop.now = stop.now, during
+    try:
+        yield
+    finally:
+        stop.now = previous
+
+
 class StopSignals:
     """While active, SIGTERM, SIGINT (Ctrl-C), SIGUSR1 and SIGUSR2 only raise a flag; the training
     loop checks it at each step boundary, writes a checkpoint and raises Preempted (a second
@@ -70,6 +88,7 @@ class StopSignals:
 
     def __init__(self):
         self.requested: int | None = None
+        self.now: str | None = None  # what is under way that a stop ends at once (at_once)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -89,9 +108,11 @@ class StopSignals:
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.requested is not None:
             raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the checkpoint
-        if self.requested is None:
+        if self.requested is None and self.now is None:  # at once: Preempted's own line says it
             log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
         self.requested = signum
+        if self.now is not None:  # work that cannot checkpoint (a download): it ends here, none of it kept
+            raise Preempted(signum, 0, None, during=self.now)
 
     def forward(self, signum: int) -> None:
         """Call the handler that was installed before ours (submitit's checkpoint-and-requeue)."""

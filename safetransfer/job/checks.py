@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.common.atomic import check_writable
+from safetransfer.common.downloads import check_mirror
 from safetransfer.common.errors import ConfigError
 from safetransfer.common.registry import build
 from safetransfer.data.augment import AUGMENT_ON
@@ -103,6 +104,12 @@ def check_config(cfg: DictConfig) -> None:
                 f"runtime.{key}={every} must be 0 or a multiple of runtime.log_every={log_every} "
                 f"({what} written on log rows)"
             )
+    if not cfg.paths.download_timeout_s > 0 or cfg.paths.download_retries < 0:
+        raise ConfigError(
+            f"paths.download_timeout_s={cfg.paths.download_timeout_s} must be > 0 and paths.download_retries="
+            f"{cfg.paths.download_retries} >= 0 (e.g. 30 and 3)"
+        )
+    check_mirror(cfg.paths.mirror)
     if cfg.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError(
             "logger=tensorboard needs the tensorboard package: pip install tensorboard (or use logger=csv)"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from safetransfer.common.downloads import mirrored
+from safetransfer.common.downloads import network
 from safetransfer.common.errors import MissingData, SafetransferError, one_line
 from safetransfer.common.fingerprints import data_identity
 from safetransfer.common.registry import build
@@ -55,7 +55,11 @@ class Artifact:
     name: str
     key: str
     get: Callable[[bool], tuple[bool, str]]  # (download?) -> (downloaded now, where it lies); raises if not ready
-    mirror: str | None = None
+    paths: dict | None = None  # the config's `paths` (the mirror, the download timeout and retries)
+
+
+def paths_of(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg.paths, resolve=True)
 
 
 def _key(node) -> str:
@@ -82,7 +86,7 @@ def source_artifacts(cfg: DictConfig, compose: Callable[[list[str]], DictConfig]
 
     name = f"source={cfg.source.name} backbone={backbone}"
     identity = _key({"source": OmegaConf.to_container(cfg.source, resolve=True), "backbone": backbone})
-    return [*before, Artifact(name, identity, get, cfg.paths.get("mirror"))]
+    return [*before, Artifact(name, identity, get, paths_of(cfg))]
 
 
 def target_artifacts(cfg: DictConfig) -> list[Artifact]:
@@ -92,7 +96,7 @@ def target_artifacts(cfg: DictConfig) -> list[Artifact]:
     settings = OmegaConf.to_container(cfg.target, resolve=True)
     where = str(settings.get("root", ""))
     data = data_identity(settings)
-    mirror = cfg.paths.get("mirror")
+    paths = paths_of(cfg)
 
     def get_data(download: bool) -> tuple[bool, str]:
         if download:
@@ -105,7 +109,7 @@ def target_artifacts(cfg: DictConfig) -> list[Artifact]:
             raise NotFetched(one_line(error)) from None
         return False, where
 
-    found = [Artifact(f"target={target.name}", _key(data), get_data, mirror)]
+    found = [Artifact(f"target={target.name}", _key(data), get_data, paths)]
     if target.sample_list == "bss":
         name = sample_lists.bss_list_file(target.name, target.sampling_rate)
         path = Path(str(target.sample_list_dir or ".")).expanduser() / name
@@ -123,7 +127,7 @@ def target_artifacts(cfg: DictConfig) -> list[Artifact]:
                 f"sample_list=bss target={target.name} rate={target.sampling_rate:g}",
                 _key({"list": str(path), "data": data}),
                 get_list,
-                mirror,
+                paths,
             )
         )
     elif target.sample_list:
@@ -145,7 +149,7 @@ def artifacts(cfg: DictConfig, compose: Callable[[list[str]], DictConfig] | None
 
 def obtain(artifact: Artifact, download: bool) -> Outcome:
     try:
-        with mirrored(artifact.mirror):
+        with network(artifact.paths):
             downloaded, where = artifact.get(download)
     except NotFetched as error:
         return Outcome("missing", artifact.name, str(error))

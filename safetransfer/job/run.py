@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from safetransfer.common.atomic import atomic_torch_save, atomic_write_json, read_json
 from safetransfer.common.devices import job_device, resolve_device
-from safetransfer.common.downloads import mirrored
+from safetransfer.common.downloads import network
 from safetransfer.common.fingerprints import config_key
 from safetransfer.common.processes import run_each
 from safetransfer.common.registry import build
@@ -232,7 +232,7 @@ def run_job(cfg: DictConfig, run_dir: Path, stop: StopSignals | None = None) -> 
     The caller holds `run_dir` (safetransfer/job/lock.py: the entry point does, for the job's lifetime)."""
     cfg, chosen = resolved(cfg)
     check_save_to(cfg, run_dir)
-    with job_device(cfg), mirrored(cfg.paths.get("mirror")):
+    with job_device(cfg), network(cfg.paths):
         return _run_job(cfg, run_dir, chosen, stop)
 
 
@@ -284,7 +284,7 @@ def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dic
     with StopSignals() as stop:  # first, so that a stop request during the loading is not lost
         cfg = OmegaConf.create(container)
         target: Target = build("target", cfg.target, "target")
-        with mirrored(cfg.paths.get("mirror")):
+        with network(cfg.paths):
             source = build("source", cfg.source, "source")
             weights = source.load(cfg.backbone.name)
         data = seed_data(cfg, target, seed, Path(run_dir), None)

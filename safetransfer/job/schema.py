@@ -88,6 +88,8 @@ class Paths:
     cache_dir: str = MISSING
     data_root: str = MISSING
     mirror: str | None = MISSING
+    download_timeout_s: float = MISSING
+    download_retries: int = MISSING
 
 
 @dataclass
