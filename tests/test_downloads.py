@@ -281,3 +281,20 @@ def test_a_signal_during_safetransfer_fetch_is_one_line_and_leaves_nothing(tmp_p
     assert "Traceback" not in err
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_digest_mismatch_names_the_setting_that_accepts_a_copy_the_user_vouches_for(tmp_path, serve):
+    import hashlib
+
+    server = serve({"/w.bin": whole})
+    actual = hashlib.sha256(BODY).hexdigest()
+    with quick(server), pytest.raises(DownloadError, match=f"taken with source.sha256={actual}"):
+        downloads.download("https://example.org/w.bin", tmp_path / "w.bin", "sha256:" + "0" * 64, vouch="source.sha256")
+    assert left_beside(tmp_path / "w.bin") == []
+    (tmp_path / "w.bin").write_bytes(BODY)  # a copy placed by hand: named and left, with the same setting
+    with (
+        quick(server),
+        pytest.raises(DownloadError, match=f"delete the file .* or accept it .* source.sha256={actual}"),
+    ):
+        downloads.download("https://example.org/w.bin", tmp_path / "w.bin", "sha256:" + "0" * 64, vouch="source.sha256")
+    assert (tmp_path / "w.bin").exists() and server.requests == ["/w.bin"]

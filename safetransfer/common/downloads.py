@@ -289,14 +289,14 @@ def download(url: str, path: Path, checksum: str | None = None, key: str = "", v
         where = f" ({key}={path.parent})" if key else ""
         temporary = fetch_to(url, path, f"download it by hand and place it at {path}{where}")
         try:
-            check_fetched(requested_url(url), temporary, path, checksum)
+            check_fetched(requested_url(url), temporary, path, checksum, vouch)
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
     return True
 
 
-def check_fetched(url: str, temporary: Path, path: Path, checksum: str | None) -> None:
+def check_fetched(url: str, temporary: Path, path: Path, checksum: str | None, vouch: str = "") -> None:
     """A download before it takes its final name `path`: not HTML, matching `checksum`, else whole."""
     if is_html(temporary):
         raise DownloadError(html_message(url, path))
@@ -304,9 +304,10 @@ def check_fetched(url: str, temporary: Path, path: Path, checksum: str | None) -
         good, actual = matches(temporary, checksum)
         if not good:
             algorithm, expected = parse_checksum(checksum)
+            accept = f"; a copy you vouch for (a site's own build) is taken with {vouch}={actual}" if vouch else ""
             raise DownloadError(
                 f"{url}: {algorithm} {actual} does not match the published {expected}; the download is "
-                "damaged or the file changed upstream (nothing was kept)"
+                f"damaged or the file changed upstream (nothing was kept){accept}"
             )
     else:
         damaged = not_whole(temporary, path.name)

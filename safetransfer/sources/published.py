@@ -59,7 +59,7 @@ class ImageNetSource(Source):
 
     def load(self, backbone: str) -> SourceWeights:
         url, path, checksum = self.published(backbone)
-        download(url, path, checksum)
+        download(url, path, checksum, vouch="source.sha256")
         state, _, head = checkpoint_files.load_backbone(path, backbone, key="file", hint=not_published(path))
         return SourceWeights(state, head, list(self.resolve(backbone).meta.get("categories") or []) or None)
 
@@ -91,7 +91,7 @@ class Places365Source(Source):
         """The backbone and CSAIL's 365-way classifier (the category names are a file of their own,
         categories_places365.txt, which this source does not fetch: `classes` is None)."""
         url, path, checksum = self.published(backbone)
-        download(url, path, checksum)
+        download(url, path, checksum, vouch=f"source.sha256.{backbone}")
         if checksum is None:
             actual = file_digest(path)
             log.warning(
