@@ -137,7 +137,12 @@ def test_single_run_from_the_command_line(cli, tmp_path):
         ),
         (["hydra.run.dir=/proc/forbidden/run"], "hydra.run.dir=/proc/forbidden/run is not a writable directory"),
         (["hydra.run.dir=" + "r" * 300], "hydra.run.dir=" + "r" * 300 + " is not a writable directory (File name"),
-        (["regularizer=l2sp", "++regularizer.terms.l2sp._target_=os.system"], "regularizer.terms.l2sp._target_ is not"),
+        (
+            ["regularizer=l2sp", "++regularizer.terms.l2sp._target_=os.system"],
+            "regularizer.terms.l2sp._target_=os.system names code to run",
+        ),
+        (["-m", "hydra.sweeper._target_=os.getcwdb"], "hydra.sweeper._target_=os.getcwdb names code to run"),
+        (["hydra.callbacks.x._target_=os.getcwdb"], "hydra.callbacks.x._target_=os.getcwdb names code to run"),
         (["direction.kind=orthogonal"], "direction.kind=orthogonal is not a known direction; allowed: dtnh, sum"),
     ],
 )

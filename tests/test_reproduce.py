@@ -178,15 +178,30 @@ def test_a_stage_two_job_without_its_cell_refuses(compose_cfg, tmp_path):
             }
         )
     )
-    cfg = compose_cfg("regularizer=l2sp", f"search.chosen={chosen}")
+    grid = '+search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.5,1"]'
+    cfg = compose_cfg("regularizer=l2sp", f"search.chosen={chosen}", grid)
     apply_chosen(cfg, "L2-SP")
     assert cfg.regularizer.terms.l2sp.alpha == 0.5
-    other = compose_cfg("regularizer=l2sp", f"search.chosen={chosen}", "target.sampling_rate=30")
+    other = compose_cfg("regularizer=l2sp", f"search.chosen={chosen}", "target.sampling_rate=30", grid)
     with pytest.raises(ConfigError, match="has no setting for resnet18\\|scratch\\|demo\\|30\\|L2-SP"):
         apply_chosen(other, "L2-SP")
-    plain = compose_cfg(f"search.chosen={chosen}")
+    plain = compose_cfg(f"search.chosen={chosen}", grid)
     apply_chosen(plain, "Fine-tuning")  # a method that was not searched keeps its values
     assert plain.regularizer.terms.l2.alpha == 1e-4
+
+
+def test_a_chosen_file_sets_only_the_keys_its_search_declared(compose_cfg, tmp_path):
+    """A chosen.json naming another key (here a `_target_`, which Hydra would import and call) is
+    refused in one line before anything runs; the value never reaches the config."""
+    chosen = tmp_path / "evil.json"
+    values = {"regularizer.terms.l2sp.alpha": 0.5, "direction._target_": "faulthandler.dump_traceback"}
+    cell = {"resnet18|scratch|demo|100|L2-SP": {"values": values}}
+    chosen.write_text(json.dumps({"table": "t", "searched": ["L2-SP"], "cells": cell}))
+    grid = '+search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.5,1"]'
+    cfg = compose_cfg("regularizer=l2sp", f"search.chosen={chosen}", grid)
+    with pytest.raises(ConfigError, match=r"sets direction._target_ for .* which no grid of search.grids declares"):
+        apply_chosen(cfg, "L2-SP")
+    assert "_target_" not in cfg.direction and cfg.regularizer.terms.l2sp.alpha != 0.5
 
 
 @pytest.mark.e2e
@@ -277,11 +292,12 @@ def test_a_chosen_value_is_checked_like_one_from_the_command_line(compose_cfg, t
             }
         )
     )
-    assert apply_chosen(compose_cfg(f"search.chosen={chosen}"), "Fine-tuning") == ""
-    assert apply_chosen(compose_cfg("regularizer=l2sp", f"search.chosen={chosen}"), "L2-SP") == (
+    grid = '+search.grids.l2sp=["regularizer.terms.l2sp.alpha=0.5,1"]'
+    assert apply_chosen(compose_cfg(f"search.chosen={chosen}", grid), "Fine-tuning") == ""
+    assert apply_chosen(compose_cfg("regularizer=l2sp", f"search.chosen={chosen}", grid), "L2-SP") == (
         "regularizer.terms.l2sp.alpha=-1"
     )
-    cfg = compose_cfg("regularizer=l2sp", f"search.chosen={chosen}", f"results.dir={tmp_path / 'results'}")
+    cfg = compose_cfg("regularizer=l2sp", f"search.chosen={chosen}", grid, f"results.dir={tmp_path / 'results'}")
     with pytest.raises(ConfigError, match="regularizer.terms.l2sp.alpha=-1 must be a finite number >= 0"):
         run_job(cfg, tmp_path / "job")
     assert not (tmp_path / "job").exists()  # refused before any training

@@ -185,6 +185,12 @@ def job_configs(arguments: list[str]) -> list[DictConfig]:
     overrides = parse_overrides(arguments)
     if overrides is None:
         return []
+    for override in overrides:
+        if override.key_or_group.split(".")[-1] == "_target_" and not override.is_delete():
+            raise ConfigError(
+                f"{override.input_line.lstrip('+~')} names code to run; a config names what it builds by a registered "
+                "name (`kind`), and Hydra's own parts by their groups (hydra/launcher=..., hydra/sweeper=...)"
+            )
     added = [o for o in overrides if (o.is_add() or o.is_force_add()) and not is_hydras(o) and not o.is_delete()]
     kept = [a for a in arguments if "=" in a and not a.startswith("-") and a not in {o.input_line for o in added}]
     groups = [o.key_or_group for o in overrides if group_options(o.key_or_group) is not None]

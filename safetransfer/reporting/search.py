@@ -55,6 +55,14 @@ def apply_chosen(cfg: DictConfig, method: str) -> str:
                 "finish; rerun the table command (finished search jobs are kept)"
             )
         return ""  # a method without a grid keeps its preset values
+    declared = {k for grid in cfg.search.grids.values() for k in grid_keys(list(grid))}
+    foreign = sorted(k for k in entry["values"] if k not in declared or "_target_" in k)
+    if foreign:  # a file never sets what its search did not declare (a `_target_` would name code to run)
+        raise ConfigError(
+            f"search.chosen={path} sets {', '.join(foreign)} for {cell_id(cfg, method)}, which no grid of "
+            f"search.grids declares ({', '.join(sorted(declared)) or 'none'}); nothing was run: rerun the table "
+            "command to write chosen.json anew"
+        )
     for key, value in entry["values"].items():
         OmegaConf.update(cfg, key, value, merge=False)
     tried = f" (of {entry['settings_tried']} settings)" if entry.get("settings_tried", 1) > 1 else ""
