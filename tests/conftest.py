@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -83,11 +84,14 @@ def train_in_process(tmp_path, monkeypatch, capsys):
     def _run(*arguments: str):
         capsys.readouterr()
         monkeypatch.setattr(sys, "argv", ["safetransfer-train", *arguments])
+        handler = signal.getsignal(signal.SIGINT)
         try:
             train.main()
             code = 0
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else 1
+        finally:
+            signal.signal(signal.SIGINT, handler)  # a stopped job's process ignores further Ctrl-C
         out, err = capsys.readouterr()
         return code, out, err
 

@@ -130,6 +130,28 @@ def test_ctrl_c_is_a_stop_like_sigterm_one_line_and_status_interrupted(tmp_path)
     assert json.loads((tmp_path / "run" / "job.json").read_text())["status"] == "interrupted"
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("concurrent", [False, True], ids=["sequential", "concurrent"])
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, concurrent):
+    """Ctrl-C twice (`kill -INT $P; sleep 0.3; kill -INT $P`) was a KeyboardInterrupt traceback, exit 1
+    and job.json "failed": now one line, 130, "interrupted", and the rerun goes on from a checkpoint."""
+    extra = ["seeds=[0,1]", "runtime.concurrent_seeds=true"] if concurrent else []
+    process = start(tmp_path, "run", *extra)
+    wait_for_iteration(tmp_path / "run" / "seed_0" / "log.csv", 12, process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    code, out, err = finish(process)
+    assert code == 128 + signal.SIGINT, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("safetransfer-train:")]
+    assert len(lines) == 1 and ("second SIGINT" in lines[0] or "stopped by SIGINT" in lines[0]), err[-3000:]
+    assert json.loads((tmp_path / "run" / "job.json").read_text())["status"] == "interrupted"
+    code, out, err = finish(start(tmp_path, "run", *extra))
+    assert code == 0, err[-3000:]
+
+
 def test_a_damaged_checkpoint_is_set_aside_and_the_seed_starts_over(tmp_path, caplog):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"key": "k", "iteration": 5})

@@ -323,12 +323,33 @@ def app(cfg: DictConfig) -> float | None:
         if num is not None:
             raise  # in a multirun: this job failed, the others go on; the end-of-sweep report lists it
         sys.exit(2)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now
+        if status is not None:
+            status.write("interrupted", error=SECOND_STOP)
+        stop_now()
     except BaseException as error:
         if status is not None:
             status.write("failed", error=f"{type(error).__name__}: {error}")
         raise
     status.write("finished", **{k: row[k] for k in ("mean", "val_mean", "n_seeds", "seeds", "failed", "key", "table")})
     return row["val_mean"]
+
+
+SECOND_STOP = (
+    "stopped at once by a second SIGINT: no checkpoint of this moment, each seed's last checkpoint is kept; "
+    "rerun the same command to continue from them"
+)
+
+
+def stop_now() -> None:
+    """A second Ctrl-C, wherever it lands: one line and 128 + SIGINT, never a traceback."""
+    with contextlib.suppress(KeyboardInterrupt):  # a third, while saying so
+        print(f"safetransfer-train: {SECOND_STOP}", file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
+
+
+#: the exit codes of a job stopped by a signal (common/signals.py)
+STOPPED_CODES = tuple(128 + s for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2))
 
 
 #: options that show something and run no job
@@ -370,6 +391,12 @@ def main() -> None:
     try:
         app()
         finished = True
+    except KeyboardInterrupt:  # a second Ctrl-C outside a job's own handling (Hydra's, the report's)
+        stop_now()
+    except SystemExit as exiting:
+        if exiting.code in STOPPED_CODES:  # stopping: a further Ctrl-C must not kill the exit half-way
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # (Python's finalization keeps SIG_IGN)
+        raise
     finally:  # a multirun stopped by a failed job still gets its table and the list of failures
         if report is not None and (finished or report.sweep_dir is not None):
             report.print()
