@@ -3,6 +3,7 @@ published values beside each cell; a setting chosen on validation, never on test
 by their settings and compared only within one setting."""
 
 import json
+import math
 import multiprocessing
 import os
 import time
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import TINY
 from safetransfer.common.errors import ConfigError
 from safetransfer.reporting import store
 from safetransfer.reporting.methods import method_name, method_structure
@@ -339,6 +341,48 @@ def test_a_damaged_metrics_file_is_named_and_skipped(compose_cfg, tmp_path, capl
     main([str(tmp_path / "run"), "--results", str(tmp_path / "results"), "--name", "t"])
     assert "72.00 ± 2.83 (2)" in (tmp_path / "results" / "t_paper.md").read_text()
     assert str(bad) in caplog.text and "skipped" in caplog.text
+
+
+@pytest.mark.parametrize("top1", [math.nan, "NaN", None, math.inf])
+def test_a_seed_whose_top1_is_not_a_finite_number_is_named_and_skipped(compose_cfg, tmp_path, caplog, top1):
+    cfg = compose_cfg("target.sampling_rate=30")
+    write_seed(tmp_path / "run", cfg, 0, 70.0)
+    write_seed(tmp_path / "run", cfg, 1, top1)  # json.dumps writes NaN and Infinity as JavaScript does
+    write_seed(tmp_path / "run", cfg, 2, 74.0)
+    main([str(tmp_path / "run"), "--results", str(tmp_path / "results"), "--name", "t"])
+    assert "72.00 ± 2.83 (2)" in (tmp_path / "results" / "t_paper.md").read_text()
+    assert "seed_1" in caplog.text and "not a finite number; skipped" in caplog.text
+
+
+def test_a_store_record_without_a_finite_top1_is_left_out_of_every_view(compose_cfg, tmp_path, caplog):
+    cfg = compose_cfg("target.sampling_rate=30")
+    add(tmp_path, cfg, {0: 70.0, 2: 74.0})
+    path = tmp_path / "t.seeds.csv"
+    frame = pd.read_csv(path)
+    path.write_text(pd.concat([frame, frame.iloc[[0]].assign(seed=1, top1="NaN")]).to_csv(index=False))
+    assert list(store.read(tmp_path, "t")["seed"]) == [0, 2] and "without a finite top-1" in caplog.text
+    write(tmp_path, "t", [])
+    assert "72.00 ± 2.83 (2)" in (tmp_path / "t_paper.md").read_text()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "passwd"])
+def test_a_store_that_cannot_be_read_is_one_line_before_training(tmp_path, train_in_process, damage):
+    """A damaged results/<table>.seeds.csv (one garbage row; a link to another file) failed the job with a
+    traceback after its seeds trained: now refused in one line before training, the file left as it is."""
+    results = tmp_path / "res"
+    results.mkdir()
+    path = results / "demo.seeds.csv"
+    if damage == "garbage":
+        path.write_text(",".join(store.COLUMNS) + "\n" + "x" * 20 + ',"unclosed\n1,2,3,4\n')
+    else:
+        (tmp_path / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/bin/sh\n")
+        path.symlink_to(tmp_path / "passwd")
+    before = path.read_text()
+    code, out, err = train_in_process(*TINY, "source=scratch", "results.dir=res")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "res/demo.seeds.csv is not a result store safetransfer can read" in lines[0] and "--name demo" in lines[0]
+    assert not list(tmp_path.rglob("seed_*")) and path.read_text() == before
 
 
 def test_results_of_earlier_versions_are_imported_from_their_metrics(compose_cfg, tmp_path, capsys):

@@ -16,6 +16,7 @@ from safetransfer.common.registry import build
 from safetransfer.data.augment import AUGMENT_ON
 from safetransfer.data.resident import ON_DEVICE
 from safetransfer.data.transforms import TEST_CROPS, TEST_RESIZES, TRAIN_CROPS, crop_options
+from safetransfer.reporting import store
 from safetransfer.reporting.store import check_table_name
 from safetransfer.reporting.tables import published_values
 from safetransfer.training.engine import PRECISIONS, milestone_iterations
@@ -132,6 +133,7 @@ def check_config(cfg: DictConfig) -> None:
         )
     check_device(str(cfg.runtime.device))
     check_table_name(str(cfg.results.table), "results.table")
+    store.read(Path(cfg.results.dir), str(cfg.results.table))  # a store that cannot be read: before training
     if cfg.results.published:
         published_values(str(cfg.results.published))
     check_writable(Path(cfg.results.dir), "results.dir")

@@ -10,6 +10,7 @@ before the store existed are imported from those files by `safetransfer-tables D
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
@@ -23,6 +24,8 @@ from safetransfer.common.atomic import atomic_write_text, read_json, remove_stal
 from safetransfer.common.errors import ConfigError
 from safetransfer.common.fingerprints import config_key, decisive
 from safetransfer.reporting.methods import method_name, method_structure, source_label
+
+log = logging.getLogger(__name__)
 
 #: a record: the cell (backbone, source, target, sampling rate, method), its setting (the config
 #: key, and the source file's digest when it read one), the seed and its numbers, where it ran
@@ -146,12 +149,29 @@ def lock_for(results_dir: Path, table: str) -> FileLock:
 
 
 def read(results_dir: Path, table: str) -> pd.DataFrame:
-    """The table's records (none: an empty frame with the store's columns)."""
+    """The table's records (none: an empty frame with the store's columns). A file that is not a store
+    (damaged, another file in its place) is one line naming it; a record whose top-1 is not a finite
+    number is named and left out."""
     path = store_path(results_dir, table)
     if not path.exists():
         return pd.DataFrame(columns=COLUMNS)
-    frame = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(TEXT, str))
-    return frame.fillna({c: "" for c in TEXT})
+    try:
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(TEXT, str))
+        missing = [c for c in COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"no column {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        frame["top1"] = pd.to_numeric(frame["top1"], errors="coerce")
+    except (OSError, ValueError, UnicodeDecodeError) as error:  # pandas' ParserError is a ValueError
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"{path} is not a result store safetransfer can read ({type(error).__name__}: {reason}); move it "
+            f"aside: `safetransfer-tables <run folders> --name {table}` rebuilds it from the seeds' metrics.json "
+            "(finished seeds are kept in their run folders)"
+        ) from None
+    bad = frame[~frame["top1"].map(math.isfinite)]
+    if len(bad):
+        log.warning("%s: %d records without a finite top-1 are left out (rows %s)", path, len(bad), list(bad.index[:5]))
+    return frame[frame["top1"].map(math.isfinite)].fillna({c: "" for c in TEXT}).reset_index(drop=True)
 
 
 def append(results_dir: Path, table: str, records: Sequence[dict], render=None) -> pd.DataFrame:
@@ -181,6 +201,10 @@ def records_under(directories: Iterable[Path], published: str | None = None) -> 
         for path in sorted(Path(directory).rglob("seed_*/metrics.json"), key=lambda p: p.stat().st_mtime):
             metrics = read_json(path, needs=("config", "seed", "top1"))
             if metrics is None:  # damaged: read_json said which
+                continue
+            top1 = metrics["top1"]
+            if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not math.isfinite(top1):
+                log.warning("%s: top1 is %r, not a finite number; skipped", path, top1)
                 continue
             entry = record(metrics, path.parent.parent)
             if published is not None:
