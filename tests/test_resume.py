@@ -592,6 +592,26 @@ def test_a_second_job_on_a_run_directory_in_use_is_refused_and_touches_nothing(c
     assert not in_flight.exists() and (run / "seed_0" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("state", ["lock is a folder", "lock is a looping link", "holder is a folder"])
+def test_a_run_folders_lock_in_an_odd_state_is_one_line(tmp_path, train_in_process, state):
+    """Tracebacks before: IsADirectoryError, ELOOP, and a StorageError advising to free space."""
+    from safetransfer.job.lock import HOLDER, LOCK
+
+    run = tmp_path / "run"
+    run.mkdir()
+    name = LOCK if state.startswith("lock") else HOLDER
+    if "folder" in state:
+        (run / name).mkdir()
+    else:
+        (run / name).symlink_to(run / name)
+    code, out, err = train_in_process(*TINY, *TINY_DEMO_SOURCE, "hydra.run.dir=run")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"safetransfer-train: error: {run / name} cannot serve to hold the run folder")
+    assert "remove it, or run in another folder" in lines[0]
+    assert not (run / "seed_0").exists()
+
+
 def test_stale_temporaries_in_the_cache_and_the_results_folder_are_removed_under_their_lock(tmp_path, caplog):
     """A killed cache build left `<file>.<pid>.tmp` (split-sized) in the cache, a killed table
     write `.<table>.seeds.csv.XXXXXXXX.tmp` in results/; they were never removed. The next build or

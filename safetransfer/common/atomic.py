@@ -143,8 +143,10 @@ def check_writable(directory: Path, key: str, example: str = "safetransfer-resul
     `key` names the setting: `results.dir`, or a command's option such as `--out`."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-") as handle:  # a byte: a full disk
+            handle.write(b"x")  # lets a file be made but not written
+            handle.flush()
+            os.fsync(handle.fileno())
     except OSError as error:
         join = " " if key.startswith("-") else "="  # a command's option, or a config key
         raise ConfigError(

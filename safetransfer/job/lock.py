@@ -11,6 +11,7 @@ ends, so the files a crashed job left are cleaned only by the job that holds the
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from safetransfer.common.atomic import atomic_write_text
-from safetransfer.common.errors import ConfigError
+from safetransfer.common.errors import ConfigError, StorageError
 
 LOCK, HOLDER = ".job.lock", ".job.holder"
 
@@ -37,23 +38,38 @@ def check_free(run_dir: Path) -> None:
 
 @contextlib.contextmanager
 def holding(run_dir: Path) -> Iterator[None]:
-    """Hold `run_dir` for this job; a ConfigError naming the holder when another job holds it."""
+    """Hold `run_dir` for this job; a ConfigError naming the holder when another job holds it, or
+    naming the file when the lock or the holder's note cannot be used (a folder, a link, read-only)."""
     run_dir = Path(run_dir).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(run_dir / LOCK))
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
     except Timeout:
         holder = run_dir / HOLDER
-        who = holder.read_text().strip() if holder.exists() else "another process"
+        who = holder.read_text().strip() if holder.is_file() else "another process"
         raise ConfigError(
             f"{run_dir} is in use by another job ({who}); wait for it to end, or run this one in another "
             "folder (hydra.run.dir=... or hydra.sweep.dir=...)"
         ) from None
+    except OSError as error:
+        raise unusable(Path(error.filename or run_dir / LOCK), error) from None
     try:
-        atomic_write_text(
-            run_dir / HOLDER, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        )
+        note = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        try:
+            if (run_dir / HOLDER).is_dir() or (run_dir / HOLDER).is_symlink():
+                raise IsADirectoryError(errno.EISDIR, "not a regular file", str(run_dir / HOLDER))
+            atomic_write_text(run_dir / HOLDER, note)
+        except (OSError, StorageError) as error:
+            raise unusable(run_dir / HOLDER, error) from None
         yield
     finally:
         lock.release()
+
+
+def unusable(path: Path, error: BaseException) -> ConfigError:
+    reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or str(error)
+    return ConfigError(
+        f"{path} cannot serve to hold the run folder for this job ({reason}); no job can take it as it is: "
+        "remove it, or run in another folder (hydra.run.dir=... or hydra.sweep.dir=...)"
+    )
