@@ -100,7 +100,20 @@ def test_a_family_without_declared_stages_has_none():
         ),
         (
             ["backbone.name=efficientnet_b0", "regularizer=knowdist", "regularizer.terms.knowdist.layers=null"],
-            "layers=[]: empty; name modules of the backbone",
+            "layers=[]: empty; this backbone declares no stages (ResNets do: layer1..layer4), so name its modules, "
+            "e.g. features, ",
+        ),
+        (  # a module whose output is a vector, not a map: was an IndexError at the first step
+            ["regularizer=knowdist", "regularizer.terms.knowdist.layers=[fc]"],
+            "layers=['fc']: fc gives 2-D outputs, not feature maps (batch, channels, height, width)",
+        ),
+        (
+            ["regularizer=knowdist", "regularizer.terms.knowdist.layers=['']"],
+            "the backbone itself gives 2-D outputs",
+        ),
+        (  # a fixed input size: was "Wrong image height! Expected 224 but got 32" at the first step
+            ["backbone.name=vit_b_16", "data.crop=32"],
+            "backbone.name=vit_b_16 takes 224 x 224 images only, not data.crop=32: set data.crop=224",
         ),
     ],
 )

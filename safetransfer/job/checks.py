@@ -153,6 +153,12 @@ def check_regularizer(cfg: DictConfig) -> None:
     if not cfg.regularizer.terms:
         raise ConfigError("regularizer.terms is empty; choose a regularizer, e.g. regularizer=l2")
     model = outline(cfg.backbone.name)
+    fixed = getattr(model.backbone, "image_size", None)  # a vision transformer's position embeddings
+    if isinstance(fixed, int) and cfg.data.crop != fixed:
+        raise ConfigError(
+            f"backbone.name={cfg.backbone.name} takes {fixed} x {fixed} images only, not data.crop={cfg.data.crop}: "
+            f"set data.crop={fixed} (and data.resize >= {fixed})"
+        )
     for name, node in cfg.regularizer.terms.items():
         term = build("term", node, f"regularizer.terms.{name}")
         try:

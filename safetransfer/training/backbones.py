@@ -95,11 +95,26 @@ def check_modules(backbone: nn.Module, names: Sequence[str], key: str, hint: Seq
     known = {name for name, _ in backbone.named_modules()}
     missing = [name for name in names if name not in known]
     if missing or not names:
+        shallow = [name for name, _ in backbone.named_modules() if name and name.count(".") <= 1]
         example = (
-            f"its stages are {', '.join(hint)} ({key}=null takes them)" if hint else "name modules of the backbone"
+            f"its stages are {', '.join(hint)} ({key}=null takes them)"
+            if hint
+            else "this backbone declares no stages (ResNets do: layer1..layer4), so name its modules, e.g. "
+            + ", ".join(shallow[:: max(1, len(shallow) // 8)][:8])
         )
-        raise ValueError(f"{key}={names}: {'no module ' + ', '.join(missing) if missing else 'empty'}; {example}")
+        problem = f"no module {', '.join(missing)}" if missing else "empty"
+        raise ValueError(f"{key}={names}: {problem}; {example}")
     return names
+
+
+def output_ranks(backbone: nn.Module, names: Sequence[str], size: int = 224) -> dict[str, int] | None:
+    """The rank of each named module's output on a batch of `size` x `size` images, from a forward
+    on the meta device (no computation); None when the backbone is not on the meta device."""
+    if next(backbone.parameters()).device.type != "meta":
+        return None
+    with torch.no_grad():
+        found = forward_features(backbone, torch.empty(2, 3, size, size, device="meta"), names).maps
+    return {name: found[name].dim() for name in names if isinstance(found.get(name), torch.Tensor)}
 
 
 def forward_features(backbone: nn.Module, images: torch.Tensor, taps: Iterable[str] = ()) -> Features:

@@ -30,6 +30,7 @@ from safetransfer.training.backbones import (
     check_modules,
     forward_features,
     frozen_copy,
+    output_ranks,
 )
 from safetransfer.training.regularizers.base import BindContext, Term
 
@@ -80,7 +81,16 @@ class KnowDist(Term):
         self.convention = check_convention(convention)
 
     def check_backbone(self, model: TransferNet, batch_size: int | None = None) -> None:
-        tapped_layers(self.layers, model)
+        """The modules exist and give feature maps (batch, channels, height, width), not vectors."""
+        layers = tapped_layers(self.layers, model)
+        flat = {name: rank for name, rank in (output_ranks(model.backbone, layers) or {}).items() if rank != 4}
+        if flat:
+            name, rank = next(iter(flat.items()))
+            example = ", ".join(model.stages) or "a convolution block"
+            raise ValueError(
+                f"layers={layers}: {name or 'the backbone itself'} gives {rank}-D outputs, not feature maps "
+                f"(batch, channels, height, width); tap modules that give maps, e.g. {example}"
+            )
 
     def bind(self, model: TransferNet, context: BindContext) -> None:
         self.maps = tapped_layers(self.layers, model)
