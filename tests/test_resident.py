@@ -146,17 +146,24 @@ def test_auto_holds_nothing_on_the_cpu_and_the_size_is_counted_by_hand(cub_cfg):
     "overrides, expected",
     [
         (("data.on_device=maybe",), "data.on_device=maybe is not a known choice; allowed: auto, true, false"),
-        (("data.on_device=true", "data.augment_on=workers"), "cannot take data.augment_on=workers"),
+        (
+            ("data.on_device=true", "data.augment_on=workers"),
+            "cannot take data.augment_on=workers; set data.augment_on=device",
+        ),
         (("data.on_device=true", "data.cache=false"), "set data.cache=true"),
-        (("data.on_device=true",), "augments in the loader workers here: set data.augment_on=device"),
+        (("data.on_device=true",), r"augments in the loader workers here \(auto .*\): set data.augment_on=device"),
     ],
 )
 def test_bad_on_device_settings_are_one_line_before_training(cub_cfg, overrides, expected):
     """The last: on the CPU augment_on=auto augments in the workers, whose pixels differ from the
-    device's under the same key; holding the images would silently change them."""
+    device's under the same key; holding the images would silently change them. Both refusals advise
+    the same setting (they advised `auto` and refused it)."""
     with pytest.raises(ConfigError, match=expected):
         check_config(cub_cfg(*overrides))
         prepare_data(cub_cfg(*overrides), build("target", cub_cfg(*overrides).target, "target"))
+    fixed = cub_cfg("data.on_device=true", "data.augment_on=device")
+    check_config(fixed)
+    assert prepare_data(fixed, build("target", fixed.target, "target")).resident  # the advice is taken
 
 
 def test_on_device_true_for_images_held_in_memory_says_they_are_not_cached(compose_cfg):

@@ -100,7 +100,8 @@ def hold_on_device(cfg: DictConfig, cached: bool, device_augment: bool, nbytes: 
         if not device_augment:  # else the loader path's pixels would differ under one key
             raise ConfigError(
                 "data.on_device=true augments on the device, and data.augment_on="
-                f"{cfg.data.augment_on} augments in the loader workers here: set data.augment_on=device"
+                f"{cfg.data.augment_on} augments in the loader workers here (auto augments on the device on CUDA "
+                "only): set data.augment_on=device, or data.on_device=auto"
             )
         return True
     if choice is False or not device_augment:

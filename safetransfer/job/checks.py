@@ -191,7 +191,8 @@ def check_on_device(data: DictConfig) -> None:
     if choice is True and data.augment_on == "workers":
         raise ConfigError(
             "data.on_device=true gathers batches on the device, where they are augmented: it cannot take "
-            "data.augment_on=workers; set data.augment_on=auto (or device), or data.on_device=false"
+            "data.augment_on=workers; set data.augment_on=device (auto augments on the device on CUDA only), "
+            "or data.on_device=auto"
         )
     if choice is True and not data.cache:
         raise ConfigError("data.on_device=true holds the decoded-image cache on the device: set data.cache=true")
