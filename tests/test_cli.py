@@ -144,6 +144,11 @@ def test_single_run_from_the_command_line(cli, tmp_path):
         (["-m", "hydra.sweeper._target_=os.getcwdb"], "hydra.sweeper._target_=os.getcwdb names code to run"),
         (["hydra.callbacks.x._target_=os.getcwdb"], "hydra.callbacks.x._target_=os.getcwdb names code to run"),
         (["direction.kind=orthogonal"], "direction.kind=orthogonal is not a known direction; allowed: dtnh, sum"),
+        (  # malformed overrides: Hydra's grammar refuses them (they were its multi-line message and exit 1)
+            ["train.iterations=["],
+            "train.iterations=[ is not an override Hydra can read (no viable alternative at input '['); quote",
+        ),
+        (["results.table=🙂"], "results.table=🙂 is not an override Hydra can read (a character it does not take"),
     ],
 )
 def test_bad_input_is_one_clear_line_before_training(cli, tmp_path, arguments, expected):

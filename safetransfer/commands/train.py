@@ -367,9 +367,9 @@ def main() -> None:
             flush=True,
         )
         arguments = ["experiment=demo"]
-    arguments = swept_source_keys(arguments)
     report = None
     try:
+        arguments = swept_source_keys(arguments)
         configs = job_configs(arguments)
         if configs and not any(a in SHOWN or a.startswith(("--cfg=", "--info=")) for a in arguments):
             cfg, sweep_dir, planned = configs[0], None, None

@@ -6,17 +6,27 @@ from __future__ import annotations
 
 
 def parse_overrides(arguments: list[str]) -> list | None:
-    """The command line's overrides as Hydra parses them, or None when Hydra should judge
-    them itself: config folders of the user's own (Hydra knows their groups and keys), or a
-    syntax error (Hydra reports it with its own pointer into the override)."""
+    """The command line's overrides as Hydra parses them, or None when Hydra should judge them itself
+    (config folders of the user's own: Hydra knows their groups and keys). An override Hydra's grammar
+    does not take is a ConfigError naming it, in one line."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from safetransfer.common.errors import ConfigError
 
     if any(a.startswith(("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")) for a in arguments):
         return None
-    try:
-        return OverridesParser.create().parse_overrides([a for a in arguments if "=" in a and not a.startswith("-")])
-    except Exception:
-        return None
+    parser, parsed = OverridesParser.create(), []
+    for argument in (a for a in arguments if "=" in a and not a.startswith("-")):
+        try:
+            parsed += parser.parse_overrides([argument])
+        except Exception as error:  # Hydra's OverrideParseException, its message over several lines
+            first = str(error).splitlines()[0]
+            reason = "a character it does not take unquoted" if first.startswith("LexerNoViable") else first
+            raise ConfigError(
+                f"{argument} is not an override Hydra can read ({reason}); quote a value with other characters "
+                "(key='value'), see https://hydra.cc/docs/advanced/override_grammar/basic/"
+            ) from None
+    return parsed
 
 
 def group_values(override) -> list[str] | None:
