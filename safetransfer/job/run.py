@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from safetransfer.common.atomic import atomic_torch_save, atomic_write_json, read_json
 from safetransfer.common.devices import job_device, resolve_device
@@ -218,6 +218,18 @@ def resolved(cfg: DictConfig) -> tuple[DictConfig, str]:
             "by the source the method replaces): %s",
             cfg.source.name,
             ", ".join(f"source.{k}" for k in foreign),
+        )
+    strays = [
+        name for name, node in cfg.regularizer.terms.items() if isinstance(node, DictConfig) and "kind" not in node
+    ]
+    with open_dict(cfg.regularizer.terms):
+        for name in strays:  # `++regularizer.terms.<term>.x=...` in a sweep over methods, some without that term
+            del cfg.regularizer.terms[name]
+    if strays:
+        log.info(
+            "regularizer=%s has no term %s: the keys given for it (for the other methods of the sweep) are left out",
+            cfg.regularizer.name,
+            ", ".join(strays),
         )
     chosen = apply_chosen(cfg, method_name(cfg))
     if chosen:
