@@ -192,14 +192,11 @@ def test_the_rerun_command_of_a_source_sweeps_job_passes_the_key_check():
 
 
 def test_the_readmes_forced_term_key_in_a_sweep_over_methods_is_left_out_where_the_term_is_not(
-    train_in_process, tmp_path, caplog
+    train_in_process, tmp_path
 ):
     """`-m method=l2sp,fine_tuning ++regularizer.terms.l2sp.alpha=10` ended the fine_tuning job in a
     ConfigAttributeError traceback: that job now leaves the key out (with a note), as a source sweep's
     jobs leave out the source keys theirs does not take; the L2-SP job takes alpha=10."""
-    import logging
-
-    caplog.set_level(logging.INFO)
     code, out, err = train_in_process(
         "-m",
         *SHORT,
@@ -215,4 +212,5 @@ def test_the_readmes_forced_term_key_in_a_sweep_over_methods_is_left_out_where_t
     }
     assert configs["L2-SP"]["regularizer"]["terms"]["l2sp"]["alpha"] == 10
     assert set(configs["From scratch"]["regularizer"]["terms"]) == {"l2"}  # fine_tuning, from scratch
-    assert "regularizer=l2 has no term l2sp" in caplog.text
+    logs = " ".join(p.read_text() for p in tmp_path.glob("sweep/*/*.log"))  # Hydra's log file of each job
+    assert "the regularizer Fine-tuning has no term l2sp" in logs
