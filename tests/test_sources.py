@@ -3,6 +3,7 @@ Nothing downloads: fake checkpoints are written in the official layouts."""
 
 import argparse
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -414,3 +415,18 @@ def test_a_damaged_cached_demo_source_is_named_and_built_again(tmp_path, caplog)
     assert f"{path} cannot be read" in caplog.text and "the demo source model is built again" in caplog.text
     assert all(torch.equal(first[k], again[k]) for k in first)  # the same seeded pretraining
     assert torch.load(path, weights_only=True).keys() == first.keys()
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "device"])
+def test_a_source_path_that_is_not_a_regular_file_says_what_it_is(tmp_path, kind):
+    """A folder, a pipe or /dev/zero were reported as "no such file" (a pipe would block a read)."""
+    import os
+
+    from safetransfer.common.errors import ConfigError
+    from safetransfer.sources.local import FileSource
+
+    path = {"folder": tmp_path, "fifo": tmp_path / "pipe", "device": Path("/dev/zero")}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    with pytest.raises(ConfigError, match="is a folder" if kind == "folder" else "is not a regular file"):
+        FileSource(path=str(path)).load("resnet18")

@@ -65,8 +65,11 @@ def _child(task: Callable, args: tuple, parent: int, results) -> None:
             outcome = Outcome(error=error)
         except Exception:
             outcome = Outcome(error=RuntimeError(f"{type(error).__name__}: {error}"))
-    results.send(outcome)
-    results.close()
+    try:
+        results.send(outcome)
+        results.close()
+    except OSError:  # the job's process is gone (killed): no one to tell; its checkpoint is written
+        pass
 
 
 def run_each(task: Callable, work: dict[Any, tuple], stop=None, poll_s: float = 0.2) -> dict[Any, Outcome]:

@@ -227,7 +227,7 @@ def resolved(cfg: DictConfig) -> tuple[DictConfig, str]:
             del cfg.regularizer.terms[name]
     if strays:
         log.info(
-            "the regularizer %s has no term %s: the keys given for it (for the other methods of the sweep) are left out",
+            "the regularizer %s has no term %s: the keys given for it (for other methods of the sweep) are left out",
             cfg.regularizer.name,
             ", ".join(strays),
         )

@@ -69,7 +69,10 @@ def read(path: Path, key: str = "source.path", backbone: str | None = None):
     declare gigabytes."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise MissingData(f"{key}={path}: no such file")
+        what = "a folder" if path.is_dir() else "not a regular file (a pipe, a device)" if path.exists() else None
+        if what is None:
+            raise MissingData(f"{key}={path}: no such file")
+        raise ConfigError(f"{key}={path} is {what}; give the checkpoint file itself (.pth, .pt, .pth.tar)")
     if is_html(path):
         raise ConfigError(
             f"{key}={path} is an HTML page, not a checkpoint (a server's error page saved in its "
