@@ -438,7 +438,8 @@ def test_sigterm_to_the_main_process_alone_stops_concurrent_seeds_and_the_rerun_
     process.send_signal(signal.SIGTERM)
     code, _, err = finish(process, timeout=300)
     assert code == 128 + signal.SIGTERM, err[-3000:]
-    assert "stopped by SIGTERM after iteration" in err and "Traceback" not in err
+    line = next(x for x in err.splitlines() if x.startswith("safetransfer-train: stopped by SIGTERM"))
+    assert "seed 0 after iteration" in line and "seed 1 after iteration" in line and "Traceback" not in err
     for seed in (0, 1):
         assert (tmp_path / "run" / f"seed_{seed}" / "checkpoint.pt").exists()
         assert not (tmp_path / "run" / f"seed_{seed}" / "metrics.json").exists()
@@ -446,6 +447,28 @@ def test_sigterm_to_the_main_process_alone_stops_concurrent_seeds_and_the_rerun_
     code, _, err = finish(start(tmp_path, "run", *CONCURRENT, "runtime.checkpoint_every=0"))
     assert code == 0, err[-3000:]
     assert outcomes(tmp_path / "run") == uninterrupted_concurrent
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the seed processes through /proc")
+@pytest.mark.e2e
+def test_the_last_line_says_what_each_seed_kept_when_one_is_killed_during_a_stop(tmp_path):
+    """SIGTERM to a concurrent job and kill -9 of one seed said "after iteration 0: no checkpoint
+    (runtime.checkpoint_every=0)" with checkpoints every 2 iterations and the other seed checkpointed."""
+    process = start(tmp_path, "run", *CONCURRENT, "runtime.checkpoint_every=2")
+    wait_for_iteration(tmp_path / "run" / "seed_0" / "log.csv", 8, process)
+    wait_for_iteration(tmp_path / "run" / "seed_1" / "log.csv", 8, process)
+    seeds = seed_processes(process.pid)
+    assert len(seeds) == 2, seeds
+    process.send_signal(signal.SIGTERM)
+    os.kill(seeds[1], signal.SIGKILL)
+    code, _, err = finish(process, timeout=300)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    line = next(x for x in err.splitlines() if x.startswith("safetransfer-train: stopped by SIGTERM"))
+    assert "no checkpoint (runtime.checkpoint_every=0)" not in line, line
+    assert "seed 0 after iteration" in line and "checkpoint written to" in line, line
+    assert "seed 1's process ended (signal 9) before it reported, its last checkpoint" in line or (
+        "seed 1 after iteration" in line  # it stopped before the kill reached it
+    ), line
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the seed processes through /proc")

@@ -26,8 +26,10 @@ class Preempted(Exception):
     #: how a job continues when nothing more is known of how it was started
     RERUN = "rerun the same command (same output directory) to continue"
 
-    def __init__(self, signum: int, iteration: int, path: Path | None, during: str | None = None):
-        self.signum, self.iteration, self.path, self.during = signum, iteration, path, during
+    def __init__(
+        self, signum: int, iteration: int, path: Path | None, during: str | None = None, kept: str | None = None
+    ):
+        self.signum, self.iteration, self.path, self.during, self.kept = signum, iteration, path, during, kept
         super().__init__(self.text(self.RERUN))
 
     def text(self, how_to_continue: str) -> str:
@@ -35,11 +37,15 @@ class Preempted(Exception):
         name = signal.Signals(self.signum).name
         if self.during is not None:  # before training: a cache or a source being made, none of it kept
             return f"stopped by {name} while {self.during}: none of it is kept; {how_to_continue}"
-        where = f"checkpoint written to {self.path}" if self.path else "no checkpoint (runtime.checkpoint_every=0)"
-        return f"stopped by {name} after iteration {self.iteration}: {where}; {how_to_continue}"
+        if self.kept is not None:  # several seeds, each saying what it kept
+            return f"stopped by {name}: {self.kept}; {how_to_continue}"
+        return f"stopped by {name} after iteration {self.iteration}: {self.where()}; {how_to_continue}"
+
+    def where(self) -> str:
+        return f"checkpoint written to {self.path}" if self.path else "no checkpoint (runtime.checkpoint_every=0)"
 
     def __reduce__(self):  # crosses process boundaries (runtime.concurrent_seeds)
-        return Preempted, (self.signum, self.iteration, self.path, self.during)
+        return Preempted, (self.signum, self.iteration, self.path, self.during, self.kept)
 
 
 #: the StopSignals in force in this process, innermost last

@@ -267,10 +267,11 @@ def run_seeds_concurrently(
     threads = seed_threads(cfg)
     log.info("seeds %s run concurrently, a process each; CPU threads per process: %d", seeds, threads)
     outcomes = run_each(_seed_process, {seed: (container, seed, str(run_dir), threads) for seed in seeds}, stop)
-    results, stopped, errors = {}, [], []
+    results, stopped, errors, kept = {}, [], [], []
     for seed, outcome in outcomes.items():
         if isinstance(outcome.error, Preempted):
             stopped.append(outcome.error)
+            kept.append(f"seed {seed} after iteration {outcome.error.iteration}, {outcome.error.where()}")
         elif outcome.error is not None:
             errors.append(outcome.error)
         elif outcome.exitcode is not None:
@@ -278,15 +279,18 @@ def run_seeds_concurrently(
             problem = f"seed {seed}'s process ended ({how}) before it reported"
             if stop is not None and stop.requested is not None:
                 stopped.append(Preempted(stop.requested, 0, None))
-                log.warning("%s; rerun the same command to continue it", problem)
+                kept.append(f"{problem}, its last checkpoint (if any) kept")
             else:
                 errors.append(RuntimeError(f"{problem}; rerun the same command to continue from its last checkpoint"))
         else:
             results[seed] = outcome.value
+            kept.append(f"seed {seed} finished")
     if errors:
         raise errors[0]
-    if stopped:
-        raise min(stopped, key=lambda p: p.iteration)
+    if len(stopped) == 1 and len(kept) == 1:
+        raise stopped[0]
+    if stopped:  # what each seed kept, in one line
+        raise Preempted(stopped[0].signum, min(p.iteration for p in stopped), None, kept="; ".join(kept))
     return results
 
 
