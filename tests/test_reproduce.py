@@ -165,6 +165,17 @@ def test_plan_command_names_a_cpu_projection(capsys):
     assert "8 search jobs, 4 final jobs, 12 in all" in out  # 4 rates x (2 lr settings + 1 final)
     assert "CPU projection" in out or "measured on a GPU" in out
     assert "| optim.optimizer.lr=0.0001 | 1 x 9000 it" in out
+    assert "| chosen on validation | 5 x 9000 it" in out
+
+
+def test_plan_says_chosen_on_validation_only_for_methods_with_a_grid(capsys):
+    from safetransfer.commands.reproduce import main
+
+    main(["dtnh_table2", "--plan", "target=flowers102", "method=fine_tuning,l2sp"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("final")]
+    assert len(lines) == 2
+    assert "method=fine_tuning | the preset's values (no grid)" in "".join(lines)
+    assert "method=l2sp | chosen on validation" in "".join(lines)
 
 
 def test_a_stage_two_job_without_its_cell_refuses(compose_cfg, tmp_path):

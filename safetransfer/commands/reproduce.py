@@ -66,6 +66,7 @@ class Job:
     crop: int
     batch: int
     precision: str = "fp32"  # train.precision
+    searched: bool = False  # the method has a grid: stage 2 takes the values chosen on validation
 
 
 def cells(table: str, overrides: list[str]):
@@ -111,7 +112,7 @@ def plan(table: str, overrides: list[str]) -> tuple[list[Job], DictConfig]:
             grid_axes = {k: v.split(",") for k, v in (o.split("=", 1) for o in grid)}
             for setting in itertools.product(*grid_axes.values()):
                 jobs.append(Job("search", cell, dict(zip(grid_axes, setting)), len(cfg.search.seeds), **common))
-        jobs.append(Job("final", cell, {}, len(cfg.seeds), **common))
+        jobs.append(Job("final", cell, {}, len(cfg.seeds), **common, searched=bool(grid)))
     return jobs, base
 
 
@@ -241,7 +242,8 @@ def print_plan(table: str, jobs: list[Job], figures: Figures | None, concurrent:
         hours[job.stage] += h or 0.0
         cell = " ".join(f"{k}={v}" for k, v in job.cell.items())
         setting = " ".join(f"{k}={v}" for k, v in job.setting.items())
-        setting = setting or ("chosen on validation" if job.stage == "final" else "")
+        if job.stage == "final":
+            setting = "chosen on validation" if job.searched else "the preset's values (no grid)"
         hours_text = f" | {h:.2f} h" if h is not None else ""
         print(f"  {job.stage:6} {cell} | {setting} | {job.seeds} x {job.iterations} it{hours_text}")
     counts = {stage: sum(j.stage == stage for j in jobs) for stage in hours}
