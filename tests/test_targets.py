@@ -9,6 +9,7 @@ from PIL import Image
 import fixtures
 from conftest import TINY, table_rows
 from safetransfer.common.errors import ConfigError, DownloadError
+from safetransfer.common.registry import build
 from safetransfer.data.targets.cub200 import CUB200, MD5, URL
 
 
@@ -660,3 +661,22 @@ def test_a_folder_link_looping_inside_an_imagefolder_is_not_followed_and_is_coun
     loop = next(n for link, _, n in target.train_set().skipped if link.endswith("loop"))
     assert loop == 6  # the ants' 4 + 2 nested
     assert "4 folder links not followed" in caplog.text
+
+
+def test_an_imagefolder_whose_test_split_is_called_val_takes_target_test_dir(compose_cfg, tmp_path):
+    """torchvision's transfer-learning tutorial data (hymenoptera_data) comes as train/ and val/: the
+    missing test/ names the folder it found and the key that takes it; with it the images are read."""
+    from safetransfer.common.errors import MissingData
+    from safetransfer.common.fingerprints import config_key, decisive
+
+    root = _image_folder(tmp_path / "hymenoptera_data")
+    (root / "test").rename(root / "val")
+    plain = compose_cfg("target=imagefolder", f"target.root={root}")
+    with pytest.raises(MissingData, match="its test images are in val/\\? set target.test_dir=val"):
+        build("target", plain.target, "target").check()
+    given = compose_cfg("target=imagefolder", f"target.root={root}", "target.test_dir=val")
+    target = build("target", given.target, "target")
+    target.check()
+    assert len(target.test_set()) == len(list((root / "val").rglob("*.jpg"))) > 0
+    # the key of a result that predates the option: the default leaves it out, another value is keyed
+    assert "test_dir" not in decisive(plain)["target"] and config_key(given) != config_key(plain)

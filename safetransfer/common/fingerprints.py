@@ -41,6 +41,11 @@ SAMPLING_KEYS = (
 )
 
 
+#: keys added after results were keyed without them: left out of the key while they hold the value that
+#: every earlier result had, so that adding an option does not change the key of a result that predates it
+ADDED_WITH_DEFAULT = {"target.test_dir": "test"}
+
+
 def decisive(cfg) -> dict:
     """The resolved config without what never changes a result (NOT_IN_KEY, WHERE_ONLY, READ_THROUGH):
     its classes by their registered names (common/registry.py), so a class moved changes no key."""
@@ -52,6 +57,10 @@ def decisive(cfg) -> dict:
     for dotted in WHERE_ONLY:
         section, key = dotted.split(".")
         container.get(section, {}).pop(key, None)
+    for dotted, default in ADDED_WITH_DEFAULT.items():
+        section, key = dotted.split(".")
+        if container.get(section, {}).get(key, default) == default:
+            container.get(section, {}).pop(key, None)
     return container
 
 
@@ -62,7 +71,8 @@ def config_key(cfg) -> str:
 
 def data_identity(target: dict) -> dict:
     """A target's settings that decide its images (its data, not the sample drawn from it)."""
-    return {key: value for key, value in target.items() if key not in SAMPLING_KEYS}
+    added = {k.split(".")[1]: v for k, v in ADDED_WITH_DEFAULT.items() if k.startswith("target.")}
+    return {k: v for k, v in target.items() if k not in SAMPLING_KEYS and not (k in added and v == added[k])}
 
 
 def term_identity(cfg) -> dict:

@@ -84,18 +84,21 @@ class LinkSafeImageFolder(ImageFolder):
 
 @register("target", "imagefolder")
 class ImageFolderTarget(Target):
-    def __init__(self, root: str, name: str = "imagefolder", **sampling):
+    def __init__(self, root: str, name: str = "imagefolder", test_dir: str = "test", **sampling):
+        """`test_dir`: the test split's folder under root (`val` in torchvision's hymenoptera layout)."""
         super().__init__(name, **sampling)
-        self.root = Path(root).expanduser()
+        self.root, self.test_dir = Path(root).expanduser(), str(test_dir)
 
     def check(self) -> None:
-        for split in ("train", "test"):
+        for split in ("train", self.test_dir):
             if not (self.root / split).is_dir():
+                other = [d for d in ("val", "valid", "validation", "test") if d != split and (self.root / d).is_dir()]
+                hint = f"; its test images are in {other[0]}/? set target.test_dir={other[0]}" if other else ""
                 raise MissingData(
                     f"target.root={self.root}: missing directory {self.root / split}; "
-                    f"expected {LAYOUT} (set target.root=/path/to/your/dataset)"
+                    f"expected {LAYOUT} (set target.root=/path/to/your/dataset){hint}"
                 )
-        train_classes, test_classes = self._train.classes, self._split("test").classes
+        train_classes, test_classes = self._train.classes, self._split(self.test_dir).classes
         if train_classes != test_classes:
             raise ConfigError(
                 f"target.root={self.root}: train/ and test/ hold different classes "
@@ -121,7 +124,7 @@ class ImageFolderTarget(Target):
         return self._train
 
     def test_set(self) -> LinkSafeImageFolder:
-        return self._split("test")
+        return self._split(self.test_dir)
 
     def train_labels(self) -> np.ndarray:
         return np.asarray(self._train.targets)
