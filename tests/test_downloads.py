@@ -248,15 +248,21 @@ def test_a_full_disk_while_extracting_keeps_the_verified_archive_and_no_partial_
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_during_safetransfer_fetch_is_one_line_and_leaves_nothing(tmp_path, serve, signum):
+@pytest.mark.parametrize(
+    "signum,entry",
+    [(signal.SIGINT, "fetch"), (signal.SIGTERM, "fetch"), (signal.SIGTERM, "train")],
+    ids=["fetch-SIGINT", "fetch-SIGTERM", "train-SIGTERM"],
+)
+def test_a_signal_during_a_download_is_one_line_and_leaves_nothing(tmp_path, serve, signum, entry):
     """The real command in a process of its own, its download stuck on a silent mirror: the signal ends
-    it at once, in one line, with 128 + the signal, and no partial file is left in torch's cache."""
+    it at once, in one line, with 128 + the signal, and no partial file is left in torch's cache.
+    safetransfer-train kept downloading for 28 s after "stopping after the current step"."""
     import subprocess
     import sys
 
     server = serve({"/models/resnet18-f37072fd.pth": silent})
-    command = "from safetransfer.commands.reproduce import fetch_main; fetch_main()"
+    module = {"fetch": "reproduce import fetch_main as main", "train": "train import main"}[entry]
+    command = f"from safetransfer.commands.{module}; main()"
     process = subprocess.Popen(
         [sys.executable, "-c", command, "source=imagenet", "target=demo", f"paths.mirror={server.url}"],
         cwd=tmp_path,
@@ -274,10 +280,10 @@ def test_a_signal_during_safetransfer_fetch_is_one_line_and_leaves_nothing(tmp_p
     started = time.monotonic()
     out, err = process.communicate(timeout=60)
     assert time.monotonic() - started < 5
-    lines = [line for line in err.splitlines() if line.strip() and "WARNING" not in line]
+    lines = [line for line in err.splitlines() if line.startswith(f"safetransfer-{entry}")]
     assert process.returncode == 128 + signum and len(lines) == 1, err
     name = signal.Signals(signum).name
-    assert lines[0].startswith(f"safetransfer-fetch: stopped by {name} while downloading {server.url}/models/")
+    assert lines[0].startswith(f"safetransfer-{entry}: stopped by {name} while downloading {server.url}/models/")
     assert "Traceback" not in err
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir() if not p.name.endswith(".lock")] == []
