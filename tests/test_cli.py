@@ -318,3 +318,21 @@ def test_a_file_that_names_code_to_run_is_refused_and_nothing_runs(cli, tmp_path
         "a regularizer term by its registered name: regularizer.terms.l2sp.kind=<bss, delta, head, knowdist, l2, l2sp>"
     )
     assert not called
+
+
+def test_a_full_disk_under_the_run_folder_is_one_line_before_hydra_writes(train_in_process, tmp_path, monkeypatch):
+    """Hydra writes .hydra/config.yaml into the run folder before any of ours runs: on a full disk that
+    was its ENOSPC traceback. The folder Hydra will make is tried first (a byte written and synced)."""
+    import errno
+    import os
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    code, out, err = train_in_process(*TINY)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("safetransfer-train: error: hydra.run.dir=outputs/")
+    assert "is not a writable directory (No space left on device)" in lines[0]
+    assert not (tmp_path / "outputs").exists()  # the trial's folders removed

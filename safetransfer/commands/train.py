@@ -237,14 +237,14 @@ def output_dirs(arguments: list[str]) -> list[tuple[str, Path]]:
     return found
 
 
-def check_output_dirs(arguments: list[str]) -> None:
-    """hydra.run.dir and hydra.sweep.dir, when given, can be made and written (Hydra makes them before
-    any of ours runs, and its refusal is a traceback), and are not another job's: Hydra would write this
-    job's .hydra/ files over the running job's. Tried by making them, then removing what the trial
-    made: a refused command leaves nothing."""
+def check_output_dirs(dirs: list[tuple[str, Path]]) -> None:
+    """hydra.run.dir and hydra.sweep.dir (`dirs`: (key, folder)) can be made and written, a full disk
+    included (Hydra makes them before any of ours runs, and its refusal is a traceback), and are not
+    another job's: Hydra would write this job's .hydra/ files over the running job's. Tried by making
+    them, then removing what the trial made: a refused command leaves nothing."""
     from safetransfer.job.lock import check_free
 
-    for key, path in output_dirs(arguments):
+    for key, path in dirs:
         whole = Path(os.path.abspath(path))  # `..` resolved as the file system will
         made = []
         with contextlib.suppress(OSError):  # a name too long to look up: check_writable says so
@@ -379,7 +379,11 @@ def main() -> None:
                 with contextlib.suppress(Exception):  # a sweeper that decides (Optuna): the jobs found are counted
                     planned = len(planned_jobs(cfg.hydra.sweeper.get("params") or {}, arguments))
             report = Report(cfg, arguments, sweep_dir, planned)
-        check_output_dirs(arguments)
+        dirs = output_dirs(arguments)
+        if report is not None and not dirs:  # the folder Hydra will make, as resolved here
+            run_dir = report.sweep_dir or Path(str(report.config.hydra.run.dir))
+            dirs = [("hydra.sweep.dir" if report.sweep_dir else "hydra.run.dir", run_dir)]
+        check_output_dirs(dirs)
     except ConfigError as error:
         print(f"safetransfer-train: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
