@@ -89,7 +89,7 @@ def serve():
 
 def quick(server, **more):
     """The network settings of a test: this server as the mirror, short timeouts, quick retries."""
-    settings = {"mirror": server.url, "download_timeout_s": 0.5, "download_retries": 1, "download_backoff_s": 0.05}
+    settings = {"mirror": server.url, "download_timeout_s": 0.3, "download_retries": 1, "download_backoff_s": 0.05}
     return downloads.network({**settings, **more})
 
 

@@ -67,6 +67,7 @@ def test_bss_preset_follows_the_papers_protocol(compose_cfg):
     assert sorted(cfg.search.grids) == ["delta", "delta_bss", "l2", "l2_bss", "l2sp", "l2sp_bss"]
 
 
+@pytest.mark.e2e  # every cell of a table composed: 4 s
 def test_plan_lists_every_job_of_both_stages(tmp_path):
     jobs, _ = plan("dtnh_table2", [])
     search = [j for j in jobs if j.stage == "search"]

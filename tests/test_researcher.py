@@ -191,6 +191,7 @@ def test_the_rerun_command_of_a_source_sweeps_job_passes_the_key_check():
         job_configs(["source=pretrained", "++source.iteratons=4"])
 
 
+@pytest.mark.e2e  # a multirun of two jobs
 def test_the_readmes_forced_term_key_in_a_sweep_over_methods_is_left_out_where_the_term_is_not(
     train_in_process, tmp_path
 ):

@@ -235,7 +235,9 @@ def png_declaring(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("workers,damage", [(0, "truncated"), (2, "truncated"), (0, "bomb")])
+@pytest.mark.parametrize(
+    "workers,damage", [(0, "truncated"), (2, "truncated"), pytest.param(0, "bomb", marks=pytest.mark.e2e)]
+)  # the bomb: 5 s, in the e2e tier
 def test_an_image_that_cannot_be_decoded_is_one_line_naming_it(cli, tmp_path, workers, damage):
     """A JPEG cut short mid-file; a PNG declaring 50000 x 50000 pixels (PIL's decompression-bomb
     error, a traceback before)."""

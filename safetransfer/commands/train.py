@@ -192,10 +192,12 @@ def job_configs(arguments: list[str]) -> list[DictConfig]:
                 "name (`kind`), and Hydra's own parts by their groups (hydra/launcher=..., hydra/sweeper=...)"
             )
     added = [o for o in overrides if (o.is_add() or o.is_force_add()) and not is_hydras(o) and not o.is_delete()]
-    kept = [a for a in arguments if "=" in a and not a.startswith("-") and a not in {o.input_line for o in added}]
+    added_keys = {o.input_line.split("=")[0] for o in added}
+    kept = [a for a in arguments if "=" in a and not a.startswith("-")]
     groups = [o.key_or_group for o in overrides if group_options(o.key_or_group) is not None]
     jobs = [[first for first in map(first_value, parse_overrides(kept)) if first]]
     configs: list[DictConfig] = []
+    composed: list[list[str]] = []  # each config's overrides
     while jobs and len(configs) < COMPOSED_JOBS:
         job = jobs.pop(0)
         where = "" if not configs else f" of the job {' '.join(a for a in job if a.split('=')[0] in groups)}"
@@ -214,16 +216,20 @@ def job_configs(arguments: list[str]) -> list[DictConfig]:
             with contextlib.suppress(Exception):  # a sweeper's search space: the first job alone
                 planned = planned_jobs(cfg.hydra.sweeper.get("params") or {}, kept)
                 groups += [str(k) for k in cfg.hydra.sweeper.get("params") or {} if group_options(str(k))]
-                combos = {tuple(a for a in p if a.split("=")[0] in groups): p for p in planned}
-                jobs = list(combos.values())
+                combos = {frozenset(a for a in p if a.split("=")[0] in groups): p for p in planned}
+                first = frozenset(a for a in job if a.split("=")[0] in groups)  # composed already
+                jobs = [p for choice, p in combos.items() if choice != first]
         configs.append(cfg)
-    for override in added if configs else ():
+        composed.append(job)
+    for override in added if configs else ():  # a key a job has without the `+` overrides (composed if need be)
         key = override.key_or_group
-        if key.rpartition(".")[0] in OPEN_MAPS or any(_has_key(c, key) for c in configs):
+        if key.rpartition(".")[0] in OPEN_MAPS:
             continue
         if override.is_force_add() and key.startswith("source.") and key.split(".")[1] in source_keys():
             continue  # a source sweep's key, in a rerun of one of its jobs: the job keeps what its source takes
-        raise not_a_key(key, configs[0], added=True)
+        bases = (compose([a for a in job if a.split("=")[0] not in added_keys]) for job in composed)
+        if not any(_has_key(base, key) for base in bases):
+            raise not_a_key(key, compose([a for a in composed[0] if a.split("=")[0] not in added_keys]), added=True)
     return configs
 
 
@@ -372,6 +378,10 @@ def main() -> None:
         arguments = swept_source_keys(arguments)
         configs = job_configs(arguments)
         if configs and not any(a in SHOWN or a.startswith(("--cfg=", "--info=")) for a in arguments):
+            from safetransfer.job.run import resolved
+
+            for job in configs:  # the one pass of checks (job/checks.py) over each job composed, before Hydra
+                resolved(OmegaConf.masked_copy(job, [str(k) for k in job if k != "hydra"]))
             cfg, sweep_dir, planned = configs[0], None, None
             check_sweeper(cfg, arguments)
             if is_multirun(cfg, arguments):  # its folder resolved here and given to Hydra: the report names it
