@@ -21,6 +21,7 @@ from safetransfer.common.downloads import network
 from safetransfer.common.errors import MissingData, SafetransferError, one_line
 from safetransfer.common.fingerprints import data_identity
 from safetransfer.common.registry import build
+from safetransfer.common.signals import at_once
 from safetransfer.data import sample_lists
 from safetransfer.sources.base import own_keys
 from safetransfer.sources.local import PretrainedSource
@@ -100,7 +101,8 @@ def target_artifacts(cfg: DictConfig) -> list[Artifact]:
 
     def get_data(download: bool) -> tuple[bool, str]:
         if download:
-            return target.fetch(), where
+            with at_once(f"fetching target={target.name} into {where}"):  # torchvision's downloads too
+                return target.fetch(), where
         try:
             target.check()
         except MissingData:

@@ -20,7 +20,7 @@ from safetransfer.common.downloads import network
 from safetransfer.common.fingerprints import config_key
 from safetransfer.common.processes import run_each
 from safetransfer.common.registry import build
-from safetransfer.common.signals import Preempted, StopSignals
+from safetransfer.common.signals import Preempted, StopSignals, at_once
 from safetransfer.data.preparation import Data, check_classes, prepare_data, save_indices, seed_data
 from safetransfer.data.targets.base import Target
 from safetransfer.job.build import build_seed, train_log
@@ -309,7 +309,8 @@ def _seed_process(container: dict, seed: int, run_dir: str, threads: int) -> dic
 
 def _run_job(cfg: DictConfig, run_dir: Path, chosen: str, stop: StopSignals | None) -> dict:
     target: Target = build("target", cfg.target, "target")
-    target.check()
+    with at_once(f"checking target={target.name} (and downloading it, with target.download=true)"):
+        target.check()
     check_classes(cfg.target.name, len(target.classes))
     method = method_name(cfg)
     # the source before the data: a missing checkpoint is reported before any cache is built
