@@ -154,6 +154,7 @@ TABLES = {
 }
 
 
+@pytest.mark.e2e  # every cell of four tables composed: 6 s
 @pytest.mark.parametrize("table", sorted(TABLES))
 def test_every_cell_of_every_paper_table_composes_and_resolves(table):
     """The preset's jobs compose and resolve to the paper's protocol, and the cells its sweep

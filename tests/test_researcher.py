@@ -39,6 +39,7 @@ def _metrics(sweep):
     }
 
 
+@pytest.mark.e2e  # a multirun
 def test_a_sweep_over_sources_gives_each_source_its_own_keys(train_in_process, tmp_path, checkpoint):
     """`-m source=file,scratch source.path=...`: source.path belongs to file only; both jobs run,
     each records where its weights came from (the file's sha256, computed here with hashlib)."""
@@ -63,6 +64,7 @@ def test_a_sweep_over_sources_gives_each_source_its_own_keys(train_in_process, t
     assert "source.path" not in json.loads(scratch_row["settings"])
 
 
+@pytest.mark.e2e  # a multirun
 def test_from_scratch_beside_an_explicit_source_runs_from_scratch(train_in_process, tmp_path, checkpoint):
     """`method=fine_tuning,from_scratch source=file`: the from_scratch job trains from scratch
     (it failed with a traceback after every other job had run), is named From scratch, and the
