@@ -216,6 +216,7 @@ def test_fetch_reports_html_pages_wrong_checksums_and_truncated_archives(site, p
     assert status_of(out, "target=stanford_cars").startswith("cannot be downloaded")
 
 
+@pytest.mark.e2e  # a table's data fetched and planned: 2.5 s
 def test_reproduce_fetch_prepares_a_table_and_plan_then_says_it_is_ready(site, places, capsys):
     server, files, _ = site
     cell = [

@@ -589,3 +589,61 @@ def test_omega_separates_closed_form_and_autograd_terms():
     assert list(omega.closed_form_terms) == ["l2", "head"]
     assert list(omega.autograd_terms) == ["bss"]
     assert omega.diagnostic_names() == ["bss_sigma_min", "bss_sigma_max"]
+
+
+# ---------------------------------------------------------------- LwF
+
+
+def _numpy_pooled(backbone, images: np.ndarray) -> np.ndarray:
+    """TinyNet's backbone by hand: two 1x1 convolutions (einsum), then the mean over positions."""
+    w1 = backbone.layer1.weight.detach().numpy()[:, :, 0, 0]
+    w2 = backbone.layer2.weight.detach().numpy()[:, :, 0, 0]
+    maps = np.einsum("oc,bchw->bohw", w2, np.einsum("oc,bchw->bohw", w1, images))
+    return maps.mean(axis=(2, 3))
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_lwf_is_the_kl_of_the_source_models_tempered_predictions_and_its_gradient():
+    """Li and Hoiem's distillation of the source model's predictions, computed by hand in NumPy: the
+    teacher from the source weights bound at the start, the student through the moved backbone and the
+    kept (trained) source classifier; its gradient on that classifier in closed form,
+    lambda_o / (B T) sum_b (q_b - p_b) pooled_b^T."""
+    import copy
+
+    from safetransfer.training.regularizers.lwf import LwF
+
+    model = TinyNet()
+    rng = np.random.default_rng(3)
+    head = {"weight": torch.tensor(rng.normal(size=(5, 2))), "bias": torch.tensor(rng.normal(size=5))}
+    source = copy.deepcopy(model.backbone)
+    term = LwF(lambda_o=0.7, temperature=2.5)
+    term.bind(model, BindContext(source_head=head))
+    with torch.no_grad():  # training has moved the backbone and the source classifier
+        model.backbone.layer1.weight.add_(0.3)
+        model.source_head.weight.add_(torch.tensor(rng.normal(size=(5, 2))) * 0.2)
+    images = rng.normal(size=(4, 2, 3, 3))
+    _, features = model(torch.tensor(images))
+    value = term.value(model, features)
+
+    w_s, b_s = model.source_head.weight.detach().numpy(), model.source_head.bias.detach().numpy()
+    pooled = _numpy_pooled(model.backbone, images)
+    teacher = _numpy_pooled(source, images) @ head["weight"].numpy().T + head["bias"].numpy()
+    p, q = _softmax(teacher / 2.5), _softmax((pooled @ w_s.T + b_s) / 2.5)
+    expected = 0.7 * np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1))
+    assert float(value) == pytest.approx(expected, rel=1e-12)
+    (gradient,) = torch.autograd.grad(value, [model.source_head.weight])
+    np.testing.assert_allclose(gradient.numpy(), 0.7 / (4 * 2.5) * (q - p).T @ pooled, rtol=1e-10)
+    assert model.source_head.weight.requires_grad and not any(t.requires_grad for t in term.teacher_head.parameters())
+
+
+def test_lwf_needs_a_source_with_its_classifier():
+    from safetransfer.training.regularizers.lwf import LwF
+
+    with pytest.raises(ConfigError, match="regularizer.terms.lwf: LwF distils .* this source has no classifier"):
+        LwF().bind(TinyNet(), BindContext(source_head=None))
+    with pytest.raises(ValueError, match="temperature=0 must be a number > 0"):
+        LwF(temperature=0)

@@ -9,6 +9,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 import published
 from conftest import TINY, TINY_DEMO_SOURCE
@@ -97,6 +98,7 @@ def test_a_method_preset_contradicted_by_the_command_line_is_refused_before_any_
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.e2e  # three pretraining runs: 3 s
 def test_a_saved_source_checkpoint_is_not_replaced_unless_asked(train_in_process, tmp_path, checkpoint):
     """pretrain.save_to holding a checkpoint other runs may have started from: refused in one line
     before training; the job that wrote it, rerun into its directory, goes on; overwrite=true replaces it."""
@@ -217,3 +219,25 @@ def test_the_readmes_forced_term_key_in_a_sweep_over_methods_is_left_out_where_t
     assert set(configs["From scratch"]["regularizer"]["terms"]) == {"l2"}  # fine_tuning, from scratch
     logs = " ".join(p.read_text() for p in tmp_path.glob("sweep/*/*.log"))  # Hydra's log file of each job
     assert "the regularizer Fine-tuning has no term l2sp" in logs
+
+
+def test_lwf_under_dtnh_trains_the_source_classifier_beside_the_new_head(train_in_process, tmp_path, checkpoint):
+    """method=dtnh_lwf from a torchvision file (its 1000-way classifier is the source head): the job
+    runs, is named DTNH (LwF), and the kept source classifier has moved from the file's `fc`."""
+    code, out, err = train_in_process(
+        *SHORT, "method=dtnh_lwf", "source=file", f"source.path={checkpoint}", "runtime.save_weights=true"
+    )
+    assert code == 0, err[-3000:]
+    (path,) = tmp_path.rglob("seed_0/metrics.json")
+    metrics = json.loads(path.read_text())
+    assert metrics["method"] == "DTNH (LwF)" and metrics["structure"]["terms"] == ["l2", "lwf"]
+    weights = torch.load(path.parent / "model.pt", weights_only=True)["state_dict"]
+    source = torch.load(checkpoint, weights_only=True)
+    assert weights["source_head.weight"].shape == source["fc.weight"].shape == (1000, 512)
+    assert not torch.equal(weights["source_head.weight"], source["fc.weight"])  # trained with the network
+
+
+def test_lwf_from_a_source_without_a_classifier_is_one_line(train_in_process, tmp_path):
+    code, out, err = train_in_process(*SHORT, "method=lwf", "source=scratch")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "this source has no classifier" in lines[0], err

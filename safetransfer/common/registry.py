@@ -20,7 +20,7 @@ KINDS = {
     "direction": ("the direction strategy", ("safetransfer.training.directions",)),
     "term": (
         "a regularizer term",
-        tuple(f"safetransfer.training.regularizers.{m}" for m in ("l2", "l2sp", "knowdist", "delta", "bss")),
+        tuple(f"safetransfer.training.regularizers.{m}" for m in ("l2", "l2sp", "knowdist", "delta", "bss", "lwf")),
     ),
     "optimizer": ("the optimizer", ("safetransfer.training.engine",)),
     "scheduler": ("the lr schedule", ("safetransfer.training.engine",)),

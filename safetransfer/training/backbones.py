@@ -168,7 +168,9 @@ class TransferNet(nn.Module):
             raise ValueError(
                 f"the source head takes {weight.shape[1]} features, the backbone gives {self.backbone.num_features}"
             )
-        source_head = nn.Linear(weight.shape[1], weight.shape[0], device=self.head.weight.device)
+        source_head = nn.Linear(
+            weight.shape[1], weight.shape[0], device=self.head.weight.device, dtype=self.head.weight.dtype
+        )
         source_head.load_state_dict(head)
         source_head.requires_grad_(trainable)
         self.source_head = source_head

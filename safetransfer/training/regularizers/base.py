@@ -85,6 +85,9 @@ class Term:
     def set_epoch(self, epoch: int) -> None:
         self.scale = self.decay**epoch
 
+    #: whether `bind` adds modules (and parameters) to the network
+    adds_modules = False
+
     def check_backbone(self, model: TransferNet, batch_size: int | None = None) -> None:
         """Raise ValueError (naming the setting) when the term cannot run on this network (and batch
         size); called before training on an outline of it (no weights) and again by `bind`."""
@@ -139,7 +142,9 @@ class Omega:
         return {name: t for name, t in self.terms.items() if t.closed_form}
 
     def bind(self, model: TransferNet, context: BindContext | None = None) -> None:
-        for term in self.terms.values():
+        """Each term bound to the network: those that add modules to it first (LwF's source classifier),
+        so that a term over all parameters (L2) finds them."""
+        for term in sorted(self.terms.values(), key=lambda t: not t.adds_modules):
             term.bind(model, context or BindContext())
 
     def set_epoch(self, epoch: int) -> None:

@@ -1,0 +1,72 @@
+"""LwF, Learning without Forgetting (Li and Hoiem, ECCV 2016), as a regularizer of fine-tuning:
+
+    Omega(w) = lambda_o * 1/B sum_b KL( softmax(z_0(x_b) / T) || softmax(h_s(f(x_b; w)) / T) )
+
+z_0 = h_s^0(f(x; w^0)) are the source model's logits (the frozen source backbone and its own
+classifier), h_s the source classifier kept beside the new head and trained with the network
+(the paper's theta_o), T the temperature; the paper's loss is the cross-entropy of the two
+tempered distributions, which differs from the KL divergence by the teacher's entropy, a
+constant. No T^2 factor: TLlib's `KnowledgeDistillationLoss` (thuml/Transfer-Learning-Library,
+tllib/regularization/knowledge_distillation.py, KLDivLoss with batchmean) and its script
+(examples/task_adaptation/image_classification/lwf.py: trade-off 4, T 3) compute the same.
+
+Where z_0 comes from: by default the teacher sees the same augmented images the student sees
+(a forward of the frozen source network each step; exact). TLlib records z_0 once before training,
+on one pass of the training images under the training augmentation, and replays those logits for
+whatever view a later epoch draws: `teacher: cached` is that override (not built yet; refused).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from safetransfer.common.errors import ConfigError
+from safetransfer.common.registry import register
+from safetransfer.training.backbones import Features, TransferNet, at_least_fp32, forward_features, frozen_copy
+from safetransfer.training.regularizers.base import BindContext, Term
+
+TEACHERS = ("same_view",)
+
+
+@register("term", "lwf")
+class LwF(Term):
+    coefficients = ("lambda_o",)
+    adds_modules = True  # the source classifier, bound before a term over all parameters (L2) looks
+
+    def __init__(
+        self,
+        lambda_o: float = 4.0,
+        temperature: float = 3.0,
+        train_source_head: bool = True,
+        teacher: str = "same_view",
+        decay: float = 1.0,
+    ):
+        super().__init__(decay)
+        self.lambda_o = self.coefficient("lambda_o", lambda_o)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be a number > 0 (TLlib's scripts use 3)")
+        if teacher not in TEACHERS:
+            raise ValueError(f"teacher={teacher} is not a known choice; allowed: {', '.join(TEACHERS)}")
+        self.temperature, self.train_source_head = float(temperature), bool(train_source_head)
+
+    def bind(self, model: TransferNet, context: BindContext) -> None:
+        if context.source_head is None:
+            raise ConfigError(
+                "regularizer.terms.lwf: LwF distils the source model's predictions, and this source has no "
+                "classifier: choose one that has (source=imagenet, places365, a file with its classifier, "
+                "a source pretrained here)"
+            )
+        self.teacher = frozen_copy(model.backbone)  # f(.; w^0), eval mode
+        self.head = model.keep_source_head(context.source_head, trainable=self.train_source_head)  # h_s
+        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)  # h_s^0
+
+    def value(self, model: TransferNet, features: Features) -> torch.Tensor:
+        with torch.no_grad():
+            teacher = self.teacher_head(forward_features(self.teacher, features.images).pooled)
+        student = self.head(features.pooled)
+        log_q = F.log_softmax(at_least_fp32(student) / self.temperature, dim=1)
+        p = F.softmax(at_least_fp32(teacher) / self.temperature, dim=1)
+        return self.lambda_o * self.scale * F.kl_div(log_q, p, reduction="batchmean")
