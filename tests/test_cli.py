@@ -317,7 +317,8 @@ def test_a_file_that_names_code_to_run_is_refused_and_nothing_runs(cli, tmp_path
     assert result.returncode != 0 and len(lines) == 1, result.stderr
     assert lines[0] == (
         "safetransfer-train: error: regularizer.terms.l2sp._target_=os.getcwdb names code to run; a config names "
-        "a regularizer term by its registered name: regularizer.terms.l2sp.kind=<bss, delta, head, knowdist, l2, l2sp, lwf>"
+        "a regularizer term by its registered name: "
+        "regularizer.terms.l2sp.kind=<bss, delta, head, knowdist, l2, l2sp, lwf>"
     )
     assert not called
 
