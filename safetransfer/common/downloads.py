@@ -87,11 +87,11 @@ def parse_checksum(checksum: str) -> tuple[str, str]:
     return algorithm, expected.lower()
 
 
-def matches(path: Path, checksum: str) -> tuple[bool, str]:
-    """(whether the file matches `checksum`, its digest)."""
+def mismatch(path: Path, checksum: str) -> tuple[str, str, str] | None:
+    """(algorithm, the file's digest, the expected one) when the file does not match `checksum`, else None."""
     algorithm, expected = parse_checksum(checksum)
     actual = file_digest(path, algorithm)
-    return actual.startswith(expected), actual
+    return None if actual.startswith(expected) else (algorithm, actual, expected)
 
 
 def is_archive(path: Path) -> bool:
@@ -301,9 +301,9 @@ def check_fetched(url: str, temporary: Path, path: Path, checksum: str | None, v
     if is_html(temporary):
         raise DownloadError(html_message(url, path))
     if checksum:
-        good, actual = matches(temporary, checksum)
-        if not good:
-            algorithm, expected = parse_checksum(checksum)
+        found = mismatch(temporary, checksum)
+        if found:
+            algorithm, actual, expected = found
             accept = f"; a copy you vouch for (a site's own build) is taken with {vouch}={actual}" if vouch else ""
             raise DownloadError(
                 f"{url}: {algorithm} {actual} does not match the published {expected}; the download is "
@@ -316,15 +316,14 @@ def check_fetched(url: str, temporary: Path, path: Path, checksum: str | None, v
 
 
 def check_present(url: str, path: Path, checksum: str | None, vouch: str = "") -> None:
-    if checksum:
-        good, actual = matches(path, checksum)
-        if not good:
-            algorithm, expected = parse_checksum(checksum)
-            accept = f", or accept it as it is with {vouch}={actual}" if vouch else ""
-            raise DownloadError(
-                f"{path}: {algorithm} {actual} does not match the published {expected} of {url}; "
-                f"delete the file to download it again{accept}"
-            )
+    found = mismatch(path, checksum) if checksum else None
+    if found:
+        algorithm, actual, expected = found
+        accept = f", or accept it as it is with {vouch}={actual}" if vouch else ""
+        raise DownloadError(
+            f"{path}: {algorithm} {actual} does not match the published {expected} of {url}; "
+            f"delete the file to download it again{accept}"
+        )
 
 
 def fetch_archive(url: str, root: Path, checksum: str | None, key: str = "target.root") -> bool:

@@ -11,7 +11,6 @@ ends, so the files a crashed job left are cleaned only by the job that holds the
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import socket
 import time
@@ -57,10 +56,8 @@ def holding(run_dir: Path) -> Iterator[None]:
     try:
         note = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
         try:
-            if (run_dir / HOLDER).is_dir() or (run_dir / HOLDER).is_symlink():
-                raise IsADirectoryError(errno.EISDIR, "not a regular file", str(run_dir / HOLDER))
             atomic_write_text(run_dir / HOLDER, note)
-        except (OSError, StorageError) as error:
+        except StorageError as error:  # a folder in its place, a read-only folder
             raise unusable(run_dir / HOLDER, error) from None
         yield
     finally:

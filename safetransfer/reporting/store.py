@@ -168,10 +168,11 @@ def read(results_dir: Path, table: str) -> pd.DataFrame:
             f"aside: `safetransfer-tables <run folders> --name {table}` rebuilds it from the seeds' metrics.json "
             "(finished seeds are kept in their run folders)"
         ) from None
-    bad = frame[~frame["top1"].map(math.isfinite)]
-    if len(bad):
-        log.warning("%s: %d records without a finite top-1 are left out (rows %s)", path, len(bad), list(bad.index[:5]))
-    return frame[frame["top1"].map(math.isfinite)].fillna({c: "" for c in TEXT}).reset_index(drop=True)
+    finite = frame["top1"].map(math.isfinite)
+    if not finite.all():
+        bad = list(frame.index[~finite][:5])
+        log.warning("%s: %d records without a finite top-1 are left out (rows %s)", path, int((~finite).sum()), bad)
+    return frame[finite].fillna({c: "" for c in TEXT}).reset_index(drop=True)
 
 
 def append(results_dir: Path, table: str, records: Sequence[dict], render=None) -> pd.DataFrame:
