@@ -10,10 +10,10 @@ constant. No T^2 factor: TLlib's `KnowledgeDistillationLoss` (thuml/Transfer-Lea
 tllib/regularization/knowledge_distillation.py, KLDivLoss with batchmean) and its script
 (examples/task_adaptation/image_classification/lwf.py: trade-off 4, T 3) compute the same.
 
-Where z_0 comes from: by default the teacher sees the same augmented images the student sees
-(a forward of the frozen source network each step; exact). TLlib records z_0 once before training,
-on one pass of the training images under the training augmentation, and replays those logits for
-whatever view a later epoch draws: `teacher: cached` is that override (not built yet; refused).
+Where z_0 comes from: the teacher sees the same augmented images the student sees (a forward of the
+frozen source network each step; exact). TLlib records z_0 once before training, on one pass of the
+training images under the training augmentation, and replays those logits for whatever view a later
+epoch draws; that form is not offered here yet.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from safetransfer.common.registry import register
 from safetransfer.training.backbones import Features, TransferNet, at_least_fp32, forward_features, frozen_copy
 from safetransfer.training.regularizers.base import BindContext, Term
 
-TEACHERS = ("same_view",)
-
 
 @register("term", "lwf")
 class LwF(Term):
@@ -41,15 +39,12 @@ class LwF(Term):
         lambda_o: float = 4.0,
         temperature: float = 3.0,
         train_source_head: bool = True,
-        teacher: str = "same_view",
         decay: float = 1.0,
     ):
         super().__init__(decay)
         self.lambda_o = self.coefficient("lambda_o", lambda_o)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature={temperature} must be a number > 0 (TLlib's scripts use 3)")
-        if teacher not in TEACHERS:
-            raise ValueError(f"teacher={teacher} is not a known choice; allowed: {', '.join(TEACHERS)}")
         self.temperature, self.train_source_head = float(temperature), bool(train_source_head)
 
     def bind(self, model: TransferNet, context: BindContext) -> None:
