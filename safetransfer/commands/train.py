@@ -198,15 +198,19 @@ def job_configs(arguments: list[str]) -> list[DictConfig]:
     jobs = [[first for first in map(first_value, parse_overrides(kept)) if first]]
     configs: list[DictConfig] = []
     composed: list[list[str]] = []  # each config's overrides
+
+    def choices(job: list[str]) -> list[str]:  # a job's group choices (its overrides of config groups)
+        return [a for a in job if a.split("=")[0] in groups]
+
     while jobs and len(configs) < COMPOSED_JOBS:
         job = jobs.pop(0)
-        where = "" if not configs else f" of the job {' '.join(a for a in job if a.split('=')[0] in groups)}"
+        where = "" if not configs else f" of the job {' '.join(choices(job))}"
         try:
             cfg = compose(job)
         except UnknownKey as unknown:  # Hydra names the first node missing: the key is the override's
             keys = [a.split("=")[0].lstrip("~") for a in job]
             key = next((k for k in keys if k == unknown.key or k.startswith(f"{unknown.key}.")), unknown.key)
-            raise not_a_key(key, compose([a for a in job if a.split("=")[0] in groups]), where=where) from None
+            raise not_a_key(key, compose(choices(job)), where=where) from None
         except ConfigError:
             raise
         except Exception:  # Hydra reports what else is wrong with the composition, at that job
@@ -216,9 +220,8 @@ def job_configs(arguments: list[str]) -> list[DictConfig]:
             with contextlib.suppress(Exception):  # a sweeper's search space: the first job alone
                 planned = planned_jobs(cfg.hydra.sweeper.get("params") or {}, kept)
                 groups += [str(k) for k in cfg.hydra.sweeper.get("params") or {} if group_options(str(k))]
-                combos = {frozenset(a for a in p if a.split("=")[0] in groups): p for p in planned}
-                first = frozenset(a for a in job if a.split("=")[0] in groups)  # composed already
-                jobs = [p for choice, p in combos.items() if choice != first]
+                combos = {frozenset(choices(p)): p for p in planned}
+                jobs = [p for choice, p in combos.items() if choice != frozenset(choices(job))]  # first: composed
         configs.append(cfg)
         composed.append(job)
     for override in added if configs else ():  # a key a job has without the `+` overrides (composed if need be)
@@ -227,9 +230,9 @@ def job_configs(arguments: list[str]) -> list[DictConfig]:
             continue
         if override.is_force_add() and key.startswith("source.") and key.split(".")[1] in source_keys():
             continue  # a source sweep's key, in a rerun of one of its jobs: the job keeps what its source takes
-        bases = (compose([a for a in job if a.split("=")[0] not in added_keys]) for job in composed)
-        if not any(_has_key(base, key) for base in bases):
-            raise not_a_key(key, compose([a for a in composed[0] if a.split("=")[0] not in added_keys]), added=True)
+        bases = [[a for a in job if a.split("=")[0] not in added_keys] for job in composed]
+        if not any(_has_key(compose(base), key) for base in bases):
+            raise not_a_key(key, compose(bases[0]), added=True)
     return configs
 
 

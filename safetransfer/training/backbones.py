@@ -12,6 +12,7 @@ name, with forward hooks. ResNet-18 and ResNet-50 are the papers' backbones and 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -184,9 +185,11 @@ class TransferNet(nn.Module):
         }
 
 
+@functools.lru_cache(maxsize=8)
 def outline(name: str, num_classes: int = 2) -> TransferNet:
     """A TransferNet of backbone `name` for checking a config against (its module names, its
-    number of features), on the meta device where the model's builder allows: no weights."""
+    number of features), on the meta device where the model's builder allows: no weights. Built
+    once per backbone and shared (the check of each job of a sweep reads it): read it, never change it."""
     with torch.device("meta"):
         try:
             return TransferNet(name, num_classes)
