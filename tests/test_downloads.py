@@ -304,3 +304,21 @@ def test_a_digest_mismatch_names_the_setting_that_accepts_a_copy_the_user_vouche
     ):
         downloads.download("https://example.org/w.bin", tmp_path / "w.bin", "sha256:" + "0" * 64, vouch="source.sha256")
     assert (tmp_path / "w.bin").exists() and server.requests == ["/w.bin"]
+
+
+def test_torchvisions_own_dataset_download_is_whole_or_absent(tmp_path, serve):
+    """torchvision's `download_url` (its dataset classes' download: Flowers102, Caltech-256 ...) writes
+    straight under the final name; within `network` it goes through ours: a short body leaves nothing,
+    a whole one is kept and its md5 checked by torchvision."""
+    import hashlib
+
+    from torchvision.datasets.utils import download_url
+
+    cut = serve({"/102flowers.tgz": half})  # torchvision probes the URL for redirects first, then reads it
+    with quick(cut), pytest.raises(DownloadError, match="the body ended after 524,288 of the 1,048,576"):
+        download_url("https://example.org/102flowers.tgz", str(tmp_path))
+    assert left_beside(tmp_path / "102flowers.tgz") == []
+    good = serve({"/102flowers.tgz": whole})
+    with quick(good):
+        download_url("https://example.org/102flowers.tgz", str(tmp_path), md5=hashlib.md5(BODY).hexdigest())
+    assert (tmp_path / "102flowers.tgz").read_bytes() == BODY

@@ -12,7 +12,7 @@ download at once, its temporary file removed (safetransfer.common.signals.at_onc
 official hosts) by replacing the scheme and host of the official URL with the mirror's, the path
 kept: `https://download.pytorch.org/models/resnet18-f37072fd.pth` is fetched as
 `<mirror>/models/resnet18-f37072fd.pth`; a redirect the mirror answers with is followed as sent.
-It also gives torchvision's own dataset downloads the mirror and the timeout.
+torchvision's own dataset downloads go through the same code within it (retrieve_whole).
 """
 
 from __future__ import annotations
@@ -174,16 +174,30 @@ def network(paths=None) -> Iterator[Network]:
     check_mirror(mirror)
     timeout_s, retries = float(paths.get("download_timeout_s", 30.0)), int(paths.get("download_retries", 3))
     settings = Network(mirror, timeout_s, retries, float(paths.get("download_backoff_s", 1.0)))  # backoff: tests
+    from torchvision.datasets import utils as torchvision_utils
+
     token = _network.set(settings)
     previous_opener, previous_timeout = urllib.request._opener, socket.getdefaulttimeout()  # noqa: SLF001
+    previous_retrieve = torchvision_utils._urlretrieve  # noqa: SLF001 (the one place torchvision writes a download)
     urllib.request.install_opener(urllib.request.build_opener(_MirrorHandler()))
     socket.setdefaulttimeout(settings.timeout_s)
+    torchvision_utils._urlretrieve = retrieve_whole  # noqa: SLF001
     try:
         yield settings
     finally:
         _network.reset(token)
         urllib.request.install_opener(previous_opener)
         socket.setdefaulttimeout(previous_timeout)
+        torchvision_utils._urlretrieve = previous_retrieve  # noqa: SLF001
+
+
+def retrieve_whole(url: str, filename, chunk_size: int = CHUNK) -> None:
+    """torchvision's own dataset downloads (`download_url`, which writes straight under the final name)
+    through ours within `network`: the file takes its name only when whole, its md5 then checked by
+    torchvision; nothing partial is left, and a stop ends it at once."""
+    path = Path(filename)
+    temporary = fetch_to(url, path, f"download it by hand and place it at {path}")
+    os.replace(temporary, path)
 
 
 def transient(error: BaseException) -> bool:
