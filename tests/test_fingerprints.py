@@ -69,6 +69,8 @@ def test_a_config_key_is_a_hash_of_names_and_values_never_of_where_a_class_lives
         container.pop(section, None)
     for section, key in (("target", "sample_list_dir"), ("pretrain", "overwrite"), ("data", "on_device")):
         container[section].pop(key, None)
+    # added after results were keyed, with the value they all had: out of the key (ADDED_WITH_DEFAULT)
+    assert container.pop("normalization") == {"kind": "batchnorm"}
     written = json.dumps(container, sort_keys=True).encode()
     assert config_key(cfg) == hashlib.sha256(written).hexdigest()[:12]
     assert "safetransfer." not in written.decode() and "torch.optim" not in written.decode()

@@ -43,7 +43,7 @@ SAMPLING_KEYS = (
 
 #: keys added after results were keyed without them: left out of the key while they hold the value that
 #: every earlier result had, so that adding an option does not change the key of a result that predates it
-ADDED_WITH_DEFAULT = {"target.test_dir": "test"}
+ADDED_WITH_DEFAULT = {"target.test_dir": "test", "normalization.kind": "batchnorm"}
 
 
 def decisive(cfg) -> dict:
@@ -61,6 +61,8 @@ def decisive(cfg) -> dict:
         section, key = dotted.split(".")
         if container.get(section, {}).get(key, default) == default:
             container.get(section, {}).pop(key, None)
+            if container.get(section, None) == {}:  # a section added whole (normalization): absent before
+                container.pop(section)
     return container
 
 

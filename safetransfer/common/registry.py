@@ -22,7 +22,8 @@ KINDS = {
         "a regularizer term",
         tuple(f"safetransfer.training.regularizers.{m}" for m in ("l2", "l2sp", "knowdist", "delta", "bss", "lwf")),
     ),
-    "optimizer": ("the optimizer", ("safetransfer.training.engine",)),
+    "normalization": ("the backbone's normalization", ("safetransfer.training.normalization",)),
+    "optimizer": ("the optimizer", ("safetransfer.training.engine", "safetransfer.training.spd")),
     "scheduler": ("the lr schedule", ("safetransfer.training.engine",)),
     "source": (
         "the source",

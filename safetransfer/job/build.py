@@ -50,9 +50,12 @@ def create_direction(cfg: DictConfig) -> Direction:
 
 
 def create_model(cfg: DictConfig, num_classes: int, source: SourceWeights | None) -> TransferNet:
+    """The backbone with the source's weights and the normalization asked for (StochNorm's layers
+    take over BatchNorm's weights and statistics), and a new head."""
     model = TransferNet(cfg.backbone.name, num_classes)
     if source is not None:
         model.backbone.load_state_dict(source.backbone)
+    build("normalization", cfg.normalization, "normalization").convert(model.backbone)
     return model
 
 

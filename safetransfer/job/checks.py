@@ -117,6 +117,7 @@ def check_config(cfg: DictConfig) -> None:
         )
     check_regularizer(cfg)
     build("direction", cfg.direction, "direction")
+    build("normalization", cfg.normalization, "normalization")
     check_on_device(cfg.data)
     check_optimizer(cfg.optim)
     milestones = list(cfg.optim.scheduler.get("milestones", []))  # a scheduler without milestones has none

@@ -6,7 +6,7 @@ which fills every field (one it left out would be refused as missing). OmegaConf
 the wrong type and a key the schema does not have, with the key's full name, wherever the value comes
 from (a YAML file, a preset, the command line). Ranges and rules across
 keys are checked in one pass over the composed config (safetransfer/job/checks.py); the group nodes
-(backbone, source, target, regularizer, direction, optim) are checked by the registered classes they
+(backbone, source, target, regularizer, direction, normalization, optim) are checked by the registered classes they
 build (safetransfer/common/registry.py), which know their own keys.
 """
 
@@ -109,6 +109,7 @@ class Config:
     target: Any = None
     regularizer: Any = None
     direction: Any = None
+    normalization: Any = None
     optim: Any = None
     # what a paper preset adds: the DTNH tables' schedules, the BSS table's lists and DELTA's convention
     schedule: Any = None

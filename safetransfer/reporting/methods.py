@@ -18,9 +18,18 @@ SCRATCH = "From scratch"
 PLAIN = ("Fine-tuning", "L2")
 
 
-def method_label(regularizer: str, direction: str) -> str:
+#: what else, besides Omega and the direction, makes a method (registered names -> table names): the
+#: backbone's normalization (`normalization.kind`) and an optimizer that decays on its own (`optim.optimizer.kind`)
+MODIFIERS = {"stochnorm": "StochNorm", "sgd_spd": "SPD", "adam_spd": "SPD"}
+
+
+def method_label(regularizer: str, direction: str, modifiers: list[str] = ()) -> str:
     """The table name of `regularizer` stepped by the direction strategy named `direction`
-    (its registered name, `direction.kind`; another strategy is named after its name in capitals)."""
+    (its registered name, `direction.kind`; another strategy is named after its name in capitals);
+    `modifiers` (StochNorm, SPD) name plain fine-tuning on their own and follow any other regularizer
+    (L2-SP+StochNorm, DTNH (LwF+SPD))."""
+    if modifiers:
+        regularizer = "+".join(modifiers if regularizer in PLAIN else [regularizer, *modifiers])
     return LABELS.get(direction, direction.upper() + " ({regularizer})").format(regularizer=regularizer)
 
 
@@ -38,18 +47,23 @@ def method_structure(cfg) -> dict:
     """What a method is, recorded in metrics.json: its regularizer's name, the names of its terms,
     its direction strategy (its registered name) and whether it starts from scratch.
     Its table name (structure_label) and its reference (reference_key) are derived from it."""
-    return {
+    structure = {
         "regularizer": str(cfg.regularizer.name),
         "terms": sorted(str(term) for term in cfg.regularizer.terms),
         "direction": str(cfg.direction.kind),
         "scratch": from_scratch(cfg.source),
     }
+    kinds = [(cfg.get("normalization") or {}).get("kind"), cfg.optim.optimizer.get("kind")]
+    modifiers = [MODIFIERS[kind] for kind in kinds if kind in MODIFIERS]
+    if modifiers:  # absent otherwise: a method without them keeps the structure it always had
+        structure["modifiers"] = modifiers
+    return structure
 
 
 def structure_label(structure: dict) -> str:
     """The table name: plain fine-tuning from source=scratch is the no-transfer baseline, 'From
     scratch' (another method from scratch keeps its name; the source column says scratch)."""
-    label = method_label(structure["regularizer"], structure["direction"])
+    label = method_label(structure["regularizer"], structure["direction"], structure.get("modifiers", ()))
     return SCRATCH if structure.get("scratch") and label in PLAIN else label
 
 
@@ -59,23 +73,26 @@ def method_name(cfg) -> str:
 
 
 def reference_key(structure: dict) -> tuple[frozenset, str] | None:
-    """(terms, direction) of the method a method is compared with, seed by seed: the same terms
+    """(terms, direction, modifiers) of the method a method is compared with, seed by seed: the same terms
     summed for another direction (DTNH (L2-SP) -> L2-SP, and any new strategy likewise), the terms
-    without BSS for a +BSS method (L2-SP+BSS -> L2-SP), plain fine-tuning for the rest; None for
+    without BSS for a +BSS method (L2-SP+BSS -> L2-SP), the same terms without StochNorm or SPD for a
+    method with them (StochNorm -> Fine-tuning), plain fine-tuning for the rest; None for
     plain fine-tuning itself and for the From scratch baseline."""
-    terms = frozenset(structure["terms"])
+    terms, modifiers = frozenset(structure["terms"]), tuple(structure.get("modifiers", ()))
     if structure.get("scratch") and structure_label(structure) == SCRATCH:
         return None
     if structure["direction"] != SUM:
-        return terms, SUM
+        return terms, SUM, modifiers
     if BSS_TERM in terms and len(terms) > 1:
-        return terms - {BSS_TERM}, SUM
-    return None if terms == frozenset(PLAIN_TERMS) else (frozenset(PLAIN_TERMS), SUM)
+        return terms - {BSS_TERM}, SUM, modifiers
+    if modifiers:  # StochNorm, L2-SP+SPD: the same terms without them
+        return terms, SUM, ()
+    return None if terms == frozenset(PLAIN_TERMS) else (frozenset(PLAIN_TERMS), SUM, ())
 
 
-def key_of(structure: dict) -> tuple[frozenset, str]:
-    """(terms, direction) of a method, to match against a reference_key."""
-    return frozenset(structure["terms"]), structure["direction"]
+def key_of(structure: dict) -> tuple[frozenset, str, tuple]:
+    """(terms, direction, modifiers) of a method, to match against a reference_key."""
+    return frozenset(structure["terms"]), structure["direction"], tuple(structure.get("modifiers", ()))
 
 
 def describe_reference(structure: dict) -> str:
@@ -84,6 +101,8 @@ def describe_reference(structure: dict) -> str:
         return f"{structure['regularizer']} without {structure['direction']}"
     if BSS_TERM in structure["terms"]:
         return f"{structure['regularizer']} without BSS"
+    if structure.get("modifiers"):
+        return f"{structure['regularizer']} without {'+'.join(structure['modifiers'])}"
     return "plain fine-tuning (Fine-tuning or L2)"
 
 
