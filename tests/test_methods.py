@@ -2,12 +2,21 @@
 mix against NumPy's batch normalization, SPD's step against a hand-worked NumPy step, and each method
 trained through its preset and resumed exactly after a stop."""
 
+import csv
+import signal
+
 import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+import published
+from conftest import TINY
+from safetransfer.common.registry import build
+from safetransfer.common.signals import Preempted
+from safetransfer.data.preparation import prepare_data
+from safetransfer.job.run import resolved, run_seed
 from safetransfer.training.normalization import StochNorm, StochNorm2d
 from safetransfer.training.spd import SGDSPD, AdamSPD
 
@@ -184,3 +193,96 @@ def test_adam_spd_equals_numpy_adam_followed_by_the_papers_correction():
 def test_spd_refuses_a_negative_lambda():
     with pytest.raises(ValueError, match="lambda_spd=-1 must be a number >= 0"):
         SGDSPD([nn.Parameter(torch.zeros(2))], lambda_spd=-1, lr=0.1)
+
+
+# ---------------------------------------------------------------- each method through its preset
+
+
+class StopAt:
+    """A stop request (as common.signals.StopSignals gives it) seen from the `at`-th check on."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    @property
+    def requested(self):
+        self.calls += 1
+        return signal.SIGTERM if self.calls >= self.at else None
+
+
+def _log_rows(seed_dir):
+    with open(seed_dir / "log.csv") as handle:
+        return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(handle)]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "stochnorm",
+        "spd",
+        "co_tuning",
+        pytest.param("dtnh_co_tuning", marks=pytest.mark.e2e),
+        pytest.param("lwf", marks=pytest.mark.e2e),
+        pytest.param("dtnh_lwf", marks=pytest.mark.e2e),
+    ],
+)
+def test_each_method_trains_through_its_preset_and_resumes_exactly_after_a_stop(method, compose_cfg, tmp_path, caplog):
+    """From a torchvision ResNet-18 file with its 1000-way classifier (tests/published.py: torchvision's
+    structure): the whole run, and a run stopped after iteration 2 then resumed from its checkpoint, end with
+    the same accuracy, loss and log rows (StochNorm's draws and SPD's theta_0 included)."""
+    path = tmp_path / "weights" / published.IMAGENET_V1_FILES["resnet18"]
+    path.parent.mkdir()
+    published.torchvision_v1_checkpoint(path, "resnet18")
+    cfg, _ = resolved(
+        compose_cfg(
+            *(o for o in TINY if o != "train.iterations=3"),
+            "train.iterations=4",
+            "runtime.checkpoint_every=1",
+            "runtime.spectrum_batches=0",
+            f"method={method}",
+            "source=file",
+            f"source.path={path}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        )
+    )
+    source = build("source", cfg.source, "source").load(cfg.backbone.name)
+    data = prepare_data(cfg, build("target", cfg.target, "target"))
+    whole = run_seed(cfg, 0, data, source, tmp_path / "whole")
+    with pytest.raises(Preempted):
+        run_seed(cfg, 0, data, source, tmp_path / "stopped", stop=StopAt(2))
+    assert not (tmp_path / "stopped" / "seed_0" / "metrics.json").exists()
+    caplog.set_level("INFO")
+    resumed = run_seed(cfg, 0, prepare_data(cfg, build("target", cfg.target, "target")), source, tmp_path / "stopped")
+    assert "seed 0: resumed after iteration 2 of 4" in caplog.text  # continued, not started over
+    assert (resumed["top1"], resumed["test_loss"]) == (whole["top1"], whole["test_loss"])
+    assert _log_rows(tmp_path / "stopped" / "seed_0") == _log_rows(tmp_path / "whole" / "seed_0")
+    assert len(_log_rows(tmp_path / "whole" / "seed_0")) == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, name, reference",
+    [
+        (["method=stochnorm"], "StochNorm", "Fine-tuning"),
+        (["method=spd"], "SPD", "Fine-tuning"),
+        (["method=l2sp", "normalization=stochnorm"], "L2-SP+StochNorm", "L2-SP"),
+        (["method=dtnh_l2sp", "optim=sgd_spd"], "DTNH (L2-SP+SPD)", "L2-SP+SPD"),
+        (["method=l2sp_bss", "normalization=stochnorm"], "L2-SP+BSS+StochNorm", "L2-SP+StochNorm"),
+        (["method=co_tuning"], "Co-Tuning", "Fine-tuning"),
+        (["method=dtnh_co_tuning"], "DTNH (Co-Tuning)", "Co-Tuning"),
+    ],
+)
+def test_a_method_is_named_by_what_it_adds_and_compared_with_the_same_method_without_it(
+    compose_cfg, overrides, name, reference
+):
+    from safetransfer.reporting.methods import key_of, method_name, method_structure, reference_key
+
+    structure = method_structure(compose_cfg(*overrides))
+    assert method_name(compose_cfg(*overrides)) == name
+    names = {
+        "Fine-tuning": ["method=fine_tuning"],
+        "L2-SP": ["method=l2sp"],
+        "L2-SP+SPD": ["method=l2sp", "optim=sgd_spd"],
+        "L2-SP+StochNorm": ["method=l2sp", "normalization=stochnorm"],
+        "Co-Tuning": ["method=co_tuning"],
+    }
+    assert key_of(method_structure(compose_cfg(*names[reference]))) == reference_key(structure)

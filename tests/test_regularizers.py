@@ -647,3 +647,129 @@ def test_lwf_needs_a_source_with_its_classifier():
         LwF().bind(TinyNet(), BindContext(source_head=None))
     with pytest.raises(ValueError, match="temperature=0 must be a number > 0"):
         LwF(temperature=0)
+
+
+# ---------------------------------------------------------------- Co-Tuning
+
+
+def _tiny_images(rng, count: int) -> np.ndarray:
+    return rng.normal(size=(count, 2, 3, 3))
+
+
+def test_co_tuning_is_the_cross_entropy_against_the_relationship_and_its_gradient():
+    """lambda_c * mean_b -sum_s r[y_b, s] log softmax(h_s(f(x_b)))_s by hand in NumPy, with the relationship r
+    learned at bind (direct: the mean source probabilities per target class, computed here from the source
+    network by hand), and its gradient on the source classifier in closed form lambda_c / B (q - r[y])^T pooled."""
+    from torch.utils.data import TensorDataset
+
+    from safetransfer.training.regularizers.co_tuning import CoTuning
+
+    model = TinyNet()
+    rng = np.random.default_rng(5)
+    head = {"weight": torch.tensor(rng.normal(size=(5, 2))), "bias": torch.tensor(rng.normal(size=5))}
+    train_images, train_labels = _tiny_images(rng, 9), np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    data = TensorDataset(torch.tensor(train_images), torch.tensor(train_labels))
+    term = CoTuning(lambda_c=1.7, relationship="direct", source_scale=0.8)
+    term.bind(model, BindContext(source_head=head, train_data=data, batch_size=4))
+
+    probabilities = _softmax(
+        0.8 * (_numpy_pooled(model.backbone, train_images) @ head["weight"].numpy().T + head["bias"].numpy())
+    )
+    expected_r = np.stack([probabilities[train_labels == t].mean(axis=0) for t in range(3)])
+    np.testing.assert_allclose(term.relationship.double().numpy(), expected_r, rtol=1e-6)  # kept in float32
+
+    with torch.no_grad():  # training has moved the backbone and the source classifier
+        model.backbone.layer1.weight.add_(0.2)
+        model.source_head.weight.add_(torch.tensor(rng.normal(size=(5, 2))) * 0.3)
+    images, labels = _tiny_images(rng, 4), torch.tensor([2, 0, 0, 1])
+    _, features = model(torch.tensor(images))
+    features.labels = labels
+    value = term.value(model, features)
+    w_s, b_s = model.source_head.weight.detach().numpy(), model.source_head.bias.detach().numpy()
+    pooled = _numpy_pooled(model.backbone, images)
+    q = _softmax(pooled @ w_s.T + b_s)
+    r = term.relationship.double().numpy()[labels.numpy()]
+    assert float(value.detach()) == pytest.approx(1.7 * np.mean(-np.sum(r * np.log(q), axis=1)), rel=1e-6)
+    (gradient,) = torch.autograd.grad(value, [model.source_head.weight])
+    np.testing.assert_allclose(gradient.numpy(), 1.7 / 4 * (q - r).T @ pooled, rtol=1e-5, atol=1e-12)
+    assert model.parameter_groups()["backbone"][-2:] == list(model.source_head.parameters())  # the backbone's lr
+
+
+def test_the_temperature_fit_is_the_minimum_of_the_nll_found_by_golden_section():
+    from safetransfer.training.regularizers.co_tuning import fit_scale
+
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(40, 4)) * 3, rng.integers(0, 4, size=40)
+    logits[np.arange(40), labels] += 2.0
+
+    def nll(t):
+        z = t * logits
+        z = z - z.max(axis=1, keepdims=True)
+        return np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(40), labels])
+
+    low, high = 1e-3, 20.0
+    golden = (np.sqrt(5) - 1) / 2
+    for _ in range(200):
+        a, b = high - golden * (high - low), low + golden * (high - low)
+        low, high = (low, b) if nll(a) < nll(b) else (a, high)
+    assert fit_scale(logits, labels) == pytest.approx((low + high) / 2, rel=1e-6)
+
+
+def test_the_calibrated_relationship_follows_the_authors_steps_recomputed_independently():
+    """Target class t drawn from source classes 2t and 2t+1 (noisy): the relationship puts its mass there.
+    Recomputed step by step without sklearn: the logistic regression at the chosen C by scipy (0.5 ||W||^2
+    + C sum CE, no intercept), its logits' temperature by golden section, Bayes' rule with the marginal."""
+    from scipy.optimize import minimize
+
+    from safetransfer.training.regularizers.co_tuning import calibrated_relationship, stratified_holdout
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), 20)
+    logits = rng.normal(size=(60, 6))
+    logits[np.arange(60), 2 * labels + rng.integers(0, 2, size=60)] += 3.0
+    probabilities = _softmax(logits)
+    r, chosen = calibrated_relationship(probabilities, labels, 3, holdout=0.25)
+    assert r.shape == (3, 6) and np.allclose(r.sum(axis=1), 1)
+    assert all(r[t, 2 * t] + r[t, 2 * t + 1] > 0.6 for t in range(3))
+
+    held = stratified_holdout(labels, 0.25)
+    assert held.sum() == 15 and all(held[labels == t].sum() == 5 for t in range(3))
+    x, y, c = probabilities[~held], labels[~held], chosen["C"]
+
+    def objective(flat):
+        w = flat.reshape(3, 6)
+        z = x @ w.T
+        z = z - z.max(axis=1, keepdims=True)
+        ce = np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]
+        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        p[np.arange(len(y)), y] -= 1
+        return 0.5 * np.sum(w * w) + c * ce.sum(), (w + c * p.T @ x).ravel()
+
+    w = minimize(objective, np.zeros(18), jac=True, method="L-BFGS-B", options={"gtol": 1e-10, "maxiter": 10000}).x
+    w = w.reshape(3, 6)
+    z, yv = probabilities[held] @ w.T, labels[held]
+
+    def nll(t):
+        s = t * z - (t * z).max(axis=1, keepdims=True)
+        return np.mean(np.log(np.exp(s).sum(axis=1)) - s[np.arange(len(yv)), yv])
+
+    low, high = 1e-3, 50.0
+    for _ in range(200):
+        a, b = high - 0.618034 * (high - low), low + 0.618034 * (high - low)
+        low, high = (low, b) if nll(a) < nll(b) else (a, high)
+    scale = (low + high) / 2
+    assert chosen["scale"] == pytest.approx(scale, rel=1e-4)
+    target_given_source = _softmax(w.T * scale)
+    joint = (target_given_source * probabilities.mean(axis=0)[:, None]).T
+    np.testing.assert_allclose(r, joint / joint.sum(axis=1, keepdims=True), atol=1e-4)
+
+
+def test_co_tuning_needs_a_source_with_its_classifier_and_checks_its_settings():
+    from safetransfer.training.regularizers.co_tuning import CoTuning
+
+    with pytest.raises(ConfigError, match="regularizer.terms.co_tuning: Co-Tuning .* this source has no classifier"):
+        CoTuning().bind(TinyNet(), BindContext(source_head=None))
+    with pytest.raises(ValueError, match="relationship='learned'; allowed: calibrated, direct"):
+        CoTuning(relationship="learned")
+    with pytest.raises(ValueError, match="holdout=1 must be a fraction in"):
+        CoTuning(holdout=1)

@@ -237,7 +237,8 @@ def test_lwf_under_dtnh_trains_the_source_classifier_beside_the_new_head(train_i
     assert not torch.equal(weights["source_head.weight"], source["fc.weight"])  # trained with the network
 
 
-def test_lwf_from_a_source_without_a_classifier_is_one_line(train_in_process, tmp_path):
-    code, out, err = train_in_process(*SHORT, "method=lwf", "source=scratch")
+@pytest.mark.parametrize("method", ["lwf", "dtnh_co_tuning"])
+def test_lwf_or_co_tuning_from_a_source_without_a_classifier_is_one_line(train_in_process, tmp_path, method):
+    code, out, err = train_in_process(*SHORT, f"method={method}", "source=scratch")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "this source has no classifier" in lines[0], err

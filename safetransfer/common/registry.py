@@ -20,7 +20,10 @@ KINDS = {
     "direction": ("the direction strategy", ("safetransfer.training.directions",)),
     "term": (
         "a regularizer term",
-        tuple(f"safetransfer.training.regularizers.{m}" for m in ("l2", "l2sp", "knowdist", "delta", "bss", "lwf")),
+        tuple(
+            f"safetransfer.training.regularizers.{m}"
+            for m in ("l2", "l2sp", "knowdist", "delta", "bss", "lwf", "co_tuning")
+        ),
     ),
     "normalization": ("the backbone's normalization", ("safetransfer.training.normalization",)),
     "optimizer": ("the optimizer", ("safetransfer.training.engine", "safetransfer.training.spd")),

@@ -49,23 +49,24 @@ class DemoSource(Source):
     def read_file(self, backbone: str) -> Path:
         return self.cache_path(backbone)
 
+    #: what the cached file holds: its backbone, classifier and class names (files of the backbone alone,
+    #: from before, keep their own name and are not read)
+    CONTENTS = ("backbone", "head", "classes")
+
     def cache_path(self, backbone: str) -> Path:
-        key = fingerprint({"backbone": backbone, **self.settings}, 16)
+        key = fingerprint({"backbone": backbone, **self.settings, "contents": self.CONTENTS}, 16)
         return self.cache_dir / "demo_source" / f"{backbone}-{key}.pt"
 
     def load(self, backbone: str) -> SourceWeights:
-        """The pretrained backbone (the demo's cache keeps the backbone alone: no source head)."""
-        return SourceWeights(self.pretrained_backbone(backbone))
-
-    def pretrained_backbone(self, backbone: str) -> dict[str, torch.Tensor]:
+        """The pretrained backbone with its classifier and class names (for LwF and Co-Tuning)."""
         path = self.cache_path(backbone)
         built = not path.exists()
         state = built_once(path, lambda: self.pretrain(backbone), "the demo source model")
         if built:
             log.info("demo source model for %s cached at %s", backbone, path)
-        return state
+        return SourceWeights(state["backbone"], state["head"], list(state["classes"]))
 
-    def pretrain(self, backbone: str) -> dict[str, torch.Tensor]:
+    def pretrain(self, backbone: str) -> dict:
         from safetransfer.common import signals
         from safetransfer.data.datasets import TensorImages, Transformed
         from safetransfer.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
@@ -102,4 +103,4 @@ class DemoSource(Source):
                 )
             except signals.Preempted as stopped:
                 raise signals.Preempted(stopped.signum, 0, None, during="pretraining the demo source model") from None
-        return model.backbone.state_dict()
+        return {"backbone": model.backbone.state_dict(), "head": model.head.state_dict(), "classes": list(classes)}

@@ -74,11 +74,13 @@ def create_backbone(name: str) -> nn.Module:
 
 @dataclass
 class Features:
-    """What one forward pass saw: the input images, the maps of the tapped modules and the pooled features."""
+    """What one forward pass saw: the input images, the maps of the tapped modules and the pooled features;
+    in a training step also the batch's labels (Co-Tuning's targets are indexed by them)."""
 
     images: torch.Tensor
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     pooled: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
 
 def last_conv(stage: str, backbone: nn.Module) -> str:
@@ -160,9 +162,12 @@ class TransferNet(nn.Module):
         features = forward_features(self.backbone, images, sorted({*self.stages, *self.taps}))
         return self.head(features.pooled), features
 
-    def keep_source_head(self, head: dict[str, torch.Tensor], trainable: bool = False) -> nn.Linear:
+    def keep_source_head(
+        self, head: dict[str, torch.Tensor], trainable: bool = False, group: str = "head"
+    ) -> nn.Linear:
         """Keep the source task's classifier beside the new head (`source_head`: the source model's
-        predictions, for the methods that read them), frozen or trained as the method asks. A network
+        predictions, for the methods that read them), frozen or trained as the method asks, at the lr
+        of the parameter group `group` (`head`: the new head's; `backbone`: the backbone's). A network
         without it has the state_dict it always had."""
         weight = head["weight"]
         if weight.shape[1] != self.backbone.num_features:
@@ -174,14 +179,15 @@ class TransferNet(nn.Module):
         )
         source_head.load_state_dict(head)
         source_head.requires_grad_(trainable)
-        self.source_head = source_head
+        self.source_head, self.source_head_group = source_head, group
         return source_head
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        heads = [self.head, *([self.source_head] if hasattr(self, "source_head") else [])]
+        groups = {"backbone": [self.backbone], "head": [self.head]}
+        if hasattr(self, "source_head"):
+            groups[self.source_head_group].append(self.source_head)
         return {
-            "backbone": [p for p in self.backbone.parameters() if p.requires_grad],
-            "head": [p for head in heads for p in head.parameters() if p.requires_grad],
+            name: [p for m in modules for p in m.parameters() if p.requires_grad] for name, modules in groups.items()
         }
 
 

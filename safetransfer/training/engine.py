@@ -76,6 +76,7 @@ def training_step(
         guard.hold()
     with precision_context or contextlib.nullcontext():
         logits, features = model(images)
+        features.labels = labels
         loss_J = F.cross_entropy(logits, labels)
         feature_terms = omega.autograd_values(model, features)
     omega_autograd = torch.stack(list(feature_terms.values())).sum() if feature_terms else None
@@ -137,6 +138,7 @@ def diagnose_nonfinite(
 
     with precision_context or contextlib.nullcontext():
         logits, features = model(images)
+        features.labels = labels
         loss_J = F.cross_entropy(logits, labels)
         values = omega.autograd_values(model, features)
     values.update(omega.closed_form_values(model))
