@@ -14,6 +14,7 @@ from conftest import TINY
 from safetransfer.commands.reproduce import benchmark_figures, plan, precision_note
 from safetransfer.common.errors import ConfigError
 from safetransfer.reporting.search import apply_chosen
+from safetransfer.reporting.tables import published_values
 
 
 def test_dtnh_presets_follow_the_papers_protocol(compose_cfg):
@@ -378,3 +379,34 @@ def test_table_iv_makes_its_stanford_dogs_source_itself(tmp_path, monkeypatch, c
     assert "target=flowers102" not in first and "method=fine_tuning" not in first
     assert first[-1] == f"hydra.run.dir={Path('tables') / 'sources' / 'resnet18_stanford_dogs'}"
     assert [c[0] for c in calls[1:]] == ["stage"] * (len(calls) - 1) and len(calls) >= 2
+
+
+@pytest.mark.e2e  # composes the 120 cells' jobs (about 20 s)
+def test_the_tllib_table_plans_every_cell_and_each_job_takes_tllibs_protocol(compose_cfg):
+    """experiment=tllib_table: 3 targets x 4 rates x 10 methods, each searched over two lrs on validation;
+    a composed job carries TLlib's scripts' settings (tllib_benchmarks.md), and DELTA, which has no l2 term,
+    is left without the weight decay the other methods take as Omega."""
+    from safetransfer.job.run import resolved
+
+    jobs, _ = plan("tllib_table", [])
+    final = [j for j in jobs if j.stage == "final"]
+    assert len(final) == 120 and sum(j.stage == "search" for j in jobs) == 240
+    assert {j.cell["method"] for j in final} == {
+        "l2", "lwf", "dtnh_lwf", "l2_bss", "dtnh_l2_bss", "delta", "dtnh_delta", "stochnorm", "co_tuning",
+        "dtnh_co_tuning",
+    }  # fmt: skip
+    assert {j.cell["target"] for j in final} == {"cub200", "stanford_cars", "fgvc_aircraft"}
+    cfg, _ = resolved(compose_cfg("experiment=tllib_table", "target=cub200", "method=dtnh_co_tuning", "hydra.mode=RUN"))
+    assert (cfg.train.iterations, list(cfg.optim.scheduler.milestones), cfg.train.batch_size) == (10000, [6000], 48)
+    assert cfg.optim.optimizer.nesterov is True and cfg.optim.optimizer.lr * cfg.optim.head_lr_mult == 0.01
+    assert cfg.regularizer.terms.l2.alpha == 5e-4 and cfg.regularizer.terms.co_tuning.relationship == "direct"
+    assert cfg.target.sample_list == "bss" and cfg.results.published == "tllib_table"
+    delta, _ = resolved(compose_cfg("experiment=tllib_table", "target=cub200", "method=delta", "hydra.mode=RUN"))
+    assert set(delta.regularizer.terms) == {"delta", "head"}
+    assert delta.regularizer.terms.delta.convention == "released_code"
+    published = published_values("tllib_table")
+    assert len(published) == 84 and set(published["method"]) >= {"L2", "L2+BSS", "LwF", "Co-Tuning", "StochNorm"}
+    assert (
+        float(published.query("target == 'stanford_cars' and sampling_rate == 50 and method == 'DELTA'").top1.iloc[0])
+        == 79.6
+    )

@@ -363,6 +363,19 @@ def rows_of(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(**{"sampling (%)": frame["sampling_rate"].map(lambda r: f"{float(r):g}")})
 
 
+#: what a reader of a published table's comparison must know about how its values were obtained
+PUBLISHED_NOTES = {
+    "tllib_table": (
+        "TLlib's values (`paper`) are one run each, at the best epoch on the test split: its scripts' "
+        "validation loader is the test split, so its hyper-parameters and epoch are chosen on the numbers it "
+        "reports. Ours: the lr chosen on a validation split held out of the training images (never the test "
+        "split), the last iteration, five seeds. Its samples are TLlib's own lists (now behind dead links); "
+        "ours are the BSS authors' released lists for these three targets (or our stratified sample where a "
+        "job sets target.sample_list=null). Bi-Tuning's values are shown without a run of ours."
+    ),
+}
+
+
 def paper_markdown(frame: pd.DataFrame, published: str | None) -> str:
     shared = set(frame.attrs.get("shared_rows", ()))
     shown = rows_of(frame).assign(
@@ -389,6 +402,8 @@ def paper_markdown(frame: pd.DataFrame, published: str | None) -> str:
     ]
     if shared:
         lines += ["", SHARED_ROW_NOTE]
+    if published in PUBLISHED_NOTES:
+        lines += ["", PUBLISHED_NOTES[published]]
     chosen = frame[(frame["chosen"] != "") & (frame["seeds"] > 0)]
     if len(chosen):
         lines += ["", "Chosen on the validation split (the best mean validation top-1 of the settings tried):", ""]
