@@ -71,8 +71,8 @@ def test_single_run_from_the_command_line(cli, tmp_path):
     [
         (
             ["regularizer=l3"],
-            "regularizer=l3 is not a known choice; allowed: bss, co_tuning, delta, delta_bss, head, knowdist, "
-            "knowdist_bss, l2, l2_bss, l2sp, l2sp_bss, lwf",
+            "regularizer=l3 is not a known choice; allowed: bi_tuning, bss, co_tuning, delta, delta_bss, head, "
+            "knowdist, knowdist_bss, l2, l2_bss, l2sp, l2sp_bss, lwf",
         ),
         (["backbone=resnet34"], "backbone=resnet34 is not a known choice; allowed: resnet18, resnet50"),
         (
@@ -318,7 +318,7 @@ def test_a_file_that_names_code_to_run_is_refused_and_nothing_runs(cli, tmp_path
     assert lines[0] == (
         "safetransfer-train: error: regularizer.terms.l2sp._target_=os.getcwdb names code to run; a config names "
         "a regularizer term by its registered name: "
-        "regularizer.terms.l2sp.kind=<bss, co_tuning, delta, head, knowdist, l2, l2sp, lwf>"
+        "regularizer.terms.l2sp.kind=<bi_tuning, bss, co_tuning, delta, head, knowdist, l2, l2sp, lwf>"
     )
     assert not called
 

@@ -224,12 +224,15 @@ def _log_rows(seed_dir):
         pytest.param("dtnh_co_tuning", marks=pytest.mark.e2e),
         pytest.param("lwf", marks=pytest.mark.e2e),
         pytest.param("dtnh_lwf", marks=pytest.mark.e2e),
+        pytest.param("bi_tuning", marks=pytest.mark.e2e),
+        pytest.param("dtnh_bi_tuning", marks=pytest.mark.e2e),
     ],
 )
 def test_each_method_trains_through_its_preset_and_resumes_exactly_after_a_stop(method, compose_cfg, tmp_path, caplog):
     """From a torchvision ResNet-18 file with its 1000-way classifier (tests/published.py: torchvision's
     structure): the whole run, and a run stopped after iteration 2 then resumed from its checkpoint, end with
-    the same accuracy, loss and log rows (StochNorm's draws and SPD's theta_0 included)."""
+    the same accuracy, loss and log rows (StochNorm's draws, SPD's theta_0, Bi-Tuning's second views, key
+    encoder and queues included)."""
     path = tmp_path / "weights" / published.IMAGENET_V1_FILES["resnet18"]
     path.parent.mkdir()
     published.torchvision_v1_checkpoint(path, "resnet18")
@@ -269,6 +272,7 @@ def test_each_method_trains_through_its_preset_and_resumes_exactly_after_a_stop(
         (["method=l2sp_bss", "normalization=stochnorm"], "L2-SP+BSS+StochNorm", "L2-SP+StochNorm"),
         (["method=co_tuning"], "Co-Tuning", "Fine-tuning"),
         (["method=dtnh_co_tuning"], "DTNH (Co-Tuning)", "Co-Tuning"),
+        (["method=dtnh_bi_tuning"], "DTNH (Bi-Tuning)", "Bi-Tuning"),
     ],
 )
 def test_a_method_is_named_by_what_it_adds_and_compared_with_the_same_method_without_it(
@@ -284,5 +288,31 @@ def test_a_method_is_named_by_what_it_adds_and_compared_with_the_same_method_wit
         "L2-SP+SPD": ["method=l2sp", "optim=sgd_spd"],
         "L2-SP+StochNorm": ["method=l2sp", "normalization=stochnorm"],
         "Co-Tuning": ["method=co_tuning"],
+        "Bi-Tuning": ["method=bi_tuning"],
     }
     assert key_of(method_structure(compose_cfg(*names[reference]))) == reference_key(structure)
+
+
+def test_two_views_are_two_independent_draws_of_the_same_augmentation():
+    """Bi-Tuning's query and key views (Term.views = 2): on the device, (B, 2, 3, crop, crop) equal to two
+    successive draws of the one-view augmentation from the same generator; in the loader workers, the same
+    with the item's seeded CPU RNG (data.draws)."""
+    from safetransfer.data.augment import DeviceAugment
+    from safetransfer.data.transforms import augment_transform
+
+    images = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8)
+    common = (8, [0.5] * 3, [0.25] * 3, 3, torch.device("cpu"))
+    two = DeviceAugment(*common, train_crop="random_resized_crop", views=2)(images)
+    one = DeviceAugment(*common, train_crop="random_resized_crop")
+    first, second = one(images), one(images)
+    assert two.shape == (4, 2, 3, 8, 8) and torch.equal(two[:, 0], first) and torch.equal(two[:, 1], second)
+    assert not torch.equal(first, second)
+    torch.manual_seed(5)
+    pair = augment_transform(8, [0.5] * 3, [0.25] * 3, views=2)(images[0])
+    torch.manual_seed(5)
+    single = augment_transform(8, [0.5] * 3, [0.25] * 3)
+    assert (
+        pair.shape == (2, 3, 8, 8)
+        and torch.equal(pair[0], single(images[0]))
+        and torch.equal(pair[1], single(images[0]))
+    )

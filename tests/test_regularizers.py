@@ -773,3 +773,126 @@ def test_co_tuning_needs_a_source_with_its_classifier_and_checks_its_settings():
         CoTuning(relationship="learned")
     with pytest.raises(ValueError, match="holdout=1 must be a fraction in"):
         CoTuning(holdout=1)
+
+
+# ---------------------------------------------------------------- Bi-Tuning
+
+
+def _bi_tuning_reference(q, k, proj_q, proj_k, head, queues, pointer, xq, xk, labels, T, m):
+    """TLlib's Bi-Tuning forward written again in NumPy, loops and all (tllib/regularization/bi_tuning.py):
+    the key encoder's momentum step, the projector contrast against the queue before the batch, the keys
+    enqueued one image at a time, the classifier contrast against the queue after it; the two KLDivLoss
+    (batchmean) against t. Returns (Omega / lambda, the key encoder's weights, the queues, the pointers)."""
+    k = [m * a + (1 - m) * b for a, b in zip(k, q)]
+    proj_k = [m * a + (1 - m) * b for a, b in zip(proj_k, proj_q)]
+    queue_h, queue_z, pointer = queues[0].copy(), queues[1].copy(), pointer.copy()
+    C, K = queue_h.shape[1:]
+
+    def pooled(w, x):
+        return np.einsum("oc,bchw->bohw", w[1], np.einsum("oc,bchw->bohw", w[0], x)).mean(axis=(2, 3))
+
+    def unit(a):
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    h_q, h_k = pooled(q, xq), pooled(k, xk)
+    z_q, z_k = unit(h_q @ proj_q[0].T + proj_q[1]), unit(h_k @ proj_k[0].T + proj_k[1])
+    hn_q, hn_k = unit(np.c_[h_q, np.ones(len(h_q))]), unit(np.c_[h_k, np.ones(len(h_k))])
+    before, rows_z = queue_z.copy(), []
+    for i, c in enumerate(labels):
+        others = np.concatenate([before[:, :c, :], before[:, c + 1 :, :]], axis=1).reshape(len(z_q[i]), -1)
+        rows_z.append([z_q[i] @ z_k[i], *(z_q[i] @ before[:, c, :]), *(z_q[i] @ others)])
+        queue_h[:, c, pointer[c]], queue_z[:, c, pointer[c]] = hn_k[i], z_k[i]
+        pointer[c] = (pointer[c] + 1) % K
+    w = unit(np.c_[head[0], head[1]])
+    current, queued = hn_q @ w.T, (queue_h.reshape(len(w[0]), -1).T @ w.T).reshape(C, K, C)
+    rows_y = [
+        [current[i, c], *queued[c, :, c], *np.concatenate([queued[:c, :, c], queued[c + 1 :, :, c]]).ravel()]
+        for i, c in enumerate(labels)
+    ]
+    t = np.zeros(1 + C * K)
+    t[: K + 1] = 1 / (K + 1)
+
+    def kl(rows):
+        z = np.array(rows) / T
+        log_p = z - z.max(axis=1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+        return np.sum(t[: K + 1] * (np.log(t[: K + 1]) - log_p[:, : K + 1])) / len(rows)
+
+    return kl(rows_z) + kl(rows_y), k, proj_k, (queue_h, queue_z), pointer
+
+
+def test_bi_tuning_equals_tllibs_forward_over_two_steps_and_its_gradient_finite_differences():
+    """Two steps on a tiny float64 network (3 classes, K = 2 keys per class, a batch with three images of
+    class 1, so that one overwrites another in the queue): the value, the key encoder and the queues equal
+    TLlib's loops in NumPy; the projector's gradient equals central finite differences."""
+    from safetransfer.training.regularizers.bi_tuning import BiTuning
+
+    model = TinyNet()
+    term = BiTuning(lambda_b=0.6, temperature=0.5, queue_size=2, momentum=0.9, projection_dim=4)
+    term.bind(model, BindContext())
+    keys = model.bi_tuning_keys
+    assert model.parameter_groups()["backbone"][-2:] == list(model.bi_tuning_projector.parameters())
+    assert not any(p.requires_grad for p in keys.parameters())
+    rng = np.random.default_rng(7)
+    with torch.no_grad():  # the query network moved away from the key copy
+        model.backbone.layer1.weight.add_(torch.tensor(rng.normal(size=(3, 2, 1, 1))) * 0.3)
+
+    def numpy_state():
+        layers = lambda net: [
+            net.layer1.weight.detach().numpy()[:, :, 0, 0].copy(),
+            net.layer2.weight.detach().numpy()[:, :, 0, 0].copy(),
+        ]  # noqa: E731
+        linear = lambda lin: [lin.weight.detach().numpy().copy(), lin.bias.detach().numpy().copy()]  # noqa: E731
+        return (
+            layers(model.backbone), layers(keys.backbone), linear(model.bi_tuning_projector), linear(keys.projector),
+            linear(model.head), (keys.queue_h.numpy().copy(), keys.queue_z.numpy().copy()), keys.pointer.numpy().copy(),
+        )  # fmt: skip
+
+    for labels in ([1, 0, 1, 1, 2], [2, 2, 0, 1, 0]):
+        xq, xk = rng.normal(size=(5, 2, 3, 3)), rng.normal(size=(5, 2, 3, 3))
+        q, k, proj_q, proj_k, head, queues, pointer = numpy_state()
+        expected, k, proj_k, queues, pointer = _bi_tuning_reference(
+            q, k, proj_q, proj_k, head, queues, pointer, xq, xk, labels, 0.5, 0.9
+        )
+        _, features = model(torch.tensor(xq))
+        features.labels, features.views = torch.tensor(labels), (torch.tensor(xk),)
+        value = term.value(model, features)
+        assert float(value.detach()) == pytest.approx(0.6 * expected, rel=1e-10)
+        _, k_now, _, proj_k_now, _, queues_now, pointer_now = numpy_state()
+        for a, b in zip([*k, *proj_k, *queues], [*k_now, *proj_k_now, *queues_now]):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+        assert pointer.tolist() == pointer_now.tolist()
+
+    # the gradient on the projector: the keys' state put back before each evaluation, and the key encoder
+    # held still (momentum 1): keys carry no gradient (TLlib computes them under no_grad), so a difference
+    # quotient that let the perturbed projector leak into them would differentiate something else
+    state = {k: v.clone() for k, v in keys.state_dict().items()}
+    term.momentum = 1.0
+    xq, xk, labels = rng.normal(size=(5, 2, 3, 3)), rng.normal(size=(5, 2, 3, 3)), torch.tensor([0, 1, 2, 1, 0])
+
+    def evaluate():
+        keys.load_state_dict(state)
+        _, features = model(torch.tensor(xq))
+        features.labels, features.views = labels, (torch.tensor(xk),)
+        return term.value(model, features)
+
+    weight = model.bi_tuning_projector.weight
+    (gradient,) = torch.autograd.grad(evaluate(), [weight])
+    for index in [(0, 0), (1, 1), (3, 0)]:
+        with torch.no_grad():
+            weight[index] += 1e-6
+            up = float(evaluate())
+            weight[index] -= 2e-6
+            down = float(evaluate())
+            weight[index] += 1e-6
+        assert float(gradient[index]) == pytest.approx((up - down) / 2e-6, rel=1e-5, abs=1e-9)
+
+
+def test_bi_tuning_checks_its_settings():
+    from safetransfer.training.regularizers.bi_tuning import BiTuning
+
+    with pytest.raises(ValueError, match="queue_size=0 must be a whole number >= 1"):
+        BiTuning(queue_size=0)
+    with pytest.raises(ValueError, match=r"momentum=1 must be in \[0, 1\)"):
+        BiTuning(momentum=1)
+    assert BiTuning.views == 2

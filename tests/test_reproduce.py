@@ -381,19 +381,19 @@ def test_table_iv_makes_its_stanford_dogs_source_itself(tmp_path, monkeypatch, c
     assert [c[0] for c in calls[1:]] == ["stage"] * (len(calls) - 1) and len(calls) >= 2
 
 
-@pytest.mark.e2e  # composes the 120 cells' jobs (about 20 s)
+@pytest.mark.e2e  # composes the 144 cells' jobs (about 20 s)
 def test_the_tllib_table_plans_every_cell_and_each_job_takes_tllibs_protocol(compose_cfg):
-    """experiment=tllib_table: 3 targets x 4 rates x 10 methods, each searched over two lrs on validation;
+    """experiment=tllib_table: 3 targets x 4 rates x 12 methods, each searched over two lrs on validation;
     a composed job carries TLlib's scripts' settings (tllib_benchmarks.md), and DELTA, which has no l2 term,
     is left without the weight decay the other methods take as Omega."""
     from safetransfer.job.run import resolved
 
     jobs, _ = plan("tllib_table", [])
     final = [j for j in jobs if j.stage == "final"]
-    assert len(final) == 120 and sum(j.stage == "search" for j in jobs) == 240
+    assert len(final) == 144 and sum(j.stage == "search" for j in jobs) == 288
     assert {j.cell["method"] for j in final} == {
         "l2", "lwf", "dtnh_lwf", "l2_bss", "dtnh_l2_bss", "delta", "dtnh_delta", "stochnorm", "co_tuning",
-        "dtnh_co_tuning",
+        "dtnh_co_tuning", "bi_tuning", "dtnh_bi_tuning",
     }  # fmt: skip
     assert {j.cell["target"] for j in final} == {"cub200", "stanford_cars", "fgvc_aircraft"}
     cfg, _ = resolved(compose_cfg("experiment=tllib_table", "target=cub200", "method=dtnh_co_tuning", "hydra.mode=RUN"))

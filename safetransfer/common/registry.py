@@ -22,7 +22,7 @@ KINDS = {
         "a regularizer term",
         tuple(
             f"safetransfer.training.regularizers.{m}"
-            for m in ("l2", "l2sp", "knowdist", "delta", "bss", "lwf", "co_tuning")
+            for m in ("l2", "l2sp", "knowdist", "delta", "bss", "lwf", "co_tuning", "bi_tuning")
         ),
     ),
     "normalization": ("the backbone's normalization", ("safetransfer.training.normalization",)),

@@ -30,7 +30,8 @@ class DeviceAugment:
     antialiases when it shrinks: at the BSS protocol's 256 px images a window shrinks by at
     most 256/224; on smooth photos the two differ by under half a grey level on average).
     test_crops 10: the four corners and the centre, each also mirrored (torchvision's
-    TenCrop), as (B, 10, 3, crop, crop)."""
+    TenCrop), as (B, 10, 3, crop, crop). `views` > 1 (training): that many independent draws of each
+    image, as (B, views, 3, crop, crop): Bi-Tuning's query and key views."""
 
     def __init__(
         self,
@@ -42,8 +43,9 @@ class DeviceAugment:
         train: bool = True,
         train_crop: str = "random_crop",
         test_crops: int = 1,
+        views: int = 1,
     ):
-        self.crop, self.train, self.device = crop, train, device
+        self.crop, self.train, self.device, self.views = crop, train, device, views
         self.train_crop, self.test_crops = train_crop, test_crops
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
@@ -124,6 +126,11 @@ class DeviceAugment:
         return torch.stack(views, dim=1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.train and self.views > 1:  # independent draws of each image, (B, views, 3, crop, crop)
+            return torch.stack([self.augment(images) for _ in range(self.views)], dim=1)
+        return self.augment(images)
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
         if self.train:
             images = self.resized_crops(images) if self.train_crop == "random_resized_crop" else self.windows(images)
         elif self.test_crops == 10:

@@ -39,6 +39,7 @@ class Data:
     val: Dataset | None = None
     val_indices: np.ndarray | None = None
     device_augment: bool = False  # train/test hold uint8 images; crop, mirror and normalise happen on the device
+    views: int = 1  # augmented views of each training image (Bi-Tuning: 2, its query and key)
     resident: bool = False  # data.on_device: train/test are also held on the device, once per job (held_on)
     held: dict = field(default_factory=dict, repr=False)
 
@@ -123,10 +124,11 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
     nbytes = held_bytes((len(indices), len(test_set)), (3, cfg.data.resize, cfg.data.resize), (3, test_side, test_side))
     on_device = augment_on_device(cfg, cached)
     resident = hold_on_device(cfg, cached, on_device, nbytes)
+    views = training_views(cfg)
     if cached:
-        train, test = cached_data(cfg, train_set, test_set, indices, on_device)
+        train, test = cached_data(cfg, train_set, test_set, indices, on_device, views)
     else:
-        train = Transformed(train_set, indices, train_transform(*geometry, train_crop))
+        train = Transformed(train_set, indices, train_transform(*geometry, train_crop, views))
         test = Transformed(test_set, range(len(test_set)), test_transform(*geometry, test_crops, test_resize))
     return Data(
         train=train,
@@ -142,11 +144,25 @@ def prepare_data(cfg: DictConfig, target: Target, seed: int | None = None) -> Da
         val_indices=val_indices,
         device_augment=on_device,
         resident=resident,
+        views=views,
     )
 
 
+def training_views(cfg: DictConfig) -> int:
+    """How many augmented views of each training image the regularizer's terms read (Term.views)."""
+    from safetransfer.common.registry import lookup
+
+    terms = (OmegaConf.select(cfg, "regularizer.terms") or {}).items()  # a data-only config has none
+    return max([1, *(lookup("term", node.kind, f"regularizer.terms.{name}").views for name, node in terms)])
+
+
 def cached_data(
-    cfg: DictConfig, train_set: Dataset, test_set: Dataset, indices: np.ndarray, on_device: bool = False
+    cfg: DictConfig,
+    train_set: Dataset,
+    test_set: Dataset,
+    indices: np.ndarray,
+    on_device: bool = False,
+    views: int = 1,
 ) -> tuple[Dataset, Dataset]:
     """Training and test images read from the decoded-image cache: whole splits are cached
     once per dataset and size, so every sampling rate and seed shares them. With
@@ -168,7 +184,7 @@ def cached_data(
         return Transformed(train_all, indices, nn.Identity()), test_all
     crop, mean, std = cfg.data.crop, cfg.data.mean, cfg.data.std
     return (
-        Transformed(train_all, indices, augment_transform(crop, mean, std, train_crop)),
+        Transformed(train_all, indices, augment_transform(crop, mean, std, train_crop, views)),
         Transformed(test_all, range(len(test_all)), views_transform(crop, mean, std, test_crops)),
     )
 

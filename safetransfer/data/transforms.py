@@ -49,10 +49,16 @@ def crop_options(data) -> tuple[str, int, str]:
 
 
 def train_transform(
-    resize: int, crop: int, mean: Sequence[float], std: Sequence[float], train_crop: str = "random_crop"
+    resize: int,
+    crop: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train_crop: str = "random_crop",
+    views: int = 1,
 ) -> v2.Compose:
-    """Resize to resize x resize, random crop (or random resized crop), random mirror, normalise."""
-    return v2.Compose([decode_transform("train", resize, crop), augment_transform(crop, mean, std, train_crop)])
+    """Resize to resize x resize, random crop (or random resized crop), random mirror, normalise;
+    `views` > 1: that many independent draws of the random part, stacked (views, 3, crop, crop)."""
+    return v2.Compose([decode_transform("train", resize, crop), augment_transform(crop, mean, std, train_crop, views)])
 
 
 def test_transform(
@@ -72,14 +78,26 @@ def test_transform(
 
 
 def augment_transform(
-    crop: int, mean: Sequence[float], std: Sequence[float], train_crop: str = "random_crop"
-) -> v2.Compose:
+    crop: int, mean: Sequence[float], std: Sequence[float], train_crop: str = "random_crop", views: int = 1
+):
     """The random part of the training transform, on uint8 images already resized to a square.
     random_crop: a crop x crop window (the DTNH protocol); random_resized_crop: torchvision's
     RandomResizedCrop(crop), scale (0.08, 1) and aspect ratio (3/4, 4/3) of that square, as the
     BSS authors' released code (ResizeImage(256) then RandomResizedCrop(224))."""
     window = v2.RandomResizedCrop(crop, antialias=True) if train_crop == "random_resized_crop" else v2.RandomCrop(crop)
-    return v2.Compose([window, v2.RandomHorizontalFlip(), normalize_transform(mean, std)])
+    augment = v2.Compose([window, v2.RandomHorizontalFlip(), normalize_transform(mean, std)])
+    return augment if views == 1 else Views(augment, views)
+
+
+class Views:
+    """`count` independent draws of `transform` on one image, stacked (count, 3, H, W): the two views of
+    each training image that Bi-Tuning's query and key encoders see (TLlib's MultipleApply)."""
+
+    def __init__(self, transform, count: int):
+        self.transform, self.count = transform, count
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.transform(image).as_subclass(torch.Tensor) for _ in range(self.count)])
 
 
 def views_transform(crop: int, mean: Sequence[float], std: Sequence[float], test_crops: int = 1):

@@ -160,7 +160,7 @@ def build_seed(cfg: DictConfig, seed: int, data: Data, source: SourceWeights | N
     if data.device_augment:
         train_crop, test_crops, _ = crop_options(cfg.data)
         geometry = (cfg.data.crop, cfg.data.mean, cfg.data.std, seed, device)
-        train_batches = DeviceAugment(*geometry, train_crop=train_crop)
+        train_batches = DeviceAugment(*geometry, train_crop=train_crop, views=data.views)
         test_batches = DeviceAugment(*geometry, train=False, test_crops=test_crops)
     if data.resident:  # data.on_device: batches gathered from images held on the device
         held = data.held_on(device)

@@ -81,6 +81,8 @@ class Features:
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     pooled: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    #: in a training step whose terms read more than one view (Term.views): the other views of the batch
+    views: tuple[torch.Tensor, ...] = ()
 
 
 def last_conv(stage: str, backbone: nn.Module) -> str:
@@ -155,6 +157,8 @@ class TransferNet(nn.Module):
         self.head = nn.Linear(backbone.num_features, num_classes)
         #: modules of the backbone whose outputs a term reads besides the stages (added by its bind)
         self.taps: set[str] = set()
+        #: modules a term added (add_trained), by attribute name -> their parameter group
+        self.added: dict[str, str] = {}
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Features]:
         """Logits and the features the regularizers read (the stages' maps and those the terms
@@ -179,13 +183,20 @@ class TransferNet(nn.Module):
         )
         source_head.load_state_dict(head)
         source_head.requires_grad_(trainable)
-        self.source_head, self.source_head_group = source_head, group
-        return source_head
+        return self.add_trained("source_head", source_head, group)
+
+    def add_trained(self, name: str, module: nn.Module, group: str) -> nn.Module:
+        """A module a method adds to the network (LwF's source classifier, Bi-Tuning's projector and key
+        encoder): kept in its state_dict (so checkpointed and resumed with it), its trainable parameters
+        at the lr of the parameter group `group` (`head` or `backbone`)."""
+        setattr(self, name, module)
+        self.added[name] = group
+        return module
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {"backbone": [self.backbone], "head": [self.head]}
-        if hasattr(self, "source_head"):
-            groups[self.source_head_group].append(self.source_head)
+        for name, group in self.added.items():
+            groups[group].append(getattr(self, name))
         return {
             name: [p for m in modules for p in m.parameters() if p.requires_grad] for name, modules in groups.items()
         }

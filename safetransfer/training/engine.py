@@ -65,18 +65,20 @@ def training_step(
     record: bool = False,
     angles: bool = False,
     guard: FiniteGuard | None = None,
+    views: tuple[torch.Tensor, ...] = (),
 ) -> StepResult:
     """One iteration of DTNH Algorithm 1.
 
     `record` also returns each term's value; `angles` also returns the angles between
     d, g_J and g_Omega (which makes a `sum` step compute g_J and g_Omega apart too).
     `guard` (finite.FiniteGuard) skips the update when J or d is NaN or infinite, and remembers the step.
+    `views`: other augmented views of the batch, for a term that reads them (Bi-Tuning's key view).
     """
     if guard is not None:
         guard.hold()
     with precision_context or contextlib.nullcontext():
         logits, features = model(images)
-        features.labels = labels
+        features.labels, features.views = labels, views
         loss_J = F.cross_entropy(logits, labels)
         feature_terms = omega.autograd_values(model, features)
     omega_autograd = torch.stack(list(feature_terms.values())).sum() if feature_terms else None
@@ -381,8 +383,11 @@ def fit(
             images = images.to(parts.device, non_blocking=True)
             if parts.batch_transform is not None:
                 images = parts.batch_transform(images)
+            views = ()
+            if images.dim() == 5:  # several augmented views of each image (Term.views): the network sees the first
+                images, *views = images.unbind(1)
             if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+                images, *views = (v.contiguous(memory_format=torch.channels_last) for v in (images, *views))
             step = training_step(
                 model,
                 images,
@@ -395,6 +400,7 @@ def fit(
                 record=logged,
                 angles=diagnosed,
                 guard=guard,
+                views=tuple(views),
             )
             scheduler.step()
             logger.step(step.loss_J, step.correct, len(labels))

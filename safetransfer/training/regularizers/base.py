@@ -87,6 +87,9 @@ class Term:
 
     #: whether `bind` adds modules (and parameters) to the network
     adds_modules = False
+    #: augmented views of each training image the term reads: 2 gives it a second view of the batch
+    #: (Features.views), drawn independently of the one the network sees (Bi-Tuning's key)
+    views = 1
 
     def check_backbone(self, model: TransferNet, batch_size: int | None = None) -> None:
         """Raise ValueError (naming the setting) when the term cannot run on this network (and batch
