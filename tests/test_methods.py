@@ -218,12 +218,13 @@ def _log_rows(seed_dir):
 @pytest.mark.parametrize(
     "method",
     [
-        "stochnorm",
-        "spd",
+        pytest.param("stochnorm", marks=pytest.mark.e2e),
+        pytest.param("spd", marks=pytest.mark.e2e),
         "co_tuning",
         pytest.param("dtnh_co_tuning", marks=pytest.mark.e2e),
         pytest.param("lwf", marks=pytest.mark.e2e),
         pytest.param("dtnh_lwf", marks=pytest.mark.e2e),
+        pytest.param("lwf regularizer.terms.lwf.teacher=cached", marks=pytest.mark.e2e),
         pytest.param("bi_tuning", marks=pytest.mark.e2e),
         pytest.param("dtnh_bi_tuning", marks=pytest.mark.e2e),
     ],
@@ -231,8 +232,8 @@ def _log_rows(seed_dir):
 def test_each_method_trains_through_its_preset_and_resumes_exactly_after_a_stop(method, compose_cfg, tmp_path, caplog):
     """From a torchvision ResNet-18 file with its 1000-way classifier (tests/published.py: torchvision's
     structure): the whole run, and a run stopped after iteration 2 then resumed from its checkpoint, end with
-    the same accuracy, loss and log rows (StochNorm's draws, SPD's theta_0, Bi-Tuning's second views, key
-    encoder and queues included)."""
+    the same accuracy, loss and log rows (StochNorm's draws, SPD's theta_0, LwF's cached logits read by each
+    batch's items, Bi-Tuning's second views, key encoder and queues included)."""
     path = tmp_path / "weights" / published.IMAGENET_V1_FILES["resnet18"]
     path.parent.mkdir()
     published.torchvision_v1_checkpoint(path, "resnet18")
@@ -242,7 +243,8 @@ def test_each_method_trains_through_its_preset_and_resumes_exactly_after_a_stop(
             "train.iterations=4",
             "runtime.checkpoint_every=1",
             "runtime.spectrum_batches=0",
-            f"method={method}",
+            f"method={method.split()[0]}",
+            *method.split()[1:],
             "source=file",
             f"source.path={path}",
             f"paths.cache_dir={tmp_path / 'cache'}",
@@ -316,3 +318,36 @@ def test_two_views_are_two_independent_draws_of_the_same_augmentation():
         and torch.equal(pair[0], single(images[0]))
         and torch.equal(pair[1], single(images[0]))
     )
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["loader", "held"])
+def test_a_batchs_items_are_read_from_the_epochs_order_also_after_a_restore(on_device):
+    """Batches.indices: the items of each batch, checked against labels that are the items' own positions,
+    through the DataLoader (the sampler drawn in the main process) and the device-held loader, over epochs
+    and after a restore in the middle of one."""
+    from safetransfer.data.draws import Seeded, SeededDraws
+    from safetransfer.data.resident import ResidentLoader
+    from safetransfer.training.engine import Batches
+
+    images, labels = torch.zeros(10, 1), torch.arange(10)
+
+    def loader():
+        order = SeededDraws(10, torch.Generator().manual_seed(3))
+        if on_device:
+            return ResidentLoader(images, labels, 3, order)
+        return torch.utils.data.DataLoader(
+            Seeded(torch.utils.data.TensorDataset(images, labels)), sampler=order, batch_size=3, drop_last=True
+        )
+
+    batches, seen = Batches(loader()), []
+    for _ in range(7):  # two epochs of 3 batches, and one more
+        _, (_, batch_labels) = next(batches)
+        assert torch.equal(batches.indices(3), batch_labels)
+        seen.append(batch_labels)
+        if len(seen) == 4:
+            position = batches.position()
+    again = Batches(loader())
+    again.restore(position)
+    for expected in seen[4:]:
+        _, (_, batch_labels) = next(again)
+        assert torch.equal(batch_labels, expected) and torch.equal(again.indices(3), expected)

@@ -640,6 +640,38 @@ def test_lwf_is_the_kl_of_the_source_models_tempered_predictions_and_its_gradien
     assert model.source_head.weight.requires_grad and not any(t.requires_grad for t in term.teacher_head.parameters())
 
 
+def test_lwf_cached_replays_each_items_recorded_source_logits_whatever_view_the_batch_holds():
+    """teacher=cached (TLlib's): z_0 recorded at bind from one pass of augmented images (given here), then
+    read for each batch by its items; the value is NumPy's KL against those recorded logits, not against
+    the source network's logits of the batch's (other) view."""
+    import copy
+
+    from safetransfer.training.regularizers.lwf import LwF
+
+    model = TinyNet()
+    rng = np.random.default_rng(4)
+    head = {"weight": torch.tensor(rng.normal(size=(5, 2))), "bias": torch.tensor(rng.normal(size=5))}
+    source = copy.deepcopy(model.backbone)
+    recorded_views = rng.normal(size=(6, 2, 3, 3))  # one augmented view of each of 6 training images
+    term = LwF(lambda_o=1.3, temperature=2.0, teacher="cached")
+    assert term.needs_indices
+    batches = [torch.tensor(recorded_views[:4]), torch.tensor(recorded_views[4:])]
+    term.bind(model, BindContext(source_head=head, train_augmented=lambda: iter(batches)))
+    images, items = rng.normal(size=(3, 2, 3, 3)), np.array([5, 0, 3])  # other views of items 5, 0, 3
+    _, features = model(torch.tensor(images))
+    features.indices = torch.tensor(items)
+    value = float(term.value(model, features).detach())
+
+    w_s, b_s = head["weight"].numpy(), head["bias"].numpy()
+    recorded = _numpy_pooled(source, recorded_views[items]) @ w_s.T + b_s
+    p, q = _softmax(recorded / 2.0), _softmax((_numpy_pooled(model.backbone, images) @ w_s.T + b_s) / 2.0)
+    assert value == pytest.approx(1.3 * np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)), rel=1e-12)
+    same_view = _softmax((_numpy_pooled(source, images) @ w_s.T + b_s) / 2.0)
+    assert value != pytest.approx(1.3 * np.mean(np.sum(same_view * (np.log(same_view) - np.log(q)), axis=1)))
+    with pytest.raises(ValueError, match="teacher='stale'; allowed: same_view, cached"):
+        LwF(teacher="stale")
+
+
 def test_lwf_needs_a_source_with_its_classifier():
     from safetransfer.training.regularizers.lwf import LwF
 

@@ -25,12 +25,13 @@ class SeededDraws(Sampler):
 
     def __init__(self, size: int, generator: torch.Generator):
         self.size, self.generator = size, generator
+        self.order: list[int] = []  # the current epoch's order (the last drawn): which items each batch holds
 
     def __len__(self) -> int:
         return self.size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = torch.randperm(self.size, generator=self.generator).tolist()
+        order = self.order = torch.randperm(self.size, generator=self.generator).tolist()
         epoch = int(torch.randint(SEED_SPACE, (1,), generator=self.generator))
         return iter([(index, (epoch + position) % SEED_SPACE) for position, index in enumerate(order)])
 

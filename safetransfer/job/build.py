@@ -106,17 +106,34 @@ def create_loader(dataset: Dataset, cfg: DictConfig, *, train: bool, seed: int, 
     )
 
 
-def bind_context(cfg: DictConfig, data: Data, device: torch.device, source: SourceWeights | None) -> BindContext:
+def bind_context(
+    cfg: DictConfig, data: Data, device: torch.device, source: SourceWeights | None, seed: int = 0
+) -> BindContext:
     """What regularizer terms may use before training; `identity` keys their caches."""
     return BindContext(
         device=device,
         train_data=data.train_plain,
+        train_augmented=lambda: augmented_pass(cfg, data, device, seed),
         batch_size=cfg.train.batch_size,
         cache_dir=Path(cfg.paths.cache_dir).expanduser(),
         identity=term_identity(cfg),
         source_head=source.head if source is not None else None,
         source_classes=source.classes if source is not None else None,
     )
+
+
+def augmented_pass(cfg: DictConfig, data: Data, device: torch.device, seed: int):
+    """The training images in their order, each under one draw of the training augmentation (in the loader
+    with the seeded global RNG, or on the device with a generator of its own, seeded from the seed), as
+    batches on the device; the first view where the terms read two."""
+    augment = None
+    if data.device_augment:
+        train_crop, _, _ = crop_options(cfg.data)
+        augment = DeviceAugment(cfg.data.crop, cfg.data.mean, cfg.data.std, seed + 1, device, train_crop=train_crop)
+    for images, _ in DataLoader(data.train, batch_size=cfg.train.batch_size, shuffle=False):
+        images = images.to(device)
+        images = augment(images) if augment is not None else images
+        yield images[:, 0] if images.dim() == 5 else images
 
 
 def compile_network(model: TransferNet) -> None:
@@ -152,7 +169,7 @@ def build_seed(cfg: DictConfig, seed: int, data: Data, source: SourceWeights | N
         if cfg.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)  # before bind: frozen source copies follow
     omega = create_omega(cfg)
-    omega.bind(model, bind_context(cfg, data, device, source))
+    omega.bind(model, bind_context(cfg, data, device, source, seed))
     if cfg.runtime.compile:
         compile_network(model)  # after bind, so the frozen copies stay eager
     optimizer, scheduler = create_optimizer(cfg, model)

@@ -83,6 +83,8 @@ class Features:
     labels: torch.Tensor | None = None
     #: in a training step whose terms read more than one view (Term.views): the other views of the batch
     views: tuple[torch.Tensor, ...] = ()
+    #: in a training step whose terms keep something per training item (Term.needs_indices): the batch's items
+    indices: torch.Tensor | None = None
 
 
 def last_conv(stage: str, backbone: nn.Module) -> str:

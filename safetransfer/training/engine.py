@@ -66,19 +66,21 @@ def training_step(
     angles: bool = False,
     guard: FiniteGuard | None = None,
     views: tuple[torch.Tensor, ...] = (),
+    indices: torch.Tensor | None = None,
 ) -> StepResult:
     """One iteration of DTNH Algorithm 1.
 
     `record` also returns each term's value; `angles` also returns the angles between
     d, g_J and g_Omega (which makes a `sum` step compute g_J and g_Omega apart too).
     `guard` (finite.FiniteGuard) skips the update when J or d is NaN or infinite, and remembers the step.
-    `views`: other augmented views of the batch, for a term that reads them (Bi-Tuning's key view).
+    `views`: other augmented views of the batch, for a term that reads them (Bi-Tuning's key view);
+    `indices`: the batch's items in the training set, for a term that keeps something per item.
     """
     if guard is not None:
         guard.hold()
     with precision_context or contextlib.nullcontext():
         logits, features = model(images)
-        features.labels, features.views = labels, views
+        features.labels, features.views, features.indices = labels, views, indices
         loss_J = F.cross_entropy(logits, labels)
         feature_terms = omega.autograd_values(model, features)
     omega_autograd = torch.stack(list(feature_terms.values())).sum() if feature_terms else None
@@ -230,6 +232,13 @@ class Batches:
                 continue
             self.taken += 1
             return self.epoch, batch
+
+    def indices(self, batch_size: int) -> torch.Tensor:
+        """The training items in the batch just taken (their positions in the training set), read from the
+        epoch's order (data.draws.SeededDraws), for a term that keeps something per item (LwF's cached logits)."""
+        sampler = getattr(self.loader, "sampler", None)
+        start = (self.taken - 1) * batch_size
+        return torch.tensor(sampler.order[start : start + batch_size])
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "taken": self.taken, "epoch_start": self.epoch_start}
@@ -401,6 +410,7 @@ def fit(
                 angles=diagnosed,
                 guard=guard,
                 views=tuple(views),
+                indices=batches.indices(len(labels)).to(parts.device) if omega.needs_indices else None,
             )
             scheduler.step()
             logger.step(step.loss_J, step.correct, len(labels))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,9 @@ class BindContext:
     #: that reads the source model's predictions keeps it on the network (TransferNet.keep_source_head)
     source_head: dict | None = None
     source_classes: list[str] | None = None
+    #: one pass over the training images in their order, each under a draw of the training augmentation:
+    #: batches of images on the device (what TLlib's LwF records its source logits from)
+    train_augmented: Callable[[], Iterator[torch.Tensor]] | None = None
 
     def cache_path(self, kind: str, settings: dict) -> Path | None:
         if self.cache_dir is None:
@@ -87,6 +90,8 @@ class Term:
 
     #: whether `bind` adds modules (and parameters) to the network
     adds_modules = False
+    #: whether the term reads which training items a batch holds (Features.indices)
+    needs_indices = False
     #: augmented views of each training image the term reads: 2 gives it a second view of the batch
     #: (Features.views), drawn independently of the one the network sees (Bi-Tuning's key)
     views = 1
@@ -143,6 +148,10 @@ class Omega:
     @property
     def closed_form_terms(self) -> dict[str, Term]:
         return {name: t for name, t in self.terms.items() if t.closed_form}
+
+    @property
+    def needs_indices(self) -> bool:
+        return any(t.needs_indices for t in self.terms.values())
 
     def bind(self, model: TransferNet, context: BindContext | None = None) -> None:
         """Each term bound to the network: those that add modules to it first (LwF's source classifier),

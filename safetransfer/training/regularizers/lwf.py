@@ -10,10 +10,12 @@ constant. No T^2 factor: TLlib's `KnowledgeDistillationLoss` (thuml/Transfer-Lea
 tllib/regularization/knowledge_distillation.py, KLDivLoss with batchmean) and its script
 (examples/task_adaptation/image_classification/lwf.py: trade-off 4, T 3) compute the same.
 
-Where z_0 comes from: the teacher sees the same augmented images the student sees (a forward of the
-frozen source network each step; exact). TLlib records z_0 once before training, on one pass of the
-training images under the training augmentation, and replays those logits for whatever view a later
-epoch draws; that form is not offered here yet.
+Where z_0 comes from (`teacher`): `same_view` (the default): the teacher sees the same augmented images
+the student sees (a forward of the frozen source network each step; exact). `cached`: TLlib's form
+(tllib/regularization/lwf.py `collect_pretrain_labels`, examples/.../lwf.py): z_0 recorded once before
+training, on one pass of the training images under the training augmentation, and replayed for each image
+whatever view a later epoch draws (the batch's items read from the epoch's order: Features.indices); no
+frozen forward per step, but the teacher's view is not the student's after the first epoch.
 """
 
 from __future__ import annotations
@@ -34,18 +36,25 @@ class LwF(Term):
     coefficients = ("lambda_o",)
     adds_modules = True  # the source classifier, bound before a term over all parameters (L2) looks
 
+    TEACHERS = ("same_view", "cached")
+
     def __init__(
         self,
         lambda_o: float = 4.0,
         temperature: float = 3.0,
         train_source_head: bool = True,
+        teacher: str = "same_view",
         decay: float = 1.0,
     ):
         super().__init__(decay)
         self.lambda_o = self.coefficient("lambda_o", lambda_o)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature={temperature} must be a number > 0 (TLlib's scripts use 3)")
+        if teacher not in self.TEACHERS:
+            raise ValueError(f"teacher={teacher!r}; allowed: {', '.join(self.TEACHERS)}")
         self.temperature, self.train_source_head = float(temperature), bool(train_source_head)
+        self.needs_indices = teacher == "cached"
+        self.cached: torch.Tensor | None = None
 
     def bind(self, model: TransferNet, context: BindContext) -> None:
         if context.source_head is None:
@@ -57,10 +66,22 @@ class LwF(Term):
         self.teacher = frozen_copy(model.backbone)  # f(.; w^0), eval mode
         self.head = model.keep_source_head(context.source_head, trainable=self.train_source_head)  # h_s
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)  # h_s^0
+        if self.needs_indices:
+            if context.train_augmented is None:
+                raise ValueError("teacher=cached records the source logits of the training images, and none were given")
+            with torch.no_grad():
+                self.cached = torch.cat([self.source_logits(images) for images in context.train_augmented()])
+
+    @torch.no_grad()
+    def source_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """z_0: the frozen source network's logits."""
+        return self.teacher_head(forward_features(self.teacher, images).pooled)
 
     def value(self, model: TransferNet, features: Features) -> torch.Tensor:
-        with torch.no_grad():
-            teacher = self.teacher_head(forward_features(self.teacher, features.images).pooled)
+        if self.cached is not None and features.indices is not None:
+            teacher = self.cached[features.indices]
+        else:  # the same view (a diagnosis re-run of a cached step reads the current view too)
+            teacher = self.source_logits(features.images)
         student = self.head(features.pooled)
         log_q = F.log_softmax(at_least_fp32(student) / self.temperature, dim=1)
         p = F.softmax(at_least_fp32(teacher) / self.temperature, dim=1)
