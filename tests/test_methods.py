@@ -351,3 +351,16 @@ def test_a_batchs_items_are_read_from_the_epochs_order_also_after_a_restore(on_d
     for expected in seen[4:]:
         _, (_, batch_labels) = next(again)
         assert torch.equal(batch_labels, expected) and torch.equal(again.indices(3), expected)
+
+
+def test_dtnh_keeps_omegas_gradient_whole_on_a_module_the_empirical_loss_does_not_read():
+    """LwF's and Co-Tuning's source classifier, Bi-Tuning's projector: g_J is zero there. When the
+    projection applies (<g_J, g_Omega> < 0), d = g_J + g_Omega - c g_J, computed here by hand: on that
+    tensor d is g_Omega unchanged, on the others the projected sum."""
+    from safetransfer.training.directions import DTNH
+
+    g_J = [torch.tensor([1.0, 2.0]), torch.zeros(3)]
+    g_Omega = [torch.tensor([-2.0, -1.0]), torch.tensor([0.5, -0.25, 4.0])]
+    c = (1 * -2 + 2 * -1) / (1 + 4)  # <g_J, g_Omega> / ||g_J||^2 = -0.8: obtuse, projected
+    d = DTNH()([g.clone() for g in g_J], [g.clone() for g in g_Omega])
+    assert torch.allclose(d[0], g_J[0] + g_Omega[0] - c * g_J[0]) and torch.equal(d[1], g_Omega[1])

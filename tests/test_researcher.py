@@ -238,7 +238,17 @@ def test_lwf_under_dtnh_trains_the_source_classifier_beside_the_new_head(train_i
 
 
 @pytest.mark.parametrize("method", ["lwf", "dtnh_co_tuning"])
-def test_lwf_or_co_tuning_from_a_source_without_a_classifier_is_one_line(train_in_process, tmp_path, method):
-    code, out, err = train_in_process(*SHORT, f"method={method}", "source=scratch")
+@pytest.mark.parametrize("source", ["scratch", "backbone only"])
+def test_lwf_or_co_tuning_from_a_source_without_a_classifier_is_one_line(
+    train_in_process, tmp_path, checkpoint, method, source
+):
+    """source=scratch, or a torchvision file without its `fc` (a backbone alone): one line, before training."""
+    if source == "scratch":
+        chosen = ["source=scratch"]
+    else:
+        state = {k: v for k, v in torch.load(checkpoint, weights_only=True).items() if not k.startswith("fc.")}
+        torch.save(state, tmp_path / "backbone_only.pth")
+        chosen = ["source=file", f"source.path={tmp_path / 'backbone_only.pth'}"]
+    code, out, err = train_in_process(*SHORT, f"method={method}", *chosen)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "this source has no classifier" in lines[0], err
