@@ -364,3 +364,22 @@ def test_dtnh_keeps_omegas_gradient_whole_on_a_module_the_empirical_loss_does_no
     c = (1 * -2 + 2 * -1) / (1 + 4)  # <g_J, g_Omega> / ||g_J||^2 = -0.8: obtuse, projected
     d = DTNH()([g.clone() for g in g_J], [g.clone() for g in g_Omega])
     assert torch.allclose(d[0], g_J[0] + g_Omega[0] - c * g_J[0]) and torch.equal(d[1], g_Omega[1])
+
+
+def test_a_modified_method_is_paired_with_the_same_method_without_its_modifier_and_nothing_else(compose_cfg):
+    """StochNorm and SPD rows found their Fine-tuning reference in a real demo run only once their own keys
+    (normalization.*, SPD's optimizer and lambda) counted as the method's: the same setting but for those;
+    two values of lambda or of p, or another lr, stay apart."""
+    from safetransfer.reporting.store import flat_settings
+    from safetransfer.reporting.tables import same_setting
+
+    def settings(*overrides):
+        return flat_settings(compose_cfg(*overrides))
+
+    plain = settings("method=fine_tuning")
+    assert same_setting(settings("method=stochnorm"), plain)
+    assert same_setting(settings("method=spd"), plain)
+    assert same_setting(settings("method=l2sp", "optim=sgd_spd"), settings("method=l2sp"))
+    assert not same_setting(settings("method=spd"), settings("method=spd", "optim.optimizer.lambda_spd=0.5"))
+    assert not same_setting(settings("method=stochnorm"), settings("method=stochnorm", "normalization.p=0.3"))
+    assert not same_setting(settings("method=spd", "optim.optimizer.lr=0.003"), plain)

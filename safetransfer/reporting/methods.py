@@ -21,6 +21,8 @@ PLAIN = ("Fine-tuning", "L2")
 #: what else, besides Omega and the direction, makes a method (registered names -> table names): the
 #: backbone's normalization (`normalization.kind`) and an optimizer that decays on its own (`optim.optimizer.kind`)
 MODIFIERS = {"stochnorm": "StochNorm", "sgd_spd": "SPD", "adam_spd": "SPD"}
+#: an optimizer that a modifier adds to, by the optimizer it adds to (SPD after SGD's step is SGD's setting)
+BASE_OPTIMIZERS = {"sgd_spd": "sgd", "adam_spd": "adam"}
 
 
 def method_label(regularizer: str, direction: str, modifiers: list[str] = ()) -> str:

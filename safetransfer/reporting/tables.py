@@ -29,13 +29,17 @@ import pandas as pd
 from safetransfer.common.atomic import atomic_write_text, check_writable, remove_stale_temporaries
 from safetransfer.common.errors import ConfigError
 from safetransfer.reporting import store
-from safetransfer.reporting.methods import SCRATCH, describe_reference, key_of, reference_key
+from safetransfer.reporting.methods import BASE_OPTIMIZERS, SCRATCH, describe_reference, key_of, reference_key
 
 #: paired intervals from fewer seeds are shown, never flagged
 FLAGGED_FROM = 3
 #: settings shown in columns of their own, and those that only name a method's parts
 OWN_COLUMNS = ("backbone.name", "target.name", "target.sampling_rate")
-METHOD_PREFIXES = ("regularizer.", "direction.")
+#: the keys of a method's own parts: its regularizer and direction, and what a modifier adds (StochNorm's
+#: normalization, SPD's lambda); of these, the coefficients are compared where two settings both have them
+MODIFIER_KEYS = ("normalization.", "optim.optimizer.lambda_spd")
+METHOD_PREFIXES = ("regularizer.", "direction.", *MODIFIER_KEYS)
+COEFFICIENT_PREFIXES = ("regularizer.terms.", *MODIFIER_KEYS)
 #: A row of a paper's table that stands for several of ours. The DTNH tables print one "Caltech 256"
 #: row although the paper trains on 30 or 60 images per class and does not say which it shows.
 SHARED_PAPER_ROWS = {"caltech256": ("caltech256_30", "caltech256_60")}
@@ -128,7 +132,12 @@ def same_setting(ours: dict, theirs: dict, ignore=frozenset(), sources: bool = T
         if key in ignore or key in OWN_COLUMNS or (key.startswith("source.") and not sources):
             continue
         if key.startswith(METHOD_PREFIXES):
-            if key.startswith("regularizer.terms.") and key in ours and key in theirs and ours[key] != theirs[key]:
+            if key.startswith(COEFFICIENT_PREFIXES) and key in ours and key in theirs and ours[key] != theirs[key]:
+                return False
+        elif key == "optim.optimizer.kind":  # SPD's optimizer is its base optimizer's setting
+            if BASE_OPTIMIZERS.get(ours.get(key), ours.get(key)) != BASE_OPTIMIZERS.get(
+                theirs.get(key), theirs.get(key)
+            ):
                 return False
         elif ours.get(key) != theirs.get(key):
             return False
