@@ -61,6 +61,11 @@ DEFAULTS = Network()
 _network: ContextVar[Network] = ContextVar("safetransfer_network", default=DEFAULTS)  # noqa: B039 (frozen)
 
 
+def current_network() -> Network:
+    """The download settings of the `network` block this code runs in (the defaults outside one)."""
+    return _network.get()
+
+
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:

@@ -30,7 +30,12 @@ KINDS = {
     "scheduler": ("the lr schedule", ("safetransfer.training.engine",)),
     "source": (
         "the source",
-        ("safetransfer.sources.local", "safetransfer.sources.published", "safetransfer.sources.demo"),
+        (
+            "safetransfer.sources.local",
+            "safetransfer.sources.published",
+            "safetransfer.sources.demo",
+            "safetransfer.sources.timm_hub",
+        ),
     ),
     "target": (
         "the target dataset",

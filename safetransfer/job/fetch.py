@@ -83,7 +83,7 @@ def source_artifacts(cfg: DictConfig, compose: Callable[[list[str]], DictConfig]
         if not existed and source.downloadable and not download:
             raise NotFetched(f"not at {path} yet (downloaded by --fetch)")
         source.backbone_state(backbone)  # downloads, verifies and loads it, as a job does
-        return not existed, str(path)
+        return not existed, str(source.local_file(backbone))  # where it lies now (a Hub file: its snapshot)
 
     name = f"source={cfg.source.name} backbone={backbone}"
     identity = _key({"source": OmegaConf.to_container(cfg.source, resolve=True), "backbone": backbone})

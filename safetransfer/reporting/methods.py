@@ -112,7 +112,7 @@ def source_label(source) -> str:
     """A source's name in tables: with the dataset a pretrained source was trained on
     (`pretrained:vehicles`) or a local file's name (`file:resnet18_custom`)."""
     name = str(source.get("name"))
-    detail = source.get("dataset")
+    detail = source.get("dataset") or source.get("model")  # a timm source: its weights' name with their tag
     if detail is None and source.get("path") is not None and name == "file":
         detail = PurePath(str(source.get("path"))).stem
     return f"{name}:{detail}" if detail and str(detail) != name else name

@@ -35,9 +35,18 @@ FAMILY_PREFIXES.update({"convnext_": "convnext", "densenet": "densenet"})
 PAPERS = ("resnet18", "resnet50")
 
 
+#: `backbone.name=timm/<model>`: a timm model (huggingface/pytorch-image-models) by its architecture name
+TIMM = "timm/"
+
+
 def known_backbones() -> list[str]:
     """torchvision's classification models (not its detection, segmentation or video models)."""
     return torchvision.models.list_models(module=torchvision.models)
+
+
+def timm_architecture(name: str) -> str | None:
+    """`resnet50` of `timm/resnet50` (a tag, `timm/resnet50.a1_in1k`, names its weights: the source's), or None."""
+    return name[len(TIMM) :].split(".")[0] if name.startswith(TIMM) else None
 
 
 def family(name: str) -> str | None:
@@ -51,6 +60,17 @@ def default_stages(name: str) -> tuple[str, ...]:
 
 
 def check_backbone_name(name: str) -> None:
+    architecture = timm_architecture(name)
+    if architecture is not None:
+        import timm
+
+        if not timm.is_model(architecture):
+            close = timm.list_models(f"*{architecture[:6]}*")[:6]
+            raise ValueError(
+                f"backbone.name={name}: timm has no model {architecture}; e.g. "
+                f"{', '.join(TIMM + m for m in close) or 'timm/resnet50'} (see timm.list_models())"
+            )
+        return
     if name not in known_backbones():
         raise ValueError(
             f"backbone.name={name} is not one of torchvision's classification models; e.g. "
@@ -64,6 +84,12 @@ def create_backbone(name: str) -> nn.Module:
     features: its last linear layer (the classifier) replaced by the identity. The number of
     those features is its `num_features` (timm's name)."""
     check_backbone_name(name)
+    if timm_architecture(name) is not None:  # timm's own classifier-free form: its forward gives pooled features
+        import timm
+
+        backbone = timm.create_model(timm_architecture(name), pretrained=False, num_classes=0)
+        backbone.classifier_name = backbone.pretrained_cfg.get("classifier", "fc")
+        return backbone
     backbone = torchvision.models.get_model(name, weights=None)
     where, classifier = [(n, m) for n, m in backbone.named_modules() if isinstance(m, nn.Linear)][-1]
     parent, _, attribute = where.rpartition(".")
@@ -94,6 +120,13 @@ def last_conv(stage: str, backbone: nn.Module) -> str:
     block = getattr(backbone, stage)[-1]
     conv = "conv3" if hasattr(block, "conv3") else "conv2"
     return f"{stage}.{len(getattr(backbone, stage)) - 1}.{conv}"
+
+
+def timm_stages(backbone: nn.Module) -> tuple[str, ...]:
+    """A timm model's stages for the feature-space terms: the modules of the last four entries of its own
+    `feature_info` (timm's feature-extraction points, each named with its reduction; a ResNet's layer1..layer4)."""
+    info = getattr(backbone, "feature_info", None) or []
+    return tuple(entry["module"] for entry in list(info)[-4:])
 
 
 def check_modules(backbone: nn.Module, names: Sequence[str], key: str, hint: Sequence[str] = ()) -> list[str]:
@@ -152,6 +185,8 @@ class TransferNet(nn.Module):
         super().__init__()
         if isinstance(backbone, str):
             self.backbone_name, backbone, default = backbone, create_backbone(backbone), default_stages(backbone)
+            if timm_architecture(self.backbone_name) is not None:
+                default = timm_stages(backbone)
         else:
             self.backbone_name, default = type(backbone).__name__, ()
         self.backbone = backbone

@@ -60,16 +60,24 @@ log = logging.getLogger(__name__)
 STAGES = FAMILY_STAGES["resnet"]
 
 
+#: a ResNet's stem activation and global pooling, by torchvision's name and timm's
+ACTIVATIONS, POOLS = ("relu", "act1"), ("avgpool", "global_pool")
+
+
+def resnet_part(backbone: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    return next((getattr(backbone, name) for name in names if hasattr(backbone, name)), None)
+
+
 def forward_from(backbone: nn.Module, stage: str, x: torch.Tensor) -> torch.Tensor:
-    """Pooled features of a ResNet, continuing from the output of `stage`."""
+    """Pooled features of a ResNet (torchvision's or timm's), continuing from the output of `stage`."""
     for later in STAGES[STAGES.index(stage) + 1 :]:
         x = getattr(backbone, later)(x)
-    return torch.flatten(backbone.avgpool(x), 1)
+    return torch.flatten(resnet_part(backbone, POOLS)(x), 1)
 
 
 def forward_to(backbone: nn.Module, stage: str, images: torch.Tensor, last_block: bool = True) -> torch.Tensor:
     """The output of `stage`; with last_block=False, the input of its last block."""
-    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
+    x = backbone.maxpool(resnet_part(backbone, ACTIVATIONS)(backbone.bn1(backbone.conv1(images))))
     for earlier in STAGES[: STAGES.index(stage)]:
         x = getattr(backbone, earlier)(x)
     blocks = getattr(backbone, stage)
@@ -247,9 +255,13 @@ class DELTA(Term):
 
     def check_backbone(self, model: TransferNet, batch_size: int | None = None) -> list[str]:
         """DELTA's channel ablation and its `last_conv` maps follow the blocks of a ResNet (its
-        authors' code); its layers are stages of one. Returns them."""
+        authors' code; torchvision's or timm's, whose stem activation and pooling are `act1` and
+        `global_pool`); its layers are stages of one. Returns them."""
         layers = tapped_layers(self.layers, model)
-        resnet = all(hasattr(model.backbone, name) for name in ("conv1", "bn1", "relu", "maxpool", "avgpool", *STAGES))
+        parts = (resnet_part(model.backbone, names) for names in (ACTIVATIONS, POOLS))
+        resnet = all(hasattr(model.backbone, n) for n in ("conv1", "bn1", "maxpool", *STAGES)) and all(
+            part is not None for part in parts
+        )
         if not resnet or any(layer not in STAGES for layer in layers):
             raise ValueError(
                 f"layers={layers} of backbone {model.backbone_name}: DELTA's channel attention ablates channels "
