@@ -328,3 +328,23 @@ def test_safetransfer_fetch_downloads_verifies_and_reports_a_hub_source(hub_home
     assert fetch() == 0  # a second run downloads nothing
     assert f"present and verified    source=timm backbone=timm/{MODEL}" in capsys.readouterr().out
     assert sum(path.startswith("/cdn/") for _, path in hub.requests if _ == "GET") == 1
+
+
+def test_a_timm_backbone_takes_its_weights_preprocessing_unless_the_preset_sets_it(compose_cfg):
+    """data.mean, std, crop and resize from timm's own data config of the model (resolve_model_data_config:
+    its normalization, input size, and the resize its centre crop takes); torchvision's backbones keep the
+    ImageNet values; a preset (the demo's 32 px) or the command line wins."""
+    import math
+
+    import timm
+    from timm.data import resolve_model_data_config
+
+    expected = resolve_model_data_config(timm.create_model(TAG, pretrained=False))
+    cfg = compose_cfg(f"backbone.name=timm/{MODEL}", "source=timm", f"source.model={TAG}")
+    assert list(cfg.data.mean) == list(expected["mean"]) and list(cfg.data.std) == list(expected["std"])
+    assert cfg.data.crop == expected["input_size"][-1] == 160
+    assert cfg.data.resize == math.floor(160 / expected["crop_pct"])
+    plain = compose_cfg()
+    assert (plain.data.crop, plain.data.resize, list(plain.data.std)) == (224, 256, [0.229, 0.224, 0.225])
+    assert compose_cfg("experiment=demo", f"backbone.name=timm/{MODEL}").data.crop == 32
+    assert compose_cfg(f"backbone.name=timm/{MODEL}", "data.crop=96").data.crop == 96
