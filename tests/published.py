@@ -116,3 +116,24 @@ def csail_places365_checkpoint(path: Path, backbone: str, seed: int = 1) -> Orde
         path,
     )
     return state
+
+
+#: torchvision's IMAGENET1K_V2 ResNet-50 file (the "new training recipe" weights, torchvision 0.11, 2021)
+IMAGENET_V2_FILES = {"resnet50": "resnet50-11ad3fa6.pth"}
+
+
+def torchvision_v2_checkpoint(path: Path, backbone: str = "resnet50", seed: int = 1) -> OrderedDict:
+    """torchvision's resnet50-11ad3fa6.pth (IMAGENET1K_V2): a state_dict saved by a 2021 torch in its zip
+    format, the whole of today's keys (320 for ResNet-50, the num_batches_tracked counters included, as a
+    model trained with torch >= 0.4.1 has them), plain tensors, the 1000-class fc included. Returns them."""
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(backbone, weights=None, num_classes=1000)
+    state = OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items())
+    for key, value in state.items():
+        if key.endswith(("running_mean", "running_var")):
+            value.uniform_(0.5, 1.5)
+        elif key.endswith("num_batches_tracked"):
+            value.fill_(600_000)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return state

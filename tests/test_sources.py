@@ -430,3 +430,23 @@ def test_a_source_path_that_is_not_a_regular_file_says_what_it_is(tmp_path, kind
         os.mkfifo(path)
     with pytest.raises(ConfigError, match="is a folder" if kind == "folder" else "is not a regular file"):
         FileSource(path=str(path)).load("resnet18")
+
+
+def test_imagenet_v2_loads_torchvisions_v2_file_checked_against_a_pinned_digest(torch_home, monkeypatch):
+    """source=imagenet source.weights=IMAGENET1K_V2 on a file in the V2 structure (tests/published.py): with the
+    full digest pinned (source.sha256, as a site's copy is vouched for) it loads, counters and all; one byte
+    changed and it is refused."""
+    import hashlib
+
+    import published as files  # tests/published.py: the publishers' structures
+
+    monkeypatch.setattr(downloads, "stream", lambda *a, **k: pytest.fail("a present file is not downloaded"))
+    path = torch_home / files.IMAGENET_V2_FILES["resnet50"]
+    state = files.torchvision_v2_checkpoint(path)
+    assert len(state) == 320
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    weights = ImageNetSource(weights="IMAGENET1K_V2", sha256=digest).load("resnet50")
+    assert_same_backbone(weights.backbone, state)
+    assert weights.head["weight"].shape == (1000, 2048) and len(weights.classes) == 1000
+    with pytest.raises(DownloadError):
+        ImageNetSource(weights="IMAGENET1K_V2", sha256="0" * 64).load("resnet50")

@@ -348,3 +348,9 @@ def test_a_timm_backbone_takes_its_weights_preprocessing_unless_the_preset_sets_
     assert (plain.data.crop, plain.data.resize, list(plain.data.std)) == (224, 256, [0.229, 0.224, 0.225])
     assert compose_cfg("experiment=demo", f"backbone.name=timm/{MODEL}").data.crop == 32
     assert compose_cfg(f"backbone.name=timm/{MODEL}", "data.crop=96").data.crop == 96
+
+
+def test_torchvisions_weights_for_a_timm_backbone_are_one_line(train_in_process):
+    code, out, err = train_in_process(*TINY, "backbone.name=timm/resnet50", "source=imagenet")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "source=imagenet gives torchvision's weights" in lines[0], err

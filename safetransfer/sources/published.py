@@ -14,6 +14,7 @@ from safetransfer.common.errors import ConfigError
 from safetransfer.common.registry import register
 from safetransfer.sources import checkpoint_files
 from safetransfer.sources.base import Source, SourceWeights
+from safetransfer.training.backbones import TIMM
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ class ImageNetSource(Source):
     def resolve(self, backbone: str):
         import torchvision
 
+        if backbone.startswith(TIMM):
+            raise ConfigError(
+                f"source=imagenet gives torchvision's weights, and backbone.name={backbone} is timm's: use "
+                f"source=timm (source.model=<{backbone[len(TIMM) :]}.tag>, e.g. one ending in .tv_in1k for "
+                "torchvision's own weights in timm's form)"
+            )
         enum = torchvision.models.get_model_weights(backbone)
         if self.weights not in enum.__members__:
             raise ConfigError(
