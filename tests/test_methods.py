@@ -220,7 +220,7 @@ def _log_rows(seed_dir):
     [
         pytest.param("stochnorm", marks=pytest.mark.e2e),
         pytest.param("spd", marks=pytest.mark.e2e),
-        "co_tuning",
+        pytest.param("co_tuning", marks=pytest.mark.e2e),
         pytest.param("dtnh_co_tuning", marks=pytest.mark.e2e),
         pytest.param("lwf", marks=pytest.mark.e2e),
         pytest.param("dtnh_lwf", marks=pytest.mark.e2e),

@@ -238,7 +238,7 @@ def test_lwf_under_dtnh_trains_the_source_classifier_beside_the_new_head(train_i
 
 
 @pytest.mark.parametrize("method", ["lwf", "dtnh_co_tuning"])
-@pytest.mark.parametrize("source", ["scratch", "backbone only"])
+@pytest.mark.parametrize("source", ["scratch", pytest.param("backbone only", marks=pytest.mark.e2e)])
 def test_lwf_or_co_tuning_from_a_source_without_a_classifier_is_one_line(
     train_in_process, tmp_path, checkpoint, method, source
 ):

@@ -116,11 +116,16 @@ class TimmSource(Source):
         return SourceWeights(matched, head, label_names(path.parent, head))
 
     def fetch(self, backbone: str) -> Path:
-        """The weights file from huggingface_hub's cache, downloaded when missing, checked."""
+        """The weights file from huggingface_hub's cache (a file there is used without network, as
+        torchvision's cached files are), downloaded when missing; checked either way."""
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
         repository, settings = self.repository(backbone), current_network()
+        cached = self.local_file(backbone)
+        if cached.is_file():
+            check_cached(cached, repository)
+            return cached
         common = dict(repo_id=repository, revision=self.revision, etag_timeout=settings.timeout_s)
         if settings.mirror:
             common["endpoint"] = settings.mirror
