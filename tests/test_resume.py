@@ -322,6 +322,7 @@ def test_submitit_requeues_a_signalled_job_which_continues_from_its_checkpoint(t
     assert json.loads((tmp_path / "sweep" / "0" / "job.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.e2e  # about 5 s, the longest of the default tier: moved to keep its time budget's margin
 def test_a_term_value_that_overflows_is_caught_on_a_logged_row(compose_cfg, tmp_path, monkeypatch):
     """An Omega value of inf whose gradient stays finite: found where the values are computed (log rows)."""
     from safetransfer.job import build
