@@ -406,3 +406,21 @@ def test_a_source_head_given_changes_nothing_for_a_method_that_does_not_read_it(
     logs = [pd.read_csv(tmp_path / run / "seed_0" / "log.csv") for run in ("alone", "beside")]
     numbers = [c for c in logs[0].columns if c != "elapsed_s"]  # all but the clock
     pd.testing.assert_frame_equal(logs[0][numbers], logs[1][numbers])
+
+
+def test_the_pace_is_measured_again_over_each_log_rows_window_and_a_shared_cpu_is_said():
+    """Issue 40: one early measurement predicted 6 s where seeds took 37-152 s on a machine other jobs
+    shared. Each log row now gives the pace over the steps since the previous row (by hand: (15 - 5) s over
+    20 - 10 iterations = 1 s/it, 80 iterations left), and a load average above the job's threads says so."""
+    from safetransfer.training.train_log import TrainLog, shared_cpu_note
+
+    assert shared_cpu_note(torch.device("cpu"), load=3.9, threads=2) == (
+        "; the CPU is shared (load average 3.9 over the 2 threads this job uses): times stretch"
+    )
+    assert shared_cpu_note(torch.device("cpu"), load=1.5, threads=2) == ""
+    assert shared_cpu_note(torch.device("meta"), load=9.0, threads=2) == ""  # not the CPU's cores
+    log = TrainLog(None, ["iteration"], torch.device("meta"), total=100, progress="log")
+    assert log.pace(10, 5.0) == ""  # no window before the first row
+    assert log.pace(20, 15.0) == " | 1 s/it, about 1 min left"
+    assert log.pace(60, 95.0) == " | 2 s/it, about 1 min left"  # the machine slowed: the next window says so
+    assert log.pace(100, 135.0) == " | 1 s/it"  # the last row: nothing left

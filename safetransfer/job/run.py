@@ -33,24 +33,11 @@ from safetransfer.sources.base import SourceWeights, own_keys, provenance
 from safetransfer.sources.local import check_save_to, export_source
 from safetransfer.training.checkpoints import CHECKPOINT, Checkpointer
 from safetransfer.training.engine import NonFiniteError, evaluate, fit, save_spectrum
+from safetransfer.training.train_log import duration_text, shared_cpu_note
 
 log = logging.getLogger(__name__)
 
 FAILED = "failed.json"  # in a seed's directory: it stopped on a NaN or inf, and why
-
-
-def duration_text(seconds: float) -> str:
-    """'45 s', '12 min', '3 h 20 min', '2 d 7 h'."""
-    minutes = seconds / 60
-    if minutes < 1:
-        return f"{seconds:.0f} s"
-    if minutes < 60:
-        return f"{minutes:.0f} min"
-    hours, minutes = divmod(round(minutes), 60)
-    if hours < 24:
-        return f"{hours} h {minutes} min"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h"
 
 
 #: a projected job longer than this gets the ways to shorten it
@@ -64,16 +51,18 @@ def pace_report(cfg: DictConfig, seeds_after: int):
     def report(seconds_per_iteration: float, left: int) -> None:
         seed_s = seconds_per_iteration * cfg.train.iterations
         job_s = seconds_per_iteration * left + seed_s * seeds_after
+        device = resolve_device(str(cfg.runtime.device))
         log.info(
             "pace: %.3g s per iteration on %s: a seed takes about %s (%d iterations); this job about %s more "
-            "(%d seed%s to go)",
+            "(%d seed%s to go), measured again at each log row%s",
             seconds_per_iteration,
-            resolve_device(str(cfg.runtime.device)),
+            device,
             duration_text(seed_s),
             cfg.train.iterations,
             duration_text(job_s),
             seeds_after + 1,
             "s" if seeds_after else "",
+            shared_cpu_note(device),
         )
         if job_s > LONG_JOB_S:
             fits = max(1, int(LONG_JOB_S / 4 / seconds_per_iteration / (seeds_after + 1)))

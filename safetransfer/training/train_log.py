@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,32 @@ PROGRESS = ("auto", "bar", "log")
 LOGGERS = ("csv", "tensorboard")
 
 
+def duration_text(seconds: float) -> str:
+    """'45 s', '12 min', '3 h 20 min', '2 d 7 h'."""
+    minutes = seconds / 60
+    if minutes < 1:
+        return f"{seconds:.0f} s"
+    if minutes < 60:
+        return f"{minutes:.0f} min"
+    hours, minutes = divmod(round(minutes), 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def shared_cpu_note(device: torch.device, load: float | None = None, threads: int | None = None) -> str:
+    """On the CPU, when the 1-minute load average is above the threads this process computes with
+    (other jobs share the cores): a note saying so, since every projection then stretches; else ''."""
+    if torch.device(device).type != "cpu":
+        return ""
+    load = os.getloadavg()[0] if load is None else load
+    threads = torch.get_num_threads() if threads is None else threads
+    if load <= threads:
+        return ""
+    return f"; the CPU is shared (load average {load:.1f} over the {threads} threads this job uses): times stretch"
+
+
 def use_bar(progress: str) -> bool:
     if progress not in PROGRESS:
         raise ValueError(f"runtime.progress={progress!r}; allowed: {', '.join(PROGRESS)}")
@@ -84,6 +111,8 @@ class TrainLog:
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.steps = self.images = 0
         self.writer = self.bar = None
+        self.device = torch.device(device)
+        self.last: tuple[int, float] | None = None  # the previous row's (iteration, elapsed_s): the pace's window
 
     # the running window, saved in and restored from a checkpoint
     def window(self) -> dict:
@@ -148,11 +177,21 @@ class TrainLog:
         if self.bar.disable:
             log.info(
                 f"{self.desc} | iter {iteration}/{self.total} | lr {lr:.2e} | J {row['loss_J']:.4f} "
-                f"| Omega {row['loss_Omega']:.4f} | train acc {row['train_acc']:.1f}%"
+                f"| Omega {row['loss_Omega']:.4f} | train acc {row['train_acc']:.1f}%{self.pace(iteration, elapsed_s)}"
             )
         else:
             self.bar.set_postfix(J=f"{row['loss_J']:.3f}", lr=f"{lr:.1e}")
         return row
+
+    def pace(self, iteration: int, elapsed_s: float) -> str:
+        """' | 0.118 s/it, about 7 s left' over the steps since the previous row (a window that follows a
+        machine whose load changes; the first row of a run or a resume has none), with the shared-CPU note."""
+        last, self.last = self.last, (iteration, elapsed_s)
+        if last is None or iteration <= last[0] or elapsed_s <= last[1]:
+            return ""
+        rate = (elapsed_s - last[1]) / (iteration - last[0])
+        left = (f", about {duration_text(rate * (self.total - iteration))} left") if iteration < self.total else ""
+        return f" | {rate:.3g} s/it{left}{shared_cpu_note(self.device)}"
 
     def close(self) -> None:
         if self.bar is not None:
