@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,66 +113,12 @@ def series_name(run: Run, runs: Sequence[Run], settings: bool = True) -> str:
     return name
 
 
-def _labels(runs: Sequence[Run], by_rate: bool = False) -> dict[str, tuple[str, list[Run]]]:
-    """Runs grouped per line: {label: (series, runs)}; the series (series_name) picks the colour,
-    the label adds the target and rate when the runs mix those (`by_rate`: always the rate, for
-    the spectra)."""
-    cells = len({(r.target, r.sampling_rate) for r in runs}) > 1
-    groups: dict[str, tuple[str, list[Run]]] = {}
-    for run in runs:
-        series = series_name(run, runs)
-        label = series
-        if cells and not by_rate:
-            label += f", {run.target} {run.sampling_rate:g}%"
-        elif by_rate:
-            label += f", {run.sampling_rate:g}%" + (f" ({run.target})" if len({r.target for r in runs}) > 1 else "")
-        groups.setdefault(label, (series, []))[1].append(run)
-    return groups
-
-
 def palette(names: Iterable[str]) -> dict[str, str]:
     """One colour per method name, the same in every figure of a call (sorted names, tab10 then tab20)."""
     import matplotlib
 
     colours = list(matplotlib.colormaps["tab10"].colors) + list(matplotlib.colormaps["tab20"].colors[1::2])
     return {name: matplotlib.colors.to_hex(colours[i % len(colours)]) for i, name in enumerate(sorted(set(names)))}
-
-
-def series_colors(runs: Sequence[Run], methods: dict[str, str] | None = None) -> dict[str, str]:
-    """The colour of every series: its method's (`methods`, a palette of method names), in shades
-    from dark to light when a grid gives the method several series."""
-    import matplotlib.colors
-
-    parts: dict[str, set[str]] = {}
-    for run in runs:
-        parts.setdefault(series_name(run, runs, settings=False), set()).add(series_name(run, runs))
-    methods = {**palette(parts), **(methods or {})}
-    colours = {}
-    for method, variants in parts.items():
-        base = np.asarray(matplotlib.colors.to_rgb(methods[method]))
-        for index, variant in enumerate(sorted(variants)):
-            t = index / (len(variants) - 1) if len(variants) > 1 else 0.5
-            shade = base * (0.55 + 0.45 * t / 0.5) if t <= 0.5 else base + (1 - base) * (t - 0.5) * 0.9
-            colours[variant] = matplotlib.colors.to_hex(np.clip(shade, 0, 1))
-    return colours
-
-
-def legend_below(figure, axes) -> None:
-    """One legend for the figure, outside every axis (below them): it never covers data."""
-    handles, labels = {}, []
-    for axis in axes:
-        for handle, label in zip(*axis.get_legend_handles_labels()):
-            if label not in handles:
-                handles[label] = handle
-                labels.append(label)
-    if labels:
-        figure.legend(
-            [handles[label] for label in labels],
-            labels,
-            loc="outside lower center",
-            ncols=min(3, len(labels)),
-            fontsize=7,
-        )
 
 
 def curve_band(runs: Sequence[Run], column: str) -> pd.DataFrame:
@@ -195,31 +142,127 @@ def spectrum_curve(runs: Sequence[Run]) -> np.ndarray:
     return np.mean([s[:length] for s in spectra], axis=0)
 
 
-def _figure(columns: int):
+#: a grid's settings of one method: one marker each, in the order of their config keys (colour is the method's)
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+PANEL_HEIGHT, LEGEND_ROW = 3.0, 0.24  # inches: a row of panels, a row of the legend below them
+#: matplotlib's warning when the axes had no room left, and its figure would be broken
+COLLAPSED = "constrained_layout not applied"
+
+
+def panel_of(run: Run, runs: Sequence[Run]) -> str:
+    """The facet a run is drawn in: its target and sampling rate, and its source where the target's
+    transfer runs come from several (a source sweep); From scratch joins every facet of its target."""
+    name = f"{run.target} {run.sampling_rate:g}%"
+    sources = {r.source for r in runs if r.method != SCRATCH and r.target == run.target}
+    return name + (f" [{run.source}]" if len(sources) > 1 and run.method != SCRATCH else "")
+
+
+def facets(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """{panel: its runs}, panels sorted; a From scratch run in each panel of its target and rate."""
+    transfer = [r for r in runs if r.method != SCRATCH]
+    names = sorted({panel_of(r, runs) for r in transfer or runs})
+    found: dict[str, list[Run]] = {name: [] for name in names}
+    for run in runs:
+        if run.method == SCRATCH and transfer:
+            cell = f"{run.target} {run.sampling_rate:g}%"
+            for name in names:
+                if name == cell or name.startswith(cell + " ["):
+                    found[name].append(run)
+        else:
+            found[panel_of(run, runs)].append(run)
+    return {name: group for name, group in found.items() if group}
+
+
+class Looks:
+    """How a series is drawn, the same in every panel and figure of a call: its method's colour (a palette
+    of method names) and, where a grid gives the method several settings, one marker per setting."""
+
+    def __init__(self, runs: Sequence[Run], methods: dict[str, str] | None = None):
+        self.colors = {**palette({r.method for r in runs}), **(methods or {})}
+        keys: dict[str, list[str]] = {}
+        for run in runs:
+            keys.setdefault(run.method, [])
+            if run.key not in keys[run.method]:
+                keys[run.method].append(run.key)
+        self.keys = {method: sorted(found) for method, found in keys.items()}
+
+    def of(self, run: Run) -> dict:
+        keys = self.keys[run.method]
+        marker = MARKERS[keys.index(run.key) % len(MARKERS)] if len(keys) > 1 else None
+        return {"color": self.colors[run.method], "marker": marker, "markersize": 4}
+
+
+def series_groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """A panel's runs per series (series_name: the method and the settings a grid varied)."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(series_name(run, runs), []).append(run)
+    return dict(sorted(groups.items()))
+
+
+def _figure(rows: int, columns: int, legend_entries: int):
+    """A grid of panels high enough for its rows and for the legend below them: axes never collapse."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, columns, figsize=SIZE, dpi=DPI, squeeze=False, layout="constrained")
-    return plt, figure, list(axes[0])
+    height = PANEL_HEIGHT * rows + LEGEND_ROW * (math.ceil(legend_entries / 3) + 1) + 0.4
+    figure, axes = plt.subplots(rows, columns, figsize=(SIZE[0], height), dpi=DPI, squeeze=False, layout="constrained")
+    return plt, figure, axes
 
 
-def _save(plt, figure, path: Path) -> Path:
+def legend_below(figure, entries: list[tuple[object, str]]) -> None:
+    """One legend for the figure, below every panel (outside them: it never covers data)."""
+    if entries:
+        handles, labels = zip(*entries)
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=7)
+
+
+def line_entry(label: str, **style) -> tuple[object, str]:
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], **{"color": "black", **style}), label
+
+
+def _save(plt, figure, path: Path, data: pd.DataFrame, entries: list) -> Path | None:
+    """The figure and, beside it, its data as CSV (one row per point: its panel, series and values), so
+    that it can be drawn again. A layout matplotlib could not fit is refused with a line, not written."""
+    import warnings
+
+    from safetransfer.common.atomic import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    legend_below(figure, figure.axes)
+    legend_below(figure, entries)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure.canvas.draw()
+    plt.close(figure) if any(COLLAPSED in str(w.message) for w in caught) else None
+    if any(COLLAPSED in str(w.message) for w in caught):
+        log.info("%s not drawn: its panels had no room (%d panels)", path.name, len(set(data["panel"])))
+        return None
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
+    atomic_write_text(path.with_suffix(".csv"), data.to_csv(index=False))
     return path
 
 
-def _band(axis, band: pd.DataFrame, label: str, color, style: str = "-", floor: float | None = None) -> None:
+def _band(axis, band: pd.DataFrame, label: str, style: dict, line: str = "-", floor: float | None = None) -> None:
     """The mean as a line, mean ± std as a shaded band (cut at `floor` on a log axis)."""
     lower = band["mean"] - band["std"]
     if floor is not None:
         lower = lower.clip(lower=floor)
-    axis.plot(band["iteration"], band["mean"], style, color=color, label=label)
-    axis.fill_between(band["iteration"], lower, band["mean"] + band["std"], color=color, alpha=0.2, linewidth=0)
+    axis.plot(band["iteration"], band["mean"], linestyle=line, label=label, **style)
+    axis.fill_between(
+        band["iteration"], lower, band["mean"] + band["std"], color=style["color"], alpha=0.15, linewidth=0
+    )
+
+
+def band_rows(band: pd.DataFrame, panel: str, series: str, quantity: str) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"panel": panel, "series": series, "quantity": quantity, "x": band["iteration"], "mean": band["mean"],
+         "std": band["std"], "n": band["n"]}
+    )  # fmt: skip
 
 
 def too_few_rows(runs: Sequence[Run], column: str) -> str | None:
@@ -239,29 +282,48 @@ def too_few_rows(runs: Sequence[Run], column: str) -> str | None:
     )
 
 
+def series_entries(panels: dict[str, list[Run]], looks: Looks) -> list[tuple[object, str]]:
+    """The legend's series, once each over all panels."""
+    entries, seen = [], set()
+    for group in panels.values():
+        for series, members in series_groups(group).items():
+            if series not in seen:
+                seen.add(series)
+                entries.append(line_entry(series, **looks.of(members[0])))
+    return entries
+
+
 def plot_losses(runs: Sequence[Run], path: Path, colors: dict[str, str] | None = None) -> Path | None:
+    """One panel per target and sampling rate (and source, where swept): J and the held-out loss per series."""
     why = too_few_rows(runs, "loss_J")
     if why:
         log.info("%s not drawn: %s", path.name, why)
         return None
+    runs = [r for r in runs if "loss_J" in r.log and r.log["loss_J"].notna().sum() >= 2]
     held_out = next((c for c in ("val_loss", "test_loss") if any(c in r.log for r in runs)), None)
-    plt, figure, (axis,) = _figure(1)
-    groups = _labels(runs)
-    colors = series_colors(runs, colors)
-    for label, (series, group) in groups.items():
-        color = colors[series]
-        _band(axis, curve_band(group, "loss_J"), f"{label}: empirical loss J (train)", color, floor=1e-3)
-        if held_out:
-            band = curve_band(group, held_out)
-            if len(band):
-                _band(axis, band, f"{label}: {held_out.split('_')[0]} loss", color, "--", floor=1e-3)
-    axis.set_yscale("log")  # methods whose losses differ by orders of magnitude stay readable
-    axis.set(
-        title="Empirical loss J and held-out loss (mean ± std over seeds; DTNH Fig. 3)",
-        xlabel="iteration",
-        ylabel="cross-entropy (nats, log scale)",
-    )
-    return _save(plt, figure, path)
+    panels, looks = facets(runs), Looks(runs, colors)
+    columns = min(3, len(panels))
+    entries = series_entries(panels, looks) + [line_entry("solid: empirical loss J (train)")]
+    if held_out:
+        entries.append(line_entry(f"dashed: {held_out.split('_')[0]} loss", linestyle="--"))
+    plt, figure, axes = _figure(math.ceil(len(panels) / columns), columns, len(entries))
+    data = []
+    for axis, (panel, group) in zip(axes.flat, panels.items()):
+        for series, members in series_groups(group).items():
+            band = curve_band(members, "loss_J")
+            _band(axis, band, series, looks.of(members[0]), floor=1e-3)
+            data.append(band_rows(band, panel, series, "loss_J"))
+            if held_out and len(curve_band(members, held_out)):
+                band = curve_band(members, held_out)
+                _band(axis, band, series, looks.of(members[0]), "--", floor=1e-3)
+                data.append(band_rows(band, panel, series, held_out))
+        axis.set_yscale("log")  # methods whose losses differ by orders of magnitude stay readable
+        axis.set_title(panel, fontsize=9)
+        axis.set(xlabel="iteration", ylabel="cross-entropy (log scale)")
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.remove()  # the grid's last row, where the panels run out: no empty panel is drawn
+    figure.suptitle("Empirical loss J and held-out loss (mean ± std over seeds; DTNH Fig. 3)", fontsize=10)
+    return _save(plt, figure, path, pd.concat(data), entries)
 
 
 ANGLE_PAIRS = (
@@ -275,65 +337,74 @@ def logged(runs: Sequence[Run], column: str) -> list[Run]:
 
 
 def plot_angles(runs: Sequence[Run], path: Path, colors: dict[str, str] | None = None) -> Path | None:
-    """The DTNH paper's Angles 1-4 (its Figs. 4 and 5) and, where logged, the angle between
-    g_J and g_Omega: above 90 degrees DTNH removes cos^2 of it of the pull's squared length."""
+    """The DTNH paper's Angles 1-4 (its Figs. 4 and 5) and, where logged, the angle between g_J and
+    g_Omega (above 90 degrees DTNH removes cos^2 of it of the pull's squared length): a row of panels
+    per target and sampling rate (and source, where swept)."""
     why = too_few_rows(runs, "angle_d_J")
     if why:
         log.info("%s not drawn: %s", path.name, why)
         return None
     runs = logged(runs, "angle_d_J")
     between = bool(logged(runs, "angle_J_Omega"))  # logs written before it was recorded have none
-    plt, figure, axes = _figure(3 if between else 2)
-    groups = _labels(runs)
-    colors = series_colors(runs, colors)
-    for axis, (first, second, first_name, second_name) in zip(axes, ANGLE_PAIRS):
-        for label, (series, group) in groups.items():
-            color = colors[series]
-            _band(axis, curve_band(group, first), f"{label}: {first_name}", color)
-            _band(axis, curve_band(group, second), f"{label}: {second_name}", color, ":")
-        figure_number = 4 if first == "angle_d_J" else 5
-        axis.set_title(
-            f"{first_name.split(':')[0]} and {second_name.split(':')[0]} (DTNH Fig. {figure_number})", fontsize=10
-        )
-        axis.set(xlabel="iteration", ylabel="angle (degrees)")
-    if between:
-        axis = axes[2]
-        for label, (series, group) in groups.items():
-            _band(axis, curve_band(group, "angle_J_Omega"), f"{label}: g_J vs g_Ω", colors[series])
-        axis.axhline(90.0, color="grey", linestyle="--", linewidth=0.8)
-        axis.set_title("g_J vs g_Ω (conflict above 90°)", fontsize=10)
-        axis.set(xlabel="iteration", ylabel="angle (degrees)")
-    return _save(plt, figure, path)
+    panels, looks = facets(runs), Looks(runs, colors)
+    entries = series_entries(panels, looks) + [
+        line_entry("solid: Angle 1 / Angle 2 (d, the step taken)"),
+        line_entry("dotted: Angle 3 / Angle 4 (g_J + g_Ω, the plain sum)", linestyle=":"),
+    ]
+    plt, figure, axes = _figure(len(panels), 3 if between else 2, len(entries))
+    data = []
+    for row, (panel, group) in zip(axes, panels.items()):
+        for axis, (first, second, first_name, second_name) in zip(row, ANGLE_PAIRS):
+            for series, members in series_groups(group).items():
+                for column, line in ((first, "-"), (second, ":")):
+                    band = curve_band(members, column)
+                    _band(axis, band, series, looks.of(members[0]), line)
+                    data.append(band_rows(band, panel, series, column))
+            figure_number = 4 if first == "angle_d_J" else 5
+            axis.set_title(
+                f"{panel}: {first_name.split(':')[0]}, {second_name.split(':')[0]} (Fig. {figure_number})", fontsize=9
+            )
+            axis.set(xlabel="iteration", ylabel="angle (degrees)")
+        if between:
+            axis = row[2]
+            for series, members in series_groups(group).items():
+                band = curve_band(members, "angle_J_Omega")
+                _band(axis, band, series, looks.of(members[0]))
+                data.append(band_rows(band, panel, series, "angle_J_Omega"))
+            axis.axhline(90.0, color="grey", linestyle="--", linewidth=0.8)
+            axis.set_title(f"{panel}: g_J vs g_Ω (conflict above 90°)", fontsize=9)
+            axis.set(xlabel="iteration", ylabel="angle (degrees)")
+    return _save(plt, figure, path, pd.concat(data), entries)
 
 
 def plot_spectra(runs: Sequence[Run], path: Path, colors: dict[str, str] | None = None) -> Path | None:
+    """The singular values of the test features, all and the smaller half: a row per target and sampling
+    rate (and source, where swept), a colour per method, a marker per setting of a grid."""
     runs = [r for r in runs if r.spectrum]
     if not runs:
         return None
-    plt, figure, axes = _figure(2)
-    groups = _labels(runs, by_rate=True)
-    colors = series_colors(runs, colors)
-    rates = sorted({r.sampling_rate for r in runs})
-    styles = ["-", "--", ":", "-."]
-    for label, (series, group) in sorted(groups.items()):
-        curve = spectrum_curve(group)
-        index = np.arange(1, len(curve) + 1)
-        style = dict(
-            color=colors[series],
-            linestyle=styles[rates.index(group[0].sampling_rate) % len(styles)],
-            marker=".",
-            label=label,
-        )
-        axes[0].plot(index, curve, **style)
-        half = len(curve) // 2
-        axes[1].plot(index[half:], curve[half:], **{**style, "label": None})
-    axes[0].set(
-        title="Singular values of the batch features (BSS Figs. 1c, 3b)",
-        xlabel="index (descending order)",
-        ylabel="singular value",
-    )
-    axes[1].set(title="The smaller half (BSS Figs. 1d, 3c)", xlabel="index (descending order)", ylabel="singular value")
-    return _save(plt, figure, path)
+    panels, looks = facets(runs), Looks(runs, colors)
+    entries = series_entries(panels, looks)
+    plt, figure, axes = _figure(len(panels), 2, len(entries))
+    data = []
+    for row, (panel, group) in zip(axes, panels.items()):
+        for series, members in series_groups(group).items():
+            curve = spectrum_curve(members)
+            index = np.arange(1, len(curve) + 1)
+            style = {**looks.of(members[0]), "marker": looks.of(members[0])["marker"] or "."}
+            row[0].plot(index, curve, label=series, **style)
+            half = len(curve) // 2
+            row[1].plot(index[half:], curve[half:], **style)
+            data.append(
+                pd.DataFrame(
+                    {"panel": panel, "series": series, "quantity": "singular_value", "x": index, "mean": curve}
+                )
+            )
+        row[0].set_title(f"{panel}: singular values of the batch features (BSS Figs. 1c, 3b)", fontsize=9)
+        row[1].set_title(f"{panel}: the smaller half (BSS Figs. 1d, 3c)", fontsize=9)
+        for axis in row:
+            axis.set(xlabel="index (descending order)", ylabel="singular value")
+    return _save(plt, figure, path, pd.concat(data), entries)
 
 
 def numbers_of(frame: pd.DataFrame) -> pd.DataFrame:
@@ -351,7 +422,8 @@ def plot_table(numbers: pd.DataFrame, path: Path, colors: dict[str, str] | None 
     methods = list(dict.fromkeys(numbers.columns.get_level_values("method")))
     rows = [f"{t} {r:g}%" for t, r in numbers.index]
     compared = [m for m in methods if (numbers[(m, "paired_n")] >= 2).any()]
-    plt, figure, axes = _figure(2 if compared else 1)
+    plt, figure, grid = _figure(1, 2 if compared else 1, len(methods) + len(compared) + 1)
+    axes = list(grid[0])
     axis = axes[0]
     width = 0.8 / max(len(methods), 1)
     x = np.arange(len(rows))
@@ -406,7 +478,17 @@ def plot_table(numbers: pd.DataFrame, path: Path, colors: dict[str, str] | None 
             xlabel="target and sampling rate",
             ylabel="top-1 difference (points)",
         )
-    return _save(plt, figure, path)
+    entries, seen = [], set()
+    for each in axes:
+        for handle, label in zip(*each.get_legend_handles_labels()):
+            if label not in seen:
+                seen.add(label)
+                entries.append((handle, label))
+    data = numbers.copy()
+    data.columns = [f"{method}: {quantity}" for method, quantity in data.columns]
+    data = data.reset_index()
+    data.insert(0, "panel", "table")  # one panel (and beside it the paired differences' panel)
+    return _save(plt, figure, path, data, entries)
 
 
 def main(argv: list[str] | None = None) -> None:
