@@ -240,3 +240,76 @@ def test_grid_settings_are_separate_curves_one_colour_per_method_legends_off_the
         and "runtime.log_every=6" in printed
     )
     assert not (tmp_path / "short_figures" / "losses.png").exists()
+
+
+def _scored(directory, cfg, seed, top1, val_top1=None):
+    write_seed(directory, cfg, seed)
+    metrics_path = directory / f"seed_{seed}" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics.update(top1=top1, **({"val_top1": val_top1} if val_top1 is not None else {}))
+    metrics_path.write_text(json.dumps(metrics))
+
+
+def test_a_sweep_over_two_targets_and_two_sources_and_a_grid_gives_figures_that_scale(
+    compose_cfg, tmp_path, monkeypatch
+):
+    """Issue 40, on sweeps of tiny runs: two targets x two sources (each beside From scratch) and a 2 x 2 grid
+    with a validation split. Each figure exists, is not blank, has one panel per facet its CSV names, and its
+    legend covers no axis; the search marks the best mean validation top-1; the heatmap's gains are the
+    paired differences over From scratch computed here by hand."""
+    import itertools
+
+    import pandas as pd
+
+    figures = _figures(monkeypatch)
+    sources = {"demo": ["source=demo"], "pretrained:cub200": ["source=pretrained", "source.dataset=cub200"]}
+    scores = {}  # (target, source) -> per-seed top-1 of Fine-tuning; (target, "scratch") for From scratch
+    job = itertools.count()
+    for t, target in enumerate(("demo", "cub200")):
+        for s_, (label, chosen) in enumerate(sources.items()):
+            scores[target, label] = [60.0 + 5 * t + 3 * s_ + 1.5 * seed for seed in range(3)]
+            cfg = compose_cfg(f"target={target}", *chosen, "method=fine_tuning")
+            for seed in range(3):
+                _scored(tmp_path / "sweep" / str(next(job)), cfg, seed, scores[target, label][seed])
+        scores[target, "scratch"] = [55.0 + 2 * t + 0.5 * seed * seed for seed in range(3)]
+        cfg = compose_cfg(f"target={target}", "method=from_scratch")
+        for seed in range(3):
+            _scored(tmp_path / "sweep" / str(next(job)), cfg, seed, scores[target, "scratch"][seed])
+    vals = {}
+    for alpha, decay in itertools.product((0.01, 0.1), (0.5, 1.0)):
+        vals[alpha, decay] = 50 + 100 * alpha - 4 * decay  # best: alpha 0.1, decay 0.5
+        cfg = compose_cfg(
+            "source=demo", "method=l2sp", f"regularizer.terms.l2sp.alpha={alpha}",
+            f"regularizer.terms.l2sp.decay={decay}", "target.val_fraction=0.2",
+        )  # fmt: skip
+        for seed in range(2):
+            _scored(tmp_path / "grid" / str(next(job)), cfg, seed, 70.0 + seed + alpha, vals[alpha, decay] + seed)
+    out = tmp_path / "figures"
+    main([str(tmp_path / "sweep"), str(tmp_path / "grid"), "--out", str(out)])
+
+    for name in ("losses", "angles", "spectra", "table", "search", "sweep"):
+        assert_png(out / f"{name}.png")
+        data = pd.read_csv(out / f"{name}.csv")
+        figure = figures[f"{name}.png"]
+        for legend in figure.legends:
+            box = legend.get_window_extent()
+            assert not any(box.overlaps(axis.get_window_extent()) for axis in figure.axes), name
+        panels = data["panel"].nunique()
+        drawn = [a for a in figure.axes if a.get_label() != "<colorbar>"]
+        per_panel = {"angles": 3, "spectra": 2}.get(name, 1)
+        if name != "table":
+            assert len(drawn) == panels * per_panel, (name, len(drawn), panels)
+    # facets: each target with each source (From scratch in both of its target's panels), plus the grid's cell
+    assert sorted(pd.read_csv(out / "losses.csv")["panel"].unique()) == [
+        "cub200 100% [demo]", "cub200 100% [pretrained:cub200]", "demo 100% [demo]", "demo 100% [pretrained:cub200]",
+    ]  # fmt: skip
+    search = pd.read_csv(out / "search.csv")
+    assert len(search) == 4 and search["chosen"].sum() == 1
+    best = search.loc[search["chosen"]].iloc[0]
+    assert best["val_mean"] == max(v + 0.5 for v in vals.values())  # the mean over seeds 0 and 1
+    assert "alpha=0.1" in best["setting"] and "decay=0.5" in best["setting"]
+    gains = pd.read_csv(out / "sweep.csv").set_index(["source", "cell"])
+    for target, source in itertools.product(("demo", "cub200"), sources):
+        by_hand = np.mean(np.subtract(scores[target, source], scores[target, "scratch"]))
+        assert gains.loc[(source, f"{target} 100%"), "gain"] == pytest.approx(by_hand)
+        assert gains.loc[(source, f"{target} 100%"), "over"] == "From scratch"

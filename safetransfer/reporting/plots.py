@@ -8,7 +8,12 @@
 3. spectra.png: the singular values of the pooled test-batch features in descending
    order, all and the smaller half, one line per method and sampling rate (BSS Figs. 1c/d, 3b/c);
 4. table.png: the results table as grouped bars with error bars (methods x targets),
-   published values marked where known.
+   published values marked where known;
+5. search.png: each searched cell's settings (a grid, or Optuna's trials), their validation and test
+   top-1, the choice (best mean validation top-1) marked;
+6. sweep.png: a heatmap per method of the paired gain over From scratch, sources x targets.
+Figures 1-3 have a panel per target and sampling rate (and source, where swept), a colour per method and
+a marker per setting of a grid; every figure's data is written beside it as CSV (`losses.csv`, ...).
 The numbers each figure draws come from the functions below, so they can be checked.
 """
 
@@ -491,6 +496,137 @@ def plot_table(numbers: pd.DataFrame, path: Path, colors: dict[str, str] | None 
     return _save(plt, figure, path, data, entries)
 
 
+def search_points(records: pd.DataFrame) -> pd.DataFrame:
+    """Each setting of every cell that holds several settings of one method (a grid, or Optuna's trials):
+    its validation and test top-1 (mean, std over seeds) and whether it is the cell's choice, the best
+    mean validation top-1 (the tables' rule; none without a validation split: nothing is chosen on test)."""
+    from safetransfer.reporting import store
+    from safetransfer.reporting.tables import cells, short_key, varied_keys
+
+    table = cells(records)
+    rows = []
+    for cell, group in table.groupby(store.CELL, sort=True):
+        if len(group) < 2:
+            continue
+        backbone, source, target, rate, method = cell
+        varied = varied_keys(list(group["settings"]))
+        chosen = group["val_mean"].idxmax() if group["val_mean"].notna().all() else None
+        panel = f"{target} {rate:g}% {method}" + (f" [{source}]" if table["source"].nunique() > 1 else "")
+        for index, row in group.iterrows():
+            setting = " ".join(f"{short_key(k, varied)}={row['settings'].get(k)}" for k in varied)
+            rows.append(
+                {
+                    "panel": panel,
+                    "setting": setting or row["setting"][:8],
+                    "val_mean": row["val_mean"],
+                    "val_std": row["val_std"],
+                    "test_mean": row["mean"],
+                    "test_std": row["std"],
+                    "seeds": row["seeds"],
+                    "chosen": index == chosen,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def plot_search(records: pd.DataFrame, path: Path) -> Path | None:
+    """A panel per searched cell: the validation and test top-1 of each setting, the choice marked."""
+    points = search_points(records)
+    if points.empty:
+        return None
+    panels = list(dict.fromkeys(points["panel"]))
+    columns = min(3, len(panels))
+    entries = [
+        line_entry("validation top-1 (what chooses)", marker="o", linestyle="none", color="tab:blue"),
+        line_entry("test top-1 (reported, never chooses)", marker="s", linestyle="none", color="tab:orange"),
+        line_entry(
+            "the choice: best mean validation top-1", marker="*", linestyle="none", color="black", markersize=12
+        ),
+    ]
+    plt, figure, axes = _figure(math.ceil(len(panels) / columns), columns, len(entries))
+    for axis, panel in zip(axes.flat, panels):
+        group = points[points["panel"] == panel].reset_index(drop=True)
+        x = np.arange(len(group))
+        if group["val_mean"].notna().any():
+            axis.errorbar(
+                x - 0.1, group["val_mean"], yerr=group["val_std"].fillna(0), fmt="o", color="tab:blue", capsize=2
+            )
+        axis.errorbar(
+            x + 0.1, group["test_mean"], yerr=group["test_std"].fillna(0), fmt="s", color="tab:orange", capsize=2
+        )
+        for i in np.flatnonzero(group["chosen"].to_numpy()):
+            axis.plot([x[i] - 0.1], [group["val_mean"][i]], "*", color="black", markersize=12)
+        axis.set_xticks(x, group["setting"], rotation=25, ha="right", fontsize=7)
+        chosen = "" if group["chosen"].any() else " (no validation split: nothing chosen)"
+        axis.set_title(panel + chosen, fontsize=9)
+        axis.set(ylabel="top-1 (%)")
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.remove()
+    figure.suptitle("The search: each setting's validation and test top-1 (mean ± std over seeds)", fontsize=10)
+    return _save(plt, figure, path, points, entries)
+
+
+def sweep_gains(records: pd.DataFrame) -> pd.DataFrame:
+    """For each method, source and cell (target, rate): the paired gain over From scratch (the seeds it
+    shares with the From scratch row of the same setting) and its 95 % t interval, the form a
+    negative-transfer study is read in; without a From scratch row, the gain over the method's reference."""
+    from safetransfer.reporting.tables import cells, pairs
+
+    table = cells(records)
+    if table.empty:
+        return pd.DataFrame()
+    table = table.assign(label=table["method"])
+    links = pairs(table)
+    rows = []
+    for index, row in table.iterrows():
+        if row["method"] == SCRATCH:
+            continue
+        link = links.loc[index]
+        over, numbers = (
+            ("From scratch", link["scratch_paired"]) if link["scratch"] else (link["reference"], link["paired"])
+        )
+        if not over or numbers is None or numbers[0] < 2:
+            continue
+        n, mean, low, high = numbers
+        cell = f"{row['target']} {row['sampling_rate']:g}%"
+        rows.append(
+            {"panel": row["method"], "source": row["source"], "cell": cell, "over": over, "gain": mean, "low": low,
+             "high": high, "seeds": n}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def plot_sweep(records: pd.DataFrame, path: Path) -> Path | None:
+    """A heatmap per method: sources x targets (and rates), the paired gain over From scratch with its
+    interval written in each square; drawn for a sweep over several sources or targets."""
+    gains = sweep_gains(records)
+    if gains.empty or (gains["source"].nunique() < 2 and gains["cell"].nunique() < 2):
+        return None
+    panels = list(dict.fromkeys(gains["panel"]))
+    columns = min(2, len(panels))
+    plt, figure, axes = _figure(math.ceil(len(panels) / columns), columns, 0)
+    limit = float(np.nanmax(np.abs(gains["gain"]))) or 1.0
+    for axis, panel in zip(axes.flat, panels):
+        group = gains[gains["panel"] == panel]
+        sources, targets = sorted(set(group["source"])), sorted(set(group["cell"]))
+        grid = np.full((len(sources), len(targets)), np.nan)
+        for row in group.itertuples():
+            i, j = sources.index(row.source), targets.index(row.cell)
+            grid[i, j] = row.gain
+            ink = "white" if abs(row.gain) > limit / 2 else "black"  # readable on the dark squares too
+            text = f"{row.gain:+.1f}\n[{row.low:+.1f}, {row.high:+.1f}]"
+            axis.text(j, i, text, ha="center", va="center", fontsize=8, color=ink)
+        image = axis.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+        axis.set_xticks(range(len(targets)), targets, rotation=20, ha="right", fontsize=8)
+        axis.set_yticks(range(len(sources)), sources, fontsize=8)
+        axis.set_title(f"{panel} − {', '.join(sorted(set(group['over'])))} (points, 95 % interval)", fontsize=9)
+        figure.colorbar(image, ax=axis, shrink=0.8, label="paired gain (points)")
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.remove()
+    figure.suptitle("Transfer gain by source and target (blue: transfer helps; red: negative transfer)", fontsize=10)
+    return _save(plt, figure, path, gains, [])
+
+
 def main(argv: list[str] | None = None) -> None:
     from safetransfer.common.atomic import check_writable
     from safetransfer.common.errors import ConfigError
@@ -536,6 +672,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if numbers is not None:
         written.append(plot_table(numbers, args.out / "table.png", colors))
+        written.append(plot_search(records, args.out / "search.png"))
+        written.append(plot_sweep(records, args.out / "sweep.png"))
     for name, column in (("losses.png", "loss_J"), ("angles.png", "angle_d_J")):
         why = too_few_rows(runs, column)
         if why:
