@@ -313,3 +313,20 @@ def test_a_sweep_over_two_targets_and_two_sources_and_a_grid_gives_figures_that_
         by_hand = np.mean(np.subtract(scores[target, source], scores[target, "scratch"]))
         assert gains.loc[(source, f"{target} 100%"), "gain"] == pytest.approx(by_hand)
         assert gains.loc[(source, f"{target} 100%"), "over"] == "From scratch"
+
+
+def test_a_figure_matplotlib_cannot_lay_out_is_not_written_and_a_line_says_so(
+    compose_cfg, tmp_path, monkeypatch, caplog
+):
+    """Never a broken PNG: when the panels get no room (here: forced by a panel height of a hair), matplotlib
+    warns that its layout collapsed; the figure is then not written, nor its CSV, and one line says why."""
+    from safetransfer.reporting import plots
+
+    for seed in range(2):
+        write_seed(tmp_path / "run", compose_cfg("regularizer=l2sp"), seed)
+    monkeypatch.setattr(plots, "PANEL_HEIGHT", 0.01)
+    monkeypatch.setattr(plots, "LEGEND_ROW", 0.01)
+    with caplog.at_level("INFO"):
+        assert plots.plot_losses(load_runs([tmp_path / "run"]), tmp_path / "losses.png") is None
+    assert "losses.png not drawn: its panels had no room" in caplog.text
+    assert not (tmp_path / "losses.png").exists() and not (tmp_path / "losses.csv").exists()

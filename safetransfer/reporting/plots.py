@@ -242,8 +242,8 @@ def _save(plt, figure, path: Path, data: pd.DataFrame, entries: list) -> Path | 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         figure.canvas.draw()
-    plt.close(figure) if any(COLLAPSED in str(w.message) for w in caught) else None
     if any(COLLAPSED in str(w.message) for w in caught):
+        plt.close(figure)
         log.info("%s not drawn: its panels had no room (%d panels)", path.name, len(set(data["panel"])))
         return None
     figure.savefig(path, dpi=DPI)
