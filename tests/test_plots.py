@@ -250,6 +250,7 @@ def _scored(directory, cfg, seed, top1, val_top1=None):
     metrics_path.write_text(json.dumps(metrics))
 
 
+@pytest.mark.e2e  # six figures of a 20-job sweep (about 8 s): the default tier's time budget
 def test_a_sweep_over_two_targets_and_two_sources_and_a_grid_gives_figures_that_scale(
     compose_cfg, tmp_path, monkeypatch
 ):
@@ -315,6 +316,7 @@ def test_a_sweep_over_two_targets_and_two_sources_and_a_grid_gives_figures_that_
         assert gains.loc[(source, f"{target} 100%"), "over"] == "From scratch"
 
 
+@pytest.mark.e2e  # matplotlib's layout of a squeezed figure takes seconds
 def test_a_figure_matplotlib_cannot_lay_out_is_not_written_and_a_line_says_so(
     compose_cfg, tmp_path, monkeypatch, caplog
 ):
