@@ -22,7 +22,7 @@ def backbone_data(key: str, backbone: str, model=None):
     normalization, its input size as the crop, and crop / crop_pct as the resize (timm's evaluation);
     torchvision's ImageNet preprocessing otherwise. A preset or the command line that sets data.<key> wins."""
     backbone = str(backbone)
-    if not backbone.startswith("timm/"):
+    if not backbone.startswith("timm/"):  # backbones.TIMM (the package's root imports no layer)
         return IMAGENET[key]
     import math
 

@@ -233,21 +233,21 @@ def line_entry(label: str, **style) -> tuple[object, str]:
 def _save(plt, figure, path: Path, data: pd.DataFrame, entries: list) -> Path | None:
     """The figure and, beside it, its data as CSV (one row per point: its panel, series and values), so
     that it can be drawn again. A layout matplotlib could not fit is refused with a line, not written."""
+    import io
     import warnings
 
-    from safetransfer.common.atomic import atomic_write_text
+    from safetransfer.common.atomic import atomic_write_bytes, atomic_write_text
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     legend_below(figure, entries)
-    with warnings.catch_warnings(record=True) as caught:
+    image = io.BytesIO()
+    with warnings.catch_warnings(record=True) as caught:  # the layout is made while the PNG is rendered
         warnings.simplefilter("always")
-        figure.canvas.draw()
+        figure.savefig(image, format="png", dpi=DPI)
+    plt.close(figure)
     if any(COLLAPSED in str(w.message) for w in caught):
-        plt.close(figure)
         log.info("%s not drawn: its panels had no room (%d panels)", path.name, len(set(data["panel"])))
         return None
-    figure.savefig(path, dpi=DPI)
-    plt.close(figure)
+    atomic_write_bytes(path, image.getvalue())
     atomic_write_text(path.with_suffix(".csv"), data.to_csv(index=False))
     return path
 

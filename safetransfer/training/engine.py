@@ -236,9 +236,8 @@ class Batches:
     def indices(self, batch_size: int) -> torch.Tensor:
         """The training items in the batch just taken (their positions in the training set), read from the
         epoch's order (data.draws.SeededDraws), for a term that keeps something per item (LwF's cached logits)."""
-        sampler = getattr(self.loader, "sampler", None)
         start = (self.taken - 1) * batch_size
-        return torch.tensor(sampler.order[start : start + batch_size])
+        return torch.tensor(self.loader.sampler.order[start : start + batch_size])
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "taken": self.taken, "epoch_start": self.epoch_start}
@@ -346,6 +345,7 @@ def fit(
     logger.open(done)
     start = time.perf_counter()
     paced_from = None  # when the first step of this call ended
+    needs_indices = omega.needs_indices  # a term reads the batch's items (LwF's cached logits)
 
     def verify(iteration: int) -> None:
         """Raise NonFiniteError when a step up to `iteration` was not finite (the guard skipped its update)."""
@@ -410,7 +410,7 @@ def fit(
                 angles=diagnosed,
                 guard=guard,
                 views=tuple(views),
-                indices=batches.indices(len(labels)).to(parts.device) if omega.needs_indices else None,
+                indices=batches.indices(len(labels)).to(parts.device) if needs_indices else None,
             )
             scheduler.step()
             logger.step(step.loss_J, step.correct, len(labels))

@@ -38,6 +38,16 @@ class BindContext:
     #: batches of images on the device (what TLlib's LwF records its source logits from)
     train_augmented: Callable[[], Iterator[torch.Tensor]] | None = None
 
+    def source_classifier(self, term: str, reads: str) -> dict:
+        """The source's own classifier for a term that `reads` the source model's predictions, or one line
+        naming the term and the sources that have one."""
+        if self.source_head is None:
+            raise ConfigError(
+                f"regularizer.terms.{term}: {reads}, and this source has no classifier: choose one that has "
+                "(source=imagenet, places365, a file with its classifier, a source pretrained here)"
+            )
+        return self.source_head
+
     def cache_path(self, kind: str, settings: dict) -> Path | None:
         if self.cache_dir is None:
             return None

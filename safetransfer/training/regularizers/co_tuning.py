@@ -34,9 +34,9 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import softmax
 from torch.utils.data import DataLoader
 
-from safetransfer.common.errors import ConfigError
 from safetransfer.common.registry import register
 from safetransfer.training.backbones import Features, TransferNet, at_least_fp32, forward_features, frozen_copy
 from safetransfer.training.regularizers.base import BindContext, Term
@@ -46,11 +46,6 @@ log = logging.getLogger(__name__)
 #: the C values the authors' relationship_learning tries, in their order (the first best is kept)
 C_GRID = (1e4, 3e3, 1e3, 3e2, 1e2, 3e1, 1e1, 3.0, 1.0, 3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
 RELATIONSHIPS = ("calibrated", "direct")
-
-
-def softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 def fit_scale(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -123,7 +118,7 @@ def source_probabilities(
     for images, batch_labels in DataLoader(data, batch_size=batch_size, shuffle=False):
         logits.append(head(forward_features(backbone, images.to(device)).pooled).double().cpu())
         labels.append(batch_labels)
-    return softmax(torch.cat(logits).numpy() * scale), torch.cat(labels).numpy()
+    return softmax(torch.cat(logits).numpy() * scale, axis=1), torch.cat(labels).numpy()
 
 
 @register("term", "co_tuning")
@@ -152,15 +147,10 @@ class CoTuning(Term):
     def bind(self, model: TransferNet, context: BindContext) -> None:
         from safetransfer.common.atomic import built_once
 
-        if context.source_head is None:
-            raise ConfigError(
-                "regularizer.terms.co_tuning: Co-Tuning relates the target classes to the source model's, and "
-                "this source has no classifier: choose one that has (source=imagenet, places365, a file with its "
-                "classifier, a source pretrained here)"
-            )
+        head = context.source_classifier("co_tuning", "Co-Tuning relates the target classes to the source model's")
         if context.train_data is None:
             raise ValueError("Co-Tuning needs the target training data to learn the category relationship")
-        self.head = model.keep_source_head(context.source_head, trainable=True, group="backbone")  # h_s
+        self.head = model.keep_source_head(head, trainable=True, group="backbone")  # h_s
         num_classes = model.head.out_features
 
         def compute() -> torch.Tensor:

@@ -20,12 +20,9 @@ frozen forward per step, but the teacher's view is not the student's after the f
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
-from safetransfer.common.errors import ConfigError
 from safetransfer.common.registry import register
 from safetransfer.training.backbones import Features, TransferNet, at_least_fp32, forward_features, frozen_copy
 from safetransfer.training.regularizers.base import BindContext, Term
@@ -57,15 +54,10 @@ class LwF(Term):
         self.cached: torch.Tensor | None = None
 
     def bind(self, model: TransferNet, context: BindContext) -> None:
-        if context.source_head is None:
-            raise ConfigError(
-                "regularizer.terms.lwf: LwF distils the source model's predictions, and this source has no "
-                "classifier: choose one that has (source=imagenet, places365, a file with its classifier, "
-                "a source pretrained here)"
-            )
+        head = context.source_classifier("lwf", "LwF distils the source model's predictions")
         self.teacher = frozen_copy(model.backbone)  # f(.; w^0), eval mode
-        self.head = model.keep_source_head(context.source_head, trainable=self.train_source_head)  # h_s
-        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)  # h_s^0
+        self.head = model.keep_source_head(head, trainable=self.train_source_head)  # h_s
+        self.teacher_head = frozen_copy(self.head)  # h_s^0
         if self.needs_indices:
             if context.train_augmented is None:
                 raise ValueError("teacher=cached records the source logits of the training images, and none were given")
