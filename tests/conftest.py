@@ -118,3 +118,23 @@ def table_rows(results_dir, table: str):
         seeds=("seed", list),
         accuracies=("top1", list),
     ).reset_index()
+
+
+class StopAt:
+    """A stop request (as common.signals.StopSignals gives it) seen from the `at`-th check on."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    @property
+    def requested(self):
+        self.calls += 1
+        return signal.SIGTERM if self.calls >= self.at else None
+
+
+def log_rows(seed_dir: Path) -> list[dict]:
+    """A seed's log.csv rows without their wall-clock column (the rest is the same in a resumed run)."""
+    import csv
+
+    with open(seed_dir / "log.csv") as handle:
+        return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(handle)]

@@ -2,9 +2,6 @@
 mix against NumPy's batch normalization, SPD's step against a hand-worked NumPy step, and each method
 trained through its preset and resumed exactly after a stop."""
 
-import csv
-import signal
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +9,7 @@ import torchvision
 from torch import nn
 
 import published
-from conftest import TINY
+from conftest import TINY, StopAt, log_rows
 from safetransfer.common.registry import build
 from safetransfer.common.signals import Preempted
 from safetransfer.data.preparation import prepare_data
@@ -198,23 +195,6 @@ def test_spd_refuses_a_negative_lambda():
 # ---------------------------------------------------------------- each method through its preset
 
 
-class StopAt:
-    """A stop request (as common.signals.StopSignals gives it) seen from the `at`-th check on."""
-
-    def __init__(self, at: int):
-        self.at, self.calls = at, 0
-
-    @property
-    def requested(self):
-        self.calls += 1
-        return signal.SIGTERM if self.calls >= self.at else None
-
-
-def _log_rows(seed_dir):
-    with open(seed_dir / "log.csv") as handle:
-        return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(handle)]
-
-
 @pytest.mark.parametrize(
     "method",
     [
@@ -260,8 +240,8 @@ def test_each_method_trains_through_its_preset_and_resumes_exactly_after_a_stop(
     resumed = run_seed(cfg, 0, prepare_data(cfg, build("target", cfg.target, "target")), source, tmp_path / "stopped")
     assert "seed 0: resumed after iteration 2 of 4" in caplog.text  # continued, not started over
     assert (resumed["top1"], resumed["test_loss"]) == (whole["top1"], whole["test_loss"])
-    assert _log_rows(tmp_path / "stopped" / "seed_0") == _log_rows(tmp_path / "whole" / "seed_0")
-    assert len(_log_rows(tmp_path / "whole" / "seed_0")) == 4
+    assert log_rows(tmp_path / "stopped" / "seed_0") == log_rows(tmp_path / "whole" / "seed_0")
+    assert len(log_rows(tmp_path / "whole" / "seed_0")) == 4
 
 
 @pytest.mark.parametrize(

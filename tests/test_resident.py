@@ -2,16 +2,14 @@
 device: the same batches, order and augmentation draws as the loader path, the same
 training, and an exact resume after a stop."""
 
-import csv
 import json
-import signal
 
 import numpy as np
 import pytest
 import torch
 
 import fixtures
-from conftest import TINY
+from conftest import TINY, StopAt, log_rows
 from safetransfer.common.errors import ConfigError
 from safetransfer.common.registry import build
 from safetransfer.common.signals import Preempted
@@ -82,23 +80,6 @@ def test_held_batches_are_the_loaders_batches_order_and_augmentation(cub_cfg):
     assert torch.equal(test_held, test_loaded) and len(test_held) == 9
 
 
-def _log(seed_dir):
-    with open(seed_dir / "log.csv") as handle:
-        return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(handle)]
-
-
-class StopAt:
-    """A stop request (as training.signals.StopSignals raises it) seen from iteration `at` on."""
-
-    def __init__(self, at: int):
-        self.at, self.calls = at, 0
-
-    @property
-    def requested(self):
-        self.calls += 1
-        return signal.SIGTERM if self.calls >= self.at else None
-
-
 def test_held_training_equals_the_loader_path_and_resumes_exactly_after_a_stop(cub_cfg, tmp_path, caplog):
     held_cfg = cub_cfg(*HELD)
     data = _prepared(held_cfg)
@@ -106,7 +87,7 @@ def test_held_training_equals_the_loader_path_and_resumes_exactly_after_a_stop(c
     whole = run_seed(held_cfg, 0, data, None, tmp_path / "held")
     loaded = run_seed(cub_cfg(*LOADED), 0, _prepared(cub_cfg(*LOADED)), None, tmp_path / "loaded")
     assert (whole["top1"], whole["test_loss"]) == (loaded["top1"], loaded["test_loss"])
-    assert _log(tmp_path / "held" / "seed_0") == _log(tmp_path / "loaded" / "seed_0")
+    assert log_rows(tmp_path / "held" / "seed_0") == log_rows(tmp_path / "loaded" / "seed_0")
 
     with pytest.raises(Preempted):  # stopped after iteration 5 (in the second epoch), checkpoint written
         run_seed(held_cfg, 0, data, None, tmp_path / "stopped", stop=StopAt(5))
@@ -115,7 +96,7 @@ def test_held_training_equals_the_loader_path_and_resumes_exactly_after_a_stop(c
     resumed = run_seed(held_cfg, 0, _prepared(held_cfg), None, tmp_path / "stopped")
     assert "seed 0: resumed after iteration 5 of 7" in caplog.text  # continued, not started over
     assert (resumed["top1"], resumed["test_loss"]) == (whole["top1"], whole["test_loss"])
-    assert _log(tmp_path / "stopped" / "seed_0") == _log(tmp_path / "held" / "seed_0")
+    assert log_rows(tmp_path / "stopped" / "seed_0") == log_rows(tmp_path / "held" / "seed_0")
     assert json.loads((tmp_path / "stopped" / "seed_0" / "metrics.json").read_text())["train_images"] == 18
 
 
